@@ -1,0 +1,335 @@
+"""The real reactor: Twisted's reactor API over one asyncio event loop.
+
+``listenTCP`` binds its socket at once, so a port in use is an error at the
+call, not at ``run()``. ``run()`` serves every listened site with uvicorn
+(httptools for HTTP, uvloop for the loop where installed) on one event loop,
+until ``stop()`` or SIGINT/SIGTERM, then shuts down gracefully: listening
+sockets close, requests in flight finish (up to ``graceful_timeout``).
+
+Timers: ``callLater`` schedules on the running loop, or, before ``run()``, on
+the loop that ``run()`` will use. ``seconds()`` is wall-clock time, as in
+Twisted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Generator
+from typing import Any
+
+import uvicorn
+
+from lapse.internet.address import IPv4Address, IPv6Address, address_for
+from lapse.internet.error import CannotListenError, ReactorAlreadyRunning, ReactorNotRunning
+from lapse.internet.interfaces import AlreadyCalled, AlreadyCancelled
+
+__all__ = ["AsyncioReactor", "Port"]
+
+log = logging.getLogger("lapse.reactor")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+class DelayedCall:
+    """A call scheduled on the real reactor's event loop."""
+
+    def __init__(
+        self,
+        reactor: AsyncioReactor,
+        delay: float,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kw: dict[str, Any],
+    ) -> None:
+        self._reactor = reactor
+        self.func = func
+        self.args = args
+        self.kw = kw
+        self.called = False
+        self.cancelled = False
+        self._handle: asyncio.TimerHandle | None = None
+        self._schedule(delay)
+
+    def _schedule(self, delay: float) -> None:
+        delay = max(0.0, delay)
+        self.time = self._reactor.seconds() + delay
+        loop = self._reactor._current_loop()
+        self._handle = loop.call_at(loop.time() + delay, self._run)
+
+    def _run(self) -> None:
+        self.called = True
+        try:
+            self.func(*self.args, **self.kw)
+        except Exception:
+            log.exception("Unhandled error in delayed call %r", self.func)
+
+    def getTime(self) -> float:
+        """When this call is due, in ``seconds()`` time."""
+        return self.time
+
+    def active(self) -> bool:
+        """Whether the call is still pending."""
+        return not (self.called or self.cancelled)
+
+    def _check_active(self) -> None:
+        if self.called:
+            raise AlreadyCalled(self)
+        if self.cancelled:
+            raise AlreadyCancelled(self)
+
+    def cancel(self) -> None:
+        """Unschedule the call; an error if it already ran or was cancelled."""
+        self._check_active()
+        self.cancelled = True
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def reset(self, secondsFromNow: float) -> None:
+        """Reschedule the call to run ``secondsFromNow`` from now."""
+        self._check_active()
+        if self._handle is not None:
+            self._handle.cancel()
+        self._schedule(secondsFromNow)
+
+    def delay(self, secondsLater: float) -> None:
+        """Push the call ``secondsLater`` further into the future."""
+        self._check_active()
+        self.reset(self.time + secondsLater - self._reactor.seconds())
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with signals left to the reactor."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Port:
+    """A listening socket, returned by ``listenTCP`` and ``listenSSL``."""
+
+    def __init__(
+        self,
+        reactor: AsyncioReactor,
+        sock: socket.socket,
+        factory: Any,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self._reactor = reactor
+        self.socket = sock
+        self.factory = factory
+        self.ssl_context = ssl_context
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.listening = True
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        """The address the socket is bound to (``port`` is the real one for 0)."""
+        host, port = self.socket.getsockname()[:2]
+        return address_for(host, port)
+
+    def _config(self) -> uvicorn.Config:
+        config = uvicorn.Config(
+            self.factory,
+            http="httptools",
+            interface="asgi3",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            timeout_graceful_shutdown=self._reactor.graceful_timeout,
+        )
+        config.load()
+        config.ssl = self.ssl_context
+        return config
+
+    def _start(self) -> None:
+        self._server = _Server(self._config())
+        self._task = asyncio.get_running_loop().create_task(
+            self._server.serve(sockets=[self.socket])
+        )
+
+    def _signal_exit(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def _wait(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    def stopListening(self) -> None:
+        """Stop accepting connections on this port; requests in flight finish."""
+        if not self.listening:
+            return
+        self.listening = False
+        if self._server is not None:
+            self._signal_exit()
+        else:
+            self.socket.close()
+        if self in self._reactor._ports:
+            self._reactor._ports.remove(self)
+
+    loseConnection = stopListening
+
+    def __repr__(self) -> str:
+        state = "listening" if self.listening else "closed"
+        return f"<Port {self.getHost() if self.listening else '-'} {state}>"
+
+
+class AsyncioReactor:
+    """Twisted's reactor API (time, TCP, TLS, run/stop) over asyncio and uvicorn."""
+
+    graceful_timeout: int = 10
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ports: list[Port] = []
+        self._stopping: asyncio.Event | None = None
+        self.running = False
+
+    # -- time -----------------------------------------------------------
+
+    def seconds(self) -> float:
+        """Wall-clock seconds since the epoch, as Twisted's reactor gives."""
+        return time.time()
+
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = _new_loop()
+        return self._loop
+
+    def _current_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            return self._own_loop()
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
+    ) -> DelayedCall:
+        """Run ``callable(*args, **kw)`` ``delay`` seconds from now."""
+        return DelayedCall(self, delay, callable, args, kw)
+
+    def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Run ``callable`` as soon as the reactor runs (at once if it does)."""
+        self.callLater(0, callable, *args, **kw)
+
+    # -- listening ------------------------------------------------------
+
+    def _bind(self, port: int, interface: str, backlog: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except (OSError, OverflowError) as exc:
+            sock.close()
+            raise CannotListenError(interface, port, exc) from exc
+        sock.setblocking(False)
+        return sock
+
+    def _listen(
+        self,
+        port: int,
+        factory: Any,
+        backlog: int,
+        interface: str,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Port:
+        if not callable(factory):
+            raise TypeError(f"{factory!r} is not an ASGI application (a lapse Site is)")
+        listening = Port(self, self._bind(port, interface, backlog), factory, ssl_context)
+        self._ports.append(listening)
+        if self.running:
+            listening._start()
+        return listening
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Port:
+        """Bind ``port`` now (0 picks a free one) and serve ``factory`` on ``run()``.
+
+        ``factory`` is a :class:`lapse.web.server.Site` or any ASGI application.
+        A port that cannot be bound raises :class:`CannotListenError` here.
+        """
+        return self._listen(port, factory, backlog, interface, None)
+
+    def listenSSL(
+        self,
+        port: int,
+        factory: Any,
+        contextFactory: ssl.SSLContext,
+        backlog: int = 50,
+        interface: str = "",
+    ) -> Port:
+        """As :meth:`listenTCP`, over TLS with ``contextFactory`` (an ``ssl.SSLContext``).
+
+        Requests served here are secure: ``request.isSecure()`` is true.
+        """
+        if not isinstance(contextFactory, ssl.SSLContext):
+            raise TypeError("listenSSL takes an ssl.SSLContext as its contextFactory")
+        return self._listen(port, factory, backlog, interface, contextFactory)
+
+    # -- running --------------------------------------------------------
+
+    def run(self, installSignalHandlers: bool = True) -> None:
+        """Serve every listened site until :meth:`stop`, SIGINT or SIGTERM."""
+        if self.running:
+            raise ReactorAlreadyRunning("the reactor is already running")
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        loop = self._own_loop()
+        asyncio.set_event_loop(loop)
+        handled: list[signal.Signals] = []
+        if installSignalHandlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, self._on_signal, sig)
+                    handled.append(sig)
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            self.running = False
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("Received %s, shutting down", sig.name)
+        self.stop()
+
+    async def _serve(self) -> None:
+        self.running = True
+        self._stopping = asyncio.Event()
+        for listening in self._ports:
+            listening._start()
+        await self._stopping.wait()
+        ports = list(self._ports)
+        for listening in ports:
+            listening._signal_exit()
+        for listening in ports:
+            await listening._wait()
+        self._ports.clear()
+
+    def stop(self) -> None:
+        """Stop serving: close the listening sockets and let requests finish."""
+        if not self.running or self._stopping is None:
+            raise ReactorNotRunning("can't stop a reactor that isn't running")
+        self._stopping.set()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<AsyncioReactor {state}, {len(self._ports)} ports>"

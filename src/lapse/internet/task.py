@@ -1,0 +1,117 @@
+"""Deterministic time for tests: :class:`Clock`.
+
+A ``Clock`` starts at 0 and moves only when :meth:`Clock.advance` is called;
+calls scheduled with :meth:`Clock.callLater` run, in order of their time, as
+the clock passes them. Session logic takes its reactor as a parameter, so
+tests drive expiry with a ``Clock`` and never sleep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from lapse.internet.interfaces import AlreadyCalled, AlreadyCancelled
+
+__all__ = ["Clock", "DelayedCall"]
+
+
+class DelayedCall:
+    """A call scheduled on a :class:`Clock`."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        time: float,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kw: dict[str, Any],
+    ) -> None:
+        self._clock = clock
+        self.time = time
+        self.func = func
+        self.args = args
+        self.kw = kw
+        self.called = False
+        self.cancelled = False
+
+    def getTime(self) -> float:
+        """When this call is due, in the clock's seconds."""
+        return self.time
+
+    def active(self) -> bool:
+        """Whether the call is still pending."""
+        return not (self.called or self.cancelled)
+
+    def _check_active(self) -> None:
+        if self.called:
+            raise AlreadyCalled(self)
+        if self.cancelled:
+            raise AlreadyCancelled(self)
+
+    def cancel(self) -> None:
+        """Unschedule the call; an error if it already ran or was cancelled."""
+        self._check_active()
+        self.cancelled = True
+        self._clock.calls.remove(self)
+
+    def reset(self, secondsFromNow: float) -> None:
+        """Reschedule the call to run ``secondsFromNow`` after the clock's now."""
+        self._check_active()
+        self.time = self._clock.seconds() + secondsFromNow
+        self._clock._sort()
+
+    def delay(self, secondsLater: float) -> None:
+        """Push the call ``secondsLater`` further into the future."""
+        self._check_active()
+        self.time += secondsLater
+        self._clock._sort()
+
+    def __repr__(self) -> str:
+        state = "called" if self.called else "cancelled" if self.cancelled else "pending"
+        name = getattr(self.func, "__qualname__", repr(self.func))
+        return f"<DelayedCall {name} at {self.time} ({state})>"
+
+
+class Clock:
+    """A fake reactor clock: ``seconds()`` moves only by :meth:`advance`."""
+
+    def __init__(self) -> None:
+        self.rightNow = 0.0
+        self.calls: list[DelayedCall] = []
+
+    def seconds(self) -> float:
+        """The clock's current time."""
+        return self.rightNow
+
+    def _sort(self) -> None:
+        self.calls.sort(key=lambda call: call.time)
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
+    ) -> DelayedCall:
+        """Schedule ``callable(*args, **kw)`` to run ``delay`` seconds from now."""
+        call = DelayedCall(self, self.rightNow + delay, callable, args, kw)
+        self.calls.append(call)
+        self._sort()
+        return call
+
+    def advance(self, amount: float) -> None:
+        """Move time forward by ``amount`` and run every call that is now due.
+
+        Calls run in time order; a call scheduled by a running call for a time
+        that has also passed runs in the same advance.
+        """
+        self.rightNow += amount
+        while self.calls and self.calls[0].time <= self.rightNow:
+            call = self.calls.pop(0)
+            call.called = True
+            call.func(*call.args, **call.kw)
+
+    def pump(self, timings: Iterable[float]) -> None:
+        """Advance by each amount in ``timings`` in turn."""
+        for amount in timings:
+            self.advance(amount)
+
+    def __repr__(self) -> str:
+        return f"<Clock at {self.rightNow} with {len(self.calls)} pending calls>"

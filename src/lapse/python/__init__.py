@@ -1,0 +1,1 @@
+"""Utilities a Twisted program reaches for: components and adapters."""

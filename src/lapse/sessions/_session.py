@@ -1,0 +1,127 @@
+"""The session: a uid, a timeout, a last-touched time, expiry callbacks.
+
+Knows nothing of HTTP: its owner (a ``Site``) is anything with a ``sessions``
+mapping and an ``_expiry_engine(reactor)`` method.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lapse.internet.interfaces import IReactorTime
+from lapse.python.components import Componentized
+
+if TYPE_CHECKING:
+    from lapse.sessions._engine import ExpiryEngine
+
+__all__ = ["Session", "SessionOwner"]
+
+log = logging.getLogger("lapse.sessions")
+
+
+class SessionOwner(Protocol):
+    """What a session needs of its site."""
+
+    @property
+    def sessions(self) -> MutableMapping[str, Session]: ...
+    @property
+    def reactor(self) -> IReactorTime: ...
+
+    def _expiry_engine(self, reactor: IReactorTime) -> ExpiryEngine: ...
+
+
+def short_uid(uid: str) -> str:
+    """A uid shortened for logs: enough to correlate, too little to hijack."""
+    return uid[:8] + "\u2026"
+
+
+class Session(Componentized):
+    """A user's session, kept alive by visits, gone after ``sessionTimeout``.
+
+    Subclass and set ``sessionTimeout`` (seconds of inactivity, 900 by
+    default), then set the subclass as ``Site.sessionFactory``. Keep state on
+    the session through components (``ICounter(session)``) or attributes.
+    """
+
+    sessionTimeout: float = 900
+
+    def __init__(self, site: SessionOwner, uid: str, reactor: IReactorTime | None = None) -> None:
+        if reactor is None:
+            reactor = site.reactor
+        self._reactor = reactor
+        self.site = site
+        self.uid = uid
+        self._callbacks: list[Callable[[], Any]] | None = None
+        self._engine: ExpiryEngine | None = None
+        self._scheduled = 0.0
+        self._expired = False
+        self.lastModified = reactor.seconds()
+
+    @property
+    def expireCallbacks(self) -> list[Callable[[], Any]]:
+        """The callbacks that will run when this session expires."""
+        if self._callbacks is None:
+            self._callbacks = []
+        return self._callbacks
+
+    @property
+    def expired(self) -> bool:
+        """Whether this session has ended."""
+        return self._expired
+
+    def startCheckingExpiration(self) -> None:
+        """Expire this session after ``sessionTimeout`` seconds without a touch."""
+        if not self._expired:
+            self.site._expiry_engine(self._reactor).add(self)
+
+    def touch(self) -> None:
+        """Mark the session as used now: its deadline moves to now + timeout."""
+        if self._expired:
+            return
+        now = self._reactor.seconds()
+        self.lastModified = now
+        engine = self._engine
+        if engine is not None and now + self.sessionTimeout < self._scheduled:
+            engine.reschedule(self, now + self.sessionTimeout)
+
+    def notifyOnExpire(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` once when this session expires.
+
+        On a session that has already expired, the callback runs at once.
+        """
+        if self._expired:
+            self._run_callback(callback)
+            return
+        self.expireCallbacks.append(callback)
+
+    def expire(self) -> None:
+        """End the session now (idempotent).
+
+        It leaves ``site.sessions`` first; then each callback runs once, in
+        the order registered, isolated: one that raises is logged with its
+        traceback and the others still run.
+        """
+        if self._expired:
+            return
+        self._expired = True
+        sessions = self.site.sessions
+        if sessions.get(self.uid) is self:
+            del sessions[self.uid]
+        if self._engine is not None:
+            self._engine.discard(self)
+        log.debug("session %s expired", short_uid(self.uid))
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            self._run_callback(callback)
+
+    def _run_callback(self, callback: Callable[[], Any]) -> None:
+        try:
+            callback()
+        except Exception:
+            log.exception("expiry callback %r of session %s raised", callback, short_uid(self.uid))
+
+    def __repr__(self) -> str:
+        state = "expired" if self._expired else "live"
+        return f"<{type(self).__name__} {short_uid(self.uid)} {state}>"

@@ -1,0 +1,1 @@
+"""HTTP: the resource tree, requests, and the ``Site`` ASGI application."""

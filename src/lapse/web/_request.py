@@ -1,0 +1,384 @@
+"""The request a resource sees: Twisted's ``Request`` API over an ASGI scope.
+
+The site fills it before render (body read, cookie sessions touched) and
+sends what it holds after render, so everything here is synchronous: a seed
+program's ``render_GET`` calls ``request.getSession()`` and returns a string.
+
+Response state (code, headers, cookies, body chunks) stays in the request
+until the site sends it; ``write`` after the headers have gone streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote_to_bytes
+
+from lapse.internet.address import IPv4Address, IPv6Address, address_for
+from lapse.internet.defer import Deferred
+from lapse.internet.error import ConnectionDone
+from lapse.web._cookies import format_delete_cookie, format_set_cookie, parse_cookie_header
+from lapse.web.error import BadRequest
+from lapse.web.http_headers import Headers, decode_header
+
+if TYPE_CHECKING:
+    from lapse.sessions import Session
+    from lapse.web._types import Scope
+    from lapse.web.server import Site
+
+__all__ = ["NOT_DONE_YET", "Request", "split_path"]
+
+NOT_DONE_YET = 1
+"""Returned by a render method that will finish the request later."""
+
+_PLAIN, _SECURE = 0, 1
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def split_path(raw: bytes) -> list[bytes]:
+    """The percent-decoded segments of a request path, dot segments resolved.
+
+    ``.`` and ``..`` segments are removed as RFC 3986 (5.2.4) says, never
+    climbing above the root. A segment that only decodes to ``.`` or ``..``
+    (``%2e%2e``) is a :class:`BadRequest`: it is a traversal attempt.
+    An encoded slash (``%2F``) stays inside its segment.
+    """
+    if not raw.startswith(b"/"):
+        raise BadRequest("The request target must be an absolute path.")
+    segments = raw[1:].split(b"/")
+    if b"." in raw:
+        kept: list[bytes] = []
+        for segment in segments:
+            if segment == b"..":
+                if kept:
+                    kept.pop()
+            elif segment != b".":
+                kept.append(segment)
+        if segments[-1] in (b".", b".."):
+            kept.append(b"")
+        segments = kept or [b""]
+    if b"%" in raw:
+        segments = [unquote_to_bytes(segment) for segment in segments]
+        if any(segment in (b".", b"..") for segment in segments):
+            raise BadRequest("Encoded dot segments are not allowed in a path.")
+    return segments
+
+
+class Request:
+    """One HTTP request and the response being built for it."""
+
+    def __init__(self, site: Site, scope: Scope) -> None:
+        self.site = site
+        self._scope = scope
+        self.method: bytes = scope["method"].encode("ascii", "replace")
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        query: bytes = scope.get("query_string", b"")
+        self.path = raw_path
+        self.uri = raw_path + b"?" + query if query else raw_path
+        self.clientproto = b"HTTP/" + scope.get("http_version", "1.1").encode("ascii")
+        self.code = 200
+        self.code_message = b""
+        self.responseHeaders = Headers()
+        self.cookies: list[bytes] = []
+        self.content = BytesIO()
+        self.prepath: list[bytes] = []
+        self.postpath: list[bytes] = []
+        self.sitepath: list[bytes] = []
+        self.finished = False
+        self.startedWriting = False
+        self.sentLength = 0
+        self._headers_sent = False
+        self._disconnected = False
+        self._chunks: list[bytes] = []
+        self._wakeup: asyncio.Event | None = None
+        self._finish_notices: list[Deferred] = []
+        self._body_expected = False
+        self._cookie_header: bytes | None = None
+        self._received_cookies: dict[bytes, bytes] | None = None
+        self._args: dict[bytes, list[bytes]] | None = None
+        # Sessions by security: [plain, secure]; those named by the request's
+        # cookies (touched before render), and those getSession() handed out.
+        self._presented: list[Session | None] = [None, None]
+        self._sessions: list[Session | None] = [None, None]
+        self._created = [False, False]
+
+    # -- what was asked ---------------------------------------------------
+
+    @property
+    def args(self) -> dict[bytes, list[bytes]]:
+        """Query arguments, and form fields of a urlencoded body (bytes)."""
+        if self._args is None:
+            args = parse_qs(self._scope.get("query_string", b""), keep_blank_values=True)
+            ctype = self.getHeader(b"content-type") or b""
+            if ctype.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded":
+                form = parse_qs(self.content.getvalue(), keep_blank_values=True)
+                for key, values in form.items():
+                    args.setdefault(key, []).extend(values)
+            self._args = args
+        return self._args
+
+    @property
+    def requestHeaders(self) -> Headers:
+        """The request's headers as a :class:`Headers`."""
+        return Headers(self._scope["headers"])
+
+    def getHeader(self, key: bytes | str) -> Any:
+        """The last value of header ``key``: bytes for a bytes key, str for str."""
+        name = key.lower() if isinstance(key, bytes) else key.lower().encode("latin-1")
+        found: bytes | None = None
+        for header, value in self._scope["headers"]:
+            if header == name:
+                found = value
+        if found is None or isinstance(key, bytes):
+            return found
+        return decode_header(found)
+
+    def getAllHeaders(self) -> dict[bytes, bytes]:
+        """Every request header, the last value of each name."""
+        return dict(self._scope["headers"])
+
+    @property
+    def received_cookies(self) -> dict[bytes, bytes]:
+        """The cookies the client sent."""
+        if self._received_cookies is None:
+            header = self._cookie_header
+            self._received_cookies = parse_cookie_header(header) if header else {}
+        return self._received_cookies
+
+    def getCookie(self, key: bytes | str) -> Any:
+        """The value of cookie ``key`` the client sent, or None."""
+        name = key if isinstance(key, bytes) else key.encode("utf-8")
+        value = self.received_cookies.get(name)
+        if value is None or isinstance(key, bytes):
+            return value
+        return decode_header(value)
+
+    def isSecure(self) -> bool:
+        """Whether the request came over TLS (or, if the site trusts it, a TLS proxy)."""
+        if self._scope.get("scheme") in ("https", "wss"):
+            return True
+        if self.site.trust_proxy_headers:
+            proto = self.getHeader(b"x-forwarded-proto")
+            return proto is not None and proto.split(b",")[0].strip().lower() == b"https"
+        return False
+
+    def getClientAddress(self) -> IPv4Address | IPv6Address:
+        """The client's address (the first ``X-Forwarded-For`` if trusted)."""
+        client = self._scope.get("client") or ("", 0)
+        if self.site.trust_proxy_headers:
+            forwarded = self.getHeader(b"x-forwarded-for")
+            if forwarded:
+                return address_for(forwarded.split(b",")[0].strip().decode("latin-1"), 0)
+        return address_for(client[0], client[1])
+
+    def getClientIP(self) -> str:
+        """The client's IP address as a string."""
+        return self.getClientAddress().host
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        """The server address the request came in on."""
+        server = self._scope.get("server") or ("", 0)
+        return address_for(server[0], server[1] or 0)
+
+    def getRequestHostname(self) -> bytes:
+        """The host the client asked for, without the port."""
+        host: bytes | None = self.getHeader(b"host")
+        if not host:
+            return self.getHost().host.encode("ascii")
+        if host.startswith(b"["):
+            return host.split(b"]")[0] + b"]"
+        return host.rsplit(b":", 1)[0] if host.count(b":") == 1 else host
+
+    def prePathURL(self) -> bytes:
+        """The absolute URL of the resource being rendered."""
+        scheme = b"https" if self.isSecure() else b"http"
+        host = self.getHeader(b"host") or self.getRequestHostname()
+        return scheme + b"://" + host + b"/" + b"/".join(self.prepath)
+
+    # -- sessions ---------------------------------------------------------
+
+    def getSession(self, sessionInterface: Any = None, forceNotSecure: bool = False) -> Any:
+        """This visitor's session: the one its cookie names, else a new one.
+
+        A secure request gets a session of its own, under the site's secure
+        cookie; ``forceNotSecure`` asks for the plain one. The same session
+        comes back for every call in a request, unless it expired meanwhile.
+        With ``sessionInterface``, the session's component for it.
+        """
+        slot = _SECURE if not forceNotSecure and self.isSecure() else _PLAIN
+        session = self._sessions[slot]
+        if session is None or session._expired:
+            session = self._presented[slot]
+            if session is None or session._expired:
+                session = self.site.makeSession()
+                self._created[slot] = True
+            self._sessions[slot] = session
+        if sessionInterface is not None:
+            return session.getComponent(sessionInterface)
+        return session
+
+    @property
+    def session(self) -> Session | None:
+        """The session ``getSession()`` gave for this request's security, if any."""
+        session = self._sessions[_SECURE if self.isSecure() else _PLAIN]
+        if session is not None and session._expired:
+            return None
+        return session
+
+    def _session_cookies(self) -> list[bytes]:
+        headers = []
+        for slot, secure in ((_PLAIN, False), (_SECURE, True)):
+            session = self._sessions[slot] or self._presented[slot]
+            if session is None:
+                continue
+            name = self.site._cookie_names[slot]
+            if session._expired:
+                headers.append(format_delete_cookie(name, secure=secure))
+            elif self._created[slot]:
+                headers.append(
+                    format_set_cookie(
+                        name,
+                        session.uid,
+                        path=b"/",
+                        secure=secure,
+                        http_only=True,
+                        same_site="lax",
+                    )
+                )
+        return headers
+
+    # -- the response -----------------------------------------------------
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        """Set the response status."""
+        if not isinstance(code, int) or not 100 <= code <= 999:
+            raise TypeError(f"a status code is an int from 100 to 999, not {code!r}")
+        self.code = code
+        if message is not None:
+            self.code_message = message
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        """Set response header ``name`` to ``value``, replacing earlier values."""
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def addCookie(
+        self,
+        k: bytes | str,
+        v: bytes | str,
+        expires: bytes | str | None = None,
+        domain: bytes | str | None = None,
+        path: bytes | str | None = None,
+        max_age: int | str | bytes | None = None,
+        comment: bytes | str | None = None,
+        secure: bool | None = None,
+        httpOnly: bool = False,
+        sameSite: str | None = None,
+    ) -> None:
+        """Send a ``Set-Cookie`` header with the response."""
+        self.cookies.append(
+            format_set_cookie(
+                k,
+                v,
+                expires=expires,
+                domain=domain,
+                path=path,
+                max_age=max_age,
+                comment=comment,
+                secure=secure,
+                http_only=httpOnly,
+                same_site=sameSite,
+            )
+        )
+
+    def redirect(self, url: bytes | str) -> None:
+        """Answer 302 Found, pointing at ``url``."""
+        self.setResponseCode(302)
+        self.setHeader(b"location", url)
+
+    def write(self, data: bytes | str) -> None:
+        """Add ``data`` (str is sent as UTF-8) to the response body."""
+        if self.finished:
+            raise RuntimeError("Request.write called after Request.finish")
+        if self._disconnected:
+            return
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        elif not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"write takes str or bytes, not {type(data).__name__}")
+        self.startedWriting = True
+        if data:
+            self.sentLength += len(data)
+            if self.method != b"HEAD":
+                self._chunks.append(bytes(data))
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    def finish(self) -> None:
+        """End the response."""
+        if self._disconnected:
+            raise RuntimeError(
+                "Request.finish called after the connection was lost; "
+                "use Request.notifyFinish to know when that happens"
+            )
+        if self.finished:
+            raise RuntimeError("Request.finish called twice")
+        self.finished = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        notices, self._finish_notices = self._finish_notices, []
+        for notice in notices:
+            notice.callback(None)
+
+    def notifyFinish(self) -> Deferred:
+        """A Deferred that fires when the response is finished, or fails with
+        :class:`~lapse.internet.error.ConnectionDone` if the client goes first."""
+        notice = Deferred()
+        if self.finished:
+            notice.callback(None)
+        elif self._disconnected:
+            notice.errback(ConnectionDone("the client closed the connection"))
+        else:
+            self._finish_notices.append(notice)
+        return notice
+
+    def _connection_lost(self) -> None:
+        if self.finished or self._disconnected:
+            return
+        self._disconnected = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        notices, self._finish_notices = self._finish_notices, []
+        for notice in notices:
+            notice.errback(ConnectionDone("the client closed the connection"))
+
+    def _take_chunks(self) -> bytes:
+        chunks, self._chunks = self._chunks, []
+        return b"".join(chunks)
+
+    def _reset_response(self) -> None:
+        """Forget the response built so far (before an error page)."""
+        self.responseHeaders = Headers()
+        self.cookies = []
+        self._chunks = []
+        self.sentLength = 0
+        self.finished = False
+
+    def _start_message(self, content_length: int | None) -> dict[str, Any]:
+        headers: list[tuple[bytes, bytes]] = list(self.responseHeaders.items())
+        if not self.responseHeaders.hasHeader(b"content-type"):
+            headers.append((b"content-type", b"text/html; charset=utf-8"))
+        if self.code in _NO_BODY_STATUSES or self.code < 200:
+            content_length = None
+        elif content_length is not None and not self.responseHeaders.hasHeader(b"content-length"):
+            headers.append((b"content-length", str(content_length).encode("ascii")))
+        for cookie in self.cookies:
+            headers.append((b"set-cookie", cookie))
+        for cookie in self._session_cookies():
+            headers.append((b"set-cookie", cookie))
+        self._headers_sent = True
+        return {"type": "http.response.start", "status": self.code, "headers": headers}
+
+    def __repr__(self) -> str:
+        uri = self.uri.decode("latin-1")
+        return f"<Request {self.method.decode('latin-1')} {uri} {self.code}>"

@@ -1,0 +1,337 @@
+"""The site: an ASGI application serving a resource tree with sessions.
+
+``Site(root)`` is what a seed program hands to ``reactor.listenTCP``; it is
+also a standard ASGI app, so ``uvicorn module:site`` serves it too.
+
+A request's path through the site:
+
+1. limits: URI length (414), header size (431), body size (413);
+2. the body is read, so ``request.content`` is there for a synchronous render;
+3. the sessions named by the request's cookies are touched (sliding expiry);
+4. traversal from the root resource along the path, then render;
+5. the response is sent: at once for a str/bytes result, as it is written for
+   ``NOT_DONE_YET``; errors become short pages (404, 405 with ``Allow``,
+   500 with the traceback in the log only);
+6. an access line is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from lapse.internet.interfaces import IReactorTime
+from lapse.sessions import ExpiryEngine, Session
+from lapse.sessions._session import short_uid
+from lapse.web._access import log_access
+from lapse.web._cookies import parse_cookie_header
+from lapse.web._request import NOT_DONE_YET, Request, split_path
+from lapse.web._types import Receive, Scope, Send
+from lapse.web.error import BadRequest, UnsupportedMethod
+from lapse.web.resource import ErrorPage, getChildForRequest
+
+__all__ = ["NOT_DONE_YET", "Request", "Session", "Site", "version"]
+
+version = b"lapse"
+
+log = logging.getLogger("lapse.web")
+session_log = logging.getLogger("lapse.sessions")
+
+_MAX_UID_COOKIE = 256
+
+
+class _ClientGone(Exception):
+    """The client disconnected before the request was read."""
+
+
+class Site:
+    """Serves ``resource`` over HTTP (ASGI), with sessions.
+
+    ``sessionFactory`` makes the sessions (set a ``Session`` subclass to
+    change ``sessionTimeout``); ``sessions`` maps uid to live session.
+
+    Options beyond Twisted's:
+
+    - ``cookie_name``: the session cookie (default ``lapse_session``); secure
+      requests use ``__Host-`` + that name.
+    - ``trust_proxy_headers``: believe ``X-Forwarded-Proto`` and
+      ``X-Forwarded-For`` (only behind a proxy that sets them).
+    - ``max_body_size``, ``max_uri_length``, ``max_header_size``: request
+      limits, in bytes; past them the answer is 413, 414 or 431.
+    """
+
+    sessionFactory: Callable[[Site, str], Session] = Session
+    requestFactory: Callable[[Site, Scope], Request] = Request
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: Any,
+        reactor: IReactorTime | None = None,
+        *,
+        cookie_name: str = "lapse_session",
+        trust_proxy_headers: bool = False,
+        max_body_size: int = 16 * 1024 * 1024,
+        max_uri_length: int = 16 * 1024,
+        max_header_size: int = 8 * 1024,
+    ) -> None:
+        if reactor is None:
+            from lapse.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.resource = resource
+        self.reactor: IReactorTime = reactor
+        self.sessions: dict[str, Session] = {}
+        self.cookie_name = cookie_name
+        self.trust_proxy_headers = trust_proxy_headers
+        self.max_body_size = max_body_size
+        self.max_uri_length = max_uri_length
+        self.max_header_size = max_header_size
+        self._entropy: Callable[[int], bytes] = os.urandom
+        self._engines: dict[int, ExpiryEngine] = {}
+
+    # -- sessions ---------------------------------------------------------
+
+    @property
+    def cookie_name(self) -> str:
+        """The name of the session cookie for plain requests."""
+        return self._cookie_name
+
+    @cookie_name.setter
+    def cookie_name(self, name: str) -> None:
+        if not name or not name.isascii() or any(c in name for c in ' ;,="\t\r\n'):
+            raise ValueError(f"{name!r} is not a usable cookie name")
+        self._cookie_name = name
+        self._cookie_names = (name.encode("ascii"), b"__Host-" + name.encode("ascii"))
+
+    @property
+    def secure_cookie_name(self) -> str:
+        """The name of the session cookie for secure requests."""
+        return self._cookie_names[1].decode("ascii")
+
+    def _mkuid(self) -> str:
+        return self._entropy(32).hex()
+
+    def makeSession(self) -> Session:
+        """Create a session with a new unpredictable uid and start its clock."""
+        uid = self._mkuid()
+        while uid in self.sessions:  # pragma: no cover - 256 random bits
+            uid = self._mkuid()
+        session = self.sessions[uid] = self.sessionFactory(self, uid)
+        session.startCheckingExpiration()
+        session_log.debug("session %s created", short_uid(uid))
+        return session
+
+    def getSession(self, uid: str | bytes) -> Session:
+        """The live session ``uid``; ``KeyError`` if there is none."""
+        if isinstance(uid, bytes):
+            uid = uid.decode("latin-1")
+        return self.sessions[uid]
+
+    def _expiry_engine(self, reactor: IReactorTime) -> ExpiryEngine:
+        engine = self._engines.get(id(reactor))
+        if engine is None:
+            engine = self._engines[id(reactor)] = ExpiryEngine(self.sessions, reactor)
+        return engine
+
+    def _touch_presented(self, request: Request, cookie_header: bytes) -> None:
+        cookies = parse_cookie_header(cookie_header)
+        request._received_cookies = cookies
+        names = self._cookie_names
+        for slot in (0, 1) if request.isSecure() else (0,):
+            value = cookies.get(names[slot])
+            if value is None or len(value) > _MAX_UID_COOKIE:
+                continue
+            session = self.sessions.get(value.decode("latin-1"))
+            if session is not None and not session._expired:
+                session.touch()
+                request._presented[slot] = session
+
+    # -- resources --------------------------------------------------------
+
+    def getResourceFor(self, request: Request) -> Any:
+        """The resource that renders ``request``."""
+        request.site = self
+        request.sitepath = list(request.prepath)
+        return getChildForRequest(self.resource, request)
+
+    # -- ASGI -------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._serve_http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._serve_lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = self.requestFactory(self, scope)
+        try:
+            result = await self._render(request, scope, receive)
+        except _ClientGone:
+            request._connection_lost()
+            return
+        if type(result) is int and result == NOT_DONE_YET:
+            await self._stream(request, receive, send)
+        else:
+            if not request.finished:
+                request.finish()
+            body = request._take_chunks()
+            await send(request._start_message(request.sentLength))
+            await send({"type": "http.response.body", "body": body})
+        log_access(request)
+
+    async def _render(self, request: Request, scope: Scope, receive: Receive) -> Any:
+        """Read, route and render ``request``: what the render returned, or
+        ``None`` after an error page was written in its place."""
+        try:
+            cookie_header = self._read_headers(request, scope)
+            if request._body_expected:
+                request.content.write(await self._read_body(request, receive))
+                request.content.seek(0)
+            request.postpath = split_path(request.path)
+            if cookie_header is not None:
+                self._touch_presented(request, cookie_header)
+            resource = self.getResourceFor(request)
+            result = resource.render(request)
+            if inspect.isawaitable(result):
+                result = await result
+            if isinstance(result, bytes | str):
+                if result or not request.finished:
+                    request.write(result)
+                return result
+        except BadRequest as exc:
+            return self._error_page(request, exc.status, exc.reason)
+        except UnsupportedMethod as exc:
+            request._reset_response()
+            request.setHeader(b"allow", b", ".join(exc.allowedMethods))
+            return self._error_page(
+                request, 405, "This resource does not answer the method used.", reset=False
+            )
+        except (_ClientGone, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("error rendering %s for %r", request.uri.decode("latin-1"), request)
+            return self._error_page(request, 500, "The server failed to answer this request.")
+        if type(result) is int and result == NOT_DONE_YET:
+            return result
+        log.error(
+            "%r returned %r from render for %s; a render returns str, bytes or NOT_DONE_YET",
+            resource,
+            type(result).__name__,
+            request.uri.decode("latin-1"),
+        )
+        return self._error_page(request, 500, "The server failed to answer this request.")
+
+    def _error_page(
+        self, request: Request, status: int, detail: str, *, reset: bool = True
+    ) -> None:
+        if reset:
+            request._reset_response()
+        brief = _REASONS.get(status, "Error")
+        request.write(ErrorPage(status, brief, detail).render(request))
+        return None
+
+    def _read_headers(self, request: Request, scope: Scope) -> bytes | None:
+        """Check the request's size limits; the ``Cookie`` header, if any."""
+        if len(request.uri) > self.max_uri_length:
+            raise BadRequest("The request URI is too long.", 414)
+        limit = self.max_header_size
+        cookies: list[bytes] = []
+        body_expected = False
+        for name, value in scope["headers"]:
+            if len(value) > limit:
+                raise BadRequest("A request header is too large.", 431)
+            if name == b"cookie":
+                cookies.append(value)
+            elif name == b"content-length":
+                if not value.isdigit():
+                    raise BadRequest("The Content-Length header is not a number.")
+                if int(value) > self.max_body_size:
+                    raise BadRequest("The request body is too large.", 413)
+                body_expected = body_expected or value != b"0"
+            elif name == b"transfer-encoding":
+                body_expected = True
+        request._body_expected = body_expected
+        if not cookies:
+            return None
+        cookie_header = b"; ".join(cookies)
+        request._cookie_header = cookie_header
+        return cookie_header
+
+    async def _read_body(self, request: Request, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_size:
+                raise BadRequest("The request body is too large.", 413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _stream(self, request: Request, receive: Receive, send: Send) -> None:
+        """Send a ``NOT_DONE_YET`` response as it is written, until finished."""
+        wakeup = request._wakeup = asyncio.Event()
+        watcher = asyncio.ensure_future(self._watch_disconnect(request, receive))
+        try:
+            while True:
+                if request._disconnected:
+                    return
+                if not request.finished and not request._chunks:
+                    await wakeup.wait()
+                    wakeup.clear()
+                    continue
+                if not request._headers_sent:
+                    length = request.sentLength if request.finished else None
+                    await send(request._start_message(length))
+                body = request._take_chunks()
+                await send(
+                    {"type": "http.response.body", "body": body, "more_body": not request.finished}
+                )
+                if request.finished:
+                    log_access(request)
+                    return
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _watch_disconnect(request: Request, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                request._connection_lost()
+                return
+
+    def __repr__(self) -> str:
+        return f"<Site {len(self.sessions)} live sessions, root {self.resource!r}>"
+
+
+_REASONS = {
+    400: "Bad Request",
+    404: "No Such Resource",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
