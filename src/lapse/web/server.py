@@ -92,6 +92,7 @@ class Site:
         self.max_uri_length = max_uri_length
         self.max_header_size = max_header_size
         self._entropy: Callable[[int], bytes] = os.urandom
+        self.counter = 0
         self._engines: dict[int, ExpiryEngine] = {}
 
     # -- sessions ---------------------------------------------------------
@@ -121,6 +122,7 @@ class Site:
         uid = self._mkuid()
         while uid in self.sessions:  # pragma: no cover - 256 random bits
             uid = self._mkuid()
+        self.counter += 1
         session = self.sessions[uid] = self.sessionFactory(self, uid)
         session.startCheckingExpiration()
         session_log.debug("session %s created", short_uid(uid))
@@ -204,6 +206,8 @@ class Site:
             if request._body_expected:
                 request.content.write(await self._read_body(request, receive))
                 request.content.seek(0)
+            if request.path == b"*" and request.method == b"OPTIONS":
+                return b""
             request.postpath = split_path(request.path)
             if cookie_header is not None:
                 self._touch_presented(request, cookie_header)

@@ -1,0 +1,143 @@
+"""Shared test helpers: drive a Site through ASGI in-process, with a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+
+from lapse.internet.task import Clock
+from lapse.web.resource import Resource
+from lapse.web.server import Site
+
+
+@dataclass
+class Response:
+    """What the site sent for one request."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    def header(self, name: bytes) -> bytes | None:
+        values = [v for k, v in self.headers if k == name]
+        return values[-1] if values else None
+
+    @property
+    def set_cookies(self) -> dict[bytes, bytes]:
+        """Set-Cookie headers by cookie name: the whole header value."""
+        cookies = {}
+        for key, value in self.headers:
+            if key == b"set-cookie":
+                cookies[value.split(b"=", 1)[0]] = value
+        return cookies
+
+    def cookie_value(self, name: bytes) -> bytes | None:
+        header = self.set_cookies.get(name)
+        return None if header is None else header.split(b";")[0].split(b"=", 1)[1]
+
+
+def make_scope(
+    method: str = "GET",
+    path: bytes = b"/",
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    scheme: str = "http",
+    query: bytes = b"",
+) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": scheme,
+        "path": unquote(path.decode("latin-1")),
+        "raw_path": path,
+        "query_string": query,
+        "root_path": "",
+        "headers": [(k.lower(), v) for k, v in headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+    }
+
+
+async def call_async(
+    site: Site,
+    method: str = "GET",
+    path: bytes | str = b"/",
+    *,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    body: bytes = b"",
+    scheme: str = "http",
+    cookies: dict[bytes, bytes] | None = None,
+) -> Response:
+    """Run one request through ``site`` as an ASGI server would."""
+    raw = path.encode("latin-1") if isinstance(path, str) else path
+    target, _, query = raw.partition(b"?")
+    all_headers = list(headers)
+    if cookies:
+        all_headers.append((b"cookie", b"; ".join(k + b"=" + v for k, v in cookies.items())))
+    if body and not any(k.lower() == b"content-length" for k, _ in all_headers):
+        all_headers.append((b"content-length", str(len(body)).encode()))
+    scope = make_scope(method, target, all_headers, scheme, query)
+    incoming: list[dict[str, Any]] = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await site(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body_out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return Response(start["status"], list(start["headers"]), body_out, sent)
+
+
+def call(site: Site, method: str = "GET", path: bytes | str = b"/", **kw: Any) -> Response:
+    """Synchronous :func:`call_async`."""
+    return asyncio.run(call_async(site, method, path, **kw))
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+class Leaf(Resource):
+    """A page that renders a fixed body and records the requests it saw."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes | str = b"ok") -> None:
+        super().__init__()
+        self.body = body
+        self.requests: list[Any] = []
+
+    def render_GET(self, request: Any) -> bytes | str:
+        self.requests.append(request)
+        return self.body
+
+
+class SessionPage(Resource):
+    """A page that returns the uid of the visitor's session."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> str:
+        return str(request.getSession().uid)
+
+
+@pytest.fixture
+def caplog_debug(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level(logging.DEBUG, logger="lapse")
+    yield caplog

@@ -1,0 +1,248 @@
+"""Twisted's own session tests (twisted/web/test/test_web.py), restated for lapse.
+
+Where lapse differs on purpose the test says so: uids are str, not bytes; the
+session cookie is ``lapse_session`` (``__Host-lapse_session`` when secure),
+not ``TWISTED_SESSION``; and session cookies are decided when the response
+headers are built, so they are checked on the response, not in
+``request.cookies``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from conftest import SessionPage, call
+
+from lapse.internet import reactor
+from lapse.internet.task import Clock
+from lapse.web import server
+from lapse.web.resource import Resource
+
+
+def auto_expiring_session(site: server.Site, cleanups: list[Any]) -> server.Session:
+    session = site.makeSession()
+    cleanups.append(session.expire)
+    return session
+
+
+class TestSite:
+    """Twisted's SiteTest."""
+
+    def test_makeSession(self) -> None:
+        """makeSession creates a Session whose uid is a str of 64 hex digits."""
+        site = server.Site(Resource(), reactor=Clock())
+        session = site.makeSession()
+        assert isinstance(session, server.Session)
+        assert isinstance(session.uid, str)
+        assert len(session.uid) == 64
+        int(session.uid, 16)
+
+    def test_sessionUIDGeneration(self) -> None:
+        """Sessions get distinct uids from the site's entropy source (os.urandom)."""
+        site = server.Site(Resource(), reactor=Clock())
+        assert site._entropy is os.urandom
+        counter = [0]
+
+        def predictable_entropy(n: int) -> bytes:
+            counter[0] += 1
+            return bytes([counter[0]]) * n
+
+        site._entropy = predictable_entropy
+        a = site.makeSession()
+        b = site.makeSession()
+        assert a.uid == "01" * 0x20
+        assert b.uid == "02" * 0x20
+        assert site.counter == 2
+
+    def test_getSessionExistent(self) -> None:
+        """site.getSession returns a session made earlier, by its uid."""
+        site = server.Site(Resource(), reactor=Clock())
+        created = site.makeSession()
+        assert site.getSession(created.uid) is created
+
+    def test_getSessionNonExistent(self) -> None:
+        """site.getSession raises KeyError for an unknown uid (str or bytes)."""
+        site = server.Site(Resource(), reactor=Clock())
+        for uid in ("no-such-uid", b"no-such-uid"):
+            try:
+                site.getSession(uid)
+            except KeyError:
+                pass
+            else:
+                raise AssertionError("getSession did not raise KeyError")
+
+
+class TestSession:
+    """Twisted's SessionTests: a site with one session on a Clock."""
+
+    def setup_method(self) -> None:
+        self.clock = Clock()
+        self.uid = "unique"
+        self.site = server.Site(Resource(), reactor=self.clock)
+        self.session = server.Session(self.site, self.uid)
+        self.site.sessions[self.uid] = self.session
+
+    def test_defaultReactor(self) -> None:
+        """Without a reactor argument, a Session uses its site's reactor."""
+        site = server.Site(Resource(), reactor=Clock())
+        session = server.Session(site, "123")
+        assert session._reactor is site.reactor
+
+    def test_siteDefaultReactor(self) -> None:
+        """Without a reactor argument, a Site uses the global reactor."""
+        site = server.Site(Resource())
+        assert site.reactor is reactor
+
+    def test_explicitReactor(self) -> None:
+        """A Session accepts the reactor to use as a parameter."""
+        site = server.Site(Resource())
+        other = Clock()
+        session = server.Session(site, "123", reactor=other)
+        assert session._reactor is other
+
+    def test_startCheckingExpiration(self) -> None:
+        """startCheckingExpiration expires the session after sessionTimeout
+        seconds without activity, not a second sooner, leaving no call behind."""
+        self.session.startCheckingExpiration()
+        self.clock.advance(self.session.sessionTimeout - 1)
+        assert self.uid in self.site.sessions
+        self.clock.advance(1)
+        assert self.uid not in self.site.sessions
+        assert not self.clock.calls
+
+    def test_expire(self) -> None:
+        """expire() removes the session and leaves no pending call."""
+        self.session.expire()
+        assert self.uid not in self.site.sessions
+        assert not self.clock.calls
+
+    def test_expireWhileChecking(self) -> None:
+        """expire() works before the timeout is due, cancelling the timer."""
+        self.session.startCheckingExpiration()
+        self.test_expire()
+
+    def test_notifyOnExpire(self) -> None:
+        """A function registered with notifyOnExpire runs when the session expires."""
+        ran = []
+        self.session.notifyOnExpire(lambda: ran.append(True))
+        self.session.expire()
+        assert ran == [True]
+
+    def test_touch(self) -> None:
+        """touch() updates lastModified and pushes the timeout back by exactly
+        sessionTimeout, before and after startCheckingExpiration."""
+        self.clock.advance(3)
+        self.session.touch()
+        assert self.session.lastModified == 3
+        self.session.startCheckingExpiration()
+        self.clock.advance(self.session.sessionTimeout - 1)
+        self.session.touch()
+        self.clock.advance(self.session.sessionTimeout - 1)
+        assert self.uid in self.site.sessions
+        self.clock.advance(1)
+        assert self.uid not in self.site.sessions
+
+
+def _secure_site() -> server.Site:
+    return server.Site(SessionPage(), reactor=Clock())
+
+
+class _Probe(Resource):
+    """Runs a function on the request during render."""
+
+    isLeaf = True
+
+    def __init__(self, probe: Any) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def render_GET(self, request: Any) -> bytes:
+        self.probe(request)
+        return b""
+
+
+class TestRequestSessions:
+    """Twisted's RequestTests about sessions, driven through the Site."""
+
+    def test_sessionDifferentFromSecureSession(self) -> None:
+        """On a secure request, the secure session and the plain one
+        (forceNotSecure) are different sessions under different cookies."""
+        seen: dict[str, Any] = {}
+
+        def probe(request: Any) -> None:
+            seen["secure"] = request.getSession()
+            seen["plain"] = request.getSession(forceNotSecure=True)
+
+        site = server.Site(_Probe(probe), reactor=Clock())
+        response = call(site, scheme="https")
+        assert seen["secure"].uid != seen["plain"].uid
+        assert response.cookie_value(b"__Host-lapse_session") == seen["secure"].uid.encode()
+        assert response.cookie_value(b"lapse_session") == seen["plain"].uid.encode()
+        assert b"Secure" in response.set_cookies[b"__Host-lapse_session"]
+        assert b"Secure" not in response.set_cookies[b"lapse_session"]
+
+    def test_sessionAttribute(self) -> None:
+        """request.session is None until getSession; on a secure request it is
+        the secure session, not the one forceNotSecure gave."""
+        seen: dict[str, Any] = {}
+
+        def probe(request: Any) -> None:
+            seen["before"] = request.session
+            seen["plain"] = request.getSession(forceNotSecure=True)
+            seen["after_plain"] = request.session
+            seen["secure"] = request.getSession()
+            seen["after_secure"] = request.session
+
+        call(server.Site(_Probe(probe), reactor=Clock()), scheme="https")
+        assert seen["before"] is None
+        assert seen["after_plain"] is None
+        assert seen["secure"] is not seen["plain"]
+        assert seen["after_secure"] is seen["secure"]
+
+    def test_sessionCaching(self) -> None:
+        """getSession makes the session once per request: two calls, one session."""
+        seen: list[Any] = []
+        site = server.Site(_Probe(lambda r: seen.extend([r.getSession(), r.getSession()])))
+        site.reactor = Clock()
+        call(site)
+        assert seen[0] is seen[1]
+        assert len(site.sessions) == 1
+
+    def test_retrieveExistingSession(self) -> None:
+        """getSession returns the existing session named by the request's cookie."""
+        site = server.Site(_Probe(lambda r: seen.append(r.getSession())), reactor=Clock())
+        seen: list[Any] = []
+        mine = server.Session(site, "special-id")
+        site.sessions[mine.uid] = mine
+        response = call(site, cookies={b"lapse_session": b"special-id"})
+        assert seen == [mine]
+        assert b"lapse_session" not in response.set_cookies
+
+    def test_retrieveNonExistentSession(self) -> None:
+        """A cookie naming no session gets a new session with a new uid and cookie."""
+        seen: list[Any] = []
+        site = server.Site(_Probe(lambda r: seen.append(r.getSession())), reactor=Clock())
+        response = call(site, cookies={b"lapse_session": b"does-not-exist"})
+        (session,) = seen
+        assert session.uid != "does-not-exist"
+        assert response.cookie_value(b"lapse_session") == session.uid.encode()
+
+    def test_getSessionExpired(self) -> None:
+        """getSession returns a new session when the previous one expired
+        during the same request."""
+        clock = Clock()
+        seen: list[Any] = []
+
+        def probe(request: Any) -> None:
+            first = request.getSession()
+            clock.advance(first.sessionTimeout)
+            seen.extend([first, request.getSession()])
+
+        site = server.Site(_Probe(probe), reactor=clock)
+        response = call(site)
+        first, second = seen
+        assert first is not second
+        assert first.uid != second.uid
+        assert first.expired and not second.expired
+        assert response.cookie_value(b"lapse_session") == second.uid.encode()
