@@ -27,7 +27,7 @@ import uvicorn
 
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.error import CannotListenError, ReactorAlreadyRunning, ReactorNotRunning
-from lapse.internet.interfaces import AlreadyCalled, AlreadyCancelled
+from lapse.internet.interfaces import BaseDelayedCall
 
 __all__ = ["AsyncioReactor", "Port"]
 
@@ -43,7 +43,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-class DelayedCall:
+class DelayedCall(BaseDelayedCall):
     """A call scheduled on the real reactor's event loop."""
 
     def __init__(
@@ -54,12 +54,8 @@ class DelayedCall:
         args: tuple[Any, ...],
         kw: dict[str, Any],
     ) -> None:
+        super().__init__(0.0, func, args, kw)
         self._reactor = reactor
-        self.func = func
-        self.args = args
-        self.kw = kw
-        self.called = False
-        self.cancelled = False
         self._handle: asyncio.TimerHandle | None = None
         self._schedule(delay)
 
@@ -75,20 +71,6 @@ class DelayedCall:
             self.func(*self.args, **self.kw)
         except Exception:
             log.exception("Unhandled error in delayed call %r", self.func)
-
-    def getTime(self) -> float:
-        """When this call is due, in ``seconds()`` time."""
-        return self.time
-
-    def active(self) -> bool:
-        """Whether the call is still pending."""
-        return not (self.called or self.cancelled)
-
-    def _check_active(self) -> None:
-        if self.called:
-            raise AlreadyCalled(self)
-        if self.cancelled:
-            raise AlreadyCancelled(self)
 
     def cancel(self) -> None:
         """Unschedule the call; an error if it already ran or was cancelled."""

@@ -36,3 +36,36 @@ class AlreadyCalled(ValueError):
 
 class AlreadyCancelled(ValueError):
     """The delayed call was cancelled."""
+
+
+class BaseDelayedCall:
+    """What every delayed call shares: its target, due time and state."""
+
+    def __init__(
+        self, time: float, func: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> None:
+        self.time = time
+        self.func = func
+        self.args = args
+        self.kw = kw
+        self.called = False
+        self.cancelled = False
+
+    def getTime(self) -> float:
+        """When this call is due, in its reactor's ``seconds()``."""
+        return self.time
+
+    def active(self) -> bool:
+        """Whether the call is still pending."""
+        return not (self.called or self.cancelled)
+
+    def _check_active(self) -> None:
+        if self.called:
+            raise AlreadyCalled(self)
+        if self.cancelled:
+            raise AlreadyCancelled(self)
+
+    def __repr__(self) -> str:
+        state = "called" if self.called else "cancelled" if self.cancelled else "pending"
+        name = getattr(self.func, "__qualname__", repr(self.func))
+        return f"<{type(self).__name__} {name} at {self.time} ({state})>"

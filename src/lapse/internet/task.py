@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lapse.internet.interfaces import AlreadyCalled, AlreadyCancelled
+from lapse.internet.interfaces import BaseDelayedCall
 
 __all__ = ["Clock", "DelayedCall"]
 
 
-class DelayedCall:
+class DelayedCall(BaseDelayedCall):
     """A call scheduled on a :class:`Clock`."""
 
     def __init__(
@@ -27,27 +27,8 @@ class DelayedCall:
         args: tuple[Any, ...],
         kw: dict[str, Any],
     ) -> None:
+        super().__init__(time, func, args, kw)
         self._clock = clock
-        self.time = time
-        self.func = func
-        self.args = args
-        self.kw = kw
-        self.called = False
-        self.cancelled = False
-
-    def getTime(self) -> float:
-        """When this call is due, in the clock's seconds."""
-        return self.time
-
-    def active(self) -> bool:
-        """Whether the call is still pending."""
-        return not (self.called or self.cancelled)
-
-    def _check_active(self) -> None:
-        if self.called:
-            raise AlreadyCalled(self)
-        if self.cancelled:
-            raise AlreadyCancelled(self)
 
     def cancel(self) -> None:
         """Unschedule the call; an error if it already ran or was cancelled."""
@@ -66,11 +47,6 @@ class DelayedCall:
         self._check_active()
         self.time += secondsLater
         self._clock._sort()
-
-    def __repr__(self) -> str:
-        state = "called" if self.called else "cancelled" if self.cancelled else "pending"
-        name = getattr(self.func, "__qualname__", repr(self.func))
-        return f"<DelayedCall {name} at {self.time} ({state})>"
 
 
 class Clock:
