@@ -2,6 +2,9 @@
 
 Visit / to see your session's uid; visit /expire to end the session (log out).
 The next visit to / starts a new session with a new uid.
+
+The howto served ShowSession from an .rpy file; as a program with its own
+root, the page is the root's "" child (the path "/") and /expire its sibling.
 """
 
 from lapse.internet import reactor
@@ -20,9 +23,10 @@ class ExpireSession(Resource):
         return "Your session has been expired."
 
 
-resource = ShowSession()
-resource.putChild("expire", ExpireSession())
-factory = Site(resource)
+root = Resource()
+root.putChild("", ShowSession())
+root.putChild("expire", ExpireSession())
+factory = Site(root)
 
 reactor.listenTCP(8080, factory)
 reactor.run()

@@ -402,3 +402,20 @@ def test_access_log_line_is_combined_format(caplog: pytest.LogCaptureFixture) ->
     line = record.getMessage()
     assert line.startswith("127.0.0.1 - - [")
     assert line.endswith('] "GET /x?y=1 HTTP/1.1" 200 5 "http://r/" "evil\\"agent"')
+
+
+def test_many_headers_over_total_budget_is_431() -> None:
+    """Headers that are each small but together over max_headers_total get a 431."""
+    site = Site(Leaf(b"ok"), reactor=Clock(), max_headers_total=4096)
+    headers = [(b"x-filler-%d" % i, b"v" * 500) for i in range(10)]
+    assert call(site, headers=headers).status == 431
+    assert call(site, headers=headers[:5]).status == 200
+
+
+def test_access_log_cuts_long_fields(caplog: pytest.LogCaptureFixture) -> None:
+    """A huge URI is cut in the access log, so one request cannot flood it."""
+    with caplog.at_level(logging.INFO, logger="lapse.access"):
+        response = call(site_for(Leaf(b"x")), "GET", "/?" + "a" * 20000)
+    assert response.status == 414
+    (record,) = caplog.records
+    assert len(record.getMessage()) < 2300

@@ -32,9 +32,14 @@ def _timestamp(now: float) -> str:
     return _stamp
 
 
+_MAX_FIELD = 2048
+
+
 def _safe(value: bytes | None) -> str:
     if not value:
         return "-"
+    if len(value) > _MAX_FIELD:
+        value = value[:_MAX_FIELD] + b"..."
     text = value.decode("latin-1").encode("unicode_escape").decode("ascii")
     return text.replace('"', '\\"')
 

@@ -60,8 +60,9 @@ class Site:
       requests use ``__Host-`` + that name.
     - ``trust_proxy_headers``: believe ``X-Forwarded-Proto`` and
       ``X-Forwarded-For`` (only behind a proxy that sets them).
-    - ``max_body_size``, ``max_uri_length``, ``max_header_size``: request
-      limits, in bytes; past them the answer is 413, 414 or 431.
+    - ``max_body_size``, ``max_uri_length``, ``max_header_size`` (one
+      header's value), ``max_headers_total`` (all headers): request limits,
+      in bytes; past them the answer is 413, 414 or 431.
     """
 
     sessionFactory: Callable[[Site, str], Session] = Session
@@ -78,6 +79,7 @@ class Site:
         max_body_size: int = 16 * 1024 * 1024,
         max_uri_length: int = 16 * 1024,
         max_header_size: int = 8 * 1024,
+        max_headers_total: int = 64 * 1024,
     ) -> None:
         if reactor is None:
             from lapse.internet import reactor as default_reactor
@@ -91,6 +93,7 @@ class Site:
         self.max_body_size = max_body_size
         self.max_uri_length = max_uri_length
         self.max_header_size = max_header_size
+        self.max_headers_total = max_headers_total
         self._entropy: Callable[[int], bytes] = os.urandom
         self.counter = 0
         self._engines: dict[int, ExpiryEngine] = {}
@@ -256,11 +259,13 @@ class Site:
         if len(request.uri) > self.max_uri_length:
             raise BadRequest("The request URI is too long.", 414)
         limit = self.max_header_size
+        budget = self.max_headers_total
         cookies: list[bytes] = []
         body_expected = False
         for name, value in scope["headers"]:
-            if len(value) > limit:
-                raise BadRequest("A request header is too large.", 431)
+            budget -= len(name) + len(value)
+            if len(value) > limit or budget < 0:
+                raise BadRequest("The request headers are too large.", 431)
             if name == b"cookie":
                 cookies.append(value)
             elif name == b"content-length":

@@ -1,0 +1,172 @@
+"""The programs in examples/, each run as a subprocess and driven over HTTP.
+
+Each example hard-codes ``reactor.listenTCP(8080, factory)``; the test copies
+it to a temporary directory with that call pointed at a free port on
+127.0.0.1, runs it with ``python -u`` (so its prints arrive at once) from the
+repository root, and reads its stdout in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from _servers import (
+    EXAMPLES,
+    REPO_ROOT,
+    Response,
+    ServerProcess,
+    free_port,
+    request,
+    running_server,
+)
+
+LISTEN_CALL = "reactor.listenTCP(8080, factory)"
+UID = re.compile(r"[0-9a-f]{64}")
+
+
+@contextlib.contextmanager
+def run_example(name: str, tmp_path: Path) -> Iterator[tuple[ServerProcess, int]]:
+    """Run ``examples/<name>`` on a free port; the server and its port."""
+    source = (EXAMPLES / name).read_text(encoding="utf-8")
+    assert source.count(LISTEN_CALL) == 1, f"{name} does not listen as expected"
+    port = free_port()
+    patched = source.replace(
+        LISTEN_CALL, f'reactor.listenTCP({port}, factory, interface="127.0.0.1")'
+    )
+    script = tmp_path / name
+    script.write_text(patched, encoding="utf-8")
+    with running_server(script, port, cwd=REPO_ROOT) as server:
+        yield server, port
+        assert server.proc is not None and server.proc.poll() is None, server.stderr_text()
+        assert "Traceback" not in server.stderr_text(), server.stderr_text()
+
+
+def session_cookie(response: Response) -> str:
+    """The uid of the one ``lapse_session`` cookie the response sets."""
+    cookies = response.header_all("set-cookie")
+    assert len(cookies) == 1, cookies
+    match = re.match(r"lapse_session=([0-9a-f]{64});", cookies[0])
+    assert match is not None, cookies[0]
+    return match.group(1)
+
+
+def with_cookie(uid: str) -> dict[str, str]:
+    return {"Cookie": f"lapse_session={uid}"}
+
+
+# -- session_endings.py (the seed program) ----------------------------------
+
+
+def test_session_endings_expires_once_5_s_after_the_last_visit(tmp_path: Path) -> None:
+    """session_endings.py (ShortSession, sessionTimeout 5): visiting /logme
+    every second for 8 s with the same cookie keeps the session (no new
+    Set-Cookie after the first) and prints nothing; then exactly one line
+    ``Session <uid> has expired.`` appears 5 s (+-0.5 s) after the last
+    response, and no second one in the following second."""
+    with run_example("session_endings.py", tmp_path) as (server, port):
+        first = request(port, "/logme")
+        assert first.status == 200
+        assert first.body == b""
+        uid = session_cookie(first)
+        started = time.monotonic()
+
+        last_response_at = started
+        for second in range(1, 9):
+            time.sleep(max(0.0, started + second - time.monotonic()))
+            visit = request(port, "/logme", headers=with_cookie(uid))
+            last_response_at = time.monotonic()
+            assert visit.status == 200
+            assert visit.header("set-cookie") is None, f"new cookie at visit {second}"
+            assert server.lines.empty(), f"printed during the visits: {server.lines.get()}"
+
+        line = server.wait_for_line(last_response_at + 6.0 - time.monotonic())
+        assert line is not None, "no expiry line within 6 s of the last visit"
+        assert line.text == f"Session {uid} has expired."
+        waited = line.at - last_response_at
+        assert abs(waited - 5.0) <= 0.5, f"expired {waited:.3f} s after the last visit"
+        extra = server.wait_for_line(1.0)
+        assert extra is None, f"a second line: {extra}"
+
+
+def test_session_endings_root_is_404(tmp_path: Path) -> None:
+    """session_endings.py has nothing at /: 404 (and no session is made)."""
+    with run_example("session_endings.py", tmp_path) as (_server, port):
+        response = request(port, "/")
+        assert response.status == 404
+        assert response.header("set-cookie") is None
+        assert request(port, "/logme").status == 200
+
+
+# -- session_basics.py --------------------------------------------------------
+
+
+def test_session_basics_shows_keeps_and_expires_the_session(tmp_path: Path) -> None:
+    """session_basics.py: / shows the session uid (64 hex); with the cookie,
+    the same uid; /expire says so and deletes the cookie (Max-Age=0); a
+    client that kept the old cookie then gets a different uid."""
+    with run_example("session_basics.py", tmp_path) as (_server, port):
+        first = request(port, "/")
+        assert first.status == 200
+        match = re.fullmatch(r"Your session id is: ([0-9a-f]{64})", first.text)
+        assert match is not None, first.text
+        uid = match.group(1)
+        assert session_cookie(first) == uid
+
+        second = request(port, "/", headers=with_cookie(uid))
+        assert second.text == f"Your session id is: {uid}"
+        assert second.header("set-cookie") is None
+
+        expire = request(port, "/expire", headers=with_cookie(uid))
+        assert expire.status == 200
+        assert expire.text == "Your session has been expired."
+        deletions = expire.header_all("set-cookie")
+        assert len(deletions) == 1, deletions
+        name_value, *attributes = [part.strip() for part in deletions[0].split(";")]
+        assert name_value == "lapse_session="
+        assert "Max-Age=0" in attributes
+        assert "Path=/" in attributes
+
+        after = request(port, "/", headers=with_cookie(uid))
+        match = re.fullmatch(r"Your session id is: ([0-9a-f]{64})", after.text)
+        assert match is not None, after.text
+        assert match.group(1) != uid
+        assert session_cookie(after) == match.group(1)
+
+
+def test_session_basics_expire_without_a_session_deletes_the_cookie(tmp_path: Path) -> None:
+    """session_basics.py: /expire for a visitor without a cookie makes a
+    session and ends it in the same request: the page says so, and the only
+    Set-Cookie deletes the cookie (Max-Age=0) rather than setting a uid."""
+    with run_example("session_basics.py", tmp_path) as (_server, port):
+        expire = request(port, "/expire")
+        assert expire.status == 200
+        assert expire.text == "Your session has been expired."
+        cookies = expire.header_all("set-cookie")
+        assert len(cookies) == 1, cookies
+        assert cookies[0].startswith("lapse_session=;")
+        assert "Max-Age=0" in [part.strip() for part in cookies[0].split(";")]
+
+
+# -- session_store.py ---------------------------------------------------------
+
+
+def test_session_store_counts_visits_per_session(tmp_path: Path) -> None:
+    """session_store.py: three visits with one cookie show Visit #1, #2, #3;
+    a new visitor (no cookie) starts at #1; the first visitor goes on at #4."""
+    with run_example("session_store.py", tmp_path) as (_server, port):
+        first = request(port, "/")
+        assert first.status == 200
+        assert first.text == "Visit #1 for you!"
+        uid = session_cookie(first)
+        assert request(port, "/", headers=with_cookie(uid)).text == "Visit #2 for you!"
+        assert request(port, "/", headers=with_cookie(uid)).text == "Visit #3 for you!"
+
+        newcomer = request(port, "/")
+        assert newcomer.text == "Visit #1 for you!"
+        assert session_cookie(newcomer) != uid
+
+        assert request(port, "/", headers=with_cookie(uid)).text == "Visit #4 for you!"
