@@ -381,13 +381,27 @@ def fmt_memory(outcome: Outcome | None, count: int) -> str:
     return f"{value:,.0f} B{flag}"
 
 
-def rps_row(name: str, lapse: list[WrkResult] | None, twisted: list[WrkResult] | None) -> str:
+def rps_row(
+    name: str,
+    lapse: list[WrkResult] | None,
+    twisted: list[WrkResult] | None,
+    notes: tuple[str, str] = ("", ""),
+) -> str:
+    """One throughput row; ``notes`` (lapse, Twisted) are appended to the two cells."""
+    lapse_note, twisted_note = notes
     ratio = fmt_ratio(
         median_rps(lapse) if lapse else None,
         median_rps(twisted) if twisted else None,
         "(lapse/Twisted)",
     )
-    return f"| {name} | {fmt_rps(lapse or [])} | {fmt_rps(twisted or [])} | {ratio} |"
+    cells = f"{fmt_rps(lapse or [])}{lapse_note} | {fmt_rps(twisted or [])}{twisted_note}"
+    return f"| {name} | {cells} | {ratio} |"
+
+
+def lost_note(outcome: Outcome | None) -> str:
+    if outcome is None or all(outcome.session_kept):
+        return ""
+    return " ⚠ session lost"
 
 
 def summary_table(outcomes: dict[str, Outcome], opts: Options) -> list[str]:
@@ -399,6 +413,7 @@ def summary_table(outcomes: dict[str, Outcome], opts: Options) -> list[str]:
             "requests/s, touching one existing session",
             lapse.touch if lapse else None,
             twisted.touch if twisted else None,
+            (lost_note(lapse), lost_note(twisted)),
         ),
         rps_row(
             "requests/s, creating a session per request",
@@ -427,6 +442,8 @@ def raw_lines(outcomes: dict[str, Outcome]) -> list[str]:
             lines.append(
                 f"| {LABELS[system]} | {metric} | {repeats} | {total:,} | {non_2xx} | {sock} |"
             )
+    if not any(outcome.memory for outcome in outcomes.values()):
+        return lines
     lines += [
         "",
         "| System | Sessions | RSS before | RSS after | Bytes/session | makeSession time |",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -41,6 +42,17 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
+
+
+def _configure_logging_from_env() -> None:
+    """``LAPSE_LOG_LEVEL=INFO`` (or DEBUG...) logs to stderr at that level,
+    unless the program configured logging itself."""
+    level = os.environ.get("LAPSE_LOG_LEVEL")
+    if not level or logging.getLogger().handlers:
+        return
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ValueError(f"LAPSE_LOG_LEVEL={level!r} is not a logging level")
+    logging.basicConfig(level=level.upper(), format="%(message)s")
 
 
 class DelayedCall(BaseDelayedCall):
@@ -272,8 +284,7 @@ class AsyncioReactor:
         """Serve every listened site until :meth:`stop`, SIGINT or SIGTERM."""
         if self.running:
             raise ReactorAlreadyRunning("the reactor is already running")
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        _configure_logging_from_env()
         loop = self._own_loop()
         asyncio.set_event_loop(loop)
         handled: list[signal.Signals] = []
