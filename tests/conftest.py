@@ -141,3 +141,25 @@ class SessionPage(Resource):
 def caplog_debug(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     caplog.set_level(logging.DEBUG, logger="lapse")
     yield caplog
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A real redis-server on a free loopback port, for the whole test run."""
+    from _redis_server import RedisServer
+
+    with RedisServer() as server:
+        yield server
+
+
+class FakeClock:
+    """A settable time source for stores: ``clock()`` reads, ``advance()`` moves."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

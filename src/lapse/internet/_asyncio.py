@@ -140,7 +140,7 @@ class Port:
             self.factory,
             http="httptools",
             interface="asgi3",
-            lifespan="off",
+            lifespan="auto",
             log_config=None,
             access_log=False,
             proxy_headers=False,

@@ -1,12 +1,32 @@
-"""The session lifecycle: sessions and the expiry engine. Knows nothing of HTTP.
+"""The session lifecycle: sessions, their data, and the stores that keep them.
+Knows nothing of HTTP.
 
 A session is born (``makeSession``), touched by each visit (its deadline
-becomes ``lastModified + sessionTimeout``), and expires when the deadline
-passes without a touch, or at once by ``expire()``. Expiring removes it from
-its owner's ``sessions`` first, then runs each expiry callback once.
+becomes now + ``sessionTimeout``), and ends when the deadline passes without
+a touch, or at once by ``expire()``. Ending removes it from its owner's
+``sessions`` first, then runs each expiry callback once; the store then
+hands the ended session, with its final data, to the durable expiry hook.
 """
 
-from lapse.sessions._engine import ExpiryEngine
+from lapse.sessions._data import SessionData
 from lapse.sessions._session import Session, SessionOwner
+from lapse.sessions.store import (
+    Expiry,
+    SessionStore,
+    StoreConfigError,
+    StoredSession,
+    StoreError,
+    StoreUnavailable,
+)
 
-__all__ = ["ExpiryEngine", "Session", "SessionOwner"]
+__all__ = [
+    "Expiry",
+    "Session",
+    "SessionData",
+    "SessionOwner",
+    "SessionStore",
+    "StoreConfigError",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredSession",
+]

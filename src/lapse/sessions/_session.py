@@ -1,22 +1,21 @@
-"""The session: a uid, a timeout, a last-touched time, expiry callbacks.
+"""The session: a uid, a timeout, a last-touched time, data, expiry callbacks.
 
-Knows nothing of HTTP: its owner (a ``Site``) is anything with a ``sessions``
-mapping and an ``_expiry_engine(reactor)`` method.
+Knows nothing of HTTP. Its owner (a ``Site``) decides where sessions are
+stored and when they end; a session tells its owner when it is touched,
+starts being checked, or is expired by hand.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from lapse.internet.interfaces import IReactorTime
 from lapse.python.components import Componentized
+from lapse.sessions._data import SessionData
 
-if TYPE_CHECKING:
-    from lapse.sessions._engine import ExpiryEngine
-
-__all__ = ["Session", "SessionOwner"]
+__all__ = ["Session", "SessionOwner", "short_uid"]
 
 log = logging.getLogger("lapse.sessions")
 
@@ -29,7 +28,9 @@ class SessionOwner(Protocol):
     @property
     def reactor(self) -> IReactorTime: ...
 
-    def _expiry_engine(self, reactor: IReactorTime) -> ExpiryEngine: ...
+    def _start_checking(self, session: Session) -> None: ...
+    def _touched(self, session: Session) -> None: ...
+    def _expired_by_hand(self, session: Session) -> None: ...
 
 
 def short_uid(uid: str) -> str:
@@ -41,8 +42,9 @@ class Session(Componentized):
     """A user's session, kept alive by visits, gone after ``sessionTimeout``.
 
     Subclass and set ``sessionTimeout`` (seconds of inactivity, 900 by
-    default), then set the subclass as ``Site.sessionFactory``. Keep state on
-    the session through components (``ICounter(session)``) or attributes.
+    default), then set the subclass as ``Site.sessionFactory``. Keep state
+    that must persist (and be shared by processes) in :attr:`data`; components
+    (``ICounter(session)``) and attributes stay in this process.
     """
 
     sessionTimeout: float = 900
@@ -54,10 +56,17 @@ class Session(Componentized):
         self.site = site
         self.uid = uid
         self._callbacks: list[Callable[[], Any]] | None = None
-        self._engine: ExpiryEngine | None = None
-        self._scheduled = 0.0
+        self._data: SessionData | None = None
         self._expired = False
+        self._needs_create = False
         self.lastModified = reactor.seconds()
+
+    @property
+    def data(self) -> SessionData:
+        """State that persists with the session: JSON values, saved by key."""
+        if self._data is None:
+            self._data = SessionData()
+        return self._data
 
     @property
     def expireCallbacks(self) -> list[Callable[[], Any]]:
@@ -74,17 +83,14 @@ class Session(Componentized):
     def startCheckingExpiration(self) -> None:
         """Expire this session after ``sessionTimeout`` seconds without a touch."""
         if not self._expired:
-            self.site._expiry_engine(self._reactor).add(self)
+            self.site._start_checking(self)
 
     def touch(self) -> None:
         """Mark the session as used now: its deadline moves to now + timeout."""
         if self._expired:
             return
-        now = self._reactor.seconds()
-        self.lastModified = now
-        engine = self._engine
-        if engine is not None and now + self.sessionTimeout < self._scheduled:
-            engine.reschedule(self, now + self.sessionTimeout)
+        self.lastModified = self._reactor.seconds()
+        self.site._touched(self)
 
     def notifyOnExpire(self, callback: Callable[[], Any]) -> None:
         """Call ``callback()`` once when this session expires.
@@ -97,20 +103,25 @@ class Session(Componentized):
         self.expireCallbacks.append(callback)
 
     def expire(self) -> None:
-        """End the session now (idempotent).
+        """End the session now (idempotent): a logout.
 
         It leaves ``site.sessions`` first; then each callback runs once, in
         the order registered, isolated: one that raises is logged with its
-        traceback and the others still run.
+        traceback and the others still run. Then the store hears of it.
         """
+        if self._expired:
+            return
+        self._end()
+        self.site._expired_by_hand(self)
+
+    def _end(self) -> None:
+        """End this process's copy of the session and run its callbacks."""
         if self._expired:
             return
         self._expired = True
         sessions = self.site.sessions
         if sessions.get(self.uid) is self:
             del sessions[self.uid]
-        if self._engine is not None:
-            self._engine.discard(self)
         log.debug("session %s expired", short_uid(self.uid))
         callbacks, self._callbacks = self._callbacks, None
         for callback in callbacks or ():

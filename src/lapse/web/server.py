@@ -25,8 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
-from lapse.sessions import ExpiryEngine, Session
+from lapse.sessions import Session, SessionStore, StoreUnavailable
+from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
+from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
 from lapse.web._access import log_access
 from lapse.web._cookies import parse_cookie_header
 from lapse.web._request import NOT_DONE_YET, Request, split_path
@@ -60,6 +62,12 @@ class Site:
       requests use ``__Host-`` + that name.
     - ``trust_proxy_headers``: believe ``X-Forwarded-Proto`` and
       ``X-Forwarded-For`` (only behind a proxy that sets them).
+    - ``store``: where sessions live, a URL (``memory:``, the default;
+      ``sqlite:///path.db``; ``redis://host:port/db``) or a store object;
+      without it, the ``LAPSE_SESSION_STORE`` environment variable, if set.
+    - ``on_expire``: the durable expiry hook, called (sync or async) with an
+      :class:`~lapse.sessions.Expiry` for every ended session, by exactly
+      one process, also for sessions whose last server is gone.
     - ``max_body_size``, ``max_uri_length``, ``max_header_size`` (one
       header's value), ``max_headers_total`` (all headers): request limits,
       in bytes; past them the answer is 413, 414 or 431.
@@ -80,6 +88,8 @@ class Site:
         max_uri_length: int = 16 * 1024,
         max_header_size: int = 8 * 1024,
         max_headers_total: int = 64 * 1024,
+        store: str | SessionStore | None = None,
+        on_expire: ExpiryHook | None = None,
     ) -> None:
         if reactor is None:
             from lapse.internet import reactor as default_reactor
@@ -96,7 +106,30 @@ class Site:
         self.max_headers_total = max_headers_total
         self._entropy: Callable[[int], bytes] = os.urandom
         self.counter = 0
-        self._engines: dict[int, ExpiryEngine] = {}
+        if store is None:
+            store = os.environ.get("LAPSE_SESSION_STORE") or DEFAULT_STORE_URL
+        if isinstance(store, str):
+            # The memory store keeps the site's time (a Clock in tests); a
+            # shared store keeps its own (Redis: the server's TIME).
+            memory = store.split(":", 1)[0].lower() == "memory"
+            store = store_from_url(
+                store, clock=(lambda: self.reactor.seconds()) if memory else None
+            )
+        self._keeper = SessionKeeper(self, store, on_expire)
+
+    @property
+    def store(self) -> SessionStore:
+        """Where this site's sessions live."""
+        return self._keeper.store
+
+    @property
+    def on_expire(self) -> ExpiryHook | None:
+        """The durable expiry hook (see the class docstring)."""
+        return self._keeper.on_expire
+
+    @on_expire.setter
+    def on_expire(self, hook: ExpiryHook | None) -> None:
+        self._keeper.on_expire = hook
 
     # -- sessions ---------------------------------------------------------
 
@@ -137,24 +170,58 @@ class Site:
             uid = uid.decode("latin-1")
         return self.sessions[uid]
 
-    def _expiry_engine(self, reactor: IReactorTime) -> ExpiryEngine:
-        engine = self._engines.get(id(reactor))
-        if engine is None:
-            engine = self._engines[id(reactor)] = ExpiryEngine(self.sessions, reactor)
-        return engine
+    # What sessions tell their site: passed on to the keeper.
 
-    def _touch_presented(self, request: Request, cookie_header: bytes) -> None:
+    def _start_checking(self, session: Session) -> None:
+        self._keeper.start_checking(session)
+
+    def _touched(self, session: Session) -> None:
+        self._keeper.touched(session)
+
+    def _expired_by_hand(self, session: Session) -> None:
+        self._keeper.expired_by_hand(session)
+
+    def _presented_uids(self, request: Request, cookie_header: bytes) -> list[tuple[int, str]]:
         cookies = parse_cookie_header(cookie_header)
         request._received_cookies = cookies
         names = self._cookie_names
+        found = []
         for slot in (0, 1) if request.isSecure() else (0,):
             value = cookies.get(names[slot])
-            if value is None or len(value) > _MAX_UID_COOKIE:
-                continue
-            session = self.sessions.get(value.decode("latin-1"))
-            if session is not None and not session._expired:
-                session.touch()
-                request._presented[slot] = session
+            if value is not None and 0 < len(value) <= _MAX_UID_COOKIE:
+                found.append((slot, value.decode("latin-1")))
+        return found
+
+    async def _load_presented(self, request: Request, cookie_header: bytes) -> None:
+        """Touch the sessions the request's cookies name (one store call each)."""
+        keeper = self._keeper
+        for slot, uid in self._presented_uids(request, cookie_header):
+            if keeper.shared:
+                session = await keeper.load(uid)
+            else:
+                session = keeper.load_now(uid)
+            request._presented[slot] = session
+
+    async def _persist(self, request: Request) -> None:
+        """Write what the request changed in its sessions, before responding."""
+        used = {s for s in (*request._presented, *request._sessions) if s is not None}
+        if not used:
+            return
+        if self._keeper.shared:
+            await self._keeper.persist(used)
+        else:
+            self._keeper.persist_now(used)
+
+    def _unavailable(self, request: Request) -> None:
+        """Answer 503: the session store cannot be reached."""
+        request._reset_response()
+        request._sessions = [None, None]
+        request._presented = [None, None]
+        request._created = [False, False]
+        request.setHeader(b"retry-after", b"1")
+        self._error_page(
+            request, 503, "Sessions are unavailable for a moment; try again.", reset=False
+        )
 
     # -- resources --------------------------------------------------------
 
@@ -179,23 +246,35 @@ class Site:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self._keeper.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self._keeper.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
     async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keeper = self._keeper
+        if keeper.shared and keeper._task is None:
+            keeper.start()
         request = self.requestFactory(self, scope)
         try:
             result = await self._render(request, scope, receive)
         except _ClientGone:
             request._connection_lost()
             return
+        except StoreUnavailable:
+            self._unavailable(request)
+            result = None
         if type(result) is int and result == NOT_DONE_YET:
             await self._stream(request, receive, send)
         else:
             if not request.finished:
                 request.finish()
+            try:
+                await self._persist(request)
+            except StoreUnavailable:
+                self._unavailable(request)
             body = request._take_chunks()
             await send(request._start_message(request.sentLength))
             await send({"type": "http.response.body", "body": body})
@@ -213,7 +292,7 @@ class Site:
                 return b""
             request.postpath = split_path(request.path)
             if cookie_header is not None:
-                self._touch_presented(request, cookie_header)
+                await self._load_presented(request, cookie_header)
             resource = self.getResourceFor(request)
             result = resource.render(request)
             if inspect.isawaitable(result):
@@ -230,7 +309,7 @@ class Site:
             return self._error_page(
                 request, 405, "This resource does not answer the method used.", reset=False
             )
-        except (_ClientGone, asyncio.CancelledError):
+        except (_ClientGone, StoreUnavailable, asyncio.CancelledError):
             raise
         except Exception:
             log.exception("error rendering %s for %r", request.uri.decode("latin-1"), request)
@@ -311,6 +390,11 @@ class Site:
                     wakeup.clear()
                     continue
                 if not request._headers_sent:
+                    try:
+                        await self._persist(request)
+                    except StoreUnavailable:
+                        self._unavailable(request)
+                        request.finished = True
                     length = request.sentLength if request.finished else None
                     await send(request._start_message(length))
                 body = request._take_chunks()
@@ -343,4 +427,5 @@ _REASONS = {
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }

@@ -1,4 +1,4 @@
-"""The expiry engine: a touch arms no timer, one timer serves every session."""
+"""Expiry on the memory store: a touch arms no timer, one timer serves every session."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_last_session_out_cancels_timer(clock: Clock) -> None:
     for session in sessions:
         session.expire()
     assert not clock.calls
-    assert len(site._expiry_engine(clock)) == 0
+    assert len(site.store) == 0
 
 
 def test_many_sessions_expire_together(clock: Clock) -> None:
@@ -117,16 +117,3 @@ def test_two_hundred_thousand_sessions_one_timer(clock: Clock) -> None:
     assert all(not s.expired for s in sessions[::2])
     clock.advance(5)
     assert not site.sessions and not clock.calls
-
-
-def test_session_with_own_reactor_uses_that_clock(clock: Clock) -> None:
-    """A session given its own reactor is expired by that reactor's time."""
-    site = make_site(clock)
-    other = Clock()
-    session = Short(site, "x", reactor=other)
-    site.sessions[session.uid] = session
-    session.startCheckingExpiration()
-    clock.advance(100)
-    assert not session.expired
-    other.advance(10)
-    assert session.expired

@@ -1,0 +1,375 @@
+"""The keeper: one site's sessions, between this process and the store.
+
+Two modes, one contract:
+
+- **Local** (the memory store). The store is in this process and answers at
+  once, so the keeper drives it synchronously: one timer on the site's
+  reactor wakes at the earliest deadline and drains what ended. On a fake
+  ``Clock`` expiry therefore happens inside ``clock.advance()``, and when no
+  session is left no call is left on the clock.
+- **Shared** (SQLite, Redis). The store is the authority; ``site.sessions``
+  holds this process's copies of the sessions it has seen (their callbacks
+  and components). A background task claims ended sessions, runs the
+  durable hook, acknowledges them, and reads the announcements of ended
+  sessions so that each process runs its own ``notifyOnExpire`` callbacks.
+
+In both, an ended session goes: out of ``site.sessions``, its callbacks, the
+durable hook with its final data (``on_expire``), acknowledged. A hook that
+raises is retried on the next claim, up to ``max_attempts`` deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Protocol
+
+from lapse.internet.interfaces import IDelayedCall, IReactorTime
+from lapse.sessions._data import SessionData
+from lapse.sessions._session import Session, short_uid
+from lapse.sessions.store import Expiry, SessionStore, StoredSession, StoreUnavailable
+from lapse.sessions.stores.memory import MemoryStore
+
+__all__ = ["ExpiryHook", "SessionKeeper"]
+
+log = logging.getLogger("lapse.sessions")
+
+ExpiryHook = Callable[[Expiry], Awaitable[None] | None]
+
+
+class _Owner(Protocol):
+    @property
+    def sessions(self) -> MutableMapping[str, Session]: ...
+    @property
+    def reactor(self) -> IReactorTime: ...
+    @property
+    def sessionFactory(self) -> Callable[..., Session]: ...
+
+
+class SessionKeeper:
+    """Keeps one site's sessions in its store and ends them on time."""
+
+    def __init__(
+        self,
+        owner: _Owner,
+        store: SessionStore,
+        on_expire: ExpiryHook | None = None,
+        *,
+        lease: float = 30.0,
+        poll_interval: float = 0.1,
+        max_attempts: int = 5,
+        store_timeout: float = 1.0,
+    ) -> None:
+        self.owner = owner
+        self.store = store
+        self.on_expire = on_expire
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.max_attempts = max_attempts
+        self.store_timeout = store_timeout
+        self.shared = store.shared
+        self.node_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._memory = store if isinstance(store, MemoryStore) and not self.shared else None
+        self._alarm: IDelayedCall | None = None
+        self._alarm_when = math.inf
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self._outage = False
+
+    # -- the store, with a deadline and one error type ----------------------
+
+    async def call(self, operation: Awaitable[Any]) -> Any:
+        """Await a store operation within ``store_timeout``; outages are logged
+        once each and surface as :class:`StoreUnavailable`."""
+        try:
+            async with asyncio.timeout(self.store_timeout):
+                result = await operation
+        except StoreUnavailable as exc:
+            self._report_outage(exc)
+            raise
+        except TimeoutError as exc:
+            error = StoreUnavailable(f"{self.store.url}: no answer within {self.store_timeout}s")
+            self._report_outage(error)
+            raise error from exc
+        if self._outage:
+            self._outage = False
+            log.warning("session store %s is reachable again", self.store.url)
+        return result
+
+    def _report_outage(self, exc: StoreUnavailable) -> None:
+        if not self._outage:
+            self._outage = True
+            log.error("session store unavailable: %s", exc)
+
+    # -- what sessions tell the keeper --------------------------------------
+
+    def start_checking(self, session: Session) -> None:
+        memory = self._memory
+        if memory is not None:
+            if not memory.exists_now(session.uid):
+                stored = memory.create_now(session.uid, session.sessionTimeout, session.data)
+                session._data = SessionData(stored.data)
+                if stored.deadline < self._alarm_when:
+                    self._arm(stored.deadline)
+        else:
+            session._needs_create = True
+
+    def touched(self, session: Session) -> None:
+        memory = self._memory
+        if memory is not None:
+            deadline = memory.touch_now(session.uid, session.sessionTimeout)
+            if deadline is not None and deadline < self._alarm_when:
+                self._arm(deadline)
+        elif not session._needs_create:
+            self.spawn(self.call(self.store.load(session.uid)))
+
+    def expired_by_hand(self, session: Session) -> None:
+        memory = self._memory
+        if memory is not None:
+            if memory.expire_now(session.uid):
+                self.drain()
+        else:
+            self.spawn(self.persist([session]))
+
+    # -- loading and saving around a request ---------------------------------
+
+    def load_now(self, uid: str) -> Session | None:
+        """Local mode: touch and return the live session ``uid``."""
+        memory = self._memory
+        assert memory is not None
+        stored = memory.load_now(uid)
+        session = self.owner.sessions.get(uid)
+        if stored is None:
+            if session is None or session._expired or memory.knows(uid):
+                return None
+            # Put in site.sessions by hand, never checked (Twisted allows it).
+            session.lastModified = self.owner.reactor.seconds()
+            return session
+        if session is None or session._expired:
+            session = self._adopt(stored)
+        session.lastModified = self.owner.reactor.seconds()
+        return session
+
+    async def load(self, uid: str) -> Session | None:
+        """Shared mode: touch ``uid`` in the store; this process's copy of it."""
+        stored: StoredSession | None = await self.call(self.store.load(uid))
+        if stored is None:
+            local = self.owner.sessions.get(uid)
+            if local is not None and not local._needs_create:
+                local._end()
+            return None
+        session = self._adopt(stored)
+        session.lastModified = self.owner.reactor.seconds()
+        return session
+
+    def _adopt(self, stored: StoredSession) -> Session:
+        sessions = self.owner.sessions
+        session = sessions.get(stored.uid)
+        if session is None or session._expired:
+            session = self.owner.sessionFactory(self.owner, stored.uid)
+            sessions[stored.uid] = session
+        if session.sessionTimeout != stored.timeout:
+            session.sessionTimeout = stored.timeout
+        session._data = SessionData(stored.data if self._memory else dict(stored.data))
+        return session
+
+    def persist_now(self, sessions: Iterable[Session]) -> None:
+        """Local mode: record what changed (the data is already in the store)."""
+        for session in sessions:
+            data = session._data
+            if data is not None and data.dirty:
+                changed, removed = data.take_changes()
+                if not session._expired:
+                    assert self._memory is not None
+                    self._memory.save_now(session.uid, changed, removed)
+
+    async def persist(self, sessions: Iterable[Session]) -> None:
+        """Shared mode: write new sessions, changed keys and logouts."""
+        store = self.store
+        for session in sessions:
+            uid = session.uid
+            if session._needs_create:
+                data = session.data
+                data.take_changes()
+                await self.call(store.create(uid, session.sessionTimeout, dict(data)))
+                session._needs_create = False
+            elif session._data is not None and session._data.dirty:
+                changed, removed = session._data.take_changes()
+                try:
+                    await self.call(store.save(uid, changed, removed))
+                except StoreUnavailable:
+                    for key in removed:
+                        session._data._removed.add(key)
+                    session._data._changed.update(changed)
+                    raise
+            if session._expired:
+                await self.call(store.expire(uid))
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run store work in the background; failures are logged, not raised."""
+
+        async def run() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await work
+
+        try:
+            task = asyncio.get_running_loop().create_task(run())
+        except RuntimeError:
+            if inspect.iscoroutine(work):
+                work.close()
+            log.warning("no running event loop: a session store write was skipped")
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- ending sessions ----------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        reactor = self.owner.reactor
+        delay = max(0.0, when - reactor.seconds())
+        alarm = self._alarm
+        if alarm is not None and alarm.active():
+            alarm.reset(delay)
+        else:
+            self._alarm = reactor.callLater(delay, self._ring)
+        self._alarm_when = when
+
+    def _ring(self) -> None:
+        self._alarm = None
+        self._alarm_when = math.inf
+        self.drain()
+
+    def drain(self) -> None:
+        """Local mode: end what is due now, then sleep until the next deadline."""
+        memory = self._memory
+        assert memory is not None
+        for expiry in memory.claim_now(self.node_id, self.lease, 1 << 30):
+            self._end_local(expiry.uid)
+            self._deliver_now(expiry)
+        upcoming = memory.next_deadline_now()
+        if upcoming is None:
+            if self._alarm is not None and self._alarm.active():
+                self._alarm.cancel()
+            self._alarm, self._alarm_when = None, math.inf
+        elif upcoming < self._alarm_when:
+            self._arm(upcoming)
+
+    def _end_local(self, uid: str) -> None:
+        session = self.owner.sessions.get(uid)
+        if session is not None:
+            session._end()
+
+    def _deliver_now(self, expiry: Expiry) -> None:
+        assert self._memory is not None
+        memory = self._memory
+        if self.on_expire is None:
+            memory.ack_now(expiry)
+            return
+        try:
+            result = self.on_expire(expiry)
+        except Exception:
+            self._hook_failed(expiry, lambda: memory.ack_now(expiry))
+            return
+        if inspect.isawaitable(result):
+
+            async def finish(pending: Awaitable[None] = result) -> None:
+                try:
+                    await pending
+                except Exception:
+                    self._hook_failed(expiry, lambda: memory.ack_now(expiry))
+                else:
+                    memory.ack_now(expiry)
+
+            self.spawn(finish())
+        else:
+            memory.ack_now(expiry)
+
+    def _hook_failed(self, expiry: Expiry, give_up: Callable[[], None]) -> None:
+        if expiry.attempt >= self.max_attempts:
+            log.exception(
+                "expiry hook failed for session %s on delivery %d; giving up",
+                short_uid(expiry.uid),
+                expiry.attempt,
+            )
+            give_up()
+        else:
+            log.exception(
+                "expiry hook failed for session %s (delivery %d); it will be retried",
+                short_uid(expiry.uid),
+                expiry.attempt,
+            )
+
+    async def _deliver(self, expiry: Expiry) -> None:
+        if self.on_expire is not None:
+            try:
+                result = self.on_expire(expiry)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                acked: list[bool] = []
+                self._hook_failed(expiry, lambda: acked.append(True))
+                if not acked:
+                    return
+        await self.call(self.store.ack(expiry))
+        self._end_local(expiry.uid)
+
+    # -- the shared-mode loop -----------------------------------------------
+
+    def start(self) -> None:
+        """Shared mode: start claiming and listening (needs a running loop)."""
+        if not self.shared or self._task is not None or self._closing:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        cursor: str | None = None
+        while not self._closing:
+            delay = self.poll_interval
+            try:
+                await self.call(self.store.open())
+                if cursor is None:
+                    _, cursor = await self.call(self.store.events(None))
+                while True:
+                    claimed = await self.call(self.store.claim(self.node_id, self.lease, 100))
+                    for expiry in claimed:
+                        await self._deliver(expiry)
+                    if len(claimed) < 100:
+                        break
+                ended, cursor = await self.call(self.store.events(cursor))
+                for uid in ended:
+                    self._end_local(uid)
+                upcoming = await self.call(self.store.next_deadline())
+                if upcoming is not None:
+                    now = await self.call(self.store.now())
+                    delay = min(max(upcoming - now, 0.0), self.poll_interval)
+            except StoreUnavailable:
+                delay = 1.0
+            except Exception:
+                log.exception("error in the session expiry loop")
+                delay = 1.0
+            await asyncio.sleep(delay)
+
+    async def aclose(self) -> None:
+        """Stop the loop, finish background writes, close the store."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.aclose()
+
+    def __repr__(self) -> str:
+        mode = "shared" if self.shared else "local"
+        return f"<SessionKeeper {mode} {self.store.url} {len(self.owner.sessions)} sessions>"

@@ -1,0 +1,143 @@
+"""The session store protocol: where sessions live, knowing nothing of HTTP.
+
+A store keeps, for each live session, its uid, its timeout (seconds of
+inactivity), its deadline (in the store's own time) and its data (a dict of
+JSON values). The site asks it to:
+
+- ``load(uid)``: load *and touch* a live session in one round trip (its
+  deadline becomes now + timeout); None for an unknown or ended session;
+- ``create(uid, timeout, data)``;
+- ``save(uid, changed, removed)``: write only the keys that changed;
+- ``exists(uid)``: whether a session is live, without touching it;
+- ``expire(uid)``: end a session now (a logout);
+- ``claim(owner, lease, limit)``: atomically take ended sessions (deadline
+  passed, or expired by hand) for the durable expiry hook. A claim is a
+  lease: until ``ack``, nobody else gets the session; if the lease runs out
+  (the owner died mid-hook), the next ``claim`` by anyone hands it out again,
+  with the same ``delivery_id`` and ``attempt`` + 1;
+- ``ack(expiry)``: the hook ran; forget the session and announce its end;
+- ``events(cursor)``: uids whose end was announced since ``cursor``, so that
+  every process can run its own ``notifyOnExpire`` callbacks;
+- ``next_deadline()``: a time before which nothing ends, to sleep until then.
+
+Time: every deadline and lease is in the store's clock. A store given
+``clock=`` (tests) uses that; otherwise its own source of truth (Redis: the
+server's ``TIME``; SQLite and memory: this machine's wall clock), so clock
+skew between nodes cannot end a live session early.
+
+Errors: every failure to reach or use a store is a :class:`StoreUnavailable`
+(raised ``from`` the driver's exception); a bad store URL is a
+:class:`StoreConfigError` at construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Clock",
+    "Expiry",
+    "SessionStore",
+    "StoreConfigError",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredSession",
+]
+
+Clock = Callable[[], float]
+"""A time source: seconds as a float."""
+
+
+class StoreError(Exception):
+    """The family of session store errors.
+
+    - :class:`StoreConfigError`: the store URL or options are wrong (a
+      start-up error, never raised by a request).
+    - :class:`StoreUnavailable`: the store cannot be reached or used now; the
+      site answers 503 and retries on the next request.
+    """
+
+
+class StoreConfigError(StoreError, ValueError):
+    """A store URL or option that cannot work."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or used right now."""
+
+
+@dataclass(slots=True)
+class StoredSession:
+    """A live session as a store holds it."""
+
+    uid: str
+    timeout: float
+    deadline: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class Expiry:
+    """An ended session, claimed for its durable expiry hook.
+
+    ``delivery_id`` is the same on every delivery of one expiry (a hook can
+    drop duplicates by it); ``attempt`` counts deliveries from 1; ``cause``
+    is ``"timeout"`` or ``"expired"`` (ended by ``expire()``).
+    """
+
+    uid: str
+    data: Mapping[str, Any]
+    delivery_id: str
+    attempt: int
+    cause: str
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """What the site needs of a session backend. All methods are async."""
+
+    url: str
+    shared: bool
+    """Whether other processes may use the same sessions (SQLite, Redis)."""
+
+    async def open(self) -> None:
+        """Connect and prepare (create tables, load scripts). Idempotent."""
+
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def now(self) -> float:
+        """The store's current time."""
+
+    async def load(self, uid: str) -> StoredSession | None:
+        """Touch and return the live session ``uid``, in one round trip."""
+
+    async def create(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
+        """Store a new live session; its deadline."""
+
+    async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
+        """Write the changed keys and delete the removed ones; False if the
+        session is no longer live (nothing is written then)."""
+
+    async def exists(self, uid: str) -> bool:
+        """Whether ``uid`` is live, without touching it."""
+
+    async def expire(self, uid: str) -> bool:
+        """End the live session ``uid`` now; False if it was not live."""
+
+    async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
+        """Take up to ``limit`` ended sessions for ``lease`` seconds."""
+
+    async def ack(self, expiry: Expiry) -> None:
+        """The hook for ``expiry`` ran: forget the session, announce its end."""
+
+    async def events(self, cursor: str | None) -> tuple[list[str], str]:
+        """Uids announced ended after ``cursor`` (None: from now on), and the
+        new cursor."""
+
+    async def next_deadline(self) -> float | None:
+        """When to look again: the earliest deadline or lease end in store
+        time, or an earlier time (nothing ends before it); None if nothing
+        is live or pending."""

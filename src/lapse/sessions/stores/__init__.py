@@ -1,0 +1,45 @@
+"""Session store backends, chosen by URL.
+
+- ``memory:``: this process's memory (the default; Twisted's semantics);
+- ``sqlite:///path/to/file.db``: one file, survives restarts, shared by the
+  processes of one machine;
+- ``redis://[:password@]host:port/db`` (or ``rediss://``): shared by
+  processes on many machines; needs ``pip install 'lapse[redis]'``.
+
+:func:`store_from_url` parses a URL at once, so a bad one is an error at
+start-up, never at the first request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lapse.sessions.store import SessionStore, StoreConfigError
+
+__all__ = ["DEFAULT_STORE_URL", "store_from_url"]
+
+DEFAULT_STORE_URL = "memory:"
+
+
+def store_from_url(url: str, clock: Callable[[], float] | None = None) -> SessionStore:
+    """The store a URL names; :class:`StoreConfigError` if it names none."""
+    if not isinstance(url, str) or not url.strip():
+        raise StoreConfigError(f"a session store URL is a non-empty string, not {url!r}")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "memory":
+        if url.rstrip("/") != "memory:":
+            raise StoreConfigError(f"the memory store takes no options: {url!r}")
+        from lapse.sessions.stores.memory import MemoryStore
+
+        return MemoryStore(clock)
+    if scheme == "sqlite":
+        from lapse.sessions.stores.sqlite import SQLiteStore
+
+        return SQLiteStore.from_url(url, clock)
+    if scheme in ("redis", "rediss"):
+        from lapse.sessions.stores.redis import RedisStore
+
+        return RedisStore.from_url(url, clock)
+    raise StoreConfigError(
+        f"unknown session store URL {url!r}: use memory:, sqlite:///path.db or redis://host:port/db"
+    )

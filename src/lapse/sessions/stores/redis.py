@@ -1,0 +1,611 @@
+"""The Redis store: sessions shared by processes on many machines.
+
+URL: ``redis://[[user]:password@]host[:port][/db][?prefix=name]``, or
+``rediss://`` for TLS. The port defaults to 6379, the db to 0 and the key
+prefix to ``lapse``. Needs the ``redis`` package: ``pip install 'lapse[redis]'``.
+
+Guarantees:
+
+- **One round trip per operation.** Every operation is one Lua script
+  (``EVALSHA``; the script is reloaded once if the server lost it) or one
+  plain command, so each runs atomically on the server: ``load`` touches and
+  reads in one step, and ``claim`` never hands one session to two claimers
+  while its lease holds, however many processes claim at once.
+- **Server time.** Every deadline and lease is computed inside the scripts
+  from the Redis server's ``TIME`` (microseconds), so clock skew between
+  application nodes cannot end a live session early. A store given
+  ``clock=`` (tests) passes ``clock()`` to the scripts instead.
+- **Fails fast.** Connecting and every command time out after ``timeout``
+  seconds (1 by default); any failure is a :class:`StoreUnavailable` naming
+  ``host:port`` (never the password). The client reconnects on the next call
+  once the server is back.
+- **Per-key saves.** Each data key is its own hash field, so ``save`` writes
+  only the changed keys and two requests changing different keys of one
+  session both persist.
+
+Keys (``P`` is the prefix): ``P:s:<uid>`` hash (``_t``: timeout in µs,
+``d:<key>``: JSON value); ``P:deadlines`` sorted set (uid → deadline, µs);
+``P:ended`` sorted set (uid → when ``expire()`` ended it); ``P:leases``
+sorted set (uid → lease end) with ``P:c:<uid>`` hash (delivery id, attempt,
+cause, owner); ``P:seq`` delivery counter; ``P:events`` stream of ended
+uids (trimmed to about 100,000 entries: a process that falls further behind
+misses older announcements). Redis Cluster is not supported: the scripts
+touch keys of many uids.
+
+Persistence: a Redis that restarts without persistence comes back empty:
+every session is gone (its users are logged out), sessions that had ended
+but whose expiry hook had not run yet never get it, and the end
+announcements are lost. To keep them, run Redis with the append-only file
+(``appendonly yes`` with ``appendfsync everysec``: at most about a second of
+writes is lost in a crash) or at least RDB snapshots (``save 60 1000``: a
+crash loses the writes since the last snapshot). Sessions keep their
+deadlines across a restart, because deadlines are absolute server times.
+Keep ``maxmemory-policy noeviction`` (the default): an evicting policy drops
+sessions, or parts of them, without any expiry hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from lapse.sessions.store import (
+    Expiry,
+    StoreConfigError,
+    StoredSession,
+    StoreError,
+    StoreUnavailable,
+)
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.commands.core import AsyncScript
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    _IMPORT_ERROR = exc
+
+__all__ = ["RedisStore"]
+
+_US = 1_000_000
+"""Microseconds per second: times are stored as integer microseconds."""
+
+_EVENTS_MAXLEN = 100_000
+_EVENTS_BATCH = 1000
+_CURSOR = re.compile(r"\d+(-\d+)?")
+
+# Every script starts with this: the time (the clock argument, else the
+# server's TIME, in µs) and an exact integer-to-string conversion for scores.
+_PRELUDE = """
+local function now_us(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function n2s(n) return string.format('%.0f', n) end
+"""
+
+# KEYS: session hash, deadlines. ARGV: now, uid.
+# -> false, or {deadline, timeout, {field, value, ...}}
+_LOAD = (
+    _PRELUDE
+    + """
+local now = now_us(ARGV[1])
+local d = redis.call('ZSCORE', KEYS[2], ARGV[2])
+if not d or tonumber(d) <= now then return false end
+local t = redis.call('HGET', KEYS[1], '_t')
+if not t then return false end
+local deadline = n2s(now + tonumber(t))
+redis.call('ZADD', KEYS[2], deadline, ARGV[2])
+return {deadline, t, redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: session hash, deadlines, ended. ARGV: now, uid, timeout, field, value, ...
+# -> deadline
+_CREATE = (
+    _PRELUDE
+    + """
+local now = now_us(ARGV[1])
+local deadline = n2s(now + tonumber(ARGV[3]))
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '_t', ARGV[3])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], deadline, ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return deadline
+"""
+)
+
+# KEYS: session hash, deadlines. ARGV: now, uid, n, n x (field, value), removed fields...
+# -> 1 if live (and written), else 0
+_SAVE = (
+    _PRELUDE
+    + """
+local now = now_us(ARGV[1])
+local d = redis.call('ZSCORE', KEYS[2], ARGV[2])
+if not d or tonumber(d) <= now then return 0 end
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for j = i, #ARGV do redis.call('HDEL', KEYS[1], ARGV[j]) end
+return 1
+"""
+)
+
+# KEYS: deadlines. ARGV: now, uid. -> 1 if live, else 0
+_EXISTS = (
+    _PRELUDE
+    + """
+local d = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if d and tonumber(d) > now_us(ARGV[1]) then return 1 end
+return 0
+"""
+)
+
+# KEYS: deadlines, ended. ARGV: now, uid. -> 1 if it was live (and is ended now)
+_EXPIRE = (
+    _PRELUDE
+    + """
+local now = now_us(ARGV[1])
+local d = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not d or tonumber(d) <= now then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], n2s(now), ARGV[2])
+return 1
+"""
+)
+
+# KEYS: deadlines, ended, leases, seq. ARGV: now, prefix, owner, lease, limit.
+# Candidates are the due entries of the three sets, oldest (smallest score:
+# when each became claimable) first.
+# -> {{uid, delivery_id, attempt, cause, {field, value, ...}}, ...}
+_CLAIM = (
+    _PRELUDE
+    + """
+local now = now_us(ARGV[1])
+local prefix = ARGV[2]
+local limit = tonumber(ARGV[5])
+local lease_until = n2s(now + tonumber(ARGV[4]))
+local candidates = {}
+local sources = {{KEYS[1], 'timeout'}, {KEYS[2], 'expired'}, {KEYS[3], false}}
+for _, source in ipairs(sources) do
+  local due = redis.call('ZRANGEBYSCORE', source[1], '-inf', n2s(now),
+                         'WITHSCORES', 'LIMIT', 0, limit)
+  for i = 1, #due, 2 do
+    table.insert(candidates, {due[i], tonumber(due[i + 1]), source[1], source[2]})
+  end
+end
+table.sort(candidates, function(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  return a[1] < b[1]
+end)
+local out, seen = {}, {}
+for _, c in ipairs(candidates) do
+  if #out >= limit then break end
+  local uid = c[1]
+  if not seen[uid] then
+    seen[uid] = true
+    local ckey = prefix .. ':c:' .. uid
+    local id, attempt, cause = false, 1, c[4]
+    if not cause then
+      local h = redis.call('HMGET', ckey, 'id', 'attempt', 'cause')
+      if h[1] then
+        id, attempt, cause = h[1], tonumber(h[2]) + 1, h[3]
+      else
+        cause = 'timeout'
+      end
+    else
+      redis.call('ZREM', c[3], uid)
+    end
+    if not id then id = uid .. ':' .. redis.call('INCR', KEYS[4]) end
+    redis.call('ZADD', KEYS[3], lease_until, uid)
+    redis.call('HSET', ckey, 'id', id, 'attempt', attempt, 'cause', cause, 'owner', ARGV[3])
+    table.insert(out, {uid, id, tostring(attempt), cause,
+                       redis.call('HGETALL', prefix .. ':s:' .. uid)})
+  end
+end
+return out
+"""
+)
+
+# KEYS: session hash, claim hash, leases, deadlines, events. ARGV: uid, delivery_id.
+# -> 1 if acknowledged, 0 if the delivery id did not match
+_ACK = """
+if redis.call('HGET', KEYS[2], 'id') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then redis.call('DEL', KEYS[1]) end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[3], '*', 'uid', ARGV[1])
+return 1
+"""
+
+# KEYS: deadlines, leases, ended. ARGV: now. -> false or the earliest time
+_NEXT_DEADLINE = (
+    _PRELUDE
+    + """
+local best = false
+for _, key in ipairs({KEYS[1], KEYS[2]}) do
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local score = tonumber(first[2])
+    if not best or score < best then best = score end
+  end
+end
+if redis.call('ZCARD', KEYS[3]) > 0 then
+  local now = now_us(ARGV[1])
+  if not best or now < best then best = now end
+end
+if not best then return false end
+return n2s(best)
+"""
+)
+
+_SCRIPTS = {
+    "load": _LOAD,
+    "create": _CREATE,
+    "save": _SAVE,
+    "exists": _EXISTS,
+    "expire": _EXPIRE,
+    "claim": _CLAIM,
+    "ack": _ACK,
+    "next_deadline": _NEXT_DEADLINE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A parsed store URL."""
+
+    tls: bool
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+    prefix: str | None
+    redacted: str
+
+
+def _redact(url: str) -> str:
+    """``url`` with the password (if any) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = len(rest)
+    for stop in "/?#":
+        pos = rest.find(stop)
+        if pos != -1:
+            end = min(end, pos)
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostport}{tail}"
+
+
+def _parse_url(url: str) -> _Target:
+    """Check a store URL; :class:`StoreConfigError` naming what is wrong."""
+    if not isinstance(url, str):
+        raise StoreConfigError(f"a Redis store URL is a string, not {type(url).__name__}")
+    redacted = _redact(url)
+
+    def bad(why: str) -> StoreConfigError:
+        return StoreConfigError(f"bad Redis store URL {redacted!r}: {why}")
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss"):
+        raise bad(f"the scheme must be redis:// or rediss://, not {parts.scheme + ':'!r}")
+    if parts.fragment:
+        raise bad("a fragment (#...) means nothing here")
+    host = parts.hostname
+    if not host:
+        raise bad("no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise bad("the port must be a number from 1 to 65535") from None
+    if port == 0:
+        raise bad("the port must be a number from 1 to 65535")
+    path = parts.path
+    if path in ("", "/"):
+        db = 0
+    elif re.fullmatch(r"/\d+", path):
+        db = int(path[1:])
+    else:
+        raise bad(f"the path must be /<db number>, not {path!r}")
+    prefix: str | None = None
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as exc:
+        raise bad(f"bad query: {exc}") from None
+    for name, values in query.items():
+        if name != "prefix":
+            raise bad(f"unknown option {name!r} (the only option is prefix)")
+        if len(values) != 1 or not values[0]:
+            raise bad("prefix must be given once, not empty")
+        prefix = values[0]
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return _Target(
+        tls=scheme == "rediss",
+        host=host,
+        port=port or 6379,
+        db=db,
+        username=username,
+        password=password or None,
+        prefix=prefix,
+        redacted=redacted,
+    )
+
+
+def _us(seconds: float, what: str) -> int:
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a finite number of seconds, not {seconds!r}")
+    return round(seconds * _US)
+
+
+def _data(flat: list[str]) -> dict[str, Any]:
+    """Session data from a flat HGETALL reply (``d:<key>`` fields only)."""
+    data: dict[str, Any] = {}
+    for i in range(0, len(flat) - 1, 2):
+        name = flat[i]
+        if name.startswith("d:"):
+            data[name[2:]] = json.loads(flat[i + 1])
+    return data
+
+
+def _encode(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class RedisStore:
+    """Sessions in Redis, shared by every process that uses the same URL.
+
+    Construction only checks the URL (no network): a malformed one is a
+    :class:`StoreConfigError`. The connection is made by :meth:`open` or the
+    first operation. ``url`` is the URL with its password replaced by ``***``,
+    safe to log.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], float] | None = None,
+        prefix: str = "lapse",
+        timeout: float = 1.0,
+    ) -> None:
+        target = _parse_url(url)
+        if _IMPORT_ERROR is not None:
+            raise StoreConfigError(
+                "the Redis session store needs the redis package: pip install 'lapse[redis]'"
+            ) from _IMPORT_ERROR
+        if not isinstance(timeout, int | float) or not (0 < timeout < math.inf):
+            raise StoreConfigError(f"the Redis timeout must be positive seconds, not {timeout!r}")
+        prefix = target.prefix or prefix
+        if not isinstance(prefix, str) or not prefix:
+            raise StoreConfigError(f"the Redis key prefix must be a non-empty string: {prefix!r}")
+        self.url = target.redacted
+        self.prefix = prefix
+        self.timeout = float(timeout)
+        self.clock = clock
+        self._target = target
+        self._where = f"{target.host}:{target.port}"
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._k_deadlines = f"{prefix}:deadlines"
+        self._k_ended = f"{prefix}:ended"
+        self._k_leases = f"{prefix}:leases"
+        self._k_seq = f"{prefix}:seq"
+        self._k_events = f"{prefix}:events"
+
+    @classmethod
+    def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> RedisStore:
+        """The store for ``url`` (``?prefix=`` sets the key prefix)."""
+        return cls(url, clock=clock)
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.url} prefix={self.prefix!r}>"
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            t = self._target
+            client = aioredis.Redis(
+                host=t.host,
+                port=t.port,
+                db=t.db,
+                username=t.username,
+                password=t.password,
+                ssl=t.tls,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                decode_responses=True,
+                # One immediate retry on a broken connection (a server that
+                # restarted since the last call), none on a timeout.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+            self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+            self._client = client
+        return self._client
+
+    def _scrub(self, text: str) -> str:
+        password = self._target.password
+        if password:
+            text = text.replace(password, "***")
+        return text
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, op: str) -> AsyncIterator[None]:
+        """Turn every driver failure into :class:`StoreUnavailable`, and give
+        up after ``timeout`` seconds whatever the driver does."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                yield
+        except StoreError:
+            raise
+        except (RedisError, OSError, TimeoutError) as exc:
+            detail = self._scrub(str(exc)) or "timed out"
+            raise StoreUnavailable(
+                f"Redis session store at {self._where} unavailable ({op}): "
+                f"{type(exc).__name__}: {detail}"
+            ) from exc
+
+    def _now_arg(self) -> str:
+        return "" if self.clock is None else str(_us(self.clock(), "clock()"))
+
+    def _key(self, uid: str) -> str:
+        return f"{self.prefix}:s:{uid}"
+
+    async def _call(self, op: str, keys: list[str], args: list[str | int]) -> Any:
+        self._redis()
+        script = self._scripts[op]
+        async with self._guard(op):
+            return await script(keys=keys, args=args)
+
+    # -- the protocol -------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and load the scripts (one pipelined round trip). Idempotent."""
+        client = self._redis()
+        async with self._guard("open"), client.pipeline(transaction=False) as pipe:
+            for src in _SCRIPTS.values():
+                pipe.script_load(src)
+            await pipe.execute()
+
+    async def aclose(self) -> None:
+        """Close the connections. Idempotent; never raises a driver error."""
+        client, self._client = self._client, None
+        self._scripts = {}
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+    async def now(self) -> float:
+        """The store's time: ``clock()`` if given, else the server's ``TIME``."""
+        if self.clock is not None:
+            return self.clock()
+        client = self._redis()
+        async with self._guard("now"):
+            seconds, micros = await client.time()
+        return seconds + micros / _US
+
+    async def load(self, uid: str) -> StoredSession | None:
+        """Touch (deadline = now + timeout) and read a live session in one
+        script; None if unknown or past its deadline (never revived)."""
+        reply = await self._call(
+            "load", [self._key(uid), self._k_deadlines], [self._now_arg(), uid]
+        )
+        if not reply:
+            return None
+        deadline, timeout, flat = reply
+        return StoredSession(uid, int(timeout) / _US, int(deadline) / _US, _data(flat))
+
+    async def create(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
+        """Store a new live session (replacing any live one of that uid);
+        its deadline, now + ``timeout``."""
+        args: list[str | int] = [self._now_arg(), uid, _us(timeout, "timeout")]
+        for key, value in data.items():
+            args += ["d:" + key, _encode(value)]
+        keys = [self._key(uid), self._k_deadlines, self._k_ended]
+        return int(await self._call("create", keys, args)) / _US
+
+    async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
+        """Write the changed keys, then delete the removed ones (a key in
+        both ends up deleted), only if the session is live; the deadline does
+        not move. False, with nothing written, if it is not live."""
+        args: list[str | int] = [self._now_arg(), uid, len(changed)]
+        for key, value in changed.items():
+            args += ["d:" + key, _encode(value)]
+        args += ["d:" + key for key in removed]
+        return bool(await self._call("save", [self._key(uid), self._k_deadlines], args))
+
+    async def exists(self, uid: str) -> bool:
+        """Whether ``uid`` is live (deadline in the future); no touch."""
+        return bool(await self._call("exists", [self._k_deadlines], [self._now_arg(), uid]))
+
+    async def expire(self, uid: str) -> bool:
+        """End a live session now, with cause ``"expired"``; claimable at once."""
+        keys = [self._k_deadlines, self._k_ended]
+        return bool(await self._call("expire", keys, [self._now_arg(), uid]))
+
+    async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
+        """Atomically lease up to ``limit`` ended sessions, oldest first (by
+        when each became claimable): live ones past their deadline (cause
+        ``"timeout"``), ones ended by :meth:`expire` (``"expired"``), and
+        leased ones whose lease ran out (same delivery id, attempt + 1).
+        Each comes with its final data."""
+        if limit <= 0:
+            return []
+        keys = [self._k_deadlines, self._k_ended, self._k_leases, self._k_seq]
+        args: list[str | int] = [
+            self._now_arg(),
+            self.prefix,
+            owner,
+            _us(lease, "lease"),
+            int(limit),
+        ]
+        reply = await self._call("claim", keys, args)
+        return [
+            Expiry(uid, _data(flat), delivery_id, int(attempt), cause)
+            for uid, delivery_id, attempt, cause, flat in reply
+        ]
+
+    async def ack(self, expiry: Expiry) -> None:
+        """Forget the session and append its uid to the events stream, if
+        ``expiry.delivery_id`` is still its delivery (else nothing)."""
+        uid = expiry.uid
+        keys = [
+            self._key(uid),
+            f"{self.prefix}:c:{uid}",
+            self._k_leases,
+            self._k_deadlines,
+            self._k_events,
+        ]
+        await self._call("ack", keys, [uid, expiry.delivery_id, _EVENTS_MAXLEN])
+
+    async def events(self, cursor: str | None) -> tuple[list[str], str]:
+        """Uids acked after ``cursor`` (a stream id; at most 1000 a call),
+        and the new cursor. ``None``: no uids, and the stream's last id (or
+        ``"0-0"``), to read from now on."""
+        if cursor is not None and not _CURSOR.fullmatch(cursor):
+            raise ValueError(f"not a Redis events cursor: {cursor!r}")
+        client = self._redis()
+        async with self._guard("events"):
+            if cursor is None:
+                last = await client.xrevrange(self._k_events, "+", "-", count=1)
+                return [], str(last[0][0]) if last else "0-0"
+            entries = await client.xrange(self._k_events, "(" + cursor, "+", count=_EVENTS_BATCH)
+        entries = entries or []
+        uids = [str(fields["uid"]) for _, fields in entries if fields]
+        return uids, str(entries[-1][0]) if entries else cursor
+
+    async def next_deadline(self) -> float | None:
+        """The earliest of: the live sessions' deadlines (possibly past, if
+        due but unclaimed), the leases' ends, and now if a session ended by
+        :meth:`expire` awaits a claim. None if there is nothing."""
+        keys = [self._k_deadlines, self._k_leases, self._k_ended]
+        reply = await self._call("next_deadline", keys, [self._now_arg()])
+        return None if reply is None else int(reply) / _US

@@ -1,0 +1,562 @@
+"""The SQLite store: sessions in one file, shared by the processes of one machine.
+
+Sessions survive a restart, and every process that opens the same file sees
+the same sessions, claims each ended session exactly once per lease, and
+reads the same end-of-session events.
+
+Guarantees:
+
+- **Atomic operations.** Each method is one SQLite transaction; every method
+  that writes starts it with ``BEGIN IMMEDIATE``, which takes the file's write
+  lock first, so a method is atomic across processes (two ``claim`` calls in
+  two processes never hand out the same session while its lease holds).
+- **The event loop never waits on SQLite.** All SQLite work runs in one
+  dedicated worker thread per store, which owns the store's only connection;
+  the async methods await it. Operations of one store run one at a time, in
+  the order they were called.
+- **Durability.** The file is in WAL mode with ``synchronous=NORMAL``: a write
+  that returned survives a crash of the process (or of every process), but a
+  power loss or OS crash can lose the last transactions before the WAL is
+  synced (the file itself stays consistent). Sessions are soft state, so
+  this trades the last second of touches for not syncing on every request.
+- **Contention.** A lock held by another process is waited for up to
+  ``busy_timeout`` seconds; past that, as on any other SQLite error (missing
+  directory, a file that is not a database, a full disk), the method raises
+  :class:`~lapse.sessions.store.StoreUnavailable` naming the file, raised
+  ``from`` the ``sqlite3`` error. A failed ``open`` is retried by the next
+  call.
+- **Time.** Deadlines and leases are in the store's clock: ``clock()`` if
+  given, else this machine's wall clock (``time.time``), which all processes
+  of one machine share.
+
+The file must be on a local file system (WAL needs shared memory between the
+processes; it does not work over NFS).
+
+Schema (``PRAGMA user_version = 1``):
+
+- ``sessions``: one row per session, live (``ended = 0``) or ended and
+  waiting for its expiry hook to be acknowledged (``ended = 1``). An ended
+  row's ``lease_until`` is when it may be claimed (again): the moment it
+  ended for one never claimed, the end of its lease for one claimed.
+- ``session_data``: one row per key (``value`` is JSON), so that ``save``
+  writes only the keys that changed and two requests changing different keys
+  of one session both persist.
+- ``events``: the uids whose end was acknowledged, with an increasing id
+  (the events cursor); rows older than ten minutes are pruned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lapse.sessions.store import (
+    Expiry,
+    StoreConfigError,
+    StoredSession,
+    StoreUnavailable,
+)
+
+if TYPE_CHECKING:
+    from lapse.sessions.store import SessionStore
+
+__all__ = ["SQLiteStore"]
+
+_T = TypeVar("_T")
+
+_SCHEMA_VERSION = 1
+
+# Slack when comparing a deadline with the clock (as the memory store does),
+# so that a timer firing at a deadline rounded down by one ulp finds it due.
+_EPSILON = 1e-6
+
+EVENTS_KEPT_FOR = 600.0
+"""Seconds an end-of-session event stays readable by ``events()``."""
+
+EVENTS_PER_CALL = 1000
+"""The most uids one ``events()`` call returns."""
+
+_URL_PREFIX = "sqlite:///"
+_URL_OPTIONS = ("busy_timeout",)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    uid TEXT PRIMARY KEY,
+    timeout REAL NOT NULL,
+    deadline REAL NOT NULL,
+    ended INTEGER NOT NULL DEFAULT 0,
+    cause TEXT,
+    delivery_id TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until REAL
+);
+CREATE INDEX IF NOT EXISTS sessions_live ON sessions (ended, deadline);
+CREATE INDEX IF NOT EXISTS sessions_lease ON sessions (ended, lease_until);
+CREATE TABLE IF NOT EXISTS session_data (
+    uid TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (uid, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+"""
+
+
+class SQLiteStore:
+    """Sessions in an SQLite file (see the module docstring for guarantees).
+
+    ``path`` is made absolute at construction (so a later ``chdir`` cannot
+    change the file); ``url`` is ``"sqlite:///" + path``. The file and its
+    tables are created by :meth:`open` (or by the first call, if ``open`` was
+    not awaited); the directory must exist.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Callable[[], float] | None = None,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(path, str) or not path:
+            raise StoreConfigError(f"the SQLite store needs a file path, not {path!r}")
+        if path == ":memory:" or path.startswith("file::memory:"):
+            raise StoreConfigError(
+                "the SQLite store needs a file: an in-memory database cannot be "
+                "shared by processes nor survive a restart (use memory: instead)"
+            )
+        if not busy_timeout >= 0:
+            raise StoreConfigError(f"busy_timeout is seconds >= 0, not {busy_timeout!r}")
+        self.path = os.path.abspath(path)
+        self.url = _URL_PREFIX + self.path
+        self.busy_timeout = float(busy_timeout)
+        self.clock: Callable[[], float] = clock or time.time
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lapse-sqlite")
+        self._conn: sqlite3.Connection | None = None  # touched only in the worker
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> SQLiteStore:
+        """The store a ``sqlite:///`` URL names.
+
+        ``sqlite:///sessions.db`` is relative to the current directory,
+        ``sqlite:////var/lib/app/sessions.db`` is absolute. The one option is
+        ``?busy_timeout=SECONDS`` (default 5). Anything else, an empty path or
+        ``:memory:`` is a :class:`StoreConfigError`.
+        """
+        if not isinstance(url, str):
+            raise StoreConfigError(f"a SQLite store URL is a string, not {url!r}")
+        if not url.lower().startswith("sqlite:"):
+            raise StoreConfigError(
+                f"not a SQLite store URL: {url!r} (use sqlite:///relative.db "
+                "or sqlite:////absolute/path.db)"
+            )
+        if not url.lower().startswith(_URL_PREFIX):
+            raise StoreConfigError(
+                f"bad SQLite store URL {url!r}: it is sqlite:/// (three slashes, no host) "
+                "then the file path, e.g. sqlite:///sessions.db or sqlite:////abs/sessions.db"
+            )
+        rest = url[len(_URL_PREFIX) :]
+        if "#" in rest:
+            raise StoreConfigError(f"bad SQLite store URL {url!r}: a fragment (#) means nothing")
+        path, _, query = rest.partition("?")
+        if not path:
+            raise StoreConfigError(
+                f"bad SQLite store URL {url!r}: no file path after sqlite:/// "
+                "(e.g. sqlite:///sessions.db)"
+            )
+        if path == ":memory:":
+            raise StoreConfigError(
+                f"bad SQLite store URL {url!r}: an in-memory database cannot be shared "
+                "by processes nor survive a restart (use memory: instead)"
+            )
+        options: dict[str, str] = {}
+        for item in query.split("&") if query else []:
+            name, eq, value = item.partition("=")
+            if name not in _URL_OPTIONS:
+                raise StoreConfigError(
+                    f"bad SQLite store URL {url!r}: unknown option {name!r} "
+                    f"(the options are: {', '.join(_URL_OPTIONS)})"
+                )
+            if not eq or name in options:
+                raise StoreConfigError(
+                    f"bad SQLite store URL {url!r}: option {name!r} needs one value"
+                )
+            options[name] = value
+        busy_timeout = 5.0
+        if "busy_timeout" in options:
+            try:
+                busy_timeout = float(options["busy_timeout"])
+            except ValueError:
+                busy_timeout = -1.0
+            if not 0 <= busy_timeout < float("inf"):
+                raise StoreConfigError(
+                    f"bad SQLite store URL {url!r}: busy_timeout is seconds >= 0, "
+                    f"not {options['busy_timeout']!r}"
+                )
+        return cls(path, clock=clock, busy_timeout=busy_timeout)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._conn is not None else "new"
+        return f"<SQLiteStore {self.path!r} {state}>"
+
+    # -- the worker thread ----------------------------------------------------
+
+    def _unavailable(self, what: str) -> StoreUnavailable:
+        return StoreUnavailable(f"SQLite session store {self.path}: {what}")
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open the file and make the schema (worker thread)."""
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,  # we BEGIN and COMMIT ourselves
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            self._use_wal(conn)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                if version > _SCHEMA_VERSION:
+                    raise self._unavailable(
+                        f"schema version {version} is newer than this lapse knows "
+                        f"({_SCHEMA_VERSION})"
+                    )
+                if version < _SCHEMA_VERSION:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the file in WAL mode (worker thread).
+
+        Switching a new file to WAL does not wait on the busy handler: when
+        several processes open a new file at once, all but one get "database
+        is locked" at once. So retry, for up to ``busy_timeout``.
+        """
+        give_up = time.monotonic() + self.busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                return
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction or not _is_busy(exc) or time.monotonic() >= give_up:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _run(self, fn: Callable[[sqlite3.Connection, float], _T], write: bool) -> _T:
+        """Run ``fn(conn, now)`` as one transaction (worker thread).
+
+        ``now`` is read once the transaction holds its lock, so that it is
+        never earlier than the time of a transaction committed before it.
+        """
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                result = fn(conn, self.clock())
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+            return result
+        except sqlite3.Error as exc:
+            raise self._unavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    async def _call(self, fn: Callable[[sqlite3.Connection, float], _T], write: bool) -> _T:
+        if self._closed:
+            raise self._unavailable("the store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._executor, self._run, fn, write)
+        except RuntimeError as exc:  # the executor was shut down meanwhile
+            raise self._unavailable("the store is closed") from exc
+        return await future
+
+    # -- the protocol -----------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the file and its tables if need be. Idempotent; safe when
+        several processes open the same new file at once."""
+        await self._call(lambda conn, now: None, write=False)
+
+    async def aclose(self) -> None:
+        """Let the calls already made finish, close the connection, stop the
+        worker thread. Idempotent; any later call raises StoreUnavailable."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def now(self) -> float:
+        """The store's clock."""
+        if self._closed:
+            raise self._unavailable("the store is closed")
+        return self.clock()
+
+    async def load(self, uid: str) -> StoredSession | None:
+        """The live session ``uid``, its deadline moved to now + timeout.
+
+        None for an unknown session, an ended one, or one whose deadline has
+        passed (even if no one has claimed it yet: a load does not revive it).
+        """
+
+        def load(conn: sqlite3.Connection, now: float) -> StoredSession | None:
+            row = conn.execute(
+                "SELECT timeout FROM sessions WHERE uid = ? AND ended = 0 AND deadline > ?",
+                (uid, now + _EPSILON),
+            ).fetchone()
+            if row is None:
+                return None
+            timeout = row[0]
+            deadline = now + timeout
+            conn.execute("UPDATE sessions SET deadline = ? WHERE uid = ?", (deadline, uid))
+            return StoredSession(uid, timeout, deadline, _read_data(conn, uid))
+
+        return await self._call(load, write=True)
+
+    async def create(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
+        """Store the live session ``uid``; its deadline, now + ``timeout``.
+
+        A row already under ``uid`` (live or ended) is replaced, data and all.
+        """
+        items = [(uid, key, _dumps(value)) for key, value in data.items()]
+
+        def create(conn: sqlite3.Connection, now: float) -> float:
+            deadline = now + timeout
+            conn.execute("DELETE FROM session_data WHERE uid = ?", (uid,))
+            conn.execute(
+                "INSERT OR REPLACE INTO sessions (uid, timeout, deadline, ended, attempt)"
+                " VALUES (?, ?, ?, 0, 0)",
+                (uid, timeout, deadline),
+            )
+            conn.executemany("INSERT INTO session_data (uid, key, value) VALUES (?, ?, ?)", items)
+            return deadline
+
+        return await self._call(create, write=True)
+
+    async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
+        """Write the ``changed`` keys, then delete the ``removed`` ones (a key
+        in both ends up deleted), if ``uid`` is live; False, writing nothing,
+        if it is not. Keys not named are left as they are in the file; the
+        deadline does not move."""
+        items = [(uid, key, _dumps(value)) for key, value in changed.items()]
+        gone = [(uid, key) for key in removed]
+
+        def save(conn: sqlite3.Connection, now: float) -> bool:
+            if not _is_live(conn, uid, now):
+                return False
+            conn.executemany(
+                "INSERT OR REPLACE INTO session_data (uid, key, value) VALUES (?, ?, ?)", items
+            )
+            conn.executemany("DELETE FROM session_data WHERE uid = ? AND key = ?", gone)
+            return True
+
+        return await self._call(save, write=True)
+
+    async def exists(self, uid: str) -> bool:
+        """Whether ``uid`` is live (deadline still ahead), without touching it."""
+        return await self._call(lambda conn, now: _is_live(conn, uid, now), write=False)
+
+    async def expire(self, uid: str) -> bool:
+        """End the live session ``uid`` now, with cause ``"expired"``; it can
+        be claimed at once. False if it was not live (unknown, ended, or past
+        its deadline, in which case it ends with cause ``"timeout"``)."""
+
+        def expire(conn: sqlite3.Connection, now: float) -> bool:
+            if not _is_live(conn, uid, now):
+                return False
+            conn.execute(
+                "UPDATE sessions SET ended = 1, cause = 'expired', deadline = ?,"
+                " delivery_id = NULL, attempt = 0, lease_owner = NULL, lease_until = ?"
+                " WHERE uid = ?",
+                (now, now, uid),
+            )
+            return True
+
+        return await self._call(expire, write=True)
+
+    async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
+        """Take up to ``limit`` ended sessions for ``lease`` seconds.
+
+        Claimable: a live session whose deadline has passed (it ends now, with
+        cause ``"timeout"``), a session ended by ``expire()`` and not claimed
+        yet, and a claimed one whose lease has run out (redelivered with the
+        same ``delivery_id`` and ``attempt`` + 1). Earliest deadlines first.
+        One ``BEGIN IMMEDIATE`` transaction, so concurrent claims in any
+        processes never take the same session while its lease holds.
+        """
+        if limit <= 0:
+            return []
+
+        def claim(conn: sqlite3.Connection, now: float) -> list[Expiry]:
+            due = now + _EPSILON
+            rows = conn.execute(
+                "SELECT uid, deadline, ended, cause, delivery_id, attempt FROM sessions"
+                " WHERE ended = 0 AND deadline <= ? ORDER BY deadline LIMIT ?",
+                (due, limit),
+            ).fetchall()
+            rows += conn.execute(
+                "SELECT uid, deadline, ended, cause, delivery_id, attempt FROM sessions"
+                " WHERE ended = 1 AND lease_until <= ? ORDER BY deadline LIMIT ?",
+                (due, limit),
+            ).fetchall()
+            rows.sort(key=lambda row: (row[1], row[0]))
+            claims: list[Expiry] = []
+            for uid, _deadline, ended, cause, delivery_id, attempt in rows[:limit]:
+                if not ended:
+                    cause = "timeout"
+                if delivery_id is None:
+                    delivery_id = f"{uid}:{secrets.token_hex(8)}"
+                attempt += 1
+                conn.execute(
+                    "UPDATE sessions SET ended = 1, cause = ?, delivery_id = ?, attempt = ?,"
+                    " lease_owner = ?, lease_until = ? WHERE uid = ?",
+                    (cause, delivery_id, attempt, owner, now + lease, uid),
+                )
+                claims.append(Expiry(uid, _read_data(conn, uid), delivery_id, attempt, cause))
+            return claims
+
+        return await self._call(claim, write=True)
+
+    async def ack(self, expiry: Expiry) -> None:
+        """Forget the claimed session and announce its end (one event), if it
+        is still there under ``expiry.delivery_id``; else nothing (it was
+        acknowledged already, e.g. after a redelivery). Prunes events older
+        than ``EVENTS_KEPT_FOR``."""
+
+        def ack(conn: sqlite3.Connection, now: float) -> None:
+            deleted = conn.execute(
+                "DELETE FROM sessions WHERE uid = ? AND ended = 1 AND delivery_id = ?",
+                (expiry.uid, expiry.delivery_id),
+            ).rowcount
+            if deleted:
+                conn.execute("DELETE FROM session_data WHERE uid = ?", (expiry.uid,))
+                conn.execute("INSERT INTO events (uid, at) VALUES (?, ?)", (expiry.uid, now))
+            conn.execute("DELETE FROM events WHERE at < ?", (now - EVENTS_KEPT_FOR,))
+
+        await self._call(ack, write=True)
+
+    async def events(self, cursor: str | None) -> tuple[list[str], str]:
+        """Uids whose end was announced after ``cursor``, oldest first, at most
+        ``EVENTS_PER_CALL`` of them, and the cursor to pass next.
+
+        ``None`` starts from now: no uids, and the current cursor. A cursor
+        ahead of the file (the file was replaced) restarts from now. Events
+        pruned before they were read are lost to that reader.
+        """
+        after = -1
+        if cursor is not None:
+            try:
+                after = int(cursor)
+            except ValueError:
+                raise ValueError(f"not an events cursor of this store: {cursor!r}") from None
+
+        def events(conn: sqlite3.Connection, now: float) -> tuple[list[str], str]:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            last = row[0] if row is not None else 0
+            if cursor is None or after > last:
+                return [], str(last)
+            rows = conn.execute(
+                "SELECT id, uid FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                (after, EVENTS_PER_CALL),
+            ).fetchall()
+            if not rows:
+                return [], str(after)
+            return [uid for _, uid in rows], str(rows[-1][0])
+
+        return await self._call(events, write=False)
+
+    async def next_deadline(self) -> float | None:
+        """The earliest of: live sessions' deadlines (past ones included: they
+        are due), claimed sessions' lease ends, and now if a session ended by
+        ``expire()`` waits to be claimed. None if there is no session."""
+
+        def next_deadline(conn: sqlite3.Connection, now: float) -> float | None:
+            (live,) = conn.execute("SELECT MIN(deadline) FROM sessions WHERE ended = 0").fetchone()
+            (leased,) = conn.execute(
+                "SELECT MIN(lease_until) FROM sessions WHERE ended = 1 AND delivery_id IS NOT NULL"
+            ).fetchone()
+            unclaimed = conn.execute(
+                "SELECT 1 FROM sessions WHERE ended = 1 AND delivery_id IS NULL LIMIT 1"
+            ).fetchone()
+            times = [t for t in (live, leased) if t is not None]
+            if unclaimed is not None:
+                times.append(now)
+            return min(times) if times else None
+
+        return await self._call(next_deadline, write=False)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _is_live(conn: sqlite3.Connection, uid: str, now: float) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sessions WHERE uid = ? AND ended = 0 AND deadline > ?",
+        (uid, now + _EPSILON),
+    ).fetchone()
+    return row is not None
+
+
+def _read_data(conn: sqlite3.Connection, uid: str) -> dict[str, Any]:
+    rows = conn.execute("SELECT key, value FROM session_data WHERE uid = ?", (uid,))
+    return {key: json.loads(value) for key, value in rows}
+
+
+if TYPE_CHECKING:
+
+    def _is_a_session_store(store: SQLiteStore) -> SessionStore:
+        return store

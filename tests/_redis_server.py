@@ -1,0 +1,158 @@
+"""A real redis-server for tests, on a free loopback port of its own.
+
+:class:`RedisServer` starts ``redis-server`` (no persistence, its own temp
+dir), waits until it answers PING and stops it by its PID (SIGTERM, then
+SIGKILL). ``stop()`` and ``start()`` again reuse the same port, for tests of
+a Redis that goes away and comes back. It never uses a system Redis: if
+``redis-server`` is missing it installs the Debian package with services
+kept from starting, and always runs its own process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["RedisServer", "redis_server_binary"]
+
+_POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+
+def redis_server_binary() -> str:
+    """The path of ``redis-server``, installing the Debian package if needed."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise RuntimeError(
+            "redis-server is not installed and we are not root to install it: "
+            "run `apt-get install -y redis-server` (the tests start their own server)"
+        )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # Keep the package's service from starting (policy-rc.d exit 101 = "not
+    # allowed"): the tests use their own process, never one on 6379.
+    made_policy = False
+    if not _POLICY_RC_D.exists():
+        _POLICY_RC_D.write_text("#!/bin/sh\nexit 101\n")
+        _POLICY_RC_D.chmod(0o755)
+        made_policy = True
+    try:
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]
+        done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
+            done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    finally:
+        if made_policy:
+            _POLICY_RC_D.unlink(missing_ok=True)
+    found = shutil.which("redis-server")
+    if done.returncode != 0 or not found:
+        raise RuntimeError(
+            "could not install redis-server with apt-get "
+            f"(exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        )
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            # -NOAUTH: up, with a password (--requirepass).
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One ``redis-server`` process on 127.0.0.1, db 0, no persistence."""
+
+    def __init__(self, port: int | None = None, args: Sequence[str] = ()) -> None:
+        self.extra_args = list(args)
+        self.binary = redis_server_binary()
+        self.port = port or _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = tempfile.mkdtemp(prefix="lapse-redis-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def log(self) -> str:
+        path = Path(self._dir, "redis.log")
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server (again, on the same port) and wait for PING."""
+        if self._proc is not None:
+            raise RuntimeError(f"redis-server already running, pid {self._proc.pid}")
+        args = [
+            self.binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir,
+            "--daemonize", "no",
+            "--logfile", "redis.log",
+            *self.extra_args,
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(args, cwd=self._dir, stdin=subprocess.DEVNULL)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._proc.poll() is not None:
+                self._proc = None
+                raise RuntimeError(f"redis-server on port {self.port} exited:\n{self.log}")
+            if _pings(self.port):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING:\n{self.log}")
+
+    def stop(self) -> None:
+        """Stop our process by its PID: SIGTERM, then SIGKILL after 5 s."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,69 @@
+"""Helpers for the SQLite store tests: a fake clock, and process bodies that a
+``multiprocessing`` spawn context can import (so they live in a module)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from lapse.sessions.stores.sqlite import SQLiteStore
+
+
+class FakeClock:
+    """A clock that only moves by assignment to ``now``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+FAR_FUTURE = 10_000_000_000.0
+
+
+def far_future() -> float:
+    """A fixed clock, late enough that every session made at 1000 is due."""
+    return FAR_FUTURE
+
+
+def claim_all(path: str, owner: str, barrier: Any, results: Any) -> None:
+    """A process that claims until nothing is left; puts (owner, uids)."""
+
+    async def main() -> list[str]:
+        store = SQLiteStore(path, clock=far_future, busy_timeout=30.0)
+        await store.open()
+        barrier.wait()
+        uids: list[str] = []
+        try:
+            while True:
+                claims = await store.claim(owner, lease=3600.0, limit=3)
+                if not claims:
+                    return uids
+                uids.extend(claim.uid for claim in claims)
+        finally:
+            await store.aclose()
+
+    results.put((owner, asyncio.run(main())))
+
+
+def open_and_create(path: str, name: str, count: int, barrier: Any, results: Any) -> None:
+    """A process that opens a (new) file at the same moment as others, then
+    creates ``count`` sessions; puts (name, error or None)."""
+
+    async def main() -> None:
+        store = SQLiteStore(path, clock=lambda: 1000.0, busy_timeout=30.0)
+        barrier.wait()
+        try:
+            await store.open()
+            for i in range(count):
+                await store.create(f"{name}-{i}", 60.0, {"by": name})
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(main())
+    except Exception as exc:
+        results.put((name, repr(exc)))
+    else:
+        results.put((name, None))

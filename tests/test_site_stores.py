@@ -1,0 +1,348 @@
+"""The Site on each store: session data, the durable expiry hook, store URLs,
+round trips, and what a request gets when the store is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import call, call_async
+
+from lapse.internet.task import Clock
+from lapse.sessions import Expiry, StoreConfigError
+from lapse.sessions.stores.memory import MemoryStore
+from lapse.web.resource import Resource
+from lapse.web.server import Session, Site
+
+
+class ShortSession(Session):
+    sessionTimeout = 5
+
+
+class DataPage(Resource):
+    """GET /data?set=k&v=json sets a key; every GET returns the data as JSON."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        session = request.getSession()
+        key = request.args.get(b"set")
+        if key:
+            session.data[key[0].decode()] = json.loads(request.args[b"v"][0])
+        drop = request.args.get(b"drop")
+        if drop:
+            del session.data[drop[0].decode()]
+        if request.args.get(b"logout"):
+            session.expire()
+        return json.dumps({"uid": session.uid, "data": dict(session.data)}).encode()
+
+
+def memory_site(clock: Clock, hook: Callable[[Expiry], Any] | None = None) -> Site:
+    site = Site(DataPage(), reactor=clock, on_expire=hook)
+    site.sessionFactory = ShortSession
+    return site
+
+
+def body(response: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(response.body)
+    return result
+
+
+# -- session data ---------------------------------------------------------------
+
+
+def test_data_rejects_values_that_are_not_json(clock: Clock) -> None:
+    """Assigning a value that JSON cannot hold is a TypeError naming the key."""
+    session = memory_site(clock).makeSession()
+    session.data["fine"] = {"list": [1, 2.5, None, "x"]}
+    with pytest.raises(TypeError, match="'when'"):
+        session.data["when"] = object()
+    with pytest.raises(TypeError, match="'bad'"):
+        session.data["bad"] = {1, 2}
+    assert "when" not in session.data
+
+
+def test_data_persists_between_requests(clock: Clock) -> None:
+    """Data set in one request is there in the next, and removed keys are gone."""
+    site = memory_site(clock)
+    first = body(call(site, "GET", "/?set=n&v=1"))
+    cookie = {b"lapse_session": first["uid"].encode()}
+    call(site, "GET", "/?set=who&v=%22ann%22", cookies=cookie)
+    call(site, "GET", "/?drop=n", cookies=cookie)
+    assert body(call(site, "GET", "/", cookies=cookie))["data"] == {"who": "ann"}
+
+
+# -- the durable hook, memory store ------------------------------------------------
+
+
+def test_hook_runs_once_with_final_data_on_timeout(clock: Clock) -> None:
+    """When a session times out, on_expire gets its uid, final data, cause
+    "timeout" and a delivery id, exactly once, after the notifyOnExpire callbacks."""
+    events: list[Any] = []
+    site = memory_site(clock, events.append)
+    uid = body(call(site, "GET", "/?set=cart&v=[1,2]"))["uid"]
+    site.sessions[uid].notifyOnExpire(lambda: events.append("callback"))
+    clock.advance(5)
+    clock.advance(60)
+    callback, expiry = events
+    assert callback == "callback"
+    assert (expiry.uid, dict(expiry.data), expiry.cause, expiry.attempt) == (
+        uid,
+        {"cart": [1, 2]},
+        "timeout",
+        1,
+    )
+    assert expiry.delivery_id
+    assert not clock.calls
+
+
+def test_hook_runs_on_logout_with_cause_expired(clock: Clock) -> None:
+    """A session expired by a request gets the hook at once with cause "expired"."""
+    hooked: list[Expiry] = []
+    site = memory_site(clock, hooked.append)
+    uid = body(call(site, "GET", "/?set=a&v=1"))["uid"]
+    call(site, "GET", "/?logout=1", cookies={b"lapse_session": uid.encode()})
+    assert [(e.uid, e.cause, dict(e.data)) for e in hooked] == [(uid, "expired", {"a": 1})]
+    assert not clock.calls
+
+
+def test_failing_hook_is_retried_then_given_up(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook that raises is delivered again after the lease, with the same
+    delivery id, up to max_attempts; then it is logged and dropped."""
+    attempts: list[Expiry] = []
+
+    def hook(expiry: Expiry) -> None:
+        attempts.append(expiry)
+        raise RuntimeError("downstream is down")
+
+    site = memory_site(clock, hook)
+    site._keeper.lease = 10
+    site.makeSession()
+    with caplog.at_level(logging.ERROR, logger="lapse.sessions"):
+        clock.advance(5)
+        for _ in range(10):
+            clock.advance(10)
+    assert [e.attempt for e in attempts] == [1, 2, 3, 4, 5]
+    assert len({e.delivery_id for e in attempts}) == 1
+    assert "giving up" in caplog.records[-1].getMessage()
+    assert not clock.calls
+
+
+def test_hook_can_be_set_after_construction(clock: Clock) -> None:
+    """site.on_expire may be assigned later, as sessionFactory is."""
+    site = memory_site(clock)
+    hooked: list[str] = []
+    site.on_expire = lambda expiry: hooked.append(expiry.uid)
+    session = site.makeSession()
+    clock.advance(5)
+    assert hooked == [session.uid]
+
+
+# -- choosing a store -----------------------------------------------------------------
+
+
+def test_default_store_is_memory(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without store= or LAPSE_SESSION_STORE, sessions live in memory."""
+    monkeypatch.delenv("LAPSE_SESSION_STORE", raising=False)
+    site = Site(Resource(), reactor=clock)
+    assert isinstance(site.store, MemoryStore)
+    assert site.store.url == "memory:"
+
+
+def test_environment_chooses_the_store(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """LAPSE_SESSION_STORE picks the store without changing code."""
+    monkeypatch.setenv("LAPSE_SESSION_STORE", f"sqlite:///{tmp_path}/s.db")
+    site = Site(Resource(), reactor=clock)
+    assert site.store.shared
+    assert site.store.url.endswith("/s.db")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "mem:",
+        "memory:x",
+        "postgres://db/1",
+        "sqlite://",
+        "sqlite:///",
+        "redis://host:port/0",
+        "redis://host:6379/zero",
+        "redis://host:6379/0?colour=blue",
+    ],
+)
+def test_bad_store_url_is_an_error_at_construction(clock: Clock, url: str) -> None:
+    """A store URL that cannot work is a StoreConfigError when the Site is made,
+    not at the first request."""
+    with pytest.raises(StoreConfigError):
+        Site(Resource(), reactor=clock, store=url)
+
+
+def test_bad_store_url_in_environment_is_an_error(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad LAPSE_SESSION_STORE is reported at construction too, naming the URL."""
+    monkeypatch.setenv("LAPSE_SESSION_STORE", "nosuch://x")
+    with pytest.raises(StoreConfigError, match="nosuch://x"):
+        Site(Resource(), reactor=clock)
+
+
+# -- shared stores, in one process ----------------------------------------------------
+
+
+def shared_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    server = request.getfixturevalue("redis_server")
+    return f"{server.url}?prefix=t{time.monotonic_ns()}"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return shared_url(request.param, tmp_path, request)
+
+
+def test_two_sites_share_sessions_and_data(shared_store: str) -> None:
+    """Two Sites on one shared store (as two processes would be) see the same
+    sessions: one made through A is accepted by B with its data, and keys
+    changed by concurrent requests through A and B both persist."""
+
+    async def scenario() -> None:
+        a = Site(DataPage(), store=shared_store)
+        b = Site(DataPage(), store=shared_store)
+        try:
+            first = body(await call_async(a, "GET", "/?set=from&v=%22a%22"))
+            cookie = {b"lapse_session": first["uid"].encode()}
+            seen = body(await call_async(b, "GET", "/", cookies=cookie))
+            assert seen == {"uid": first["uid"], "data": {"from": "a"}}
+            await asyncio.gather(
+                call_async(a, "GET", "/?set=x&v=1", cookies=cookie),
+                call_async(b, "GET", "/?set=y&v=2", cookies=cookie),
+            )
+            final = body(await call_async(a, "GET", "/", cookies=cookie))
+            assert final["data"] == {"from": "a", "x": 1, "y": 2}
+        finally:
+            await a._keeper.aclose()
+            await b._keeper.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_unknown_cookie_on_shared_store_gets_fresh_session(shared_store: str) -> None:
+    """On a shared store too, a cookie naming no live session is not adopted."""
+
+    async def scenario() -> None:
+        site = Site(DataPage(), store=shared_store)
+        try:
+            response = await call_async(site, cookies={b"lapse_session": b"f" * 64})
+            assert body(response)["uid"] != "f" * 64
+            assert response.cookie_value(b"lapse_session") == body(response)["uid"].encode()
+        finally:
+            await site._keeper.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_logout_on_shared_store_ends_session_everywhere(shared_store: str) -> None:
+    """Expiring a session through A ends it for B, and the durable hook runs once."""
+    hooked: list[Expiry] = []
+
+    async def scenario() -> None:
+        a = Site(DataPage(), store=shared_store, on_expire=hooked.append)
+        b = Site(DataPage(), store=shared_store, on_expire=hooked.append)
+        a._keeper.start()
+        b._keeper.start()
+        try:
+            uid = body(await call_async(a, "GET", "/?set=k&v=1"))["uid"]
+            cookie = {b"lapse_session": uid.encode()}
+            await call_async(b, "GET", "/", cookies=cookie)
+            logout = await call_async(a, "GET", "/?logout=1", cookies=cookie)
+            assert b"Max-Age=0" in logout.set_cookies[b"lapse_session"]
+            after = body(await call_async(b, "GET", "/", cookies=cookie))
+            assert after["uid"] != uid
+            for _ in range(50):
+                if hooked:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            assert [(e.uid, e.cause, dict(e.data)) for e in hooked] == [(uid, "expired", {"k": 1})]
+            assert uid not in b.sessions
+        finally:
+            await a._keeper.aclose()
+            await b._keeper.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_touch_costs_one_redis_round_trip(redis_server: Any) -> None:
+    """On Redis, a request that touches an existing session costs exactly one
+    command on the server; one that creates a session costs one more."""
+    from test_store_redis import commands_sent
+
+    async def scenario() -> None:
+        site = Site(DataPage(), store=f"{redis_server.url}?prefix=rt{time.monotonic_ns()}")
+        # MONITOR shows every client: keep the site's background expiry loop
+        # off so that only the requests' own commands are counted.
+        site._keeper._closing = True
+        try:
+            await site.store.open()
+            await site.store.exists("warm-up")  # the connection exists now
+            created: list[Any] = []
+
+            async def create() -> None:
+                created.append(await call_async(site))
+
+            assert await commands_sent(redis_server, create) == ["evalsha"]
+            cookie = {b"lapse_session": body(created[0])["uid"].encode()}
+            touch = await commands_sent(redis_server, lambda: call_async(site, cookies=cookie))
+            assert touch == ["evalsha"]
+        finally:
+            await site._keeper.aclose()
+
+    asyncio.run(scenario())
+
+
+# -- an unreachable store -------------------------------------------------------------
+
+
+def test_unreachable_store_answers_503_quickly_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With Redis unreachable, a request presenting a session cookie gets a 503
+    with Retry-After and a short page within 1 s; the outage is logged once,
+    not once per request."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def scenario() -> None:
+        site = Site(DataPage(), store=f"redis://127.0.0.1:{port}/0")
+        cookie = {b"lapse_session": b"a" * 64}
+        with caplog.at_level(logging.ERROR, logger="lapse.sessions"):
+            for _ in range(5):
+                started = time.monotonic()
+                response = await call_async(site, cookies=cookie)
+                assert time.monotonic() - started < 1.0
+                assert response.status == 503
+                assert response.header(b"retry-after") == b"1"
+                assert b"unavailable" in response.body
+                assert b"lapse_session" not in response.set_cookies
+            new_visitor = await call_async(site)
+            assert new_visitor.status == 503
+        await site._keeper.aclose()
+
+    asyncio.run(scenario())
+    outages = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(outages) == 1

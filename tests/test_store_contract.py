@@ -1,0 +1,277 @@
+"""One contract, every store: memory, SQLite (a real file), Redis (a real server).
+
+Time is a fake clock handed to each store, so nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FakeClock
+
+from lapse.sessions.store import SessionStore
+from lapse.sessions.stores.memory import MemoryStore
+from lapse.sessions.stores.redis import RedisStore
+from lapse.sessions.stores.sqlite import SQLiteStore
+
+_prefixes = itertools.count()
+
+StoreFactory = Callable[[FakeClock], Any]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    """A factory of fresh, empty stores of each kind, on a given clock."""
+    kind = request.param
+
+    @asynccontextmanager
+    async def factory(clock: FakeClock) -> AsyncIterator[SessionStore]:
+        store: SessionStore
+        if kind == "memory":
+            store = MemoryStore(clock)
+        elif kind == "sqlite":
+            store = SQLiteStore(str(tmp_path / f"contract-{next(_prefixes)}.db"), clock=clock)
+        else:
+            server = request.getfixturevalue("redis_server")
+            store = RedisStore(server.url, clock=clock, prefix=f"contract{next(_prefixes)}")
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+    return factory
+
+
+def run(
+    open_store: StoreFactory, scenario: Callable[[SessionStore, FakeClock], Awaitable[None]]
+) -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        async with open_store(clock) as store:
+            await scenario(store, clock)
+
+    asyncio.run(main())
+
+
+def test_create_then_load_returns_data_and_touches(open_store: StoreFactory) -> None:
+    """A created session loads with its data, timeout and a deadline of now + timeout."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        deadline = await store.create("u1", 5, {"n": 1, "name": "caf\u00e9"})
+        assert deadline == pytest.approx(clock.now + 5)
+        clock.advance(2)
+        loaded = await store.load("u1")
+        assert loaded is not None
+        assert (loaded.uid, loaded.timeout, loaded.data) == ("u1", 5, {"n": 1, "name": "caf\u00e9"})
+        assert loaded.deadline == pytest.approx(clock.now + 5)
+
+    run(open_store, scenario)
+
+
+def test_loads_slide_the_deadline(open_store: StoreFactory) -> None:
+    """Each load moves the deadline to now + timeout; without loads the session ends."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 5, {})
+        for _ in range(5):
+            clock.advance(4)
+            assert await store.load("u1") is not None
+        clock.advance(4.9)
+        assert await store.exists("u1")
+        clock.advance(0.2)
+        assert not await store.exists("u1")
+        assert await store.load("u1") is None
+
+    run(open_store, scenario)
+
+
+def test_load_past_deadline_does_not_revive(open_store: StoreFactory) -> None:
+    """A session past its deadline stays ended even though nobody claimed it yet."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 5, {})
+        clock.advance(6)
+        assert await store.load("u1") is None
+        assert await store.load("u1") is None
+        (expiry,) = await store.claim("me", 30, 10)
+        assert (expiry.uid, expiry.cause) == ("u1", "timeout")
+
+    run(open_store, scenario)
+
+
+def test_unknown_session(open_store: StoreFactory) -> None:
+    """An unknown uid loads as None, does not exist, cannot be saved or expired."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        assert await store.load("nope") is None
+        assert not await store.exists("nope")
+        assert not await store.save("nope", {"a": 1}, [])
+        assert not await store.expire("nope")
+        assert await store.claim("me", 30, 10) == []
+        assert await store.next_deadline() is None
+
+    run(open_store, scenario)
+
+
+def test_save_writes_changed_keys_only(open_store: StoreFactory) -> None:
+    """Two saves of different keys both persist; removed keys vanish; the
+    deadline does not move."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        deadline = await store.create("u1", 60, {"keep": True, "drop": 1})
+        assert await store.save("u1", {"a": 1}, [])
+        assert await store.save("u1", {"b": [1, 2]}, ["drop"])
+        assert await store.next_deadline() == pytest.approx(deadline)
+        loaded = await store.load("u1")
+        assert loaded is not None
+        assert loaded.data == {"keep": True, "a": 1, "b": [1, 2]}
+
+    run(open_store, scenario)
+
+
+def test_save_on_ended_session_writes_nothing(open_store: StoreFactory) -> None:
+    """save() returns False once the session's deadline has passed."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 5, {"a": 1})
+        clock.advance(5.5)
+        assert not await store.save("u1", {"a": 2}, [])
+        (expiry,) = await store.claim("me", 30, 10)
+        assert expiry.data == {"a": 1}
+
+    run(open_store, scenario)
+
+
+def test_exists_does_not_touch(open_store: StoreFactory) -> None:
+    """exists() reads without moving the deadline."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 5, {})
+        clock.advance(4)
+        assert await store.exists("u1")
+        clock.advance(1.5)
+        assert not await store.exists("u1")
+
+    run(open_store, scenario)
+
+
+def test_expire_makes_session_claimable_with_cause(open_store: StoreFactory) -> None:
+    """expire() ends a live session at once: it no longer loads and is claimed
+    with cause "expired" and its final data."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 900, {"who": "ann"})
+        assert await store.expire("u1")
+        assert not await store.expire("u1")
+        assert await store.load("u1") is None
+        assert await store.next_deadline() == pytest.approx(clock.now)
+        (expiry,) = await store.claim("me", 30, 10)
+        assert (expiry.uid, expiry.cause, dict(expiry.data), expiry.attempt) == (
+            "u1",
+            "expired",
+            {"who": "ann"},
+            1,
+        )
+
+    run(open_store, scenario)
+
+
+def test_claim_is_a_lease(open_store: StoreFactory) -> None:
+    """A claimed session is not handed out again while leased; after the lease
+    it is redelivered with the same delivery id and the next attempt number."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 5, {"x": 1})
+        clock.advance(5)
+        (first,) = await store.claim("a", 10, 10)
+        assert await store.claim("b", 10, 10) == []
+        assert await store.next_deadline() == pytest.approx(clock.now + 10)
+        clock.advance(10.5)
+        (again,) = await store.claim("b", 10, 10)
+        assert again.delivery_id == first.delivery_id
+        assert (again.attempt, again.cause, dict(again.data)) == (2, "timeout", {"x": 1})
+
+    run(open_store, scenario)
+
+
+def test_ack_forgets_and_announces(open_store: StoreFactory) -> None:
+    """ack() removes the session for good and announces it once in events()."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        _, cursor = await store.events(None)
+        await store.create("u1", 5, {})
+        await store.create("u2", 50, {})
+        clock.advance(6)
+        (expiry,) = await store.claim("a", 10, 10)
+        await store.ack(expiry)
+        clock.advance(20)
+        assert await store.claim("a", 10, 10) == []
+        ended, cursor = await store.events(cursor)
+        assert ended == ["u1"]
+        ended, cursor = await store.events(cursor)
+        assert ended == []
+        assert await store.exists("u2")
+
+    run(open_store, scenario)
+
+
+def test_events_from_none_start_now(open_store: StoreFactory) -> None:
+    """events(None) returns nothing and a cursor past what was announced before."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("old", 1, {})
+        clock.advance(2)
+        for expiry in await store.claim("a", 10, 10):
+            await store.ack(expiry)
+        ended, cursor = await store.events(None)
+        assert ended == []
+        await store.create("new", 1, {})
+        clock.advance(2)
+        for expiry in await store.claim("a", 10, 10):
+            await store.ack(expiry)
+        ended, _ = await store.events(cursor)
+        assert ended == ["new"]
+
+    run(open_store, scenario)
+
+
+def test_claim_respects_limit_oldest_first(open_store: StoreFactory) -> None:
+    """claim() hands out at most ``limit`` sessions, earliest deadline first."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        for index in range(5):
+            await store.create(f"u{index}", 10 + index, {})
+        clock.advance(20)
+        first = await store.claim("a", 30, 2)
+        assert [e.uid for e in first] == ["u0", "u1"]
+        rest = await store.claim("a", 30, 10)
+        assert sorted(e.uid for e in rest) == ["u2", "u3", "u4"]
+
+    run(open_store, scenario)
+
+
+def test_next_deadline_is_earliest(open_store: StoreFactory) -> None:
+    """next_deadline() is the earliest live deadline; after a load it may stay
+    a lower bound (nothing ends before it), but never passes a real deadline."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        start = clock.now
+        await store.create("a", 30, {})
+        await store.create("b", 10, {})
+        assert await store.next_deadline() == pytest.approx(start + 10)
+        clock.advance(5)
+        await store.load("b")
+        upcoming = await store.next_deadline()
+        assert upcoming is not None and start + 10 - 1e-6 <= upcoming <= start + 15 + 1e-6
+        clock.advance(5)
+        (expiry,) = await store.claim("a", 30, 10) or [None]
+        assert expiry is None  # b was touched at 5: it ends at 15, not 10
+
+    run(open_store, scenario)
