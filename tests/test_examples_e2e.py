@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from _servers import (
     EXAMPLES,
@@ -170,3 +171,54 @@ def test_session_store_counts_visits_per_session(tmp_path: Path) -> None:
         assert session_cookie(newcomer) != uid
 
         assert request(port, "/", headers=with_cookie(uid)).text == "Visit #4 for you!"
+
+
+# -- the seed program on the shared stores -------------------------------------
+
+
+def _seed_expires_on(store_url: str, tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("LAPSE_SESSION_STORE", store_url)
+    with run_example("session_endings.py", tmp_path) as (server, port):
+        first = request(port, "/logme")
+        uid = session_cookie(first)
+        time.sleep(2)
+        again = request(port, "/logme", headers=with_cookie(uid))
+        assert again.header("set-cookie") is None
+        touched_at = time.monotonic()
+        line = server.wait_for_line(touched_at + 7.0 - time.monotonic())
+        assert line is not None, server.stderr_text()
+        assert line.text == f"Session {uid} has expired."
+        assert 4.9 <= line.at - touched_at <= 5.5
+
+
+def test_seed_runs_unchanged_on_sqlite(tmp_path: Path, monkeypatch: Any) -> None:
+    """With LAPSE_SESSION_STORE=sqlite:///..., the seed program as written keeps
+    a visited session and prints its expiry 5 s after the last visit."""
+    _seed_expires_on(f"sqlite:///{tmp_path}/seed.db", tmp_path, monkeypatch)
+
+
+def test_seed_runs_unchanged_on_redis(tmp_path: Path, monkeypatch: Any, redis_server: Any) -> None:
+    """With LAPSE_SESSION_STORE=redis://..., the seed program as written keeps
+    a visited session and prints its expiry 5 s after the last visit."""
+    _seed_expires_on(f"{redis_server.url}?prefix=seed{time.monotonic_ns()}", tmp_path, monkeypatch)
+
+
+def test_two_seed_processes_share_one_port_and_redis(
+    tmp_path: Path, monkeypatch: Any, redis_server: Any
+) -> None:
+    """Two copies of the seed program on one port (LAPSE_REUSE_PORT=1) and one
+    Redis serve one session between them: its cookie works on either."""
+    monkeypatch.setenv("LAPSE_SESSION_STORE", f"{redis_server.url}?prefix=two{time.monotonic_ns()}")
+    monkeypatch.setenv("LAPSE_REUSE_PORT", "1")
+    with run_example("session_endings.py", tmp_path) as (_first, port):
+        source = (tmp_path / "session_endings.py").read_text()
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        second = second_dir / "session_endings.py"
+        second.write_text(source)
+        with running_server(second, port, cwd=REPO_ROOT):
+            uid = session_cookie(request(port, "/logme"))
+            for _ in range(20):
+                assert (
+                    request(port, "/logme", headers=with_cookie(uid)).header("set-cookie") is None
+                )

@@ -230,6 +230,10 @@ class AsyncioReactor:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if os.environ.get("LAPSE_REUSE_PORT") == "1":
+                # Several processes may listen on one port; the kernel spreads
+                # connections between them (run the same program N times).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             sock.listen(backlog)
         except (OSError, OverflowError) as exc:
@@ -259,6 +263,8 @@ class AsyncioReactor:
 
         ``factory`` is a :class:`lapse.web.server.Site` or any ASGI application.
         A port that cannot be bound raises :class:`CannotListenError` here.
+        With ``LAPSE_REUSE_PORT=1`` in the environment, the socket is bound
+        with ``SO_REUSEPORT`` so that several processes can share the port.
         """
         return self._listen(port, factory, backlog, interface, None)
 
