@@ -266,9 +266,9 @@ def report(results: list[Result], opts: Options, command: str) -> str:
         )
     lines += [
         "",
-        "\"create rtt\" is the time from sending one create to its acknowledgement: the store's "
-        "real deadline lies within that interval (+ timeout), so true lateness is at most that "
-        "much above the measured value. \"early\" counts deliveries before the expected "
+        "Column create rtt: the time from sending one create to its acknowledgement; the "
+        "store's real deadline lies within that interval (+ timeout), so true lateness is at "
+        "most that much above the measured value. Column early: deliveries before the expected "
         "deadline.",
     ]
     problems: list[str] = []
@@ -293,10 +293,10 @@ def report(results: list[Result], opts: Options, command: str) -> str:
 
 async def run_all(opts: Options) -> list[Result]:
     results: list[Result] = []
-    for index, store in enumerate(opts.stores):
+    for store in opts.stores:
         with store_url(store) as url:
             progress(f"{store}: {url}")
-            results.append(await measure(store, url, opts, opts.seed + index))
+            results.append(await measure(store, url, opts, opts.seed))
     return results
 
 

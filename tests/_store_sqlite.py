@@ -1,4 +1,4 @@
-"""Helpers for the SQLite store tests: a fake clock, and process bodies that a
+"""Helpers for the SQLite store tests: process bodies that a
 ``multiprocessing`` spawn context can import (so they live in a module)."""
 
 from __future__ import annotations
@@ -7,17 +7,6 @@ import asyncio
 from typing import Any
 
 from lapse.sessions.stores.sqlite import SQLiteStore
-
-
-class FakeClock:
-    """A clock that only moves by assignment to ``now``."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
 
 FAR_FUTURE = 10_000_000_000.0
 

@@ -20,25 +20,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from _redis_server import RedisServer
+from conftest import FakeClock
 
 from lapse.sessions.store import Expiry, SessionStore, StoreConfigError, StoreUnavailable
 from lapse.sessions.stores import redis as redis_module
 from lapse.sessions.stores.redis import RedisStore
 
 PASSWORD = "s3cret-Pa55word"
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:

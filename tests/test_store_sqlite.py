@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _store_sqlite import FakeClock, claim_all, open_and_create
+from _store_sqlite import claim_all, open_and_create
+from conftest import FakeClock
 
 from lapse.sessions.store import (
     Expiry,
