@@ -331,10 +331,13 @@ class SessionKeeper:
 
     async def _run(self) -> None:
         cursor: str | None = None
+        opened = False
         while not self._closing:
             delay = self.poll_interval
             try:
-                await self.call(self.store.open())
+                if not opened:
+                    await self.call(self.store.open())
+                    opened = True
                 if cursor is None:
                     _, cursor = await self.call(self.store.events(None))
                 while True:
@@ -351,6 +354,7 @@ class SessionKeeper:
                     now = await self.call(self.store.now())
                     delay = min(max(upcoming - now, 0.0), self.poll_interval)
             except StoreUnavailable:
+                opened = False
                 delay = 1.0
             except Exception:
                 log.exception("error in the session expiry loop")
