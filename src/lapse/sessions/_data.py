@@ -23,8 +23,10 @@ class SessionData(MutableMapping[str, Any]):
 
     def __init__(self, values: dict[str, Any] | None = None) -> None:
         self._values: dict[str, Any] = {} if values is None else values
-        self._changed: set[str] = set()
-        self._removed: set[str] = set()
+        # Made on the first change: most sessions never change their data,
+        # and two empty sets would cost more than the rest of a session.
+        self._changed: set[str] | None = None
+        self._removed: set[str] | None = None
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -39,12 +41,18 @@ class SessionData(MutableMapping[str, Any]):
                 f"session data {key!r}: a {type(value).__name__} is not JSON-serialisable"
             ) from exc
         self._values[key] = value
+        if self._changed is None:
+            self._changed = set()
         self._changed.add(key)
-        self._removed.discard(key)
+        if self._removed:
+            self._removed.discard(key)
 
     def __delitem__(self, key: str) -> None:
         del self._values[key]
-        self._changed.discard(key)
+        if self._changed:
+            self._changed.discard(key)
+        if self._removed is None:
+            self._removed = set()
         self._removed.add(key)
 
     def __iter__(self) -> Iterator[str]:
@@ -60,10 +68,17 @@ class SessionData(MutableMapping[str, Any]):
 
     def take_changes(self) -> tuple[dict[str, Any], set[str]]:
         """The changed values and removed keys since the last call; resets them."""
-        changed = {key: self._values[key] for key in self._changed}
-        removed = self._removed
-        self._changed, self._removed = set(), set()
+        changed = {key: self._values[key] for key in self._changed or ()}
+        removed = self._removed or set()
+        self._changed = self._removed = None
         return changed, removed
 
+    def restore_changes(self, changed: dict[str, Any], removed: set[str]) -> None:
+        """Mark changes as unsaved again (their save failed)."""
+        if changed:
+            self._changed = (self._changed or set()) | changed.keys()
+        if removed:
+            self._removed = (self._removed or set()) | removed
+
     def __repr__(self) -> str:
-        return f"<SessionData {len(self._values)} keys, {len(self._changed)} changed>"
+        return f"<SessionData {len(self._values)} keys, {len(self._changed or ())} changed>"

@@ -114,13 +114,25 @@ class SessionKeeper:
     def start_checking(self, session: Session) -> None:
         memory = self._memory
         if memory is not None:
-            if not memory.exists_now(session.uid):
-                stored = memory.create_now(session.uid, session.sessionTimeout, session.data)
-                session._data = SessionData(stored.data)
+            if not memory.knows(session.uid):
+                data = session._data
+                stored = memory.create_now(session.uid, session.sessionTimeout, data or {})
+                if data is not None:
+                    session._data = SessionData(stored.data)
                 if stored.deadline < self._alarm_when:
                     self._arm(stored.deadline)
         else:
             session._needs_create = True
+
+    def data_for(self, session: Session) -> SessionData:
+        """The data mapping of a session that has none yet: in local mode,
+        a view of what the store holds, so changes reach the hook's data."""
+        memory = self._memory
+        if memory is not None:
+            stored = memory._live.get(session.uid)
+            if stored is not None:
+                return SessionData(stored.data)
+        return SessionData()
 
     def touched(self, session: Session) -> None:
         memory = self._memory
@@ -178,7 +190,10 @@ class SessionKeeper:
             sessions[stored.uid] = session
         if session.sessionTimeout != stored.timeout:
             session.sessionTimeout = stored.timeout
-        session._data = SessionData(stored.data if self._memory else dict(stored.data))
+        if self._memory is None:
+            session._data = SessionData(dict(stored.data))
+        elif session._data is None or session._data._values is not stored.data:
+            session._data = None  # made on first use, over the store's dict
         return session
 
     def persist_now(self, sessions: Iterable[Session]) -> None:
@@ -206,9 +221,7 @@ class SessionKeeper:
                 try:
                     await self.call(store.save(uid, changed, removed))
                 except StoreUnavailable:
-                    for key in removed:
-                        session._data._removed.add(key)
-                    session._data._changed.update(changed)
+                    session._data.restore_changes(changed, removed)
                     raise
             if session._expired:
                 await self.call(store.expire(uid))

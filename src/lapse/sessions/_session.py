@@ -31,6 +31,7 @@ class SessionOwner(Protocol):
     def _start_checking(self, session: Session) -> None: ...
     def _touched(self, session: Session) -> None: ...
     def _expired_by_hand(self, session: Session) -> None: ...
+    def _data_for(self, session: Session) -> SessionData: ...
 
 
 def short_uid(uid: str) -> str:
@@ -48,6 +49,7 @@ class Session(Componentized):
     """
 
     sessionTimeout: float = 900
+    _needs_create = False
 
     def __init__(self, site: SessionOwner, uid: str, reactor: IReactorTime | None = None) -> None:
         if reactor is None:
@@ -58,14 +60,13 @@ class Session(Componentized):
         self._callbacks: list[Callable[[], Any]] | None = None
         self._data: SessionData | None = None
         self._expired = False
-        self._needs_create = False
         self.lastModified = reactor.seconds()
 
     @property
     def data(self) -> SessionData:
         """State that persists with the session: JSON values, saved by key."""
         if self._data is None:
-            self._data = SessionData()
+            self._data = self.site._data_for(self)
         return self._data
 
     @property

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
-from lapse.sessions import Session, SessionStore, StoreUnavailable
+from lapse.sessions import Session, SessionData, SessionStore, StoreUnavailable
 from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
@@ -180,6 +180,9 @@ class Site:
 
     def _expired_by_hand(self, session: Session) -> None:
         self._keeper.expired_by_hand(session)
+
+    def _data_for(self, session: Session) -> SessionData:
+        return self._keeper.data_for(session)
 
     def _presented_uids(self, request: Request, cookie_header: bytes) -> list[tuple[int, str]]:
         cookies = parse_cookie_header(cookie_header)
