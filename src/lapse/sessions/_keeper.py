@@ -171,7 +171,9 @@ class SessionKeeper:
         return session
 
     async def load(self, uid: str) -> Session | None:
-        """Shared mode: touch ``uid`` in the store; this process's copy of it."""
+        """Touch ``uid`` in the store (one call); this process's copy of it."""
+        if self._memory is not None:
+            return self.load_now(uid)
         stored: StoredSession | None = await self.call(self.store.load(uid))
         if stored is None:
             local = self.owner.sessions.get(uid)
@@ -192,8 +194,8 @@ class SessionKeeper:
             session.sessionTimeout = stored.timeout
         if self._memory is None:
             session._data = SessionData(dict(stored.data))
-        elif session._data is None or session._data._values is not stored.data:
-            session._data = None  # made on first use, over the store's dict
+        # In local mode a new copy's data is made on first use, over the
+        # store's own dict (data_for).
         return session
 
     def persist_now(self, sessions: Iterable[Session]) -> None:
@@ -207,7 +209,10 @@ class SessionKeeper:
                     self._memory.save_now(session.uid, changed, removed)
 
     async def persist(self, sessions: Iterable[Session]) -> None:
-        """Shared mode: write new sessions, changed keys and logouts."""
+        """Write new sessions, changed keys and logouts."""
+        if self._memory is not None:
+            self.persist_now(sessions)
+            return
         store = self.store
         for session in sessions:
             uid = session.uid
@@ -289,7 +294,8 @@ class SessionKeeper:
         try:
             result = self.on_expire(expiry)
         except Exception:
-            self._hook_failed(expiry, lambda: memory.ack_now(expiry))
+            if self._give_up(expiry):
+                memory.ack_now(expiry)
             return
         if inspect.isawaitable(result):
 
@@ -297,28 +303,29 @@ class SessionKeeper:
                 try:
                     await pending
                 except Exception:
-                    self._hook_failed(expiry, lambda: memory.ack_now(expiry))
-                else:
-                    memory.ack_now(expiry)
+                    if not self._give_up(expiry):
+                        return
+                memory.ack_now(expiry)
 
             self.spawn(finish())
         else:
             memory.ack_now(expiry)
 
-    def _hook_failed(self, expiry: Expiry, give_up: Callable[[], None]) -> None:
+    def _give_up(self, expiry: Expiry) -> bool:
+        """Log a hook that raised; whether to stop redelivering it (acknowledge)."""
         if expiry.attempt >= self.max_attempts:
             log.exception(
                 "expiry hook failed for session %s on delivery %d; giving up",
                 short_uid(expiry.uid),
                 expiry.attempt,
             )
-            give_up()
-        else:
-            log.exception(
-                "expiry hook failed for session %s (delivery %d); it will be retried",
-                short_uid(expiry.uid),
-                expiry.attempt,
-            )
+            return True
+        log.exception(
+            "expiry hook failed for session %s (delivery %d); it will be retried",
+            short_uid(expiry.uid),
+            expiry.attempt,
+        )
+        return False
 
     async def _deliver(self, expiry: Expiry) -> None:
         if self.on_expire is not None:
@@ -327,9 +334,7 @@ class SessionKeeper:
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                acked: list[bool] = []
-                self._hook_failed(expiry, lambda: acked.append(True))
-                if not acked:
+                if not self._give_up(expiry):
                     return
         await self.call(self.store.ack(expiry))
         self._end_local(expiry.uid)

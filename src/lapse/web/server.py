@@ -197,23 +197,14 @@ class Site:
 
     async def _load_presented(self, request: Request, cookie_header: bytes) -> None:
         """Touch the sessions the request's cookies name (one store call each)."""
-        keeper = self._keeper
         for slot, uid in self._presented_uids(request, cookie_header):
-            if keeper.shared:
-                session = await keeper.load(uid)
-            else:
-                session = keeper.load_now(uid)
-            request._presented[slot] = session
+            request._presented[slot] = await self._keeper.load(uid)
 
     async def _persist(self, request: Request) -> None:
         """Write what the request changed in its sessions, before responding."""
         used = {s for s in (*request._presented, *request._sessions) if s is not None}
-        if not used:
-            return
-        if self._keeper.shared:
+        if used:
             await self._keeper.persist(used)
-        else:
-            self._keeper.persist_now(used)
 
     def _unavailable(self, request: Request) -> None:
         """Answer 503: the session store cannot be reached."""
@@ -257,9 +248,7 @@ class Site:
                 return
 
     async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        keeper = self._keeper
-        if keeper.shared and keeper._task is None:
-            keeper.start()
+        self._keeper.start()
         request = self.requestFactory(self, scope)
         try:
             result = await self._render(request, scope, receive)
