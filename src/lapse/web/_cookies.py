@@ -10,7 +10,12 @@ from __future__ import annotations
 import re
 from email.utils import formatdate
 
-__all__ = ["format_delete_cookie", "format_set_cookie", "parse_cookie_header"]
+__all__ = [
+    "format_delete_cookie",
+    "format_session_cookie",
+    "format_set_cookie",
+    "parse_cookie_header",
+]
 
 _UNSAFE = re.compile(rb"[\x00-\x1f\x7f;,]")
 _SAMESITE = {"lax": b"Lax", "strict": b"Strict", "none": b"None"}
@@ -79,6 +84,18 @@ def format_set_cookie(
             raise ValueError(f"sameSite must be 'lax', 'strict' or 'none', not {same_site!r}")
         parts.append(b"SameSite=" + flag)
     return b"; ".join(parts)
+
+
+_SESSION_FLAGS = b"; Path=/; HttpOnly; SameSite=Lax"
+_SECURE_SESSION_FLAGS = b"; Path=/; Secure; HttpOnly; SameSite=Lax"
+
+
+def format_session_cookie(name: bytes, uid: str, *, secure: bool) -> bytes:
+    """A session cookie: ``Path=/``, ``HttpOnly``, ``SameSite=Lax``, and
+    ``Secure`` on a secure request. The same as :func:`format_set_cookie`
+    with those flags, in one step: it is on every new session's path."""
+    value = _check("value", uid.encode("utf-8"))
+    return name + b"=" + value + (_SECURE_SESSION_FLAGS if secure else _SESSION_FLAGS)
 
 
 _EPOCH = formatdate(0, usegmt=True).encode("ascii")

@@ -18,7 +18,12 @@ from urllib.parse import parse_qs, unquote_to_bytes
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.defer import Deferred
 from lapse.internet.error import ConnectionDone
-from lapse.web._cookies import format_delete_cookie, format_set_cookie, parse_cookie_header
+from lapse.web._cookies import (
+    format_delete_cookie,
+    format_session_cookie,
+    format_set_cookie,
+    parse_cookie_header,
+)
 from lapse.web.error import BadRequest
 from lapse.web.http_headers import Headers, decode_header
 
@@ -34,6 +39,14 @@ NOT_DONE_YET = 1
 
 _PLAIN, _SECURE = 0, 1
 _NO_BODY_STATUSES = frozenset({204, 304})
+_METHODS = {
+    m: m.encode("ascii") for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
+}
+_NO_SESSIONS: tuple[None, None] = (None, None)
+"""A request's sessions before it has any (lists are made on first use)."""
+_PROTOCOLS = {v: b"HTTP/" + v.encode("ascii") for v in ("1.0", "1.1", "2")}
+_DEFAULT_CONTENT_TYPE = (b"content-type", b"text/html; charset=utf-8")
+_ZERO_LENGTH = (b"content-length", b"0")
 
 
 def split_path(raw: bytes) -> list[bytes]:
@@ -68,40 +81,82 @@ def split_path(raw: bytes) -> list[bytes]:
 class Request:
     """One HTTP request and the response being built for it."""
 
+    # Defaults most requests never change live on the class, so a request
+    # costs only what it uses: instance attributes appear when written.
+    code = 200
+    code_message = b""
+    finished = False
+    startedWriting = False
+    sentLength = 0
+    _headers_sent = False
+    _disconnected = False
+    _wakeup: asyncio.Event | None = None
+    _finish_notices: list[Deferred] | None = None
+    _body_expected = False
+    _cookie_header: bytes | None = None
+    _received_cookies: dict[bytes, bytes] | None = None
+    _args: dict[bytes, list[bytes]] | None = None
+    _secure: bool | None = None
+    _response_headers: Headers | None = None
+    _cookies: list[bytes] | None = None
+    _content: BytesIO | None = None
+    # Sessions by security, (plain, secure): those named by the request's
+    # cookies (touched before render), and those getSession() handed out.
+    _presented: list[Session | None] | tuple[None, None] = _NO_SESSIONS
+    _sessions: list[Session | None] | tuple[None, None] = _NO_SESSIONS
+    _created: list[bool] | tuple[bool, bool] = (False, False)
+
     def __init__(self, site: Site, scope: Scope) -> None:
         self.site = site
         self._scope = scope
-        self.method: bytes = scope["method"].encode("ascii", "replace")
+        method: str = scope["method"]
+        self.method = _METHODS.get(method) or method.encode("ascii", "replace")
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         query: bytes = scope.get("query_string", b"")
         self.path = raw_path
         self.uri = raw_path + b"?" + query if query else raw_path
-        self.clientproto = b"HTTP/" + scope.get("http_version", "1.1").encode("ascii")
-        self.code = 200
-        self.code_message = b""
-        self.responseHeaders = Headers()
-        self.cookies: list[bytes] = []
-        self.content = BytesIO()
+        version: str = scope.get("http_version", "1.1")
+        self.clientproto = _PROTOCOLS.get(version) or b"HTTP/" + version.encode("ascii")
         self.prepath: list[bytes] = []
         self.postpath: list[bytes] = []
         self.sitepath: list[bytes] = []
-        self.finished = False
-        self.startedWriting = False
-        self.sentLength = 0
-        self._headers_sent = False
-        self._disconnected = False
         self._chunks: list[bytes] = []
-        self._wakeup: asyncio.Event | None = None
-        self._finish_notices: list[Deferred] = []
-        self._body_expected = False
-        self._cookie_header: bytes | None = None
-        self._received_cookies: dict[bytes, bytes] | None = None
-        self._args: dict[bytes, list[bytes]] | None = None
-        # Sessions by security: [plain, secure]; those named by the request's
-        # cookies (touched before render), and those getSession() handed out.
-        self._presented: list[Session | None] = [None, None]
-        self._sessions: list[Session | None] = [None, None]
-        self._created = [False, False]
+
+    @property
+    def responseHeaders(self) -> Headers:
+        """The response's headers, as a :class:`Headers`."""
+        headers = self._response_headers
+        if headers is None:
+            headers = self._response_headers = Headers()
+        return headers
+
+    @responseHeaders.setter
+    def responseHeaders(self, headers: Headers) -> None:
+        self._response_headers = headers
+
+    @property
+    def cookies(self) -> list[bytes]:
+        """The ``Set-Cookie`` values the response will carry (``addCookie``)."""
+        cookies = self._cookies
+        if cookies is None:
+            cookies = self._cookies = []
+        return cookies
+
+    @cookies.setter
+    def cookies(self, cookies: list[bytes]) -> None:
+        self._cookies = cookies
+
+    @property
+    def content(self) -> BytesIO:
+        """The request body, as a file."""
+        content = self._content
+        if content is None:
+            content = self._content = BytesIO()
+        return content
+
+    @content.setter
+    def content(self, content: BytesIO) -> None:
+        self._content = content
 
     # -- what was asked ---------------------------------------------------
 
@@ -156,6 +211,12 @@ class Request:
 
     def isSecure(self) -> bool:
         """Whether the request came over TLS (or, if the site trusts it, a TLS proxy)."""
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = self._find_secure()
+        return secure
+
+    def _find_secure(self) -> bool:
         if self._scope.get("scheme") in ("https", "wss"):
             return True
         if self.site.trust_proxy_headers:
@@ -212,8 +273,12 @@ class Request:
             session = self._presented[slot]
             if session is None or session._expired:
                 session = self.site.makeSession()
-                self._created[slot] = True
-            self._sessions[slot] = session
+                created = list(self._created)
+                created[slot] = True
+                self._created = created
+            sessions = list(self._sessions)
+            sessions[slot] = session
+            self._sessions = sessions
         if sessionInterface is not None:
             return session.getComponent(sessionInterface)
         return session
@@ -227,7 +292,9 @@ class Request:
         return session
 
     def _session_cookies(self) -> list[bytes]:
-        headers = []
+        headers: list[bytes] = []
+        if self._sessions is _NO_SESSIONS and self._presented is _NO_SESSIONS:
+            return headers
         for slot, secure in ((_PLAIN, False), (_SECURE, True)):
             session = self._sessions[slot] or self._presented[slot]
             if session is None:
@@ -236,16 +303,7 @@ class Request:
             if session._expired:
                 headers.append(format_delete_cookie(name, secure=secure))
             elif self._created[slot]:
-                headers.append(
-                    format_set_cookie(
-                        name,
-                        session.uid,
-                        path=b"/",
-                        secure=secure,
-                        http_only=True,
-                        same_site="lax",
-                    )
-                )
+                headers.append(format_session_cookie(name, session.uid, secure=secure))
         return headers
 
     # -- the response -----------------------------------------------------
@@ -326,8 +384,8 @@ class Request:
         self.finished = True
         if self._wakeup is not None:
             self._wakeup.set()
-        notices, self._finish_notices = self._finish_notices, []
-        for notice in notices:
+        notices, self._finish_notices = self._finish_notices, None
+        for notice in notices or ():
             notice.callback(None)
 
     def notifyFinish(self) -> Deferred:
@@ -338,6 +396,8 @@ class Request:
             notice.callback(None)
         elif self._disconnected:
             notice.errback(ConnectionDone("the client closed the connection"))
+        elif self._finish_notices is None:
+            self._finish_notices = [notice]
         else:
             self._finish_notices.append(notice)
         return notice
@@ -348,8 +408,8 @@ class Request:
         self._disconnected = True
         if self._wakeup is not None:
             self._wakeup.set()
-        notices, self._finish_notices = self._finish_notices, []
-        for notice in notices:
+        notices, self._finish_notices = self._finish_notices, None
+        for notice in notices or ():
             notice.errback(ConnectionDone("the client closed the connection"))
 
     def _take_chunks(self) -> bytes:
@@ -358,26 +418,38 @@ class Request:
 
     def _reset_response(self) -> None:
         """Forget the response built so far (before an error page)."""
-        self.responseHeaders = Headers()
-        self.cookies = []
+        self._response_headers = None
+        self._cookies = None
         self._chunks = []
         self.sentLength = 0
         self.finished = False
 
     def _start_message(self, content_length: int | None) -> dict[str, Any]:
-        headers: list[tuple[bytes, bytes]] = list(self.responseHeaders.items())
-        if not self.responseHeaders.hasHeader(b"content-type"):
-            headers.append((b"content-type", b"text/html; charset=utf-8"))
-        if self.code in _NO_BODY_STATUSES or self.code < 200:
-            content_length = None
-        elif content_length is not None and not self.responseHeaders.hasHeader(b"content-length"):
-            headers.append((b"content-length", str(content_length).encode("ascii")))
-        for cookie in self.cookies:
-            headers.append((b"set-cookie", cookie))
+        own = self._response_headers
+        if own is None:
+            headers: list[tuple[bytes, bytes]] = [_DEFAULT_CONTENT_TYPE]
+            has_length = False
+        else:
+            headers = list(own.items())
+            if not own.hasHeader(b"content-type"):
+                headers.append(_DEFAULT_CONTENT_TYPE)
+            has_length = own.hasHeader(b"content-length")
+        code = self.code
+        if code in _NO_BODY_STATUSES or code < 200:
+            pass
+        elif content_length is not None and not has_length:
+            headers.append(
+                (b"content-length", str(content_length).encode("ascii"))
+                if content_length
+                else _ZERO_LENGTH
+            )
+        if self._cookies:
+            for cookie in self._cookies:
+                headers.append((b"set-cookie", cookie))
         for cookie in self._session_cookies():
             headers.append((b"set-cookie", cookie))
         self._headers_sent = True
-        return {"type": "http.response.start", "status": self.code, "headers": headers}
+        return {"type": "http.response.start", "status": code, "headers": headers}
 
     def __repr__(self) -> str:
         uri = self.uri.decode("latin-1")

@@ -60,6 +60,12 @@ def _allowed_methods(resource: object) -> list[bytes]:
     return [m.encode("ascii") for m in methods]
 
 
+_RENDER_NAMES = {
+    m: "render_" + m.decode("ascii")
+    for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")
+}
+
+
 @implementer(IResource)
 class Resource:
     """A node in the resource tree. Subclass and define ``render_GET`` & co."""
@@ -96,9 +102,11 @@ class Resource:
 
     def render(self, request: Request) -> Any:
         """Call ``render_<METHOD>``; HEAD uses GET; else :class:`UnsupportedMethod`."""
-        method = request.method.decode("ascii", "replace")
-        handler = getattr(self, "render_" + method, None)
-        if handler is None and method == "HEAD":
+        name = _RENDER_NAMES.get(request.method)
+        if name is None:
+            name = "render_" + request.method.decode("ascii", "replace")
+        handler = getattr(self, name, None)
+        if handler is None and name == "render_HEAD":
             handler = getattr(self, "render_GET", None)
         if handler is None:
             allowed = getattr(self, "allowedMethods", None)

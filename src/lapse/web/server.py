@@ -18,10 +18,10 @@ A request's path through the site:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 from collections.abc import Callable
+from inspect import isawaitable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
@@ -31,7 +31,7 @@ from lapse.sessions._session import short_uid
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
 from lapse.web._access import log_access
 from lapse.web._cookies import parse_cookie_header
-from lapse.web._request import NOT_DONE_YET, Request, split_path
+from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request, split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
 from lapse.web.resource import ErrorPage, getChildForRequest
@@ -184,34 +184,64 @@ class Site:
     def _data_for(self, session: Session) -> SessionData:
         return self._keeper.data_for(session)
 
-    def _presented_uids(self, request: Request, cookie_header: bytes) -> list[tuple[int, str]]:
+    def _presented_uids(self, request: Request, cookie_header: bytes) -> list[str | None]:
+        """The uids the request's cookies name, [plain, secure], or []."""
         cookies = parse_cookie_header(cookie_header)
         request._received_cookies = cookies
         names = self._cookie_names
-        found = []
-        for slot in (0, 1) if request.isSecure() else (0,):
-            value = cookies.get(names[slot])
-            if value is not None and 0 < len(value) <= _MAX_UID_COOKIE:
-                found.append((slot, value.decode("latin-1")))
-        return found
+        plain = cookies.get(names[0])
+        secure = cookies.get(names[1]) if request.isSecure() else None
+        if plain is None and secure is None:
+            return []
+        return [
+            value.decode("latin-1") if value and len(value) <= _MAX_UID_COOKIE else None
+            for value in (plain, secure)
+        ]
 
     async def _load_presented(self, request: Request, cookie_header: bytes) -> None:
         """Touch the sessions the request's cookies name (one store call each)."""
-        for slot, uid in self._presented_uids(request, cookie_header):
-            request._presented[slot] = await self._keeper.load(uid)
+        uids = self._presented_uids(request, cookie_header)
+        if uids:
+            presented: list[Session | None] = [None, None]
+            for slot, uid in enumerate(uids):
+                if uid is not None:
+                    presented[slot] = await self._keeper.load(uid)
+            request._presented = presented
+
+    def _load_presented_now(self, request: Request, cookie_header: bytes) -> None:
+        """The same, on the memory store: synchronously."""
+        uids = self._presented_uids(request, cookie_header)
+        if uids:
+            load = self._keeper.load_now
+            plain, secure = uids
+            request._presented = [
+                None if plain is None else load(plain),
+                None if secure is None else load(secure),
+            ]
+
+    @staticmethod
+    def _used_sessions(request: Request) -> list[Session]:
+        """The sessions the request touched or was given, each once."""
+        plain, secure = request._presented
+        given_plain, given_secure = request._sessions
+        used = []
+        for session in (plain, secure, given_plain, given_secure):
+            if session is not None and session not in used:
+                used.append(session)
+        return used
 
     async def _persist(self, request: Request) -> None:
         """Write what the request changed in its sessions, before responding."""
-        used = {s for s in (*request._presented, *request._sessions) if s is not None}
+        used = self._used_sessions(request)
         if used:
             await self._keeper.persist(used)
 
     def _unavailable(self, request: Request) -> None:
         """Answer 503: the session store cannot be reached."""
         request._reset_response()
-        request._sessions = [None, None]
-        request._presented = [None, None]
-        request._created = [False, False]
+        request._sessions = _NO_SESSIONS
+        request._presented = _NO_SESSIONS
+        request._created = (False, False)
         request.setHeader(b"retry-after", b"1")
         self._error_page(
             request, 503, "Sessions are unavailable for a moment; try again.", reset=False
@@ -229,26 +259,17 @@ class Site:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            await self._serve_http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._serve_lifespan(receive, send)
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1003})
-
-    async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self._keeper.start()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self._keeper.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._keeper.start()
+        if kind != "http":
+            if kind == "lifespan":
+                await self._serve_lifespan(receive, send)
+            elif kind == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+            return
+        # HTTP, written out here rather than in a method of its own: this is
+        # every request's path, and each coroutine layer costs.
+        keeper = self._keeper
+        if keeper.shared:
+            keeper.start()
         request = self.requestFactory(self, scope)
         try:
             result = await self._render(request, scope, receive)
@@ -263,14 +284,28 @@ class Site:
         else:
             if not request.finished:
                 request.finish()
-            try:
-                await self._persist(request)
-            except StoreUnavailable:
-                self._unavailable(request)
+            if keeper.shared:
+                try:
+                    await self._persist(request)
+                except StoreUnavailable:
+                    self._unavailable(request)
+            elif request._presented is not _NO_SESSIONS or request._sessions is not _NO_SESSIONS:
+                keeper.persist_now(self._used_sessions(request))
             body = request._take_chunks()
             await send(request._start_message(request.sentLength))
             await send({"type": "http.response.body", "body": body})
         log_access(request)
+
+    async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._keeper.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._keeper.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def _render(self, request: Request, scope: Scope, receive: Receive) -> Any:
         """Read, route and render ``request``: what the render returned, or
@@ -284,10 +319,13 @@ class Site:
                 return b""
             request.postpath = split_path(request.path)
             if cookie_header is not None:
-                await self._load_presented(request, cookie_header)
+                if self._keeper.shared:
+                    await self._load_presented(request, cookie_header)
+                else:
+                    self._load_presented_now(request, cookie_header)
             resource = self.getResourceFor(request)
             result = resource.render(request)
-            if inspect.isawaitable(result):
+            if type(result) is not bytes and type(result) is not str and isawaitable(result):
                 result = await result
             if isinstance(result, bytes | str):
                 if result or not request.finished:
@@ -331,26 +369,24 @@ class Site:
             raise BadRequest("The request URI is too long.", 414)
         limit = self.max_header_size
         budget = self.max_headers_total
-        cookies: list[bytes] = []
-        body_expected = False
+        cookie_header: bytes | None = None
         for name, value in scope["headers"]:
             budget -= len(name) + len(value)
             if len(value) > limit or budget < 0:
                 raise BadRequest("The request headers are too large.", 431)
             if name == b"cookie":
-                cookies.append(value)
+                cookie_header = value if cookie_header is None else cookie_header + b"; " + value
             elif name == b"content-length":
                 if not value.isdigit():
                     raise BadRequest("The Content-Length header is not a number.")
                 if int(value) > self.max_body_size:
                     raise BadRequest("The request body is too large.", 413)
-                body_expected = body_expected or value != b"0"
+                if value != b"0":
+                    request._body_expected = True
             elif name == b"transfer-encoding":
-                body_expected = True
-        request._body_expected = body_expected
-        if not cookies:
+                request._body_expected = True
+        if cookie_header is None:
             return None
-        cookie_header = b"; ".join(cookies)
         request._cookie_header = cookie_header
         return cookie_header
 
