@@ -130,7 +130,7 @@ reactor.listenTCP(port, site, interface="127.0.0.1")
 reactor.run()
 """
 
-COOKIE = re.compile(r"lapse_session=([0-9a-f]{64});")
+COOKIE = re.compile(r"lapse_session=([A-Za-z0-9_-]{24});")
 
 
 def cookie_uid(response: Response) -> str | None:

@@ -73,7 +73,7 @@ reactor.run()
 '''
 
 PAGE_BODY = b"this is the page"
-UID = re.compile(r"[0-9a-f]{64}")
+UID = re.compile(r"[A-Za-z0-9_-]{24}")
 SESSION_COOKIE = re.compile(r"^lapse_session=([^;]*)(;|$)")
 
 
@@ -131,12 +131,12 @@ def new_session_uid(response: Response) -> str:
         pytest.param(b"lapse_session=\xff\xfe\xfd\x80", id="non-utf8"),
         pytest.param(b"lapse_session=\xc3(\xa0\xa1; other=\xff", id="invalid-utf8-seq"),
         pytest.param(b"lapse_session=", id="empty-value"),
-        pytest.param(b"lapse_session==" + b"a" * 64, id="value-starting-with-equals"),
+        pytest.param(b"lapse_session==" + b"a" * 24, id="value-starting-with-equals"),
     ],
 )
 def test_malformed_cookie_gets_200_and_a_fresh_session(port: int, cookie: bytes) -> None:
     """A malformed Cookie header is not an error: 200, and a fresh session
-    (a new Set-Cookie with a 64-hex uid), never one adopting the value."""
+    (a new Set-Cookie with a well-formed uid), never one adopting the value."""
     response = raw(port, b"GET /session HTTP/1.1\r\nCookie: " + cookie)
     assert response.status == 200
     uid = new_session_uid(response)
@@ -168,9 +168,9 @@ def test_control_bytes_in_cookie_are_a_400_from_the_http_parser(port: int) -> No
 
 
 def test_unknown_well_formed_uid_gets_a_different_fresh_uid(port: int) -> None:
-    """A cookie naming a 64-hex uid the server never issued: 200 and a new,
-    different uid (the server does not adopt client-chosen uids)."""
-    forged = "0123456789abcdef" * 4
+    """A cookie naming a well-formed uid the server never issued: 200 and a
+    new, different uid (the server does not adopt client-chosen uids)."""
+    forged = "0123456789abcdef_-ABCDEF"
     response = request(port, "/session", headers={"Cookie": f"lapse_session={forged}"})
     assert response.status == 200
     uid = new_session_uid(response)

@@ -26,7 +26,7 @@ from _servers import (
 )
 
 LISTEN_CALL = "reactor.listenTCP(8080, factory)"
-UID = re.compile(r"[0-9a-f]{64}")
+UID = re.compile(r"[A-Za-z0-9_-]{24}")
 
 
 @contextlib.contextmanager
@@ -50,7 +50,7 @@ def session_cookie(response: Response) -> str:
     """The uid of the one ``lapse_session`` cookie the response sets."""
     cookies = response.header_all("set-cookie")
     assert len(cookies) == 1, cookies
-    match = re.match(r"lapse_session=([0-9a-f]{64});", cookies[0])
+    match = re.match(r"lapse_session=([A-Za-z0-9_-]{24});", cookies[0])
     assert match is not None, cookies[0]
     return match.group(1)
 
@@ -106,13 +106,14 @@ def test_session_endings_root_is_404(tmp_path: Path) -> None:
 
 
 def test_session_basics_shows_keeps_and_expires_the_session(tmp_path: Path) -> None:
-    """session_basics.py: / shows the session uid (64 hex); with the cookie,
-    the same uid; /expire says so and deletes the cookie (Max-Age=0); a
-    client that kept the old cookie then gets a different uid."""
+    """session_basics.py: / shows the session uid (24 URL-safe base64
+    characters); with the cookie, the same uid; /expire says so and deletes
+    the cookie (Max-Age=0); a client that kept the old cookie then gets a
+    different uid."""
     with run_example("session_basics.py", tmp_path) as (_server, port):
         first = request(port, "/")
         assert first.status == 200
-        match = re.fullmatch(r"Your session id is: ([0-9a-f]{64})", first.text)
+        match = re.fullmatch(r"Your session id is: ([A-Za-z0-9_-]{24})", first.text)
         assert match is not None, first.text
         uid = match.group(1)
         assert session_cookie(first) == uid
@@ -132,7 +133,7 @@ def test_session_basics_shows_keeps_and_expires_the_session(tmp_path: Path) -> N
         assert "Path=/" in attributes
 
         after = request(port, "/", headers=with_cookie(uid))
-        match = re.fullmatch(r"Your session id is: ([0-9a-f]{64})", after.text)
+        match = re.fullmatch(r"Your session id is: ([A-Za-z0-9_-]{24})", after.text)
         assert match is not None, after.text
         assert match.group(1) != uid
         assert session_cookie(after) == match.group(1)

@@ -44,7 +44,7 @@ from lapse.web.server import Request, Session, Site
 T = TypeVar("T")
 
 GUARD_SECONDS = 10.0
-UID = r"[0-9a-f]{64}"
+UID = r"[A-Za-z0-9_-]{24}"
 
 
 # -- helpers ----------------------------------------------------------------

@@ -9,7 +9,9 @@ headers are built, so they are checked on the response, not in
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 from typing import Any
 
 from conftest import SessionPage, call
@@ -30,29 +32,33 @@ class TestSite:
     """Twisted's SiteTest."""
 
     def test_makeSession(self) -> None:
-        """makeSession creates a Session whose uid is a str of 64 hex digits."""
+        """makeSession creates a Session whose uid is a str of 24 URL-safe
+        base64 characters (144 random bits); Twisted's is 64 hex digits."""
         site = server.Site(Resource(), reactor=Clock())
         session = site.makeSession()
         assert isinstance(session, server.Session)
         assert isinstance(session.uid, str)
-        assert len(session.uid) == 64
-        int(session.uid, 16)
+        assert re.fullmatch(r"[A-Za-z0-9_-]{24}", session.uid)
+        assert len(base64.urlsafe_b64decode(session.uid)) == 18
 
     def test_sessionUIDGeneration(self) -> None:
         """Sessions get distinct uids from the site's entropy source (os.urandom)."""
         site = server.Site(Resource(), reactor=Clock())
         assert site._entropy is os.urandom
         counter = [0]
+        asked: list[int] = []
 
         def predictable_entropy(n: int) -> bytes:
             counter[0] += 1
+            asked.append(n)
             return bytes([counter[0]]) * n
 
         site._entropy = predictable_entropy
         a = site.makeSession()
         b = site.makeSession()
-        assert a.uid == "01" * 0x20
-        assert b.uid == "02" * 0x20
+        assert asked == [18, 18]
+        assert a.uid == "AQEB" * 6
+        assert b.uid == "AgIC" * 6
         assert site.counter == 2
 
     def test_getSessionExistent(self) -> None:

@@ -80,15 +80,26 @@ class Componentized:
     :meth:`setComponent`, else one made once by the registered adapter and
     kept. The cache is created on first use, so objects that never use
     components cost nothing for it.
+
+    The cache has a slot, and subclasses may add theirs (sessions do: a
+    million of them are a million of these); ``__dict__`` stays, so any
+    attribute can still be set on a componentized object, as in Twisted.
     """
 
-    _adapterCache: dict[Any, Any] | None = None
+    __slots__ = ("__dict__", "__weakref__", "_adapterCache")
+
+    def __init__(self) -> None:
+        self._adapterCache: dict[Any, Any] | None = None
 
     def _cache(self) -> dict[Any, Any]:
-        cache = self._adapterCache
+        cache = self._existing_cache()
         if cache is None:
             cache = self._adapterCache = {}
         return cache
+
+    def _existing_cache(self) -> dict[Any, Any] | None:
+        # A subclass whose __init__ does not call ours has no cache yet.
+        return getattr(self, "_adapterCache", None)
 
     def setComponent(self, interfaceClass: Any, component: Any) -> None:
         """Use ``component`` as this object's ``interfaceClass``."""
@@ -101,21 +112,23 @@ class Componentized:
 
     def unsetComponent(self, interfaceClass: Any) -> None:
         """Forget the component for ``interfaceClass``."""
-        if self._adapterCache is not None:
-            self._adapterCache.pop(interfaceClass, None)
+        cache = self._existing_cache()
+        if cache is not None:
+            cache.pop(interfaceClass, None)
 
     def removeComponent(self, component: Any) -> list[Any]:
         """Forget ``component`` wherever it is set; the interfaces it was set for."""
-        if self._adapterCache is None:
+        cache = self._existing_cache()
+        if cache is None:
             return []
-        removed = [k for k, v in self._adapterCache.items() if v is component]
+        removed = [k for k, v in cache.items() if v is component]
         for interface in removed:
-            del self._adapterCache[interface]
+            del cache[interface]
         return removed
 
     def getComponent(self, interface: Any, default: Any = None) -> Any:
         """The component for ``interface``: set, cached, or adapted now and kept."""
-        cache = self._adapterCache
+        cache: dict[Any, Any] | None = getattr(self, "_adapterCache", None)
         if cache is not None and interface in cache:
             return cache[interface]
         adapter = interface.__adapt__(self)

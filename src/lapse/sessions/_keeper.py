@@ -6,7 +6,9 @@ Two modes, one contract:
   once, so the keeper drives it synchronously: one timer on the site's
   reactor wakes at the earliest deadline and drains what ended. On a fake
   ``Clock`` expiry therefore happens inside ``clock.advance()``, and when no
-  session is left no call is left on the clock.
+  session is left no call is left on the clock. The store is bound to the
+  site: its live sessions are ``site.sessions`` and its records the
+  ``Session`` objects themselves, so a session is kept once.
 - **Shared** (SQLite, Redis). The store is the authority; ``site.sessions``
   holds this process's copies of the sessions it has seen (their callbacks
   and components). A background task claims ended sessions, runs the
@@ -28,8 +30,8 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Protocol, cast
 
 from lapse.internet.interfaces import IDelayedCall, IReactorTime
 from lapse.sessions._data import SessionData
@@ -79,6 +81,8 @@ class SessionKeeper:
         self._memory = store if isinstance(store, MemoryStore) and not self.shared else None
         self._alarm: IDelayedCall | None = None
         self._alarm_when = math.inf
+        if self._memory is not None:
+            self._memory.bind(owner.sessions, self._make_session, self._wake)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -114,42 +118,47 @@ class SessionKeeper:
     def start_checking(self, session: Session) -> None:
         memory = self._memory
         if memory is not None:
-            if not memory.knows(session.uid):
-                data = session._data
-                stored = memory.create_now(session.uid, session.sessionTimeout, data or {})
-                if data is not None:
-                    session._data = SessionData(stored.data)
-                if stored.deadline < self._alarm_when:
-                    self._arm(stored.deadline)
+            memory.start_now(session)  # the alarm hears of it through _wake
         else:
             session._needs_create = True
 
     def data_for(self, session: Session) -> SessionData:
-        """The data mapping of a session that has none yet: in local mode,
-        a view of what the store holds, so changes reach the hook's data."""
-        memory = self._memory
-        if memory is not None:
-            stored = memory._live.get(session.uid)
-            if stored is not None:
-                return SessionData(stored.data)
+        """The data mapping of a session that has none yet. (In local mode
+        the session is the store's record: its data is the store's.)"""
         return SessionData()
 
     def touched(self, session: Session) -> None:
         memory = self._memory
         if memory is not None:
-            deadline = memory.touch_now(session.uid, session.sessionTimeout)
-            if deadline is not None and deadline < self._alarm_when:
-                self._arm(deadline)
+            if session._reactor is not self.owner.reactor:
+                # The store keeps the site's time; so must the session.
+                session._lastModified = memory.clock()
+            memory.touched_now(session)
         elif not session._needs_create:
             self.spawn(self.call(self.store.load(session.uid)))
 
     def expired_by_hand(self, session: Session) -> None:
         memory = self._memory
         if memory is not None:
-            if memory.expire_now(session.uid):
+            if memory.expire_record_now(session):
                 self.drain()
         else:
             self.spawn(self.persist([session]))
+
+    def _make_session(self, uid: str, timeout: float, data: Mapping[str, Any]) -> Session:
+        """Local mode: the session for one created through the store API."""
+        owner = self.owner
+        session = owner.sessionFactory(owner, uid)
+        if session.sessionTimeout != timeout:
+            session.sessionTimeout = timeout
+        if data:
+            session._data = SessionData(dict(data))
+        return session
+
+    def _wake(self, when: float) -> None:
+        """Local mode: something may end at ``when``; ring by then."""
+        if when < self._alarm_when:
+            self._arm(when)
 
     # -- loading and saving around a request ---------------------------------
 
@@ -157,17 +166,15 @@ class SessionKeeper:
         """Local mode: touch and return the live session ``uid``."""
         memory = self._memory
         assert memory is not None
-        stored = memory.load_now(uid)
+        record = memory.load_now(uid)
+        if record is not None:
+            live = cast(Session, record)
+            return None if live._expired else live
         session = self.owner.sessions.get(uid)
-        if stored is None:
-            if session is None or session._expired or memory.knows(uid):
-                return None
-            # Put in site.sessions by hand, never checked (Twisted allows it).
-            session.lastModified = self.owner.reactor.seconds()
-            return session
-        if session is None or session._expired:
-            session = self._adopt(stored)
-        session.lastModified = self.owner.reactor.seconds()
+        if session is None or session._expired or session._state is not None:
+            return None
+        # Put in site.sessions by hand, never checked (Twisted allows it).
+        session._lastModified = self.owner.reactor.seconds()
         return session
 
     async def load(self, uid: str) -> Session | None:
@@ -181,10 +188,11 @@ class SessionKeeper:
                 local._end()
             return None
         session = self._adopt(stored)
-        session.lastModified = self.owner.reactor.seconds()
+        session._lastModified = self.owner.reactor.seconds()
         return session
 
     def _adopt(self, stored: StoredSession) -> Session:
+        """Shared mode: this process's copy of a session the store holds."""
         sessions = self.owner.sessions
         session = sessions.get(stored.uid)
         if session is None or session._expired:
@@ -192,21 +200,16 @@ class SessionKeeper:
             sessions[stored.uid] = session
         if session.sessionTimeout != stored.timeout:
             session.sessionTimeout = stored.timeout
-        if self._memory is None:
-            session._data = SessionData(dict(stored.data))
-        # In local mode a new copy's data is made on first use, over the
-        # store's own dict (data_for).
+        session._data = SessionData(dict(stored.data))
         return session
 
     def persist_now(self, sessions: Iterable[Session]) -> None:
-        """Local mode: record what changed (the data is already in the store)."""
+        """Local mode: the data is already in the store (each session is its
+        own record): only forget what changed."""
         for session in sessions:
             data = session._data
             if data is not None and data.dirty:
-                changed, removed = data.take_changes()
-                if not session._expired:
-                    assert self._memory is not None
-                    self._memory.save_now(session.uid, changed, removed)
+                data.take_changes()
 
     async def persist(self, sessions: Iterable[Session]) -> None:
         """Write new sessions, changed keys and logouts."""
@@ -270,7 +273,11 @@ class SessionKeeper:
         memory = self._memory
         assert memory is not None
         for expiry in memory.claim_now(self.node_id, self.lease, 1 << 30):
-            self._end_local(expiry.uid)
+            # The session left site.sessions as the store ended it (and may
+            # have been replaced there): end the very object the store held.
+            record = memory.ended_record(expiry.uid)
+            if isinstance(record, Session):
+                record._end()
             self._deliver_now(expiry)
         upcoming = memory.next_deadline_now()
         if upcoming is None:

@@ -46,7 +46,22 @@ class Session(Componentized):
     default), then set the subclass as ``Site.sessionFactory``. Keep state
     that must persist (and be shared by processes) in :attr:`data`; components
     (``ICounter(session)``) and attributes stay in this process.
+
+    A server may hold a million of these, so what every session has lives in
+    slots; other attributes (a subclass's, an instance's ``sessionTimeout``)
+    go in ``__dict__`` as usual.
     """
+
+    __slots__ = (
+        "_callbacks",
+        "_data",
+        "_expired",
+        "_lastModified",
+        "_reactor",
+        "_state",
+        "site",
+        "uid",
+    )
 
     sessionTimeout: float = 900
     _needs_create = False
@@ -60,7 +75,26 @@ class Session(Componentized):
         self._callbacks: list[Callable[[], Any]] | None = None
         self._data: SessionData | None = None
         self._expired = False
-        self.lastModified = reactor.seconds()
+        # The memory store's bookkeeping for this session; None while no
+        # memory store checks it (see lapse.sessions.stores.memory).
+        self._state: object = None
+        self._adapterCache = None
+        self._lastModified: float = reactor.seconds()
+
+    @property
+    def lastModified(self) -> float:
+        """When the session was last touched (or began to be checked).
+
+        On the memory store the session ends at ``lastModified +
+        sessionTimeout``, so assigning it moves the session's deadline.
+        """
+        return self._lastModified
+
+    @lastModified.setter
+    def lastModified(self, when: float) -> None:
+        self._lastModified = when
+        if self._state is not None:
+            self.site._touched(self)
 
     @property
     def data(self) -> SessionData:
@@ -68,6 +102,18 @@ class Session(Componentized):
         if self._data is None:
             self._data = self.site._data_for(self)
         return self._data
+
+    def _store_values(self) -> dict[str, Any]:
+        """The dict behind :attr:`data`: what the memory store keeps and hands
+        to the expiry hook."""
+        data = self._data
+        if data is None:
+            data = self._data = SessionData()
+        return data._values
+
+    def _peek_values(self) -> dict[str, Any] | None:
+        data = self._data
+        return None if data is None else data._values
 
     @property
     def expireCallbacks(self) -> list[Callable[[], Any]]:
@@ -90,7 +136,7 @@ class Session(Componentized):
         """Mark the session as used now: its deadline moves to now + timeout."""
         if self._expired:
             return
-        self.lastModified = self._reactor.seconds()
+        self._lastModified = self._reactor.seconds()
         self.site._touched(self)
 
     def notifyOnExpire(self, callback: Callable[[], Any]) -> None:

@@ -5,54 +5,151 @@ sees the sessions. It implements the whole store protocol, and also offers
 the same operations synchronously (``*_now``), which the site uses so that
 expiry on a fake ``Clock`` happens inside ``clock.advance()``.
 
-Due sessions are found with a lazy heap: an entry ``(deadline, uid)`` is
-pushed when a session is created and when a session found due at its entry
-turns out to have been touched meanwhile; a touch itself only writes the
-deadline. An entry that no longer matches its session is dropped when popped.
+A live session is one record, and nothing else. Used by a site, the store is
+*bound* to it (:meth:`MemoryStore.bind`): its records are the site's
+``Session`` objects and its dict of live sessions is ``site.sessions``, so a
+session costs one dict entry, one object and its ``lastModified``. Used
+alone (tests, tools), its records are small objects of its own.
+
+A record ends at ``lastModified + sessionTimeout`` (store time). Due records
+are found without a timer or a heap entry per session:
+
+- Records are queued, one FIFO per timeout, when they begin to be checked.
+  Each begins at "now", so a queue is in deadline order: only its front is
+  ever looked at. A touch only sets ``lastModified`` and marks the record
+  touched; it allocates nothing and moves nothing.
+- A touched record reaching the front of its queue moves to a heap, keyed by
+  its deadline then; so does a record whose timeout changed. A heap entry
+  that is not its record's current one is dropped when it surfaces.
+
+A record's ``_state`` says where it is: None (not checked by this store),
+its ``_Queue`` (queued, untouched: its deadline is exact), that queue's
+``_Touched`` marker, a float (the key of its heap entry, the very object in
+the entry), or ``_GONE`` (ended). A record ended before its queue entry
+reaches the front (a logout) stays referenced by that entry until then, at
+most one timeout.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Protocol
 
-from lapse.sessions.store import Expiry, StoredSession
+from lapse.sessions.store import Expiry, StoreConfigError, StoredSession
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "Record"]
 
 # Slack when comparing a deadline with the clock, so that a timer that fires
 # at its deadline rounded down by one ulp still finds the session due.
 _EPSILON = 1e-6
 
+# Distinct timeouts get a queue each, up to this many; sessions of further
+# timeouts go to the heap (still correct, a little more memory).
+_MAX_QUEUES = 16
 
-@dataclass(slots=True)
-class _Live(StoredSession):
-    scheduled: float = 0.0
-    """The time of this session's current heap entry."""
+_GONE = object()
+"""The state of an ended record."""
 
 
-@dataclass(slots=True)
+class Record(Protocol):
+    """What the memory store keeps of a live session (a ``Session`` is one)."""
+
+    uid: str
+    sessionTimeout: float
+    _lastModified: float
+    _state: object
+
+    def _store_values(self) -> dict[str, Any]:
+        """The session's data dict (made empty if it has none yet)."""
+        ...
+
+    def _peek_values(self) -> dict[str, Any] | None:
+        """The session's data dict, or None if it has none yet."""
+        ...
+
+
+RecordFactory = Callable[[str, float, Mapping[str, Any]], Record]
+"""Makes the record of a session created through the store API: uid,
+timeout, data."""
+
+
+class _Live:
+    """A record of the store's own, when it is used without a site."""
+
+    __slots__ = ("_lastModified", "_state", "_values", "sessionTimeout", "uid")
+
+    def __init__(self, uid: str, timeout: float, values: dict[str, Any] | None) -> None:
+        self.uid = uid
+        self.sessionTimeout = timeout
+        self._lastModified = 0.0
+        self._state: object = None
+        self._values = values
+
+    def _store_values(self) -> dict[str, Any]:
+        values = self._values
+        if values is None:
+            values = self._values = {}
+        return values
+
+    def _peek_values(self) -> dict[str, Any] | None:
+        return self._values
+
+
+def _make_live(uid: str, timeout: float, data: Mapping[str, Any]) -> Record:
+    return _Live(uid, timeout, dict(data) if data else None)
+
+
+class _Queue:
+    """The records of one timeout, in the order they began to be checked."""
+
+    __slots__ = ("entries", "last", "timeout", "touched")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.entries: deque[Record] = deque()
+        self.last = -math.inf
+        """The deadline of the last record queued."""
+        self.touched = _Touched(self)
+
+
+class _Touched:
+    """The state of a queued record touched since it was queued."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self, queue: _Queue) -> None:
+        self.queue = queue
+
+
 class _Ended:
-    data: dict[str, Any]
-    cause: str
-    delivery_id: str = ""
-    attempt: int = 0
-    lease_until: float = 0.0
+    __slots__ = ("attempt", "cause", "delivery_id", "lease_until", "record")
+
+    def __init__(self, record: Record, cause: str) -> None:
+        self.record = record
+        self.cause = cause
+        self.delivery_id = ""
+        self.attempt = 0
+        self.lease_until = 0.0
 
 
 class MemoryStore:
-    """Live sessions in a dict, due ones found through a heap."""
+    """Live sessions in a dict; due ones found through per-timeout queues."""
 
     url = "memory:"
     shared = False
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.clock: Callable[[], float] = clock or time.time
-        self._live: dict[str, _Live] = {}
+        self._live: MutableMapping[str, Record] = {}
+        self._make: RecordFactory = _make_live
+        self._wake: Callable[[float], None] | None = None
+        self._bound = False
+        self._queues: dict[float, _Queue] = {}
         self._heap: list[tuple[float, str]] = []
         self._ended: dict[str, _Ended] = {}
         self._events: list[str] = []
@@ -62,85 +159,228 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._live)
 
-    # -- synchronous operations ------------------------------------------
+    def bind(
+        self,
+        live: MutableMapping[str, Any],
+        make: RecordFactory,
+        wake: Callable[[float], None] | None = None,
+    ) -> None:
+        """Serve one site: ``live`` (its ``sessions``) is the dict of live
+        records, ``make`` makes those created through the store API, and
+        ``wake(when)`` hears of every deadline set by a start or a touch
+        (for the site's one timer).
 
-    def _push(self, session: _Live, when: float) -> None:
-        session.scheduled = when
-        heapq.heappush(self._heap, (when, session.uid))
-
-    def load_now(self, uid: str) -> _Live | None:
-        session = self._live.get(uid)
-        if session is None:
-            return None
-        now = self.clock()
-        if session.deadline <= now + _EPSILON:
-            return None
-        session.deadline = now + session.timeout
-        return session
-
-    def touch_now(self, uid: str, timeout: float | None = None) -> float | None:
-        """Move a live session's deadline to now + timeout (its own, or
-        ``timeout`` from now on); the new deadline.
-
-        A deadline that moves earlier than the session's heap entry (its
-        timeout shrank) gets a new entry.
+        Records of ``live`` the store never started (put there by hand) are
+        not the store's: it neither loads nor ends them. A record taken out
+        of ``live`` by hand is forgotten, without an expiry.
         """
-        if timeout is not None:
-            live = self._live.get(uid)
-            if live is not None:
-                live.timeout = timeout
-        session = self.load_now(uid)
-        if session is None:
-            return None
-        if session.deadline < session.scheduled:
-            self._push(session, session.deadline)
-        return session.deadline
+        if live is not self._live and (self._bound or self._live or self._ended):
+            raise StoreConfigError(
+                "this memory store already keeps other sessions; give each site its own"
+            )
+        self._live = live
+        self._make = make
+        self._wake = wake
+        self._bound = True
 
-    def create_now(self, uid: str, timeout: float, data: Mapping[str, Any]) -> StoredSession:
-        deadline = self.clock() + timeout
-        session = self._live[uid] = _Live(uid, timeout, deadline, dict(data))
-        self._push(session, deadline)
-        return session
+    # -- scheduling ----------------------------------------------------------
 
-    def save_now(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
-        session = self._live.get(uid)
-        if session is None or session.deadline <= self.clock() + _EPSILON:
-            return False
-        data = session.data
-        data.update(changed)
-        for key in removed:
-            data.pop(key, None)
-        return True
+    def _schedule(self, record: Record, now: float) -> float:
+        """Begin checking ``record`` from ``now``; its deadline."""
+        record._lastModified = now
+        timeout = record.sessionTimeout
+        deadline = now + timeout
+        queues = self._queues
+        queue = queues.get(timeout)
+        if queue is None and len(queues) < _MAX_QUEUES:
+            queue = queues[timeout] = _Queue(timeout)
+        if queue is None or deadline < queue.last:  # (or the clock went back)
+            self._push(record, deadline)
+        else:
+            queue.last = deadline
+            queue.entries.append(record)
+            record._state = queue
+        if self._wake is not None:
+            self._wake(deadline)
+        return deadline
 
-    def knows(self, uid: str) -> bool:
-        """Whether ``uid`` is here at all, live or ended but not yet claimed."""
-        return uid in self._live or uid in self._ended
+    def _push(self, record: Record, when: float) -> None:
+        record._state = when
+        heapq.heappush(self._heap, (when, record.uid))
 
-    def exists_now(self, uid: str) -> bool:
-        session = self._live.get(uid)
-        return session is not None and session.deadline > self.clock() + _EPSILON
+    def _touch(self, record: Record) -> None:
+        """``record._lastModified`` was just set: note it, in O(1).
 
-    def _end(self, uid: str, cause: str) -> None:
-        session = self._live.pop(uid)
-        self._ended[uid] = _Ended(session.data, cause)
+        A queued record is only marked; a timeout that changed (or a heap
+        entry later than the new deadline) gets a heap entry now.
+        """
+        state = record._state
+        if type(state) is _Queue:
+            if record.sessionTimeout == state.timeout:
+                record._state = state.touched
+                return
+        elif type(state) is _Touched:
+            if record.sessionTimeout == state.queue.timeout:
+                return
+        elif type(state) is not float:
+            return  # not checked here, or ended
+        deadline = record._lastModified + record.sessionTimeout
+        if type(state) is not float or deadline < state:
+            self._push(record, deadline)
+            if self._wake is not None:
+                self._wake(deadline)
 
-    def expire_now(self, uid: str) -> bool:
-        if not self.exists_now(uid):
-            return False
-        self._end(uid, "expired")
-        return True
+    def _front(self, queue: _Queue) -> Record | None:
+        """The first record of ``queue`` whose deadline is exact; touched
+        records before it move to the heap, stale entries are dropped."""
+        entries = queue.entries
+        live = self._live
+        while entries:
+            record = entries[0]
+            state = record._state
+            if state is queue or state is queue.touched:
+                if live.get(record.uid) is not record:
+                    record._state = None  # taken out of the live dict by hand
+                elif state is queue and record.sessionTimeout == queue.timeout:
+                    return record
+                else:
+                    self._push(record, record._lastModified + record.sessionTimeout)
+            entries.popleft()
+        return None
+
+    def _heap_front(self) -> tuple[float, Record] | None:
+        heap = self._heap
+        live = self._live
+        while heap:
+            when, uid = heap[0]
+            record = live.get(uid)
+            if record is not None and record._state is when:
+                return when, record
+            heapq.heappop(heap)
+        return None
+
+    def _earliest(self) -> tuple[float, Record, _Queue | None] | None:
+        """The record to look at next, with its key and its queue (None: the
+        heap's). Nothing live ends before that key."""
+        best: tuple[float, Record, _Queue | None] | None = None
+        queues = self._queues
+        for timeout, queue in list(queues.items()):
+            record = self._front(queue)
+            if record is None:
+                del queues[timeout]
+                continue
+            key = record._lastModified + queue.timeout
+            if best is None or key < best[0]:
+                best = (key, record, queue)
+        top = self._heap_front()
+        if top is not None and (best is None or top[0] < best[0]):
+            best = (top[0], top[1], None)
+        return best
 
     def _collect_due(self, now: float) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            when, uid = heapq.heappop(heap)
-            session = self._live.get(uid)
-            if session is None or session.scheduled != when:
-                continue  # stale: ended, or rescheduled earlier
-            if session.deadline <= now:
-                self._end(uid, "timeout")
+        while True:
+            earliest = self._earliest()
+            if earliest is None or earliest[0] > now:
+                return
+            _, record, queue = earliest
+            if queue is None:
+                heapq.heappop(self._heap)
             else:
-                self._push(session, session.deadline)
+                queue.entries.popleft()
+            deadline = record._lastModified + record.sessionTimeout
+            if deadline <= now:
+                self._end(record, "timeout")
+            else:
+                self._push(record, deadline)  # touched since its entry
+
+    def _end(self, record: Record, cause: str) -> None:
+        uid = record.uid
+        live = self._live
+        if live.get(uid) is record:
+            del live[uid]
+        record._state = _GONE
+        self._ended[uid] = _Ended(record, cause)
+
+    def _get(self, uid: str, now: float) -> Record | None:
+        """The record of the live session ``uid``, if its deadline is ahead."""
+        record: Record | None = self._live.get(uid)
+        if record is None:
+            return None
+        state = record._state
+        if state is None or state is _GONE:
+            return None
+        if record._lastModified + record.sessionTimeout <= now + _EPSILON:
+            return None
+        return record
+
+    # -- synchronous operations ------------------------------------------
+
+    def start_now(self, record: Record) -> float | None:
+        """Begin checking ``record`` (a session of the bound site) from now:
+        put it in the live dict if it is not there, and queue it. Its deadline;
+        None if it was already started (or has ended)."""
+        if record._state is not None:
+            return None
+        live = self._live
+        if live.get(record.uid) is not record:
+            live[record.uid] = record
+        return self._schedule(record, self.clock())
+
+    def touched_now(self, record: Record) -> None:
+        """``record`` was touched (its ``_lastModified`` just set)."""
+        self._touch(record)
+
+    def load_now(self, uid: str) -> Record | None:
+        """Touch and return the live record ``uid``."""
+        now = self.clock()
+        record = self._get(uid, now)
+        if record is not None:
+            record._lastModified = now
+            self._touch(record)
+        return record
+
+    def create_now(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
+        """Store a new live session; its deadline."""
+        record = self._make(uid, timeout, data)
+        self._live[uid] = record
+        return self._schedule(record, self.clock())
+
+    def save_now(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
+        record = self._get(uid, self.clock())
+        if record is None:
+            return False
+        values = record._store_values()
+        values.update(changed)
+        for key in removed:
+            values.pop(key, None)
+        return True
+
+    def exists_now(self, uid: str) -> bool:
+        return self._get(uid, self.clock()) is not None
+
+    def expire_now(self, uid: str) -> bool:
+        record = self._get(uid, self.clock())
+        if record is None:
+            return False
+        self._end(record, "expired")
+        return True
+
+    def expire_record_now(self, record: Record) -> bool:
+        """End ``record`` now, whether or not it is still in the live dict
+        (a session leaves ``site.sessions`` before the store hears of its
+        end); False if the store was not checking it. One already past its
+        deadline ends as a timeout."""
+        state = record._state
+        if state is None or state is _GONE:
+            return False
+        overdue = record._lastModified + record.sessionTimeout <= self.clock() + _EPSILON
+        self._end(record, "timeout" if overdue else "expired")
+        return True
+
+    def ended_record(self, uid: str) -> Record | None:
+        """The record of an ended session not yet acknowledged."""
+        ended = self._ended.get(uid)
+        return None if ended is None else ended.record
 
     def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]:
         now = self.clock() + _EPSILON
@@ -155,7 +395,10 @@ class MemoryStore:
                 ended.delivery_id = f"{uid}:{next(self._deliveries)}"
             ended.attempt += 1
             ended.lease_until = now + lease
-            claims.append(Expiry(uid, ended.data, ended.delivery_id, ended.attempt, ended.cause))
+            data = ended.record._peek_values()
+            if data is None:
+                data = {}
+            claims.append(Expiry(uid, data, ended.delivery_id, ended.attempt, ended.cause))
         return claims
 
     def ack_now(self, expiry: Expiry) -> None:
@@ -177,14 +420,8 @@ class MemoryStore:
         return self._events[start - self._events_base :], str(end)
 
     def next_deadline_now(self) -> float | None:
-        heap = self._heap
-        while heap:
-            when, uid = heap[0]
-            live = self._live.get(uid)
-            if live is not None and live.scheduled == when:
-                break
-            heapq.heappop(heap)
-        candidates = [heap[0][0]] if heap else []
+        earliest = self._earliest()
+        candidates = [earliest[0]] if earliest is not None else []
         for ended in self._ended.values():
             candidates.append(ended.lease_until if ended.attempt else self.clock())
         return min(candidates) if candidates else None
@@ -201,10 +438,16 @@ class MemoryStore:
         return self.clock()
 
     async def load(self, uid: str) -> StoredSession | None:
-        return self.load_now(uid)
+        record = self.load_now(uid)
+        if record is None:
+            return None
+        timeout = record.sessionTimeout
+        values = record._peek_values()
+        data = {} if values is None else values
+        return StoredSession(uid, timeout, record._lastModified + timeout, data)
 
     async def create(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
-        return self.create_now(uid, timeout, data).deadline
+        return self.create_now(uid, timeout, data)
 
     async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
         return self.save_now(uid, changed, removed)
