@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from base64 import urlsafe_b64encode
 from collections.abc import Callable
 from inspect import isawaitable
@@ -31,7 +32,6 @@ from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
 from lapse.web._access import log_access
-from lapse.web._cookies import parse_cookie_header
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request, split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
@@ -45,6 +45,17 @@ log = logging.getLogger("lapse.web")
 session_log = logging.getLogger("lapse.sessions")
 
 _MAX_UID_COOKIE = 256
+
+
+def _cookie_uid(found: re.Match[bytes] | None) -> str | None:
+    if found is None:
+        return None
+    value = found.group(1).strip()
+    if len(value) >= 2 and value[:1] == b'"' and value[-1:] == b'"':
+        value = value[1:-1]
+    if not value or len(value) > _MAX_UID_COOKIE:
+        return None
+    return value.decode("latin-1")
 
 
 class _ClientGone(Exception):
@@ -145,6 +156,12 @@ class Site:
             raise ValueError(f"{name!r} is not a usable cookie name")
         self._cookie_name = name
         self._cookie_names = (name.encode("ascii"), b"__Host-" + name.encode("ascii"))
+        # The session cookies are looked for directly; the whole header is
+        # only parsed if the application asks for its cookies.
+        self._cookie_finders = tuple(
+            re.compile(rb"(?:^|;)\s*" + re.escape(raw) + rb"\s*=([^;]*)").search
+            for raw in self._cookie_names
+        )
 
     @property
     def secure_cookie_name(self) -> str:
@@ -190,18 +207,17 @@ class Site:
         return self._keeper.data_for(session)
 
     def _presented_uids(self, request: Request, cookie_header: bytes) -> list[str | None]:
-        """The uids the request's cookies name, [plain, secure], or []."""
-        cookies = parse_cookie_header(cookie_header)
-        request._received_cookies = cookies
-        names = self._cookie_names
-        plain = cookies.get(names[0])
-        secure = cookies.get(names[1]) if request.isSecure() else None
+        """The uids the request's cookies name, [plain, secure], or [].
+
+        As :func:`parse_cookie_header` reads them: the first cookie of the
+        name, stripped and unquoted; an empty or oversized value is none.
+        """
+        plain_finder, secure_finder = self._cookie_finders
+        plain = _cookie_uid(plain_finder(cookie_header))
+        secure = _cookie_uid(secure_finder(cookie_header)) if request.isSecure() else None
         if plain is None and secure is None:
             return []
-        return [
-            value.decode("latin-1") if value and len(value) <= _MAX_UID_COOKIE else None
-            for value in (plain, secure)
-        ]
+        return [plain, secure]
 
     async def _load_presented(self, request: Request, cookie_header: bytes) -> None:
         """Touch the sessions the request's cookies name (one store call each)."""
