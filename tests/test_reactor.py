@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import re
 import signal
 import socket
@@ -35,7 +36,12 @@ from _servers import (
     write_script,
 )
 
-from lapse.internet._asyncio import AsyncioReactor
+from lapse.internet._asyncio import (
+    PYTHON_GC_THRESHOLD,
+    SERVER_GC_THRESHOLD,
+    AsyncioReactor,
+    tune_gc,
+)
 from lapse.internet.error import CannotListenError, ReactorNotRunning
 from lapse.internet.interfaces import AlreadyCalled, AlreadyCancelled
 from lapse.web.resource import Resource
@@ -630,3 +636,47 @@ def test_site_served_by_plain_uvicorn_with_lifespan(tmp_path: Path) -> None:
     assert not thread.is_alive()
     assert errors == []
     assert not port_accepts(number)
+
+
+@pytest.fixture
+def gc_state() -> Iterator[None]:
+    """Put the collector back as it was after a tune_gc test."""
+    saved = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
+        gc.unfreeze()
+
+
+def test_tune_gc_freezes_and_raises_thresholds_from_defaults(
+    gc_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With CPython's default thresholds, tune_gc freezes what exists and sets
+    the server thresholds, so full collections over live sessions are rare."""
+    monkeypatch.delenv("LAPSE_GC_TUNING", raising=False)
+    gc.set_threshold(*PYTHON_GC_THRESHOLD)
+    gc.unfreeze()
+    assert tune_gc() is True
+    assert gc.get_threshold() == SERVER_GC_THRESHOLD
+    assert gc.get_freeze_count() > 0
+
+
+def test_tune_gc_leaves_thresholds_someone_chose(
+    gc_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thresholds already changed by the application are not overridden."""
+    monkeypatch.delenv("LAPSE_GC_TUNING", raising=False)
+    gc.set_threshold(1234, 5, 6)
+    assert tune_gc() is False
+    assert gc.get_threshold() == (1234, 5, 6)
+
+
+def test_tune_gc_is_off_with_env_zero(gc_state: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAPSE_GC_TUNING=0 keeps CPython's collector exactly as it is."""
+    monkeypatch.setenv("LAPSE_GC_TUNING", "0")
+    gc.set_threshold(*PYTHON_GC_THRESHOLD)
+    gc.unfreeze()
+    assert tune_gc() is False
+    assert gc.get_threshold() == PYTHON_GC_THRESHOLD
+    assert gc.get_freeze_count() == 0

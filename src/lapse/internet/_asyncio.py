@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -184,6 +185,34 @@ class Port:
         return f"<Port {self.getHost() if self.listening else '-'} {state}>"
 
 
+PYTHON_GC_THRESHOLD = (700, 10, 10)
+"""CPython's default collection thresholds."""
+
+SERVER_GC_THRESHOLD = (50_000, 20, 10)
+"""The thresholds :func:`tune_gc` sets for serving."""
+
+
+def tune_gc() -> bool:
+    """Set up the garbage collector for a server that holds many sessions.
+
+    Live sessions are long-lived objects, and with CPython's default
+    thresholds the collector rescans all of them often: under a steady
+    stream of new sessions a full collection came every second or so and
+    paused the server for 100-250 ms (bench/README.md). So, before serving:
+    ``gc.freeze()`` (what was built at start-up is never scanned again) and
+    thresholds of :data:`SERVER_GC_THRESHOLD`, which make full collections
+    rare. Nothing is done if the thresholds were already changed from
+    CPython's defaults, or if ``LAPSE_GC_TUNING=0``. Whether it was done.
+    """
+    if os.environ.get("LAPSE_GC_TUNING", "1").strip() == "0":
+        return False
+    if gc.get_threshold() != PYTHON_GC_THRESHOLD:
+        return False
+    gc.freeze()
+    gc.set_threshold(*SERVER_GC_THRESHOLD)
+    return True
+
+
 class AsyncioReactor:
     """Twisted's reactor API (time, TCP, TLS, run/stop) over asyncio and uvicorn."""
 
@@ -291,6 +320,7 @@ class AsyncioReactor:
         if self.running:
             raise ReactorAlreadyRunning("the reactor is already running")
         _configure_logging_from_env()
+        tune_gc()
         loop = self._own_loop()
         asyncio.set_event_loop(loop)
         handled: list[signal.Signals] = []
