@@ -80,6 +80,36 @@ def test_callbacks_run_in_order_once_on_timeout(site: Site, clock: Clock) -> Non
     assert runs == ["a", "b", "c"]
 
 
+def test_expire_callbacks_list_shows_and_takes_callbacks(site: Site, clock: Clock) -> None:
+    """expireCallbacks is Twisted's list: it shows a callback registered with
+    notifyOnExpire, and one appended to it directly runs too, after it."""
+    session = site.makeSession()
+    runs: list[str] = []
+
+    def first() -> None:
+        runs.append("first")
+
+    session.notifyOnExpire(first)
+    assert session.expireCallbacks == [first]
+    session.expireCallbacks.append(lambda: runs.append("appended"))
+    session.notifyOnExpire(lambda: runs.append("third"))
+    clock.advance(5)
+    assert runs == ["first", "appended", "third"]
+
+
+def test_single_callback_runs_once(site: Site, clock: Clock) -> None:
+    """A session's only callback runs once, at expiry, and not again."""
+    session = site.makeSession()
+    runs: list[int] = []
+    session.notifyOnExpire(lambda: runs.append(1))
+    clock.advance(4)
+    assert runs == []
+    clock.advance(1)
+    session.expire()
+    clock.advance(100)
+    assert runs == [1]
+
+
 def test_raising_callback_is_isolated_and_logged(
     site: Site, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -72,7 +72,9 @@ class Session(Componentized):
         self._reactor = reactor
         self.site = site
         self.uid = uid
-        self._callbacks: list[Callable[[], Any]] | None = None
+        # None, the one callback, or a list of them: most sessions have at
+        # most one, and a list per session is one more object to collect.
+        self._callbacks: Callable[[], Any] | list[Callable[[], Any]] | None = None
         self._data: SessionData | None = None
         self._expired = False
         # The memory store's bookkeeping for this session; None while no
@@ -118,9 +120,10 @@ class Session(Componentized):
     @property
     def expireCallbacks(self) -> list[Callable[[], Any]]:
         """The callbacks that will run when this session expires."""
-        if self._callbacks is None:
-            self._callbacks = []
-        return self._callbacks
+        callbacks = self._callbacks
+        if not isinstance(callbacks, list):
+            callbacks = self._callbacks = [] if callbacks is None else [callbacks]
+        return callbacks
 
     @property
     def expired(self) -> bool:
@@ -147,7 +150,10 @@ class Session(Componentized):
         if self._expired:
             self._run_callback(callback)
             return
-        self.expireCallbacks.append(callback)
+        if self._callbacks is None:
+            self._callbacks = callback
+        else:
+            self.expireCallbacks.append(callback)
 
     def expire(self) -> None:
         """End the session now (idempotent): a logout.
@@ -169,10 +175,14 @@ class Session(Componentized):
         sessions = self.site.sessions
         if sessions.get(self.uid) is self:
             del sessions[self.uid]
-        log.debug("session %s expired", short_uid(self.uid))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session %s expired", short_uid(self.uid))
         callbacks, self._callbacks = self._callbacks, None
-        for callback in callbacks or ():
-            self._run_callback(callback)
+        if isinstance(callbacks, list):
+            for callback in callbacks:
+                self._run_callback(callback)
+        elif callbacks is not None:
+            self._run_callback(callbacks)
 
     def _run_callback(self, callback: Callable[[], Any]) -> None:
         try:
