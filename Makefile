@@ -26,8 +26,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy
 
+# All systems and figures, ~10.5 min; options: make bench BENCH_ARGS="--systems lapse-memory,twisted"
 bench: $(VENV)/.bench-installed
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

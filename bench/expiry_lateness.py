@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import platform
 import random
@@ -49,6 +50,8 @@ class Options:
     window: float
     stores: list[str]
     seed: int
+    results: Path = RESULTS_FILE
+    json_path: Path | None = None
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -66,6 +69,15 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--quick", action="store_true", help="1,000 sessions over 10 s (unless given explicitly)"
     )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS_FILE,
+        help="where to write the Markdown table (bench/results/expiry_lateness.md)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the figures as JSON here (bench/run.py)"
+    )
     args = parser.parse_args(argv)
     sessions = args.sessions if args.sessions is not None else 1000 if args.quick else 10_000
     window = args.window if args.window is not None else 10.0 if args.quick else 60.0
@@ -79,7 +91,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         parser.error("--sessions must be at least 1")
     if not window >= 0 or not math.isfinite(window):
         parser.error("--window must be a finite number of seconds >= 0")
-    return Options(sessions, window, stores, args.seed)
+    return Options(sessions, window, stores, args.seed, args.results, args.json)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -291,6 +303,32 @@ def report(results: list[Result], opts: Options, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(r: Result, opts: Options) -> dict[str, object]:
+    """One store's figures, for bench/run.py (NaN percentiles become None)."""
+    ordered = sorted(r.lateness_ms)
+
+    def num(value: float) -> float | None:
+        return None if math.isnan(value) else value
+
+    return {
+        "store": r.store,
+        "sessions": r.sessions,
+        "window": opts.window,
+        "deliveries": r.deliveries,
+        "duplicates": r.duplicates,
+        "missing": r.missing,
+        "unknown": r.unknown,
+        "early": r.early,
+        "surely_early": r.surely_early,
+        "min_ms": num(ordered[0]) if ordered else None,
+        "p50_ms": num(percentile(ordered, 50)),
+        "p99_ms": num(percentile(ordered, 99)),
+        "max_ms": num(ordered[-1]) if ordered else None,
+        "create_seconds": r.create_seconds,
+        "passed": r.passed,
+    }
+
+
 async def run_all(opts: Options) -> list[Result]:
     results: list[Result] = []
     for store in opts.stores:
@@ -306,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run_all(opts))
     table = report(results, opts, command)
     print(table)
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(table)
+    opts.results.parent.mkdir(parents=True, exist_ok=True)
+    opts.results.write_text(table)
+    if opts.json_path is not None:
+        opts.json_path.write_text(json.dumps([summary(r, opts) for r in results]))
     return 0 if all(r.passed for r in results) else 1
 
 

@@ -1,0 +1,186 @@
+"""Where a lapse server's CPU goes while wrk touches one session: a py-spy profile.
+
+Starts the seed program (examples/session_endings.py, memory store unless
+``--store`` says otherwise) on a free 127.0.0.1 port, makes one session, drives
+``wrk -t1 -c50`` with its cookie, samples the server with ``py-spy record``
+meanwhile, stops the server by its PID, and prints a Markdown summary:
+
+- the share of samples by layer, from the innermost Python frame of each
+  sample: lapse (src/lapse and the example), uvicorn, asyncio/uvloop and the
+  rest of the standard library;
+- the share spent inside the ASGI app (``Site.__call__``, inclusive), i.e.
+  what lapse's own request path costs next to the HTTP stack under it;
+- the functions with the most samples of their own.
+
+Usage: .venv/bin/python bench/profile.py [--seconds 10] [--rate 1000] [--store URL]
+The summary also goes to bench/results/profile.md (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+EXAMPLE = REPO_DIR / "examples" / "session_endings.py"
+RESULTS = BENCH_DIR / "results" / "profile.md"
+HOST = "127.0.0.1"
+LISTEN_LINE = "listenTCP(8080, factory)"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def first_cookie(port: int) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=5)
+            conn.request("GET", "/logme")
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            header = response.getheader("Set-Cookie") or ""
+            return header.split(";", 1)[0]
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def layer(frame: str) -> str:
+    """The layer of one py-spy frame, ``function (path:line)``."""
+    path = "/" + frame.rsplit("(", 1)[-1]
+    if "/asyncio/" in path or "/uvloop/" in path or "/lapse/internet/_asyncio.py" in path:
+        # lapse's reactor.run() is only the frame that called into the loop.
+        return "event loop (uvloop, epoll and socket reads, no Python frame of its own)"
+    if "/lapse/" in path or "/seed.py" in path:
+        return "lapse"
+    if "/uvicorn/" in path:
+        return "uvicorn (its HTTP protocol; transport writes are the send syscalls)"
+    if "/httptools/" in path:
+        return "httptools"
+    return "other (standard library)"
+
+
+def summarise(raw: Path, top: int) -> list[str]:
+    by_layer: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    in_app = 0
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        by_layer[layer(frames[-1])] += count
+        own[frames[-1].split(" (")[0] + " (" + frames[-1].rsplit("/", 1)[-1]] += count
+        if any(frame.startswith("Site.__call__ ") for frame in frames):
+            in_app += count
+    if not total:
+        return ["No samples were taken."]
+    lines = [
+        f"Samples: {total:,}",
+        "",
+        "| Layer (innermost Python frame) | Share of samples |",
+        "|---|---:|",
+    ]
+    for name, count in by_layer.most_common():
+        lines.append(f"| {name} | {100 * count / total:.1f} % |")
+    lines += [
+        "",
+        f"Inside the ASGI app (`Site.__call__` on the stack): {100 * in_app / total:.1f} %"
+        " of samples;",
+        "the rest is the HTTP stack and event loop around it (the same code a bare ASGI app runs).",
+        "",
+        f"| Top {top} functions by own samples (file:line of the sampled line) | Share |",
+        "|---|---:|",
+    ]
+    for name, count in own.most_common(top):
+        lines.append(f"| `{name}` | {100 * count / total:.1f} % |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--seconds", type=int, default=10, help="profiled seconds (10)")
+    parser.add_argument("--rate", type=int, default=1000, help="py-spy samples/s (1000)")
+    parser.add_argument("--store", default="memory:", help="LAPSE_SESSION_STORE (memory:)")
+    parser.add_argument("--top", type=int, default=15, help="functions listed (15)")
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    wrk = shutil.which("wrk")
+    if not Path(py_spy).exists() or wrk is None:
+        raise SystemExit("needs py-spy (the bench extra) and wrk (make bench installs both)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="lapse-profile-") as tmp:
+        script = Path(tmp) / "seed.py"
+        source = EXAMPLE.read_text()
+        listen = f'listenTCP({port}, factory, interface="{HOST}")'
+        script.write_text(source.replace(LISTEN_LINE, listen))
+        raw = Path(tmp) / "profile.txt"
+        env = dict(os.environ, LAPSE_SESSION_STORE=args.store)
+        server = subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.DEVNULL, env=env, cwd=REPO_DIR
+        )
+        try:
+            cookie = first_cookie(port)
+            url = f"http://{HOST}:{port}/logme"
+            load = subprocess.Popen(
+                [wrk, "-t1", "-c50", f"-d{args.seconds + 3}s", "-H", f"Cookie: {cookie}", url],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(1.5)
+            subprocess.run(
+                [
+                    *(py_spy, "record", "-p", str(server.pid), "-d", str(args.seconds)),
+                    *("-r", str(args.rate), "-f", "raw", "-o", str(raw), "--nonblocking"),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            wrk_out, _ = load.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(server.pid, signal.SIGKILL)
+                server.wait()
+        rps = next((line for line in wrk_out.splitlines() if "Requests/sec" in line), "?")
+        lines = [
+            f"# Profile: lapse seed, store `{args.store}`, wrk -t1 -c50 touching one session",
+            "",
+            f"- wrk: {rps.strip()} (while sampled with py-spy at {args.rate}/s, which slows it)",
+            "",
+            *summarise(raw, args.top),
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
