@@ -31,7 +31,7 @@ from lapse.sessions import Session, SessionData, SessionStore, StoreUnavailable
 from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
-from lapse.web._access import log_access
+from lapse.web._access import access_log, log_access
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request, split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
@@ -286,19 +286,60 @@ class Site:
             elif kind == "websocket":
                 await send({"type": "websocket.close", "code": 1003})
             return
-        # HTTP, written out here rather than in a method of its own: this is
-        # every request's path, and each coroutine layer costs.
+        # HTTP, written out here rather than in methods of its own: this is
+        # every request's path, and each call and coroutine layer costs.
         keeper = self._keeper
         if keeper.shared:
             keeper.start()
         request = self.requestFactory(self, scope)
+        result: Any = None
+        resource: Any = None
         try:
-            result = await self._render(request, scope, receive)
+            # Read, route and render; an error page replaces what went wrong.
+            cookie_header = self._read_headers(request, scope)
+            if request._body_expected:
+                request.content.write(await self._read_body(request, receive))
+                request.content.seek(0)
+            if request.path == b"*" and request.method == b"OPTIONS":
+                result = b""
+            else:
+                request.postpath = split_path(request.path)
+                if cookie_header is not None:
+                    if keeper.shared:
+                        await self._load_presented(request, cookie_header)
+                    else:
+                        self._load_presented_now(request, cookie_header)
+                resource = self.getResourceFor(request)
+                result = resource.render(request)
+                if type(result) is not bytes and type(result) is not str and isawaitable(result):
+                    result = await result
+                if isinstance(result, bytes | str):
+                    if result or not request.finished:
+                        request.write(result)
+                elif not (type(result) is int and result == NOT_DONE_YET):
+                    self._wrong_result(request, resource, result)
+                    result = None
+        except BadRequest as exc:
+            self._error_page(request, exc.status, exc.reason)
+            result = None
+        except UnsupportedMethod as exc:
+            request._reset_response()
+            request.setHeader(b"allow", b", ".join(exc.allowedMethods))
+            self._error_page(
+                request, 405, "This resource does not answer the method used.", reset=False
+            )
+            result = None
         except _ClientGone:
             request._connection_lost()
             return
         except StoreUnavailable:
             self._unavailable(request)
+            result = None
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("error rendering %s for %r", request.uri.decode("latin-1"), request)
+            self._error_page(request, 500, "The server failed to answer this request.")
             result = None
         if type(result) is int and result == NOT_DONE_YET:
             await self._stream(request, receive, send)
@@ -312,10 +353,13 @@ class Site:
                     self._unavailable(request)
             elif request._presented is not _NO_SESSIONS or request._sessions is not _NO_SESSIONS:
                 keeper.persist_now(self._used_sessions(request))
-            body = request._take_chunks()
+            chunks = request._chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            request._chunks = []
             await send(request._start_message(request.sentLength))
             await send({"type": "http.response.body", "body": body})
-        log_access(request)
+        if access_log.isEnabledFor(logging.INFO):
+            log_access(request)
 
     async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -328,52 +372,14 @@ class Site:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _render(self, request: Request, scope: Scope, receive: Receive) -> Any:
-        """Read, route and render ``request``: what the render returned, or
-        ``None`` after an error page was written in its place."""
-        try:
-            cookie_header = self._read_headers(request, scope)
-            if request._body_expected:
-                request.content.write(await self._read_body(request, receive))
-                request.content.seek(0)
-            if request.path == b"*" and request.method == b"OPTIONS":
-                return b""
-            request.postpath = split_path(request.path)
-            if cookie_header is not None:
-                if self._keeper.shared:
-                    await self._load_presented(request, cookie_header)
-                else:
-                    self._load_presented_now(request, cookie_header)
-            resource = self.getResourceFor(request)
-            result = resource.render(request)
-            if type(result) is not bytes and type(result) is not str and isawaitable(result):
-                result = await result
-            if isinstance(result, bytes | str):
-                if result or not request.finished:
-                    request.write(result)
-                return result
-        except BadRequest as exc:
-            return self._error_page(request, exc.status, exc.reason)
-        except UnsupportedMethod as exc:
-            request._reset_response()
-            request.setHeader(b"allow", b", ".join(exc.allowedMethods))
-            return self._error_page(
-                request, 405, "This resource does not answer the method used.", reset=False
-            )
-        except (_ClientGone, StoreUnavailable, asyncio.CancelledError):
-            raise
-        except Exception:
-            log.exception("error rendering %s for %r", request.uri.decode("latin-1"), request)
-            return self._error_page(request, 500, "The server failed to answer this request.")
-        if type(result) is int and result == NOT_DONE_YET:
-            return result
+    def _wrong_result(self, request: Request, resource: Any, result: Any) -> None:
         log.error(
             "%r returned %r from render for %s; a render returns str, bytes or NOT_DONE_YET",
             resource,
             type(result).__name__,
             request.uri.decode("latin-1"),
         )
-        return self._error_page(request, 500, "The server failed to answer this request.")
+        self._error_page(request, 500, "The server failed to answer this request.")
 
     def _error_page(
         self, request: Request, status: int, detail: str, *, reset: bool = True
@@ -382,7 +388,6 @@ class Site:
             request._reset_response()
         brief = _REASONS.get(status, "Error")
         request.write(ErrorPage(status, brief, detail).render(request))
-        return None
 
     def _read_headers(self, request: Request, scope: Scope) -> bytes | None:
         """Check the request's size limits; the ``Cookie`` header, if any."""
