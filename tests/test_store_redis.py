@@ -393,6 +393,13 @@ _MONITOR_LINE = re.compile(r'\+[\d.]+ \[\d+ ([^\]]+)\] "([^"]*)"')
 async def commands_sent(server: RedisServer, action: Callable[[], Awaitable[Any]]) -> list[str]:
     """The commands clients sent to the server (as MONITOR shows them, not
     counting those a script ran) while ``action`` ran."""
+    return [command for _, command in await commands_and_clients(server, action)]
+
+
+async def commands_and_clients(
+    server: RedisServer, action: Callable[[], Awaitable[Any]]
+) -> list[tuple[str, str]]:
+    """Like :func:`commands_sent`, each with the client address that sent it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"MONITOR\r\n")
     assert await reader.readline() == b"+OK\r\n"
@@ -403,7 +410,7 @@ async def commands_sent(server: RedisServer, action: Callable[[], Awaitable[Any]
     await marker_reader.readline()
     marker.close()
     await marker.wait_closed()
-    sent: list[str] = []
+    sent: list[tuple[str, str]] = []
     while True:
         line = (await asyncio.wait_for(reader.readline(), 5)).decode()
         if mark in line:
@@ -411,7 +418,7 @@ async def commands_sent(server: RedisServer, action: Callable[[], Awaitable[Any]
         match = _MONITOR_LINE.match(line)
         assert match, line
         if match.group(1) != "lua":
-            sent.append(match.group(2).lower())
+            sent.append((match.group(1), match.group(2).lower()))
     writer.close()
     await writer.wait_closed()
     return sent
@@ -445,6 +452,35 @@ async def test_each_operation_is_one_command_on_the_server(server: RedisServer) 
         assert await commands_sent(server, lambda: store.events(None)) == ["xrevrange"]
         loaded = await store.load("u1")
         assert loaded is not None and loaded.data == {"a": 2, "c": 3}
+
+
+@aio
+async def test_concurrent_operations_of_a_store_share_one_connection(server: RedisServer) -> None:
+    """A store keeps one connection: 100 concurrent loads, saves and creates
+    (as concurrent requests make them) all reach Redis through it, one
+    command each, and each caller gets its own answer."""
+    clock = FakeClock(1000.0)
+    async with opened(server.url, clock) as store:
+        for i in range(50):
+            await store.create(f"u{i}", 60, {"i": i})
+        results: list[Any] = []
+
+        async def burst() -> None:
+            results.extend(
+                await asyncio.gather(
+                    *(store.load(f"u{i}") for i in range(50)),
+                    *(store.save(f"u{i}", {"j": i}, []) for i in range(25)),
+                    *(store.create(f"new{i}", 60, {}) for i in range(25)),
+                )
+            )
+
+        sent = await commands_and_clients(server, burst)
+        assert [command for _, command in sent] == ["evalsha"] * 100
+        assert len({client for client, _ in sent}) == 1
+        loaded = results[:50]
+        assert [s.data["i"] if s else None for s in loaded] == list(range(50))
+        assert results[50:75] == [True] * 25
+        assert all(deadline == 1060.0 for deadline in results[75:])
 
 
 @aio
@@ -566,8 +602,9 @@ async def test_a_stopped_server_makes_every_call_unavailable_and_a_restart_heals
             await store.create("u1", 60, {"a": 1})
             loaded = await store.load("u1")
             assert loaded is not None and loaded.data == {"a": 1}
-            # A restart between two calls: the pooled connection is stale, the
-            # next call still works (one immediate reconnect).
+            # A restart between two calls: the store's connection is stale, the
+            # next call still works (one immediate reconnect), and the new
+            # server gets the scripts it lacks (NOSCRIPT, then EVAL).
             own.stop()
             own.start()
             assert await store.create("u3", 60, {}) > 0

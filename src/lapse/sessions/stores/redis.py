@@ -2,23 +2,32 @@
 
 URL: ``redis://[[user]:password@]host[:port][/db][?prefix=name]``, or
 ``rediss://`` for TLS. The port defaults to 6379, the db to 0 and the key
-prefix to ``lapse``. Needs the ``redis`` package: ``pip install 'lapse[redis]'``.
+prefix to ``lapse``. Needs the ``hiredis`` package (the reply parser of the
+store's own client, :mod:`lapse.sessions.stores._resp`):
+``pip install 'lapse[redis]'``.
 
 Guarantees:
 
 - **One round trip per operation.** Every operation is one Lua script
-  (``EVALSHA``; the script is reloaded once if the server lost it) or one
-  plain command, so each runs atomically on the server: ``load`` touches and
-  reads in one step, and ``claim`` never hands one session to two claimers
-  while its lease holds, however many processes claim at once.
+  (``EVALSHA`` by the SHA1 computed here; ``EVAL`` once, caching it again,
+  if the server lost its scripts) or one plain command, so each runs
+  atomically on the server: ``load`` touches and reads in one step, and
+  ``claim`` never hands one session to two claimers while its lease holds,
+  however many processes claim at once.
 - **Server time.** Every deadline and lease is computed inside the scripts
   from the Redis server's ``TIME`` (microseconds), so clock skew between
   application nodes cannot end a live session early. A store given
   ``clock=`` (tests) passes ``clock()`` to the scripts instead.
-- **Fails fast.** Connecting and every command time out after ``timeout``
-  seconds (1 by default); any failure is a :class:`StoreUnavailable` naming
-  ``host:port`` (never the password). The client reconnects on the next call
-  once the server is back.
+- **One connection, pipelined.** Each store has one connection; the
+  operations that concurrent requests issue in one event-loop tick go to
+  Redis in one write, and their replies come back in order.
+- **Fails fast.** Connecting times out after ``timeout`` seconds (1 by
+  default), and so does the connection when the server leaves commands
+  unanswered that long (every waiting operation fails then); any failure is
+  a :class:`StoreUnavailable` naming ``host:port`` (never the password). The
+  client reconnects on the next call once the server is back; an operation
+  that finds the connection broken by a server restart since the previous
+  one is sent once more on a new connection.
 - **Per-key saves.** Each data key is its own hash field, so ``save`` writes
   only the changed keys and two requests changing different keys of one
   session both persist.
@@ -51,7 +60,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -60,17 +69,11 @@ from lapse.sessions.store import (
     Expiry,
     StoreConfigError,
     StoredSession,
-    StoreError,
     StoreUnavailable,
 )
 
 try:
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-    from redis.commands.core import AsyncScript
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import RedisError
+    from lapse.sessions.stores._resp import RedisClient, RedisError, Script
 
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -373,6 +376,14 @@ def _data(flat: list[str]) -> dict[str, Any]:
     return data
 
 
+def _field(flat: list[str], name: str) -> str | None:
+    """The value of ``name`` in a flat field/value list (a stream entry)."""
+    for i in range(0, len(flat) - 1, 2):
+        if flat[i] == name:
+            return flat[i + 1]
+    return None
+
+
 def _encode(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -399,7 +410,7 @@ class RedisStore:
         target = _parse_url(url)
         if _IMPORT_ERROR is not None:
             raise StoreConfigError(
-                "the Redis session store needs the redis package: pip install 'lapse[redis]'"
+                "the Redis session store needs the hiredis package: pip install 'lapse[redis]'"
             ) from _IMPORT_ERROR
         if not isinstance(timeout, int | float) or not (0 < timeout < math.inf):
             raise StoreConfigError(f"the Redis timeout must be positive seconds, not {timeout!r}")
@@ -412,8 +423,17 @@ class RedisStore:
         self.clock = clock
         self._target = target
         self._where = f"{target.host}:{target.port}"
-        self._client: aioredis.Redis | None = None
-        self._scripts: dict[str, AsyncScript] = {}
+        self._client = RedisClient(
+            target.host,
+            target.port,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            tls=target.tls,
+            timeout=self.timeout,
+        )
+        self._scripts = {name: Script(source) for name, source in _SCRIPTS.items()}
+        self._load_script = self._scripts["load"]
         self._k_deadlines = f"{prefix}:deadlines"
         self._k_ended = f"{prefix}:ended"
         self._k_leases = f"{prefix}:leases"
@@ -430,48 +450,19 @@ class RedisStore:
 
     # -- plumbing -----------------------------------------------------------
 
-    def _redis(self) -> aioredis.Redis:
-        if self._client is None:
-            t = self._target
-            client = aioredis.Redis(
-                host=t.host,
-                port=t.port,
-                db=t.db,
-                username=t.username,
-                password=t.password,
-                ssl=t.tls,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                decode_responses=True,
-                # One immediate retry on a broken connection (a server that
-                # restarted since the last call), none on a timeout.
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            )
-            self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
-            self._client = client
-        return self._client
-
     def _scrub(self, text: str) -> str:
         password = self._target.password
         if password:
             text = text.replace(password, "***")
         return text
 
-    @contextlib.asynccontextmanager
-    async def _guard(self, op: str) -> AsyncIterator[None]:
-        """Turn every driver failure into :class:`StoreUnavailable`, and give
-        up after ``timeout`` seconds whatever the driver does."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                yield
-        except StoreError:
-            raise
-        except (RedisError, OSError, TimeoutError) as exc:
-            detail = self._scrub(str(exc)) or "timed out"
-            raise StoreUnavailable(
-                f"Redis session store at {self._where} unavailable ({op}): "
-                f"{type(exc).__name__}: {detail}"
-            ) from exc
+    def _unavailable(self, op: str, exc: Exception) -> StoreUnavailable:
+        """The :class:`StoreUnavailable` for a client failure (raise it ``from exc``)."""
+        detail = self._scrub(str(exc)) or "timed out"
+        return StoreUnavailable(
+            f"Redis session store at {self._where} unavailable ({op}): "
+            f"{type(exc).__name__}: {detail}"
+        )
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(_us(self.clock(), "clock()"))
@@ -480,44 +471,49 @@ class RedisStore:
         return f"{self.prefix}:s:{uid}"
 
     async def _call(self, op: str, keys: list[str], args: list[str | int]) -> Any:
-        self._redis()
-        script = self._scripts[op]
-        async with self._guard(op):
-            return await script(keys=keys, args=args)
+        try:
+            return await self._client.evalsha(self._scripts[op], keys, args)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(op, exc) from exc
+
+    async def _command(self, op: str, *args: str | int) -> Any:
+        try:
+            return await self._client.execute(*args)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(op, exc) from exc
 
     # -- the protocol -------------------------------------------------------
 
     async def open(self) -> None:
         """Connect and load the scripts (one pipelined round trip). Idempotent."""
-        client = self._redis()
-        async with self._guard("open"), client.pipeline(transaction=False) as pipe:
-            for src in _SCRIPTS.values():
-                pipe.script_load(src)
-            await pipe.execute()
+        loads = [self._command("open", "SCRIPT", "LOAD", s.source) for s in self._scripts.values()]
+        await asyncio.gather(*loads)
 
     async def aclose(self) -> None:
-        """Close the connections. Idempotent; never raises a driver error."""
-        client, self._client = self._client, None
-        self._scripts = {}
-        if client is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose()
+        """Close the connection. Idempotent; never raises a client error.
+        The store stays usable: the next operation connects again."""
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()
 
     async def now(self) -> float:
         """The store's time: ``clock()`` if given, else the server's ``TIME``."""
         if self.clock is not None:
             return self.clock()
-        client = self._redis()
-        async with self._guard("now"):
-            seconds, micros = await client.time()
-        return seconds + micros / _US
+        seconds, micros = await self._command("now", "TIME")
+        return int(seconds) + int(micros) / _US
 
     async def load(self, uid: str) -> StoredSession | None:
         """Touch (deadline = now + timeout) and read a live session in one
         script; None if unknown or past its deadline (never revived)."""
-        reply = await self._call(
-            "load", [self._key(uid), self._k_deadlines], [self._now_arg(), uid]
-        )
+        # The hot path (one call per request): no helper coroutine in between.
+        clock = self.clock
+        now = "" if clock is None else str(_us(clock(), "clock()"))
+        try:
+            reply = await self._client.evalsha(
+                self._load_script, (f"{self.prefix}:s:{uid}", self._k_deadlines), (now, uid)
+            )
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("load", exc) from exc
         if not reply:
             return None
         deadline, timeout, flat = reply
@@ -592,14 +588,14 @@ class RedisStore:
         ``"0-0"``), to read from now on."""
         if cursor is not None and not _CURSOR.fullmatch(cursor):
             raise ValueError(f"not a Redis events cursor: {cursor!r}")
-        client = self._redis()
-        async with self._guard("events"):
-            if cursor is None:
-                last = await client.xrevrange(self._k_events, "+", "-", count=1)
-                return [], str(last[0][0]) if last else "0-0"
-            entries = await client.xrange(self._k_events, "(" + cursor, "+", count=_EVENTS_BATCH)
+        if cursor is None:
+            last = await self._command("events", "XREVRANGE", self._k_events, "+", "-", "COUNT", 1)
+            return [], str(last[0][0]) if last else "0-0"
+        entries = await self._command(
+            "events", "XRANGE", self._k_events, "(" + cursor, "+", "COUNT", _EVENTS_BATCH
+        )
         entries = entries or []
-        uids = [str(fields["uid"]) for _, fields in entries if fields]
+        uids = [uid for _, flat in entries if flat and (uid := _field(flat, "uid")) is not None]
         return uids, str(entries[-1][0]) if entries else cursor
 
     async def next_deadline(self) -> float | None:

@@ -1,0 +1,382 @@
+"""A small asyncio Redis client: one auto-pipelined connection per client.
+
+Made for the Redis session store, whose every operation is one command, so
+the cost that matters is the client's own per call. Design:
+
+- **One connection, auto-pipelined.** Commands issued by any number of
+  coroutines in the same event-loop tick are encoded (RESP arrays, by
+  ``hiredis.pack_command``) into one buffer and written with one
+  ``transport.write`` (the flush is scheduled with ``loop.call_soon`` once a
+  tick). Redis answers in order, so replies (parsed by ``hiredis.Reader``)
+  are matched first in, first out to the callers' futures. A caller that gave
+  up (its future was cancelled) simply has its reply dropped when it comes:
+  the alignment of the others is never lost.
+- **Lazy connection.** The first command connects (TCP, or TLS for
+  ``tls=True``), sends ``AUTH`` and ``SELECT`` if configured, within
+  ``timeout`` seconds; concurrent callers share that one attempt. A lost
+  connection (the server stopped, restarted, or closed it) fails every
+  pending command at once with :class:`RedisConnectionError`, and the next
+  command connects again. A command that was queued on a connection that
+  existed before it was issued and found that connection broken is retried
+  once on a fresh connection (the case of a server that restarted between
+  two calls); a command that fails on a connection made for it is not.
+- **Timeouts without a timer per command.** Each connection has one
+  watchdog timer: when commands are pending and nothing has come from the
+  server for ``timeout`` seconds, the connection is declared dead: closed,
+  and every pending command fails with :class:`RedisTimeoutError`.
+- **Errors.** An error reply (``-ERR ...``) is a :class:`ReplyError` for
+  its caller only; the connection stays usable. Every error of this module
+  is a :class:`RedisError`; none ever contains the password.
+- **Scripts.** :meth:`RedisClient.evalsha` runs a :class:`Script` by its
+  SHA1 (computed locally) and, if the server answers ``NOSCRIPT`` (its
+  script cache was flushed, or it restarted), runs it once with ``EVAL``,
+  which also caches it again.
+
+Replies are RESP2, decoded as UTF-8: bulk strings are ``str``, integers
+``int``, nil ``None``, arrays ``list``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import hiredis
+
+__all__ = [
+    "RedisClient",
+    "RedisConnectionError",
+    "RedisError",
+    "RedisTimeoutError",
+    "ReplyError",
+    "Script",
+]
+
+Arg = str | bytes | int | float
+
+# Encodes one command as a RESP array, in C (hiredis types it too narrowly).
+_pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
+
+
+class RedisError(Exception):
+    """Any failure of a Redis command."""
+
+
+class ReplyError(RedisError):
+    """The server answered the command with an error (the connection is fine)."""
+
+
+class RedisConnectionError(RedisError):
+    """No connection could be made, or it was lost before the reply came."""
+
+
+class RedisTimeoutError(RedisError):
+    """The server did not answer (or accept a connection) within the timeout."""
+
+
+class _ProtocolError(RedisConnectionError):
+    """The server sent something that is not RESP: the connection is dropped."""
+
+
+class _ConnectionLost(RedisConnectionError):
+    """The connection broke (closed by the server, reset): worth one retry."""
+
+
+class Script:
+    """A Lua script, known by the SHA1 of its source."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"<Script {self.sha}>"
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: a FIFO of pending futures, a write buffer, a watchdog."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        on_lost: Callable[[_Connection], None],
+    ) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(
+            protocolError=_ProtocolError, replyError=ReplyError, encoding="utf-8"
+        )
+        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.outgoing: list[bytes] = []
+        self.flush_scheduled = False
+        self.last_progress = loop.time()
+        self.failed = False
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.period = timeout / 4
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.watchdog = self.loop.call_later(self.period, self._tick)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        self.last_progress = self.loop.time()
+        pending = self.pending
+        while True:
+            try:
+                reply = reader.gets()
+            except _ProtocolError as exc:
+                self.fail(RedisConnectionError, f"protocol error, connection dropped: {exc}")
+                return
+            except UnicodeDecodeError as exc:
+                # hiredis consumed the whole reply: it is this caller's error only.
+                reply = ReplyError(f"reply is not UTF-8: {exc}")
+            if reply is False:
+                return
+            if not pending:
+                self.fail(RedisConnectionError, "reply without a command, connection dropped")
+                return
+            future = pending.popleft()
+            if future.done():  # the caller gave up (cancelled): drop its reply
+                continue
+            if type(reply) is ReplyError:
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        detail = f": {exc}" if exc is not None else " (closed by the server)"
+        self.fail(_ConnectionLost, "connection lost" + detail)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- commands --------------------------------------------------------------
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """Queue one encoded command; the future of its reply."""
+        future = self.loop.create_future()
+        pending = self.pending
+        if not pending:
+            self.last_progress = self.loop.time()
+        pending.append(future)
+        self.outgoing.append(packed)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        outgoing = self.outgoing
+        if not outgoing or self.failed or self.transport is None:
+            return
+        self.outgoing = []
+        try:
+            self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
+        except Exception as exc:  # a transport closed under us
+            self.fail(_ConnectionLost, f"write failed: {exc}")
+
+    def _tick(self) -> None:
+        """The watchdog: commands pending and the server silent for ``timeout``
+        seconds means the connection is dead."""
+        self.watchdog = None
+        if self.failed:
+            return
+        now = self.loop.time()
+        if self.pending:
+            deadline = self.last_progress + self.timeout
+            if now >= deadline:
+                self.fail(RedisTimeoutError, f"no reply within {self.timeout:g}s")
+                return
+            self.watchdog = self.loop.call_at(deadline, self._tick)
+        else:
+            self.watchdog = self.loop.call_at(now + self.period, self._tick)
+
+    def fail(self, error: Callable[[str], RedisError], message: str) -> None:
+        """Close the connection; every pending command fails with ``error``."""
+        if self.failed:
+            return
+        self.failed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        pending, self.pending = self.pending, deque()
+        self.outgoing = []
+        for future in pending:
+            if not future.done():
+                future.set_exception(error(message))
+        if self.transport is not None:
+            self.transport.abort()
+        self.on_lost(self)
+
+
+class RedisClient:
+    """An asyncio Redis client on one auto-pipelined connection (see the module).
+
+    Nothing touches the network until the first command. ``timeout`` bounds
+    connecting (with the ``AUTH``/``SELECT`` handshake) and the server's
+    silence while commands are pending.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 6379,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        timeout: float = 1.0,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+        self.host = host
+        self.port = port
+        self.db = db
+        self.timeout = timeout
+        self._username = username
+        self._password = password
+        self._tls = tls
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._generation = 0
+
+    def __repr__(self) -> str:
+        return f"<RedisClient {self.host}:{self.port}/{self.db}>"
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open now."""
+        return self._conn is not None
+
+    # -- commands ----------------------------------------------------------------
+
+    async def execute(self, *args: Arg) -> Any:
+        """Run one command (``execute("GET", key)``); its decoded reply."""
+        return await self.send(_pack(args))
+
+    async def send(self, packed: bytes) -> Any:
+        """Run one command already encoded as a RESP array; its decoded reply."""
+        conn = self._conn
+        if conn is None or conn.loop is not asyncio.get_running_loop():
+            return await (await self._connect()).send(packed)
+        try:
+            return await conn.send(packed)
+        except _ConnectionLost:
+            # It was queued on a connection that was already there, and that
+            # connection broke (a server restart between two calls, say):
+            # once more, on a new connection.
+            pass
+        return await (await self._connect()).send(packed)
+
+    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """Run ``script`` (EVALSHA; EVAL once if the server lost it)."""
+        try:
+            return await self.send(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.send(_pack(("EVAL", script.source, len(keys), *keys, *args)))
+
+    # -- the connection ---------------------------------------------------------
+
+    async def _connect(self) -> _Connection:
+        """The current connection, made now if there is none (one attempt
+        shared by all the callers that need it)."""
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is not None:
+            if conn.loop is loop:
+                return conn
+            self._drop(conn)  # made in another (finished) event loop
+        task = self._connecting
+        if task is None or task.get_loop() is not loop:
+            task = self._connecting = loop.create_task(self._open(self._generation))
+            task.add_done_callback(self._connected)
+        return await asyncio.shield(task)
+
+    def _connected(self, task: asyncio.Task[_Connection]) -> None:
+        if self._connecting is task:
+            self._connecting = None
+
+    async def _open(self, generation: int) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                context = ssl.create_default_context() if self._tls else None
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop, self.timeout, self._lost),
+                    self.host,
+                    self.port,
+                    ssl=context,
+                )
+                replies = [conn.send(_pack(command)) for command in self._handshake()]
+                for reply in replies:
+                    await reply
+        except TimeoutError as exc:
+            if conn is not None:
+                conn.fail(RedisConnectionError, "handshake timed out")
+            raise RedisTimeoutError(f"no connection within {self.timeout:g}s") from exc
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect: {exc}") from exc
+        except BaseException:
+            if conn is not None:
+                conn.fail(RedisConnectionError, "handshake failed")
+            raise
+        if generation != self._generation or conn.failed:
+            conn.fail(RedisConnectionError, "client closed")
+            raise RedisConnectionError("client closed while connecting")
+        self._conn = conn
+        return conn
+
+    def _handshake(self) -> list[tuple[Arg, ...]]:
+        commands: list[tuple[Arg, ...]] = []
+        if self._password is not None:
+            if self._username:
+                commands.append(("AUTH", self._username, self._password))
+            else:
+                commands.append(("AUTH", self._password))
+        if self.db:
+            commands.append(("SELECT", self.db))
+        return commands
+
+    def _lost(self, conn: _Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
+
+    def _drop(self, conn: _Connection) -> None:
+        self._conn = None
+        try:
+            conn.fail(RedisConnectionError, "connection closed by the client")
+        except RuntimeError:  # its event loop is closed: nothing left to do
+            conn.failed = True
+
+    async def aclose(self) -> None:
+        """Close the connection (pending commands fail). The client stays
+        usable: the next command connects again. Idempotent."""
+        self._generation += 1
+        self._connecting = None
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if conn.loop is not asyncio.get_running_loop():
+            self._drop(conn)
+            return
+        conn.fail(RedisConnectionError, "connection closed by the client")
+        if not conn.closed.done():
+            await asyncio.wait([conn.closed], timeout=self.timeout)
