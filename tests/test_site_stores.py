@@ -346,3 +346,41 @@ def test_unreachable_store_answers_503_quickly_and_logs_once(
     asyncio.run(scenario())
     outages = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(outages) == 1
+
+
+def test_frozen_redis_answers_503_within_the_store_timeout_then_recovers() -> None:
+    """A Redis that accepts connections but never answers (SIGSTOP): a request
+    with a session cookie gets a 503 within about the store's 1 s timeout (the
+    client's watchdog bounds the call; the site adds no timer of its own), and
+    once Redis runs again the same session is served."""
+    import os
+    import signal
+
+    from _redis_server import RedisServer
+
+    with RedisServer() as server:
+        assert server.pid is not None
+
+        async def scenario() -> None:
+            site = Site(DataPage(), store=f"redis://127.0.0.1:{server.port}/0?prefix=frozen")
+            try:
+                first = await call_async(site)
+                assert first.status == 200
+                cookie = {b"lapse_session": body(first)["uid"].encode()}
+                os.kill(server.pid, signal.SIGSTOP)
+                try:
+                    started = time.monotonic()
+                    frozen = await call_async(site, cookies=cookie)
+                    elapsed = time.monotonic() - started
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
+                assert frozen.status == 503
+                assert frozen.header(b"retry-after") == b"1"
+                assert 0.9 < elapsed < 2.5, elapsed
+                again = await call_async(site, cookies=cookie)
+                assert again.status == 200
+                assert body(again)["uid"] == body(first)["uid"]
+            finally:
+                await site._keeper.aclose()
+
+        asyncio.run(scenario())

@@ -77,6 +77,9 @@ class SessionKeeper:
         self.max_attempts = max_attempts
         self.store_timeout = store_timeout
         self.shared = store.shared
+        # A store that bounds its own calls (see SessionStore) is not wrapped
+        # in a timer per call: on the request path that timer costs.
+        self._bounded = bool(getattr(store, "enforces_timeout", False))
         self.node_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._memory = store if isinstance(store, MemoryStore) and not self.shared else None
         self._alarm: IDelayedCall | None = None
@@ -91,11 +94,15 @@ class SessionKeeper:
     # -- the store, with a deadline and one error type ----------------------
 
     async def call(self, operation: Awaitable[Any]) -> Any:
-        """Await a store operation within ``store_timeout``; outages are logged
-        once each and surface as :class:`StoreUnavailable`."""
+        """Await a store operation within ``store_timeout`` (or the store's
+        own bound, if it ``enforces_timeout``); outages are logged once each
+        and surface as :class:`StoreUnavailable`."""
         try:
-            async with asyncio.timeout(self.store_timeout):
+            if self._bounded:
                 result = await operation
+            else:
+                async with asyncio.timeout(self.store_timeout):
+                    result = await operation
         except StoreUnavailable as exc:
             self._report_outage(exc)
             raise

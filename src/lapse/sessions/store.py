@@ -102,6 +102,10 @@ class SessionStore(Protocol):
     shared: bool
     """Whether other processes may use the same sessions (SQLite, Redis)."""
 
+    # Optional: a store with ``enforces_timeout = True`` promises that every
+    # call fails with StoreUnavailable rather than wait on an unresponsive
+    # backend much past its own timeout, so the site adds no timer per call.
+
     async def open(self) -> None:
         """Connect and prepare (create tables, load scripts). Idempotent."""
 

@@ -398,6 +398,9 @@ class RedisStore:
     """
 
     shared = True
+    enforces_timeout = True
+    """The client fails every pending call once the server has been silent
+    for ``timeout`` seconds (one watchdog per connection)."""
 
     def __init__(
         self,
