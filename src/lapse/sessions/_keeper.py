@@ -374,8 +374,14 @@ class SessionKeeper:
                     _, cursor = await self.call(self.store.events(None))
                 while True:
                     claimed = await self.call(self.store.claim(self.node_id, self.lease, 100))
-                    for expiry in claimed:
-                        await self._deliver(expiry)
+                    # Delivered together: their acknowledgements share round
+                    # trips (the Redis client pipelines what one tick sends).
+                    outcomes = await asyncio.gather(
+                        *(self._deliver(expiry) for expiry in claimed), return_exceptions=True
+                    )
+                    for outcome in outcomes:
+                        if isinstance(outcome, BaseException):
+                            raise outcome
                     if len(claimed) < 100:
                         break
                 ended, cursor = await self.call(self.store.events(cursor))
