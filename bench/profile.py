@@ -1,6 +1,11 @@
-"""Where a lapse server's CPU goes while wrk touches one session: a py-spy profile.
+"""Where a lapse server's CPU goes while wrk touches one session.
 
-Starts the seed program (examples/session_endings.py, memory store unless
+First the server's CPU time per request, split into user and kernel time
+(from /proc/PID/stat around a wrk run), for lapse and for the bare ASGI app on
+the same uvicorn (bench/servers/bare_asgi.py), median of three runs each: the
+difference is what lapse's request path costs. Then a py-spy profile of lapse.
+
+For the profile it starts the seed program (examples/session_endings.py, memory store unless
 ``--store`` says otherwise) on a free 127.0.0.1 port, makes one session, drives
 ``wrk -t1 -c50`` with its cookie, samples the server with ``py-spy record``
 meanwhile, stops the server by its PID, and prints a Markdown summary:
@@ -13,6 +18,7 @@ meanwhile, stops the server by its PID, and prints a Markdown summary:
 - the functions with the most samples of their own.
 
 Usage: .venv/bin/python bench/profile.py [--seconds 10] [--rate 1000] [--store URL]
+       [--cpu-runs 3] (0: skip the CPU accounting)
 The summary also goes to bench/results/profile.md (git-ignored).
 """
 
@@ -26,6 +32,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +69,82 @@ def first_cookie(port: int) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+BARE = BENCH_DIR / "servers" / "bare_asgi.py"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def cpu_per_request(
+    command: list[str], port: int, env: dict[str, str], runs: int, wrk: str
+) -> tuple[float, float, float]:
+    """Median (user us, system us, requests/s) per request over ``runs`` wrk runs."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env, cwd=REPO_DIR)
+    try:
+        cookie = first_cookie(port) or "x=y"
+        url = f"http://{HOST}:{port}/logme"
+        base = [wrk, "-t1", "-c50", "-H", f"Cookie: {cookie}"]
+        subprocess.run([*base, "-d1s", url], check=True, capture_output=True)
+        samples = []
+        for _ in range(runs):
+            user0, sys0 = cpu_ticks(server.pid)
+            out = subprocess.run([*base, "-d4s", url], check=True, capture_output=True, text=True)
+            user1, sys1 = cpu_ticks(server.pid)
+            count = int(out.stdout.split(" requests in")[0].split()[-1])
+            rps = float(out.stdout.split("Requests/sec:")[1].split()[0])
+            per = 1e6 / TICKS / count
+            samples.append(((user1 - user0) * per, (sys1 - sys0) * per, rps))
+    finally:
+        stop(server)
+    return tuple(statistics.median(column) for column in zip(*samples, strict=True))  # type: ignore[return-value]
+
+
+def cpu_table(seed: Path, store: str, runs: int, wrk: str) -> list[str]:
+    rows = []
+    env = dict(os.environ, LAPSE_SESSION_STORE=store)
+    bare_port = free_port()
+    bare = cpu_per_request([sys.executable, str(BARE), str(bare_port)], bare_port, env, runs, wrk)
+    lapse_port = free_port()
+    lapse_seed = seed.with_name("seed_cpu.py")
+    lapse_seed.write_text(
+        EXAMPLE.read_text().replace(
+            LISTEN_LINE, f'listenTCP({lapse_port}, factory, interface="{HOST}")'
+        )
+    )
+    lapse = cpu_per_request([sys.executable, str(lapse_seed)], lapse_port, env, runs, wrk)
+    for name, (user, system, rps) in (("bare ASGI app", bare), ("lapse seed", lapse)):
+        rows.append(f"| {name} | {user:.1f} | {system:.1f} | {user + system:.1f} | {rps:,.0f} |")
+    extra_user, extra_sys = lapse[0] - bare[0], lapse[1] - bare[1]
+    budget = (bare[0] + bare[1]) / 0.8
+    return [
+        f"Server CPU per request (median of {runs} wrk runs of 4 s, touching one session):",
+        "",
+        "| server | user µs | kernel µs | total µs | requests/s |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"lapse's request path costs {extra_user:.1f} µs of user time and {extra_sys:.1f} µs of"
+        f" kernel time per request more than the bare app. At 0.8x the bare app's throughput a"
+        f" request may cost at most {budget:.1f} µs, i.e. lapse's whole path"
+        f" {budget - bare[0] - bare[1]:.1f} µs.",
+        "",
+    ]
 
 
 def layer(frame: str) -> str:
@@ -125,6 +208,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples/s (1000)")
     parser.add_argument("--store", default="memory:", help="LAPSE_SESSION_STORE (memory:)")
     parser.add_argument("--top", type=int, default=15, help="functions listed (15)")
+    parser.add_argument("--cpu-runs", type=int, default=3, help="CPU accounting runs (3; 0=skip)")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     wrk = shutil.which("wrk")
@@ -133,6 +217,7 @@ def main() -> int:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="lapse-profile-") as tmp:
         script = Path(tmp) / "seed.py"
+        cpu = cpu_table(script, args.store, args.cpu_runs, wrk) if args.cpu_runs > 0 else []
         source = EXAMPLE.read_text()
         listen = f'listenTCP({port}, factory, interface="{HOST}")'
         script.write_text(source.replace(LISTEN_LINE, listen))
@@ -160,19 +245,14 @@ def main() -> int:
             )
             wrk_out, _ = load.communicate(timeout=60)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(server.pid, signal.SIGKILL)
-                server.wait()
+            stop(server)
         rps = next((line for line in wrk_out.splitlines() if "Requests/sec" in line), "?")
         lines = [
             f"# Profile: lapse seed, store `{args.store}`, wrk -t1 -c50 touching one session",
             "",
             f"- wrk: {rps.strip()} (while sampled with py-spy at {args.rate}/s, which slows it)",
             "",
+            *cpu,
             *summarise(raw, args.top),
         ]
     text = "\n".join(lines) + "\n"

@@ -34,6 +34,8 @@ def test_bench_runs_end_to_end_on_a_tiny_configuration(tmp_path: Path, redis_ser
         "1000",
         "--live-sessions",
         "1000",
+        "--live-repeats",
+        "3",
         "--expiry-sessions",
         "200",
         "--expiry-window",
