@@ -17,7 +17,7 @@ meanwhile, stops the server by its PID, and prints a Markdown summary:
   what lapse's own request path costs next to the HTTP stack under it;
 - the functions with the most samples of their own.
 
-Usage: .venv/bin/python bench/profile.py [--seconds 10] [--rate 1000] [--store URL]
+Usage: .venv/bin/python bench/cpu_profile.py [--seconds 10] [--rate 1000] [--store URL]
        [--cpu-runs 3] (0: skip the CPU accounting)
 The summary also goes to bench/results/profile.md (git-ignored).
 """
@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import http.client
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,19 +36,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from run import free_port, stop  # bench/run.py: the same servers' helpers
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 EXAMPLE = REPO_DIR / "examples" / "session_endings.py"
 RESULTS = BENCH_DIR / "results" / "profile.md"
 HOST = "127.0.0.1"
 LISTEN_LINE = "listenTCP(8080, factory)"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def first_cookie(port: int) -> str:
@@ -79,16 +71,6 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     """(user, system) clock ticks the process has used."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]), int(fields[12])
-
-
-def stop(server: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.kill(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 def cpu_per_request(
