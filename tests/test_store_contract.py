@@ -275,3 +275,125 @@ def test_next_deadline_is_earliest(open_store: StoreFactory) -> None:
         assert expiry is None  # b was touched at 5: it ends at 15, not 10
 
     run(open_store, scenario)
+
+
+# -- rotation ---------------------------------------------------------------------
+
+
+def test_rotate_moves_session_keeping_data_and_aliases_old_uid(open_store: StoreFactory) -> None:
+    """rotate() moves a live session to a new uid with its data; the old uid
+    loads it (under the new uid) within the grace, and is unknown after."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("old", 60, {"user": "ann"})
+        assert await store.rotate("old", "new", 10)
+        loaded = await store.load("new")
+        assert loaded is not None and (loaded.uid, loaded.data) == ("new", {"user": "ann"})
+        clock.advance(9)
+        via_alias = await store.load("old")
+        assert via_alias is not None and (via_alias.uid, via_alias.data) == ("new", {"user": "ann"})
+        assert not await store.exists("old")
+        clock.advance(1.5)
+        assert await store.load("old") is None
+        assert await store.load("new") is not None
+        assert not await store.rotate("old", "other", 10)
+
+    run(open_store, scenario)
+
+
+def test_rotate_twice_old_uids_follow(open_store: StoreFactory) -> None:
+    """After two rotations within the grace, the first uid still names the session."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("a", 60, {"n": 1})
+        assert await store.rotate("a", "b", 10)
+        assert await store.rotate("b", "c", 10)
+        loaded = await store.load("a")
+        assert loaded is not None and loaded.uid == "c"
+
+    run(open_store, scenario)
+
+
+def test_rotated_session_ends_once_under_new_uid(open_store: StoreFactory) -> None:
+    """A rotated session's end is claimed once, under its new uid, with its data."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("old", 5, {"k": "v"})
+        clock.advance(2)
+        assert await store.rotate("old", "new", 1)
+        clock.advance(5.5)  # the rotation touched it: it ends 5 s after
+        claimed = await store.claim("me", 30, 10)
+        assert [(e.uid, e.cause, dict(e.data)) for e in claimed] == [("new", "timeout", {"k": "v"})]
+        await store.ack(claimed[0])
+        assert await store.claim("me", 30, 10) == []
+        assert await store.load("old") is None
+
+    run(open_store, scenario)
+
+
+def test_rotation_is_announced_as_a_pair(open_store: StoreFactory) -> None:
+    """events() reports a rotation as (old, new), in order with ends."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        _, cursor = await store.events(None)
+        await store.create("old", 5, {})
+        assert await store.rotate("old", "new", 10)
+        clock.advance(6)
+        (expiry,) = await store.claim("me", 30, 10)
+        await store.ack(expiry)
+        ended, _ = await store.events(cursor)
+        assert ended == [("old", "new"), "new"]
+
+    run(open_store, scenario)
+
+
+# -- absolute lifetime ------------------------------------------------------------
+
+
+def test_lifetime_ends_a_constantly_touched_session(open_store: StoreFactory) -> None:
+    """A session touched every few seconds still ends at creation + lifetime,
+    with cause "lifetime"; loads never set the deadline past that end."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        start = clock.now
+        await store.create("u1", 10, {"a": 1}, 25)
+        for _ in range(6):
+            clock.advance(4)
+            loaded = await store.load("u1")
+            assert loaded is not None and loaded.deadline <= start + 25 + 1e-6
+        clock.advance(1.5)  # t = 25.5
+        assert await store.load("u1") is None
+        (expiry,) = await store.claim("me", 30, 10)
+        assert (expiry.uid, expiry.cause, dict(expiry.data)) == ("u1", "lifetime", {"a": 1})
+
+    run(open_store, scenario)
+
+
+def test_idle_end_before_lifetime_is_a_timeout(open_store: StoreFactory) -> None:
+    """With a lifetime, a session left idle ends at its idle deadline, cause "timeout"."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 5, {}, 100)
+        clock.advance(5.5)
+        (expiry,) = await store.claim("me", 30, 10)
+        assert (expiry.uid, expiry.cause) == ("u1", "timeout")
+
+    run(open_store, scenario)
+
+
+def test_rotation_keeps_the_absolute_end(open_store: StoreFactory) -> None:
+    """Rotating does not extend the lifetime: the new uid ends at the original
+    creation + lifetime."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("old", 10, {}, 12)
+        clock.advance(8)
+        assert await store.rotate("old", "new", 2)
+        clock.advance(3)
+        assert await store.load("new") is not None
+        clock.advance(1.5)  # t = 12.5
+        assert await store.load("new") is None
+        (expiry,) = await store.claim("me", 30, 10)
+        assert (expiry.uid, expiry.cause) == ("new", "lifetime")
+
+    run(open_store, scenario)

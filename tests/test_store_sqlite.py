@@ -875,3 +875,61 @@ def test_the_worker_thread_stops_at_aclose(db: str, clock: FakeClock) -> None:
     for thread in started:
         thread.join(timeout=5)
         assert not thread.is_alive()
+
+
+_SCHEMA_V1 = """
+CREATE TABLE sessions (
+    uid TEXT PRIMARY KEY,
+    timeout REAL NOT NULL,
+    deadline REAL NOT NULL,
+    ended INTEGER NOT NULL DEFAULT 0,
+    cause TEXT,
+    delivery_id TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until REAL
+);
+CREATE INDEX sessions_live ON sessions (ended, deadline);
+CREATE INDEX sessions_lease ON sessions (ended, lease_until);
+CREATE TABLE session_data (
+    uid TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (uid, key)
+) WITHOUT ROWID;
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX events_at ON events (at);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_file_is_migrated_in_place(db: str, clock: FakeClock) -> None:
+    """A file of schema version 1 (before lifetimes and rotation) is upgraded by
+    the first open: its live sessions keep loading (with no absolute end), and
+    rotation and lifetimes work on it; the file is version 2 afterwards."""
+    conn = sqlite3.connect(db)
+    conn.executescript(_SCHEMA_V1)
+    conn.execute("INSERT INTO sessions (uid, timeout, deadline) VALUES ('u1', 30, 1030)")
+    conn.execute("INSERT INTO session_data VALUES ('u1', 'user', '\"ann\"')")
+    conn.commit()
+    conn.close()
+
+    async def body(store: SQLiteStore) -> None:
+        loaded = await store.load("u1")
+        assert loaded == StoredSession("u1", 30.0, 1030.0, {"user": "ann"})
+        assert await store.rotate("u1", "u2", 10)
+        loaded = await store.load("u1")
+        assert loaded is not None and loaded.uid == "u2"
+        await store.create("u3", 30, {}, 5)
+        clock.advance(6)
+        (expiry,) = await store.claim("me", 30, 10)
+        assert (expiry.uid, expiry.cause) == ("u3", "lifetime")
+
+    with_store(db, clock, body)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+    conn.close()

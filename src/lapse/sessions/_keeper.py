@@ -18,6 +18,12 @@ Two modes, one contract:
 In both, an ended session goes: out of ``site.sessions``, its callbacks, the
 durable hook with its final data (``on_expire``), acknowledged. A hook that
 raises is retried on the next claim, up to ``max_attempts`` deliveries.
+
+Rotation (``session.rotate()``) re-keys this process's copy at once. Locally
+the store re-keys its record in the same call; on a shared store the site
+writes it (one ``rotate`` call) with the request's other writes, before the
+response, and other processes re-key their copies when they read the
+rotation's announcement (or sooner, on a request with the old uid).
 """
 
 from __future__ import annotations
@@ -36,7 +42,13 @@ from typing import Any, Protocol, cast
 from lapse.internet.interfaces import IDelayedCall, IReactorTime
 from lapse.sessions._data import SessionData
 from lapse.sessions._session import Session, short_uid
-from lapse.sessions.store import Expiry, SessionStore, StoredSession, StoreUnavailable
+from lapse.sessions.store import (
+    Expiry,
+    SessionStore,
+    StoreConfigError,
+    StoredSession,
+    StoreUnavailable,
+)
 from lapse.sessions.stores.memory import MemoryStore
 
 __all__ = ["ExpiryHook", "SessionKeeper"]
@@ -68,7 +80,20 @@ class SessionKeeper:
         poll_interval: float = 0.1,
         max_attempts: int = 5,
         store_timeout: float = 1.0,
+        rotation_grace: float = 10.0,
+        max_sessions: int | None = None,
     ) -> None:
+        if not (isinstance(rotation_grace, int | float) and 0 <= rotation_grace < math.inf):
+            raise ValueError(f"rotation_grace is seconds >= 0, not {rotation_grace!r}")
+        if max_sessions is not None and (
+            isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1
+        ):
+            raise ValueError(f"max_sessions is a positive int or None, not {max_sessions!r}")
+        if max_sessions is not None and store.shared:
+            raise StoreConfigError(
+                f"max_sessions caps the sessions of one process's memory store; "
+                f"{store.url} is shared by processes and keeps no such cap"
+            )
         self.owner = owner
         self.store = store
         self.on_expire = on_expire
@@ -76,7 +101,11 @@ class SessionKeeper:
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
         self.store_timeout = store_timeout
+        self.rotation_grace = float(rotation_grace)
         self.shared = store.shared
+        # Shared mode: rotations not written to the store yet, new uid -> the
+        # uid the store knows the session by.
+        self._rotations: dict[str, str] = {}
         # A store that bounds its own calls (see SessionStore) is not wrapped
         # in a timer per call: on the request path that timer costs.
         self._bounded = bool(getattr(store, "enforces_timeout", False))
@@ -86,6 +115,8 @@ class SessionKeeper:
         self._alarm_when = math.inf
         if self._memory is not None:
             self._memory.bind(owner.sessions, self._make_session, self._wake)
+            if max_sessions is not None:
+                self._memory.max_live = max_sessions
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -126,6 +157,8 @@ class SessionKeeper:
         memory = self._memory
         if memory is not None:
             memory.start_now(session)  # the alarm hears of it through _wake
+            if memory.evicted:  # to make room for it (max_sessions)
+                self.drain()
         else:
             session._needs_create = True
 
@@ -151,6 +184,43 @@ class SessionKeeper:
                 self.drain()
         else:
             self.spawn(self.persist([session]))
+
+    def rotate(self, session: Session, new_uid: str) -> None:
+        """Give ``session`` the uid ``new_uid`` (see ``Session.rotate``)."""
+        memory = self._memory
+        if memory is not None and memory.rotate_record_now(session, new_uid, self.rotation_grace):
+            return
+        # Not in a local store (a session put in site.sessions by hand), or
+        # a shared one: re-key this process's copy now.
+        sessions = self.owner.sessions
+        old = session.uid
+        if sessions.get(old) is session:
+            del sessions[old]
+        session.uid = new_uid
+        sessions[new_uid] = session
+        if memory is None and not session._needs_create:
+            # Written by the next persist, before the response is sent.
+            self._rotations[new_uid] = self._rotations.pop(old, old)
+
+    def _rekey(self, old: str, new: str) -> Session | None:
+        """Shared mode: another process rotated ``old`` to ``new``: move this
+        process's copy (its callbacks and components) to the new uid."""
+        sessions = self.owner.sessions
+        copy = sessions.get(old)
+        if copy is None or copy._expired or copy._needs_create:
+            return None
+        del sessions[old]
+        current = sessions.get(new)
+        if current is not None and not current._expired:
+            # Both copies were made here: keep one, with both's callbacks.
+            callbacks, copy._callbacks = copy._callbacks, None
+            for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+                if callback is not None:
+                    current.notifyOnExpire(callback)
+            return current
+        copy.uid = new
+        sessions[new] = copy
+        return copy
 
     def _make_session(self, uid: str, timeout: float, data: Mapping[str, Any]) -> Session:
         """Local mode: the session for one created through the store API."""
@@ -194,14 +264,17 @@ class SessionKeeper:
             if local is not None and not local._needs_create:
                 local._end()
             return None
-        session = self._adopt(stored)
+        session = self._adopt(stored, uid)
         session._lastModified = self.owner.reactor.seconds()
         return session
 
-    def _adopt(self, stored: StoredSession) -> Session:
-        """Shared mode: this process's copy of a session the store holds."""
+    def _adopt(self, stored: StoredSession, presented: str) -> Session:
+        """Shared mode: this process's copy of a session the store holds
+        (loaded as ``presented``: its uid, or an old uid rotated away)."""
         sessions = self.owner.sessions
         session = sessions.get(stored.uid)
+        if (session is None or session._expired) and stored.uid != presented:
+            session = self._rekey(presented, stored.uid)
         if session is None or session._expired:
             session = self.owner.sessionFactory(self.owner, stored.uid)
             sessions[stored.uid] = session
@@ -229,17 +302,34 @@ class SessionKeeper:
             if session._needs_create:
                 data = session.data
                 data.take_changes()
-                await self.call(store.create(uid, session.sessionTimeout, dict(data)))
+                await self.call(
+                    store.create(uid, session.sessionTimeout, dict(data), session.absolute_timeout)
+                )
                 session._needs_create = False
-            elif session._data is not None and session._data.dirty:
-                changed, removed = session._data.take_changes()
-                try:
-                    await self.call(store.save(uid, changed, removed))
-                except StoreUnavailable:
-                    session._data.restore_changes(changed, removed)
-                    raise
+            else:
+                if self._rotations and uid in self._rotations:
+                    await self._write_rotation(session)
+                values = session._data
+                if values is not None and values.dirty:
+                    changed, removed = values.take_changes()
+                    try:
+                        await self.call(store.save(uid, changed, removed))
+                    except StoreUnavailable:
+                        values.restore_changes(changed, removed)
+                        raise
             if session._expired:
                 await self.call(store.expire(uid))
+
+    async def _write_rotation(self, session: Session) -> None:
+        uid = session.uid
+        origin = self._rotations.pop(uid)
+        try:
+            rotated = await self.call(self.store.rotate(origin, uid, self.rotation_grace))
+        except StoreUnavailable:
+            self._rotations[uid] = origin
+            raise
+        if not rotated:  # it had ended meanwhile
+            session._end()
 
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run store work in the background; failures are logged, not raised."""
@@ -385,8 +475,11 @@ class SessionKeeper:
                     if len(claimed) < 100:
                         break
                 ended, cursor = await self.call(self.store.events(cursor))
-                for uid in ended:
-                    self._end_local(uid)
+                for event in ended:
+                    if isinstance(event, tuple):
+                        self._rekey(*event)
+                    else:
+                        self._end_local(event)
                 upcoming = await self.call(self.store.next_deadline())
                 if upcoming is not None:
                     now = await self.call(self.store.now())

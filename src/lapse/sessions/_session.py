@@ -31,6 +31,7 @@ class SessionOwner(Protocol):
     def _start_checking(self, session: Session) -> None: ...
     def _touched(self, session: Session) -> None: ...
     def _expired_by_hand(self, session: Session) -> None: ...
+    def _rotate(self, session: Session) -> None: ...
     def _data_for(self, session: Session) -> SessionData: ...
 
 
@@ -43,7 +44,9 @@ class Session(Componentized):
     """A user's session, kept alive by visits, gone after ``sessionTimeout``.
 
     Subclass and set ``sessionTimeout`` (seconds of inactivity, 900 by
-    default), then set the subclass as ``Site.sessionFactory``. Keep state
+    default) and, for an absolute lifetime, ``absolute_timeout`` (seconds
+    from creation; None, the default, for none), then set the subclass as
+    ``Site.sessionFactory``. Keep state
     that must persist (and be shared by processes) in :attr:`data`; components
     (``ICounter(session)``) and attributes stay in this process.
 
@@ -55,6 +58,7 @@ class Session(Componentized):
     __slots__ = (
         "_callbacks",
         "_data",
+        "_ends_at",
         "_expired",
         "_lastModified",
         "_reactor",
@@ -64,6 +68,9 @@ class Session(Componentized):
     )
 
     sessionTimeout: float = 900
+    absolute_timeout: float | None = None
+    """Seconds from creation after which the session ends however often it
+    is touched (OWASP's absolute timeout); None: no such end."""
     _needs_create = False
 
     def __init__(self, site: SessionOwner, uid: str, reactor: IReactorTime | None = None) -> None:
@@ -80,6 +87,9 @@ class Session(Componentized):
         # The memory store's bookkeeping for this session; None while no
         # memory store checks it (see lapse.sessions.stores.memory).
         self._state: object = None
+        # The absolute end (store time), set when the store starts the
+        # session if its class has an absolute_timeout.
+        self._ends_at: float | None = None
         self._adapterCache = None
         self._lastModified: float = reactor.seconds()
 
@@ -141,6 +151,21 @@ class Session(Componentized):
             return
         self._lastModified = self._reactor.seconds()
         self.site._touched(self)
+
+    def rotate(self) -> str:
+        """Give the session a new uid, keeping everything else (data,
+        callbacks, components, creation time, so its absolute end): call it
+        at login, against session fixation. Returns the new uid.
+
+        The response re-sets the session cookie to the new uid. The old uid
+        stays an alias of the session for the site's ``rotation_grace``
+        (10 s by default), so that requests already in flight with the old
+        cookie get the same session (their responses set the new cookie);
+        after that the old uid is unknown. Does nothing on an ended session.
+        """
+        if not self._expired:
+            self.site._rotate(self)
+        return self.uid
 
     def notifyOnExpire(self, callback: Callable[[], Any]) -> None:
         """Call ``callback()`` once when this session expires.

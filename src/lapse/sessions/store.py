@@ -1,12 +1,20 @@
 """The session store protocol: where sessions live, knowing nothing of HTTP.
 
 A store keeps, for each live session, its uid, its timeout (seconds of
-inactivity), its deadline (in the store's own time) and its data (a dict of
-JSON values). The site asks it to:
+inactivity), its absolute end (creation + lifetime, if it has a lifetime),
+its deadline (in the store's own time: the earlier of the idle deadline and
+the absolute end) and its data (a dict of JSON values). The site asks it to:
 
 - ``load(uid)``: load *and touch* a live session in one round trip (its
-  deadline becomes now + timeout); None for an unknown or ended session;
-- ``create(uid, timeout, data)``;
+  deadline becomes now + timeout, never past its absolute end); None for an
+  unknown or ended session. A uid that was rotated away less than its grace
+  ago loads the session under its new uid (``StoredSession.uid`` says which);
+- ``create(uid, timeout, data, lifetime=None)``;
+- ``rotate(uid, new_uid, grace)``: move a live session, data, creation time
+  and absolute end included, to a new uid, atomically; the old uid stays an
+  alias of it for ``grace`` seconds, then is unknown. Announced in
+  ``events()`` as a pair ``(old, new)``, so other processes re-key their
+  copies;
 - ``save(uid, changed, removed)``: write only the keys that changed;
 - ``exists(uid)``: whether a session is live, without touching it;
 - ``expire(uid)``: end a session now (a logout);
@@ -16,8 +24,9 @@ JSON values). The site asks it to:
   (the owner died mid-hook), the next ``claim`` by anyone hands it out again,
   with the same ``delivery_id`` and ``attempt`` + 1;
 - ``ack(expiry)``: the hook ran; forget the session and announce its end;
-- ``events(cursor)``: uids whose end was announced since ``cursor``, so that
-  every process can run its own ``notifyOnExpire`` callbacks;
+- ``events(cursor)``: uids whose end was announced since ``cursor`` (and
+  ``(old, new)`` pairs for rotations), so that every process can run its own
+  ``notifyOnExpire`` callbacks;
 - ``next_deadline()``: a time before which nothing ends, to sleep until then.
 
 Time: every deadline and lease is in the store's clock. A store given
@@ -38,6 +47,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Clock",
+    "Event",
     "Expiry",
     "SessionStore",
     "StoreConfigError",
@@ -48,6 +58,10 @@ __all__ = [
 
 Clock = Callable[[], float]
 """A time source: seconds as a float."""
+
+Event = str | tuple[str, str]
+"""An announcement read by ``events()``: an ended session's uid, or a
+rotation's ``(old_uid, new_uid)``."""
 
 
 class StoreError(Exception):
@@ -84,7 +98,10 @@ class Expiry:
 
     ``delivery_id`` is the same on every delivery of one expiry (a hook can
     drop duplicates by it); ``attempt`` counts deliveries from 1; ``cause``
-    is ``"timeout"`` or ``"expired"`` (ended by ``expire()``).
+    is ``"timeout"`` (idle for ``sessionTimeout``), ``"lifetime"`` (its
+    ``absolute_timeout`` since creation ran out), ``"expired"`` (ended by
+    ``expire()``) or ``"evicted"`` (the memory store's ``max_sessions`` cap
+    made room for a new session).
     """
 
     uid: str
@@ -118,8 +135,18 @@ class SessionStore(Protocol):
     async def load(self, uid: str) -> StoredSession | None:
         """Touch and return the live session ``uid``, in one round trip."""
 
-    async def create(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
-        """Store a new live session; its deadline."""
+    async def create(
+        self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
+    ) -> float:
+        """Store a new live session; its deadline. With ``lifetime``, the
+        session ends ``lifetime`` seconds from now at the latest, however
+        often it is touched."""
+
+    async def rotate(self, uid: str, new_uid: str, grace: float) -> bool:
+        """Move the live session ``uid`` to ``new_uid`` (data, timeout,
+        creation time and absolute end kept; touched), atomically; ``uid``
+        loads it for ``grace`` more seconds, then is unknown. Announced as
+        ``(uid, new_uid)`` in :meth:`events`. False if ``uid`` was not live."""
 
     async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
         """Write the changed keys and delete the removed ones; False if the
@@ -137,9 +164,9 @@ class SessionStore(Protocol):
     async def ack(self, expiry: Expiry) -> None:
         """The hook for ``expiry`` ran: forget the session, announce its end."""
 
-    async def events(self, cursor: str | None) -> tuple[list[str], str]:
-        """Uids announced ended after ``cursor`` (None: from now on), and the
-        new cursor."""
+    async def events(self, cursor: str | None) -> tuple[list[Event], str]:
+        """Uids announced ended after ``cursor`` (None: from now on), with
+        ``(old, new)`` pairs for rotations, in order; and the new cursor."""
 
     async def next_deadline(self) -> float | None:
         """When to look again: the earliest deadline or lease end in store

@@ -105,6 +105,8 @@ class Request:
     _presented: list[Session | None] | tuple[None, None] = _NO_SESSIONS
     _sessions: list[Session | None] | tuple[None, None] = _NO_SESSIONS
     _created: list[bool] | tuple[bool, bool] = (False, False)
+    # The uids the request's session cookies named, (plain, secure).
+    _presented_uids: list[str | None] | tuple[None, None] = _NO_SESSIONS
 
     def __init__(self, site: Site, scope: Scope) -> None:
         self.site = site
@@ -302,7 +304,9 @@ class Request:
             name = self.site._cookie_names[slot]
             if session._expired:
                 headers.append(format_delete_cookie(name, secure=secure))
-            elif self._created[slot]:
+            elif self._created[slot] or session.uid != self._presented_uids[slot]:
+                # New, or rotated (in this request, or before it: the cookie
+                # named an old uid still in its grace).
                 headers.append(format_session_cookie(name, session.uid, secure=secure))
         return headers
 

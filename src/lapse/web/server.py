@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
-from base64 import urlsafe_b64encode
 from collections.abc import Callable
 from inspect import isawaitable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
-from lapse.sessions import Session, SessionData, SessionStore, StoreUnavailable
-from lapse.sessions._keeper import ExpiryHook, SessionKeeper
-from lapse.sessions._session import short_uid
-from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
+from lapse.sessions import Session, SessionStore, StoreUnavailable
+from lapse.sessions._keeper import ExpiryHook
 from lapse.web._access import access_log, log_access
+from lapse.web._host import SessionHost, cookie_uid
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request, split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
@@ -44,25 +40,12 @@ version = b"lapse"
 log = logging.getLogger("lapse.web")
 session_log = logging.getLogger("lapse.sessions")
 
-_MAX_UID_COOKIE = 256
-
-
-def _cookie_uid(found: re.Match[bytes] | None) -> str | None:
-    if found is None:
-        return None
-    value = found.group(1).strip()
-    if len(value) >= 2 and value[:1] == b'"' and value[-1:] == b'"':
-        value = value[1:-1]
-    if not value or len(value) > _MAX_UID_COOKIE:
-        return None
-    return value.decode("latin-1")
-
 
 class _ClientGone(Exception):
     """The client disconnected before the request was read."""
 
 
-class Site:
+class Site(SessionHost):
     """Serves ``resource`` over HTTP (ASGI), with sessions.
 
     ``sessionFactory`` makes the sessions (set a ``Session`` subclass to
@@ -80,6 +63,11 @@ class Site:
     - ``on_expire``: the durable expiry hook, called (sync or async) with an
       :class:`~lapse.sessions.Expiry` for every ended session, by exactly
       one process, also for sessions whose last server is gone.
+    - ``rotation_grace``: seconds an old uid still names its session after
+      ``session.rotate()`` (default 10), for requests already in flight.
+    - ``max_sessions``: at most this many live sessions (memory store only;
+      None, the default, for no cap): making one more first ends the one
+      closest to its end (least recently used), with cause ``"evicted"``.
     - ``max_body_size``, ``max_uri_length``, ``max_header_size`` (one
       header's value), ``max_headers_total`` (all headers): request limits,
       in bytes; past them the answer is 413, 414 or 431.
@@ -102,109 +90,22 @@ class Site:
         max_headers_total: int = 64 * 1024,
         store: str | SessionStore | None = None,
         on_expire: ExpiryHook | None = None,
+        rotation_grace: float = 10.0,
+        max_sessions: int | None = None,
     ) -> None:
-        if reactor is None:
-            from lapse.internet import reactor as default_reactor
-
-            reactor = default_reactor
         self.resource = resource
-        self.reactor: IReactorTime = reactor
-        self.sessions: dict[str, Session] = {}
-        self.cookie_name = cookie_name
         self.trust_proxy_headers = trust_proxy_headers
         self.max_body_size = max_body_size
         self.max_uri_length = max_uri_length
         self.max_header_size = max_header_size
         self.max_headers_total = max_headers_total
-        self._entropy: Callable[[int], bytes] = os.urandom
-        self.counter = 0
-        if store is None:
-            store = os.environ.get("LAPSE_SESSION_STORE") or DEFAULT_STORE_URL
-        if isinstance(store, str):
-            # The memory store keeps the site's time (a Clock in tests); a
-            # shared store keeps its own (Redis: the server's TIME).
-            memory = store.split(":", 1)[0].lower() == "memory"
-            store = store_from_url(
-                store, clock=(lambda: self.reactor.seconds()) if memory else None
-            )
-        self._keeper = SessionKeeper(self, store, on_expire)
-
-    @property
-    def store(self) -> SessionStore:
-        """Where this site's sessions live."""
-        return self._keeper.store
-
-    @property
-    def on_expire(self) -> ExpiryHook | None:
-        """The durable expiry hook (see the class docstring)."""
-        return self._keeper.on_expire
-
-    @on_expire.setter
-    def on_expire(self, hook: ExpiryHook | None) -> None:
-        self._keeper.on_expire = hook
-
-    # -- sessions ---------------------------------------------------------
-
-    @property
-    def cookie_name(self) -> str:
-        """The name of the session cookie for plain requests."""
-        return self._cookie_name
-
-    @cookie_name.setter
-    def cookie_name(self, name: str) -> None:
-        if not name or not name.isascii() or any(c in name for c in ' ;,="\t\r\n'):
-            raise ValueError(f"{name!r} is not a usable cookie name")
-        self._cookie_name = name
-        self._cookie_names = (name.encode("ascii"), b"__Host-" + name.encode("ascii"))
-        # The session cookies are looked for directly; the whole header is
-        # only parsed if the application asks for its cookies.
-        self._cookie_finders = tuple(
-            re.compile(rb"(?:^|;)\s*" + re.escape(raw) + rb"\s*=([^;]*)").search
-            for raw in self._cookie_names
-        )
-
-    @property
-    def secure_cookie_name(self) -> str:
-        """The name of the session cookie for secure requests."""
-        return self._cookie_names[1].decode("ascii")
-
-    def _mkuid(self) -> str:
-        # 144 random bits as 24 URL-safe base64 characters (cookie-safe, no
-        # padding): well past OWASP's 64 bits, and a third the memory of hex.
-        return urlsafe_b64encode(self._entropy(18)).decode("ascii")
-
-    def makeSession(self) -> Session:
-        """Create a session with a new unpredictable uid and start its clock."""
-        sessions = self.sessions
-        uid = self._mkuid()
-        while uid in sessions:  # pragma: no cover - 144 random bits
-            uid = self._mkuid()
-        self.counter += 1
-        session = sessions[uid] = self.sessionFactory(self, uid)
-        session.startCheckingExpiration()
-        if session_log.isEnabledFor(logging.DEBUG):
-            session_log.debug("session %s created", short_uid(uid))
-        return session
+        self._host_sessions(reactor, store, on_expire, cookie_name, rotation_grace, max_sessions)
 
     def getSession(self, uid: str | bytes) -> Session:
         """The live session ``uid``; ``KeyError`` if there is none."""
         if isinstance(uid, bytes):
             uid = uid.decode("latin-1")
         return self.sessions[uid]
-
-    # What sessions tell their site: passed on to the keeper.
-
-    def _start_checking(self, session: Session) -> None:
-        self._keeper.start_checking(session)
-
-    def _touched(self, session: Session) -> None:
-        self._keeper.touched(session)
-
-    def _expired_by_hand(self, session: Session) -> None:
-        self._keeper.expired_by_hand(session)
-
-    def _data_for(self, session: Session) -> SessionData:
-        return self._keeper.data_for(session)
 
     def _presented_uids(self, request: Request, cookie_header: bytes) -> list[str | None]:
         """The uids the request's cookies name, [plain, secure], or [].
@@ -213,8 +114,8 @@ class Site:
         name, stripped and unquoted; an empty or oversized value is none.
         """
         plain_finder, secure_finder = self._cookie_finders
-        plain = _cookie_uid(plain_finder(cookie_header))
-        secure = _cookie_uid(secure_finder(cookie_header)) if request.isSecure() else None
+        plain = cookie_uid(plain_finder(cookie_header))
+        secure = cookie_uid(secure_finder(cookie_header)) if request.isSecure() else None
         if plain is None and secure is None:
             return []
         return [plain, secure]
@@ -228,6 +129,7 @@ class Site:
                 if uid is not None:
                     presented[slot] = await self._keeper.load(uid)
             request._presented = presented
+            request._presented_uids = uids
 
     def _load_presented_now(self, request: Request, cookie_header: bytes) -> None:
         """The same, on the memory store: synchronously."""
@@ -239,6 +141,7 @@ class Site:
                 None if plain is None else load(plain),
                 None if secure is None else load(secure),
             ]
+            request._presented_uids = uids
 
     @staticmethod
     def _used_sessions(request: Request) -> list[Session]:

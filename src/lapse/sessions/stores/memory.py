@@ -11,16 +11,25 @@ A live session is one record, and nothing else. Used by a site, the store is
 session costs one dict entry, one object and its ``lastModified``. Used
 alone (tests, tools), its records are small objects of its own.
 
-A record ends at ``lastModified + sessionTimeout`` (store time). Due records
-are found without a timer or a heap entry per session:
+A record ends at ``lastModified + sessionTimeout`` (store time), or at its
+absolute end (``_ends_at``: start + ``absolute_timeout``) if that comes
+first. Due records are found without a timer or a heap entry per session:
 
 - Records are queued, one FIFO per timeout, when they begin to be checked.
   Each begins at "now", so a queue is in deadline order: only its front is
   ever looked at. A touch only sets ``lastModified`` and marks the record
   touched; it allocates nothing and moves nothing.
 - A touched record reaching the front of its queue moves to a heap, keyed by
-  its deadline then; so does a record whose timeout changed. A heap entry
-  that is not its record's current one is dropped when it surfaces.
+  its deadline then; so does a record whose timeout changed, and one whose
+  absolute end comes before its first idle deadline. A heap entry that is
+  not its record's current one is dropped when it surfaces.
+
+Rotation (:meth:`MemoryStore.rotate_record_now`) re-keys a record in the
+live dict (and its heap entry, if it has one; queue entries are the records
+themselves) and keeps its old uid as an alias, for ``load`` only, until the
+grace ends. With ``max_live`` set, starting a record beyond that many live
+ones first ends the live record with the earliest deadline (cause
+``"evicted"``), found as expiry finds due records: amortised O(log n).
 
 A record's ``_state`` says where it is: None (not checked by this store),
 its ``_Queue`` (queued, untouched: its deadline is exact), that queue's
@@ -61,8 +70,10 @@ class Record(Protocol):
 
     uid: str
     sessionTimeout: float
+    absolute_timeout: float | None
     _lastModified: float
     _state: object
+    _ends_at: float | None
 
     def _store_values(self) -> dict[str, Any]:
         """The session's data dict (made empty if it has none yet)."""
@@ -81,13 +92,16 @@ timeout, data."""
 class _Live:
     """A record of the store's own, when it is used without a site."""
 
-    __slots__ = ("_lastModified", "_state", "_values", "sessionTimeout", "uid")
+    __slots__ = ("_ends_at", "_lastModified", "_state", "_values", "sessionTimeout", "uid")
+
+    absolute_timeout: float | None = None
 
     def __init__(self, uid: str, timeout: float, values: dict[str, Any] | None) -> None:
         self.uid = uid
         self.sessionTimeout = timeout
         self._lastModified = 0.0
         self._state: object = None
+        self._ends_at: float | None = None
         self._values = values
 
     def _store_values(self) -> dict[str, Any]:
@@ -102,6 +116,21 @@ class _Live:
 
 def _make_live(uid: str, timeout: float, data: Mapping[str, Any]) -> Record:
     return _Live(uid, timeout, dict(data) if data else None)
+
+
+def _deadline(record: Record) -> float:
+    """When ``record`` ends: its idle deadline, or its absolute end if earlier."""
+    deadline = record._lastModified + record.sessionTimeout
+    ends = record._ends_at
+    return deadline if ends is None or deadline <= ends else ends
+
+
+def _cause(record: Record) -> str:
+    """Why ``record``, now past its deadline, ended."""
+    ends = record._ends_at
+    if ends is not None and ends <= record._lastModified + record.sessionTimeout:
+        return "lifetime"
+    return "timeout"
 
 
 class _Queue:
@@ -152,9 +181,17 @@ class MemoryStore:
         self._queues: dict[float, _Queue] = {}
         self._heap: list[tuple[float, str]] = []
         self._ended: dict[str, _Ended] = {}
-        self._events: list[str] = []
+        self._events: list[str | tuple[str, str]] = []
         self._events_base = 0
         self._deliveries = itertools.count(1)
+        # Old uid -> (the rotated record, end of grace), oldest first.
+        self._aliases: dict[str, tuple[Record, float]] = {}
+        self.max_live: int | None = None
+        """At most this many live records: starting one more first ends the
+        one with the earliest deadline, with cause ``"evicted"``."""
+        self.evicted = False
+        """Whether records were evicted since the last claim (the site's
+        keeper then claims them at once)."""
 
     def __len__(self) -> int:
         return len(self._live)
@@ -185,16 +222,22 @@ class MemoryStore:
 
     # -- scheduling ----------------------------------------------------------
 
-    def _schedule(self, record: Record, now: float) -> float:
-        """Begin checking ``record`` from ``now``; its deadline."""
+    def _schedule(self, record: Record, now: float, lifetime: float | None) -> float:
+        """Begin checking ``record`` from ``now`` (ending ``lifetime`` from
+        now at the latest, if given); its deadline."""
         record._lastModified = now
         timeout = record.sessionTimeout
         deadline = now + timeout
+        if lifetime is not None:
+            ends = record._ends_at = now + lifetime
+            if ends < deadline:
+                deadline = ends
         queues = self._queues
         queue = queues.get(timeout)
         if queue is None and len(queues) < _MAX_QUEUES:
             queue = queues[timeout] = _Queue(timeout)
-        if queue is None or deadline < queue.last:  # (or the clock went back)
+        if queue is None or deadline < queue.last or deadline < now + timeout:
+            # (or the clock went back, or the absolute end comes first)
             self._push(record, deadline)
         else:
             queue.last = deadline
@@ -224,7 +267,7 @@ class MemoryStore:
                 return
         elif type(state) is not float:
             return  # not checked here, or ended
-        deadline = record._lastModified + record.sessionTimeout
+        deadline = _deadline(record)
         if type(state) is not float or deadline < state:
             self._push(record, deadline)
             if self._wake is not None:
@@ -244,7 +287,7 @@ class MemoryStore:
                 elif state is queue and record.sessionTimeout == queue.timeout:
                     return record
                 else:
-                    self._push(record, record._lastModified + record.sessionTimeout)
+                    self._push(record, _deadline(record))
             entries.popleft()
         return None
 
@@ -287,11 +330,38 @@ class MemoryStore:
                 heapq.heappop(self._heap)
             else:
                 queue.entries.popleft()
-            deadline = record._lastModified + record.sessionTimeout
+            deadline = _deadline(record)
             if deadline <= now:
-                self._end(record, "timeout")
+                self._end(record, _cause(record))
             else:
                 self._push(record, deadline)  # touched since its entry
+
+    def _evict(self, count: int) -> None:
+        """End the ``count`` live records with the earliest deadlines."""
+        while count > 0:
+            earliest = self._earliest()
+            if earliest is None:
+                return
+            key, record, queue = earliest
+            if queue is None:
+                heapq.heappop(self._heap)
+                deadline = _deadline(record)
+                if deadline > key:
+                    self._push(record, deadline)  # touched since its entry
+                    continue
+            else:
+                queue.entries.popleft()
+            self._end(record, "evicted")
+            self.evicted = True
+            count -= 1
+
+    def _prune_aliases(self, now: float) -> None:
+        aliases = self._aliases
+        while aliases:
+            first = next(iter(aliases))
+            if aliases[first][1] > now:
+                return
+            del aliases[first]
 
     def _end(self, record: Record, cause: str) -> None:
         uid = record.uid
@@ -311,6 +381,22 @@ class MemoryStore:
             return None
         if record._lastModified + record.sessionTimeout <= now + _EPSILON:
             return None
+        ends = record._ends_at
+        if ends is not None and ends <= now + _EPSILON:
+            return None
+        return record
+
+    def _alias(self, uid: str, now: float) -> Record | None:
+        """The live record ``uid`` was rotated away from, within its grace."""
+        entry = self._aliases.get(uid)
+        if entry is None:
+            return None
+        record, until = entry
+        if until <= now:
+            del self._aliases[uid]
+            return None
+        if self._get(record.uid, now) is not record:
+            return None
         return record
 
     # -- synchronous operations ------------------------------------------
@@ -324,7 +410,10 @@ class MemoryStore:
         live = self._live
         if live.get(record.uid) is not record:
             live[record.uid] = record
-        return self._schedule(record, self.clock())
+        cap = self.max_live
+        if cap is not None and len(live) > cap:
+            self._evict(len(live) - cap)
+        return self._schedule(record, self.clock(), record.absolute_timeout)
 
     def touched_now(self, record: Record) -> None:
         """``record`` was touched (its ``_lastModified`` just set)."""
@@ -334,16 +423,58 @@ class MemoryStore:
         """Touch and return the live record ``uid``."""
         now = self.clock()
         record = self._get(uid, now)
-        if record is not None:
-            record._lastModified = now
-            self._touch(record)
+        if record is None:
+            if not self._aliases:
+                return None
+            record = self._alias(uid, now)
+            if record is None:
+                return None
+        record._lastModified = now
+        self._touch(record)
         return record
 
-    def create_now(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
+    def create_now(
+        self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
+    ) -> float:
         """Store a new live session; its deadline."""
         record = self._make(uid, timeout, data)
-        self._live[uid] = record
-        return self._schedule(record, self.clock())
+        live = self._live
+        live[uid] = record
+        cap = self.max_live
+        if cap is not None and len(live) > cap:
+            self._evict(len(live) - cap)
+        return self._schedule(record, self.clock(), lifetime)
+
+    def rotate_now(self, uid: str, new_uid: str, grace: float) -> bool:
+        """Move the live session ``uid`` to ``new_uid``; see :meth:`rotate_record_now`."""
+        record = self._get(uid, self.clock())
+        return record is not None and self.rotate_record_now(record, new_uid, grace)
+
+    def rotate_record_now(self, record: Record, new_uid: str, grace: float) -> bool:
+        """Give the live ``record`` the uid ``new_uid`` and touch it; its old
+        uid loads it for ``grace`` more seconds. False if the store was not
+        checking it; ValueError if ``new_uid`` is taken."""
+        state = record._state
+        if state is None or state is _GONE:
+            return False
+        live = self._live
+        if new_uid in live:
+            raise ValueError("the new uid of a rotated session is in use")
+        now = self.clock()
+        old = record.uid
+        if live.get(old) is record:
+            del live[old]
+        record.uid = new_uid
+        live[new_uid] = record
+        if type(state) is float:
+            self._push(record, state)  # its heap entry, under the new uid
+        self._prune_aliases(now)
+        if grace > 0:
+            self._aliases[old] = (record, now + grace)
+        record._lastModified = now
+        self._touch(record)
+        self._announce((old, new_uid))
+        return True
 
     def save_now(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
         record = self._get(uid, self.clock())
@@ -373,8 +504,8 @@ class MemoryStore:
         state = record._state
         if state is None or state is _GONE:
             return False
-        overdue = record._lastModified + record.sessionTimeout <= self.clock() + _EPSILON
-        self._end(record, "timeout" if overdue else "expired")
+        overdue = _deadline(record) <= self.clock() + _EPSILON
+        self._end(record, _cause(record) if overdue else "expired")
         return True
 
     def ended_record(self, uid: str) -> Record | None:
@@ -385,6 +516,9 @@ class MemoryStore:
     def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]:
         now = self.clock() + _EPSILON
         self._collect_due(now)
+        self.evicted = False
+        if self._aliases:
+            self._prune_aliases(now)
         claims: list[Expiry] = []
         for uid, ended in self._ended.items():
             if len(claims) >= limit:
@@ -406,13 +540,16 @@ class MemoryStore:
         if ended is None or ended.delivery_id != expiry.delivery_id:
             return
         del self._ended[expiry.uid]
-        self._events.append(expiry.uid)
+        self._announce(expiry.uid)
+
+    def _announce(self, event: str | tuple[str, str]) -> None:
+        self._events.append(event)
         if len(self._events) > 100_000:
             drop = len(self._events) // 2
             del self._events[:drop]
             self._events_base += drop
 
-    def events_now(self, cursor: str | None) -> tuple[list[str], str]:
+    def events_now(self, cursor: str | None) -> tuple[list[str | tuple[str, str]], str]:
         end = self._events_base + len(self._events)
         if cursor is None:
             return [], str(end)
@@ -441,13 +578,17 @@ class MemoryStore:
         record = self.load_now(uid)
         if record is None:
             return None
-        timeout = record.sessionTimeout
         values = record._peek_values()
         data = {} if values is None else values
-        return StoredSession(uid, timeout, record._lastModified + timeout, data)
+        return StoredSession(record.uid, record.sessionTimeout, _deadline(record), data)
 
-    async def create(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
-        return self.create_now(uid, timeout, data)
+    async def create(
+        self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
+    ) -> float:
+        return self.create_now(uid, timeout, data, lifetime)
+
+    async def rotate(self, uid: str, new_uid: str, grace: float) -> bool:
+        return self.rotate_now(uid, new_uid, grace)
 
     async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
         return self.save_now(uid, changed, removed)
@@ -464,7 +605,7 @@ class MemoryStore:
     async def ack(self, expiry: Expiry) -> None:
         self.ack_now(expiry)
 
-    async def events(self, cursor: str | None) -> tuple[list[str], str]:
+    async def events(self, cursor: str | None) -> tuple[list[str | tuple[str, str]], str]:
         return self.events_now(cursor)
 
     async def next_deadline(self) -> float | None:

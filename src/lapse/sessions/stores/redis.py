@@ -33,11 +33,15 @@ Guarantees:
   session both persist.
 
 Keys (``P`` is the prefix): ``P:s:<uid>`` hash (``_t``: timeout in µs,
-``d:<key>``: JSON value); ``P:deadlines`` sorted set (uid → deadline, µs);
+``_c``: creation time, ``_e``: absolute end, if any, ``d:<key>``: JSON
+value); ``P:deadlines`` sorted set (uid → deadline, µs, never past ``_e``);
+``P:a:<old uid>`` hash (``to``: the uid it was rotated to, ``until``: end of
+its grace; the key itself expires a minute after that);
 ``P:ended`` sorted set (uid → when ``expire()`` ended it); ``P:leases``
 sorted set (uid → lease end) with ``P:c:<uid>`` hash (delivery id, attempt,
 cause, owner); ``P:seq`` delivery counter; ``P:events`` stream of ended
-uids (trimmed to about 100,000 entries: a process that falls further behind
+uids (``uid``) and rotations (``uid`` the old uid, ``to`` the new),
+trimmed to about 100,000 entries (a process that falls further behind
 misses older announcements). Redis Cluster is not supported: the scripts
 touch keys of many uids.
 
@@ -66,6 +70,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from lapse.sessions.store import (
+    Event,
     Expiry,
     StoreConfigError,
     StoredSession,
@@ -100,34 +105,85 @@ local function n2s(n) return string.format('%.0f', n) end
 """
 
 # KEYS: session hash, deadlines. ARGV: now, uid.
-# -> false, or {deadline, timeout, {field, value, ...}}
+# An unknown uid may be an alias (an old uid in its grace): followed, up to
+# 8 rotations, to the live session, whose uid is then returned too.
+# -> false, or {deadline, timeout, {field, value, ...}[, uid]}
 _LOAD = (
     _PRELUDE
     + """
 local now = now_us(ARGV[1])
-local d = redis.call('ZSCORE', KEYS[2], ARGV[2])
+local uid, key = ARGV[2], KEYS[1]
+local d = redis.call('ZSCORE', KEYS[2], uid)
+local moved = false
+if not d then
+  local prefix = string.sub(key, 1, #key - #uid - 3)
+  for _ = 1, 8 do
+    local a = redis.call('HMGET', prefix .. ':a:' .. uid, 'to', 'until')
+    if not a[1] or tonumber(a[2]) <= now then return false end
+    uid = a[1]
+    d = redis.call('ZSCORE', KEYS[2], uid)
+    if d then break end
+  end
+  key = prefix .. ':s:' .. uid
+  moved = true
+end
 if not d or tonumber(d) <= now then return false end
-local t = redis.call('HGET', KEYS[1], '_t')
-if not t then return false end
-local deadline = n2s(now + tonumber(t))
-redis.call('ZADD', KEYS[2], deadline, ARGV[2])
-return {deadline, t, redis.call('HGETALL', KEYS[1])}
+local h = redis.call('HMGET', key, '_t', '_e')
+if not h[1] then return false end
+local deadline = now + tonumber(h[1])
+if h[2] and tonumber(h[2]) < deadline then deadline = tonumber(h[2]) end
+deadline = n2s(deadline)
+redis.call('ZADD', KEYS[2], deadline, uid)
+if moved then return {deadline, h[1], redis.call('HGETALL', key), uid} end
+return {deadline, h[1], redis.call('HGETALL', key)}
 """
 )
 
-# KEYS: session hash, deadlines, ended. ARGV: now, uid, timeout, field, value, ...
-# -> deadline
+# KEYS: session hash, deadlines, ended.
+# ARGV: now, uid, timeout, lifetime ('' for none), field, value, ... -> deadline
 _CREATE = (
     _PRELUDE
     + """
 local now = now_us(ARGV[1])
-local deadline = n2s(now + tonumber(ARGV[3]))
+local deadline = now + tonumber(ARGV[3])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], '_t', ARGV[3])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], '_t', ARGV[3], '_c', n2s(now))
+if ARGV[4] ~= '' then
+  local ends = now + tonumber(ARGV[4])
+  redis.call('HSET', KEYS[1], '_e', n2s(ends))
+  if ends < deadline then deadline = ends end
+end
+deadline = n2s(deadline)
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[2], deadline, ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 return deadline
+"""
+)
+
+# KEYS: old session hash, new session hash, deadlines, old uid's alias, events.
+# ARGV: now, old uid, new uid, grace (µs), events maxlen.
+# -> 1 if the session was live (and moved), else 0
+_ROTATE = (
+    _PRELUDE
+    + """
+local now = now_us(ARGV[1])
+local d = redis.call('ZSCORE', KEYS[3], ARGV[2])
+if not d or tonumber(d) <= now then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return redis.error_reply('ERR new uid in use') end
+redis.call('RENAME', KEYS[1], KEYS[2])
+local h = redis.call('HMGET', KEYS[2], '_t', '_e')
+local deadline = now + tonumber(h[1])
+if h[2] and tonumber(h[2]) < deadline then deadline = tonumber(h[2]) end
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[3], n2s(deadline), ARGV[3])
+local grace = tonumber(ARGV[4])
+if grace > 0 then
+  redis.call('HSET', KEYS[4], 'to', ARGV[3], 'until', n2s(now + grace))
+  redis.call('PEXPIRE', KEYS[4], math.floor(grace / 1000) + 60000)
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*', 'uid', ARGV[2], 'to', ARGV[3])
+return 1
 """
 )
 
@@ -213,6 +269,10 @@ for _, c in ipairs(candidates) do
       end
     else
       redis.call('ZREM', c[3], uid)
+      if cause == 'timeout' then
+        local e = redis.call('HGET', prefix .. ':s:' .. uid, '_e')
+        if e and tonumber(e) <= c[2] then cause = 'lifetime' end
+      end
     end
     if not id then id = uid .. ':' .. redis.call('INCR', KEYS[4]) end
     redis.call('ZADD', KEYS[3], lease_until, uid)
@@ -260,6 +320,7 @@ return n2s(best)
 _SCRIPTS = {
     "load": _LOAD,
     "create": _CREATE,
+    "rotate": _ROTATE,
     "save": _SAVE,
     "exists": _EXISTS,
     "expire": _EXPIRE,
@@ -519,17 +580,48 @@ class RedisStore:
             raise self._unavailable("load", exc) from exc
         if not reply:
             return None
-        deadline, timeout, flat = reply
+        if len(reply) > 3:  # loaded through an alias: the session's uid now
+            uid = reply[3]
+        deadline, timeout, flat = reply[0], reply[1], reply[2]
         return StoredSession(uid, int(timeout) / _US, int(deadline) / _US, _data(flat))
 
-    async def create(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
+    async def create(
+        self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
+    ) -> float:
         """Store a new live session (replacing any live one of that uid);
-        its deadline, now + ``timeout``."""
-        args: list[str | int] = [self._now_arg(), uid, _us(timeout, "timeout")]
+        its deadline, now + ``timeout`` (or now + ``lifetime``, its absolute
+        end, if that is earlier)."""
+        args: list[str | int] = [
+            self._now_arg(),
+            uid,
+            _us(timeout, "timeout"),
+            "" if lifetime is None else _us(lifetime, "lifetime"),
+        ]
         for key, value in data.items():
             args += ["d:" + key, _encode(value)]
         keys = [self._key(uid), self._k_deadlines, self._k_ended]
         return int(await self._call("create", keys, args)) / _US
+
+    async def rotate(self, uid: str, new_uid: str, grace: float) -> bool:
+        """Move the live session ``uid`` (hash and deadline) to ``new_uid``
+        and touch it, in one script; ``uid`` stays an alias of it for
+        ``grace`` seconds; the rotation is announced in the events stream.
+        False if ``uid`` was not live."""
+        keys = [
+            self._key(uid),
+            self._key(new_uid),
+            self._k_deadlines,
+            f"{self.prefix}:a:{uid}",
+            self._k_events,
+        ]
+        args: list[str | int] = [
+            self._now_arg(),
+            uid,
+            new_uid,
+            max(0, _us(grace, "grace")),
+            _EVENTS_MAXLEN,
+        ]
+        return bool(await self._call("rotate", keys, args))
 
     async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
         """Write the changed keys, then delete the removed ones (a key in
@@ -585,10 +677,11 @@ class RedisStore:
         ]
         await self._call("ack", keys, [uid, expiry.delivery_id, _EVENTS_MAXLEN])
 
-    async def events(self, cursor: str | None) -> tuple[list[str], str]:
-        """Uids acked after ``cursor`` (a stream id; at most 1000 a call),
-        and the new cursor. ``None``: no uids, and the stream's last id (or
-        ``"0-0"``), to read from now on."""
+    async def events(self, cursor: str | None) -> tuple[list[Event], str]:
+        """Uids acked after ``cursor`` (a stream id; at most 1000 a call;
+        ``(old, new)`` pairs for rotations), and the new cursor. ``None``:
+        no uids, and the stream's last id (or ``"0-0"``), to read from now
+        on."""
         if cursor is not None and not _CURSOR.fullmatch(cursor):
             raise ValueError(f"not a Redis events cursor: {cursor!r}")
         if cursor is None:
@@ -598,8 +691,13 @@ class RedisStore:
             "events", "XRANGE", self._k_events, "(" + cursor, "+", "COUNT", _EVENTS_BATCH
         )
         entries = entries or []
-        uids = [uid for _, flat in entries if flat and (uid := _field(flat, "uid")) is not None]
-        return uids, str(entries[-1][0]) if entries else cursor
+        found: list[Event] = []
+        for _, flat in entries:
+            uid = _field(flat, "uid") if flat else None
+            if uid is not None:
+                to = _field(flat, "to")
+                found.append(uid if to is None else (uid, to))
+        return found, str(entries[-1][0]) if entries else cursor
 
     async def next_deadline(self) -> float | None:
         """The earliest of: the live sessions' deadlines (possibly past, if

@@ -32,17 +32,25 @@ Guarantees:
 The file must be on a local file system (WAL needs shared memory between the
 processes; it does not work over NFS).
 
-Schema (``PRAGMA user_version = 1``):
+Schema (``PRAGMA user_version = 2``; a version 1 file is migrated in place
+by the first process of this version that opens it, after which processes
+of older versions refuse the file):
 
 - ``sessions``: one row per session, live (``ended = 0``) or ended and
   waiting for its expiry hook to be acknowledged (``ended = 1``). An ended
   row's ``lease_until`` is when it may be claimed (again): the moment it
   ended for one never claimed, the end of its lease for one claimed.
+  ``created`` and ``ends_at`` (the absolute end, NULL for none; NULL both in
+  rows from version 1) are kept by a rotation; ``deadline`` never passes
+  ``ends_at``.
+- ``aliases``: the old uids of rotated sessions, each with the uid it now
+  names (kept up to date by further rotations) until its grace ends.
 - ``session_data``: one row per key (``value`` is JSON), so that ``save``
   writes only the keys that changed and two requests changing different keys
   of one session both persist.
 - ``events``: the uids whose end was acknowledged, with an increasing id
-  (the events cursor); rows older than ten minutes are pruned.
+  (the events cursor), and rotations (``uid`` the old uid, ``target`` the
+  new one; NULL for an end); rows older than ten minutes are pruned.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lapse.sessions.store import (
+    Event,
     Expiry,
     StoreConfigError,
     StoredSession,
@@ -72,7 +81,7 @@ __all__ = ["SQLiteStore"]
 
 _T = TypeVar("_T")
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 # Slack when comparing a deadline with the clock (as the memory store does),
 # so that a timer firing at a deadline rounded down by one ulp finds it due.
@@ -97,7 +106,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     delivery_id TEXT,
     attempt INTEGER NOT NULL DEFAULT 0,
     lease_owner TEXT,
-    lease_until REAL
+    lease_until REAL,
+    created REAL,
+    ends_at REAL
 );
 CREATE INDEX IF NOT EXISTS sessions_live ON sessions (ended, deadline);
 CREATE INDEX IF NOT EXISTS sessions_lease ON sessions (ended, lease_until);
@@ -110,10 +121,32 @@ CREATE TABLE IF NOT EXISTS session_data (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     uid TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    target TEXT
 );
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
 """
+
+_ALIASES = """
+CREATE TABLE IF NOT EXISTS aliases (
+    uid TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    until REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS aliases_target ON aliases (target);
+CREATE INDEX IF NOT EXISTS aliases_until ON aliases (until);
+"""
+_SCHEMA += _ALIASES
+
+# From version 1: the absolute lifetime and rotation.
+_MIGRATE_1_TO_2 = (
+    """
+ALTER TABLE sessions ADD COLUMN created REAL;
+ALTER TABLE sessions ADD COLUMN ends_at REAL;
+ALTER TABLE events ADD COLUMN target TEXT;
+"""
+    + _ALIASES
+)
 
 
 class SQLiteStore:
@@ -241,7 +274,8 @@ class SQLiteStore:
                         f"({_SCHEMA_VERSION})"
                     )
                 if version < _SCHEMA_VERSION:
-                    for statement in _SCHEMA.split(";"):
+                    script = _MIGRATE_1_TO_2 if version == 1 else _SCHEMA
+                    for statement in script.split(";"):
                         if statement.strip():
                             conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
@@ -346,38 +380,80 @@ class SQLiteStore:
         """
 
         def load(conn: sqlite3.Connection, now: float) -> StoredSession | None:
-            row = conn.execute(
-                "SELECT timeout FROM sessions WHERE uid = ? AND ended = 0 AND deadline > ?",
-                (uid, now + _EPSILON),
-            ).fetchone()
+            live = uid
+            row = conn.execute(_SELECT_LIVE, (live, now + _EPSILON)).fetchone()
             if row is None:
-                return None
-            timeout = row[0]
-            deadline = now + timeout
-            conn.execute("UPDATE sessions SET deadline = ? WHERE uid = ?", (deadline, uid))
-            return StoredSession(uid, timeout, deadline, _read_data(conn, uid))
+                alias = conn.execute(
+                    "SELECT target FROM aliases WHERE uid = ? AND until > ?", (uid, now)
+                ).fetchone()
+                if alias is None:
+                    return None
+                live = alias[0]
+                row = conn.execute(_SELECT_LIVE, (live, now + _EPSILON)).fetchone()
+                if row is None:
+                    return None
+            timeout, ends_at = row
+            deadline = _clamp(now + timeout, ends_at)
+            conn.execute("UPDATE sessions SET deadline = ? WHERE uid = ?", (deadline, live))
+            return StoredSession(live, timeout, deadline, _read_data(conn, live))
 
         return await self._call(load, write=True)
 
-    async def create(self, uid: str, timeout: float, data: Mapping[str, Any]) -> float:
-        """Store the live session ``uid``; its deadline, now + ``timeout``.
+    async def create(
+        self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
+    ) -> float:
+        """Store the live session ``uid``; its deadline, now + ``timeout``
+        (or now + ``lifetime``, its absolute end, if that is earlier).
 
         A row already under ``uid`` (live or ended) is replaced, data and all.
         """
         items = [(uid, key, _dumps(value)) for key, value in data.items()]
 
         def create(conn: sqlite3.Connection, now: float) -> float:
-            deadline = now + timeout
+            ends_at = None if lifetime is None else now + lifetime
+            deadline = _clamp(now + timeout, ends_at)
             conn.execute("DELETE FROM session_data WHERE uid = ?", (uid,))
             conn.execute(
-                "INSERT OR REPLACE INTO sessions (uid, timeout, deadline, ended, attempt)"
-                " VALUES (?, ?, ?, 0, 0)",
-                (uid, timeout, deadline),
+                "INSERT OR REPLACE INTO sessions"
+                " (uid, timeout, deadline, ended, attempt, created, ends_at)"
+                " VALUES (?, ?, ?, 0, 0, ?, ?)",
+                (uid, timeout, deadline, now, ends_at),
             )
             conn.executemany("INSERT INTO session_data (uid, key, value) VALUES (?, ?, ?)", items)
             return deadline
 
         return await self._call(create, write=True)
+
+    async def rotate(self, uid: str, new_uid: str, grace: float) -> bool:
+        """Move the live session ``uid`` (row and data) to ``new_uid`` and
+        touch it, in one transaction; ``uid`` becomes an alias of it until
+        ``grace`` seconds from now, aliases of ``uid`` follow it, and the
+        rotation is announced as an event ``(uid, new_uid)``. False if
+        ``uid`` was not live."""
+
+        def rotate(conn: sqlite3.Connection, now: float) -> bool:
+            row = conn.execute(_SELECT_LIVE, (uid, now + _EPSILON)).fetchone()
+            if row is None:
+                return False
+            timeout, ends_at = row
+            deadline = _clamp(now + timeout, ends_at)
+            conn.execute(
+                "UPDATE sessions SET uid = ?, deadline = ? WHERE uid = ?", (new_uid, deadline, uid)
+            )
+            conn.execute("UPDATE session_data SET uid = ? WHERE uid = ?", (new_uid, uid))
+            conn.execute("DELETE FROM aliases WHERE until <= ?", (now,))
+            conn.execute("UPDATE aliases SET target = ? WHERE target = ?", (new_uid, uid))
+            if grace > 0:
+                conn.execute(
+                    "INSERT OR REPLACE INTO aliases (uid, target, until) VALUES (?, ?, ?)",
+                    (uid, new_uid, now + grace),
+                )
+            conn.execute(
+                "INSERT INTO events (uid, at, target) VALUES (?, ?, ?)", (uid, now, new_uid)
+            )
+            return True
+
+        return await self._call(rotate, write=True)
 
     async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
         """Write the ``changed`` keys, then delete the ``removed`` ones (a key
@@ -424,7 +500,8 @@ class SQLiteStore:
         """Take up to ``limit`` ended sessions for ``lease`` seconds.
 
         Claimable: a live session whose deadline has passed (it ends now, with
-        cause ``"timeout"``), a session ended by ``expire()`` and not claimed
+        cause ``"timeout"``, or ``"lifetime"`` if that deadline was its
+        absolute end), a session ended by ``expire()`` and not claimed
         yet, and a claimed one whose lease has run out (redelivered with the
         same ``delivery_id`` and ``attempt`` + 1). Earliest deadlines first.
         One ``BEGIN IMMEDIATE`` transaction, so concurrent claims in any
@@ -436,20 +513,21 @@ class SQLiteStore:
         def claim(conn: sqlite3.Connection, now: float) -> list[Expiry]:
             due = now + _EPSILON
             rows = conn.execute(
-                "SELECT uid, deadline, ended, cause, delivery_id, attempt FROM sessions"
+                "SELECT uid, deadline, ended, cause, delivery_id, attempt, ends_at FROM sessions"
                 " WHERE ended = 0 AND deadline <= ? ORDER BY deadline LIMIT ?",
                 (due, limit),
             ).fetchall()
             rows += conn.execute(
-                "SELECT uid, deadline, ended, cause, delivery_id, attempt FROM sessions"
+                "SELECT uid, deadline, ended, cause, delivery_id, attempt, ends_at FROM sessions"
                 " WHERE ended = 1 AND lease_until <= ? ORDER BY deadline LIMIT ?",
                 (due, limit),
             ).fetchall()
             rows.sort(key=lambda row: (row[1], row[0]))
+            conn.execute("DELETE FROM aliases WHERE until <= ?", (now,))
             claims: list[Expiry] = []
-            for uid, _deadline, ended, cause, delivery_id, attempt in rows[:limit]:
+            for uid, deadline, ended, cause, delivery_id, attempt, ends_at in rows[:limit]:
                 if not ended:
-                    cause = "timeout"
+                    cause = "lifetime" if ends_at is not None and deadline >= ends_at else "timeout"
                 if delivery_id is None:
                     delivery_id = f"{uid}:{secrets.token_hex(8)}"
                 attempt += 1
@@ -481,8 +559,9 @@ class SQLiteStore:
 
         await self._call(ack, write=True)
 
-    async def events(self, cursor: str | None) -> tuple[list[str], str]:
-        """Uids whose end was announced after ``cursor``, oldest first, at most
+    async def events(self, cursor: str | None) -> tuple[list[Event], str]:
+        """Uids whose end was announced after ``cursor`` (and ``(old, new)``
+        pairs for rotations), oldest first, at most
         ``EVENTS_PER_CALL`` of them, and the cursor to pass next.
 
         ``None`` starts from now: no uids, and the current cursor. A cursor
@@ -496,18 +575,19 @@ class SQLiteStore:
             except ValueError:
                 raise ValueError(f"not an events cursor of this store: {cursor!r}") from None
 
-        def events(conn: sqlite3.Connection, now: float) -> tuple[list[str], str]:
+        def events(conn: sqlite3.Connection, now: float) -> tuple[list[Event], str]:
             row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
             last = row[0] if row is not None else 0
             if cursor is None or after > last:
                 return [], str(last)
             rows = conn.execute(
-                "SELECT id, uid FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                "SELECT id, uid, target FROM events WHERE id > ? ORDER BY id LIMIT ?",
                 (after, EVENTS_PER_CALL),
             ).fetchall()
             if not rows:
                 return [], str(after)
-            return [uid for _, uid in rows], str(rows[-1][0])
+            found: list[Event] = [uid if to is None else (uid, to) for _, uid, to in rows]
+            return found, str(rows[-1][0])
 
         return await self._call(events, write=False)
 
@@ -541,6 +621,14 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+_SELECT_LIVE = "SELECT timeout, ends_at FROM sessions WHERE uid = ? AND ended = 0 AND deadline > ?"
+
+
+def _clamp(deadline: float, ends_at: float | None) -> float:
+    """An idle deadline, never past the absolute end."""
+    return deadline if ends_at is None or deadline <= ends_at else ends_at
 
 
 def _is_live(conn: sqlite3.Connection, uid: str, now: float) -> bool:

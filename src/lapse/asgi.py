@@ -1,0 +1,458 @@
+"""lapse sessions for any ASGI application (Starlette, FastAPI, ...).
+
+``SessionMiddleware(app, store=...)`` gives an ASGI app the sessions a lapse
+``Site`` has: the same :class:`~lapse.sessions.Session` objects (``data``,
+``notifyOnExpire``, ``expire()``), the same stores and guarantees, the same
+cookie policy. Starlette's ``request.session`` reads and writes the session's
+``data``; :func:`get_session` gives the ``Session`` itself::
+
+    from lapse.asgi import SessionMiddleware, get_session
+
+    app = Starlette(routes=...)
+    app.add_middleware(SessionMiddleware, store="redis://127.0.0.1:6379/0")
+
+    async def home(request):
+        request.session["visits"] = request.session.get("visits", 0) + 1
+        get_session(request).notifyOnExpire(lambda: print("bye"))
+
+A request's path through the middleware:
+
+1. the session the cookie names, if any, is loaded *and touched* (one store
+   call; sliding expiry), before the app runs: reading it is synchronous;
+2. the app runs; a session is made only if it asks for one (writing to
+   ``request.session`` or calling :func:`get_session`);
+3. when the app starts its response, what changed is written to the store
+   (a new session, changed keys, a logout), then the response starts, with
+   the session cookie if it must be set or deleted;
+4. if the store cannot be reached in 1 or 3, the answer is ``503`` with
+   ``Retry-After: 1`` instead.
+
+Websocket scopes pass through untouched (no session in them); lifespan
+messages pass through to the app, the session keeper starting before the
+app's startup and closing after its shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from lapse.internet.interfaces import IReactorTime
+from lapse.sessions import Session, SessionOwner, SessionStore, StoreUnavailable
+from lapse.sessions._keeper import ExpiryHook
+from lapse.web._cookies import format_delete_cookie, format_session_cookie
+from lapse.web._host import SessionHost, cookie_uid
+from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["SessionMapping", "SessionMiddleware", "current_session", "get_session"]
+
+log = logging.getLogger("lapse.asgi")
+
+SCOPE_KEY = "lapse.session"
+"""The scope key under which the middleware keeps a request's session state."""
+
+_UNAVAILABLE_BODY = b"Sessions are unavailable for a moment; try again.\n"
+_UNAVAILABLE_START: Message = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_UNAVAILABLE_BODY)).encode("ascii")),
+        (b"retry-after", b"1"),
+    ],
+}
+
+
+class _Visit:
+    """One HTTP request's session: the one its cookie named, the one it uses."""
+
+    __slots__ = ("current", "mapping", "owner", "presented_uid", "secure", "used")
+
+    def __init__(self, owner: SessionMiddleware, secure: bool) -> None:
+        self.owner = owner
+        self.secure = secure
+        self.presented_uid: str | None = None
+        """The uid the request's cookie named (live or not)."""
+        self.current: Session | None = None
+        """The session the request has: the presented one, or one it made."""
+        self.used: list[Session] = []
+        """Every session the request touched or made, for persisting."""
+        self.mapping = SessionMapping(self)
+
+    def peek(self) -> Session | None:
+        session = self.current
+        if session is None or session._expired:
+            return None
+        return session
+
+    def get(self) -> Session:
+        session = self.current
+        if session is None or session._expired:
+            session = self.current = self.owner.makeSession()
+            self.used.append(session)
+        return session
+
+    def pending(self) -> list[Session]:
+        """Sessions with changes not yet written (made or changed late)."""
+        return [
+            session
+            for session in self.used
+            if session._needs_create or (session._data is not None and session._data.dirty)
+        ]
+
+    def cookie_headers(self) -> list[tuple[bytes, bytes]]:
+        """The Set-Cookie headers the response needs: the session cookie if
+        the request made a session or its uid changed (rotation), a deletion
+        if the session ended; none otherwise."""
+        session = self.current
+        if session is None:
+            return []
+        secure = self.secure
+        name = self.owner._cookie_names[1 if secure else 0]
+        if session._expired:
+            return [(b"set-cookie", format_delete_cookie(name, secure=secure))]
+        if session.uid != self.presented_uid:
+            return [(b"set-cookie", format_session_cookie(name, session.uid, secure=secure))]
+        return []
+
+
+class SessionMapping(MutableMapping[str, Any]):
+    """``scope["session"]``: the request's session data, made on first write.
+
+    This is what Starlette's ``request.session`` returns. Reading without a
+    session reads an empty mapping (and makes none); writing makes the
+    session, as ``get_session()`` would. Values must be JSON-serialisable
+    (see :class:`~lapse.sessions.SessionData`). ``clear()`` is a logout:
+    it expires the session (callbacks run, the cookie is deleted).
+    """
+
+    __slots__ = ("_visit",)
+
+    def __init__(self, visit: _Visit) -> None:
+        self._visit = visit
+
+    def __getitem__(self, key: str) -> Any:
+        session = self._visit.peek()
+        if session is None:
+            raise KeyError(key)
+        return session.data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._visit.get().data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        session = self._visit.peek()
+        if session is None:
+            raise KeyError(key)
+        del session.data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        session = self._visit.peek()
+        return iter(()) if session is None else iter(session.data)
+
+    def __len__(self) -> int:
+        session = self._visit.peek()
+        return 0 if session is None else len(session.data)
+
+    def clear(self) -> None:
+        """End the session (a logout), if the request has one."""
+        session = self._visit.peek()
+        if session is not None:
+            session.expire()
+
+    def __repr__(self) -> str:
+        session = self._visit.peek()
+        data = {} if session is None else dict(session.data)
+        return f"<SessionMapping {data!r}>"
+
+
+def _visit_of(request_or_scope: Any) -> _Visit:
+    scope = getattr(request_or_scope, "scope", request_or_scope)
+    try:
+        visit = scope[SCOPE_KEY]
+    except (KeyError, TypeError):
+        visit = None
+    if not isinstance(visit, _Visit):
+        raise RuntimeError(
+            "no lapse session here: install lapse.asgi.SessionMiddleware "
+            "(sessions are for HTTP requests, not websockets)"
+        )
+    return visit
+
+
+def get_session(request_or_scope: Any) -> Session:
+    """The request's :class:`~lapse.sessions.Session`: the one its cookie
+    names, else a new one (sent as a cookie with the response).
+
+    Takes a Starlette/FastAPI ``Request`` (anything with ``.scope``) or an
+    ASGI scope. The same session comes back for every call in a request,
+    unless it expired meanwhile (then a new one). ``RuntimeError`` if the
+    request did not come through :class:`SessionMiddleware`.
+    """
+    return _visit_of(request_or_scope).get()
+
+
+def current_session(request_or_scope: Any) -> Session | None:
+    """The request's live session if it has one, without making one."""
+    return _visit_of(request_or_scope).peek()
+
+
+class SessionMiddleware(SessionHost):
+    """Wraps an ASGI app; gives its HTTP requests lapse sessions.
+
+    Options (as ``Site``'s):
+
+    - ``store``: where sessions live, a URL (``memory:``, the default;
+      ``sqlite:///path.db``; ``redis://host:port/db``) or a store object;
+      without it, the ``LAPSE_SESSION_STORE`` environment variable, if set.
+    - ``on_expire``: the durable expiry hook, called (sync or async) with an
+      :class:`~lapse.sessions.Expiry` for every ended session.
+    - ``cookie_name``: the session cookie (default ``lapse_session``); https
+      requests use ``__Host-`` + that name, with ``Secure``.
+    - ``trust_proxy_headers``: believe ``X-Forwarded-Proto`` (only behind a
+      proxy that sets it).
+    - ``session_factory``: the ``Session`` subclass to make (its
+      ``sessionTimeout`` is the timeout); ``timeout``: seconds of inactivity
+      after which a session ends, ``absolute_timeout``: seconds from its
+      creation (both override the factory's).
+    - ``rotation_grace``: seconds an old uid still names its session after
+      ``session.rotate()`` (default 10); ``max_sessions``: a cap on live
+      sessions (memory store only), as ``Site``'s.
+    - ``reactor``: the time source and timer (a ``Clock`` in tests).
+
+    ``sessions`` maps uid to this process's live sessions.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: str | SessionStore | None = None,
+        on_expire: ExpiryHook | None = None,
+        cookie_name: str = "lapse_session",
+        trust_proxy_headers: bool = False,
+        session_factory: Callable[[Any, str], Session] | None = None,
+        timeout: float | None = None,
+        absolute_timeout: float | None = None,
+        rotation_grace: float = 10.0,
+        max_sessions: int | None = None,
+        reactor: IReactorTime | None = None,
+    ) -> None:
+        self.app = app
+        factory: Callable[[Any, str], Session] = session_factory or Session
+        overrides: dict[str, float] = {}
+        if timeout is not None:
+            if not timeout > 0:
+                raise ValueError(f"timeout is a positive number of seconds, not {timeout!r}")
+            overrides["sessionTimeout"] = timeout
+        if absolute_timeout is not None:
+            if not absolute_timeout > 0:
+                raise ValueError(
+                    f"absolute_timeout is a positive number of seconds, not {absolute_timeout!r}"
+                )
+            overrides["absolute_timeout"] = absolute_timeout
+        if overrides:
+            if not isinstance(factory, type):
+                raise TypeError("timeout= needs session_factory to be a Session class")
+            factory = type(factory.__name__, (factory,), overrides)
+        self.sessionFactory = factory
+        self.trust_proxy_headers = trust_proxy_headers
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._host_sessions(reactor, store, on_expire, cookie_name, rotation_grace, max_sessions)
+
+    # -- the session owner (what sessions and the keeper ask of it) ----------
+
+    # Apps call these from worker threads too (FastAPI and Starlette run a
+    # plain ``def`` endpoint in a thread pool): the keeper's store, timers
+    # and background writes belong to the server's event loop, so there they
+    # run, the thread waiting for them.
+
+    def _start_checking(self, session: Session) -> None:
+        self._in_loop(self._keeper.start_checking, session)
+
+    def _touched(self, session: Session) -> None:
+        self._in_loop(self._keeper.touched, session)
+
+    def _expired_by_hand(self, session: Session) -> None:
+        self._in_loop(self._keeper.expired_by_hand, session)
+
+    def _rotate(self, session: Session) -> None:
+        uid = self._new_uid()
+        keeper = self._keeper
+        self._in_loop(lambda rotated: keeper.rotate(rotated, uid), session)
+
+    def _in_loop(self, work: Callable[[Session], None], session: Session) -> None:
+        """``work(session)`` on the event loop's thread; from another thread,
+        handed to the loop and waited for."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread or loop.is_closed():
+            work(session)
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                work(session)
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(run)
+        done.result()
+
+    async def aclose(self) -> None:
+        """Stop the shared-store loop, finish background writes, close the
+        store (what lifespan shutdown does; for servers without lifespan)."""
+        await self._keeper.aclose()
+
+    # -- ASGI ---------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+        keeper = self._keeper
+        shared = keeper.shared
+        if shared:
+            keeper.start()
+        secure, uid = self._read_headers(scope)
+        visit = _Visit(self, secure)
+        if uid is not None:
+            visit.presented_uid = uid
+            try:
+                session = await keeper.load(uid) if shared else keeper.load_now(uid)
+            except StoreUnavailable:
+                await _send_unavailable(send)
+                return
+            if session is not None:
+                visit.current = session
+                visit.used.append(session)
+        scope[SCOPE_KEY] = visit
+        scope["session"] = visit.mapping
+        replaced = False
+
+        async def send_with_session(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the app's response after a 503 took its place
+            if message["type"] == "http.response.start" and visit.used:
+                try:
+                    if shared:
+                        await keeper.persist(visit.used)
+                    else:
+                        keeper.persist_now(visit.used)
+                except StoreUnavailable:
+                    replaced = True
+                    await _send_unavailable(send)
+                    return
+                cookies = visit.cookie_headers()
+                if cookies:
+                    message = {**message, "headers": [*message.get("headers", ()), *cookies]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_session)
+        finally:
+            # What changed after the response started (a background task, a
+            # streamed body) or in a request that failed: written now.
+            if visit.used:
+                if not shared:
+                    keeper.persist_now(visit.used)
+                else:
+                    late = visit.pending()
+                    if late:
+                        try:
+                            await keeper.persist(late)
+                        except StoreUnavailable:
+                            log.warning("session changes made after the response were not saved")
+
+    def _read_headers(self, scope: Scope) -> tuple[bool, str | None]:
+        """Whether the request is secure; the uid its session cookie names."""
+        secure = scope.get("scheme") == "https"
+        cookie_header: bytes | None = None
+        forwarded: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"cookie":
+                cookie_header = value if cookie_header is None else cookie_header + b"; " + value
+            elif name == b"x-forwarded-proto":
+                forwarded = value
+        if not secure and forwarded is not None and self.trust_proxy_headers:
+            secure = forwarded.split(b",")[0].strip().lower() == b"https"
+        if cookie_header is None:
+            return secure, None
+        return secure, cookie_uid(self._cookie_finders[1 if secure else 0](cookie_header))
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass lifespan through to the app, starting the keeper before its
+        startup and closing it after its shutdown. An app that does not take
+        lifespan (it raises at once) gets it served here instead."""
+        keeper = self._keeper
+        started = False
+        answered = False
+
+        async def receive_lifespan() -> Message:
+            nonlocal started
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                started = True
+                keeper.start()
+            return message
+
+        async def send_lifespan(message: Message) -> None:
+            nonlocal answered
+            answered = True
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await keeper.aclose()
+            await send(message)
+
+        try:
+            await self.app(scope, receive_lifespan, send_lifespan)
+        except Exception:
+            if answered:
+                raise
+            log.debug("the app does not take lifespan; serving it for sessions", exc_info=True)
+            await self._serve_lifespan(receive, send, started)
+
+    async def _serve_lifespan(self, receive: Receive, send: Send, started: bool) -> None:
+        keeper = self._keeper
+        if started:
+            await send({"type": "lifespan.startup.complete"})
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                keeper.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await keeper.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def __repr__(self) -> str:
+        return f"<SessionMiddleware {len(self.sessions)} live sessions, app {self.app!r}>"
+
+
+async def _send_unavailable(send: Send) -> None:
+    """Answer 503: the session store cannot be reached."""
+    await send(dict(_UNAVAILABLE_START))
+    await send({"type": "http.response.body", "body": _UNAVAILABLE_BODY})
+
+
+if TYPE_CHECKING:
+
+    def _is_owner(middleware: SessionMiddleware) -> SessionOwner:
+        """mypy's check that the middleware is what a Session needs of its site."""
+        return middleware

@@ -1,0 +1,166 @@
+"""What a Site and the ASGI middleware share: owning sessions over HTTP.
+
+A session host chooses the store (a URL, a store object, or the
+``LAPSE_SESSION_STORE`` environment variable), keeps the live sessions
+(``sessions``), makes them with unpredictable uids, answers what sessions ask
+of their owner (passing it on to the keeper), and knows the session cookie's
+names and how to find them in a ``Cookie`` header.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from base64 import urlsafe_b64encode
+from collections.abc import Callable
+from typing import Any
+
+from lapse.internet.interfaces import IReactorTime
+from lapse.sessions import Session, SessionData, SessionStore
+from lapse.sessions._keeper import ExpiryHook, SessionKeeper
+from lapse.sessions._session import short_uid
+from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
+
+__all__ = ["SessionHost", "cookie_uid"]
+
+session_log = logging.getLogger("lapse.sessions")
+
+MAX_UID_COOKIE = 256
+"""A session cookie longer than this names no session."""
+
+
+def cookie_uid(found: re.Match[bytes] | None) -> str | None:
+    """A session cookie's value, read as the whole-header parser reads it:
+    stripped, unquoted; an empty or oversized value is none."""
+    if found is None:
+        return None
+    value = found.group(1).strip()
+    if len(value) >= 2 and value[:1] == b'"' and value[-1:] == b'"':
+        value = value[1:-1]
+    if not value or len(value) > MAX_UID_COOKIE:
+        return None
+    return value.decode("latin-1")
+
+
+class SessionHost:
+    """The session owner part of a :class:`~lapse.web.server.Site` and of
+    :class:`~lapse.asgi.SessionMiddleware`."""
+
+    sessionFactory: Callable[[Any, str], Session] = Session
+    reactor: IReactorTime
+    sessions: dict[str, Session]
+    counter: int
+
+    def _host_sessions(
+        self,
+        reactor: IReactorTime | None,
+        store: str | SessionStore | None,
+        on_expire: ExpiryHook | None,
+        cookie_name: str,
+        rotation_grace: float,
+        max_sessions: int | None,
+    ) -> None:
+        """Set up the sessions part (called from the subclass's ``__init__``)."""
+        if reactor is None:
+            from lapse.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.sessions = {}
+        self.cookie_name = cookie_name
+        self._entropy: Callable[[int], bytes] = os.urandom
+        self.counter = 0
+        if store is None:
+            store = os.environ.get("LAPSE_SESSION_STORE") or DEFAULT_STORE_URL
+        if isinstance(store, str):
+            # The memory store keeps the host's time (a Clock in tests); a
+            # shared store keeps its own (Redis: the server's TIME).
+            memory = store.split(":", 1)[0].lower() == "memory"
+            store = store_from_url(
+                store, clock=(lambda: self.reactor.seconds()) if memory else None
+            )
+        self._keeper = SessionKeeper(
+            self, store, on_expire, rotation_grace=rotation_grace, max_sessions=max_sessions
+        )
+
+    # -- configuration ------------------------------------------------------
+
+    @property
+    def store(self) -> SessionStore:
+        """Where the sessions live."""
+        return self._keeper.store
+
+    @property
+    def on_expire(self) -> ExpiryHook | None:
+        """The durable expiry hook, called for every ended session."""
+        return self._keeper.on_expire
+
+    @on_expire.setter
+    def on_expire(self, hook: ExpiryHook | None) -> None:
+        self._keeper.on_expire = hook
+
+    @property
+    def cookie_name(self) -> str:
+        """The name of the session cookie for plain requests."""
+        return self._cookie_name
+
+    @cookie_name.setter
+    def cookie_name(self, name: str) -> None:
+        if not name or not name.isascii() or any(c in name for c in ' ;,="\t\r\n'):
+            raise ValueError(f"{name!r} is not a usable cookie name")
+        self._cookie_name = name
+        raw = name.encode("ascii")
+        self._cookie_names = (raw, b"__Host-" + raw)
+        # The session cookies are looked for directly; the whole header is
+        # only parsed if the application asks for its cookies.
+        self._cookie_finders = tuple(
+            re.compile(rb"(?:^|;)\s*" + re.escape(cookie) + rb"\s*=([^;]*)").search
+            for cookie in self._cookie_names
+        )
+
+    @property
+    def secure_cookie_name(self) -> str:
+        """The name of the session cookie for secure requests."""
+        return self._cookie_names[1].decode("ascii")
+
+    # -- sessions -----------------------------------------------------------
+
+    def _mkuid(self) -> str:
+        # 144 random bits as 24 URL-safe base64 characters (cookie-safe, no
+        # padding): well past OWASP's 64 bits, and a third the memory of hex.
+        return urlsafe_b64encode(self._entropy(18)).decode("ascii")
+
+    def _new_uid(self) -> str:
+        sessions = self.sessions
+        uid = self._mkuid()
+        while uid in sessions:  # pragma: no cover - 144 random bits
+            uid = self._mkuid()
+        return uid
+
+    def makeSession(self) -> Session:
+        """Create a session with a new unpredictable uid and start its clock."""
+        uid = self._new_uid()
+        self.counter += 1
+        session = self.sessions[uid] = self.sessionFactory(self, uid)
+        session.startCheckingExpiration()
+        if session_log.isEnabledFor(logging.DEBUG):
+            session_log.debug("session %s created", short_uid(uid))
+        return session
+
+    # What sessions tell their owner: passed on to the keeper.
+
+    def _start_checking(self, session: Session) -> None:
+        self._keeper.start_checking(session)
+
+    def _touched(self, session: Session) -> None:
+        self._keeper.touched(session)
+
+    def _expired_by_hand(self, session: Session) -> None:
+        self._keeper.expired_by_hand(session)
+
+    def _rotate(self, session: Session) -> None:
+        self._keeper.rotate(session, self._new_uid())
+
+    def _data_for(self, session: Session) -> SessionData:
+        return self._keeper.data_for(session)

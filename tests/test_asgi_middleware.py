@@ -1,0 +1,822 @@
+"""lapse.asgi.SessionMiddleware on real Starlette and FastAPI apps, driven in
+process through httpx.ASGITransport: lazy sessions, the cookie policy, data,
+logout, expiry on a fake clock, the three stores, outages, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi import Request as FastAPIRequest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from lapse.asgi import SessionMapping, SessionMiddleware, current_session, get_session
+from lapse.internet.task import Clock
+from lapse.sessions import Expiry, Session
+from lapse.sessions.stores.memory import MemoryStore
+
+UID = r"[A-Za-z0-9_-]{24}"
+
+
+def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test function in a fresh event loop."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+# -- a Starlette app and a way to call it ------------------------------------------
+
+
+def starlette_app(events: list[Any] | None = None, **starlette: Any) -> Starlette:
+    """Routes that use the session in each way an app would."""
+    seen = events if events is not None else []
+
+    async def plain(request: Request) -> Response:
+        return PlainTextResponse("plain")
+
+    async def peek(request: Request) -> Response:
+        return JSONResponse({"data": dict(request.session), "has": "n" in request.session})
+
+    async def put(request: Request) -> Response:
+        for key, value in request.query_params.items():
+            request.session[key] = json.loads(value)
+        return JSONResponse({"uid": get_session(request).uid, "data": dict(request.session)})
+
+    async def drop(request: Request) -> Response:
+        del request.session[request.query_params["key"]]
+        return JSONResponse({"data": dict(request.session)})
+
+    async def watch(request: Request) -> Response:
+        session = get_session(request)
+        session.notifyOnExpire(lambda: seen.append(("expired", session.uid)))
+        return JSONResponse({"uid": session.uid})
+
+    async def logout(request: Request) -> Response:
+        session = current_session(request)
+        if session is not None:
+            session.expire()
+        return PlainTextResponse("bye")
+
+    async def clear(request: Request) -> Response:
+        request.session.clear()
+        return PlainTextResponse("cleared")
+
+    async def later(request: Request) -> Response:
+        session = get_session(request)
+
+        def write_later() -> None:
+            session.data["later"] = True
+
+        return JSONResponse({"uid": session.uid}, background=BackgroundTask(write_later))
+
+    async def rotate(request: Request) -> Response:
+        session = get_session(request)
+        old = session.uid
+        return JSONResponse({"old": old, "new": session.rotate()})
+
+    return Starlette(
+        routes=[
+            Route("/plain", plain),
+            Route("/peek", peek),
+            Route("/put", put),
+            Route("/drop", drop),
+            Route("/watch", watch),
+            Route("/logout", logout),
+            Route("/clear", clear),
+            Route("/later", later),
+            Route("/rotate", rotate),
+        ],
+        **starlette,
+    )
+
+
+async def fetch(
+    app: Any,
+    path: str,
+    *,
+    cookie: str | None = None,
+    https: bool = False,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """One GET through ``app`` in process, with exactly the Cookie header given."""
+    all_headers = dict(headers or {})
+    if cookie is not None:
+        all_headers["cookie"] = cookie
+    base = "https://testserver" if https else "http://testserver"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base) as client:
+        return await client.get(path, headers=all_headers)
+
+
+def set_cookies(response: httpx.Response) -> list[str]:
+    return response.headers.get_list("set-cookie")
+
+
+def uid_cookie(response: httpx.Response, name: str = "lapse_session") -> str:
+    """The uid of the one session cookie the response sets."""
+    (cookie,) = set_cookies(response)
+    value, *_ = cookie.split(";")
+    key, uid = value.split("=", 1)
+    assert key == name
+    return uid
+
+
+def wrapped(events: list[Any] | None = None, **options: Any) -> SessionMiddleware:
+    return SessionMiddleware(starlette_app(events), **options)
+
+
+# -- sessions only when used ------------------------------------------------------
+
+
+@aio
+async def test_request_that_never_asks_gets_no_session() -> None:
+    """A request that neither reads nor writes the session makes none: no
+    Set-Cookie, nothing in the store."""
+    app = wrapped(reactor=Clock())
+    response = await fetch(app, "/plain")
+    assert response.status_code == 200
+    assert response.text == "plain"
+    assert set_cookies(response) == []
+    assert app.sessions == {}
+
+
+@aio
+async def test_reading_a_missing_session_reads_empty_and_makes_none() -> None:
+    """request.session without a session is an empty mapping: reading it makes
+    no session and sends no cookie."""
+    app = wrapped(reactor=Clock())
+    response = await fetch(app, "/peek")
+    assert response.json() == {"data": {}, "has": False}
+    assert set_cookies(response) == []
+    assert app.sessions == {}
+
+
+@aio
+async def test_writing_request_session_makes_a_session_with_the_cookie_policy() -> None:
+    """Writing request.session makes the session: Set-Cookie lapse_session=<uid>
+    with Path=/, HttpOnly, SameSite=Lax, and no Secure on plain http."""
+    app = wrapped(reactor=Clock())
+    response = await fetch(app, "/put?n=1")
+    (cookie,) = set_cookies(response)
+    uid = response.json()["uid"]
+    assert cookie == f"lapse_session={uid}; Path=/; HttpOnly; SameSite=Lax"
+    assert len(uid) == 24
+    assert set(app.sessions) == {uid}
+    assert isinstance(app.sessions[uid], Session)
+
+
+@aio
+async def test_https_request_gets_host_prefixed_secure_cookie() -> None:
+    """On https the session cookie is __Host-lapse_session with Secure, and
+    only that cookie names the session of an https request."""
+    app = wrapped(reactor=Clock())
+    response = await fetch(app, "/put?n=1", https=True)
+    uid = response.json()["uid"]
+    (cookie,) = set_cookies(response)
+    assert cookie == f"__Host-lapse_session={uid}; Path=/; Secure; HttpOnly; SameSite=Lax"
+    again = await fetch(app, "/peek", https=True, cookie=f"__Host-lapse_session={uid}")
+    assert again.json()["data"] == {"n": 1}
+    plain_name = await fetch(app, "/peek", https=True, cookie=f"lapse_session={uid}")
+    assert plain_name.json()["data"] == {}
+
+
+@aio
+async def test_forwarded_proto_is_believed_only_when_trusted() -> None:
+    """X-Forwarded-Proto: https makes the request secure only with
+    trust_proxy_headers=True."""
+    proxied = {"x-forwarded-proto": "https"}
+    untrusting = wrapped(reactor=Clock())
+    response = await fetch(untrusting, "/put?n=1", headers=proxied)
+    assert uid_cookie(response) == response.json()["uid"]
+    trusting = wrapped(reactor=Clock(), trust_proxy_headers=True)
+    response = await fetch(trusting, "/put?n=1", headers=proxied)
+    assert uid_cookie(response, "__Host-lapse_session") == response.json()["uid"]
+    assert "; Secure" in set_cookies(response)[0]
+
+
+@aio
+async def test_cookie_name_is_configurable() -> None:
+    """cookie_name= names the cookie (and __Host-<name> on https)."""
+    app = wrapped(reactor=Clock(), cookie_name="sid")
+    response = await fetch(app, "/put?n=1")
+    assert uid_cookie(response, "sid") == response.json()["uid"]
+    assert app.secure_cookie_name == "__Host-sid"
+    with pytest.raises(ValueError):
+        wrapped(cookie_name="bad name")
+
+
+# -- data, unknown cookies, logout --------------------------------------------------
+
+
+@aio
+async def test_data_persists_across_requests_without_resetting_the_cookie() -> None:
+    """Keys written in one request are there in the next; deleted keys are gone;
+    a request with the live session's cookie sets no new cookie."""
+    app = wrapped(reactor=Clock())
+    uid = uid_cookie(await fetch(app, "/put?n=1&who=%22ann%22"))
+    cookie = f"lapse_session={uid}"
+    second = await fetch(app, "/put?n=2", cookie=cookie)
+    assert second.json() == {"uid": uid, "data": {"n": 2, "who": "ann"}}
+    assert set_cookies(second) == []
+    await fetch(app, "/drop?key=who", cookie=cookie)
+    third = await fetch(app, "/peek", cookie=cookie)
+    assert third.json() == {"data": {"n": 2}, "has": True}
+    assert set_cookies(third) == []
+
+
+@aio
+async def test_unknown_cookie_is_never_adopted() -> None:
+    """A cookie naming no live session is ignored: reading sees nothing; writing
+    makes a fresh session with a fresh uid; a malformed cookie is the same."""
+    app = wrapped(reactor=Clock())
+    stranger = "lapse_session=" + "f" * 24
+    read = await fetch(app, "/peek", cookie=stranger)
+    assert read.json()["data"] == {}
+    assert set_cookies(read) == []
+    written = await fetch(app, "/put?n=1", cookie=stranger)
+    assert written.json()["uid"] != "f" * 24
+    assert uid_cookie(written) == written.json()["uid"]
+    for junk in ('lapse_session=""', "lapse_session=" + "x" * 300, "lapse_session"):
+        response = await fetch(app, "/put?n=1", cookie=junk)
+        assert uid_cookie(response) == response.json()["uid"]
+
+
+@aio
+async def test_logout_deletes_the_cookie_and_runs_callbacks() -> None:
+    """session.expire() ends the session: its notifyOnExpire callbacks run, the
+    response deletes the cookie (Max-Age=0), and the old cookie is then unknown."""
+    events: list[Any] = []
+    app = wrapped(events, reactor=Clock())
+    uid = (await fetch(app, "/watch")).json()["uid"]
+    cookie = f"lapse_session={uid}"
+    response = await fetch(app, "/logout", cookie=cookie)
+    assert events == [("expired", uid)]
+    (deletion,) = set_cookies(response)
+    assert deletion.startswith("lapse_session=; Path=/; Max-Age=0; Expires=")
+    assert "HttpOnly" in deletion
+    assert app.sessions == {}
+    assert (await fetch(app, "/peek", cookie=cookie)).json()["data"] == {}
+
+
+@aio
+async def test_clearing_request_session_is_a_logout() -> None:
+    """request.session.clear() (Starlette's logout idiom) expires the session:
+    callbacks run and the cookie is deleted; without a session it does nothing."""
+    events: list[Any] = []
+    app = wrapped(events, reactor=Clock())
+    uid = (await fetch(app, "/watch")).json()["uid"]
+    response = await fetch(app, "/clear", cookie=f"lapse_session={uid}")
+    assert events == [("expired", uid)]
+    assert set_cookies(response)[0].startswith("lapse_session=; ")
+    nothing = await fetch(app, "/clear")
+    assert set_cookies(nothing) == []
+
+
+@aio
+async def test_session_mapping_is_a_mutable_mapping_over_session_data() -> None:
+    """scope["session"] is a SessionMapping; setdefault/update/pop behave as a
+    dict's, and JSON-incompatible values are refused naming the key."""
+    seen: dict[str, Any] = {}
+
+    async def endpoint(request: Request) -> Response:
+        mapping = request.session
+        seen["type"] = type(mapping)
+        seen["empty_get"] = mapping.get("a", "default")
+        mapping.setdefault("a", 1)
+        mapping.update({"b": [1, 2]})
+        seen["popped"] = mapping.pop("a")
+        with pytest.raises(TypeError, match="'bad'"):
+            mapping["bad"] = object()
+        seen["data"] = dict(get_session(request).data)
+        return PlainTextResponse("ok")
+
+    app = SessionMiddleware(Starlette(routes=[Route("/", endpoint)]), reactor=Clock())
+    await fetch(app, "/")
+    assert seen == {
+        "type": SessionMapping,
+        "empty_get": "default",
+        "popped": 1,
+        "data": {"b": [1, 2]},
+    }
+
+
+@aio
+async def test_get_session_without_the_middleware_is_an_error() -> None:
+    """get_session on a request that did not come through the middleware raises
+    RuntimeError naming SessionMiddleware."""
+    errors: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        with pytest.raises(RuntimeError, match="SessionMiddleware") as info:
+            get_session(request)
+        errors.append(str(info.value))
+        return PlainTextResponse("ok")
+
+    await fetch(Starlette(routes=[Route("/", endpoint)]), "/")
+    assert errors
+
+
+# -- time: expiry on a fake clock ----------------------------------------------------
+
+
+@aio
+async def test_session_expires_after_the_timeout_with_callbacks_and_hook() -> None:
+    """timeout=5: visits keep the session alive (sliding expiry, even visits that
+    do not use it); 5 s after the last one it ends: notifyOnExpire callbacks
+    run, then the durable hook with the final data and cause "timeout"."""
+    clock = Clock()
+    events: list[Any] = []
+    app = wrapped(events, reactor=clock, timeout=5, on_expire=events.append)
+    uid = (await fetch(app, "/watch")).json()["uid"]
+    cookie = f"lapse_session={uid}"
+    await fetch(app, "/put?cart=[1,2]", cookie=cookie)
+    for _ in range(3):
+        clock.advance(4)
+        await fetch(app, "/plain", cookie=cookie)
+    clock.advance(4.9)
+    assert events == []
+    clock.advance(0.2)
+    callback, expiry = events
+    assert callback == ("expired", uid)
+    assert isinstance(expiry, Expiry)
+    assert (expiry.uid, dict(expiry.data), expiry.cause) == (uid, {"cart": [1, 2]}, "timeout")
+    assert not clock.calls
+    after = await fetch(app, "/peek", cookie=cookie)
+    assert after.json()["data"] == {}
+
+
+@aio
+async def test_session_factory_sets_the_timeout() -> None:
+    """session_factory= a Session subclass makes those sessions (its
+    sessionTimeout); timeout= overrides it."""
+
+    class ShortSession(Session):
+        sessionTimeout = 7
+
+    clock = Clock()
+    app = wrapped(reactor=clock, session_factory=ShortSession)
+    uid = (await fetch(app, "/watch")).json()["uid"]
+    session = app.sessions[uid]
+    assert isinstance(session, ShortSession)
+    assert session.sessionTimeout == 7
+    clock.advance(7)
+    assert session.expired
+    other = wrapped(reactor=clock, session_factory=ShortSession, timeout=2)
+    uid = (await fetch(other, "/watch")).json()["uid"]
+    assert isinstance(other.sessions[uid], ShortSession)
+    assert other.sessions[uid].sessionTimeout == 2
+    with pytest.raises(ValueError):
+        wrapped(timeout=0)
+
+
+@aio
+async def test_changes_made_after_the_response_are_saved() -> None:
+    """A background task (run after the response is sent) that writes
+    session.data: the change is saved, and the next request sees it."""
+    app = wrapped(reactor=Clock())
+    uid = (await fetch(app, "/later")).json()["uid"]
+    assert (await fetch(app, "/peek", cookie=f"lapse_session={uid}")).json()["data"] == {
+        "later": True
+    }
+
+
+@pytest.mark.skipif(not hasattr(Session, "rotate"), reason="Session.rotate() not there yet")
+@aio
+async def test_rotation_resets_the_cookie_to_the_new_uid() -> None:
+    """session.rotate() during a request: the response sets the cookie to the
+    new uid, which then names the same session with its data."""
+    app = wrapped(reactor=Clock())
+    uid = uid_cookie(await fetch(app, "/put?n=1"))
+    response = await fetch(app, "/rotate", cookie=f"lapse_session={uid}")
+    body = response.json()
+    assert body["old"] == uid
+    assert body["new"] != uid
+    assert uid_cookie(response) == body["new"]
+    seen = await fetch(app, "/peek", cookie=f"lapse_session={body['new']}")
+    assert seen.json()["data"] == {"n": 1}
+
+
+# -- stores -------------------------------------------------------------------------
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (polling the loop) for a shared store's background work."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return "memory:"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/sessions.db"
+    server = request.getfixturevalue("redis_server")
+    return f"{server.url}?prefix=asgi{time.monotonic_ns()}"
+
+
+def test_sessions_on_each_store(store_url: str) -> None:
+    """On memory, SQLite and Redis: data persists across requests, a second
+    middleware on the same shared store sees it, an unknown cookie is not
+    adopted, and a logout runs the callbacks, deletes the cookie and reaches
+    the durable hook once with cause "expired"."""
+
+    async def scenario() -> None:
+        events: list[Any] = []
+        hooked: list[Expiry] = []
+        app = wrapped(events, store=store_url, on_expire=hooked.append)
+        other = wrapped(store=store_url) if app.store.shared else app
+        try:
+            uid = uid_cookie(await fetch(app, "/put?n=1"))
+            cookie = f"lapse_session={uid}"
+            await fetch(app, "/watch", cookie=cookie)
+            seen = await fetch(other, "/put?m=2", cookie=cookie)
+            assert seen.json() == {"uid": uid, "data": {"n": 1, "m": 2}}
+            assert set_cookies(seen) == []
+            assert (await fetch(app, "/peek", cookie=cookie)).json()["data"] == {"n": 1, "m": 2}
+            stranger = await fetch(app, "/put?x=1", cookie="lapse_session=" + "z" * 24)
+            assert stranger.json()["uid"] != "z" * 24
+            logout = await fetch(app, "/logout", cookie=cookie)
+            assert set_cookies(logout)[0].startswith("lapse_session=; ")
+            assert events == [("expired", uid)]
+            await eventually(lambda: any(e.uid == uid for e in hooked))
+            assert [(e.cause, dict(e.data)) for e in hooked if e.uid == uid] == [
+                ("expired", {"n": 1, "m": 2})
+            ]
+            assert (await fetch(other, "/peek", cookie=cookie)).json()["data"] == {}
+        finally:
+            await app.aclose()
+            if other is not app:
+                await other.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_store_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without store=, LAPSE_SESSION_STORE chooses the store; without either,
+    sessions live in memory."""
+    monkeypatch.delenv("LAPSE_SESSION_STORE", raising=False)
+    assert isinstance(wrapped().store, MemoryStore)
+    monkeypatch.setenv("LAPSE_SESSION_STORE", f"sqlite:///{tmp_path}/env.db")
+    assert wrapped().store.url.endswith("/env.db")
+
+
+def test_late_change_is_saved_on_a_shared_store(tmp_path: Path) -> None:
+    """On SQLite, a change made by a background task after the response was
+    sent is written when the app returns: the next request sees it."""
+
+    async def scenario() -> None:
+        app = wrapped(store=f"sqlite:///{tmp_path}/late.db")
+        try:
+            uid = (await fetch(app, "/later")).json()["uid"]
+            seen = await fetch(app, "/peek", cookie=f"lapse_session={uid}")
+            assert seen.json()["data"] == {"later": True}
+        finally:
+            await app.aclose()
+
+    asyncio.run(scenario())
+
+
+def unreachable_redis() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def test_unreachable_store_answers_503_with_retry_after() -> None:
+    """With the store unreachable: a request with a session cookie gets 503 with
+    Retry-After: 1 within 1 s, without running the app; a new visitor whose
+    request makes a session gets the 503 too (the write failed), not the app's
+    200; a request that uses no session is served as usual."""
+    calls: list[str] = []
+
+    async def scenario() -> None:
+        app = wrapped(store=unreachable_redis())
+
+        async def counted(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                calls.append(scope["path"])
+            await inner(scope, receive, send)
+
+        inner, app.app = app.app, counted
+        try:
+            started = time.monotonic()
+            touched = await fetch(app, "/peek", cookie="lapse_session=" + "a" * 24)
+            assert time.monotonic() - started < 1.0
+            assert touched.status_code == 503
+            assert touched.headers["retry-after"] == "1"
+            assert "unavailable" in touched.text
+            assert set_cookies(touched) == []
+            assert calls == []
+            created = await fetch(app, "/put?n=1")
+            assert created.status_code == 503
+            assert created.headers["retry-after"] == "1"
+            assert set_cookies(created) == []
+            assert (await fetch(app, "/plain")).status_code == 200
+        finally:
+            await app.aclose()
+
+    asyncio.run(scenario())
+
+
+# -- lifespan and websockets ------------------------------------------------------
+
+
+async def drive_lifespan(app: Any, between: Callable[[], Coroutine[Any, Any, None]]) -> list[str]:
+    """Run the lifespan protocol against ``app`` as a server would: startup,
+    ``between()``, shutdown; the message types the app sent."""
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[str] = []
+    answered = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        return await incoming.get()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+        answered.set()
+
+    task = asyncio.ensure_future(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    )
+    await incoming.put({"type": "lifespan.startup"})
+    await asyncio.wait_for(answered.wait(), 5)
+    answered.clear()
+    await between()
+    await incoming.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(task, 5)
+    return sent
+
+
+def test_lifespan_passes_through_and_runs_the_keeper(tmp_path: Path) -> None:
+    """The app's own startup and shutdown handlers run (the lifespan messages
+    reach it); the session keeper's loop runs from startup and is closed after
+    the app's shutdown."""
+    order: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        order.append("app startup")
+        yield
+        order.append("app shutdown")
+
+    async def scenario() -> None:
+        app = SessionMiddleware(
+            starlette_app(lifespan=lifespan), store=f"sqlite:///{tmp_path}/life.db"
+        )
+        keeper = app._keeper
+
+        async def between() -> None:
+            order.append(f"keeper running: {keeper._task is not None and not keeper._task.done()}")
+            response = await fetch(app, "/put?n=1")
+            assert response.status_code == 200
+
+        sent = await drive_lifespan(app, between)
+        assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        assert keeper._closing and keeper._task is None
+
+    asyncio.run(scenario())
+    assert order == ["app startup", "keeper running: True", "app shutdown"]
+
+
+def test_app_without_lifespan_support_still_gets_one() -> None:
+    """A bare ASGI app that refuses lifespan scopes: the middleware answers the
+    lifespan itself (startup and shutdown complete), for its keeper."""
+
+    async def bare(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http", "http only"
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def nothing() -> None:
+        pass
+
+    app = SessionMiddleware(bare, reactor=Clock())
+    sent = asyncio.run(drive_lifespan(app, nothing))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_without_lifespan_the_keeper_starts_on_the_first_request(tmp_path: Path) -> None:
+    """A server that sends no lifespan (httpx's ASGITransport): the shared
+    store's loop starts with the first request; aclose() stops it."""
+
+    async def scenario() -> None:
+        app = wrapped(store=f"sqlite:///{tmp_path}/nolife.db")
+        assert app._keeper._task is None
+        await fetch(app, "/plain")
+        assert app._keeper._task is not None
+        await app.aclose()
+        assert app._keeper._task is None
+
+    asyncio.run(scenario())
+
+
+def test_websockets_pass_through_untouched() -> None:
+    """A websocket scope reaches the app unchanged, even with a session cookie:
+    no session is loaded or made, and get_session is an error there."""
+    seen: dict[str, Any] = {}
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        seen["keys"] = "session" in websocket.scope or "lapse.session" in websocket.scope
+        try:
+            get_session(websocket)
+        except RuntimeError:
+            seen["error"] = True
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    app = SessionMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws)]), reactor=Clock())
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"cookie", b"lapse_session=" + b"a" * 24)],
+        "subprotocols": [],
+    }
+    incoming = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert sent[1]["text"] == "hi"
+    assert seen == {"keys": False, "error": True}
+    assert app.sessions == {}
+
+
+# -- FastAPI and add_middleware -----------------------------------------------------
+
+
+def lapse_session(request: FastAPIRequest) -> Session:
+    """The FastAPI dependency: the request's Session (made if need be)."""
+    return get_session(request)
+
+
+SessionDep = Annotated[Session, Depends(lapse_session)]
+
+
+def fastapi_app(events: list[str]) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/count")
+    def count(session: SessionDep) -> dict[str, Any]:
+        visits = session.data.get("visits", 0) + 1
+        session.data["visits"] = visits
+        if visits == 1:
+            uid = session.uid
+            session.notifyOnExpire(lambda: events.append(uid))
+        return {"visits": visits}
+
+    @app.post("/logout")
+    def logout(request: FastAPIRequest) -> dict[str, bool]:
+        session = current_session(request)
+        if session is not None:
+            session.expire()
+        return {"ok": True}
+
+    return app
+
+
+@aio
+async def test_fastapi_dependency_and_add_middleware() -> None:
+    """FastAPI with app.add_middleware(SessionMiddleware, ...) and a Depends
+    giving the Session: a visit counter persists, logout deletes the cookie
+    and runs notifyOnExpire."""
+    events: list[str] = []
+    app = fastapi_app(events)
+    app.add_middleware(SessionMiddleware, reactor=Clock(), timeout=60)
+    first = await fetch(app, "/count")
+    assert first.json() == {"visits": 1}
+    uid = uid_cookie(first)
+    cookie = f"lapse_session={uid}"
+    assert (await fetch(app, "/count", cookie=cookie)).json() == {"visits": 2}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as client:
+        logout = await client.post("/logout", headers={"cookie": cookie})
+    assert logout.json() == {"ok": True}
+    assert logout.headers["set-cookie"].startswith("lapse_session=; ")
+    assert events == [uid]
+    assert (await fetch(app, "/count", cookie=cookie)).json() == {"visits": 1}
+
+
+class ThreadClock(Clock):
+    """A Clock that records which thread asked for each timer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        self.threads.add(threading.get_ident())
+        return super().callLater(delay, callable, *args, **kw)
+
+
+def sync_fastapi_app() -> FastAPI:
+    """Plain ``def`` endpoints: FastAPI runs them in a thread pool."""
+    app = FastAPI()
+
+    @app.get("/make")
+    def make(request: FastAPIRequest) -> dict[str, str]:
+        session = get_session(request)
+        session.data["thread"] = "worker"
+        return {"uid": session.uid}
+
+    @app.get("/end")
+    def end(request: FastAPIRequest) -> dict[str, bool]:
+        session = current_session(request)
+        if session is not None:
+            session.expire()
+        return {"ended": session is not None}
+
+    return app
+
+
+@aio
+async def test_sessions_made_in_worker_threads_are_kept_by_the_loop() -> None:
+    """A sync endpoint (run in a worker thread) that makes a session: the
+    expiry timer is armed from the event loop's thread, and the session
+    expires on time."""
+    clock = ThreadClock()
+    app = SessionMiddleware(sync_fastapi_app(), reactor=clock, timeout=5)
+    uid = (await fetch(app, "/make")).json()["uid"]
+    assert clock.threads == {threading.get_ident()}
+    clock.advance(5)
+    assert uid not in app.sessions
+
+
+def test_logout_in_a_worker_thread_on_a_shared_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On SQLite, a sync endpoint's session.expire() is written through the
+    event loop (no "no running event loop" warning); the hook runs once."""
+    hooked: list[Expiry] = []
+
+    async def scenario() -> None:
+        app = SessionMiddleware(
+            sync_fastapi_app(), store=f"sqlite:///{tmp_path}/t.db", on_expire=hooked.append
+        )
+        try:
+            uid = (await fetch(app, "/make")).json()["uid"]
+            ended = await fetch(app, "/end", cookie=f"lapse_session={uid}")
+            assert ended.json() == {"ended": True}
+            assert set_cookies(ended)[0].startswith("lapse_session=; ")
+            await eventually(lambda: bool(hooked))
+            assert [(e.uid, e.cause, dict(e.data)) for e in hooked] == [
+                (uid, "expired", {"thread": "worker"})
+            ]
+        finally:
+            await app.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="lapse"):
+        asyncio.run(scenario())
+    assert not [r for r in caplog.records if "event loop" in r.getMessage()]
+
+
+@aio
+async def test_absolute_timeout_ends_a_session_however_often_it_is_used() -> None:
+    """absolute_timeout=10: a session visited every 2 s still ends 10 s after
+    it was made, its callbacks run."""
+    clock = Clock()
+    events: list[Any] = []
+    app = wrapped(events, reactor=clock, timeout=5, absolute_timeout=10)
+    uid = (await fetch(app, "/watch")).json()["uid"]
+    cookie = f"lapse_session={uid}"
+    for _ in range(4):
+        clock.advance(2)
+        assert (await fetch(app, "/put?n=1", cookie=cookie)).json()["uid"] == uid
+    clock.advance(2)
+    assert events == [("expired", uid)]
