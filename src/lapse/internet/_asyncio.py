@@ -223,6 +223,10 @@ class AsyncioReactor:
         self._ports: list[Port] = []
         self._stopping: asyncio.Event | None = None
         self.running = False
+        # Set by ``lapse serve`` while it imports an application: called with
+        # "listenTCP", "listenSSL" or "run" before each, it may raise to
+        # refuse a module that serves itself when imported.
+        self._on_serve: Callable[[str], None] | None = None
 
     # -- time -----------------------------------------------------------
 
@@ -279,6 +283,8 @@ class AsyncioReactor:
         interface: str,
         ssl_context: ssl.SSLContext | None,
     ) -> Port:
+        if self._on_serve is not None:
+            self._on_serve("listenTCP" if ssl_context is None else "listenSSL")
         if not callable(factory):
             raise TypeError(f"{factory!r} is not an ASGI application (a lapse Site is)")
         listening = Port(self, self._bind(port, interface, backlog), factory, ssl_context)
@@ -317,6 +323,8 @@ class AsyncioReactor:
 
     def run(self, installSignalHandlers: bool = True) -> None:
         """Serve every listened site until :meth:`stop`, SIGINT or SIGTERM."""
+        if self._on_serve is not None:
+            self._on_serve("run")
         if self.running:
             raise ReactorAlreadyRunning("the reactor is already running")
         _configure_logging_from_env()

@@ -1,0 +1,727 @@
+"""The ``lapse`` command: ``lapse serve MODULE:ATTR`` serves a Site or an ASGI app.
+
+``lapse serve myapp:site`` imports ``myapp`` (from ``--app-dir``, the current
+directory by default), takes its ``site`` and serves it with lapse's reactor
+(uvicorn, httptools, uvloop) until SIGINT or SIGTERM, as a program ending in
+``reactor.listenTCP(8080, site); reactor.run()`` would. ``python -m lapse``
+is the same command.
+
+The session store (``--store``) is put in ``LAPSE_SESSION_STORE`` before the
+module is imported, so it reaches the Sites the module makes at import.
+
+``--workers N`` runs N worker processes that share the port (each binds it
+with ``SO_REUSEPORT`` and imports the application itself) under a
+supervisor, this process: it starts one worker, then, once that one serves,
+the others (so a broken application is reported once); it passes SIGINT and
+SIGTERM on to them and exits when they have all stopped. If a worker dies on
+its own, the supervisor stops the others and exits with status 1.
+
+Exit status: 0 after a clean stop; 2 for a command line that cannot be served
+(options, MODULE:ATTR, store URL, TLS files, the memory store with several
+workers); 1 when serving failed (the port is in use, a worker died).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import os
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import traceback
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lapse import __version__
+
+__all__ = ["main"]
+
+EXIT_FAILED = 1
+"""Serving failed: the port could not be bound, or a worker died."""
+
+EXIT_USAGE = 2
+"""The command line cannot be served as given."""
+
+STOP_TIMEOUT = 15.0
+"""Seconds the supervisor waits for its workers to stop before SIGKILL
+(the reactor lets requests in flight finish for up to 10 s)."""
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+MEMORY_WITH_WORKERS = (
+    "{workers} workers cannot share the memory session store: each worker process "
+    "would keep its own sessions, so a visitor's session would live in the one worker "
+    "that made it and the others would not know it (their answers would start new "
+    "sessions), and expiry hooks and notifyOnExpire callbacks would be split between "
+    "the processes. Use a shared store: --store sqlite:///sessions.db (the workers of "
+    "one machine) or --store redis://host:6379/0 (across machines); or run one worker."
+)
+
+
+class CommandError(Exception):
+    """What to tell the user on one line, and the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _ServesItself(BaseException):
+    """Raised by the reactor hook: the imported module listens or runs by itself.
+
+    A BaseException, so that an ``except Exception`` in the module lets it by.
+    """
+
+    def __init__(self, call: str) -> None:
+        super().__init__(call)
+        self.call = call
+
+
+# -- the command line ---------------------------------------------------------
+
+
+def _port_number(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a port number (0-65535)")
+    return number
+
+
+def _worker_count(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number}: at least one worker")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lapse`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="lapse",
+        description="lapse: a web server whose core is the session lifecycle.",
+        epilog="Run 'lapse serve --help' for the options of serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"lapse {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a lapse Site or an ASGI application",
+        description=(
+            "Import MODULE and serve its ATTR, a lapse Site or any ASGI 3 application, "
+            "until SIGINT (Ctrl-C) or SIGTERM; requests in flight then finish (up to 10 s)."
+        ),
+        epilog=(
+            "Examples: 'lapse serve myapp:site', "
+            "'lapse serve myapp:site --port 8000 --store sqlite:///sessions.db --workers 4'. "
+            "The module must not listen or run the reactor when imported: keep "
+            "reactor.listenTCP(...) and reactor.run() under 'if __name__ == \"__main__\":'. "
+            "Exit status: 0 after a clean stop, 2 for a bad command line (options, "
+            "MODULE:ATTR, store URL, TLS files), 1 if serving failed."
+        ),
+    )
+    serve.add_argument(
+        "target",
+        metavar="MODULE:ATTR",
+        help="the module to import and the Site or ASGI app in it, e.g. myapp:site",
+    )
+    serve.add_argument(
+        "--host",
+        "--interface",
+        dest="host",
+        default="127.0.0.1",
+        help="the address to listen on (default: 127.0.0.1; 0.0.0.0 for every IPv4 one)",
+    )
+    serve.add_argument(
+        "--port",
+        type=_port_number,
+        default=8080,
+        help="the TCP port (default: 8080; 0 picks a free one, with one worker)",
+    )
+    serve.add_argument("--certfile", help="serve HTTPS with this PEM certificate (chain)")
+    serve.add_argument("--keyfile", help="the PEM private key of --certfile (not encrypted)")
+    serve.add_argument(
+        "--store",
+        metavar="URL",
+        help=(
+            "the session store: memory: (the default), sqlite:///path.db or "
+            "redis://host:port/db; set as LAPSE_SESSION_STORE before the module is "
+            "imported, so it applies to every Site made without store= in its code"
+        ),
+    )
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help=(
+            "N worker processes sharing the port (SO_REUSEPORT), each importing the app; "
+            "sessions then need a shared store (sqlite:// or redis://). Default: 1"
+        ),
+    )
+    serve.add_argument(
+        "--trust-proxy",
+        action="store_true",
+        help=(
+            "believe X-Forwarded-Proto and X-Forwarded-For (only behind a proxy that "
+            "sets them): a Site gets trust_proxy_headers=True; any other ASGI app is "
+            "wrapped in uvicorn's ProxyHeadersMiddleware, which sets the scope's scheme "
+            "and client from them"
+        ),
+    )
+    serve.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=_LOG_LEVELS,
+        help=(
+            "log to stderr at this level (info: the access log too; debug: session "
+            "events too), as LAPSE_LOG_LEVEL does; unless the app configures logging"
+        ),
+    )
+    serve.add_argument(
+        "--app-dir",
+        default=".",
+        help="the directory to import MODULE from, put first on sys.path (default: .)",
+    )
+    # Internal: set by the supervisor on the command lines of its workers.
+    serve.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+# -- checks that need nothing imported ------------------------------------------
+
+
+def _check_store(url: str, source: str) -> str:
+    """The store URL, checked by parsing it; its normalised form."""
+    from lapse.sessions.store import StoreConfigError
+    from lapse.sessions.stores import store_from_url
+
+    try:
+        store = store_from_url(url)
+    except StoreConfigError as exc:
+        raise CommandError(f"{source}: {exc}") from None
+    return store.url
+
+
+def _is_memory(url: str) -> bool:
+    return url.split(":", 1)[0].strip().lower() == "memory"
+
+
+def _ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for plain HTTP."""
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        given, missing = (
+            ("--certfile", "--keyfile") if keyfile is None else ("--keyfile", "--certfile")
+        )
+        raise CommandError(
+            f"{given} without {missing}: TLS needs both the certificate and its key "
+            "(or neither, for plain HTTP)"
+        )
+    for option, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if not Path(path).is_file():
+            raise CommandError(f"{option} {path}: no such file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise CommandError(
+            f"cannot load the TLS certificate {certfile} with the key {keyfile} "
+            f"(PEM files, the key not encrypted, matching the certificate): {exc}"
+        ) from None
+    return context
+
+
+def _url(scheme: str, host: str, port: int) -> str:
+    shown = host or "0.0.0.0"
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"{scheme}://{shown}:{port}"
+
+
+def _say(message: str) -> None:
+    print(f"lapse: {message}", file=sys.stderr, flush=True)
+
+
+# -- importing the application ---------------------------------------------------
+
+
+def _refuse_serving(call: str) -> NoReturn:
+    raise _ServesItself(call)
+
+
+def _caller_outside_lapse(tb: types.TracebackType | None) -> str:
+    """``file:line`` of the innermost frame of ``tb`` outside lapse and importlib."""
+    package = str(Path(__file__).resolve().parent)
+    where = "?"
+    for frame in traceback.extract_tb(tb):
+        name = frame.filename
+        if name.startswith("<frozen") or str(Path(name).resolve()).startswith(package):
+            continue
+        where = f"{name}:{frame.lineno}"
+    return where
+
+
+def _import_module(module_name: str, app_dir: str) -> types.ModuleType:
+    from lapse.internet.reactor import theReactor
+
+    theReactor._on_serve = _refuse_serving
+    try:
+        return importlib.import_module(module_name)
+    except _ServesItself as exc:
+        where = _caller_outside_lapse(exc.__traceback__)
+        raise CommandError(
+            f"module {module_name!r} serves itself when imported: it calls "
+            f"reactor.{exc.call}() at {where}. It is a program: run it with python. "
+            f"To serve it with 'lapse serve', put its reactor.listenTCP/listenSSL and "
+            f"reactor.run() calls under 'if __name__ == \"__main__\":'."
+        ) from None
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise CommandError(
+                f"no module named {missing!r} (looked in --app-dir {app_dir} and the "
+                "installed packages)"
+            ) from None
+        raise CommandError(
+            f"importing {module_name!r} failed at {_caller_outside_lapse(exc.__traceback__)}: {exc}"
+        ) from None
+    except SyntaxError as exc:
+        raise CommandError(
+            f"importing {module_name!r} failed: {exc.filename}:{exc.lineno}: SyntaxError: {exc.msg}"
+        ) from None
+    except SystemExit as exc:
+        raise CommandError(f"importing {module_name!r} exited (sys.exit({exc.code!r}))") from None
+    except Exception as exc:
+        where = _caller_outside_lapse(exc.__traceback__)
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise CommandError(f"importing {module_name!r} failed at {where}: {detail}") from None
+    finally:
+        theReactor._on_serve = None
+
+
+def load_target(target: str, app_dir: str) -> Any:
+    """The object ``MODULE:ATTR`` names; :class:`CommandError` if none.
+
+    Importing is guarded: a module that calls ``reactor.listenTCP``,
+    ``listenSSL`` or ``run`` while it is imported is refused.
+    """
+    module_name, colon, attr = target.partition(":")
+    if not colon or not module_name.strip() or not attr.strip():
+        raise CommandError(
+            f"{target!r} is not MODULE:ATTR: name a module and the Site or ASGI app in it, "
+            "e.g. myapp:site"
+        )
+    module = _import_module(module_name, app_dir)
+    found: Any = module
+    for part in attr.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            hint = _sites_in(module)
+            raise CommandError(
+                f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
+                f"attribute {attr!r}" + (f"; its Sites: {', '.join(hint)}" if hint else "")
+            ) from None
+    return found
+
+
+def _sites_in(module: types.ModuleType) -> list[str]:
+    from lapse.web.server import Site
+
+    return sorted(name for name, value in vars(module).items() if isinstance(value, Site))
+
+
+def check_app(app: Any, target: str) -> str:
+    """What ``app`` is (``"a Site"``, ``"an ASGI app"``); an error if neither."""
+    from lapse.web.resource import Resource
+    from lapse.web.server import Site
+
+    if isinstance(app, Site):
+        return "a Site"
+    what = f"{target} is not a lapse Site nor an ASGI application"
+    if isinstance(app, Resource):
+        raise CommandError(f"{target} is a Resource, not a Site: serve Site(resource) instead")
+    if isinstance(app, types.ModuleType):
+        raise CommandError(f"{what}: it is a module; name the Site or app in it")
+    if inspect.isclass(app):
+        raise CommandError(
+            f"{what}: it is a class; name an instance (an ASGI 3 application is an "
+            "async callable taking scope, receive and send)"
+        )
+    if not callable(app):
+        raise CommandError(f"{what}: it is a {type(app).__name__}")
+    try:
+        signature = inspect.signature(app)
+    except (TypeError, ValueError):
+        return "an ASGI app"
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        raise CommandError(
+            f"{what}: it cannot be called with (scope, receive, send); its signature is {signature}"
+        ) from None
+    return "an ASGI app"
+
+
+# -- serving ----------------------------------------------------------------------
+
+
+@dataclass
+class _Options:
+    """The checked command line."""
+
+    target: str
+    host: str
+    port: int
+    workers: int
+    store: str | None
+    checked_store: str | None
+    ssl_context: ssl.SSLContext | None
+    trust_proxy: bool
+    app_dir: str
+    ready_fd: int | None
+    certfile: str | None
+    keyfile: str | None
+    log_level: str | None
+
+
+def _check(args: argparse.Namespace) -> _Options:
+    """Everything that can be checked without importing the application."""
+    ssl_context = _ssl_context(args.certfile, args.keyfile)
+    store: str | None = None
+    checked_store: str | None = None
+    if args.store is not None:
+        store = checked_store = _check_store(args.store, f"--store {args.store}")
+    elif os.environ.get("LAPSE_SESSION_STORE"):
+        url = os.environ["LAPSE_SESSION_STORE"]
+        store = _check_store(url, f"LAPSE_SESSION_STORE={url}")
+    if args.log_level is None and os.environ.get("LAPSE_LOG_LEVEL"):
+        level = os.environ["LAPSE_LOG_LEVEL"]
+        if level.lower() not in _LOG_LEVELS:
+            raise CommandError(f"LAPSE_LOG_LEVEL={level!r} is not a logging level")
+    if args.workers > 1:
+        if store is not None and _is_memory(store):
+            raise CommandError(MEMORY_WITH_WORKERS.format(workers=args.workers))
+        if args.port == 0:
+            raise CommandError("--workers needs a fixed --port: each worker binds the port itself")
+    app_dir = str(Path(args.app_dir).resolve())
+    if not Path(app_dir).is_dir():
+        raise CommandError(f"--app-dir {args.app_dir}: no such directory")
+    return _Options(
+        target=args.target,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        store=args.store,
+        checked_store=checked_store,
+        ssl_context=ssl_context,
+        trust_proxy=args.trust_proxy,
+        app_dir=app_dir,
+        ready_fd=args.worker_ready_fd,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        log_level=args.log_level,
+    )
+
+
+def _prepare_app(app: Any, options: _Options) -> Any:
+    """Apply ``--trust-proxy``; refuse the memory store with several workers."""
+    from lapse.web.server import Site
+
+    if isinstance(app, Site):
+        store = app.store
+        if options.checked_store is not None and store.url != options.checked_store:
+            _say(
+                f"warning: {options.target} was made with its own store ({store.url}) in its "
+                f"code; --store {options.store} does not apply to it"
+            )
+        if options.workers > 1 and not store.shared:
+            raise CommandError(MEMORY_WITH_WORKERS.format(workers=options.workers))
+        if options.trust_proxy:
+            app.trust_proxy_headers = True
+        return app
+    if options.trust_proxy:
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        return ProxyHeadersMiddleware(app, trusted_hosts="*")
+    return app
+
+
+def _serve(options: _Options) -> int:
+    """Import the application and serve it in this process until stopped."""
+    if options.store is not None:
+        os.environ["LAPSE_SESSION_STORE"] = options.store
+    if options.log_level is not None:
+        os.environ["LAPSE_LOG_LEVEL"] = options.log_level.upper()
+    if options.app_dir not in sys.path:
+        sys.path.insert(0, options.app_dir)
+
+    app = load_target(options.target, options.app_dir)
+    kind = check_app(app, options.target)
+    served = _prepare_app(app, options)
+
+    from lapse.internet import reactor
+    from lapse.internet.error import CannotListenError
+
+    try:
+        if options.ssl_context is not None:
+            port = reactor.listenSSL(
+                options.port, served, options.ssl_context, interface=options.host
+            )
+        else:
+            port = reactor.listenTCP(options.port, served, interface=options.host)
+    except CannotListenError as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
+    scheme = "https" if options.ssl_context is not None else "http"
+    where = _url(scheme, options.host, port.getHost().port)
+    what = f"{options.target} ({kind}"
+    if kind == "a Site":
+        what += f", store {app.store.url}"
+    what += ")"
+    if options.ready_fd is not None:
+        # A worker: tell the supervisor, and stop if the supervisor is gone.
+        with contextlib.suppress(OSError):
+            os.write(options.ready_fd, f"ready {what}\n".encode())
+            os.close(options.ready_fd)
+        _watch_supervisor(reactor, os.getppid())
+    else:
+        _say(f"serving {what} on {where} (pid {os.getpid()}); Ctrl-C to stop")
+    reactor.run()
+    if options.ready_fd is None:
+        _say("stopped")
+    return 0
+
+
+def _watch_supervisor(reactor: Any, supervisor: int) -> None:
+    def check() -> None:
+        if os.getppid() != supervisor:
+            _say(f"worker {os.getpid()}: the supervisor (pid {supervisor}) is gone; stopping")
+            reactor.stop()
+        else:
+            reactor.callLater(1.0, check)
+
+    reactor.callLater(1.0, check)
+
+
+# -- supervising workers ---------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen[bytes]
+    ready_fd: int
+    what: str = ""
+
+
+def _probe_port(host: str, port: int) -> None:
+    """Fail now if ``host:port`` cannot be bound (in use, by anyone)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        except (OSError, OverflowError) as exc:
+            raise CommandError(
+                f"Couldn't listen on {host or 'any'}:{port}: {exc}.", EXIT_FAILED
+            ) from None
+
+
+def _worker_command(options: _Options) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "lapse",
+        "serve",
+        options.target,
+        "--host",
+        options.host,
+        "--port",
+        str(options.port),
+        "--workers",
+        str(options.workers),
+        "--app-dir",
+        options.app_dir,
+    ]
+    if options.store is not None:
+        command += ["--store", options.store]
+    for option, value in (
+        ("--certfile", options.certfile),
+        ("--keyfile", options.keyfile),
+        ("--log-level", options.log_level),
+    ):
+        if value is not None:
+            command += [option, value]
+    if options.trust_proxy:
+        command.append("--trust-proxy")
+    return command
+
+
+def _spawn(options: _Options) -> _Worker:
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [*_worker_command(options), "--worker-ready-fd", str(write_end)],
+            stdin=subprocess.DEVNULL,
+            pass_fds=(write_end,),
+            env={**os.environ, "LAPSE_REUSE_PORT": "1"},
+            # Its own process group: a Ctrl-C at the terminal reaches the
+            # supervisor only, which passes it on once.
+            process_group=0,
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return _Worker(proc, read_end)
+
+
+class _Supervisor:
+    def __init__(self, options: _Options) -> None:
+        self.options = options
+        self.workers: list[_Worker] = []
+        self.signals: list[int] = []
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def run(self) -> int:
+        options = self.options
+        _probe_port(options.host, options.port)
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        code = EXIT_FAILED
+        try:
+            code = self._run()
+        finally:
+            stopped = self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stopped is not None:
+            _say("stopped")
+            if code == 0:
+                code = stopped
+        return code
+
+    def _run(self) -> int:
+        options = self.options
+        # One worker first: an application that cannot start says so once.
+        first = _spawn(options)
+        self.workers.append(first)
+        failed = self._await_ready([first])
+        if failed is not None:
+            return failed
+        rest = [_spawn(options) for _ in range(options.workers - 1)]
+        self.workers.extend(rest)
+        failed = self._await_ready(rest)
+        if failed is not None:
+            return failed
+        scheme = "https" if options.ssl_context is not None else "http"
+        pids = ", ".join(str(worker.proc.pid) for worker in self.workers)
+        _say(
+            f"serving {first.what} on {_url(scheme, options.host, options.port)} with "
+            f"{len(self.workers)} workers (pids {pids}); supervisor pid {os.getpid()}; "
+            "Ctrl-C to stop"
+        )
+        while not self.signals:
+            for worker in self.workers:
+                code = worker.proc.poll()
+                if code is not None:
+                    _say(
+                        f"worker {worker.proc.pid} exited with status {code}; "
+                        "stopping the other workers"
+                    )
+                    return EXIT_FAILED
+            time.sleep(0.1)
+        return 0
+
+    def _await_ready(self, pending: list[_Worker]) -> int | None:
+        """Wait until every worker of ``pending`` serves: None; or an exit status."""
+        waiting = {worker.ready_fd: worker for worker in pending}
+        try:
+            while waiting:
+                if self.signals:
+                    return 0
+                readable, _, _ = select.select(list(waiting), [], [], 0.1)
+                for fd in readable:
+                    worker = waiting.pop(fd)
+                    message = os.read(fd, 4096).decode("utf-8", "replace")
+                    os.close(fd)
+                    if message.startswith("ready "):
+                        worker.what = message[len("ready ") :].strip()
+                        continue
+                    # It closed the pipe without being ready: it has failed
+                    # (and said why on stderr).
+                    try:
+                        code = worker.proc.wait(STOP_TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        code = EXIT_FAILED
+                    return code if code > 0 else EXIT_FAILED
+            return None
+        finally:
+            for fd in waiting:
+                os.close(fd)
+
+    def _stop_all(self) -> int | None:
+        """Stop every live worker (the signal received, else SIGTERM); wait for them.
+
+        None if there was nothing to stop, else whether all stopped cleanly (0) or not (1).
+        """
+        live = [worker for worker in self.workers if worker.proc.poll() is None]
+        if not live:
+            return None
+        sig = self.signals[0] if self.signals else signal.SIGTERM
+        for worker in live:
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(sig)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        status = 0
+        for worker in live:
+            try:
+                code = worker.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"worker {worker.proc.pid} did not stop in {STOP_TIMEOUT:g} s; killing it")
+                worker.proc.kill()
+                code = worker.proc.wait()
+            if code != 0:
+                status = EXIT_FAILED
+        return status
+
+
+# -- entry point ------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lapse`` command; its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        options = _check(args)
+        if options.workers > 1 and options.ready_fd is None:
+            return _Supervisor(options).run()
+        return _serve(options)
+    except CommandError as exc:
+        _say(f"error: {exc}")
+        return exc.status
+    except KeyboardInterrupt:
+        return 130

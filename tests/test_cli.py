@@ -1,0 +1,572 @@
+"""``lapse serve MODULE:ATTR`` (and ``python -m lapse``), run as real subprocesses.
+
+Each test writes a small application module to a temporary directory, runs
+``python -m lapse serve`` on a free port on 127.0.0.1 with ``--app-dir``
+pointing there, drives it over HTTP and stops it by its PID. The command's
+own messages go to stderr, one line each, prefixed ``lapse:``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from _servers import (
+    EXAMPLES,
+    HOST,
+    Response,
+    ServerProcess,
+    free_port,
+    port_accepts,
+    request,
+    self_signed_cert,
+    wait_for_port,
+)
+
+UID = r"[A-Za-z0-9_-]{24}"
+
+APP = '''
+"""An application for lapse serve: a Site, a plain ASGI app, and non-apps."""
+
+import os
+from pathlib import Path
+
+from lapse.web.resource import Resource
+from lapse.web.server import Site
+
+Path(os.environ.get("CLIAPP_IMPORTED", os.devnull)).write_text("imported")
+
+
+class Visits(Resource):
+    """Counts the visits of the session in session.data; says who answered."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        session = request.getSession()
+        session.data["visits"] = session.data.get("visits", 0) + 1
+        return (
+            f"pid={os.getpid()} uid={session.uid} visits={session.data['visits']} "
+            f"secure={request.isSecure()} client={request.getClientIP()}"
+        )
+
+
+site = Site(Visits())
+memory_site = Site(Visits(), store="memory:")
+root = Visits()
+not_an_app = 42
+
+
+def two_args(scope, receive):
+    pass
+
+
+async def asgi(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = f"plain asgi scheme={scope['scheme']} client={scope['client'][0]}".encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+BROKEN = """
+raise RuntimeError("the database is not configured")
+"""
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    """A directory holding ``cliapp.py`` (see APP) and ``broken.py``."""
+    directory = tmp_path / "app"
+    directory.mkdir()
+    (directory / "cliapp.py").write_text(APP, encoding="utf-8")
+    (directory / "broken.py").write_text(BROKEN, encoding="utf-8")
+    return directory
+
+
+class Lapse(ServerProcess):
+    """``python -u -m lapse ARGS`` as a server subprocess, stopped by its PID."""
+
+    def start(self) -> Lapse:
+        assert self.stderr_path is not None
+        self._stderr_file = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "lapse", *self.args],
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr_file,
+        )
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
+        return self
+
+
+@contextlib.contextmanager
+def lapse_serving(
+    args: Sequence[str], port: int, cwd: Path, timeout: float = 20.0
+) -> Iterator[Lapse]:
+    """Run ``python -m lapse serve ARGS`` until it serves on ``port``; stop it after."""
+    server = Lapse(Path("lapse"), args=["serve", *args], cwd=cwd, stderr_path=cwd / "lapse.err")
+    server.start()
+    try:
+        try:
+            wait_for_port(port, timeout=timeout, proc=server.proc)
+            wait_for_stderr(server, "serving", timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}; stderr:\n{server.stderr_text()}") from exc
+        yield server
+    finally:
+        server.stop(timeout=20)
+
+
+def wait_for_stderr(server: ServerProcess, pattern: str, timeout: float) -> re.Match[str]:
+    """The first match of ``pattern`` in the server's stderr, waiting for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.search(pattern, server.stderr_text())
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {pattern!r} on stderr: {server.stderr_text()!r}")
+        time.sleep(0.05)
+
+
+def run_lapse(
+    args: Sequence[str], cwd: Path, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m lapse ARGS`` to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "lapse", *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "LAPSE_SESSION_STORE": ""},
+    )
+
+
+def session_uid(response: Response, name: str = "lapse_session") -> str:
+    """The uid of the one session cookie ``response`` sets."""
+    cookies = response.header_all("set-cookie")
+    assert len(cookies) == 1, cookies
+    found = re.match(f"{re.escape(name)}=({UID});", cookies[0])
+    assert found is not None, cookies[0]
+    return found.group(1)
+
+
+def visit(port: int, uid: str, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """GET / with the session cookie of ``uid``; the fields of the answer."""
+    response = request(port, "/", headers={"Cookie": f"lapse_session={uid}", **(headers or {})})
+    assert response.status == 200, response
+    return dict(part.split("=", 1) for part in response.text.split())
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (and is not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+# -- help ----------------------------------------------------------------------
+
+
+def test_help_lists_the_command_and_its_options(tmp_path: Path) -> None:
+    """``python -m lapse --help`` names ``serve``; ``lapse serve --help`` (the
+    installed script, when there) lists every option; no command at all prints
+    the help and exits 2."""
+    top = run_lapse(["--help"], tmp_path)
+    assert top.returncode == 0
+    assert "serve" in top.stdout
+    script = Path(sys.executable).parent / "lapse"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lapse"]
+    serve = subprocess.run(
+        [*command, "serve", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert serve.returncode == 0, serve.stderr
+    for option in (
+        "MODULE:ATTR",
+        "--host",
+        "--interface",
+        "--port",
+        "--certfile",
+        "--keyfile",
+        "--store",
+        "--workers",
+        "--trust-proxy",
+        "--log-level",
+        "--app-dir",
+    ):
+        assert option in serve.stdout, option
+    bare = run_lapse([], tmp_path)
+    assert bare.returncode == 2
+    assert "serve" in bare.stderr
+
+
+# -- serving ------------------------------------------------------------------------
+
+
+def test_serves_a_site_with_sessions_trust_proxy_and_log_level(app_dir: Path) -> None:
+    """``lapse serve cliapp:site`` serves the Site: the first visit sets a
+    session cookie, the next with it is the same session (no new cookie,
+    visits 2). With ``--trust-proxy`` the Site believes X-Forwarded-Proto and
+    X-Forwarded-For; with ``--log-level info`` the access log is on stderr.
+    SIGTERM stops it with status 0."""
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--trust-proxy"]
+    args += ["--log-level", "INFO"]
+    with lapse_serving(args, port, app_dir) as server:
+        first = request(port, "/")
+        assert first.status == 200
+        uid = session_uid(first)
+        assert f"uid={uid} visits=1 secure=False client=127.0.0.1" in first.text
+        second = request(port, "/", headers={"Cookie": f"lapse_session={uid}"})
+        assert f"uid={uid} visits=2" in second.text
+        assert second.header("set-cookie") is None
+        proxied = visit(
+            port, uid, headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+        )
+        assert proxied["secure"] == "True"
+        assert proxied["client"] == "203.0.113.9"
+        assert f"serving cliapp:site (a Site, store memory:) on http://{HOST}:{port}" in (
+            server.stderr_text()
+        )
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0
+        errors = server.stderr_text()
+        assert re.search(r'^127\.0\.0\.1 - - \[.*\] "GET / HTTP/1\.1" 200 ', errors, re.M), errors
+        assert "Received SIGTERM, shutting down" in errors
+        assert errors.rstrip().endswith("lapse: stopped")
+        assert "Traceback" not in errors
+    assert not port_accepts(port)
+
+
+def test_serves_a_plain_asgi_app_and_trust_proxy_wraps_it(app_dir: Path) -> None:
+    """A plain ASGI 3 app (an async function) is served as it is; with
+    ``--trust-proxy`` it is wrapped in uvicorn's ProxyHeadersMiddleware, so its
+    scope's scheme and client come from X-Forwarded-Proto/-For."""
+    port = free_port()
+    args = ["cliapp:asgi", "--port", str(port), "--app-dir", str(app_dir)]
+    with lapse_serving(args, port, app_dir):
+        response = request(port, "/", headers={"X-Forwarded-Proto": "https"})
+        assert response.status == 200
+        assert response.text == "plain asgi scheme=http client=127.0.0.1"
+    port = free_port()
+    with lapse_serving(
+        ["cliapp:asgi", "--port", str(port), "--app-dir", str(app_dir), "--trust-proxy"],
+        port,
+        app_dir,
+    ):
+        headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+        response = request(port, "/", headers=headers)
+        assert response.text == "plain asgi scheme=https client=203.0.113.9"
+
+
+def test_store_option_reaches_the_site_made_at_import_and_survives_restart(
+    app_dir: Path,
+) -> None:
+    """``--store sqlite:///<tmp>/x.db`` applies to the Site the module makes at
+    import (set as LAPSE_SESSION_STORE before the import): a session made by
+    one server is still there, with its data, after the server is stopped and
+    another started."""
+    db = app_dir / "x.db"
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir)]
+    args += ["--store", f"sqlite:///{db}"]
+    with lapse_serving(args, port, app_dir) as server:
+        first = request(port, "/")
+        uid = session_uid(first)
+        assert "visits=1" in first.text
+        assert visit(port, uid)["visits"] == "2"
+        assert f"store sqlite:///{db}" in server.stderr_text()
+    assert db.exists()
+    with lapse_serving(args, port, app_dir):
+        again = visit(port, uid)
+        assert again["uid"] == uid
+        assert again["visits"] == "3"
+
+
+def test_store_option_does_not_override_a_store_given_in_code(app_dir: Path) -> None:
+    """A Site made with ``store=`` in its code keeps that store; ``--store``
+    then says, on one warning line, that it does not apply to that Site."""
+    port = free_port()
+    args = ["cliapp:memory_site", "--port", str(port), "--app-dir", str(app_dir)]
+    args += ["--store", f"sqlite:///{app_dir / 'unused.db'}"]
+    with lapse_serving(args, port, app_dir) as server:
+        assert "visits=1" in request(port, "/").text
+        warning = wait_for_stderr(server, "lapse: warning: .*", 5).group(0)
+        assert "cliapp:memory_site was made with its own store (memory:)" in warning
+        assert "does not apply to it" in warning
+        assert "(a Site, store memory:)" in server.stderr_text()
+
+
+def test_tls_with_a_self_signed_certificate(app_dir: Path, tmp_path: Path) -> None:
+    """``--certfile``/``--keyfile`` serve HTTPS (listenSSL): the request is
+    secure and the session cookie is ``__Host-lapse_session`` with Secure."""
+    cert, key = self_signed_cert(tmp_path)
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir)]
+    args += ["--certfile", str(cert), "--keyfile", str(key)]
+    context = ssl.create_default_context(cafile=str(cert))
+    with lapse_serving(args, port, app_dir) as server:
+        assert f"on https://{HOST}:{port}" in server.stderr_text()
+        first = request(port, "/", ssl_context=context)
+        assert first.status == 200
+        uid = session_uid(first, "__Host-lapse_session")
+        assert "Secure" in first.header("set-cookie")  # type: ignore[operator]
+        assert f"uid={uid} visits=1 secure=True" in first.text
+        again = request(
+            port, "/", ssl_context=context, headers={"Cookie": f"__Host-lapse_session={uid}"}
+        )
+        assert f"uid={uid} visits=2 secure=True" in again.text
+
+
+# -- workers ----------------------------------------------------------------------
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    found = wait_for_stderr(server, r"with (\d+) workers \(pids ([\d, ]+)\)", 20)
+    pids = [int(pid) for pid in found.group(2).split(", ")]
+    assert len(pids) == int(found.group(1))
+    return pids
+
+
+def test_two_workers_share_the_port_and_the_sessions(app_dir: Path) -> None:
+    """``--workers 2 --store sqlite:///...``: two worker processes (children of
+    the supervisor) answer on the one port, and a session made by either is
+    the same session in the other (its visit count goes on across them)."""
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--workers", "2"]
+    args += ["--store", f"sqlite:///{app_dir / 'shared.db'}"]
+    with lapse_serving(args, port, app_dir) as server:
+        pids = worker_pids(server)
+        assert len(set(pids)) == 2 and server.pid not in pids
+        uid = session_uid(request(port, "/"))
+        answered: dict[str, int] = {}
+        # Each request is a new connection; SO_REUSEPORT spreads them by the
+        # client's port, so both workers answer within a few.
+        for attempt in range(2, 200):
+            fields = visit(port, uid)
+            assert fields["uid"] == uid
+            assert fields["visits"] == str(attempt)
+            answered[fields["pid"]] = answered.get(fields["pid"], 0) + 1
+            if len(answered) == 2 and attempt >= 6:
+                break
+        assert set(answered) == {str(pid) for pid in pids}, answered
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_supervisor_and_every_worker(app_dir: Path, sig: signal.Signals) -> None:
+    """SIGTERM (or SIGINT) to the supervisor reaches every worker: all of them
+    exit, the supervisor exits 0 once they have, and the port is closed."""
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--workers", "2"]
+    args += ["--store", f"sqlite:///{app_dir / 'shared.db'}"]
+    with lapse_serving(args, port, app_dir) as server:
+        pids = worker_pids(server)
+        assert all(pid_alive(pid) for pid in pids)
+        server.send_signal(sig)
+        assert server.wait(20) == 0, server.stderr_text()
+        assert not any(pid_alive(pid) for pid in pids)
+        assert "lapse: stopped" in server.stderr_text()
+        assert "Traceback" not in server.stderr_text()
+    assert not port_accepts(port)
+
+
+def test_workers_stop_when_the_supervisor_is_killed(app_dir: Path) -> None:
+    """A supervisor killed with SIGKILL cannot pass anything on: its workers
+    notice (they check every second) and stop by themselves."""
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--workers", "2"]
+    args += ["--store", f"sqlite:///{app_dir / 'shared.db'}"]
+    with lapse_serving(args, port, app_dir) as server:
+        pids = worker_pids(server)
+        server.send_signal(signal.SIGKILL)
+        server.wait(5)
+        deadline = time.monotonic() + 15
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(pid_alive(pid) for pid in pids)
+        assert "the supervisor" in server.stderr_text() and "is gone; stopping" in (
+            server.stderr_text()
+        )
+    assert not port_accepts(port)
+
+
+def test_a_dead_worker_stops_the_others(app_dir: Path) -> None:
+    """If a worker dies on its own (SIGKILL), the supervisor says so, stops the
+    other workers and exits with status 1."""
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--workers", "2"]
+    args += ["--store", f"sqlite:///{app_dir / 'shared.db'}"]
+    with lapse_serving(args, port, app_dir) as server:
+        doomed, other = worker_pids(server)
+        os.kill(doomed, signal.SIGKILL)
+        assert server.wait(20) == 1
+        assert f"worker {doomed} exited" in server.stderr_text()
+        assert not pid_alive(other)
+
+
+@pytest.mark.parametrize(
+    ("target", "store"),
+    [("cliapp:site", None), ("cliapp:site", "memory:"), ("cliapp:memory_site", None)],
+    ids=["default-store", "store-option", "store-in-code"],
+)
+def test_several_workers_with_the_memory_store_are_refused(
+    app_dir: Path, target: str, store: str | None
+) -> None:
+    """``--workers 2`` with the memory store (the default, named by --store, or
+    given in the Site's code) exits 2 with one line saying why (each worker
+    would have its own sessions) and what to use (sqlite:// or redis://),
+    and nothing keeps serving."""
+    port = free_port()
+    args = ["serve", target, "--port", str(port), "--app-dir", str(app_dir), "--workers", "2"]
+    if store is not None:
+        args += ["--store", store]
+    result = run_lapse(args, app_dir)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("lapse: error: 2 workers cannot share the memory session store")
+    assert "each worker process would keep its own sessions" in lines[0]
+    assert "--store sqlite:///" in lines[0] and "--store redis://" in lines[0]
+    assert not port_accepts(port)
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+def test_bad_store_url_exits_2_before_importing(app_dir: Path, tmp_path: Path) -> None:
+    """A store URL that names no store exits 2 with the StoreConfigError's
+    message, before the module is imported."""
+    marker = tmp_path / "imported"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lapse",
+            "serve",
+            "cliapp:site",
+            "--app-dir",
+            str(app_dir),
+            "--store",
+            "sqlite://relative.db",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "CLIAPP_IMPORTED": str(marker)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("lapse: error: --store sqlite://relative.db: bad SQLite")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("cliapp", r"'cliapp' is not MODULE:ATTR"),
+        ("nosuchmodule:app", r"no module named 'nosuchmodule'"),
+        ("cliapp:missing", r"module 'cliapp' \(.*cliapp.py\) has no attribute 'missing'; "),
+        ("cliapp:not_an_app", r"cliapp:not_an_app is not a lapse Site nor an ASGI application"),
+        ("cliapp:Visits", r"cliapp:Visits is not .*: it is a class; name an instance"),
+        ("cliapp:two_args", r".*: it cannot be called with \(scope, receive, send\)"),
+        ("cliapp:root", r"cliapp:root is a Resource, not a Site"),
+        ("broken:app", r"importing 'broken' failed at .*broken.py:2: RuntimeError: the data"),
+    ],
+)
+def test_bad_module_attr_is_one_line_and_exit_2(app_dir: Path, target: str, message: str) -> None:
+    """A MODULE:ATTR that names nothing servable (no colon, no such module or
+    attribute, not a Site or ASGI app, a module that fails to import) exits 2
+    with one line on stderr, never a traceback."""
+    result = run_lapse(["serve", target, "--app-dir", str(app_dir)], app_dir)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search("^lapse: error: " + message, lines[0]), lines[0]
+
+
+def test_a_module_that_serves_itself_at_import_is_refused(tmp_path: Path) -> None:
+    """examples/session_endings.py calls reactor.listenTCP(8080) and
+    reactor.run() when imported: ``lapse serve session_endings:factory``
+    refuses it (exit 2) before it binds anything, naming the call and its
+    line, and saying to run it with python or guard the calls."""
+    result = run_lapse(
+        ["serve", "session_endings:factory", "--app-dir", str(EXAMPLES), "--port", "0"], tmp_path
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "module 'session_endings' serves itself when imported" in line
+    assert f"reactor.listenTCP() at {EXAMPLES / 'session_endings.py'}:" in line
+    assert 'if __name__ == "__main__":' in line
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--certfile", "cert.pem"], "--certfile without --keyfile"),
+        (["--keyfile", "key.pem"], "--keyfile without --certfile"),
+        (["--certfile", "nope.pem", "--keyfile", "nope.pem"], "--certfile nope.pem: no such file"),
+        (["--workers", "2", "--port", "0", "--store", "sqlite:///x.db"], "fixed --port"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(
+    app_dir: Path, options: list[str], message: str
+) -> None:
+    """TLS needs both files and they must exist; several workers need a fixed port."""
+    result = run_lapse(["serve", "cliapp:site", "--app-dir", str(app_dir), *options], app_dir)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("lapse: error: ") and message in line, line
+
+
+def test_a_port_in_use_exits_1(app_dir: Path) -> None:
+    """A port someone listens on already: one line, exit 1 (one worker or several)."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind((HOST, port))
+        taken.listen()
+        for workers in ("1", "2"):
+            result = run_lapse(
+                [
+                    "serve",
+                    "cliapp:site",
+                    "--app-dir",
+                    str(app_dir),
+                    "--port",
+                    str(port),
+                    "--workers",
+                    workers,
+                    "--store",
+                    f"sqlite:///{app_dir / 'x.db'}",
+                ],
+                app_dir,
+            )
+            assert result.returncode == 1, result.stderr
+            (line,) = result.stderr.strip().splitlines()
+            assert line.startswith(f"lapse: error: Couldn't listen on {HOST}:{port}"), line
