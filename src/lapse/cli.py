@@ -16,6 +16,12 @@ the others (so a broken application is reported once); it passes SIGINT and
 SIGTERM on to them and exits when they have all stopped. If a worker dies on
 its own, the supervisor stops the others and exits with status 1.
 
+``lapse sessions list|show|expire|stats --store URL`` inspects and ends the
+sessions of a shared store (SQLite, Redis; ``LAPSE_SESSION_STORE`` by
+default) without touching them: exit 2 for a bad command line or store URL
+(and for ``memory:``, which lives inside the server process), 1 when the
+store cannot be reached or a named session is not live.
+
 Exit status: 0 after a clean stop; 2 for a command line that cannot be served
 (options, MODULE:ATTR, store URL, TLS files, the memory store with several
 workers); 1 when serving failed (the port is in use, a worker died).
@@ -24,6 +30,7 @@ workers); 1 when serving failed (the port is in use, a worker died).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lapse",
         description="lapse: a web server whose core is the session lifecycle.",
-        epilog="Run 'lapse serve --help' for the options of serve.",
+        epilog="Run 'lapse serve --help' or 'lapse sessions --help' for their options.",
     )
     parser.add_argument("--version", action="version", version=f"lapse {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -200,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Internal: set by the supervisor on the command lines of its workers.
     serve.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
+    _add_sessions_parser(commands)
     return parser
 
 
@@ -705,6 +713,370 @@ class _Supervisor:
         return status
 
 
+# -- lapse sessions ---------------------------------------------------------------
+
+MEMORY_SESSIONS = (
+    "the memory: store keeps its sessions inside the server process, so this command "
+    "cannot reach them. Run the server with a shared store (--store sqlite:///sessions.db "
+    "or --store redis://host:6379/0) and point this command at it, or look at the "
+    "server's live view"
+)
+
+NO_STORE = (
+    "no session store: give --store URL or set LAPSE_SESSION_STORE "
+    "(sqlite:///path.db or redis://host:port/db)"
+)
+
+SCAN_BATCH = 1000
+"""Sessions per scan page (and per batch of concurrent expires)."""
+
+EXPIRE_PASSES = 5
+"""``expire --all`` passes at most: sessions touched or created during one pass
+may be left out of it (see the stores' ``scan``), so it scans again while the
+previous pass found any."""
+
+
+def _add_sessions_parser(commands: Any) -> None:
+    store_option = argparse.ArgumentParser(add_help=False)
+    store_option.add_argument(
+        "--store",
+        metavar="URL",
+        help=(
+            "the shared session store: sqlite:///path.db or redis://host:port/db "
+            "(default: $LAPSE_SESSION_STORE)"
+        ),
+    )
+    sessions = commands.add_parser(
+        "sessions",
+        help="list, show, expire sessions of a shared store; its statistics",
+        description=(
+            "Inspect and end the sessions of a shared store (SQLite or Redis), from any "
+            "machine that reaches it. Reading never touches a session."
+        ),
+        epilog=(
+            "Exit status: 0 on success, 2 for a bad command line or store URL (or the "
+            "memory: store, which lives inside the server process), 1 if the store cannot "
+            "be reached or a session is not live."
+        ),
+    )
+    actions = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser(
+        "list",
+        parents=[store_option],
+        help="live sessions, latest deadline (most recent activity) first",
+        description=(
+            "Live sessions, the one ending last (for one timeout: the most recently "
+            "active) first: uid, age, idle time, time left."
+        ),
+    )
+    listing.add_argument(
+        "--limit", type=_positive, default=50, metavar="N", help="at most N (default: 50)"
+    )
+    listing.add_argument("--full", action="store_true", help="whole uids, not shortened")
+    listing.add_argument("--json", action="store_true", help="JSON lines, one per session")
+    show = actions.add_parser(
+        "show",
+        parents=[store_option],
+        help="one session, data included",
+        description="One live session: its times and its data.",
+    )
+    show.add_argument("uid", metavar="UID", help="the whole uid (see 'list --full')")
+    show.add_argument("--json", action="store_true", help="one JSON object")
+    expire = actions.add_parser(
+        "expire",
+        parents=[store_option],
+        help="end sessions now, as a logout does",
+        description=(
+            "End sessions now through the store, as a logout does: the servers' durable "
+            "expiry hook and notifyOnExpire callbacks still run for each."
+        ),
+    )
+    expire.add_argument("uids", metavar="UID", nargs="*", help="the sessions to end")
+    expire.add_argument("--all", action="store_true", help="end every live session")
+    expire.add_argument("--yes", action="store_true", help="with --all: do not ask first")
+    expire.add_argument(
+        "--batch",
+        type=_positive,
+        default=SCAN_BATCH,
+        metavar="N",
+        help=f"with --all: sessions per batch (default: {SCAN_BATCH})",
+    )
+    stats = actions.add_parser(
+        "stats",
+        parents=[store_option],
+        help="how many sessions are live, and when they end",
+        description="The live count and a histogram of the upcoming expiries.",
+    )
+    stats.add_argument(
+        "--horizon",
+        type=_positive,
+        default=3600,
+        metavar="SECONDS",
+        help="how far ahead the histogram looks (default: 3600)",
+    )
+    stats.add_argument(
+        "--buckets",
+        type=_positive,
+        default=12,
+        metavar="N",
+        help="slices of the histogram (default: 12)",
+    )
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number}: at least 1")
+    return number
+
+
+def _open_session_store(option: str | None) -> Any:
+    """The store ``--store`` (or ``LAPSE_SESSION_STORE``) names, checked."""
+    from lapse.sessions.store import StoreConfigError
+    from lapse.sessions.stores import store_from_url
+
+    if option is not None:
+        url, source = option, f"--store {option}"
+    elif os.environ.get("LAPSE_SESSION_STORE"):
+        url = os.environ["LAPSE_SESSION_STORE"]
+        source = f"LAPSE_SESSION_STORE={url}"
+    else:
+        raise CommandError(NO_STORE)
+    if _is_memory(url):
+        raise CommandError(MEMORY_SESSIONS)
+    try:
+        store = store_from_url(url)
+    except StoreConfigError as exc:
+        raise CommandError(f"{source}: {exc}") from None
+    path = getattr(store, "path", None)
+    if isinstance(path, str) and not Path(path).is_file():
+        # Opening would create an empty database: a typo, most likely.
+        raise CommandError(f"cannot use the session store {store.url}: no such file", EXIT_FAILED)
+    return store
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``2d03h``, ``1h05m``, ``3m07s`` or ``12s``."""
+    whole = max(0, int(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def _info_json(info: Any, now: float) -> dict[str, Any]:
+    return {
+        "uid": info.uid,
+        "created": info.created,
+        "last_access": info.last_access,
+        "deadline": info.deadline,
+        "age": None if info.created is None else now - info.created,
+        "idle": now - info.last_access,
+        "left": info.deadline - now,
+        "data": dict(info.data),
+    }
+
+
+async def _list(store: Any, args: argparse.Namespace) -> int:
+    import json
+
+    from lapse.sessions._session import short_uid
+
+    now = await store.now()
+    total = await store.count()
+    shown: list[Any] = []
+    cursor: str | None = None
+    while len(shown) < args.limit:
+        page, cursor = await store.scan(cursor, min(SCAN_BATCH, args.limit - len(shown)))
+        shown += page
+        if cursor is None:
+            break
+    if args.json:
+        for info in shown:
+            print(json.dumps(_info_json(info, now), ensure_ascii=False))
+        return 0
+    width = max([len(info.uid) for info in shown] + [3]) if args.full else 9
+    print(f"{'UID':<{width}}  {'AGE':>7}  {'IDLE':>7}  {'LEFT':>7}")
+    for info in shown:
+        uid = info.uid if args.full else short_uid(info.uid)
+        age = "?" if info.created is None else _duration(now - info.created)
+        idle = _duration(now - info.last_access)
+        left = _duration(info.deadline - now)
+        print(f"{uid:<{width}}  {age:>7}  {idle:>7}  {left:>7}")
+    more = "; --limit N for more" if total > len(shown) else ""
+    print(f"{len(shown)} of {total} live sessions in {store.url}{more}")
+    return 0
+
+
+async def _show(store: Any, args: argparse.Namespace) -> int:
+    import json
+
+    now = await store.now()
+    info = await store.info(args.uid)
+    if info is None:
+        raise CommandError(f"no live session {args.uid!r} in {store.url}", EXIT_FAILED)
+    if args.json:
+        print(json.dumps(_info_json(info, now), ensure_ascii=False))
+        return 0
+    created = (
+        "unknown"
+        if info.created is None
+        else (f"{_when(info.created)} ({_duration(now - info.created)} ago)")
+    )
+    print(f"uid:         {info.uid}")
+    print(f"created:     {created}")
+    print(f"last access: {_when(info.last_access)} ({_duration(now - info.last_access)} ago)")
+    print(f"ends:        {_when(info.deadline)} (in {_duration(info.deadline - now)} if untouched)")
+    print("data:" + ("" if info.data else "        {}"))
+    for key, value in sorted(info.data.items()):
+        print(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
+    return 0
+
+
+class _Progress:
+    """``count/total (percent), rate`` on stderr, redrawn in place with ``\\r``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+    def show(self, final: bool = False) -> None:
+        total = max(self.total, self.done)
+        percent = 100 * self.done // total if total else 100
+        line = f"\rexpired {self.done}/{total} ({percent}%), {self.rate():.0f}/s"
+        print(line + ("\n" if final else ""), end="", file=sys.stderr, flush=True)
+
+
+def _confirm(total: int, url: str) -> bool:
+    print(
+        f"End all {total} live sessions in {url}? Their users are logged out. [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    answer = sys.stdin.readline()
+    if not answer.endswith("\n"):
+        print(file=sys.stderr)  # (end of input: finish the prompt's line)
+    return answer.strip().lower() in ("y", "yes")
+
+
+async def _expire_all(store: Any, args: argparse.Namespace) -> int:
+    total = await store.count()
+    if total == 0:
+        print(f"no live sessions in {store.url}")
+        return 0
+    if not args.yes and not _confirm(total, store.url):
+        _say("nothing expired")
+        return EXIT_FAILED
+    progress = _Progress(total)
+    progress.show()
+    for _ in range(EXPIRE_PASSES):
+        found = 0
+        cursor: str | None = None
+        while True:
+            page, cursor = await store.scan(cursor, args.batch)
+            found += len(page)
+            ended = await asyncio.gather(*(store.expire(info.uid) for info in page))
+            progress.done += sum(ended)
+            if page:
+                progress.show()
+            if cursor is None:
+                break
+        if not found:
+            break
+        progress.total = progress.done + await store.count()
+    progress.show(final=True)
+    print(f"expired {progress.done} sessions in {store.url}")
+    return 0
+
+
+async def _expire(store: Any, args: argparse.Namespace) -> int:
+    if args.all:
+        return await _expire_all(store, args)
+    status = 0
+    for uid in args.uids:
+        if await store.expire(uid):
+            print(f"expired {uid}")
+        else:
+            _say(f"no live session {uid!r}")
+            status = EXIT_FAILED
+    return status
+
+
+async def _stats(store: Any, args: argparse.Namespace) -> int:
+    import json
+
+    now = await store.now()
+    live = await store.count()
+    counts = await store.deadlines(now, float(args.horizon), args.buckets)
+    width = args.horizon / args.buckets
+    if args.json:
+        report = {
+            "store": store.url,
+            "now": now,
+            "live": live,
+            "horizon": args.horizon,
+            "bucket_seconds": width,
+            "ending": counts,
+        }
+        print(json.dumps(report))
+        return 0
+    print(f"store:         {store.url}")
+    print(f"live sessions: {live}")
+    print(f"ending in the next {_duration(args.horizon)} ({_duration(width)} slices):")
+    top = max(counts) if counts else 0
+    label = max(len(_duration((i + 1) * width)) for i in range(args.buckets))
+    for i, n in enumerate(counts):
+        bar = "#" * (0 if top == 0 else max(1 if n else 0, round(40 * n / top)))
+        start, end = _duration(i * width), _duration((i + 1) * width)
+        print(f"  {start:>{label}} - {end:>{label}}  {n:>8}  {bar}")
+    later = live - sum(counts)
+    print(f"  later: {later}")
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    """Run ``lapse sessions ACTION``; its exit status."""
+    from lapse.sessions.store import StoreUnavailable
+
+    if args.action == "expire" and bool(args.all) == bool(args.uids):
+        raise CommandError("expire takes session uids, or --all (not both)")
+    if args.action == "expire" and args.yes and not args.all:
+        raise CommandError("--yes goes with --all")
+    store = _open_session_store(args.store)
+    run = {"list": _list, "show": _show, "expire": _expire, "stats": _stats}[args.action]
+
+    async def main() -> int:
+        try:
+            return await run(store, args)
+        finally:
+            with contextlib.suppress(Exception):
+                await store.aclose()
+
+    try:
+        return asyncio.run(main())
+    except StoreUnavailable as exc:
+        raise CommandError(f"cannot reach the session store: {exc}", EXIT_FAILED) from None
+
+
 # -- entry point ------------------------------------------------------------------
 
 
@@ -716,6 +1088,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command == "sessions":
+            return _sessions(args)
         options = _check(args)
         if options.workers > 1 and options.ready_fd is None:
             return _Supervisor(options).run()

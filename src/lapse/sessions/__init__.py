@@ -12,6 +12,7 @@ from lapse.sessions._data import SessionData
 from lapse.sessions._session import Session, SessionOwner
 from lapse.sessions.store import (
     Expiry,
+    SessionInfo,
     SessionStore,
     StoreConfigError,
     StoredSession,
@@ -23,6 +24,7 @@ __all__ = [
     "Expiry",
     "Session",
     "SessionData",
+    "SessionInfo",
     "SessionOwner",
     "SessionStore",
     "StoreConfigError",

@@ -29,6 +29,12 @@ the absolute end) and its data (a dict of JSON values). The site asks it to:
   ``notifyOnExpire`` callbacks;
 - ``next_deadline()``: a time before which nothing ends, to sleep until then.
 
+Inspection (operators' tools, a live view), none of which touches a session:
+
+- ``scan(cursor, limit)``: live sessions as :class:`SessionInfo`, a page at
+  a time; ``info(uid)``; ``count()``; ``deadlines(now, horizon, buckets)``:
+  how many live sessions end in each slice of the coming ``horizon``.
+
 Time: every deadline and lease is in the store's clock. A store given
 ``clock=`` (tests) uses that; otherwise its own source of truth (Redis: the
 server's ``TIME``; SQLite and memory: this machine's wall clock), so clock
@@ -49,6 +55,7 @@ __all__ = [
     "Clock",
     "Event",
     "Expiry",
+    "SessionInfo",
     "SessionStore",
     "StoreConfigError",
     "StoreError",
@@ -90,6 +97,23 @@ class StoredSession:
     timeout: float
     deadline: float
     data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A live session as inspection sees it (read without touching it).
+
+    Times are store times. ``last_access`` is the last touch (or the
+    creation); ``deadline`` is when the session ends if not touched again:
+    the earlier of its idle deadline and its absolute end.
+    """
+
+    uid: str
+    created: float | None
+    """When it was created; None if the store does not know."""
+    last_access: float
+    deadline: float
+    data: Mapping[str, Any]
 
 
 @dataclass(slots=True, frozen=True)
@@ -172,3 +196,50 @@ class SessionStore(Protocol):
         """When to look again: the earliest deadline or lease end in store
         time, or an earlier time (nothing ends before it); None if nothing
         is live or pending."""
+
+    # -- inspection: none of these touches a session ------------------------
+
+    async def scan(self, cursor: str | None, limit: int) -> tuple[list[SessionInfo], str | None]:
+        """Up to ``limit`` live sessions from ``cursor`` (None: the start),
+        and the cursor of the next page, None at the end. A full scan
+        returns no session twice; each store documents its order and what it
+        does with sessions created or touched during the scan. A cursor not
+        made by this store is a ValueError."""
+
+    async def info(self, uid: str) -> SessionInfo | None:
+        """The live session ``uid`` (not an alias), or None."""
+
+    async def count(self) -> int:
+        """How many sessions are live now."""
+
+    async def deadlines(self, now: float, horizon: float, buckets: int) -> list[int]:
+        """How many live sessions end in each of ``buckets`` equal slices of
+        ``(now, now + horizon]`` (store time): slice ``i`` counts deadlines
+        ``d`` with ``now + i*w <= d < now + (i+1)*w`` (``w = horizon /
+        buckets``; the last slice includes its end). Sessions ending later
+        are not counted, nor those already due. ValueError unless
+        ``buckets >= 1`` and ``horizon > 0``."""
+
+
+def _bucket_bounds(now: float, horizon: float, buckets: int) -> float:
+    """Check the arguments of ``deadlines()``; the width of one slice."""
+    if not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"deadlines() needs at least one bucket, not {buckets!r}")
+    if not 0 < horizon < float("inf"):
+        raise ValueError(f"deadlines() needs a positive finite horizon, not {horizon!r}")
+    return horizon / buckets
+
+
+def _histogram(deadlines: Iterable[float], now: float, horizon: float, buckets: int) -> list[int]:
+    """How many of ``deadlines`` fall in each of ``buckets`` equal slices of
+    ``(now, now + horizon]``: slice ``i`` holds ``now + i*w <= d < now +
+    (i+1)*w`` (the first excludes ``now`` itself: ended; the last includes
+    the end). A helper of the stores' ``deadlines()``."""
+    width = _bucket_bounds(now, horizon, buckets)
+    counts = [0] * buckets
+    end = now + horizon
+    last = buckets - 1
+    for deadline in deadlines:
+        if now < deadline <= end:
+            counts[min(last, int((deadline - now) / width))] += 1
+    return counts

@@ -49,7 +49,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Protocol
 
-from lapse.sessions.store import Expiry, StoreConfigError, StoredSession
+from lapse.sessions.store import (
+    Expiry,
+    SessionInfo,
+    StoreConfigError,
+    StoredSession,
+    _histogram,
+)
 
 __all__ = ["MemoryStore", "Record"]
 
@@ -60,6 +66,9 @@ _EPSILON = 1e-6
 # Distinct timeouts get a queue each, up to this many; sessions of further
 # timeouts go to the heap (still correct, a little more memory).
 _MAX_QUEUES = 16
+
+_MAX_SCANS = 4
+"""Scans (snapshots of the live uids) kept open at once."""
 
 _GONE = object()
 """The state of an ended record."""
@@ -72,6 +81,7 @@ class Record(Protocol):
     sessionTimeout: float
     absolute_timeout: float | None
     _lastModified: float
+    _created: float
     _state: object
     _ends_at: float | None
 
@@ -92,14 +102,22 @@ timeout, data."""
 class _Live:
     """A record of the store's own, when it is used without a site."""
 
-    __slots__ = ("_ends_at", "_lastModified", "_state", "_values", "sessionTimeout", "uid")
+    __slots__ = (
+        "_created",
+        "_ends_at",
+        "_lastModified",
+        "_state",
+        "_values",
+        "sessionTimeout",
+        "uid",
+    )
 
     absolute_timeout: float | None = None
 
     def __init__(self, uid: str, timeout: float, values: dict[str, Any] | None) -> None:
         self.uid = uid
         self.sessionTimeout = timeout
-        self._lastModified = 0.0
+        self._lastModified = self._created = 0.0
         self._state: object = None
         self._ends_at: float | None = None
         self._values = values
@@ -192,6 +210,10 @@ class MemoryStore:
         self.evicted = False
         """Whether records were evicted since the last claim (the site's
         keeper then claims them at once)."""
+        # Open scans: token -> the uids live when the scan began (a few at
+        # most; the oldest is dropped first).
+        self._scans: dict[str, list[str]] = {}
+        self._scan_ids = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -225,7 +247,7 @@ class MemoryStore:
     def _schedule(self, record: Record, now: float, lifetime: float | None) -> float:
         """Begin checking ``record`` from ``now`` (ending ``lifetime`` from
         now at the latest, if given); its deadline."""
-        record._lastModified = now
+        record._lastModified = record._created = now
         timeout = record.sessionTimeout
         deadline = now + timeout
         if lifetime is not None:
@@ -562,6 +584,123 @@ class MemoryStore:
         for ended in self._ended.values():
             candidates.append(ended.lease_until if ended.attempt else self.clock())
         return min(candidates) if candidates else None
+
+    # -- inspection ------------------------------------------------------
+
+    def _ending_by(self, limit: float) -> Iterable[tuple[float, Record]]:
+        """Each live record whose deadline is at most ``limit``, once, with
+        that deadline, in no order; without touching any.
+
+        Only what can end by then is looked at: the front of each queue (up
+        to its first exact entry past ``limit``) and the heap entries keyed
+        at most ``limit`` (a record's deadline is never before its key).
+        """
+        live = self._live
+        for queue in self._queues.values():
+            touched = queue.touched
+            for record in queue.entries:
+                state = record._state
+                if state is queue:
+                    if record._lastModified + queue.timeout > limit:
+                        break
+                elif state is not touched:
+                    continue
+                deadline = _deadline(record)
+                if deadline <= limit and live.get(record.uid) is record:
+                    yield deadline, record
+        heap = self._heap
+        stack = [0] if heap else []
+        while stack:
+            i = stack.pop()
+            when, uid = heap[i]
+            if when > limit:
+                continue  # (and so are its children's keys)
+            entry = live.get(uid)
+            if entry is not None and entry._state is when:
+                deadline = _deadline(entry)
+                if deadline <= limit:
+                    yield deadline, entry
+            stack.extend(child for child in (2 * i + 1, 2 * i + 2) if child < len(heap))
+
+    @staticmethod
+    def _info(record: Record) -> SessionInfo:
+        values = record._peek_values()
+        return SessionInfo(
+            record.uid,
+            record._created,
+            record._lastModified,
+            _deadline(record),
+            {} if values is None else dict(values),
+        )
+
+    def scan_now(self, cursor: str | None, limit: int) -> tuple[list[SessionInfo], str | None]:
+        """A page of live sessions; see :meth:`scan`."""
+        if limit < 1:
+            raise ValueError(f"a scan limit is at least 1, not {limit!r}")
+        scans = self._scans
+        if cursor is None:
+            token = str(next(self._scan_ids))
+            uids = list(self._live)
+            pos = 0
+            scans[token] = uids
+            while len(scans) > _MAX_SCANS:
+                del scans[next(iter(scans))]
+        else:
+            token, _, rest = cursor.partition(":")
+            found = scans.get(token)
+            if found is None or not rest.isdigit():
+                raise ValueError(
+                    f"not a scan cursor of this memory store, or one too old: {cursor!r}"
+                )
+            uids, pos = found, int(rest)
+        now = self.clock()
+        infos: list[SessionInfo] = []
+        while pos < len(uids) and len(infos) < limit:
+            record = self._get(uids[pos], now)
+            pos += 1
+            if record is not None:
+                infos.append(self._info(record))
+        if pos >= len(uids):
+            scans.pop(token, None)
+            return infos, None
+        return infos, f"{token}:{pos}"
+
+    def info_now(self, uid: str) -> SessionInfo | None:
+        record = self._get(uid, self.clock())
+        return None if record is None else self._info(record)
+
+    def count_now(self) -> int:
+        """Live records now: the live dict less those past their deadline
+        (found as expiry finds them, without a pass over every record)."""
+        due = sum(1 for _ in self._ending_by(self.clock() + _EPSILON))
+        return len(self._live) - due
+
+    def deadlines_now(self, now: float, horizon: float, buckets: int) -> list[int]:
+        return _histogram(
+            (deadline for deadline, _ in self._ending_by(now + horizon)), now, horizon, buckets
+        )
+
+    async def scan(self, cursor: str | None, limit: int) -> tuple[list[SessionInfo], str | None]:
+        """Live sessions in the order of the live dict (the order they were
+        started; a rotated one moves to the end), ``limit`` at a time.
+
+        The first call (``cursor`` None) snapshots the uids live then (one
+        list of references, 8 bytes per session); later pages read those
+        records as they are then, skipping the ones that ended. So a full
+        scan returns no session twice, and leaves out sessions created, or
+        rotated to a new uid, during it. Only the last few scans stay open:
+        an older cursor is a ValueError (scan again). Data are copies.
+        """
+        return self.scan_now(cursor, limit)
+
+    async def info(self, uid: str) -> SessionInfo | None:
+        return self.info_now(uid)
+
+    async def count(self) -> int:
+        return self.count_now()
+
+    async def deadlines(self, now: float, horizon: float, buckets: int) -> list[int]:
+        return self.deadlines_now(now, horizon, buckets)
 
     # -- the async protocol -----------------------------------------------
 

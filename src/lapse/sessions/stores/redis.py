@@ -72,9 +72,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from lapse.sessions.store import (
     Event,
     Expiry,
+    SessionInfo,
     StoreConfigError,
     StoredSession,
     StoreUnavailable,
+    _bucket_bounds,
 )
 
 try:
@@ -317,7 +319,76 @@ return n2s(best)
 """
 )
 
+# KEYS: deadlines. ARGV: now, prefix, cursor score ('' for the start),
+# cursor uid, limit.
+# Live entries (score > now) after the cursor in (score desc, uid desc)
+# order, up to limit: by rank after the cursor's own entry if it is still
+# where it was, else by score (ties at the cursor's score, then below).
+# -> {uid, score, {field, value, ...}, ...}
+_SCAN = (
+    _PRELUDE
+    + """
+local now = now_us(ARGV[1])
+local prefix, limit = ARGV[2], tonumber(ARGV[5])
+local found = {}
+if ARGV[3] == '' then
+  found = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', '(' .. n2s(now),
+                     'WITHSCORES', 'LIMIT', 0, limit)
+else
+  local mark, after = tonumber(ARGV[3]), ARGV[4]
+  local s = redis.call('ZSCORE', KEYS[1], after)
+  if s and tonumber(s) == mark then
+    local r = redis.call('ZREVRANK', KEYS[1], after)
+    found = redis.call('ZREVRANGE', KEYS[1], r + 1, r + limit, 'WITHSCORES')
+  else
+    local ties = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], ARGV[3], 'WITHSCORES')
+    for i = #ties - 1, 1, -2 do
+      if #found >= 2 * limit then break end
+      if ties[i] < after then
+        table.insert(found, ties[i])
+        table.insert(found, ties[i + 1])
+      end
+    end
+    if #found < 2 * limit then
+      local rest = redis.call('ZREVRANGEBYSCORE', KEYS[1], '(' .. ARGV[3], '(' .. n2s(now),
+                              'WITHSCORES', 'LIMIT', 0, limit - #found / 2)
+      for _, v in ipairs(rest) do table.insert(found, v) end
+    end
+  end
+end
+local out = {}
+for i = 1, #found, 2 do
+  if tonumber(found[i + 1]) <= now then break end
+  table.insert(out, found[i])
+  table.insert(out, found[i + 1])
+  table.insert(out, redis.call('HGETALL', prefix .. ':s:' .. found[i]))
+end
+return out
+"""
+)
+
+# KEYS: deadlines, session hash. ARGV: now, uid. -> false or {score, {field, value, ...}}
+_INFO = (
+    _PRELUDE
+    + """
+local d = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not d or tonumber(d) <= now_us(ARGV[1]) then return false end
+return {d, redis.call('HGETALL', KEYS[2])}
+"""
+)
+
+# KEYS: deadlines. ARGV: now. -> live sessions
+_COUNT = (
+    _PRELUDE
+    + """
+return redis.call('ZCOUNT', KEYS[1], '(' .. n2s(now_us(ARGV[1])), '+inf')
+"""
+)
+
 _SCRIPTS = {
+    "scan": _SCAN,
+    "info": _INFO,
+    "count": _COUNT,
     "load": _LOAD,
     "create": _CREATE,
     "rotate": _ROTATE,
@@ -435,6 +506,18 @@ def _data(flat: list[str]) -> dict[str, Any]:
         if name.startswith("d:"):
             data[name[2:]] = json.loads(flat[i + 1])
     return data
+
+
+def _session_info(uid: str, score: str, flat: list[str]) -> SessionInfo:
+    """A :class:`SessionInfo` from a deadline score and the session's HGETALL."""
+    timeout = _field(flat, "_t")
+    created_us = _field(flat, "_c")
+    deadline = int(score) / _US
+    created = None if created_us is None else int(created_us) / _US
+    last = deadline if timeout is None else deadline - int(timeout) / _US
+    if created is not None and last < created:
+        last = created
+    return SessionInfo(uid, created, last, deadline, _data(flat))
 
 
 def _field(flat: list[str], name: str) -> str | None:
@@ -698,6 +781,65 @@ class RedisStore:
                 to = _field(flat, "to")
                 found.append(uid if to is None else (uid, to))
         return found, str(entries[-1][0]) if entries else cursor
+
+    # -- inspection: no touch, never KEYS nor SCAN ---------------------------
+
+    async def scan(self, cursor: str | None, limit: int) -> tuple[list[SessionInfo], str | None]:
+        """Live sessions from the deadlines sorted set, latest deadline first
+        (for sessions of one timeout: the most recently active first), ties
+        by uid descending, ``limit`` at a time: one script per page (the
+        range, then each session's hash), never ``KEYS`` or ``SCAN``.
+
+        The cursor is the (deadline, uid) of the last session returned; the
+        next page starts right after it. So a full scan returns no session
+        twice: a session touched during the scan moves to a later deadline,
+        behind the cursor (left out if not returned yet, as are sessions
+        created during the scan). Sessions live throughout the scan and not
+        touched are all returned.
+        """
+        if limit < 1:
+            raise ValueError(f"a scan limit is at least 1, not {limit!r}")
+        mark, after = "", ""
+        if cursor is not None:
+            mark, sep, after = cursor.partition(":")
+            if not sep or not mark.isdigit():
+                raise ValueError(f"not a scan cursor of this store: {cursor!r}")
+        keys = [self._k_deadlines]
+        args: list[str | int] = [self._now_arg(), self.prefix, mark, after, int(limit) + 1]
+        flat = await self._call("scan", keys, args)
+        rows = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        infos = [_session_info(uid, score, data) for uid, score, data in rows[:limit]]
+        if len(rows) <= limit:
+            return infos, None
+        uid, score, _ = rows[limit - 1]
+        return infos, f"{score}:{uid}"
+
+    async def info(self, uid: str) -> SessionInfo | None:
+        """The live session ``uid`` (not an alias), or None; one script.
+        ``last_access`` is ``deadline - timeout``, or the creation if later:
+        exact, except that a session whose deadline is its absolute end
+        records no later touch (it is then the earliest that touch can be)."""
+        keys = [self._k_deadlines, self._key(uid)]
+        reply = await self._call("info", keys, [self._now_arg(), uid])
+        return None if not reply else _session_info(uid, reply[0], reply[1])
+
+    async def count(self) -> int:
+        """Live sessions now: ``ZCOUNT`` of the deadlines after now."""
+        return int(await self._call("count", [self._k_deadlines], [self._now_arg()]))
+
+    async def deadlines(self, now: float, horizon: float, buckets: int) -> list[int]:
+        """One ``ZCOUNT`` of the deadlines sorted set per slice, pipelined in
+        one round trip."""
+        _bucket_bounds(now, horizon, buckets)
+        start = _us(now, "now")
+        span = _us(horizon, "horizon")
+        bounds = [start + span * i // buckets for i in range(buckets + 1)]
+        calls = []
+        for i in range(buckets):
+            low = f"({start}" if i == 0 else str(bounds[i])
+            high = str(bounds[i + 1]) if i == buckets - 1 else f"({bounds[i + 1]}"
+            calls.append(self._command("deadlines", "ZCOUNT", self._k_deadlines, low, high))
+        return [int(n) for n in await asyncio.gather(*calls)]
 
     async def next_deadline(self) -> float | None:
         """The earliest of: the live sessions' deadlines (possibly past, if

@@ -69,9 +69,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from lapse.sessions.store import (
     Event,
     Expiry,
+    SessionInfo,
     StoreConfigError,
     StoredSession,
     StoreUnavailable,
+    _bucket_bounds,
 )
 
 if TYPE_CHECKING:
@@ -610,6 +612,104 @@ class SQLiteStore:
             return min(times) if times else None
 
         return await self._call(next_deadline, write=False)
+
+    # -- inspection: read-only transactions, no touch ---------------------------
+
+    async def scan(self, cursor: str | None, limit: int) -> tuple[list[SessionInfo], str | None]:
+        """Live sessions, latest deadline first (for sessions of one timeout:
+        the most recently active first), then by uid, ``limit`` at a time.
+
+        The cursor is the (deadline, uid) of the last session returned, and a
+        page holds those strictly after it in that order. So a full scan
+        returns no session twice: a session touched during the scan moves to
+        a later deadline, behind the cursor (it is left out if it had not
+        been returned yet, as are sessions created during the scan).
+        Sessions live throughout the scan and not touched are all returned.
+        """
+        if limit < 1:
+            raise ValueError(f"a scan limit is at least 1, not {limit!r}")
+        after: tuple[float, str] | None = None
+        if cursor is not None:
+            mark, sep, last_uid = cursor.partition(":")
+            try:
+                after = (float(mark), last_uid)
+            except ValueError:
+                after = None
+            if not sep or after is None:
+                raise ValueError(f"not a scan cursor of this store: {cursor!r}")
+
+        def scan(conn: sqlite3.Connection, now: float) -> tuple[list[SessionInfo], str | None]:
+            query = f"SELECT {_INFO_COLUMNS} FROM sessions WHERE ended = 0 AND deadline > ?"
+            params: list[Any] = [now + _EPSILON]
+            if after is not None:
+                query += " AND (deadline < ? OR (deadline = ? AND uid < ?))"
+                params += [after[0], after[0], after[1]]
+            query += " ORDER BY deadline DESC, uid DESC LIMIT ?"
+            rows = conn.execute(query, [*params, limit + 1]).fetchall()
+            infos = [_info(conn, row) for row in rows[:limit]]
+            if len(rows) <= limit:
+                return infos, None
+            last = rows[limit - 1]
+            return infos, f"{last[3]!r}:{last[0]}"
+
+        return await self._call(scan, write=False)
+
+    async def info(self, uid: str) -> SessionInfo | None:
+        """The live session ``uid`` (not an alias), or None. ``last_access``
+        is ``deadline - timeout``, or the creation if later: exact, except
+        that a session whose deadline is its absolute end records no later
+        touch (it is then the earliest time that touch can have been)."""
+
+        def info(conn: sqlite3.Connection, now: float) -> SessionInfo | None:
+            row = conn.execute(
+                f"SELECT {_INFO_COLUMNS} FROM sessions WHERE uid = ? AND ended = 0"
+                " AND deadline > ?",
+                (uid, now + _EPSILON),
+            ).fetchone()
+            return None if row is None else _info(conn, row)
+
+        return await self._call(info, write=False)
+
+    async def count(self) -> int:
+        """Live sessions now (a count over the index of live deadlines)."""
+
+        def count(conn: sqlite3.Connection, now: float) -> int:
+            (n,) = conn.execute(
+                "SELECT COUNT(*) FROM sessions WHERE ended = 0 AND deadline > ?",
+                (now + _EPSILON,),
+            ).fetchone()
+            return int(n)
+
+        return await self._call(count, write=False)
+
+    async def deadlines(self, now: float, horizon: float, buckets: int) -> list[int]:
+        """Live sessions ending in each slice of ``(now, now + horizon]``
+        (one grouped query over the index of live deadlines)."""
+        width = _bucket_bounds(now, horizon, buckets)
+
+        def deadlines(conn: sqlite3.Connection, _now: float) -> list[int]:
+            counts = [0] * buckets
+            rows = conn.execute(
+                "SELECT CAST((deadline - ?) / ? AS INTEGER), COUNT(*) FROM sessions"
+                " WHERE ended = 0 AND deadline > ? AND deadline <= ? GROUP BY 1",
+                (now, width, now, now + horizon),
+            )
+            for bucket, n in rows:
+                counts[min(buckets - 1, max(0, int(bucket)))] += int(n)
+            return counts
+
+        return await self._call(deadlines, write=False)
+
+
+_INFO_COLUMNS = "uid, created, timeout, deadline"
+
+
+def _info(conn: sqlite3.Connection, row: tuple[Any, ...]) -> SessionInfo:
+    uid, created, timeout, deadline = row
+    last = deadline - timeout
+    if created is not None and last < created:
+        last = created
+    return SessionInfo(uid, created, last, deadline, _read_data(conn, uid))
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -1,0 +1,342 @@
+"""``lapse sessions list|show|expire|stats`` against a real SQLite file and a
+real Redis server.
+
+The command runs in-process through ``main()`` (stdout and stderr captured),
+except where a server's keeper must run at the same time: then it is a real
+subprocess. Its own messages are one line each on stderr, prefixed ``lapse:``;
+exit status 2 for a bad command line or store URL, 1 for an unreachable store
+or a session that is not live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lapse.cli import main
+from lapse.sessions import Expiry
+from lapse.sessions.stores import store_from_url
+from lapse.web.resource import Resource
+from lapse.web.server import Site
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh, empty shared store of each kind (the file exists)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'sessions.db'}"
+        seed(url, [])
+        return url
+    server = request.getfixturevalue("redis_server")
+    return f"{server.url}?prefix=clisessions{os.getpid()}x{next(_prefixes)}"
+
+
+def seed(url: str, sessions: list[tuple[str, float, dict[str, Any]]]) -> None:
+    """Create ``(uid, timeout, data)`` sessions in the store at ``url``."""
+
+    async def run() -> None:
+        store = store_from_url(url)
+        await store.open()
+        try:
+            await asyncio.gather(*(store.create(uid, t, data) for uid, t, data in sessions))
+        finally:
+            await store.aclose()
+
+    asyncio.run(run())
+
+
+def live_count(url: str) -> int:
+    async def run() -> int:
+        store = store_from_url(url)
+        try:
+            return await store.count()
+        finally:
+            await store.aclose()
+
+    return asyncio.run(run())
+
+
+def lapse(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``lapse ARGV`` in-process: (exit status, stdout, stderr)."""
+    try:
+        status = main(list(argv))
+    except SystemExit as exc:  # argparse
+        status = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+UIDS = [f"{'abcdefgh'[i % 8]}{i:03d}" + "x" * 20 for i in range(5)]
+
+
+def test_list_shows_short_uids_times_and_the_live_count(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """list prints a header, one line per session (uid shortened, age, idle,
+    time left) and 'N of M live sessions'; --full prints whole uids."""
+    seed(store_url, [(uid, 600 + 60 * i, {"i": i}) for i, uid in enumerate(UIDS)])
+    status, out, err = lapse(capsys, "sessions", "list", "--store", store_url)
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == ["UID", "AGE", "IDLE", "LEFT"]
+    # latest deadline first: the longest timeout
+    assert lines[1].startswith(UIDS[4][:8] + "\u2026")
+    assert "13m" in lines[1] or "14m" in lines[1]
+    assert all(uid not in out for uid in UIDS)
+    assert lines[-1].startswith("5 of 5 live sessions in ")
+    status, out, _ = lapse(
+        capsys, "sessions", "list", "--full", "--limit", "2", "--store", store_url
+    )
+    assert status == 0
+    assert UIDS[4] in out and UIDS[3] in out and UIDS[0] not in out
+    assert "2 of 5 live sessions" in out and "--limit N for more" in out
+
+
+def test_list_json_is_one_object_per_line_with_data(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """list --json prints one JSON object per session: uid, times, data."""
+    seed(store_url, [(uid, 600, {"i": i}) for i, uid in enumerate(UIDS)])
+    status, out, _ = lapse(capsys, "sessions", "list", "--json", "--store", store_url)
+    assert status == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert sorted(row["uid"] for row in rows) == sorted(UIDS)
+    for row in rows:
+        assert row["data"] == {"i": UIDS.index(row["uid"])}
+        assert 590 < row["left"] <= 600
+        assert row["created"] <= row["last_access"] < row["deadline"]
+
+
+def test_show_prints_everything_including_data(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """show UID prints uid, creation, last access, end and each data key; --json too."""
+    seed(store_url, [(UIDS[0], 900, {"user": "ann", "cart": [1, 2]})])
+    status, out, _ = lapse(capsys, "sessions", "show", UIDS[0], "--store", store_url)
+    assert status == 0
+    assert f"uid:         {UIDS[0]}" in out
+    assert "created:" in out and "last access:" in out and "ends:" in out
+    assert 'user: "ann"' in out and "cart: [1, 2]" in out
+    status, out, _ = lapse(capsys, "sessions", "show", UIDS[0], "--json", "--store", store_url)
+    assert status == 0
+    assert json.loads(out)["data"] == {"user": "ann", "cart": [1, 2]}
+
+
+def test_show_of_a_session_that_is_not_live_exits_1(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = lapse(capsys, "sessions", "show", "nope", "--store", store_url)
+    assert status == 1 and out == ""
+    assert err.startswith("lapse: error: no live session 'nope'") and err.count("\n") == 1
+
+
+def test_expire_ends_the_named_sessions_and_exits_1_for_unknown_ones(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """expire UID... ends each; a uid that is not live is reported, exit 1."""
+    seed(store_url, [(uid, 600, {}) for uid in UIDS])
+    status, out, err = lapse(capsys, "sessions", "expire", UIDS[0], UIDS[1], "--store", store_url)
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [f"expired {UIDS[0]}", f"expired {UIDS[1]}"]
+    assert live_count(store_url) == 3
+    status, out, err = lapse(capsys, "sessions", "expire", UIDS[0], UIDS[2], "--store", store_url)
+    assert status == 1
+    assert out == f"expired {UIDS[2]}\n"
+    assert err == f"lapse: no live session {UIDS[0]!r}\n"
+
+
+def test_expire_all_in_batches_shows_progress_on_stderr(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """expire --all --yes ends a few hundred sessions in batches (scan +
+    concurrent expires), redrawing 'done/total (percent), rate' with \\r."""
+    seed(store_url, [(f"bulk{i:04d}" + "y" * 20, 300 + i, {"i": i}) for i in range(350)])
+    status, out, err = lapse(
+        capsys, "sessions", "expire", "--all", "--yes", "--batch", "40", "--store", store_url
+    )
+    assert status == 0
+    assert out.startswith("expired 350 sessions in ")
+    frames = err.split("\r")
+    assert frames[0] == "" and len(frames) >= 10  # 0/350, then one per batch of 40
+    assert frames[1].startswith("expired 0/350 (0%)")
+    assert frames[2].startswith("expired 40/350 (11%), ")
+    assert frames[-1].startswith("expired 350/350 (100%), ") and frames[-1].endswith("/s\n")
+    assert live_count(store_url) == 0
+
+
+def test_expire_all_asks_first(
+    store_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --yes, expire --all asks; anything but y expires nothing (exit 1)."""
+    seed(store_url, [(uid, 600, {}) for uid in UIDS])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    status, out, err = lapse(capsys, "sessions", "expire", "--all", "--store", store_url)
+    assert status == 1 and out == ""
+    assert "End all 5 live sessions in " in err and err.endswith("lapse: nothing expired\n")
+    assert live_count(store_url) == 5
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal: no
+    assert lapse(capsys, "sessions", "expire", "--all", "--store", store_url)[0] == 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    status, out, _ = lapse(capsys, "sessions", "expire", "--all", "--store", store_url)
+    assert status == 0 and out.startswith("expired 5 sessions")
+    assert live_count(store_url) == 0
+
+
+def test_stats_shows_the_live_count_and_a_histogram(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stats prints the store URL, the live count and the upcoming expiries per
+    slice; --json gives the same numbers."""
+    seed(store_url, [(f"s{i}", timeout, {}) for i, timeout in enumerate([50, 150, 250, 7200])])
+    status, out, _ = lapse(capsys, "sessions", "stats", "--store", store_url)
+    assert status == 0
+    assert "live sessions: 4" in out
+    assert "ending in the next 1h00m (5m00s slices):" in out
+    first = next(line for line in out.splitlines() if line.strip().startswith("0s -"))
+    assert first.split()[3:] == ["3", "#" * 40]
+    assert "later: 1" in out
+    status, out, _ = lapse(
+        capsys,
+        "sessions",
+        "stats",
+        "--json",
+        "--horizon",
+        "300",
+        "--buckets",
+        "3",
+        "--store",
+        store_url,
+    )
+    report = json.loads(out)
+    assert (report["live"], report["ending"], report["bucket_seconds"]) == (4, [1, 1, 1], 100)
+
+
+def test_stats_redacts_the_password_of_the_store_url(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Redis password never appears in the output, not even in an error."""
+    url = "redis://:hunter2@127.0.0.1:1/0"
+    status, out, err = lapse(capsys, "sessions", "stats", "--store", url)
+    assert status == 1 and out == ""
+    assert "hunter2" not in err
+    assert err.startswith("lapse: error: cannot reach the session store: ") and err.count("\n") == 1
+
+
+def test_store_comes_from_the_environment(
+    store_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed(store_url, [(UIDS[0], 600, {})])
+    monkeypatch.setenv("LAPSE_SESSION_STORE", store_url)
+    status, out, _ = lapse(capsys, "sessions", "list")
+    assert status == 0 and "1 of 1 live sessions" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["list", "--store", "memory:"], None, "inside the server process"),
+        (["stats"], "memory:", "a shared store"),
+        (["list", "--store", "mysql://x"], None, "--store mysql://x: unknown session store URL"),
+        (["list"], "sqlite://nohost", "LAPSE_SESSION_STORE=sqlite://nohost: bad SQLite store"),
+        (["list"], None, "no session store: give --store URL or set LAPSE_SESSION_STORE"),
+        (["expire", "--store", "sqlite:///x.db"], None, "expire takes session uids, or --all"),
+        (["expire", "a", "--all", "--store", "sqlite:///x.db"], None, "or --all (not both)"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(
+    argv: list[str],
+    env: str | None,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad store URL, the memory store (which lives in the server: use a
+    shared store or the live view) or bad arguments: exit 2, one line."""
+    monkeypatch.delenv("LAPSE_SESSION_STORE", raising=False)
+    if env is not None:
+        monkeypatch.setenv("LAPSE_SESSION_STORE", env)
+    status, out, err = lapse(capsys, "sessions", *argv)
+    assert status == 2 and out == ""
+    assert err.startswith("lapse: error: ") and message in err and err.count("\n") == 1
+    assert "Traceback" not in err
+    if "memory" in argv or env == "memory:":
+        assert "live view" in err
+
+
+def test_unreachable_stores_exit_1_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Redis nobody listens on, or an SQLite file that does not exist (not
+    created by the command), is exit 1 with one line."""
+    missing = tmp_path / "missing.db"
+    status, _, err = lapse(capsys, "sessions", "list", "--store", f"sqlite:///{missing}")
+    assert status == 1 and "no such file" in err and err.count("\n") == 1
+    assert not missing.exists()
+    status, _, err = lapse(capsys, "sessions", "list", "--store", "redis://127.0.0.1:1/0")
+    assert status == 1 and err.count("\n") == 1
+    assert "cannot reach the session store" in err and "127.0.0.1:1" in err
+
+
+class Page(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> str:
+        return request.getSession().uid  # type: ignore[no-any-return]
+
+
+def test_expired_sessions_reach_the_servers_hook(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions ended by 'lapse sessions expire' (one, then --all) are handed to
+    the durable expiry hook of a server on the same store, cause "expired",
+    with their data."""
+    hooked: list[Expiry] = []
+    sessions = [(f"hook{i:03d}" + "z" * 20, 600, {"i": i}) for i in range(60)]
+    seed(store_url, sessions)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("LAPSE_SESSION_STORE", None)
+
+    async def lapse_process(*argv: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "lapse",
+            "sessions",
+            *argv,
+            "--store",
+            store_url,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        return out.decode()
+
+    async def scenario() -> None:
+        site = Site(Page(), store=store_url, on_expire=hooked.append)
+        site._keeper.poll_interval = 0.05
+        site._keeper.start()
+        try:
+            await lapse_process("expire", sessions[0][0])
+            await lapse_process("expire", "--all", "--yes", "--batch", "7")
+            for _ in range(200):
+                if len(hooked) >= 60:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await site._keeper.aclose()
+
+    asyncio.run(scenario())
+    assert sorted((e.uid, e.cause, dict(e.data)) for e in hooked) == sorted(
+        (uid, "expired", data) for uid, _, data in sessions
+    )
