@@ -36,12 +36,14 @@ import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Protocol, cast
 
 from lapse.internet.interfaces import IDelayedCall, IReactorTime
 from lapse.sessions._data import SessionData
 from lapse.sessions._session import Session, short_uid
+from lapse.sessions._stats import SessionStats
 from lapse.sessions.store import (
     Expiry,
     SessionStore,
@@ -121,6 +123,7 @@ class SessionKeeper:
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
         self._outage = False
+        self.stats = SessionStats(lambda: self.owner.reactor.seconds())
 
     # -- the store, with a deadline and one error type ----------------------
 
@@ -128,6 +131,7 @@ class SessionKeeper:
         """Await a store operation within ``store_timeout`` (or the store's
         own bound, if it ``enforces_timeout``); outages are logged once each
         and surface as :class:`StoreUnavailable`."""
+        started = time.perf_counter()
         try:
             if self._bounded:
                 result = await operation
@@ -141,6 +145,10 @@ class SessionKeeper:
             error = StoreUnavailable(f"{self.store.url}: no answer within {self.store_timeout}s")
             self._report_outage(error)
             raise error from exc
+        finally:
+            self.stats.store_call(
+                getattr(operation, "__name__", "call"), time.perf_counter() - started
+            )
         if self._outage:
             self._outage = False
             log.warning("session store %s is reachable again", self.store.url)
@@ -370,6 +378,8 @@ class SessionKeeper:
         memory = self._memory
         assert memory is not None
         for expiry in memory.claim_now(self.node_id, self.lease, 1 << 30):
+            if expiry.attempt == 1:
+                self.stats.session_ended(expiry.cause)
             # The session left site.sessions as the store ended it (and may
             # have been replaced there): end the very object the store held.
             record = memory.ended_record(expiry.uid)
@@ -417,6 +427,7 @@ class SessionKeeper:
 
     def _give_up(self, expiry: Expiry) -> bool:
         """Log a hook that raised; whether to stop redelivering it (acknowledge)."""
+        self.stats.hook_failure()
         if expiry.attempt >= self.max_attempts:
             log.exception(
                 "expiry hook failed for session %s on delivery %d; giving up",
@@ -432,6 +443,8 @@ class SessionKeeper:
         return False
 
     async def _deliver(self, expiry: Expiry) -> None:
+        if expiry.attempt == 1:
+            self.stats.session_ended(expiry.cause)
         if self.on_expire is not None:
             try:
                 result = self.on_expire(expiry)

@@ -57,6 +57,7 @@ class Session(Componentized):
 
     __slots__ = (
         "_callbacks",
+        "_created",
         "_data",
         "_ends_at",
         "_expired",
@@ -91,7 +92,10 @@ class Session(Componentized):
         # session if its class has an absolute_timeout.
         self._ends_at: float | None = None
         self._adapterCache = None
+        # When the session was created (store time, once a memory store
+        # starts it); the same float object as _lastModified until a touch.
         self._lastModified: float = reactor.seconds()
+        self._created: float = self._lastModified
 
     @property
     def lastModified(self) -> float:
@@ -214,6 +218,9 @@ class Session(Componentized):
             callback()
         except Exception:
             log.exception("expiry callback %r of session %s raised", callback, short_uid(self.uid))
+            stats = getattr(self.site, "stats", None)
+            if stats is not None:
+                stats.callback_error()
 
     def __repr__(self) -> str:
         state = "expired" if self._expired else "live"

@@ -20,6 +20,7 @@ from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import Session, SessionData, SessionStore
 from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
+from lapse.sessions._stats import SessionStats
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
 
 __all__ = ["SessionHost", "cookie_uid"]
@@ -87,6 +88,11 @@ class SessionHost:
     # -- configuration ------------------------------------------------------
 
     @property
+    def stats(self) -> SessionStats:
+        """Counters of this host's sessions (see :mod:`lapse.sessions._stats`)."""
+        return self._keeper.stats
+
+    @property
     def store(self) -> SessionStore:
         """Where the sessions live."""
         return self._keeper.store
@@ -144,6 +150,7 @@ class SessionHost:
         self.counter += 1
         session = self.sessions[uid] = self.sessionFactory(self, uid)
         session.startCheckingExpiration()
+        self._keeper.stats.session_created(session._lastModified)
         if session_log.isEnabledFor(logging.DEBUG):
             session_log.debug("session %s created", short_uid(uid))
         return session

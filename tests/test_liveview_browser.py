@@ -1,0 +1,138 @@
+"""The live view in a real headless Chromium, against a real lapse server.
+
+The server is ``python -m lapse.web.liveview --demo`` (the reactor, uvicorn)
+on a free loopback port, in a subprocess; it prints ``CALLBACK <uid>`` when a
+session's ``notifyOnExpire`` callback runs and ``HOOK <uid> <cause>`` when the
+durable hook does. Chromium is Debian's (installed with apt-get if missing);
+Playwright drives it (``executable_path``, no ``playwright install``).
+
+With ``LAPSE_LIVEVIEW_SCREENSHOT=docs/liveview.png`` the test also saves a
+screenshot of the page (that is how the README's picture is made).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from _servers import REPO_ROOT, ServerProcess, free_port, wait_for_port, write_script
+
+CHROMIUM = "/usr/bin/chromium"
+TOKEN = "browser-test-token-0123456789"
+SESSIONS = 12
+
+
+def chromium_binary() -> str:
+    """Debian's chromium, installed with apt-get if missing; fails clearly."""
+    if os.path.exists(CHROMIUM):
+        return CHROMIUM
+    if os.geteuid() != 0:
+        pytest.fail(f"{CHROMIUM} is missing and we are not root: run `apt-get install -y chromium`")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "chromium"]
+    done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not os.path.exists(CHROMIUM):
+        pytest.fail(
+            f"could not install chromium with apt-get (exit {done.returncode}):\n"
+            f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        )
+    return CHROMIUM
+
+
+def wait_for(server: ServerProcess, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = server.wait_for_line(deadline - time.monotonic())
+        if line is None:
+            break
+        seen.append(line.text)
+        found = re.fullmatch(pattern, line.text)
+        if found:
+            return found
+    raise AssertionError(f"no line {pattern!r}; saw {seen}; stderr:\n{server.stderr_text()}")
+
+
+def test_live_view_in_chromium(tmp_path: Path) -> None:
+    executable = chromium_binary()
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    script = write_script(
+        tmp_path, "liveview_demo.py", "from lapse.web.liveview import main\nmain()\n"
+    )
+    args = ["--demo", "--port", str(port), "--sessions", str(SESSIONS), "--token", TOKEN]
+    server = ServerProcess(script, args=args).start()
+    try:
+        wait_for_port(port, timeout=20, proc=server.proc)
+        wait_for(server, r"LIVEVIEW .*")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=executable, headless=True, args=["--no-sandbox"]
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.on(
+                    "console",
+                    lambda msg: errors.append(msg.text) if msg.type == "error" else None,
+                )
+                page.goto(f"http://127.0.0.1:{port}/_lapse/?token={TOKEN}")
+                assert page.url == f"http://127.0.0.1:{port}/_lapse/"  # token dropped
+                page.wait_for_selector("body[data-loaded='1']", timeout=10_000)
+                assert page.text_content("#live") == str(SESSIONS)
+                rows = page.locator("#rows tr")
+                assert rows.count() == SESSIONS
+                for i in range(SESSIONS):
+                    cells = rows.nth(i).locator("td")
+                    assert re.fullmatch(r"[A-Za-z0-9_-]{8}\u2026", cells.nth(0).inner_text())
+                    for column in (1, 2, 3):
+                        assert re.match(r"\d+ (s|min|h)", cells.nth(column).inner_text())
+                # The charts were drawn from the JSON: bars with real values.
+                minute_bars = page.locator("#minutes rect")
+                assert minute_bars.count() == 120
+                values = [
+                    int(v)
+                    for v in minute_bars.evaluate_all(
+                        "els => els.map(e => e.getAttribute('data-value'))"
+                    )
+                ]
+                assert sum(values) > 0
+                expiry_values = page.locator("#expiries rect").evaluate_all(
+                    "els => els.map(e => Number(e.getAttribute('data-value')))"
+                )
+                assert len(expiry_values) == 12 and sum(expiry_values) == SESSIONS
+                if os.environ.get("LAPSE_LIVEVIEW_SCREENSHOT"):
+                    target = REPO_ROOT / os.environ["LAPSE_LIVEVIEW_SCREENSHOT"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    page.screenshot(path=str(target), full_page=True)
+
+                first = rows.nth(0)
+                short = first.locator("td").nth(0).inner_text()
+                first.locator("button.end").click()
+                callback = wait_for(server, r"CALLBACK (\S+)")
+                hook = wait_for(server, r"HOOK (\S+) (\w+)")
+                assert callback.group(1) == short
+                assert hook.groups() == (short, "expired")
+                # (Polled from here: the page's CSP forbids evaluating strings.)
+                deadline = time.monotonic() + 10
+                while page.text_content("#live") != str(SESSIONS - 1):
+                    assert time.monotonic() < deadline, page.text_content("#live")
+                    page.wait_for_timeout(100)
+                page.wait_for_timeout(200)  # the table is filled after the count
+                assert page.locator("#rows tr").count() == SESSIONS - 1
+                assert short not in page.locator("#rows").inner_text()
+                assert page.text_content("#ended-expired") != "0"
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        server.stop()
