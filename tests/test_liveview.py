@@ -236,6 +236,27 @@ def test_bearer_post_needs_no_csrf(clock: Clock) -> None:
     assert call(site, "POST", "/_lapse/api/expire", body=body, cookies=auth).status == 403
 
 
+def test_one_session_by_id(clock: Clock) -> None:
+    """GET api/session?id= answers the row api/sessions gave for that id, as it is
+    now (behind the same access rules); 404 for an id never given out or once the
+    session has ended."""
+    site, _ = make_site(clock, token=TOKEN)
+    session = site.makeSession()
+    bearer = [(b"authorization", b"Bearer " + TOKEN.encode())]
+    unknown = call(site, "GET", "/_lapse/api/session?id=" + "0" * 32, headers=bearer)
+    assert unknown.status == 404 and get_json(unknown) == {"error": "no such session"}
+    row = get_json(call(site, "GET", "/_lapse/api/sessions", headers=bearer))["sessions"][0]
+    clock.advance(5)
+    assert call(site, "GET", f"/_lapse/api/session?id={row['id']}").status == 403
+    one = get_json(call(site, "GET", f"/_lapse/api/session?id={row['id']}", headers=bearer))
+    assert one["session"]["id"] == row["id"] and one["session"]["uid"] == row["uid"]
+    assert one["session"]["idle"] == row["idle"] + 5 and session.uid not in json.dumps(one)
+    assert call(site, "DELETE", "/_lapse/api/session", headers=bearer).status == 405
+    session.expire()
+    gone = call(site, "GET", f"/_lapse/api/session?id={row['id']}", headers=bearer)
+    assert gone.status == 404
+
+
 def test_shared_store_view(tmp_path: Any) -> None:
     import asyncio
 

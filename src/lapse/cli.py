@@ -20,7 +20,11 @@ its own, the supervisor stops the others and exits with status 1.
 sessions of a shared store (SQLite, Redis; ``LAPSE_SESSION_STORE`` by
 default) without touching them: exit 2 for a bad command line or store URL
 (and for ``memory:``, which lives inside the server process), 1 when the
-store cannot be reached or a named session is not live.
+store cannot be reached or a named session is not live. With ``--server URL``
+instead (a live view's base URL, e.g. ``http://127.0.0.1:8080/_lapse/``,
+and ``--token`` or ``LAPSE_LIVEVIEW_TOKEN``) it goes through that server's
+live view JSON API, so it reaches every store, the memory store included:
+exit 1 as well when the server cannot be reached or answers 403 or 404.
 
 Exit status: 0 after a clean stop; 2 for a command line that cannot be served
 (options, MODULE:ATTR, store URL, TLS files, the memory store with several
@@ -716,11 +720,23 @@ class _Supervisor:
 # -- lapse sessions ---------------------------------------------------------------
 
 MEMORY_SESSIONS = (
-    "the memory: store keeps its sessions inside the server process, so this command "
-    "cannot reach them. Run the server with a shared store (--store sqlite:///sessions.db "
-    "or --store redis://host:6379/0) and point this command at it, or look at the "
-    "server's live view"
+    "the memory: store keeps its sessions inside the server process, so --store cannot "
+    "reach them: go through the server's live view instead, with --server URL (e.g. "
+    "--server http://127.0.0.1:8080/_lapse/ --token T, or LAPSE_LIVEVIEW_TOKEN), or run "
+    "the server with a shared store (--store sqlite:///sessions.db or "
+    "--store redis://host:6379/0) and point --store at it"
 )
+
+TOKEN_ENV = "LAPSE_LIVEVIEW_TOKEN"
+
+HTTP_TIMEOUT = 10.0
+"""Seconds ``--server`` waits for each answer of the live view."""
+
+SERVER_PAGE = 500
+"""Rows per ``api/sessions`` request at most (the live view's own cap)."""
+
+SERVER_THREADS = 8
+"""``expire --server``: POST requests in flight at once."""
 
 NO_STORE = (
     "no session store: give --store URL or set LAPSE_SESSION_STORE "
@@ -746,17 +762,37 @@ def _add_sessions_parser(commands: Any) -> None:
             "(default: $LAPSE_SESSION_STORE)"
         ),
     )
+    store_option.add_argument(
+        "--server",
+        metavar="URL",
+        help=(
+            "instead of --store: a running server's live view, by its base URL (e.g. "
+            "http://127.0.0.1:8080/_lapse/), for any store, memory: included; the "
+            "server expires sessions itself, so their callbacks and hooks run"
+        ),
+    )
+    store_option.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=(
+            f"with --server: the live view's token, sent as 'Authorization: Bearer' "
+            f"(default: ${TOKEN_ENV}; none for a view open to loopback clients)"
+        ),
+    )
     sessions = commands.add_parser(
         "sessions",
-        help="list, show, expire sessions of a shared store; its statistics",
+        help="list, show, expire sessions of a store or a server; their statistics",
         description=(
-            "Inspect and end the sessions of a shared store (SQLite or Redis), from any "
-            "machine that reaches it. Reading never touches a session."
+            "Inspect and end the sessions of a shared store (SQLite or Redis, with "
+            "--store), from any machine that reaches it, or of any store through a running "
+            "server's live view (with --server, the memory: store included). Reading never "
+            "touches a session."
         ),
         epilog=(
             "Exit status: 0 on success, 2 for a bad command line or store URL (or the "
-            "memory: store, which lives inside the server process), 1 if the store cannot "
-            "be reached or a session is not live."
+            "memory: store with --store: use --server), 1 if the store or the server cannot "
+            "be reached, the server refuses (403) or has no live view there (404), or a "
+            "session is not live."
         ),
     )
     actions = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -766,21 +802,33 @@ def _add_sessions_parser(commands: Any) -> None:
         help="live sessions, latest deadline (most recent activity) first",
         description=(
             "Live sessions, the one ending last (for one timeout: the most recently "
-            "active) first: uid, age, idle time, time left."
+            "active) first: uid, age, idle time, time left. With --server: the rows of "
+            "the live view, in its order, each with the ID that 'show' and 'expire' take "
+            "(an HMAC of the uid: the live view never gives out uids, only their start)."
         ),
     )
     listing.add_argument(
         "--limit", type=_positive, default=50, metavar="N", help="at most N (default: 50)"
     )
-    listing.add_argument("--full", action="store_true", help="whole uids, not shortened")
+    listing.add_argument(
+        "--full", action="store_true", help="whole uids, not shortened (not with --server)"
+    )
     listing.add_argument("--json", action="store_true", help="JSON lines, one per session")
     show = actions.add_parser(
         "show",
         parents=[store_option],
-        help="one session, data included",
-        description="One live session: its times and its data.",
+        help="one session, data included (not with --server)",
+        description=(
+            "One live session: its times and its data. With --server: what the live view "
+            "has for the row ID ('list' shows IDs): its times; the data is not exposed by "
+            "the live view."
+        ),
     )
-    show.add_argument("uid", metavar="UID", help="the whole uid (see 'list --full')")
+    show.add_argument(
+        "uid",
+        metavar="UID|ID",
+        help="the whole uid (see 'list --full'); with --server, the row ID 'list' shows",
+    )
     show.add_argument("--json", action="store_true", help="one JSON object")
     expire = actions.add_parser(
         "expire",
@@ -788,10 +836,16 @@ def _add_sessions_parser(commands: Any) -> None:
         help="end sessions now, as a logout does",
         description=(
             "End sessions now through the store, as a logout does: the servers' durable "
-            "expiry hook and notifyOnExpire callbacks still run for each."
+            "expiry hook and notifyOnExpire callbacks still run for each. With --server: "
+            "through the server (POST api/expire per session), which runs them itself."
         ),
     )
-    expire.add_argument("uids", metavar="UID", nargs="*", help="the sessions to end")
+    expire.add_argument(
+        "uids",
+        metavar="UID|ID",
+        nargs="*",
+        help="the sessions to end (with --server, row IDs as 'list' shows them)",
+    )
     expire.add_argument("--all", action="store_true", help="end every live session")
     expire.add_argument("--yes", action="store_true", help="with --all: do not ask first")
     expire.add_argument(
@@ -805,21 +859,23 @@ def _add_sessions_parser(commands: Any) -> None:
         "stats",
         parents=[store_option],
         help="how many sessions are live, and when they end",
-        description="The live count and a histogram of the upcoming expiries.",
+        description=(
+            "The live count and a histogram of the upcoming expiries. With --server: the "
+            "live view's summary, also sessions created and ended per minute; its "
+            "histogram is fixed (one hour in 5-minute slices)."
+        ),
     )
     stats.add_argument(
         "--horizon",
         type=_positive,
-        default=3600,
         metavar="SECONDS",
-        help="how far ahead the histogram looks (default: 3600)",
+        help="how far ahead the histogram looks (default: 3600; not with --server)",
     )
     stats.add_argument(
         "--buckets",
         type=_positive,
-        default=12,
         metavar="N",
-        help="slices of the histogram (default: 12)",
+        help="slices of the histogram (default: 12; not with --server)",
     )
     stats.add_argument("--json", action="store_true", help="one JSON object")
 
@@ -1024,6 +1080,10 @@ async def _expire(store: Any, args: argparse.Namespace) -> int:
 async def _stats(store: Any, args: argparse.Namespace) -> int:
     import json
 
+    if args.horizon is None:
+        args.horizon = 3600
+    if args.buckets is None:
+        args.buckets = 12
     now = await store.now()
     live = await store.count()
     counts = await store.deadlines(now, float(args.horizon), args.buckets)
@@ -1061,6 +1121,15 @@ def _sessions(args: argparse.Namespace) -> int:
         raise CommandError("expire takes session uids, or --all (not both)")
     if args.action == "expire" and args.yes and not args.all:
         raise CommandError("--yes goes with --all")
+    if args.server is not None:
+        if args.store is not None:
+            raise CommandError(
+                "--store and --server are mutually exclusive: read a shared store directly "
+                "(--store) or go through a server's live view (--server)"
+            )
+        return _server_sessions(args)
+    if args.token is not None:
+        raise CommandError("--token goes with --server (a store URL carries its own access)")
     store = _open_session_store(args.store)
     run = {"list": _list, "show": _show, "expire": _expire, "stats": _stats}[args.action]
 
@@ -1075,6 +1144,340 @@ def _sessions(args: argparse.Namespace) -> int:
         return asyncio.run(main())
     except StoreUnavailable as exc:
         raise CommandError(f"cannot reach the session store: {exc}", EXIT_FAILED) from None
+
+
+# -- lapse sessions --server: through a live view ------------------------------
+
+
+class _LiveViewClient:
+    """The JSON API of a live view at ``base`` (a URL ending in ``/``).
+
+    Standard library only (urllib); redirects are not followed (the token
+    would follow them); every failure is a one-line :class:`CommandError`.
+    """
+
+    def __init__(self, base: str, token: str | None) -> None:
+        import urllib.request
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any, **kw: Any) -> None:
+                return None
+
+        self.base = base
+        self._token = token
+        self._opener = urllib.request.build_opener(NoRedirect)
+
+    def request(
+        self,
+        path: str,
+        body: Any = None,
+        not_found: str | None = None,
+    ) -> Any:
+        """The JSON answer to GET ``path`` (POST ``body`` as JSON if given).
+
+        A 404 whose JSON error is ``not_found`` returns None (the API's own
+        "no such session"); any other failure is a :class:`CommandError`.
+        """
+        import json
+        import urllib.error
+        import urllib.request
+
+        url = self.base + path
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self._token is not None:
+            request.add_header("Authorization", f"Bearer {self._token}")
+        try:
+            with self._opener.open(request, timeout=HTTP_TIMEOUT) as response:
+                status, raw = response.status, response.read()
+                kind = response.headers.get("content-type", "")
+        except urllib.error.HTTPError as exc:
+            status, kind, raw = exc.code, exc.headers.get("content-type", ""), b""
+            with contextlib.suppress(Exception):
+                raw = exc.read()
+            exc.close()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CommandError(
+                f"cannot reach the server at {self.base}: {reason}", EXIT_FAILED
+            ) from None
+        answer: Any = None
+        if kind.split(";")[0].strip() == "application/json":
+            with contextlib.suppress(ValueError):
+                answer = json.loads(raw)
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if status == 403:
+            given = "the token given" if self._token is not None else "no token given"
+            raise CommandError(
+                f"the live view at {self.base} refused access (403 Forbidden) with {given}: "
+                f"check --token or ${TOKEN_ENV}",
+                EXIT_FAILED,
+            )
+        if status == 404:
+            if not_found is not None and error == not_found:
+                return None
+            raise CommandError(
+                f"no live view at {self.base} (404 Not Found for {path.split('?')[0]}): give "
+                "the URL where the app mounts LiveView (e.g. http://HOST:PORT/_lapse/); "
+                "a view without a token answers only loopback clients",
+                EXIT_FAILED,
+            )
+        if 300 <= status < 400:
+            raise CommandError(
+                f"the server at {self.base} redirects (HTTP {status}) instead of answering: "
+                "give the live view's own base URL",
+                EXIT_FAILED,
+            )
+        if status != 200 or not isinstance(answer, dict):
+            detail = f": {error}" if isinstance(error, str) else ""
+            what = f"HTTP {status}{detail}" if status != 200 else "something other than JSON"
+            raise CommandError(
+                f"the server at {self.base} answered {path.split('?')[0]} with {what} "
+                "(is it a lapse live view?)",
+                EXIT_FAILED,
+            )
+        return answer
+
+    def summary(self) -> dict[str, Any]:
+        answer: dict[str, Any] = self.request("api/summary")
+        return answer
+
+    def page(self, cursor: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        from urllib.parse import urlencode
+
+        query = {"limit": str(min(limit, SERVER_PAGE))}
+        if cursor is not None:
+            query["cursor"] = cursor
+        answer = self.request("api/sessions?" + urlencode(query))
+        rows = answer.get("sessions")
+        following = answer.get("next")
+        if not isinstance(rows, list) or not (following is None or isinstance(following, str)):
+            raise CommandError(
+                f"the server at {self.base} answered api/sessions with an unknown shape",
+                EXIT_FAILED,
+            )
+        return rows, following
+
+    def session(self, handle: str) -> dict[str, Any] | None:
+        from urllib.parse import urlencode
+
+        answer = self.request(
+            "api/session?" + urlencode({"id": handle}), not_found="no such session"
+        )
+        if answer is None:
+            return None
+        row: dict[str, Any] = answer["session"]
+        row["now"] = answer.get("now")
+        return row
+
+    def expire(self, handle: str) -> bool:
+        answer = self.request("api/expire", body={"id": handle}, not_found="no such session")
+        return answer is not None and bool(answer.get("expired"))
+
+
+def _server_base(url: str) -> str:
+    """The ``--server`` URL, checked: http(s), a host, no query; ends in ``/``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise CommandError(f"--server {url}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CommandError(
+            f"--server {url}: give the live view's http(s) URL, e.g. http://127.0.0.1:8080/_lapse/"
+        )
+    if parts.query or parts.fragment:
+        raise CommandError(
+            f"--server: give the live view's base URL without a query "
+            f"(the token goes in --token or ${TOKEN_ENV})"
+        )
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _age(value: Any) -> str:
+    return "?" if value is None else _duration(float(value))
+
+
+def _server_list(view: _LiveViewClient, args: argparse.Namespace) -> int:
+    import json
+
+    if args.full:
+        raise CommandError("--full goes with --store: with --server, rows have whole IDs, no uids")
+    live = view.summary().get("live")
+    shown: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while len(shown) < args.limit:
+        page, cursor = view.page(cursor, args.limit - len(shown))
+        shown += page[: args.limit - len(shown)]
+        if cursor is None or not page:
+            break
+    if args.json:
+        for row in shown:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    width = max([len(str(row.get("id"))) for row in shown] + [2])
+    print(f"{'ID':<{width}}  {'UID':<9}  {'AGE':>7}  {'IDLE':>7}  {'LEFT':>7}")
+    for row in shown:
+        age, idle, left = _age(row.get("age")), _age(row.get("idle")), _age(row.get("left"))
+        print(f"{row.get('id')!s:<{width}}  {row.get('uid')!s:<9}  {age:>7}  {idle:>7}  {left:>7}")
+    total = live if isinstance(live, int) else len(shown)
+    more = "; --limit N for more" if total > len(shown) else ""
+    print(f"{len(shown)} of {total} live sessions at {view.base}{more}")
+    return 0
+
+
+def _server_show(view: _LiveViewClient, args: argparse.Namespace) -> int:
+    import json
+
+    row = view.session(args.uid)
+    if row is None:
+        raise CommandError(
+            f"no live session with ID {args.uid!r} at {view.base} (IDs are those 'list "
+            "--server' shows)",
+            EXIT_FAILED,
+        )
+    if args.json:
+        print(json.dumps(row, ensure_ascii=False))
+        return 0
+    now = row.get("now")
+    now = float(now) if isinstance(now, (int, float)) else time.time()
+
+    def at(offset: Any, ago: bool) -> str:
+        if offset is None:
+            return "unknown"
+        value = float(offset)
+        stamp = _when(now - value if ago else now + value)
+        return f"{stamp} ({_duration(value)} ago)" if ago else f"{stamp} (in {_duration(value)})"
+
+    print(f"id:          {row.get('id')}")
+    print(f"uid:         {row.get('uid')} (the live view gives only its start)")
+    print(f"created:     {at(row.get('age'), True)}")
+    print(f"last access: {at(row.get('idle'), True)}")
+    print(f"ends:        {at(row.get('left'), False)} if untouched")
+    print("data:        (not exposed by the live view)")
+    return 0
+
+
+def _server_expire_all(view: _LiveViewClient, args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    total = int(view.summary().get("live") or 0)
+    if total == 0:
+        print(f"no live sessions at {view.base}")
+        return 0
+    if not args.yes and not _confirm(total, view.base):
+        _say("nothing expired")
+        return EXIT_FAILED
+    progress = _Progress(total)
+    progress.show()
+    with ThreadPoolExecutor(SERVER_THREADS) as pool:
+        for _ in range(EXPIRE_PASSES):
+            found = 0
+            cursor: str | None = None
+            while True:
+                page, cursor = view.page(cursor, args.batch)
+                found += len(page)
+                ended = list(pool.map(view.expire, [str(row.get("id")) for row in page]))
+                progress.done += sum(ended)
+                if page:
+                    progress.show()
+                if cursor is None:
+                    break
+            if not found:
+                break
+            progress.total = progress.done + int(view.summary().get("live") or 0)
+    progress.show(final=True)
+    print(f"expired {progress.done} sessions at {view.base}")
+    return 0
+
+
+def _server_expire(view: _LiveViewClient, args: argparse.Namespace) -> int:
+    if args.all:
+        return _server_expire_all(view, args)
+    status = 0
+    for handle in args.uids:
+        if view.expire(handle):
+            print(f"expired {handle}")
+        else:
+            _say(f"no live session with ID {handle!r} at {view.base}")
+            status = EXIT_FAILED
+    return status
+
+
+def _server_stats(view: _LiveViewClient, args: argparse.Namespace) -> int:
+    import json
+
+    if args.horizon is not None or args.buckets is not None:
+        raise CommandError(
+            "--horizon and --buckets go with --store: the live view's histogram is fixed "
+            "(one hour in 5-minute slices)"
+        )
+    summary = view.summary()
+    expiries = summary.get("expiries") or {}
+    counts = [int(n) for n in expiries.get("buckets") or []]
+    horizon = float(expiries.get("horizon") or 3600)
+    width = horizon / max(1, len(counts))
+    stats = summary.get("stats") or {}
+    minutes = stats.get("minutes") or {}
+    live = int(summary.get("live") or 0)
+    if args.json:
+        report = {
+            "server": view.base,
+            "store": summary.get("store"),
+            "now": summary.get("now"),
+            "live": live,
+            "horizon": horizon,
+            "bucket_seconds": width,
+            "ending": counts,
+            "created": stats.get("created"),
+            "ended": stats.get("ended"),
+            "per_minute": minutes,
+        }
+        print(json.dumps(report))
+        return 0
+    print(f"server:        {view.base}")
+    print(f"store:         {summary.get('store')}")
+    print(f"live sessions: {live}")
+    created, ended = list(minutes.get("created") or []), list(minutes.get("ended") or [])
+    causes = ", ".join(f"{k} {v}" for k, v in sorted((stats.get("ended") or {}).items()))
+    print(
+        f"since start:   {stats.get('created', 0)} created, "
+        f"{sum((stats.get('ended') or {}).values())} ended" + (f" ({causes})" if causes else "")
+    )
+    print(f"last hour:     {sum(created)} created, {sum(ended)} ended; per minute, latest last:")
+    recent = list(zip(created, ended, strict=False))[-10:]
+    for back, (c, e) in zip(range(len(recent) - 1, -1, -1), recent, strict=True):
+        label = "this minute" if back == 0 else f"{back} min ago"
+        print(f"  {label:>11}  created {c:>6}  ended {e:>6}")
+    print(f"ending in the next {_duration(horizon)} ({_duration(width)} slices):")
+    top = max(counts) if counts else 0
+    label_width = max([len(_duration((i + 1) * width)) for i in range(len(counts))] + [1])
+    for i, n in enumerate(counts):
+        bar = "#" * (0 if top == 0 else max(1 if n else 0, round(40 * n / top)))
+        start, end = _duration(i * width), _duration((i + 1) * width)
+        print(f"  {start:>{label_width}} - {end:>{label_width}}  {n:>8}  {bar}")
+    print(f"  later: {live - sum(counts)}")
+    return 0
+
+
+def _server_sessions(args: argparse.Namespace) -> int:
+    """Run ``lapse sessions ACTION --server URL``; its exit status."""
+    base = _server_base(args.server)
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    view = _LiveViewClient(base, token)
+    run = {
+        "list": _server_list,
+        "show": _server_show,
+        "expire": _server_expire,
+        "stats": _server_stats,
+    }[args.action]
+    return run(view, args)
 
 
 # -- entry point ------------------------------------------------------------------

@@ -21,6 +21,8 @@ resource) refreshes every few seconds from a JSON API:
   minute over the last hour, upcoming expiries in 5-minute buckets;
 - ``GET api/sessions?cursor=&limit=``: a page of live sessions (shortened
   uid, age, idle, time left) and the next cursor;
+- ``GET api/session?id=``: one row of ``api/sessions`` by its ``id`` (an id
+  this view gave out), as it is now; 404 if it is not live;
 - ``POST api/expire`` (JSON ``{"id": ...}``): end one session through
   ``session.expire()`` (or the store's ``expire``), so its callbacks and the
   durable hook run.
@@ -163,12 +165,20 @@ class LiveView(Resource):
             return self._summary(request)
         if path == [b"api", b"sessions"] and method in (b"GET", b"HEAD"):
             return self._sessions(request)
+        if path == [b"api", b"session"] and method in (b"GET", b"HEAD"):
+            return self._session(request)
         if path == [b"api", b"expire"] and method == b"POST":
             if how != "bearer" and not self._csrf_ok(request):
                 request.setResponseCode(403)
                 return self._json(request, {"error": "missing or wrong CSRF token"})
             return self._expire(request)
-        if path in ([b""], [b"api", b"summary"], [b"api", b"sessions"], [b"api", b"expire"]):
+        if path in (
+            [b""],
+            [b"api", b"summary"],
+            [b"api", b"sessions"],
+            [b"api", b"session"],
+            [b"api", b"expire"],
+        ):
             request.setResponseCode(405)
             return self._json(request, {"error": "method not allowed"})
         request.setResponseCode(404)
@@ -299,6 +309,28 @@ class LiveView(Resource):
                 )
             following = str(offset + limit) if len(page) == limit else None
         return self._json(request, {"now": now, "sessions": rows, "next": following})
+
+    async def _session(self, request: Any) -> bytes:
+        handle = request.args.get(b"id", [b""])[0].decode("utf-8", "replace")
+        uid = self._handles.get(handle)
+        row: dict[str, Any] | None = None
+        now = await self._now()
+        if uid is not None:
+            store = self.site.store
+            if hasattr(store, "info"):
+                info = await self._call(store.info(uid))
+                if info is not None:
+                    row = self._row(uid, now, info.created, info.last_access, info.deadline)
+            else:
+                session = self.site.sessions.get(uid)
+                if session is not None and session._state is not None and not session.expired:
+                    row = self._row(
+                        uid, now, _created(session), session._lastModified, _deadline(session)
+                    )
+        if row is None:
+            request.setResponseCode(404)
+            return self._json(request, {"error": "no such session"})
+        return self._json(request, {"now": now, "session": row})
 
     def _row(
         self, uid: str, now: float, created: float | None, last: float, deadline: float
