@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
 
 from lapse.internet.task import Clock
+from lapse.sessions.store import SessionStore
 from lapse.web.resource import Resource
 from lapse.web.server import Site
 
@@ -163,3 +167,52 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# -- every store, for contract tests --------------------------------------------------
+
+_prefixes = itertools.count()
+
+StoreFactory = Callable[[FakeClock], Any]
+"""Opens a fresh, empty store on a given clock (an async context manager)."""
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    """A factory of fresh, empty stores of each kind, on a given clock."""
+    from lapse.sessions.stores.memory import MemoryStore
+    from lapse.sessions.stores.redis import RedisStore
+    from lapse.sessions.stores.sqlite import SQLiteStore
+
+    kind = request.param
+
+    @asynccontextmanager
+    async def factory(clock: FakeClock) -> AsyncIterator[SessionStore]:
+        store: SessionStore
+        if kind == "memory":
+            store = MemoryStore(clock)
+        elif kind == "sqlite":
+            store = SQLiteStore(str(tmp_path / f"store-{next(_prefixes)}.db"), clock=clock)
+        else:
+            server = request.getfixturevalue("redis_server")
+            store = RedisStore(server.url, clock=clock, prefix=f"store{next(_prefixes)}")
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+    return factory
+
+
+def run_on_store(
+    open_store: StoreFactory, scenario: Callable[[SessionStore, FakeClock], Awaitable[None]]
+) -> None:
+    """Run ``scenario(store, clock)`` on a fresh store and a fresh fake clock."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        async with open_store(clock) as store:
+            await scenario(store, clock)
+
+    asyncio.run(main())

@@ -7,60 +7,13 @@ calls touches a session: deadlines stay where they were.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
-
 import pytest
-from conftest import FakeClock
+from conftest import FakeClock, StoreFactory
+from conftest import run_on_store as run
 
 from lapse.sessions import SessionInfo
 from lapse.sessions.store import SessionStore
 from lapse.sessions.stores.memory import MemoryStore
-from lapse.sessions.stores.redis import RedisStore
-from lapse.sessions.stores.sqlite import SQLiteStore
-
-_prefixes = itertools.count()
-
-StoreFactory = Callable[[FakeClock], Any]
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """A factory of fresh, empty stores of each kind, on a given clock."""
-    kind = request.param
-
-    @asynccontextmanager
-    async def factory(clock: FakeClock) -> AsyncIterator[SessionStore]:
-        store: SessionStore
-        if kind == "memory":
-            store = MemoryStore(clock)
-        elif kind == "sqlite":
-            store = SQLiteStore(str(tmp_path / f"inspect-{next(_prefixes)}.db"), clock=clock)
-        else:
-            server = request.getfixturevalue("redis_server")
-            store = RedisStore(server.url, clock=clock, prefix=f"inspect{next(_prefixes)}")
-        await store.open()
-        try:
-            yield store
-        finally:
-            await store.aclose()
-
-    return factory
-
-
-def run(
-    open_store: StoreFactory, scenario: Callable[[SessionStore, FakeClock], Awaitable[None]]
-) -> None:
-    async def main() -> None:
-        clock = FakeClock()
-        async with open_store(clock) as store:
-            await scenario(store, clock)
-
-    asyncio.run(main())
 
 
 async def scan_all(store: SessionStore, limit: int) -> tuple[list[SessionInfo], int]:

@@ -111,16 +111,6 @@ def _port_number(text: str) -> int:
     return number
 
 
-def _worker_count(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number}: at least one worker")
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``lapse`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -177,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=_worker_count,
+        type=_positive,
         default=1,
         metavar="N",
         help=(
@@ -881,6 +871,7 @@ def _add_sessions_parser(commands: Any) -> None:
 
 
 def _positive(text: str) -> int:
+    """A whole number, at least 1 (workers, limits, batch sizes, buckets)."""
     try:
         number = int(text)
     except ValueError:
