@@ -570,3 +570,39 @@ def test_a_port_in_use_exits_1(app_dir: Path) -> None:
             assert result.returncode == 1, result.stderr
             (line,) = result.stderr.strip().splitlines()
             assert line.startswith(f"lapse: error: Couldn't listen on {HOST}:{port}"), line
+
+
+def test_live_view_option_mounts_the_view_in_front_of_the_site(
+    app_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--live-view _lapse`` serves the live view at /_lapse/ with the token
+    from LAPSE_LIVEVIEW_TOKEN (a request without it is refused), while every
+    other path still reaches the Site, whose root is a leaf."""
+    token = "a-long-live-view-token"
+    monkeypatch.setenv("LAPSE_LIVEVIEW_TOKEN", token)
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--live-view", "_lapse"]
+    with lapse_serving(args, port, app_dir) as server:
+        visit = request(port, "/anything")
+        assert visit.status == 200 and "visits=1" in visit.text
+        summary = request(port, "/_lapse/api/summary", headers={"Authorization": f"Bearer {token}"})
+        assert summary.status == 200, summary.text
+        assert '"live": 1' in summary.text.replace('"live":1', '"live": 1')
+        refused = request(port, "/_lapse/api/summary")
+        assert refused.status in (403, 404)
+        assert "live view at /_lapse/, with the token in LAPSE_LIVEVIEW_TOKEN" in (
+            server.stderr_text()
+        )
+        assert token not in server.stderr_text()
+
+
+def test_live_view_option_is_refused_for_a_plain_asgi_app(app_dir: Path) -> None:
+    """The live view needs a lapse Site: with another ASGI app, --live-view
+    exits 2 with one line saying what to do instead."""
+    result = run_lapse(
+        ["serve", "cliapp:asgi", "--port", "0", "--app-dir", str(app_dir), "--live-view", "_lapse"],
+        app_dir,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--live-view needs a lapse Site" in result.stderr
+    assert "Traceback" not in result.stderr

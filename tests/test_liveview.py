@@ -296,3 +296,25 @@ def test_shared_store_view(tmp_path: Any) -> None:
         await site._keeper.aclose()
 
     asyncio.run(main())
+
+
+def test_mount_puts_the_view_in_front_of_a_leaf_root() -> None:
+    """mount(site, "_lapse") serves the view at /_lapse/ and leaves every other
+    path to the site's own root, even a leaf; a bad segment is a ValueError."""
+    from conftest import Leaf, call
+
+    from lapse.internet.task import Clock
+    from lapse.web.liveview import LiveView, mount
+    from lapse.web.server import Site
+
+    site = Site(Leaf(b"the app"), reactor=Clock())
+    view = mount(site, "_lapse")
+    assert isinstance(view, LiveView)
+    assert call(site, path=b"/").body == b"the app"
+    assert call(site, path=b"/some/where").body == b"the app"
+    summary = call(site, path=b"/_lapse/api/summary")
+    assert summary.status == 200
+    assert b'"live"' in summary.body
+    for bad in ("", "/", "a/b", "..", "sp ace"):
+        with pytest.raises(ValueError):
+            mount(Site(Leaf(b"x"), reactor=Clock()), bad)

@@ -186,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument(
+        "--live-view",
+        metavar="SEGMENT",
+        help=(
+            "serve the live view of the Site's sessions at /SEGMENT/ (e.g. _lapse); "
+            "with LAPSE_LIVEVIEW_TOKEN set, only with that token (never put it on the "
+            "command line), otherwise only to loopback clients. Off by default"
+        ),
+    )
+    serve.add_argument(
         "--log-level",
         type=str.lower,
         choices=_LOG_LEVELS,
@@ -397,6 +406,7 @@ class _Options:
     checked_store: str | None
     ssl_context: ssl.SSLContext | None
     trust_proxy: bool
+    live_view: str | None
     app_dir: str
     ready_fd: int | None
     certfile: str | None
@@ -435,6 +445,7 @@ def _check(args: argparse.Namespace) -> _Options:
         checked_store=checked_store,
         ssl_context=ssl_context,
         trust_proxy=args.trust_proxy,
+        live_view=args.live_view,
         app_dir=app_dir,
         ready_fd=args.worker_ready_fd,
         certfile=args.certfile,
@@ -458,12 +469,31 @@ def _prepare_app(app: Any, options: _Options) -> Any:
             raise CommandError(MEMORY_WITH_WORKERS.format(workers=options.workers))
         if options.trust_proxy:
             app.trust_proxy_headers = True
+        if options.live_view is not None:
+            _mount_live_view(app, options.live_view)
         return app
+    if options.live_view is not None:
+        raise CommandError(
+            f"--live-view needs a lapse Site, and {options.target} is another ASGI app: "
+            "mount lapse.web.liveview.LiveView in the app yourself"
+        )
     if options.trust_proxy:
         from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
         return ProxyHeadersMiddleware(app, trusted_hosts="*")
     return app
+
+
+def _mount_live_view(site: Any, segment: str) -> None:
+    from lapse.web.liveview import mount
+
+    token = os.environ.get("LAPSE_LIVEVIEW_TOKEN") or None
+    try:
+        mount(site, segment, token=token)
+    except ValueError as exc:
+        raise CommandError(f"--live-view {segment}: {exc}") from None
+    who = "with the token in LAPSE_LIVEVIEW_TOKEN" if token else "to loopback clients only"
+    _say(f"live view at /{segment.strip('/')}/, {who}")
 
 
 def _serve(options: _Options) -> int:
@@ -572,6 +602,8 @@ def _worker_command(options: _Options) -> list[str]:
             command += [option, value]
     if options.trust_proxy:
         command.append("--trust-proxy")
+    if options.live_view is not None:
+        command += ["--live-view", options.live_view]
     return command
 
 

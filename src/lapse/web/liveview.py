@@ -54,7 +54,7 @@ from lapse.sessions import Session
 from lapse.sessions._session import short_uid
 from lapse.web.resource import Resource
 
-__all__ = ["LiveView"]
+__all__ = ["LiveView", "mount"]
 
 AUTH_COOKIE = "lapse_liveview"
 CSRF_COOKIE = "lapse_liveview_csrf"
@@ -576,6 +576,40 @@ setInterval(refresh, REFRESH);
 
 
 # -- the demo -----------------------------------------------------------------
+
+
+class _InFront(Resource):
+    """The site's root with the live view in front of it, at one segment."""
+
+    def __init__(self, root: Any, segment: bytes, view: LiveView) -> None:
+        super().__init__()
+        self.root = root
+        self.segment = segment
+        self.view = view
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Any:
+        if path == self.segment:
+            return self.view
+        # Not ours: give the segment back and let the real root traverse.
+        request.prepath.pop()
+        request.postpath.insert(0, path)
+        return self.root
+
+    def render(self, request: Any) -> Any:
+        return self.root.render(request)
+
+
+def mount(site: Any, segment: bytes | str, token: str | None = None) -> LiveView:
+    """Serve the live view of ``site`` at ``/<segment>/``, in front of the
+    site's own resource tree (which keeps every other path, even if its root
+    is a leaf). What ``lapse serve --live-view`` does; returns the view."""
+    raw = segment.encode("ascii") if isinstance(segment, str) else segment
+    raw = raw.strip(b"/")
+    if not raw or b"/" in raw or not all(32 < c < 127 for c in raw) or raw in (b".", b".."):
+        raise ValueError(f"{segment!r} is not one path segment (e.g. '_lapse')")
+    view = LiveView(site, token=token)
+    site.resource = _InFront(site.resource, raw, view)
+    return view
 
 
 def _demo(port: int, sessions: int, token: str | None) -> None:  # pragma: no cover - manual
