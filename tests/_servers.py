@@ -17,6 +17,7 @@ import http.client
 import io
 import os
 import queue
+import re
 import signal
 import socket
 import ssl
@@ -124,6 +125,21 @@ class ServerProcess:
             return self.lines.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
+
+    def wait_for_match(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """The next stdout line that matches ``pattern`` whole (others are
+        skipped); AssertionError, with what was seen, if none comes in time."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            line = self.wait_for_line(deadline - time.monotonic())
+            if line is None:
+                break
+            seen.append(line.text)
+            found = re.fullmatch(pattern, line.text)
+            if found:
+                return found
+        raise AssertionError(f"no line {pattern!r}; saw {seen}; stderr:\n{self.stderr_text()}")
 
     def stderr_text(self) -> str:
         """What the subprocess wrote to stderr so far."""

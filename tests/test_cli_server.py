@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,17 +51,7 @@ def _no_env_token(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def wait_for(server: ServerProcess, pattern: str, timeout: float = 10.0) -> re.Match[str]:
     """The next stdout line of ``server`` matching ``pattern`` (others skipped)."""
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = server.wait_for_line(deadline - time.monotonic())
-        if line is None:
-            break
-        seen.append(line.text)
-        found = re.fullmatch(pattern, line.text)
-        if found:
-            return found
-    raise AssertionError(f"no line {pattern!r}; saw {seen}; stderr:\n{server.stderr_text()}")
+    return server.wait_for_match(pattern, timeout)
 
 
 def lapse(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

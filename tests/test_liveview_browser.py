@@ -47,17 +47,8 @@ def chromium_binary() -> str:
 
 
 def wait_for(server: ServerProcess, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = server.wait_for_line(deadline - time.monotonic())
-        if line is None:
-            break
-        seen.append(line.text)
-        found = re.fullmatch(pattern, line.text)
-        if found:
-            return found
-    raise AssertionError(f"no line {pattern!r}; saw {seen}; stderr:\n{server.stderr_text()}")
+    """The next stdout line of ``server`` matching ``pattern`` (others skipped)."""
+    return server.wait_for_match(pattern, timeout)
 
 
 def test_live_view_in_chromium(tmp_path: Path) -> None:
