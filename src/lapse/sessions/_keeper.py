@@ -475,27 +475,35 @@ class SessionKeeper:
                     opened = True
                 if cursor is None:
                     _, cursor = await self.call(self.store.events(None))
-                while True:
-                    claimed = await self.call(self.store.claim(self.node_id, self.lease, 100))
-                    # Delivered together: their acknowledgements share round
-                    # trips (the Redis client pipelines what one tick sends).
-                    outcomes = await asyncio.gather(
-                        *(self._deliver(expiry) for expiry in claimed), return_exceptions=True
-                    )
-                    for outcome in outcomes:
-                        if isinstance(outcome, BaseException):
-                            raise outcome
-                    if len(claimed) < 100:
-                        break
-                ended, cursor = await self.call(self.store.events(cursor))
-                for event in ended:
+                # One round trip for the four questions of a poll (the Redis
+                # client pipelines what one tick sends): what ended and is
+                # ours to deliver, what other processes announced, and when
+                # to look again. The store answers them in this order.
+                claimed, (events, cursor), upcoming, now = await self._gather(
+                    self.call(self.store.claim(self.node_id, self.lease, 100)),
+                    self.call(self.store.events(cursor)),
+                    self.call(self.store.next_deadline()),
+                    self.call(self.store.now()),
+                )
+                for event in events:
                     if isinstance(event, tuple):
                         self._rekey(*event)
                     else:
                         self._end_local(event)
-                upcoming = await self.call(self.store.next_deadline())
+                busy = bool(claimed)
+                while claimed:
+                    # Delivered together: their acknowledgements share round
+                    # trips too.
+                    await self._gather(*(self._deliver(expiry) for expiry in claimed))
+                    if len(claimed) < 100:
+                        break
+                    claimed = await self.call(self.store.claim(self.node_id, self.lease, 100))
+                if busy:
+                    # What was due is delivered: when is the next end, now?
+                    upcoming, now = await self._gather(
+                        self.call(self.store.next_deadline()), self.call(self.store.now())
+                    )
                 if upcoming is not None:
-                    now = await self.call(self.store.now())
                     delay = min(max(upcoming - now, 0.0), self.poll_interval)
             except StoreUnavailable:
                 opened = False
@@ -504,6 +512,15 @@ class SessionKeeper:
                 log.exception("error in the session expiry loop")
                 delay = 1.0
             await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _gather(*work: Awaitable[Any]) -> list[Any]:
+        """Await all of ``work`` together; then raise the first failure."""
+        outcomes = await asyncio.gather(*work, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
 
     async def aclose(self) -> None:
         """Stop the loop, finish background writes, close the store."""
