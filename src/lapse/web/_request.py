@@ -104,7 +104,6 @@ class Request:
     # cookies (touched before render), and those getSession() handed out.
     _presented: list[Session | None] | tuple[None, None] = _NO_SESSIONS
     _sessions: list[Session | None] | tuple[None, None] = _NO_SESSIONS
-    _created: list[bool] | tuple[bool, bool] = (False, False)
     # The uids the request's session cookies named, (plain, secure).
     _presented_uids: list[str | None] | tuple[None, None] = _NO_SESSIONS
 
@@ -275,9 +274,6 @@ class Request:
             session = self._presented[slot]
             if session is None or session._expired:
                 session = self.site.makeSession()
-                created = list(self._created)
-                created[slot] = True
-                self._created = created
             sessions = list(self._sessions)
             sessions[slot] = session
             self._sessions = sessions
@@ -304,9 +300,10 @@ class Request:
             name = self.site._cookie_names[slot]
             if session._expired:
                 headers.append(format_delete_cookie(name, secure=secure))
-            elif self._created[slot] or session.uid != self._presented_uids[slot]:
-                # New, or rotated (in this request, or before it: the cookie
-                # named an old uid still in its grace).
+            elif session.uid != self._presented_uids[slot]:
+                # Not the uid the cookie named: a new session, or one rotated
+                # (in this request, or before it: the cookie named an old uid
+                # still in its grace).
                 headers.append(format_session_cookie(name, session.uid, secure=secure))
         return headers
 

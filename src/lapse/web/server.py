@@ -165,7 +165,6 @@ class Site(SessionHost):
         request._reset_response()
         request._sessions = _NO_SESSIONS
         request._presented = _NO_SESSIONS
-        request._created = (False, False)
         request.setHeader(b"retry-after", b"1")
         self._error_page(
             request, 503, "Sessions are unavailable for a moment; try again.", reset=False
