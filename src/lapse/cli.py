@@ -48,7 +48,7 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -1057,12 +1057,23 @@ def _confirm(total: int, url: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-async def _expire_all(store: Any, args: argparse.Namespace) -> int:
-    total = await store.count()
+async def _end_everything(
+    url: str,
+    where: str,
+    count: Callable[[], Awaitable[int]],
+    page: Callable[[str | None], Awaitable[tuple[list[str], str | None]]],
+    end: Callable[[list[str]], Awaitable[list[bool]]],
+    args: argparse.Namespace,
+) -> int:
+    """``expire --all``, in the store or through the server at ``url`` (``where``
+    says which, for messages: "in URL" or "at URL"):
+    confirm, then page through and end each page together, with a progress
+    line; passes again while a pass found sessions (users active meanwhile)."""
+    total = await count()
     if total == 0:
-        print(f"no live sessions in {store.url}")
+        print(f"no live sessions {where}")
         return 0
-    if not args.yes and not _confirm(total, store.url):
+    if not args.yes and not _confirm(total, url):
         _say("nothing expired")
         return EXIT_FAILED
     progress = _Progress(total)
@@ -1071,20 +1082,31 @@ async def _expire_all(store: Any, args: argparse.Namespace) -> int:
         found = 0
         cursor: str | None = None
         while True:
-            page, cursor = await store.scan(cursor, args.batch)
-            found += len(page)
-            ended = await asyncio.gather(*(store.expire(info.uid) for info in page))
-            progress.done += sum(ended)
-            if page:
+            names, cursor = await page(cursor)
+            found += len(names)
+            progress.done += sum(await end(names))
+            if names:
                 progress.show()
             if cursor is None:
                 break
         if not found:
             break
-        progress.total = progress.done + await store.count()
+        progress.total = progress.done + await count()
     progress.show(final=True)
-    print(f"expired {progress.done} sessions in {store.url}")
+    print(f"expired {progress.done} sessions {where}")
     return 0
+
+
+async def _expire_all(store: Any, args: argparse.Namespace) -> int:
+    async def page(cursor: str | None) -> tuple[list[str], str | None]:
+        infos, cursor = await store.scan(cursor, args.batch)
+        return [info.uid for info in infos], cursor
+
+    async def end(uids: list[str]) -> list[bool]:
+        return list(await asyncio.gather(*(store.expire(uid) for uid in uids)))
+
+    url = store.url
+    return await _end_everything(url, f"in {url}", store.count, page, end, args)
 
 
 async def _expire(store: Any, args: argparse.Namespace) -> int:
@@ -1390,34 +1412,20 @@ def _server_show(view: _LiveViewClient, args: argparse.Namespace) -> int:
 def _server_expire_all(view: _LiveViewClient, args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    total = int(view.summary().get("live") or 0)
-    if total == 0:
-        print(f"no live sessions at {view.base}")
-        return 0
-    if not args.yes and not _confirm(total, view.base):
-        _say("nothing expired")
-        return EXIT_FAILED
-    progress = _Progress(total)
-    progress.show()
+    async def count() -> int:
+        return int((await asyncio.to_thread(view.summary)).get("live") or 0)
+
+    async def page(cursor: str | None) -> tuple[list[str], str | None]:
+        rows, cursor = await asyncio.to_thread(view.page, cursor, args.batch)
+        return [str(row.get("id")) for row in rows], cursor
+
     with ThreadPoolExecutor(SERVER_THREADS) as pool:
-        for _ in range(EXPIRE_PASSES):
-            found = 0
-            cursor: str | None = None
-            while True:
-                page, cursor = view.page(cursor, args.batch)
-                found += len(page)
-                ended = list(pool.map(view.expire, [str(row.get("id")) for row in page]))
-                progress.done += sum(ended)
-                if page:
-                    progress.show()
-                if cursor is None:
-                    break
-            if not found:
-                break
-            progress.total = progress.done + int(view.summary().get("live") or 0)
-    progress.show(final=True)
-    print(f"expired {progress.done} sessions at {view.base}")
-    return 0
+
+        async def end(ids: list[str]) -> list[bool]:
+            return await asyncio.to_thread(lambda: list(pool.map(view.expire, ids)))
+
+        where = f"at {view.base}"
+        return asyncio.run(_end_everything(view.base, where, count, page, end, args))
 
 
 def _server_expire(view: _LiveViewClient, args: argparse.Namespace) -> int:
