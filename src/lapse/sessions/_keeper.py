@@ -38,6 +38,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from functools import partial
 from typing import Any, Protocol, cast
 
 from lapse.internet.interfaces import IDelayedCall, IReactorTime
@@ -479,11 +480,12 @@ class SessionKeeper:
                 # client pipelines what one tick sends): what ended and is
                 # ours to deliver, what other processes announced, and when
                 # to look again. The store answers them in this order.
+                store = self.store
                 claimed, (events, cursor), upcoming, now = await self._gather(
-                    self.call(self.store.claim(self.node_id, self.lease, 100)),
-                    self.call(self.store.events(cursor)),
-                    self.call(self.store.next_deadline()),
-                    self.call(self.store.now()),
+                    self._ask(partial(store.claim, self.node_id, self.lease, 100)),
+                    self._ask(partial(store.events, cursor)),
+                    self._ask(store.next_deadline),
+                    self._ask(store.now),
                 )
                 for event in events:
                     if isinstance(event, tuple):
@@ -501,7 +503,7 @@ class SessionKeeper:
                 if busy:
                     # What was due is delivered: when is the next end, now?
                     upcoming, now = await self._gather(
-                        self.call(self.store.next_deadline()), self.call(self.store.now())
+                        self._ask(store.next_deadline), self._ask(store.now)
                     )
                 if upcoming is not None:
                     delay = min(max(upcoming - now, 0.0), self.poll_interval)
@@ -512,6 +514,12 @@ class SessionKeeper:
                 log.exception("error in the session expiry loop")
                 delay = 1.0
             await asyncio.sleep(delay)
+
+    async def _ask(self, operation: Callable[[], Awaitable[Any]]) -> Any:
+        """``call(operation())``, the store call made only once this runs: a
+        gathered question cancelled before it starts leaves no coroutine
+        behind un-awaited (the loop is cancelled at close)."""
+        return await self.call(operation())
 
     @staticmethod
     async def _gather(*work: Awaitable[Any]) -> list[Any]:
