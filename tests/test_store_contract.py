@@ -21,7 +21,11 @@ def test_create_then_load_returns_data_and_touches(open_store: StoreFactory) -> 
         clock.advance(2)
         loaded = await store.load("u1")
         assert loaded is not None
-        assert (loaded.uid, loaded.timeout, loaded.data) == ("u1", 5, {"n": 1, "name": "caf\u00e9"})
+        assert (loaded.uid, loaded.timeout, loaded.decoded()) == (
+            "u1",
+            5,
+            {"n": 1, "name": "caf\u00e9"},
+        )
         assert loaded.deadline == pytest.approx(clock.now + 5)
 
     run(open_store, scenario)
@@ -83,7 +87,7 @@ def test_save_writes_changed_keys_only(open_store: StoreFactory) -> None:
         assert await store.next_deadline() == pytest.approx(deadline)
         loaded = await store.load("u1")
         assert loaded is not None
-        assert loaded.data == {"keep": True, "a": 1, "b": [1, 2]}
+        assert loaded.decoded() == {"keep": True, "a": 1, "b": [1, 2]}
 
     run(open_store, scenario)
 
@@ -240,10 +244,13 @@ def test_rotate_moves_session_keeping_data_and_aliases_old_uid(open_store: Store
         await store.create("old", 60, {"user": "ann"})
         assert await store.rotate("old", "new", 10)
         loaded = await store.load("new")
-        assert loaded is not None and (loaded.uid, loaded.data) == ("new", {"user": "ann"})
+        assert loaded is not None and (loaded.uid, loaded.decoded()) == ("new", {"user": "ann"})
         clock.advance(9)
         via_alias = await store.load("old")
-        assert via_alias is not None and (via_alias.uid, via_alias.data) == ("new", {"user": "ann"})
+        assert via_alias is not None and (via_alias.uid, via_alias.decoded()) == (
+            "new",
+            {"user": "ann"},
+        )
         assert not await store.exists("old")
         clock.advance(1.5)
         assert await store.load("old") is None

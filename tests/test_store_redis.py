@@ -93,7 +93,7 @@ async def test_load_touches_and_slides_the_deadline(server: RedisServer) -> None
         loaded = await store.load("u1")
         assert loaded is not None
         assert (loaded.uid, loaded.timeout, loaded.deadline) == ("u1", 60.0, 1110.0)
-        assert loaded.data == {"n": 1, "who": "ann"}
+        assert loaded.decoded() == {"n": 1, "who": "ann"}
         clock.advance(50)  # 1100: past the first deadline, within the slid one
         assert await store.exists("u1")
         loaded = await store.load("u1")
@@ -135,9 +135,9 @@ async def test_concurrent_saves_of_different_keys_both_persist(server: RedisServ
     ):
         await one.create("u1", 60, {"a": 0, "b": 0})
         results = await asyncio.gather(one.save("u1", {"a": 1}, []), two.save("u1", {"b": 2}, []))
-        assert list(results) == [True, True]
+        assert sorted(results) == [2, 3]  # both written: the data's versions after each
         loaded = await two.load("u1")
-        assert loaded is not None and loaded.data == {"a": 1, "b": 2}
+        assert loaded is not None and loaded.decoded() == {"a": 1, "b": 2}
 
 
 @aio
@@ -152,10 +152,10 @@ async def test_save_writes_json_values_removes_keys_and_keeps_the_deadline(
         assert await store.save("u1", {"new": value}, ["gone", "also", "never-there"])
         assert await store.next_deadline() == 1060.0  # save does not touch
         loaded = await store.load("u1")
-        assert loaded is not None and loaded.data == {"kept": [1, 2], "new": value}
+        assert loaded is not None and loaded.decoded() == {"kept": [1, 2], "new": value}
         assert await store.save("u1", {"both": 1}, ["both"])  # removal wins
         loaded = await store.load("u1")
-        assert loaded is not None and "both" not in loaded.data
+        assert loaded is not None and "both" not in loaded.decoded()
 
 
 @aio
@@ -451,7 +451,7 @@ async def test_each_operation_is_one_command_on_the_server(server: RedisServer) 
         assert await commands_sent(server, lambda: store.events("0-0")) == ["xrange"]
         assert await commands_sent(server, lambda: store.events(None)) == ["xrevrange"]
         loaded = await store.load("u1")
-        assert loaded is not None and loaded.data == {"a": 2, "c": 3}
+        assert loaded is not None and loaded.decoded() == {"a": 2, "c": 3}
 
 
 @aio
@@ -478,8 +478,8 @@ async def test_concurrent_operations_of_a_store_share_one_connection(server: Red
         assert [command for _, command in sent] == ["evalsha"] * 100
         assert len({client for client, _ in sent}) == 1
         loaded = results[:50]
-        assert [s.data["i"] if s else None for s in loaded] == list(range(50))
-        assert results[50:75] == [True] * 25
+        assert [s.decoded()["i"] if s else None for s in loaded] == list(range(50))
+        assert results[50:75] == [2] * 25  # each session's data version after one save
         assert all(deadline == 1060.0 for deadline in results[75:])
 
 
@@ -490,7 +490,7 @@ async def test_a_server_that_lost_its_scripts_gets_them_again(server: RedisServe
         await store.create("u1", 60, {"a": 1})
         await client.script_flush()
         loaded = await store.load("u1")
-        assert loaded is not None and loaded.data == {"a": 1}
+        assert loaded is not None and loaded.decoded() == {"a": 1}
         assert await commands_sent(server, lambda: store.load("u1")) == ["evalsha"]
 
 
@@ -601,7 +601,7 @@ async def test_a_stopped_server_makes_every_call_unavailable_and_a_restart_heals
             assert await store.load("u1") is None  # no persistence: it forgot
             await store.create("u1", 60, {"a": 1})
             loaded = await store.load("u1")
-            assert loaded is not None and loaded.data == {"a": 1}
+            assert loaded is not None and loaded.decoded() == {"a": 1}
             # A restart between two calls: the store's connection is stale, the
             # next call still works (one immediate reconnect), and the new
             # server gets the scripts it lacks (NOSCRIPT, then EVAL).

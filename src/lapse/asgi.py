@@ -42,8 +42,15 @@ from collections.abc import Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from lapse.internet.interfaces import IReactorTime
-from lapse.sessions import Session, SessionOwner, SessionStore, StoreUnavailable
+from lapse.sessions import (
+    Session,
+    SessionConflict,
+    SessionOwner,
+    SessionStore,
+    StoreUnavailable,
+)
 from lapse.sessions._keeper import ExpiryHook
+from lapse.sessions._visit import Visit, current_visit
 from lapse.web._cookies import format_delete_cookie, format_session_cookie
 from lapse.web._host import SessionHost, cookie_uid
 from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
@@ -65,18 +72,27 @@ _UNAVAILABLE_START: Message = {
         (b"retry-after", b"1"),
     ],
 }
+_CONFLICT_BODY = b"Your session changed while this request ran; nothing was saved. Try again.\n"
+_CONFLICT_START: Message = {
+    "type": "http.response.start",
+    "status": 409,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_CONFLICT_BODY)).encode("ascii")),
+    ],
+}
 
 
-class _Visit:
+class _Visit(Visit):
     """One HTTP request's session: the one its cookie named, the one it uses."""
 
-    __slots__ = ("current", "mapping", "owner", "presented_uid", "secure", "used")
+    __slots__ = ("current", "mapping", "owner", "presented", "secure", "used")
 
     def __init__(self, owner: SessionMiddleware, secure: bool) -> None:
         self.owner = owner
         self.secure = secure
-        self.presented_uid: str | None = None
-        """The uid the request's cookie named (live or not)."""
+        self.presented: Session | None = None
+        """The live session the request's cookie named, if any."""
         self.current: Session | None = None
         """The session the request has: the presented one, or one it made."""
         self.used: list[Session] = []
@@ -98,11 +114,14 @@ class _Visit:
 
     def pending(self) -> list[Session]:
         """Sessions with changes not yet written (made or changed late)."""
-        return [
-            session
-            for session in self.used
-            if session._needs_create or (session._data is not None and session._data.dirty)
-        ]
+        views = self._views or {}
+        pending = []
+        for session in self.used:
+            entry = views.get(session)
+            data = session._data if entry is None else entry[0]
+            if session._needs_create or (data is not None and data.dirty):
+                pending.append(session)
+        return pending
 
     def cookie_headers(self) -> list[tuple[bytes, bytes]]:
         """The Set-Cookie headers the response needs: the session cookie if
@@ -115,7 +134,9 @@ class _Visit:
         name = self.owner._cookie_names[1 if secure else 0]
         if session._expired:
             return [(b"set-cookie", format_delete_cookie(name, secure=secure))]
-        if session.uid != self.presented_uid:
+        if session is not self.presented or self._rotated_here(session):
+            # Made or rotated by this request: a new uid goes only to the
+            # request that made it (see Request._session_cookies).
             return [(b"set-cookie", format_session_cookie(name, session.uid, secure=secure))]
         return []
 
@@ -220,8 +241,9 @@ class SessionMiddleware(SessionHost):
       after which a session ends, ``absolute_timeout``: seconds from its
       creation (both override the factory's).
     - ``rotation_grace``: seconds an old uid still names its session after
-      ``session.rotate()`` (default 10); ``max_sessions``: a cap on live
-      sessions (memory store only), as ``Site``'s.
+      ``session.rotate()`` (default 0; see ``Session.rotate``);
+      ``max_sessions``: a cap on live sessions (memory store only), as
+      ``Site``'s.
     - ``reactor``: the time source and timer (a ``Clock`` in tests).
 
     ``sessions`` maps uid to this process's live sessions.
@@ -238,7 +260,7 @@ class SessionMiddleware(SessionHost):
         session_factory: Callable[[Any, str], Session] | None = None,
         timeout: float | None = None,
         absolute_timeout: float | None = None,
-        rotation_grace: float = 10.0,
+        rotation_grace: float = 0.0,
         max_sessions: int | None = None,
         reactor: IReactorTime | None = None,
     ) -> None:
@@ -281,10 +303,10 @@ class SessionMiddleware(SessionHost):
     def _expired_by_hand(self, session: Session) -> None:
         self._in_loop(self._keeper.expired_by_hand, session)
 
-    def _rotate(self, session: Session) -> None:
+    def _rotate(self, session: Session, grace: float | None = None) -> None:
         uid = self._new_uid()
         keeper = self._keeper
-        self._in_loop(lambda rotated: keeper.rotate(rotated, uid), session)
+        self._in_loop(lambda rotated: keeper.rotate(rotated, uid, grace), session)
 
     def _in_loop(self, work: Callable[[Session], None], session: Session) -> None:
         """``work(session)`` on the event loop's thread; from another thread,
@@ -331,15 +353,25 @@ class SessionMiddleware(SessionHost):
             keeper.start()
         secure, uid = self._read_headers(scope)
         visit = _Visit(self, secure)
+        visiting = current_visit.set(visit)
+        try:
+            await self._serve_http(scope, receive, send, visit, uid)
+        finally:
+            current_visit.reset(visiting)
+
+    async def _serve_http(
+        self, scope: Scope, receive: Receive, send: Send, visit: _Visit, uid: str | None
+    ) -> None:
+        keeper = self._keeper
+        shared = keeper.shared
         if uid is not None:
-            visit.presented_uid = uid
             try:
                 session = await keeper.load(uid) if shared else keeper.load_now(uid)
             except StoreUnavailable:
-                await _send_unavailable(send)
+                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
                 return
             if session is not None:
-                visit.current = session
+                visit.current = visit.presented = session
                 visit.used.append(session)
         scope[SCOPE_KEY] = visit
         scope["session"] = visit.mapping
@@ -348,16 +380,21 @@ class SessionMiddleware(SessionHost):
         async def send_with_session(message: Message) -> None:
             nonlocal replaced
             if replaced:
-                return  # the app's response after a 503 took its place
+                return  # the app's response after a 503 or 409 took its place
             if message["type"] == "http.response.start" and visit.used:
                 try:
                     if shared:
-                        await keeper.persist(visit.used)
+                        await keeper.persist(visit.used, visit)
                     else:
                         keeper.persist_now(visit.used)
                 except StoreUnavailable:
                     replaced = True
-                    await _send_unavailable(send)
+                    await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
+                    return
+                except SessionConflict as exc:
+                    log.info("%s", exc)
+                    replaced = True
+                    await _send_error(send, _CONFLICT_START, _CONFLICT_BODY)
                     return
                 cookies = visit.cookie_headers()
                 if cookies:
@@ -369,16 +406,18 @@ class SessionMiddleware(SessionHost):
         finally:
             # What changed after the response started (a background task, a
             # streamed body) or in a request that failed: written now.
-            if visit.used:
+            if visit.used and not replaced:
                 if not shared:
                     keeper.persist_now(visit.used)
                 else:
                     late = visit.pending()
                     if late:
                         try:
-                            await keeper.persist(late)
-                        except StoreUnavailable:
-                            log.warning("session changes made after the response were not saved")
+                            await keeper.persist(late, visit)
+                        except (StoreUnavailable, SessionConflict) as exc:
+                            log.warning(
+                                "session changes made after the response were not saved: %s", exc
+                            )
 
     def _read_headers(self, scope: Scope) -> tuple[bool, str | None]:
         """Whether the request is secure; the uid its session cookie names."""
@@ -445,10 +484,11 @@ class SessionMiddleware(SessionHost):
         return f"<SessionMiddleware {len(self.sessions)} live sessions, app {self.app!r}>"
 
 
-async def _send_unavailable(send: Send) -> None:
-    """Answer 503: the session store cannot be reached."""
-    await send(dict(_UNAVAILABLE_START))
-    await send({"type": "http.response.body", "body": _UNAVAILABLE_BODY})
+async def _send_error(send: Send, start: Message, body: bytes) -> None:
+    """Answer with a short error (503: the store cannot be reached; 409: the
+    session changed under the request) instead of the app's response."""
+    await send(dict(start))
+    await send({"type": "http.response.body", "body": body})
 
 
 if TYPE_CHECKING:

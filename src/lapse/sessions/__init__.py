@@ -12,6 +12,7 @@ from lapse.sessions._data import SessionData
 from lapse.sessions._session import Session, SessionOwner
 from lapse.sessions.store import (
     Expiry,
+    SessionConflict,
     SessionInfo,
     SessionStore,
     StoreConfigError,
@@ -23,6 +24,7 @@ from lapse.sessions.store import (
 __all__ = [
     "Expiry",
     "Session",
+    "SessionConflict",
     "SessionData",
     "SessionInfo",
     "SessionOwner",

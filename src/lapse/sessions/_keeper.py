@@ -45,8 +45,10 @@ from lapse.internet.interfaces import IDelayedCall, IReactorTime
 from lapse.sessions._data import SessionData
 from lapse.sessions._session import Session, short_uid
 from lapse.sessions._stats import SessionStats
+from lapse.sessions._visit import Visit, current_visit
 from lapse.sessions.store import (
     Expiry,
+    SessionConflict,
     SessionStore,
     StoreConfigError,
     StoredSession,
@@ -106,9 +108,11 @@ class SessionKeeper:
         self.store_timeout = store_timeout
         self.rotation_grace = float(rotation_grace)
         self.shared = store.shared
-        # Shared mode: rotations not written to the store yet, new uid -> the
-        # uid the store knows the session by.
-        self._rotations: dict[str, str] = {}
+        # Shared mode: rotations not written to the store yet, by new uid: the
+        # uid the store knows the session by, the grace, and the visit of the
+        # request that rotated it (it writes them; None: made outside a
+        # request, written by the next request to persist the session).
+        self._rotations: dict[str, tuple[str, float, Visit | None]] = {}
         # A store that bounds its own calls (see SessionStore) is not wrapped
         # in a timer per call: on the request path that timer costs.
         self._bounded = bool(getattr(store, "enforces_timeout", False))
@@ -184,7 +188,9 @@ class SessionKeeper:
                 session._lastModified = memory.clock()
             memory.touched_now(session)
         elif not session._needs_create:
-            self.spawn(self.call(self.store.load(session.uid)))
+            data = session._data
+            version = None if data is None else data._version
+            self.spawn(self.call(self.store.load(session.uid, version)))
 
     def expired_by_hand(self, session: Session) -> None:
         memory = self._memory
@@ -192,12 +198,18 @@ class SessionKeeper:
             if memory.expire_record_now(session):
                 self.drain()
         else:
-            self.spawn(self.persist([session]))
+            pending = self._rotations.get(session.uid)
+            uid = session.uid if pending is None else pending[0]
+            self.spawn(self.call(self.store.expire(uid)))
 
-    def rotate(self, session: Session, new_uid: str) -> None:
-        """Give ``session`` the uid ``new_uid`` (see ``Session.rotate``)."""
+    def rotate(self, session: Session, new_uid: str, grace: float | None = None) -> None:
+        """Give ``session`` the uid ``new_uid`` (see ``Session.rotate``); its
+        old uid names it ``grace`` seconds more (None: the site's
+        ``rotation_grace``)."""
+        if grace is None:
+            grace = self.rotation_grace
         memory = self._memory
-        if memory is not None and memory.rotate_record_now(session, new_uid, self.rotation_grace):
+        if memory is not None and memory.rotate_record_now(session, new_uid, grace):
             return
         # Not in a local store (a session put in site.sessions by hand), or
         # a shared one: re-key this process's copy now.
@@ -208,8 +220,10 @@ class SessionKeeper:
         session.uid = new_uid
         sessions[new_uid] = session
         if memory is None and not session._needs_create:
-            # Written by the next persist, before the response is sent.
-            self._rotations[new_uid] = self._rotations.pop(old, old)
+            # Written by the rotating request's persist, before its response.
+            pending = self._rotations.pop(old, None)
+            origin = old if pending is None else pending[0]
+            self._rotations[new_uid] = (origin, float(grace), current_visit.get())
 
     def _rekey(self, old: str, new: str) -> Session | None:
         """Shared mode: another process rotated ``old`` to ``new``: move this
@@ -264,22 +278,43 @@ class SessionKeeper:
         return session
 
     async def load(self, uid: str) -> Session | None:
-        """Touch ``uid`` in the store (one call); this process's copy of it."""
+        """Touch ``uid`` in the store (one call); this process's copy of it.
+
+        In a request (a current visit), the request gets its own view of the
+        session's data, read from what the store returned (or, if the store
+        says the data is the version this process holds, from that)."""
         if self._memory is not None:
             return self.load_now(uid)
-        stored: StoredSession | None = await self.call(self.store.load(uid))
+        copy = self.owner.sessions.get(uid)
+        known: SessionData | None = None
+        if copy is not None and not copy._expired and not copy._needs_create:
+            held = copy._data
+            if held is not None and held._version is not None and held._base is not None:
+                known = held
+        version = None if known is None else known._version
+        stored: StoredSession | None = await self.call(self.store.load(uid, version))
         if stored is None:
             local = self.owner.sessions.get(uid)
             if local is not None and not local._needs_create:
                 local._end()
             return None
-        session = self._adopt(stored, uid)
+        session, data = self._adopt(stored, uid, known)
         session._lastModified = self.owner.reactor.seconds()
+        visit = current_visit.get()
+        if visit is not None:
+            if data._base is not None:
+                view = SessionData(base=data._base, version=data._version)
+            else:
+                view = SessionData(dict(data._values), version=data._version)
+            visit._add_view(session, view, stored.uid)
         return session
 
-    def _adopt(self, stored: StoredSession, presented: str) -> Session:
+    def _adopt(
+        self, stored: StoredSession, presented: str, known: SessionData | None
+    ) -> tuple[Session, SessionData]:
         """Shared mode: this process's copy of a session the store holds
-        (loaded as ``presented``: its uid, or an old uid rotated away)."""
+        (loaded as ``presented``: its uid, or an old uid rotated away), and
+        the data the store returned (``known`` if it said it was unchanged)."""
         sessions = self.owner.sessions
         session = sessions.get(stored.uid)
         if (session is None or session._expired) and stored.uid != presented:
@@ -289,8 +324,17 @@ class SessionKeeper:
             sessions[stored.uid] = session
         if session.sessionTimeout != stored.timeout:
             session.sessionTimeout = stored.timeout
-        session._data = SessionData(dict(stored.data))
-        return session
+        if stored.unchanged and known is not None:
+            data = known
+            if session._data is None or session._data._version is None:
+                session._data = data
+        else:
+            if stored.encoded is not None:
+                data = SessionData(base=stored.encoded, version=stored.version)
+            else:
+                data = SessionData(dict(stored.data), version=stored.version)
+            session._data = data
+        return session, data
 
     def persist_now(self, sessions: Iterable[Session]) -> None:
         """Local mode: the data is already in the store (each session is its
@@ -300,45 +344,122 @@ class SessionKeeper:
             if data is not None and data.dirty:
                 data.take_changes()
 
-    async def persist(self, sessions: Iterable[Session]) -> None:
-        """Write new sessions, changed keys and logouts."""
+    async def persist(self, sessions: Iterable[Session], visit: Visit | None = None) -> None:
+        """Write what ``visit`` (a request; None: outside one) did to
+        ``sessions``: new sessions, its rotations, its changed keys, logouts.
+
+        A request's changes are its own: they are written to the uid it
+        loaded the session under (the store follows a rotation made with a
+        grace), and if the store no longer has that session (another
+        request rotated it away without grace, or ended it) they are not
+        written and :class:`SessionConflict` is raised. A request whose
+        write fails (that, or :class:`StoreUnavailable`) loses its changes
+        and its rotations: nothing of it is written later."""
         if self._memory is not None:
             self.persist_now(sessions)
             return
         store = self.store
+        views = None if visit is None else visit._views
         for session in sessions:
-            uid = session.uid
             if session._needs_create:
-                data = session.data
-                data.take_changes()
-                await self.call(
-                    store.create(uid, session.sessionTimeout, dict(data), session.absolute_timeout)
-                )
-                session._needs_create = False
-            else:
-                if self._rotations and uid in self._rotations:
-                    await self._write_rotation(session)
-                values = session._data
-                if values is not None and values.dirty:
-                    changed, removed = values.take_changes()
-                    try:
-                        await self.call(store.save(uid, changed, removed))
-                    except StoreUnavailable:
-                        values.restore_changes(changed, removed)
-                        raise
+                await self._create(session)
+                continue
+            uid = session.uid
+            pending = self._rotations.get(uid)
+            if pending is not None and (pending[2] is None or pending[2] is visit):
+                await self._write_rotation(session, pending)
+                pending = None
+            store_uid = uid if pending is None else pending[0]
+            entry = None if views is None else views.get(session)
+            data = session._data if entry is None else entry[0]
+            if data is not None and data.dirty:
+                ended = None if visit is None else visit._ended
+                if session._expired and ended is not None and session in ended:
+                    data._take()  # a logout: what it changed before is moot
+                else:
+                    target = store_uid if entry is None else entry[1]
+                    await self._save(session, data, target)
             if session._expired:
-                await self.call(store.expire(uid))
+                await self.call(store.expire(store_uid))
 
-    async def _write_rotation(self, session: Session) -> None:
-        uid = session.uid
-        origin = self._rotations.pop(uid)
+    async def _create(self, session: Session) -> None:
+        data = session._data
+        if data is None:
+            data = session._data = SessionData()
+        data._take()
+        texts = data._texts()
         try:
-            rotated = await self.call(self.store.rotate(origin, uid, self.rotation_grace))
+            await self.call(
+                self.store.create(
+                    session.uid, session.sessionTimeout, dict(data), session.absolute_timeout
+                )
+            )
         except StoreUnavailable:
-            self._rotations[uid] = origin
+            # The request fails; nobody was given the uid: end this copy
+            # (its callbacks run) rather than keep it, or write it later.
+            session._needs_create = False
+            session._end()
+            raise
+        session._needs_create = False
+        session._data = SessionData(base=texts)
+
+    async def _save(self, session: Session, data: SessionData, target: str) -> None:
+        """Write ``data``'s changes to the stored session ``target``."""
+        if session._expired:
+            data._take()
+            raise SessionConflict(
+                f"session {short_uid(target)} ended while the request ran; its changes "
+                "were not written"
+            )
+        changed, texts, removed = data._take()
+        result = await self.call(self.store.save(target, changed, removed))
+        if result is False or result is None:
+            raise SessionConflict(
+                f"session {short_uid(target)} was rotated away or ended while the request "
+                "ran; its changes were not written"
+            )
+        held = session._data
+        if (
+            type(result) is int
+            and held is not None
+            and held._base is not None
+            and held._version is not None
+            and result == held._version + 1
+        ):
+            # The store's data is now exactly this process's base plus these
+            # changes: keep it, so the next load need not fetch it.
+            base = dict(held._base)
+            for key in removed:
+                base.pop(key, None)
+            base.update(texts)
+            session._data = SessionData(base=base, version=result)
+
+    async def _write_rotation(
+        self, session: Session, pending: tuple[str, float, Visit | None]
+    ) -> None:
+        uid = session.uid
+        origin, grace, owner = pending
+        self._rotations.pop(uid, None)
+        try:
+            rotated = await self.call(self.store.rotate(origin, uid, grace))
+        except StoreUnavailable:
+            if owner is None:
+                self._rotations[uid] = pending
+            else:
+                # The rotating request fails: its rotation is undone here too,
+                # so the client's old cookie names the session again.
+                self._unrotate(session, origin)
             raise
         if not rotated:  # it had ended meanwhile
             session._end()
+
+    def _unrotate(self, session: Session, origin: str) -> None:
+        sessions = self.owner.sessions
+        if sessions.get(session.uid) is session:
+            del sessions[session.uid]
+        session.uid = origin
+        if not session._expired:
+            sessions[origin] = session
 
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run store work in the background; failures are logged, not raised."""

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from lapse.internet.interfaces import IReactorTime
 from lapse.python.components import Componentized
 from lapse.sessions._data import SessionData
+from lapse.sessions._visit import current_visit
 
 __all__ = ["Session", "SessionOwner", "short_uid"]
 
@@ -31,7 +32,7 @@ class SessionOwner(Protocol):
     def _start_checking(self, session: Session) -> None: ...
     def _touched(self, session: Session) -> None: ...
     def _expired_by_hand(self, session: Session) -> None: ...
-    def _rotate(self, session: Session) -> None: ...
+    def _rotate(self, session: Session, grace: float | None) -> None: ...
     def _data_for(self, session: Session) -> SessionData: ...
 
 
@@ -114,10 +115,22 @@ class Session(Componentized):
 
     @property
     def data(self) -> SessionData:
-        """State that persists with the session: JSON values, saved by key."""
-        if self._data is None:
-            self._data = self.site._data_for(self)
-        return self._data
+        """State that persists with the session: JSON values, saved by key.
+
+        In a request on a shared store, this is the request's own view of
+        the data (its changes are its own until the request writes them);
+        elsewhere, the process's copy."""
+        visit = current_visit.get()
+        if visit is not None:
+            views = visit._views
+            if views is not None:
+                entry = views.get(self)
+                if entry is not None:
+                    return entry[0]
+        data = self._data
+        if data is None:
+            data = self._data = self.site._data_for(self)
+        return data
 
     def _store_values(self) -> dict[str, Any]:
         """The dict behind :attr:`data`: what the memory store keeps and hands
@@ -156,19 +169,35 @@ class Session(Componentized):
         self._lastModified = self._reactor.seconds()
         self.site._touched(self)
 
-    def rotate(self) -> str:
+    def rotate(self, *, grace: float | None = None) -> str:
         """Give the session a new uid, keeping everything else (data,
         callbacks, components, creation time, so its absolute end): call it
-        at login, against session fixation. Returns the new uid.
+        at login, and at every change of privilege, against session
+        fixation. Returns the new uid.
 
-        The response re-sets the session cookie to the new uid. The old uid
-        stays an alias of the session for the site's ``rotation_grace``
-        (10 s by default), so that requests already in flight with the old
-        cookie get the same session (their responses set the new cookie);
-        after that the old uid is unknown. Does nothing on an ended session.
+        Only the response of the request that rotates carries the new uid.
+        By default (the site's ``rotation_grace``, 0 unless set) the old uid
+        ends at once: a request presenting it gets a fresh, empty session,
+        and a request still in flight that loaded the session under it
+        cannot write to it any more.
+
+        ``grace`` (seconds) keeps the old uid naming the session that much
+        longer, for rotations that are *not* a privilege change (periodic
+        renewal), so that requests already in flight with the old cookie
+        still find the session (their responses never carry the new uid).
+        Anyone holding the old uid holds the session until the grace ends:
+        never give a grace to a rotation at login. Does nothing on an ended
+        session.
         """
         if not self._expired:
-            self.site._rotate(self)
+            if grace is not None and not (
+                isinstance(grace, int | float) and 0 <= grace < float("inf")
+            ):
+                raise ValueError(f"grace is seconds >= 0, not {grace!r}")
+            self.site._rotate(self, grace)
+            visit = current_visit.get()
+            if visit is not None:
+                visit._note_rotation(self)
         return self.uid
 
     def notifyOnExpire(self, callback: Callable[[], Any]) -> None:
@@ -194,6 +223,9 @@ class Session(Componentized):
         if self._expired:
             return
         self._end()
+        visit = current_visit.get()
+        if visit is not None:
+            visit._note_end(self)
         self.site._expired_by_hand(self)
 
     def _end(self) -> None:

@@ -5,17 +5,26 @@ inactivity), its absolute end (creation + lifetime, if it has a lifetime),
 its deadline (in the store's own time: the earlier of the idle deadline and
 the absolute end) and its data (a dict of JSON values). The site asks it to:
 
-- ``load(uid)``: load *and touch* a live session in one round trip (its
-  deadline becomes now + timeout, never past its absolute end); None for an
-  unknown or ended session. A uid that was rotated away less than its grace
-  ago loads the session under its new uid (``StoredSession.uid`` says which);
+- ``load(uid, version=None)``: load *and touch* a live session in one round
+  trip (its deadline becomes now + timeout, never past its absolute end);
+  None for an unknown or ended session. A uid that was rotated away less
+  than its grace ago loads the session under its new uid
+  (``StoredSession.uid`` says which). A store may return the data as JSON
+  texts (``StoredSession.encoded``), decoded only when read, and may keep a
+  *version* of each session's data (1 at creation, one more at every
+  ``save``): given the version the caller holds, a load whose data has not
+  changed since returns none (``unchanged``), so a request costs the same
+  whatever the size of a session it does not change;
 - ``create(uid, timeout, data, lifetime=None)``;
 - ``rotate(uid, new_uid, grace)``: move a live session, data, creation time
   and absolute end included, to a new uid, atomically; the old uid stays an
   alias of it for ``grace`` seconds, then is unknown. Announced in
   ``events()`` as a pair ``(old, new)``, so other processes re-key their
   copies;
-- ``save(uid, changed, removed)``: write only the keys that changed;
+- ``save(uid, changed, removed)``: write only the keys that changed, to the
+  live session ``uid`` (or, within its grace, the session an old uid was
+  rotated to); False if there is none (nothing written). A store that keeps
+  versions returns the data's new version instead of True;
 - ``exists(uid)``: whether a session is live, without touching it;
 - ``expire(uid)``: end a session now (a logout);
 - ``claim(owner, lease, limit)``: atomically take ended sessions (deadline
@@ -47,6 +56,7 @@ Errors: every failure to reach or use a store is a :class:`StoreUnavailable`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -55,6 +65,7 @@ __all__ = [
     "Clock",
     "Event",
     "Expiry",
+    "SessionConflict",
     "SessionInfo",
     "SessionStore",
     "StoreConfigError",
@@ -89,14 +100,34 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or used right now."""
 
 
+class SessionConflict(Exception):
+    """A request's changes to a session cannot be written: since the request
+    loaded it, another request rotated it away (without a grace) or ended it.
+    Nothing of the request's changes was written; the site answers 409."""
+
+
 @dataclass(slots=True)
 class StoredSession:
-    """A live session as a store holds it."""
+    """A live session as a store's ``load`` returns it."""
 
     uid: str
     timeout: float
     deadline: float
-    data: dict[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)
+    """The data, decoded (empty when ``encoded`` or ``unchanged`` says)."""
+    encoded: Mapping[str, str] | None = None
+    """The data as the JSON text of each key, decoded only when read (the
+    SQLite and Redis stores return this rather than ``data``)."""
+    version: int | None = None
+    """The data's version, for a store that keeps one."""
+    unchanged: bool = False
+    """The data is that of the version ``load`` was given: none returned."""
+
+    def decoded(self) -> dict[str, Any]:
+        """The data returned, decoded (whether as ``data`` or ``encoded``)."""
+        if self.encoded is None:
+            return dict(self.data)
+        return {key: json.loads(text) for key, text in self.encoded.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +187,9 @@ class SessionStore(Protocol):
     async def now(self) -> float:
         """The store's current time."""
 
-    async def load(self, uid: str) -> StoredSession | None:
-        """Touch and return the live session ``uid``, in one round trip."""
+    async def load(self, uid: str, version: int | None = None) -> StoredSession | None:
+        """Touch and return the live session ``uid``, in one round trip;
+        without its data if that is still at ``version``."""
 
     async def create(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
@@ -172,9 +204,13 @@ class SessionStore(Protocol):
         loads it for ``grace`` more seconds, then is unknown. Announced as
         ``(uid, new_uid)`` in :meth:`events`. False if ``uid`` was not live."""
 
-    async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
-        """Write the changed keys and delete the removed ones; False if the
-        session is no longer live (nothing is written then)."""
+    async def save(
+        self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]
+    ) -> bool | int:
+        """Write the changed keys and delete the removed ones, in the live
+        session ``uid`` or the one an old ``uid`` was rotated to within its
+        grace; False if there is none (nothing is written then). True, or
+        the data's new version if the store keeps versions."""
 
     async def exists(self, uid: str) -> bool:
         """Whether ``uid`` is live, without touching it."""

@@ -166,8 +166,8 @@ class SessionHost:
     def _expired_by_hand(self, session: Session) -> None:
         self._keeper.expired_by_hand(session)
 
-    def _rotate(self, session: Session) -> None:
-        self._keeper.rotate(session, self._new_uid())
+    def _rotate(self, session: Session, grace: float | None = None) -> None:
+        self._keeper.rotate(session, self._new_uid(), grace)
 
     def _data_for(self, session: Session) -> SessionData:
         return self._keeper.data_for(session)

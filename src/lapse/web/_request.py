@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.defer import Deferred
 from lapse.internet.error import ConnectionDone
+from lapse.sessions._visit import Visit
 from lapse.web._cookies import (
     format_delete_cookie,
     format_session_cookie,
@@ -78,7 +79,7 @@ def split_path(raw: bytes) -> list[bytes]:
     return segments
 
 
-class Request:
+class Request(Visit):
     """One HTTP request and the response being built for it."""
 
     # Defaults most requests never change live on the class, so a request
@@ -294,16 +295,18 @@ class Request:
         if self._sessions is _NO_SESSIONS and self._presented is _NO_SESSIONS:
             return headers
         for slot, secure in ((_PLAIN, False), (_SECURE, True)):
-            session = self._sessions[slot] or self._presented[slot]
+            presented = self._presented[slot]
+            session = self._sessions[slot] or presented
             if session is None:
                 continue
             name = self.site._cookie_names[slot]
             if session._expired:
                 headers.append(format_delete_cookie(name, secure=secure))
-            elif session.uid != self._presented_uids[slot]:
-                # Not the uid the cookie named: a new session, or one rotated
-                # (in this request, or before it: the cookie named an old uid
-                # still in its grace).
+            elif session is not presented or self._rotated_here(session):
+                # A session this request made, or rotated. (A session the
+                # cookie named keeps its cookie, even if another request has
+                # rotated it since, or it was found under an old uid in its
+                # grace: a new uid goes only to the request that made it.)
                 headers.append(format_session_cookie(name, session.uid, secure=secure))
         return headers
 

@@ -24,8 +24,9 @@ from inspect import isawaitable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
-from lapse.sessions import Session, SessionStore, StoreUnavailable
+from lapse.sessions import Session, SessionConflict, SessionStore, StoreUnavailable
 from lapse.sessions._keeper import ExpiryHook
+from lapse.sessions._visit import current_visit
 from lapse.web._access import access_log, log_access
 from lapse.web._host import SessionHost, cookie_uid
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request, split_path
@@ -64,7 +65,9 @@ class Site(SessionHost):
       :class:`~lapse.sessions.Expiry` for every ended session, by exactly
       one process, also for sessions whose last server is gone.
     - ``rotation_grace``: seconds an old uid still names its session after
-      ``session.rotate()`` (default 10), for requests already in flight.
+      ``session.rotate()`` (default 0: it ends at once). Not for sites that
+      rotate at login: see ``Session.rotate``, whose ``grace`` argument
+      gives a grace to one rotation.
     - ``max_sessions``: at most this many live sessions (memory store only;
       None, the default, for no cap): making one more first ends the one
       closest to its end (least recently used), with cause ``"evicted"``.
@@ -90,7 +93,7 @@ class Site(SessionHost):
         max_headers_total: int = 64 * 1024,
         store: str | SessionStore | None = None,
         on_expire: ExpiryHook | None = None,
-        rotation_grace: float = 10.0,
+        rotation_grace: float = 0.0,
         max_sessions: int | None = None,
     ) -> None:
         self.resource = resource
@@ -155,20 +158,38 @@ class Site(SessionHost):
         return used
 
     async def _persist(self, request: Request) -> None:
-        """Write what the request changed in its sessions, before responding."""
+        """Write what the request changed in its sessions, before responding;
+        a write that cannot be made replaces the response (503, 409)."""
         used = self._used_sessions(request)
         if used:
-            await self._keeper.persist(used)
+            try:
+                await self._keeper.persist(used, request)
+            except StoreUnavailable:
+                self._unavailable(request)
+            except SessionConflict as exc:
+                session_log.info("%s", exc)
+                self._session_error(
+                    request,
+                    409,
+                    "Your session changed while this request ran; nothing was saved. Try again.",
+                )
 
     def _unavailable(self, request: Request) -> None:
         """Answer 503: the session store cannot be reached."""
+        self._session_error(
+            request, 503, "Sessions are unavailable for a moment; try again.", retry_after=b"1"
+        )
+
+    def _session_error(
+        self, request: Request, status: int, detail: str, retry_after: bytes | None = None
+    ) -> None:
+        """Replace the response with an error page that sets no session cookie."""
         request._reset_response()
         request._sessions = _NO_SESSIONS
         request._presented = _NO_SESSIONS
-        request.setHeader(b"retry-after", b"1")
-        self._error_page(
-            request, 503, "Sessions are unavailable for a moment; try again.", reset=False
-        )
+        if retry_after is not None:
+            request.setHeader(b"retry-after", retry_after)
+        self._error_page(request, status, detail, reset=False)
 
     # -- resources --------------------------------------------------------
 
@@ -194,74 +215,81 @@ class Site(SessionHost):
         if keeper.shared:
             keeper.start()
         request = self.requestFactory(self, scope)
-        result: Any = None
-        resource: Any = None
+        visiting = current_visit.set(request)
         try:
-            # Read, route and render; an error page replaces what went wrong.
-            cookie_header = self._read_headers(request, scope)
-            if request._body_expected:
-                request.content.write(await self._read_body(request, receive))
-                request.content.seek(0)
-            if request.path == b"*" and request.method == b"OPTIONS":
-                result = b""
+            result: Any = None
+            resource: Any = None
+            try:
+                # Read, route and render; an error page replaces what went wrong.
+                cookie_header = self._read_headers(request, scope)
+                if request._body_expected:
+                    request.content.write(await self._read_body(request, receive))
+                    request.content.seek(0)
+                if request.path == b"*" and request.method == b"OPTIONS":
+                    result = b""
+                else:
+                    request.postpath = split_path(request.path)
+                    if cookie_header is not None:
+                        if keeper.shared:
+                            await self._load_presented(request, cookie_header)
+                        else:
+                            self._load_presented_now(request, cookie_header)
+                    resource = self.getResourceFor(request)
+                    result = resource.render(request)
+                    if (
+                        type(result) is not bytes
+                        and type(result) is not str
+                        and isawaitable(result)
+                    ):
+                        result = await result
+                    if isinstance(result, bytes | str):
+                        if result or not request.finished:
+                            request.write(result)
+                    elif not (type(result) is int and result == NOT_DONE_YET):
+                        self._wrong_result(request, resource, result)
+                        result = None
+            except BadRequest as exc:
+                self._error_page(request, exc.status, exc.reason)
+                result = None
+            except UnsupportedMethod as exc:
+                request._reset_response()
+                request.setHeader(b"allow", b", ".join(exc.allowedMethods))
+                self._error_page(
+                    request, 405, "This resource does not answer the method used.", reset=False
+                )
+                result = None
+            except _ClientGone:
+                request._connection_lost()
+                return
+            except StoreUnavailable:
+                self._unavailable(request)
+                result = None
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("error rendering %s for %r", request.uri.decode("latin-1"), request)
+                self._error_page(request, 500, "The server failed to answer this request.")
+                result = None
+            if type(result) is int and result == NOT_DONE_YET:
+                await self._stream(request, receive, send)
             else:
-                request.postpath = split_path(request.path)
-                if cookie_header is not None:
-                    if keeper.shared:
-                        await self._load_presented(request, cookie_header)
-                    else:
-                        self._load_presented_now(request, cookie_header)
-                resource = self.getResourceFor(request)
-                result = resource.render(request)
-                if type(result) is not bytes and type(result) is not str and isawaitable(result):
-                    result = await result
-                if isinstance(result, bytes | str):
-                    if result or not request.finished:
-                        request.write(result)
-                elif not (type(result) is int and result == NOT_DONE_YET):
-                    self._wrong_result(request, resource, result)
-                    result = None
-        except BadRequest as exc:
-            self._error_page(request, exc.status, exc.reason)
-            result = None
-        except UnsupportedMethod as exc:
-            request._reset_response()
-            request.setHeader(b"allow", b", ".join(exc.allowedMethods))
-            self._error_page(
-                request, 405, "This resource does not answer the method used.", reset=False
-            )
-            result = None
-        except _ClientGone:
-            request._connection_lost()
-            return
-        except StoreUnavailable:
-            self._unavailable(request)
-            result = None
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("error rendering %s for %r", request.uri.decode("latin-1"), request)
-            self._error_page(request, 500, "The server failed to answer this request.")
-            result = None
-        if type(result) is int and result == NOT_DONE_YET:
-            await self._stream(request, receive, send)
-        else:
-            if not request.finished:
-                request.finish()
-            if keeper.shared:
-                try:
+                if not request.finished:
+                    request.finish()
+                if keeper.shared:
                     await self._persist(request)
-                except StoreUnavailable:
-                    self._unavailable(request)
-            elif request._presented is not _NO_SESSIONS or request._sessions is not _NO_SESSIONS:
-                keeper.persist_now(self._used_sessions(request))
-            chunks = request._chunks
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            request._chunks = []
-            await send(request._start_message(request.sentLength))
-            await send({"type": "http.response.body", "body": body})
-        if access_log.isEnabledFor(logging.INFO):
-            log_access(request)
+                elif (
+                    request._presented is not _NO_SESSIONS or request._sessions is not _NO_SESSIONS
+                ):
+                    keeper.persist_now(self._used_sessions(request))
+                chunks = request._chunks
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                request._chunks = []
+                await send(request._start_message(request.sentLength))
+                await send({"type": "http.response.body", "body": body})
+            if access_log.isEnabledFor(logging.INFO):
+                log_access(request)
+        finally:
+            current_visit.reset(visiting)
 
     async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -346,10 +374,9 @@ class Site(SessionHost):
                     wakeup.clear()
                     continue
                 if not request._headers_sent:
-                    try:
-                        await self._persist(request)
-                    except StoreUnavailable:
-                        self._unavailable(request)
+                    written = request._chunks
+                    await self._persist(request)
+                    if request._chunks is not written:  # replaced by an error page
                         request.finished = True
                     length = request.sentLength if request.finished else None
                     await send(request._start_message(length))
@@ -377,6 +404,7 @@ class Site(SessionHost):
 
 _REASONS = {
     400: "Bad Request",
+    409: "Conflict",
     404: "No Such Resource",
     405: "Method Not Allowed",
     413: "Content Too Large",

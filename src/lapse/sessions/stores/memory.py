@@ -499,7 +499,10 @@ class MemoryStore:
         return True
 
     def save_now(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
-        record = self._get(uid, self.clock())
+        now = self.clock()
+        record = self._get(uid, now)
+        if record is None:
+            record = self._alias(uid, now) if self._aliases else None
         if record is None:
             return False
         values = record._store_values()
@@ -713,7 +716,7 @@ class MemoryStore:
     async def now(self) -> float:
         return self.clock()
 
-    async def load(self, uid: str) -> StoredSession | None:
+    async def load(self, uid: str, version: int | None = None) -> StoredSession | None:
         record = self.load_now(uid)
         if record is None:
             return None

@@ -31,10 +31,15 @@ Guarantees:
 - **Per-key saves.** Each data key is its own hash field, so ``save`` writes
   only the changed keys and two requests changing different keys of one
   session both persist.
+- **Data sent only when it changed.** ``load`` given the data's version a
+  process holds returns no data if it is still that version, and data is
+  returned as JSON texts, decoded by key when read: a request's cost does not
+  grow with keys it does not read.
 
 Keys (``P`` is the prefix): ``P:s:<uid>`` hash (``_t``: timeout in µs,
-``_c``: creation time, ``_e``: absolute end, if any, ``d:<key>``: JSON
-value); ``P:deadlines`` sorted set (uid → deadline, µs, never past ``_e``);
+``_c``: creation time, ``_e``: absolute end, if any, ``_v``: the data's
+version, 1 at creation and one more per save, ``d:<key>``: JSON value);
+``P:deadlines`` sorted set (uid → deadline, µs, never past ``_e``);
 ``P:a:<old uid>`` hash (``to``: the uid it was rotated to, ``until``: end of
 its grace; the key itself expires a minute after that);
 ``P:ended`` sorted set (uid → when ``expire()`` ended it); ``P:leases``
@@ -106,38 +111,51 @@ end
 local function n2s(n) return string.format('%.0f', n) end
 """
 
-# KEYS: session hash, deadlines. ARGV: now, uid.
-# An unknown uid may be an alias (an old uid in its grace): followed, up to
-# 8 rotations, to the live session, whose uid is then returned too.
-# -> false, or {deadline, timeout, {field, value, ...}[, uid]}
+# Finds the live session a uid names: itself, or (an old uid in its grace,
+# an alias) the session it was rotated to, followed up to 8 rotations.
+# -> uid, its hash key, its deadline score; or false
+_RESOLVE = """
+local function resolve(uid, key, deadlines, now)
+  local d = redis.call('ZSCORE', deadlines, uid)
+  if not d then
+    local prefix = string.sub(key, 1, #key - #uid - 3)
+    for _ = 1, 8 do
+      local a = redis.call('HMGET', prefix .. ':a:' .. uid, 'to', 'until')
+      if not a[1] or tonumber(a[2]) <= now then return false end
+      uid = a[1]
+      d = redis.call('ZSCORE', deadlines, uid)
+      if d then break end
+    end
+    key = prefix .. ':s:' .. uid
+  end
+  if not d or tonumber(d) <= now then return false end
+  return uid, key, d
+end
+"""
+
+# KEYS: session hash, deadlines. ARGV: now, uid, the version the caller holds
+# ('' for none).
+# -> false, or {deadline, timeout, {field, value, ...} or false (the data is
+# at the version given), uid (the live session's, if an alias was followed)
+# or false, version}
 _LOAD = (
     _PRELUDE
+    + _RESOLVE
     + """
 local now = now_us(ARGV[1])
-local uid, key = ARGV[2], KEYS[1]
-local d = redis.call('ZSCORE', KEYS[2], uid)
-local moved = false
-if not d then
-  local prefix = string.sub(key, 1, #key - #uid - 3)
-  for _ = 1, 8 do
-    local a = redis.call('HMGET', prefix .. ':a:' .. uid, 'to', 'until')
-    if not a[1] or tonumber(a[2]) <= now then return false end
-    uid = a[1]
-    d = redis.call('ZSCORE', KEYS[2], uid)
-    if d then break end
-  end
-  key = prefix .. ':s:' .. uid
-  moved = true
-end
-if not d or tonumber(d) <= now then return false end
-local h = redis.call('HMGET', key, '_t', '_e')
+local uid, key = resolve(ARGV[2], KEYS[1], KEYS[2], now)
+if not uid then return false end
+local h = redis.call('HMGET', key, '_t', '_e', '_v')
 if not h[1] then return false end
 local deadline = now + tonumber(h[1])
 if h[2] and tonumber(h[2]) < deadline then deadline = tonumber(h[2]) end
 deadline = n2s(deadline)
 redis.call('ZADD', KEYS[2], deadline, uid)
-if moved then return {deadline, h[1], redis.call('HGETALL', key), uid} end
-return {deadline, h[1], redis.call('HGETALL', key)}
+local moved = false
+if uid ~= ARGV[2] then moved = uid end
+local version = h[3] or '0'
+if ARGV[3] ~= '' and ARGV[3] == version then return {deadline, h[1], false, moved, version} end
+return {deadline, h[1], redis.call('HGETALL', key), moved, version}
 """
 )
 
@@ -149,7 +167,7 @@ _CREATE = (
 local now = now_us(ARGV[1])
 local deadline = now + tonumber(ARGV[3])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], '_t', ARGV[3], '_c', n2s(now))
+redis.call('HSET', KEYS[1], '_t', ARGV[3], '_c', n2s(now), '_v', 1)
 if ARGV[4] ~= '' then
   local ends = now + tonumber(ARGV[4])
   redis.call('HSET', KEYS[1], '_e', n2s(ends))
@@ -190,20 +208,23 @@ return 1
 )
 
 # KEYS: session hash, deadlines. ARGV: now, uid, n, n x (field, value), removed fields...
-# -> 1 if live (and written), else 0
+# Writes to the live session the uid names (itself, or within its grace the
+# session an old uid was rotated to).
+# -> the data's new version if written, else 0
 _SAVE = (
     _PRELUDE
+    + _RESOLVE
     + """
 local now = now_us(ARGV[1])
-local d = redis.call('ZSCORE', KEYS[2], ARGV[2])
-if not d or tonumber(d) <= now then return 0 end
+local uid, key = resolve(ARGV[2], KEYS[1], KEYS[2], now)
+if not uid then return 0 end
 local i = 4
 for _ = 1, tonumber(ARGV[3]) do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-for j = i, #ARGV do redis.call('HDEL', KEYS[1], ARGV[j]) end
-return 1
+for j = i, #ARGV do redis.call('HDEL', key, ARGV[j]) end
+return redis.call('HINCRBY', key, '_v', 1)
 """
 )
 
@@ -508,6 +529,13 @@ def _data(flat: list[str]) -> dict[str, Any]:
     return data
 
 
+def _encoded(flat: list[str]) -> dict[str, str]:
+    """Session data as JSON texts by key, from a flat HGETALL reply."""
+    return {
+        flat[i][2:]: flat[i + 1] for i in range(0, len(flat) - 1, 2) if flat[i].startswith("d:")
+    }
+
+
 def _session_info(uid: str, score: str, flat: list[str]) -> SessionInfo:
     """A :class:`SessionInfo` from a deadline score and the session's HGETALL."""
     timeout = _field(flat, "_t")
@@ -649,24 +677,32 @@ class RedisStore:
         seconds, micros = await self._command("now", "TIME")
         return int(seconds) + int(micros) / _US
 
-    async def load(self, uid: str) -> StoredSession | None:
+    async def load(self, uid: str, version: int | None = None) -> StoredSession | None:
         """Touch (deadline = now + timeout) and read a live session in one
-        script; None if unknown or past its deadline (never revived)."""
+        script; None if unknown or past its deadline (never revived). Its
+        data as JSON texts, or none (``unchanged``) if still at ``version``."""
         # The hot path (one call per request): no helper coroutine in between.
         clock = self.clock
         now = "" if clock is None else str(_us(clock(), "clock()"))
         try:
             reply = await self._client.evalsha(
-                self._load_script, (f"{self.prefix}:s:{uid}", self._k_deadlines), (now, uid)
+                self._load_script,
+                (f"{self.prefix}:s:{uid}", self._k_deadlines),
+                (now, uid, "" if version is None else version),
             )
         except (RedisError, OSError) as exc:
             raise self._unavailable("load", exc) from exc
         if not reply:
             return None
-        if len(reply) > 3:  # loaded through an alias: the session's uid now
-            uid = reply[3]
-        deadline, timeout, flat = reply[0], reply[1], reply[2]
-        return StoredSession(uid, int(timeout) / _US, int(deadline) / _US, _data(flat))
+        deadline, timeout, flat, moved, current = reply
+        if moved:  # loaded through an alias: the session's uid now
+            uid = moved
+        stored = StoredSession(uid, int(timeout) / _US, int(deadline) / _US, version=int(current))
+        if flat is None:
+            stored.unchanged = True
+        else:
+            stored.encoded = _encoded(flat)
+        return stored
 
     async def create(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
@@ -706,15 +742,20 @@ class RedisStore:
         ]
         return bool(await self._call("rotate", keys, args))
 
-    async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
+    async def save(
+        self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]
+    ) -> bool | int:
         """Write the changed keys, then delete the removed ones (a key in
-        both ends up deleted), only if the session is live; the deadline does
-        not move. False, with nothing written, if it is not live."""
+        both ends up deleted), in the live session ``uid`` (or the one an old
+        ``uid`` was rotated to, within its grace); the data's new version.
+        The deadline does not move. False, with nothing written, if there is
+        no such session."""
         args: list[str | int] = [self._now_arg(), uid, len(changed)]
         for key, value in changed.items():
             args += ["d:" + key, _encode(value)]
         args += ["d:" + key for key in removed]
-        return bool(await self._call("save", [self._key(uid), self._k_deadlines], args))
+        version = int(await self._call("save", [self._key(uid), self._k_deadlines], args))
+        return version if version else False
 
     async def exists(self, uid: str) -> bool:
         """Whether ``uid`` is live (deadline in the future); no touch."""

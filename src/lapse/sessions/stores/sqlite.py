@@ -32,9 +32,9 @@ Guarantees:
 The file must be on a local file system (WAL needs shared memory between the
 processes; it does not work over NFS).
 
-Schema (``PRAGMA user_version = 2``; a version 1 file is migrated in place
-by the first process of this version that opens it, after which processes
-of older versions refuse the file):
+Schema (``PRAGMA user_version = 3``; a version 1 or 2 file is migrated in
+place by the first process of this version that opens it, after which
+processes of older versions refuse the file):
 
 - ``sessions``: one row per session, live (``ended = 0``) or ended and
   waiting for its expiry hook to be acknowledged (``ended = 1``). An ended
@@ -42,7 +42,9 @@ of older versions refuse the file):
   ended for one never claimed, the end of its lease for one claimed.
   ``created`` and ``ends_at`` (the absolute end, NULL for none; NULL both in
   rows from version 1) are kept by a rotation; ``deadline`` never passes
-  ``ends_at``.
+  ``ends_at``. ``version`` counts the writes of the session's data (1 at
+  creation, one more per ``save``; 0 in rows from before version 3), so
+  that ``load`` need not read data a process already holds.
 - ``aliases``: the old uids of rotated sessions, each with the uid it now
   names (kept up to date by further rotations) until its grace ends.
 - ``session_data``: one row per key (``value`` is JSON), so that ``save``
@@ -83,7 +85,7 @@ __all__ = ["SQLiteStore"]
 
 _T = TypeVar("_T")
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 
 # Slack when comparing a deadline with the clock (as the memory store does),
 # so that a timer firing at a deadline rounded down by one ulp finds it due.
@@ -110,7 +112,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     lease_owner TEXT,
     lease_until REAL,
     created REAL,
-    ends_at REAL
+    ends_at REAL,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sessions_live ON sessions (ended, deadline);
 CREATE INDEX IF NOT EXISTS sessions_lease ON sessions (ended, lease_until);
@@ -149,6 +152,14 @@ ALTER TABLE events ADD COLUMN target TEXT;
 """
     + _ALIASES
 )
+
+# From version 2: data versions.
+_MIGRATE_2_TO_3 = """
+ALTER TABLE sessions ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+"""
+
+_MIGRATIONS = {0: _SCHEMA, 1: _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3, 2: _MIGRATE_2_TO_3}
+"""The script that brings a file of each older schema version to the current one."""
 
 
 class SQLiteStore:
@@ -276,7 +287,7 @@ class SQLiteStore:
                         f"({_SCHEMA_VERSION})"
                     )
                 if version < _SCHEMA_VERSION:
-                    script = _MIGRATE_1_TO_2 if version == 1 else _SCHEMA
+                    script = _MIGRATIONS[version]
                     for statement in script.split(";"):
                         if statement.strip():
                             conn.execute(statement)
@@ -374,30 +385,28 @@ class SQLiteStore:
             raise self._unavailable("the store is closed")
         return self.clock()
 
-    async def load(self, uid: str) -> StoredSession | None:
-        """The live session ``uid``, its deadline moved to now + timeout.
+    async def load(self, uid: str, version: int | None = None) -> StoredSession | None:
+        """The live session ``uid``, its deadline moved to now + timeout; its
+        data as JSON texts, or none (``unchanged``) if its version is still
+        ``version``.
 
         None for an unknown session, an ended one, or one whose deadline has
         passed (even if no one has claimed it yet: a load does not revive it).
         """
 
         def load(conn: sqlite3.Connection, now: float) -> StoredSession | None:
-            live = uid
-            row = conn.execute(_SELECT_LIVE, (live, now + _EPSILON)).fetchone()
-            if row is None:
-                alias = conn.execute(
-                    "SELECT target FROM aliases WHERE uid = ? AND until > ?", (uid, now)
-                ).fetchone()
-                if alias is None:
-                    return None
-                live = alias[0]
-                row = conn.execute(_SELECT_LIVE, (live, now + _EPSILON)).fetchone()
-                if row is None:
-                    return None
-            timeout, ends_at = row
+            live = _resolve(conn, uid, now)
+            if live is None:
+                return None
+            timeout, ends_at, current = conn.execute(
+                "SELECT timeout, ends_at, version FROM sessions WHERE uid = ?", (live,)
+            ).fetchone()
             deadline = _clamp(now + timeout, ends_at)
             conn.execute("UPDATE sessions SET deadline = ? WHERE uid = ?", (deadline, live))
-            return StoredSession(live, timeout, deadline, _read_data(conn, live))
+            if version is not None and current == version:
+                return StoredSession(live, timeout, deadline, version=current, unchanged=True)
+            rows = conn.execute("SELECT key, value FROM session_data WHERE uid = ?", (live,))
+            return StoredSession(live, timeout, deadline, encoded=dict(rows), version=current)
 
         return await self._call(load, write=True)
 
@@ -417,8 +426,8 @@ class SQLiteStore:
             conn.execute("DELETE FROM session_data WHERE uid = ?", (uid,))
             conn.execute(
                 "INSERT OR REPLACE INTO sessions"
-                " (uid, timeout, deadline, ended, attempt, created, ends_at)"
-                " VALUES (?, ?, ?, 0, 0, ?, ?)",
+                " (uid, timeout, deadline, ended, attempt, created, ends_at, version)"
+                " VALUES (?, ?, ?, 0, 0, ?, ?, 1)",
                 (uid, timeout, deadline, now, ends_at),
             )
             conn.executemany("INSERT INTO session_data (uid, key, value) VALUES (?, ?, ?)", items)
@@ -457,22 +466,33 @@ class SQLiteStore:
 
         return await self._call(rotate, write=True)
 
-    async def save(self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]) -> bool:
+    async def save(
+        self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]
+    ) -> bool | int:
         """Write the ``changed`` keys, then delete the ``removed`` ones (a key
-        in both ends up deleted), if ``uid`` is live; False, writing nothing,
-        if it is not. Keys not named are left as they are in the file; the
-        deadline does not move."""
-        items = [(uid, key, _dumps(value)) for key, value in changed.items()]
-        gone = [(uid, key) for key in removed]
+        in both ends up deleted), in the live session ``uid`` (or the one an
+        old ``uid`` was rotated to, within its grace); the data's new version.
+        False, writing nothing, if there is none. Keys not named are left as
+        they are in the file; the deadline does not move."""
+        items = [(key, _dumps(value)) for key, value in changed.items()]
+        gone = list(removed)
 
-        def save(conn: sqlite3.Connection, now: float) -> bool:
-            if not _is_live(conn, uid, now):
+        def save(conn: sqlite3.Connection, now: float) -> bool | int:
+            live = _resolve(conn, uid, now)
+            if live is None:
                 return False
             conn.executemany(
-                "INSERT OR REPLACE INTO session_data (uid, key, value) VALUES (?, ?, ?)", items
+                "INSERT OR REPLACE INTO session_data (uid, key, value) VALUES (?, ?, ?)",
+                [(live, key, value) for key, value in items],
             )
-            conn.executemany("DELETE FROM session_data WHERE uid = ? AND key = ?", gone)
-            return True
+            conn.executemany(
+                "DELETE FROM session_data WHERE uid = ? AND key = ?", [(live, key) for key in gone]
+            )
+            conn.execute("UPDATE sessions SET version = version + 1 WHERE uid = ?", (live,))
+            (version,) = conn.execute(
+                "SELECT version FROM sessions WHERE uid = ?", (live,)
+            ).fetchone()
+            return int(version)
 
         return await self._call(save, write=True)
 
@@ -720,7 +740,7 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 _SELECT_LIVE = "SELECT timeout, ends_at FROM sessions WHERE uid = ? AND ended = 0 AND deadline > ?"
@@ -729,6 +749,20 @@ _SELECT_LIVE = "SELECT timeout, ends_at FROM sessions WHERE uid = ? AND ended = 
 def _clamp(deadline: float, ends_at: float | None) -> float:
     """An idle deadline, never past the absolute end."""
     return deadline if ends_at is None or deadline <= ends_at else ends_at
+
+
+def _resolve(conn: sqlite3.Connection, uid: str, now: float) -> str | None:
+    """The uid of the live session ``uid`` names: itself, or the session an
+    old uid was rotated to (within its grace); None if there is none."""
+    if _is_live(conn, uid, now):
+        return uid
+    alias = conn.execute(
+        "SELECT target FROM aliases WHERE uid = ? AND until > ?", (uid, now)
+    ).fetchone()
+    if alias is None or not _is_live(conn, alias[0], now):
+        return None
+    target: str = alias[0]
+    return target
 
 
 def _is_live(conn: sqlite3.Connection, uid: str, now: float) -> bool:
