@@ -302,7 +302,9 @@ class Request(Visit):
             name = self.site._cookie_names[slot]
             if session._expired:
                 headers.append(format_delete_cookie(name, secure=secure))
-            elif session is not presented or self._rotated_here(session):
+            elif session is not presented or (
+                self._rotated is not None and session in self._rotated
+            ):
                 # A session this request made, or rotated. (A session the
                 # cookie named keeps its cookie, even if another request has
                 # rotated it since, or it was found under an old uid in its
