@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.defer import Deferred
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from lapse.web._types import Scope
     from lapse.web.server import Site
 
-__all__ = ["NOT_DONE_YET", "Request", "split_path"]
+__all__ = ["NOT_DONE_YET", "Request", "parse_query", "split_path"]
 
 NOT_DONE_YET = 1
 """Returned by a render method that will finish the request later."""
@@ -47,6 +47,37 @@ _NO_SESSIONS: tuple[None, None] = (None, None)
 _PROTOCOLS = {v: b"HTTP/" + v.encode("ascii") for v in ("1.0", "1.1", "2")}
 _DEFAULT_CONTENT_TYPE = (b"content-type", b"text/html; charset=utf-8")
 _ZERO_LENGTH = (b"content-length", b"0")
+
+
+def parse_query(data: bytes) -> dict[bytes, list[bytes]]:
+    """The arguments of a query string or urlencoded form, as Twisted gives them.
+
+    Pairs are split on ``&``; ``+`` is a space; ``%XX`` is decoded to its
+    byte, whatever the bytes (UTF-8 or not), and a ``%`` that starts no
+    escape stays as it is. Keys and values are bytes; a key without ``=``
+    has the value ``b""``; empty pairs are skipped. It never raises.
+    """
+    args: dict[bytes, list[bytes]] = {}
+    if not data:
+        return args
+    for pair in data.split(b"&"):
+        if not pair:
+            continue
+        key, _, value = pair.partition(b"=")
+        if b"+" in pair:
+            key, value = key.replace(b"+", b" "), value.replace(b"+", b" ")
+        if b"%" in pair:
+            key, value = unquote_to_bytes(key), unquote_to_bytes(value)
+        found = args.get(key)
+        if found is None:
+            args[key] = [value]
+        else:
+            found.append(value)
+    return args
+
+
+_SEGMENT_SAFE = b"!$&'()*+,;=:@-._~"
+"""What a path segment carries unescaped (RFC 3986 pchar, less ``%``)."""
 
 
 def split_path(raw: bytes) -> list[bytes]:
@@ -165,10 +196,10 @@ class Request:
     def args(self) -> dict[bytes, list[bytes]]:
         """Query arguments, and form fields of a urlencoded body (bytes)."""
         if self._args is None:
-            args = parse_qs(self._scope.get("query_string", b""), keep_blank_values=True)
+            args = parse_query(self._scope.get("query_string", b""))
             ctype = self.getHeader(b"content-type") or b""
             if ctype.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded":
-                form = parse_qs(self.content.getvalue(), keep_blank_values=True)
+                form = parse_query(self.content.getvalue())
                 for key, values in form.items():
                     args.setdefault(key, []).extend(values)
             self._args = args
@@ -181,7 +212,13 @@ class Request:
 
     def getHeader(self, key: bytes | str) -> Any:
         """The last value of header ``key``: bytes for a bytes key, str for str."""
-        name = key.lower() if isinstance(key, bytes) else key.lower().encode("latin-1")
+        if isinstance(key, bytes):
+            name = key.lower()
+        else:
+            try:
+                name = key.lower().encode("latin-1")
+            except UnicodeEncodeError:
+                return None  # no header has that name
         found: bytes | None = None
         for header, value in self._scope["headers"]:
             if header == name:
@@ -256,7 +293,8 @@ class Request:
         """The absolute URL of the resource being rendered."""
         scheme = b"https" if self.isSecure() else b"http"
         host = self.getHeader(b"host") or self.getRequestHostname()
-        return scheme + b"://" + host + b"/" + b"/".join(self.prepath)
+        path = b"/".join(quote_from_bytes(p, _SEGMENT_SAFE).encode("ascii") for p in self.prepath)
+        return scheme + b"://" + host + b"/" + path
 
     # -- sessions ---------------------------------------------------------
 
