@@ -458,9 +458,21 @@ def test_several_workers_with_the_memory_store_are_refused(
 # -- errors -------------------------------------------------------------------------
 
 
-def test_bad_store_url_exits_2_before_importing(app_dir: Path, tmp_path: Path) -> None:
-    """A store URL that names no store exits 2 with the StoreConfigError's
-    message, before the module is imported."""
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://relative.db", "--store sqlite://relative.db: bad SQLite"),
+        ("sqlite:///" + "a" * 5000, "(5010 characters): the SQLite store path is too long"),
+        ("sqlite:///a\x1b[2Jb.db", "--store sqlite:///a\\x1b[2Jb.db: a session store URL cannot"),
+    ],
+    ids=["no-host", "path-too-long", "control-character"],
+)
+def test_bad_store_url_exits_2_before_importing(
+    app_dir: Path, tmp_path: Path, url: str, message: str
+) -> None:
+    """A store URL that names no store (or no file: a path too long, a
+    control character) exits 2 with the StoreConfigError's message on one
+    short line, the URL cut and escaped, before the module is imported."""
     marker = tmp_path / "imported"
     result = subprocess.run(
         [
@@ -472,7 +484,7 @@ def test_bad_store_url_exits_2_before_importing(app_dir: Path, tmp_path: Path) -
             "--app-dir",
             str(app_dir),
             "--store",
-            "sqlite://relative.db",
+            url,
         ],
         capture_output=True,
         text=True,
@@ -480,8 +492,8 @@ def test_bad_store_url_exits_2_before_importing(app_dir: Path, tmp_path: Path) -
         env={**os.environ, "CLIAPP_IMPORTED": str(marker)},
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("lapse: error: --store sqlite://relative.db: bad SQLite")
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("lapse: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and len(result.stderr) < 400
     assert not marker.exists()
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
-from lapse.sessions import Session, SessionData, SessionStore
+from lapse.sessions import Session, SessionData, SessionStore, StoreConfigError
 from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
 from lapse.sessions._stats import SessionStats
@@ -29,6 +29,42 @@ session_log = logging.getLogger("lapse.sessions")
 
 MAX_UID_COOKIE = 256
 """A session cookie longer than this names no session."""
+
+_STORE_MEMBERS = (
+    "url",
+    "shared",
+    "open",
+    "aclose",
+    "now",
+    "load",
+    "create",
+    "rotate",
+    "save",
+    "exists",
+    "expire",
+    "claim",
+    "ack",
+    "events",
+    "next_deadline",
+)
+"""What a store object must have (see :class:`~lapse.sessions.SessionStore`)."""
+
+
+def _check_store_object(store: object) -> None:
+    """:class:`StoreConfigError` naming what ``store=`` was given, unless it
+    is a store object; the value itself is not shown (a URL in bytes may
+    hold a password)."""
+    kind = type(store).__name__
+    if isinstance(store, bytes | bytearray):
+        raise StoreConfigError(
+            f"store= takes a store URL as str (or a store object), not {kind}: decode it first"
+        )
+    missing = [name for name in _STORE_MEMBERS if not hasattr(store, name)]
+    if missing:
+        lacks = "" if len(missing) == len(_STORE_MEMBERS) else f" (it has no {', '.join(missing)})"
+        raise StoreConfigError(
+            f"store= takes a store URL (str) or a session store object, not {kind}{lacks}"
+        )
 
 
 def cookie_uid(found: re.Match[bytes] | None) -> str | None:
@@ -81,6 +117,8 @@ class SessionHost:
             store = store_from_url(
                 store, clock=(lambda: self.reactor.seconds()) if memory else None
             )
+        else:
+            _check_store_object(store)
         self._keeper = SessionKeeper(
             self, store, on_expire, rotation_grace=rotation_grace, max_sessions=max_sessions
         )
