@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,6 +76,133 @@ def test_forwarded_headers_follow_the_site(clock: Clock) -> None:
     assert call(trusting, "GET", "/_lapse/", headers=forwarded).status == 404
     local = [(b"x-forwarded-for", b"127.0.0.1")]
     assert call(trusting, "GET", "/_lapse/", headers=local).status == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"localhost",
+        b"LOCALHOST:8080",
+        b"app.localhost:3000",
+        b"127.0.0.1",
+        b"127.8.9.1:80",
+        b"[::1]",
+        b"[::1]:8080",
+    ],
+)
+def test_loopback_host_names_are_accepted(clock: Clock, host: bytes) -> None:
+    """Without a token, a Host naming loopback (localhost, *.localhost,
+    127.0.0.0/8, [::1], with or without a port) from a loopback client is let in."""
+    site, _ = make_site(clock)
+    assert call(site, "GET", "/_lapse/api/summary", headers=[(b"host", host)]).status == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"evil.example",
+        b"evil.example:8080",
+        b"127.0.0.1.evil.example",
+        b"localhost.evil.example",
+        b"evil-localhost",
+        b"0.0.0.0:8080",
+        b"10.0.0.1",
+        b"[2001:db8::1]",
+        b"[::1",
+        b"[::1]:x",
+        b"localhost:",
+        b"localhost:80:80",
+        b"::1",
+        b"",
+        b"caf\xc3\xa9.example",
+    ],
+)
+def test_other_host_names_are_refused_without_a_token(
+    clock: Clock, caplog: pytest.LogCaptureFixture, host: bytes
+) -> None:
+    """Without a token, a request from a loopback client whose Host is not a
+    loopback name (a page using DNS rebinding to make a browser on this
+    machine read the view or end sessions) is refused like any other: 404,
+    reading and POSTing alike; with a token the Host does not matter."""
+    site, _ = make_site(clock)
+    session = site.makeSession()
+    rows = get_json(call(site, "GET", "/_lapse/api/sessions"))["sessions"]
+    page = call(site, "GET", "/_lapse/")
+    nonce, csrf = csrf_of(page)
+    rebound = [(b"host", host)]
+    assert call(site, "GET", "/_lapse/", headers=rebound).status == 404
+    assert call(site, "GET", "/_lapse/api/sessions", headers=rebound).status == 404
+    post = call(
+        site,
+        "POST",
+        "/_lapse/api/expire",
+        body=json.dumps({"id": rows[0]["id"]}).encode(),
+        headers=[*rebound, (b"x-lapse-csrf", csrf)],
+        cookies={CSRF_COOKIE.encode(): nonce},
+    )
+    assert post.status == 404 and not session.expired
+    tokened, _ = make_site(clock, token=TOKEN)
+    bearer = [*rebound, (b"authorization", b"Bearer " + TOKEN.encode())]
+    assert call(tokened, "GET", "/_lapse/api/summary", headers=bearer).status == 200
+    assert "Traceback" not in caplog.text
+
+
+def test_proxied_requests_count_only_by_the_trusted_entry(clock: Clock) -> None:
+    """Without a token, behind trusted proxies the client is the entry they
+    added: a spoofed left-most 127.0.0.1 is no pass, nor is an entry that is
+    no address (the fallback to the proxy's own loopback address does not
+    count), nor proxy headers the site does not trust (X-Real-IP, Via,
+    Forwarded included)."""
+    one, _ = make_site(clock, trust_proxy_headers=True)
+    spoofed = [(b"x-forwarded-for", b"127.0.0.1, 203.0.113.9")]
+    assert call(one, "GET", "/_lapse/", headers=spoofed).status == 404
+    assert call(one, "GET", "/_lapse/", headers=[(b"x-forwarded-for", b"::1")]).status == 200
+    for junk in (b"unknown", b"", b"127.0.0.1, junk", b"localhost"):
+        assert call(one, "GET", "/_lapse/", headers=[(b"x-forwarded-for", junk)]).status == 404
+    for header in (b"forwarded", b"x-real-ip", b"via", b"x-forwarded-host"):
+        marked = [(header, b"127.0.0.1")]
+        assert call(one, "GET", "/_lapse/", headers=marked).status == 404
+        untrusting, _ = make_site(clock)
+        assert call(untrusting, "GET", "/_lapse/", headers=marked).status == 404
+    two, _ = make_site(clock, trust_proxy_headers=2)
+    chain = [(b"x-forwarded-for", b"203.0.113.9, 127.0.0.1, 10.0.0.2")]
+    assert call(two, "GET", "/_lapse/", headers=chain).status == 200
+    assert call(one, "GET", "/_lapse/", headers=chain).status == 404
+    listed, _ = make_site(clock, trust_proxy_headers=["127.0.0.1"])
+    through = [(b"x-forwarded-for", b"198.51.100.1, 127.0.0.1")]
+    assert call(listed, "GET", "/_lapse/", headers=through).status == 404
+
+
+def test_the_token_never_reaches_the_access_log(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lapse's access log never shows the view's token: not a right one, not
+    a wrong one, not spelled %74oken, not in a Referer, not on a path the view
+    does not serve, not when the request fails before the view (413); other
+    arguments stay readable."""
+    site, _ = make_site(clock, token=TOKEN, max_body_size=16)
+    wrong = "another-token-value"
+    with caplog.at_level(logging.INFO, logger="lapse"):
+        assert call(site, "GET", f"/_lapse/?token={TOKEN}").status == 303
+        assert call(site, "GET", f"/_lapse/api/summary?a=1&token={wrong}&b=2").status == 403
+        assert call(site, "GET", f"/_lapse/?%74oken={TOKEN}").status == 303
+        assert call(site, "GET", f"/_lapse/?tok%65n={TOKEN}&token").status == 303
+        assert call(site, "GET", f"/elsewhere?token={TOKEN}").status == 404
+        big = call(site, "POST", f"/_lapse/api/expire?token={TOKEN}", body=b"{}" * 20)
+        assert big.status == 413
+        referer = [(b"referer", f"http://127.0.0.1/_lapse/?x=1&token={TOKEN}".encode())]
+        assert call(site, "GET", "/", headers=referer).status == 200
+    lines = [record.getMessage() for record in caplog.records if record.name == "lapse.access"]
+    assert len(lines) == 7
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert TOKEN not in text and wrong not in text
+    assert '"GET /_lapse/?token=[redacted] HTTP/1.1" 303' in lines[0]
+    assert "/_lapse/api/summary?a=1&token=[redacted]&b=2" in lines[1]
+    assert "/_lapse/?%74oken=[redacted]" in lines[2]
+    assert "/_lapse/?tok%65n=[redacted]&token=[redacted]" in lines[3]
+    assert '"http://127.0.0.1/_lapse/?x=1&token=[redacted]"' in lines[6]
+    entry = call(site, "GET", f"/_lapse/?token={TOKEN}")
+    assert entry.header(b"referrer-policy") == b"no-referrer"
 
 
 def test_token_bearer_query_and_cookie(clock: Clock, client_host: list[str]) -> None:

@@ -102,6 +102,22 @@ class _ServesItself(BaseException):
 # -- the command line ---------------------------------------------------------
 
 
+def _trust_spec(text: str) -> int | str:
+    """``--trust-proxy=N|ADDRESSES``, checked as ``trust_proxy_headers`` checks it."""
+    from lapse.web._proxy import proxy_trust
+
+    digits = text.strip()
+    spec: int | str = int(digits) if digits.isascii() and digits.isdigit() else text
+    try:
+        proxy_trust(spec)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc} (write --trust-proxy=N or --trust-proxy=ADDRESSES, or put a bare "
+            "--trust-proxy after MODULE:ATTR)"
+        ) from None
+    return spec
+
+
 def _port_number(text: str) -> int:
     try:
         number = int(text)
@@ -178,12 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--trust-proxy",
-        action="store_true",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_trust_spec,
+        metavar="N|ADDRESSES",
         help=(
-            "believe X-Forwarded-Proto and X-Forwarded-For (only behind a proxy that "
-            "sets them): a Site gets trust_proxy_headers=True; any other ASGI app is "
-            "wrapped in uvicorn's ProxyHeadersMiddleware, which sets the scope's scheme "
-            "and client from them"
+            "believe X-Forwarded-For and X-Forwarded-Proto as far as the proxies in front "
+            "add them: alone, one proxy (the right-most entry); =N, a chain of N proxies; "
+            "=10.0.0.0/8,192.0.2.7, the proxies' addresses or networks (believed only "
+            "from them). A Site gets it as trust_proxy_headers; any other ASGI app gets "
+            "its scope's client and scheme from them"
         ),
     )
     serve.add_argument(
@@ -417,7 +438,7 @@ class _Options:
     store: str | None
     checked_store: str | None
     ssl_context: ssl.SSLContext | None
-    trust_proxy: bool
+    trust_proxy: bool | int | str
     live_view: str | None
     app_dir: str
     ready_fd: int | None
@@ -479,8 +500,8 @@ def _prepare_app(app: Any, options: _Options) -> Any:
             )
         if options.workers > 1 and not store.shared:
             raise CommandError(MEMORY_WITH_WORKERS.format(workers=options.workers))
-        if options.trust_proxy:
-            app.trust_proxy_headers = True
+        if options.trust_proxy is not False:
+            app.trust_proxy_headers = options.trust_proxy
         if options.live_view is not None:
             _mount_live_view(app, options.live_view)
         return app
@@ -489,10 +510,10 @@ def _prepare_app(app: Any, options: _Options) -> Any:
             f"--live-view needs a lapse Site, and {options.target} is another ASGI app: "
             "mount lapse.web.liveview.LiveView in the app yourself"
         )
-    if options.trust_proxy:
-        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+    if options.trust_proxy is not False and options.trust_proxy != 0:
+        from lapse.web._proxy import ProxyHeaders
 
-        return ProxyHeadersMiddleware(app, trusted_hosts="*")
+        return ProxyHeaders(app, options.trust_proxy)
     return app
 
 
@@ -612,8 +633,10 @@ def _worker_command(options: _Options) -> list[str]:
     ):
         if value is not None:
             command += [option, value]
-    if options.trust_proxy:
+    if options.trust_proxy is True:
         command.append("--trust-proxy")
+    elif options.trust_proxy is not False:
+        command.append(f"--trust-proxy={options.trust_proxy}")
     if options.live_view is not None:
         command += ["--live-view", options.live_view]
     return command

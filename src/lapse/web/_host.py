@@ -22,6 +22,7 @@ from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
 from lapse.sessions._stats import SessionStats
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
+from lapse.web._proxy import ProxyTrust, TrustSetting, proxy_trust
 
 __all__ = ["SessionHost", "cookie_uid"]
 
@@ -88,6 +89,22 @@ class SessionHost:
     reactor: IReactorTime
     sessions: dict[str, Session]
     counter: int
+    _log_redact: frozenset[bytes] = frozenset()
+    """Query arguments whose values logs never show (a live view's token)."""
+    _proxy_trust: ProxyTrust | None = None
+    _trust_setting: TrustSetting = False
+
+    @property
+    def trust_proxy_headers(self) -> TrustSetting:
+        """Which ``X-Forwarded-For``/``-Proto`` to believe: ``False``, ``True``
+        (one proxy), a number of proxies, or the proxies' addresses and
+        networks (see :mod:`lapse.web._proxy`)."""
+        return self._trust_setting
+
+    @trust_proxy_headers.setter
+    def trust_proxy_headers(self, setting: TrustSetting) -> None:
+        self._proxy_trust = proxy_trust(setting)
+        self._trust_setting = setting
 
     def _host_sessions(
         self,

@@ -24,6 +24,7 @@ from lapse.web._cookies import (
     format_set_cookie,
     parse_cookie_header,
 )
+from lapse.web._proxy import Forwarded, ProxyTrust
 from lapse.web.error import BadRequest
 from lapse.web.http_headers import Headers, decode_header
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from lapse.web._types import Scope
     from lapse.web.server import Site
 
-__all__ = ["NOT_DONE_YET", "Request", "parse_query", "split_path"]
+__all__ = ["NOT_DONE_YET", "Request", "parse_query", "redact_query", "split_path"]
 
 NOT_DONE_YET = 1
 """Returned by a render method that will finish the request later."""
@@ -44,6 +45,8 @@ _METHODS = {
 }
 _NO_SESSIONS: tuple[None, None] = (None, None)
 """A request's sessions before it has any (lists are made on first use)."""
+_UNREAD = Forwarded(None, None)
+"""A request's ``_proxy_said`` before its proxy headers are read."""
 _PROTOCOLS = {v: b"HTTP/" + v.encode("ascii") for v in ("1.0", "1.1", "2")}
 _DEFAULT_CONTENT_TYPE = (b"content-type", b"text/html; charset=utf-8")
 _ZERO_LENGTH = (b"content-length", b"0")
@@ -64,16 +67,38 @@ def parse_query(data: bytes) -> dict[bytes, list[bytes]]:
         if not pair:
             continue
         key, _, value = pair.partition(b"=")
-        if b"+" in pair:
-            key, value = key.replace(b"+", b" "), value.replace(b"+", b" ")
-        if b"%" in pair:
-            key, value = unquote_to_bytes(key), unquote_to_bytes(value)
+        if b"+" in pair or b"%" in pair:
+            key, value = _unquote_plus(key), _unquote_plus(value)
         found = args.get(key)
         if found is None:
             args[key] = [value]
         else:
             found.append(value)
     return args
+
+
+def _unquote_plus(part: bytes) -> bytes:
+    """A query key or value decoded: ``+`` a space, ``%XX`` its byte."""
+    if b"+" in part:
+        part = part.replace(b"+", b" ")
+    return unquote_to_bytes(part) if b"%" in part else part
+
+
+def redact_query(uri: bytes, names: frozenset[bytes]) -> bytes:
+    """``uri`` with the value of each query argument named in ``names`` (as
+    :func:`parse_query` reads names, escapes included) replaced by
+    ``[redacted]``; ``uri`` itself if it has none."""
+    path, mark, query = uri.partition(b"?")
+    if not mark:
+        return uri
+    pairs = query.split(b"&")
+    changed = False
+    for index, pair in enumerate(pairs):
+        key = pair.partition(b"=")[0]
+        if _unquote_plus(key) in names:
+            pairs[index] = key + b"=[redacted]"
+            changed = True
+    return path + b"?" + b"&".join(pairs) if changed else uri
 
 
 _SEGMENT_SAFE = b"!$&'()*+,;=:@-._~"
@@ -128,6 +153,7 @@ class Request:
     _received_cookies: dict[bytes, bytes] | None = None
     _args: dict[bytes, list[bytes]] | None = None
     _secure: bool | None = None
+    _proxy_said: Forwarded | None = _UNREAD
     _response_headers: Headers | None = None
     _cookies: list[bytes] | None = None
     _content: BytesIO | None = None
@@ -257,19 +283,37 @@ class Request:
     def _find_secure(self) -> bool:
         if self._scope.get("scheme") in ("https", "wss"):
             return True
-        if self.site.trust_proxy_headers:
-            proto = self.getHeader(b"x-forwarded-proto")
-            return proto is not None and proto.split(b",")[0].strip().lower() == b"https"
-        return False
+        said = self._forwarded()
+        return said is not None and said.secure is True
+
+    def _forwarded(self) -> Forwarded | None:
+        """What the site's trusted proxies say of this request (read once);
+        None if the site trusts no proxy headers, or not from this peer."""
+        said = self._proxy_said
+        if said is _UNREAD:
+            trust: ProxyTrust | None = self.site._proxy_trust
+            if trust is None:
+                said = None
+            else:
+                peer = self._scope.get("client")
+                said = trust.read(peer[0] if peer else None, self._scope["headers"])
+            self._proxy_said = said
+        return said
 
     def getClientAddress(self) -> IPv4Address | IPv6Address:
-        """The client's address (the first ``X-Forwarded-For`` if trusted)."""
+        """The client's address: the socket peer, or what the site's trusted
+        proxies put in ``X-Forwarded-For`` (see ``trust_proxy_headers``)."""
+        said = self._forwarded()
+        if said is not None and said.client is not None:
+            return address_for(said.client, 0)
         client = self._scope.get("client") or ("", 0)
-        if self.site.trust_proxy_headers:
-            forwarded = self.getHeader(b"x-forwarded-for")
-            if forwarded:
-                return address_for(forwarded.split(b",")[0].strip().decode("latin-1"), 0)
         return address_for(client[0], client[1])
+
+    def _uri_for_log(self) -> bytes:
+        """The URI as logs show it: the values of the site's secret query
+        arguments (a live view's ``token``) redacted."""
+        names: frozenset[bytes] = self.site._log_redact
+        return redact_query(self.uri, names) if names else self.uri
 
     def getClientIP(self) -> str:
         """The client's IP address as a string."""
@@ -491,5 +535,5 @@ class Request:
         return {"type": "http.response.start", "status": code, "headers": headers}
 
     def __repr__(self) -> str:
-        uri = self.uri.decode("latin-1")
+        uri = self._uri_for_log().decode("latin-1")
         return f"<Request {self.method.decode('latin-1')} {uri} {self.code}>"

@@ -8,11 +8,15 @@ and open ``/_lapse/?token=...`` once: the view answers with a cookie of its
 own (HttpOnly, SameSite=Strict, path of the view) and a redirect to the page
 without the token. Programs send ``Authorization: Bearer <token>`` instead.
 Without a token (``LiveView(site)``) only loopback clients may look, as
-``request.getClientAddress()`` says (so ``X-Forwarded-For`` counts only if
-the site has ``trust_proxy_headers``); a request that carries forwarding
-headers the site does not trust is refused too (a proxy on this machine
-would otherwise make every client look local). Refused: 403 with a token
-configured, 404 without.
+``request.getClientAddress()`` says (so ``X-Forwarded-For`` counts only as
+the site's ``trust_proxy_headers`` says); a request that carries proxy
+headers (``X-Forwarded-For``, ``Forwarded``, ``Via``, ...) from which the
+site's trusted proxies name no client is refused too (a proxy on this
+machine would otherwise make every client look local), and so is one whose
+``Host`` is not a loopback name or address (a page using DNS rebinding to
+reach the view from a browser on this machine). Refused: 403 with a token
+configured, 404 without. The ``?token=`` value never appears in the site's
+access log (nor any ``token`` query argument, on any path of the site).
 
 The page (inline CSS and JavaScript, charts drawn as SVG, no external
 resource) refreshes every few seconds from a JSON API:
@@ -66,6 +70,40 @@ PAGE_LIMIT = 50
 MAX_LIMIT = 500
 
 
+_PROXY_MARKS = (
+    b"x-forwarded-for",
+    b"forwarded",
+    b"x-real-ip",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"via",
+)
+"""Headers that say a request came through a proxy."""
+
+
+def _loopback_host(header: bytes | None) -> bool:
+    """Whether a ``Host`` header names this machine's loopback: ``localhost``,
+    a name under ``.localhost``, an address in 127.0.0.0/8 or ``[::1]``, with
+    or without a port. No header at all passes: browsers always send one."""
+    if header is None:
+        return True
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return False
+    else:
+        name, colon, port = text.partition(":")
+        if colon and not port.isdigit():
+            return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _hmac(key: bytes, message: str) -> str:
     return hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
 
@@ -96,6 +134,8 @@ class LiveView(Resource):
         self._secret = secrets.token_bytes(32)
         self._auth_value = None if token is None else _hmac(token.encode(), "lapse-liveview")
         self._handles: dict[str, str] = {}
+        # The token in a query (?token=) never reaches the site's logs.
+        site._log_redact = frozenset(getattr(site, "_log_redact", frozenset()) | {b"token"})
 
     # -- access ---------------------------------------------------------------
 
@@ -103,11 +143,14 @@ class LiveView(Resource):
         """How the request may look: "bearer", "cookie", "loopback" or None."""
         token = self.token
         if token is None:
-            if not self.site.trust_proxy_headers and (
-                request.getHeader(b"x-forwarded-for") is not None
-                or request.getHeader(b"forwarded") is not None
-            ):
-                return None
+            if not _loopback_host(request.getHeader(b"host")):
+                return None  # DNS rebinding: a page of another name, resolved to us
+            if any(request.getHeader(name) is not None for name in _PROXY_MARKS):
+                # Proxied: only the client the site's trusted proxies name counts
+                # (a proxy on this machine would otherwise make everyone local).
+                said = request._forwarded()
+                if said is None or said.client is None:
+                    return None
             try:
                 host = ipaddress.ip_address(request.getClientAddress().host)
             except ValueError:
@@ -147,6 +190,7 @@ class LiveView(Resource):
                 request.setResponseCode(303)
                 request.setHeader(b"location", self._base(request).encode("utf-8"))
                 request.setHeader(b"cache-control", b"no-store")
+                request.setHeader(b"referrer-policy", b"no-referrer")
                 return b""
             return self._refuse(request)
         request.setHeader(b"cache-control", b"no-store")
