@@ -650,12 +650,17 @@ def test_live_view_option_mounts_the_view_in_front_of_the_site(
 ) -> None:
     """``--live-view _lapse`` serves the live view at /_lapse/ with the token
     from LAPSE_LIVEVIEW_TOKEN (a request without it is refused), while every
-    other path still reaches the Site, whose root is a leaf."""
+    other path still reaches the Site, whose root is a leaf. The access log
+    on stderr never shows the token, sent right or wrong in a query."""
     token = "a-long-live-view-token"
     monkeypatch.setenv("LAPSE_LIVEVIEW_TOKEN", token)
     port = free_port()
     args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--live-view", "_lapse"]
-    with lapse_serving(args, port, app_dir) as server:
+    with lapse_serving([*args, "--log-level", "info"], port, app_dir) as server:
+        assert request(port, f"/_lapse/?token={token}").status == 303
+        assert request(port, f"/_lapse/api/summary?token={token}x").status == 403
+        wait_for_stderr(server, r"summary\?token=\[redacted\] HTTP/1.1\" 403", 10)
+        assert '"GET /_lapse/?token=[redacted] HTTP/1.1" 303' in server.stderr_text()
         visit = request(port, "/anything")
         assert visit.status == 200 and "visits=1" in visit.text
         summary = request(port, "/_lapse/api/summary", headers={"Authorization": f"Bearer {token}"})
@@ -667,6 +672,22 @@ def test_live_view_option_mounts_the_view_in_front_of_the_site(
             server.stderr_text()
         )
         assert token not in server.stderr_text()
+
+
+def test_live_view_without_a_token_wants_a_loopback_host(app_dir: Path) -> None:
+    """Without LAPSE_LIVEVIEW_TOKEN the view answers loopback clients only,
+    and only under a loopback Host: over a real socket from 127.0.0.1, Host
+    127.0.0.1:PORT or localhost is served, a DNS-rebinding Host
+    (evil.example:PORT) gets the 404 of any refused request."""
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--live-view", "_lapse"]
+    with lapse_serving(args, port, app_dir):
+        assert request(port, "/_lapse/api/summary").status == 200
+        local = request(port, "/_lapse/api/summary", headers={"Host": f"localhost:{port}"})
+        assert local.status == 200
+        rebound = request(port, "/_lapse/api/summary", headers={"Host": f"evil.example:{port}"})
+        assert rebound.status == 404
+        assert request(port, "/anything", headers={"Host": "evil.example"}).status == 200
 
 
 def test_live_view_option_is_refused_for_a_plain_asgi_app(app_dir: Path) -> None:
