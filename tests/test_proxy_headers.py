@@ -150,6 +150,21 @@ def test_proxy_list_believes_headers_only_from_a_listed_peer() -> None:
     assert seen([ipaddress.ip_network("10.0.0.0/8")], chain)[1] == "192.0.2.7"
 
 
+def test_padding_with_proxy_addresses_stops_the_walk() -> None:
+    """A client that pads X-Forwarded-For with the proxies' own addresses (to
+    make the server parse thousands, or to pass as a proxy) gets at most
+    MAX_HOPS entries looked at; past them nothing is believed."""
+    from lapse.web._proxy import MAX_HOPS
+
+    padding = b", ".join([b"10.0.0.1"] * (MAX_HOPS - 1))
+    assert seen(["10.0.0.0/8"], b"203.0.113.9, " + padding)[1] == "203.0.113.9"
+    assert seen(["10.0.0.0/8"], b"203.0.113.9, 10.0.0.1, " + padding)[1] == "10.0.0.5"
+    flood = b",".join([b"10.0.0.1"] * 800)
+    assert len(flood) < 8 * 1024
+    assert seen(["10.0.0.0/8"], flood)[1] == "10.0.0.5"
+    assert seen(["10.0.0.0/8"], b"10.0.0.7, " + padding)[1] == "10.0.0.7"
+
+
 # -- X-Forwarded-Proto ---------------------------------------------------------------
 
 

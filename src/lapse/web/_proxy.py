@@ -16,7 +16,8 @@ added, can be believed; the left-most is whatever the client wrote.
 - addresses and networks of the trusted proxies (a collection, or a str,
   comma-separated: ``"10.0.0.0/8, 192.0.2.7"``): the headers are believed
   only if the socket peer is one of them, and the client is the right-most
-  entry that is not one of them (the left-most if all are).
+  entry that is not one of them (the left-most if all are; none is believed
+  past ``MAX_HOPS`` entries).
 
 The chosen entry must be an IP address (``192.0.2.1``, ``192.0.2.1:5678``,
 ``2001:db8::1``, ``[2001:db8::1]:443``); anything else (``unknown``, a name,
@@ -56,6 +57,10 @@ TrustSetting = bool | int | str | Iterable[Any] | None
 
 _MAX_ENTRY = 64
 """Longer than any IP address with a port: not one."""
+
+MAX_HOPS = 32
+"""With a proxy list, how many entries from the right are looked at: a client
+who pads the header with proxy addresses gets no more work done than this."""
 
 
 def parse_address(entry: bytes | str) -> _Address | None:
@@ -128,11 +133,14 @@ class ProxyTrust:
         index: int | None = None
         client: _Address | None = None
         if networks:
-            for at in range(len(chain) - 1, -1, -1):
+            for at in range(len(chain) - 1, max(-1, len(chain) - 1 - MAX_HOPS), -1):
                 index = at
                 client = parse_address(chain[at])
                 if not self._trusted(client):
                     break
+            else:
+                if index != 0:  # padded past MAX_HOPS with proxy addresses
+                    index = client = None
         elif len(chain) >= self.count:
             index = len(chain) - self.count
             client = parse_address(chain[index])
