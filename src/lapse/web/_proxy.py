@@ -34,6 +34,7 @@ app): one reading of the headers for all three.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -63,14 +64,15 @@ MAX_HOPS = 32
 who pads the header with proxy addresses gets no more work done than this."""
 
 
-def parse_address(entry: bytes | str) -> _Address | None:
+def parse_address(entry: bytes | str) -> str | None:
     """The IP address an ``X-Forwarded-For`` entry (or a socket peer) names,
-    or None. A port suffix and IPv6 brackets are allowed; names are not."""
+    in its canonical text form, or None. A port suffix and IPv6 brackets are
+    allowed; names are not. (``inet_pton``: this runs on every request.)"""
     text = entry.decode("latin-1") if isinstance(entry, bytes) else entry
     text = text.strip(" \t")
-    if not text or len(text) > _MAX_ENTRY:
+    if not text or len(text) > _MAX_ENTRY or not text.isascii():
         return None
-    if text.startswith("["):
+    if text[0] == "[":
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
             return None
@@ -80,12 +82,13 @@ def parse_address(entry: bytes | str) -> _Address | None:
         if not port.isdigit():
             return None
         text = host
-    if not text.isascii():
-        return None
     try:
-        return ipaddress.ip_address(text)
-    except ValueError:
+        if ":" in text:
+            return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+        socket.inet_pton(socket.AF_INET, text)  # four decimal octets, no leading zeros
+    except (OSError, ValueError):
         return None
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +113,11 @@ class ProxyTrust:
         self.networks = networks
         """The trusted proxies' addresses and networks (empty with ``count``)."""
 
-    def _trusted(self, address: _Address | None) -> bool:
-        if address is None:
+    def _trusted(self, text: str | None) -> bool:
+        """Whether ``text`` (from :func:`parse_address`) is a trusted proxy."""
+        if text is None:
             return False
+        address = ipaddress.ip_address(text)
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
@@ -131,7 +136,7 @@ class ProxyTrust:
             elif name == b"x-forwarded-proto":
                 protos += value.split(b",")
         index: int | None = None
-        client: _Address | None = None
+        client: str | None = None
         if networks:
             for at in range(len(chain) - 1, max(-1, len(chain) - 1 - MAX_HOPS), -1):
                 index = at
@@ -152,7 +157,7 @@ class ProxyTrust:
                 secure = True
             elif proto in (b"http", b"ws"):
                 secure = False
-        return Forwarded(None if client is None else str(client), secure)
+        return Forwarded(client, secure)
 
 
 def proxy_trust(setting: TrustSetting) -> ProxyTrust | None:
