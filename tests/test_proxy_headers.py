@@ -249,18 +249,21 @@ def test_proxy_headers_wrapper_sets_client_and_scheme_of_a_plain_app() -> None:
     """ProxyHeaders (what ``lapse serve --trust-proxy`` puts around a plain
     ASGI app) sets the scope's client and scheme from the same reading: the
     right-most entry, not the spoofed left-most; untouched from an untrusted
-    peer; ws/wss for websockets."""
+    peer; ws/wss for websockets; a TLS connection stays https."""
     scopes: list[dict[str, Any]] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         scopes.append(scope)
 
     def through(
-        trust: TrustSetting, headers: list[tuple[bytes, bytes]], kind: str = "http"
+        trust: TrustSetting,
+        headers: list[tuple[bytes, bytes]],
+        kind: str = "http",
+        scheme: str | None = None,
     ) -> tuple[Any, str]:
         scope = {
             "type": kind,
-            "scheme": "http" if kind == "http" else "ws",
+            "scheme": scheme or ("http" if kind == "http" else "ws"),
             "client": PEER,
             "headers": headers,
         }
@@ -273,5 +276,6 @@ def test_proxy_headers_wrapper_sets_client_and_scheme_of_a_plain_app() -> None:
     assert through(True, spoofed, "websocket") == ("203.0.113.9", "wss")
     assert through(["192.0.2.0/24"], spoofed) == ("10.0.0.5", "http")
     assert through(True, [(b"x-forwarded-for", b"junk")]) == ("10.0.0.5", "http")
+    assert through(True, [(b"x-forwarded-proto", b"http")], scheme="https") == ("10.0.0.5", "https")
     with pytest.raises(ValueError):
         ProxyHeaders(app, False)

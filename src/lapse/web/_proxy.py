@@ -219,11 +219,10 @@ class ProxyHeaders:
         if kind in ("http", "websocket"):
             peer = scope.get("client")
             said = self.trust.read(peer[0] if peer else None, scope["headers"])
-            if said is not None and (said.client is not None or said.secure is not None):
+            if said is not None and (said.client is not None or said.secure):
                 scope = dict(scope)
                 if said.client is not None:
                     scope["client"] = (said.client, 0)
-                if said.secure is not None:
-                    plain, tls = ("http", "https") if kind == "http" else ("ws", "wss")
-                    scope["scheme"] = tls if said.secure else plain
+                if said.secure:  # (a TLS connection stays https, as for a Site)
+                    scope["scheme"] = "https" if kind == "http" else "wss"
         await self.app(scope, receive, send)
