@@ -53,6 +53,7 @@ def make_scope(
     headers: Iterable[tuple[bytes, bytes]] = (),
     scheme: str = "http",
     query: bytes = b"",
+    client: tuple[str, int] = ("127.0.0.1", 50000),
 ) -> dict[str, Any]:
     return {
         "type": "http",
@@ -65,7 +66,7 @@ def make_scope(
         "query_string": query,
         "root_path": "",
         "headers": [(k.lower(), v) for k, v in headers],
-        "client": ("127.0.0.1", 50000),
+        "client": client,
         "server": ("127.0.0.1", 8080),
     }
 
@@ -79,8 +80,9 @@ async def call_async(
     body: bytes = b"",
     scheme: str = "http",
     cookies: dict[bytes, bytes] | None = None,
+    client: tuple[str, int] = ("127.0.0.1", 50000),
 ) -> Response:
-    """Run one request through ``site`` as an ASGI server would."""
+    """Run one request through ``site`` as an ASGI server would, from ``client``."""
     raw = path.encode("latin-1") if isinstance(path, str) else path
     target, _, query = raw.partition(b"?")
     all_headers = list(headers)
@@ -88,7 +90,7 @@ async def call_async(
         all_headers.append((b"cookie", b"; ".join(k + b"=" + v for k, v in cookies.items())))
     if body and not any(k.lower() == b"content-length" for k, _ in all_headers):
         all_headers.append((b"content-length", str(len(body)).encode()))
-    scope = make_scope(method, target, all_headers, scheme, query)
+    scope = make_scope(method, target, all_headers, scheme, query, client)
     incoming: list[dict[str, Any]] = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 

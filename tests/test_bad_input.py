@@ -278,6 +278,25 @@ def test_large_allowed_query_string_is_served(port: int) -> None:
     assert_still_serving(port)
 
 
+@pytest.mark.parametrize(
+    ("query", "count"),
+    [
+        (b"q=caf%C3%A9", 1),
+        (b"q=%ff%fe&%e9=1", 2),
+        (b"q=%E2%82%AC+%F0%9F%98%80&q=%", 2),
+        (b"%C3%A9=%C3%A9&a&b=", 3),
+    ],
+    ids=["utf8", "latin1", "emoji-and-stray-percent", "non-ascii-key-and-blanks"],
+)
+def test_non_ascii_query_is_read_as_bytes(port: int, query: bytes, count: int) -> None:
+    """Percent-encoded non-ASCII query data, UTF-8 or not: 200, and the
+    resource reads every argument from request.args (bytes, as Twisted)."""
+    response = raw(port, b"GET /args?" + query + b" HTTP/1.1")
+    assert response.status == 200
+    assert response.text == f"{count} args"
+    assert_still_serving(port)
+
+
 def test_body_on_get_is_readable_by_the_resource(port: int) -> None:
     """A GET with ``Content-Length: 5`` and body ``hello``: 200, and the
     resource reads the 5 bytes from ``request.content``."""

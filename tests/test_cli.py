@@ -232,7 +232,8 @@ def test_serves_a_site_with_sessions_trust_proxy_and_log_level(app_dir: Path) ->
     """``lapse serve cliapp:site`` serves the Site: the first visit sets a
     session cookie, the next with it is the same session (no new cookie,
     visits 2). With ``--trust-proxy`` the Site believes X-Forwarded-Proto and
-    X-Forwarded-For; with ``--log-level info`` the access log is on stderr.
+    the right-most X-Forwarded-For entry (one proxy), not the spoofed left-most;
+    with ``--log-level info`` the access log is on stderr.
     SIGTERM stops it with status 0."""
     port = free_port()
     args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--trust-proxy"]
@@ -246,7 +247,9 @@ def test_serves_a_site_with_sessions_trust_proxy_and_log_level(app_dir: Path) ->
         assert f"uid={uid} visits=2" in second.text
         assert second.header("set-cookie") is None
         proxied = visit(
-            port, uid, headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+            port,
+            uid,
+            headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "127.0.0.1, 203.0.113.9"},
         )
         assert proxied["secure"] == "True"
         assert proxied["client"] == "203.0.113.9"
@@ -265,8 +268,10 @@ def test_serves_a_site_with_sessions_trust_proxy_and_log_level(app_dir: Path) ->
 
 def test_serves_a_plain_asgi_app_and_trust_proxy_wraps_it(app_dir: Path) -> None:
     """A plain ASGI 3 app (an async function) is served as it is; with
-    ``--trust-proxy`` it is wrapped in uvicorn's ProxyHeadersMiddleware, so its
-    scope's scheme and client come from X-Forwarded-Proto/-For."""
+    ``--trust-proxy`` its scope's scheme and client come from
+    X-Forwarded-Proto/-For as lapse reads them: the right-most entry for one
+    proxy (not the spoofed left-most), the N-th from the right with
+    ``--trust-proxy=N`` (given before MODULE:ATTR)."""
     port = free_port()
     args = ["cliapp:asgi", "--port", str(port), "--app-dir", str(app_dir)]
     with lapse_serving(args, port, app_dir):
@@ -279,9 +284,65 @@ def test_serves_a_plain_asgi_app_and_trust_proxy_wraps_it(app_dir: Path) -> None
         port,
         app_dir,
     ):
-        headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+        headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "6.6.6.6, 203.0.113.9"}
         response = request(port, "/", headers=headers)
         assert response.text == "plain asgi scheme=https client=203.0.113.9"
+    port = free_port()
+    with lapse_serving(
+        ["--trust-proxy=2", "cliapp:asgi", "--port", str(port), "--app-dir", str(app_dir)],
+        port,
+        app_dir,
+    ):
+        headers = {"X-Forwarded-For": "6.6.6.6, 203.0.113.9, 10.0.0.2"}
+        response = request(port, "/", headers=headers)
+        assert response.text == "plain asgi scheme=http client=203.0.113.9"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected", "worker_argv"),
+    [
+        (["x:y", "--trust-proxy"], True, ["--trust-proxy"]),
+        (["x:y"], False, []),
+        (["--trust-proxy=2", "x:y"], 2, ["--trust-proxy=2"]),
+        (["x:y", "--trust-proxy", "3"], 3, ["--trust-proxy=3"]),
+        (
+            ["x:y", "--trust-proxy=10.0.0.0/8,::1"],
+            "10.0.0.0/8,::1",
+            ["--trust-proxy=10.0.0.0/8,::1"],
+        ),
+    ],
+)
+def test_trust_proxy_takes_a_count_or_addresses(
+    argv: list[str], expected: object, worker_argv: list[str], tmp_path: Path
+) -> None:
+    """``--trust-proxy`` alone is one proxy; ``=N`` a chain of N; ``=ADDRESSES``
+    the proxies' addresses and networks; workers get the same option."""
+    from lapse.cli import _check, _worker_command, build_parser
+
+    args = build_parser().parse_args(["serve", *argv, "--app-dir", str(tmp_path)])
+    assert args.trust_proxy == expected
+    command = _worker_command(_check(args))
+    assert [part for part in command if part.startswith("--trust-proxy")] == worker_argv[:1]
+    if worker_argv == ["--trust-proxy"]:
+        assert command[command.index("--trust-proxy") + 1 :] == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--trust-proxy", "cliapp:site"],
+        ["cliapp:site", "--trust-proxy=-1"],
+        ["cliapp:site", "--trust-proxy=10.0.0.0/33"],
+        ["cliapp:site", "--trust-proxy=proxy.internal"],
+    ],
+)
+def test_a_bad_trust_proxy_value_exits_2(argv: list[str], tmp_path: Path) -> None:
+    """A --trust-proxy value that is no count nor addresses exits 2 with
+    argparse's message (which says how to write the option), no traceback."""
+    result = run_lapse(["serve", *argv], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "argument --trust-proxy: " in result.stderr and "--trust-proxy=N" in result.stderr
 
 
 def test_store_option_reaches_the_site_made_at_import_and_survives_restart(
@@ -458,9 +519,21 @@ def test_several_workers_with_the_memory_store_are_refused(
 # -- errors -------------------------------------------------------------------------
 
 
-def test_bad_store_url_exits_2_before_importing(app_dir: Path, tmp_path: Path) -> None:
-    """A store URL that names no store exits 2 with the StoreConfigError's
-    message, before the module is imported."""
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://relative.db", "--store sqlite://relative.db: bad SQLite"),
+        ("sqlite:///" + "a" * 5000, "(5010 characters): the SQLite store path is too long"),
+        ("sqlite:///a\x1b[2Jb.db", "--store sqlite:///a\\x1b[2Jb.db: a session store URL cannot"),
+    ],
+    ids=["no-host", "path-too-long", "control-character"],
+)
+def test_bad_store_url_exits_2_before_importing(
+    app_dir: Path, tmp_path: Path, url: str, message: str
+) -> None:
+    """A store URL that names no store (or no file: a path too long, a
+    control character) exits 2 with the StoreConfigError's message on one
+    short line, the URL cut and escaped, before the module is imported."""
     marker = tmp_path / "imported"
     result = subprocess.run(
         [
@@ -472,7 +545,7 @@ def test_bad_store_url_exits_2_before_importing(app_dir: Path, tmp_path: Path) -
             "--app-dir",
             str(app_dir),
             "--store",
-            "sqlite://relative.db",
+            url,
         ],
         capture_output=True,
         text=True,
@@ -480,8 +553,8 @@ def test_bad_store_url_exits_2_before_importing(app_dir: Path, tmp_path: Path) -
         env={**os.environ, "CLIAPP_IMPORTED": str(marker)},
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("lapse: error: --store sqlite://relative.db: bad SQLite")
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("lapse: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and len(result.stderr) < 400
     assert not marker.exists()
 
 
@@ -577,12 +650,17 @@ def test_live_view_option_mounts_the_view_in_front_of_the_site(
 ) -> None:
     """``--live-view _lapse`` serves the live view at /_lapse/ with the token
     from LAPSE_LIVEVIEW_TOKEN (a request without it is refused), while every
-    other path still reaches the Site, whose root is a leaf."""
+    other path still reaches the Site, whose root is a leaf. The access log
+    on stderr never shows the token, sent right or wrong in a query."""
     token = "a-long-live-view-token"
     monkeypatch.setenv("LAPSE_LIVEVIEW_TOKEN", token)
     port = free_port()
     args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--live-view", "_lapse"]
-    with lapse_serving(args, port, app_dir) as server:
+    with lapse_serving([*args, "--log-level", "info"], port, app_dir) as server:
+        assert request(port, f"/_lapse/?token={token}").status == 303
+        assert request(port, f"/_lapse/api/summary?token={token}x").status == 403
+        wait_for_stderr(server, r"summary\?token=\[redacted\] HTTP/1.1\" 403", 10)
+        assert '"GET /_lapse/?token=[redacted] HTTP/1.1" 303' in server.stderr_text()
         visit = request(port, "/anything")
         assert visit.status == 200 and "visits=1" in visit.text
         summary = request(port, "/_lapse/api/summary", headers={"Authorization": f"Bearer {token}"})
@@ -594,6 +672,22 @@ def test_live_view_option_mounts_the_view_in_front_of_the_site(
             server.stderr_text()
         )
         assert token not in server.stderr_text()
+
+
+def test_live_view_without_a_token_wants_a_loopback_host(app_dir: Path) -> None:
+    """Without LAPSE_LIVEVIEW_TOKEN the view answers loopback clients only,
+    and only under a loopback Host: over a real socket from 127.0.0.1, Host
+    127.0.0.1:PORT or localhost is served, a DNS-rebinding Host
+    (evil.example:PORT) gets the 404 of any refused request."""
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--live-view", "_lapse"]
+    with lapse_serving(args, port, app_dir):
+        assert request(port, "/_lapse/api/summary").status == 200
+        local = request(port, "/_lapse/api/summary", headers={"Host": f"localhost:{port}"})
+        assert local.status == 200
+        rebound = request(port, "/_lapse/api/summary", headers={"Host": f"evil.example:{port}"})
+        assert rebound.status == 404
+        assert request(port, "/anything", headers={"Host": "evil.example"}).status == 200
 
 
 def test_live_view_option_is_refused_for_a_plain_asgi_app(app_dir: Path) -> None:

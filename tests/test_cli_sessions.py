@@ -272,6 +272,66 @@ def test_bad_usage_exits_2_with_one_line(
         assert "live view" in err
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///" + "a" * 5000,
+        "sqlite:///" + "d/" * 2100 + "x.db",
+        "sqlite:///x\x01.db",
+        "redis://:secret@host:6379/0\n",
+    ],
+    ids=["long-name", "long-path", "control-char", "line-break"],
+)
+def test_unusable_store_url_exits_2_with_one_short_line(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store URL no store can have (a path too long for a file, a control
+    character): exit 2 and one line, the URL cut short and escaped, never a
+    traceback; from --store and from LAPSE_SESSION_STORE alike."""
+    status, out, err = lapse(capsys, "sessions", "list", "--store", url)
+    assert status == 2 and out == ""
+    assert err.startswith("lapse: error: --store ") and err.count("\n") == 1, err
+    assert len(err) < 400 and "Traceback" not in err and "secret\n" not in err
+    monkeypatch.setenv("LAPSE_SESSION_STORE", url)
+    status, out, err = lapse(capsys, "sessions", "stats")
+    assert status == 2 and err.startswith("lapse: error: LAPSE_SESSION_STORE=")
+    assert err.count("\n") == 1 and len(err) < 400
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["stats", "--buckets", "1001"], "--buckets: 1001: at most 1000"),
+        (["stats", "--buckets", "100000000000"], "at most 1000"),
+        (["stats", "--horizon", "315360001"], "--horizon: 315360001: at most 315360000"),
+        (["stats", "--horizon", "1" + "0" * 400], "(401 characters): at most"),
+        (["stats", "--horizon", "9" * 5000], "(5000 characters)' is not a whole number"),
+        (["expire", "--all", "--batch", "100001"], "--batch: 100001: at most 100000"),
+    ],
+)
+def test_histogram_and_batch_sizes_have_upper_bounds(
+    argv: list[str], message: str, store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--buckets (at most 1000 lines), --horizon (at most ten years) and
+    --batch have upper bounds: exit 2 with argparse's message, no traceback,
+    no 5000-digit echo; the bounds themselves are accepted."""
+    status, out, err = lapse(capsys, "sessions", *argv, "--store", store_url)
+    assert status == 2 and out == "" and message in err and "Traceback" not in err
+    assert len(err) < 600
+    status, out, _ = lapse(
+        capsys,
+        "sessions",
+        "stats",
+        "--buckets",
+        "1000",
+        "--horizon",
+        "315360000",
+        "--store",
+        store_url,
+    )
+    assert status == 0 and out.count("\n") == 1000 + 4
+
+
 def test_unreachable_stores_exit_1_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import conftest
 import pytest
-from conftest import Response, SessionPage, call
+from conftest import Response, SessionPage, call, call_async
 
 from lapse.internet.task import Clock
 from lapse.sessions import Expiry, Session
@@ -75,6 +79,133 @@ def test_forwarded_headers_follow_the_site(clock: Clock) -> None:
     assert call(trusting, "GET", "/_lapse/", headers=forwarded).status == 404
     local = [(b"x-forwarded-for", b"127.0.0.1")]
     assert call(trusting, "GET", "/_lapse/", headers=local).status == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"localhost",
+        b"LOCALHOST:8080",
+        b"app.localhost:3000",
+        b"127.0.0.1",
+        b"127.8.9.1:80",
+        b"[::1]",
+        b"[::1]:8080",
+    ],
+)
+def test_loopback_host_names_are_accepted(clock: Clock, host: bytes) -> None:
+    """Without a token, a Host naming loopback (localhost, *.localhost,
+    127.0.0.0/8, [::1], with or without a port) from a loopback client is let in."""
+    site, _ = make_site(clock)
+    assert call(site, "GET", "/_lapse/api/summary", headers=[(b"host", host)]).status == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"evil.example",
+        b"evil.example:8080",
+        b"127.0.0.1.evil.example",
+        b"localhost.evil.example",
+        b"evil-localhost",
+        b"0.0.0.0:8080",
+        b"10.0.0.1",
+        b"[2001:db8::1]",
+        b"[::1",
+        b"[::1]:x",
+        b"localhost:",
+        b"localhost:80:80",
+        b"::1",
+        b"",
+        b"caf\xc3\xa9.example",
+    ],
+)
+def test_other_host_names_are_refused_without_a_token(
+    clock: Clock, caplog: pytest.LogCaptureFixture, host: bytes
+) -> None:
+    """Without a token, a request from a loopback client whose Host is not a
+    loopback name (a page using DNS rebinding to make a browser on this
+    machine read the view or end sessions) is refused like any other: 404,
+    reading and POSTing alike; with a token the Host does not matter."""
+    site, _ = make_site(clock)
+    session = site.makeSession()
+    rows = get_json(call(site, "GET", "/_lapse/api/sessions"))["sessions"]
+    page = call(site, "GET", "/_lapse/")
+    nonce, csrf = csrf_of(page)
+    rebound = [(b"host", host)]
+    assert call(site, "GET", "/_lapse/", headers=rebound).status == 404
+    assert call(site, "GET", "/_lapse/api/sessions", headers=rebound).status == 404
+    post = call(
+        site,
+        "POST",
+        "/_lapse/api/expire",
+        body=json.dumps({"id": rows[0]["id"]}).encode(),
+        headers=[*rebound, (b"x-lapse-csrf", csrf)],
+        cookies={CSRF_COOKIE.encode(): nonce},
+    )
+    assert post.status == 404 and not session.expired
+    tokened, _ = make_site(clock, token=TOKEN)
+    bearer = [*rebound, (b"authorization", b"Bearer " + TOKEN.encode())]
+    assert call(tokened, "GET", "/_lapse/api/summary", headers=bearer).status == 200
+    assert "Traceback" not in caplog.text
+
+
+def test_proxied_requests_count_only_by_the_trusted_entry(clock: Clock) -> None:
+    """Without a token, behind trusted proxies the client is the entry they
+    added: a spoofed left-most 127.0.0.1 is no pass, nor is an entry that is
+    no address (the fallback to the proxy's own loopback address does not
+    count), nor proxy headers the site does not trust (X-Real-IP, Via,
+    Forwarded included)."""
+    one, _ = make_site(clock, trust_proxy_headers=True)
+    spoofed = [(b"x-forwarded-for", b"127.0.0.1, 203.0.113.9")]
+    assert call(one, "GET", "/_lapse/", headers=spoofed).status == 404
+    assert call(one, "GET", "/_lapse/", headers=[(b"x-forwarded-for", b"::1")]).status == 200
+    for junk in (b"unknown", b"", b"127.0.0.1, junk", b"localhost"):
+        assert call(one, "GET", "/_lapse/", headers=[(b"x-forwarded-for", junk)]).status == 404
+    for header in (b"forwarded", b"x-real-ip", b"via", b"x-forwarded-host"):
+        marked = [(header, b"127.0.0.1")]
+        assert call(one, "GET", "/_lapse/", headers=marked).status == 404
+        untrusting, _ = make_site(clock)
+        assert call(untrusting, "GET", "/_lapse/", headers=marked).status == 404
+    two, _ = make_site(clock, trust_proxy_headers=2)
+    chain = [(b"x-forwarded-for", b"203.0.113.9, 127.0.0.1, 10.0.0.2")]
+    assert call(two, "GET", "/_lapse/", headers=chain).status == 200
+    assert call(one, "GET", "/_lapse/", headers=chain).status == 404
+    listed, _ = make_site(clock, trust_proxy_headers=["127.0.0.1"])
+    through = [(b"x-forwarded-for", b"198.51.100.1, 127.0.0.1")]
+    assert call(listed, "GET", "/_lapse/", headers=through).status == 404
+
+
+def test_the_token_never_reaches_the_access_log(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lapse's access log never shows the view's token: not a right one, not
+    a wrong one, not spelled %74oken, not in a Referer, not on a path the view
+    does not serve, not when the request fails before the view (413); other
+    arguments stay readable."""
+    site, _ = make_site(clock, token=TOKEN, max_body_size=16)
+    wrong = "another-token-value"
+    with caplog.at_level(logging.INFO, logger="lapse"):
+        assert call(site, "GET", f"/_lapse/?token={TOKEN}").status == 303
+        assert call(site, "GET", f"/_lapse/api/summary?a=1&token={wrong}&b=2").status == 403
+        assert call(site, "GET", f"/_lapse/?%74oken={TOKEN}").status == 303
+        assert call(site, "GET", f"/_lapse/?tok%65n={TOKEN}&token").status == 303
+        assert call(site, "GET", f"/elsewhere?token={TOKEN}").status == 404
+        big = call(site, "POST", f"/_lapse/api/expire?token={TOKEN}", body=b"{}" * 20)
+        assert big.status == 413
+        referer = [(b"referer", f"http://127.0.0.1/_lapse/?x=1&token={TOKEN}".encode())]
+        assert call(site, "GET", "/", headers=referer).status == 200
+    lines = [record.getMessage() for record in caplog.records if record.name == "lapse.access"]
+    assert len(lines) == 7
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert TOKEN not in text and wrong not in text
+    assert '"GET /_lapse/?token=[redacted] HTTP/1.1" 303' in lines[0]
+    assert "/_lapse/api/summary?a=1&token=[redacted]&b=2" in lines[1]
+    assert "/_lapse/?%74oken=[redacted]" in lines[2]
+    assert "/_lapse/?tok%65n=[redacted]&token=[redacted]" in lines[3]
+    assert '"http://127.0.0.1/_lapse/?x=1&token=[redacted]"' in lines[6]
+    entry = call(site, "GET", f"/_lapse/?token={TOKEN}")
+    assert entry.header(b"referrer-policy") == b"no-referrer"
 
 
 def test_token_bearer_query_and_cookie(clock: Clock, client_host: list[str]) -> None:
@@ -318,3 +449,178 @@ def test_mount_puts_the_view_in_front_of_a_leaf_root() -> None:
     for bad in ("", "/", "a/b", "..", "sp ace"):
         with pytest.raises(ValueError):
             mount(Site(Leaf(b"x"), reactor=Clock()), bad)
+
+
+# -- malformed API parameters, on every store -----------------------------------------
+
+_prefixes = itertools.count()
+
+HEX = "0123456789abcdef" * 2
+"""32 hex digits: the shape of a row id (this one names no session)."""
+
+MALFORMED_GETS = [
+    # api/sessions?cursor=: only cursors this view gave out
+    "api/sessions?cursor=garbage",
+    "api/sessions?cursor=%ff",
+    "api/sessions?cursor=%ff%fe%00",
+    "api/sessions?cursor=%00",
+    "api/sessions?cursor=:",
+    "api/sessions?cursor=1:",
+    "api/sessions?cursor=abc:def",
+    "api/sessions?cursor=-1",
+    "api/sessions?cursor=0:0",
+    "api/sessions?cursor=1:%ff",
+    "api/sessions?cursor=nan:x",
+    "api/sessions?cursor=inf:x",
+    "api/sessions?cursor=1e309:x",
+    "api/sessions?cursor=99999999999999999999999999999999:x",
+    "api/sessions?cursor=" + "7" * 5000,
+    "api/sessions?cursor=%20",
+    "api/sessions?cursor=caf%C3%A9",
+    "api/sessions?cursor=YQ.0000",
+    "api/sessions?cursor=YQ." + "0" * 32,
+    "api/sessions?cursor=." + "0" * 32,
+    # api/sessions?limit=: 1 to 500
+    "api/sessions?limit=abc",
+    "api/sessions?limit=-1",
+    "api/sessions?limit=0",
+    "api/sessions?limit=501",
+    "api/sessions?limit=1e3",
+    "api/sessions?limit=1.5",
+    "api/sessions?limit=99999999999999999999999",
+    "api/sessions?limit=" + "9" * 5000,
+    "api/sessions?limit=%ff",
+    "api/sessions?limit=",
+    "api/sessions?limit=0x10",
+    "api/sessions?limit=1_0",
+    "api/sessions?limit=%D9%A3",
+    "api/sessions?limit=+5",
+    "api/sessions?limit=%205",
+    # api/session?id=: 32 hex digits
+    "api/session?id=%ff",
+    "api/session?id=%ff%fe",
+    "api/session?id=",
+    "api/session",
+    "api/session?id=zz",
+    "api/session?id=" + HEX[:31],
+    "api/session?id=" + HEX + "0",
+    "api/session?id=" + "g" * 32,
+    "api/session?id=" + HEX.upper(),
+    "api/session?id=" + "%00" * 32,
+    "api/session?id=" + "a" * 10000,
+    "api/session?id=caf%C3%A9" + HEX[:28],
+]
+
+MALFORMED_BODIES = [
+    b"[1",
+    b"[]",
+    b'"' + HEX.encode() + b'"',
+    b"1",
+    b"null",
+    b"{}",
+    b'{"id": 1}',
+    b'{"id": null}',
+    b'{"id": ["' + HEX.encode() + b'"]}',
+    b'{"id": {"id": "x"}}',
+    b'{"id": NaN}',
+    b'{"id": 1' + b"0" * 4000 + b"}",
+    b'{"id": "zz"}',
+    b'{"id": "' + HEX[:31].encode() + b'"}',
+    b'{"id": "\\ud800' + HEX[:27].encode() + b'"}',
+    b'{"id": "' + HEX.encode() + b'"',
+    b"[" * 2000 + b"]" * 2000,
+    b'{"a":' * 600 + b"1" + b"}" * 600,
+    b"\xff\xfe\xfd",
+    b'{"id": "\xc3\x28' + HEX[:30].encode() + b'"}',
+    b"\xff\xfe" + '{"id": "x"}'.encode("utf-16-le"),
+]
+
+HUGE_BODIES = [
+    b"[" * 50000 + b"]" * 50000,
+    b'{"id": "' + HEX.encode() + b'", "pad": "' + b"x" * 20000 + b'"}',
+    b"x" * 100000,
+]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def view_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL of each kind, empty."""
+    if request.param == "memory":
+        return "memory:"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'view.db'}"
+    server = request.getfixturevalue("redis_server")
+    return f"{server.url}?prefix=liveview{next(_prefixes)}"
+
+
+def test_malformed_api_parameters_are_400_on_every_store(
+    view_store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every malformed parameter of the JSON API (bad, foreign or non-UTF-8
+    cursors, a limit that is not 1 to 500, ids that are not 32 hex digits,
+    POST bodies that are not a JSON object with a string id: not JSON, not
+    UTF-8, nested 2000 deep) is a 400 with a JSON error, on every store; a
+    body over 4 KiB (nested 50,000 deep, padded) a 413; never a 5xx, never a
+    traceback in the log. Well-formed requests still answer 200."""
+    assert len(MALFORMED_GETS) + len(MALFORMED_BODIES) + len(HUGE_BODIES) >= 60
+
+    async def main() -> None:
+        root = Resource()
+        memory = view_store == "memory:"
+        site = Site(root, reactor=Clock() if memory else None, store=view_store)
+        root.putChild(b"_lapse", LiveView(site))
+        root.putChild(b"_other", LiveView(site))
+        sessions = [site.makeSession() for _ in range(3)]
+        if not memory:
+            await site._keeper.persist(sessions)
+        try:
+            first = await call_async(site, "GET", "/_lapse/api/sessions?limit=1")
+            assert first.status == 200
+            cursor = get_json(first)["next"]
+            again = await call_async(site, "GET", f"/_lapse/api/sessions?limit=2&cursor={cursor}")
+            assert again.status == 200 and len(get_json(again)["sessions"]) == 2
+            foreign = get_json(await call_async(site, "GET", "/_other/api/sessions?limit=1"))
+            nonce, csrf = csrf_of(await call_async(site, "GET", "/_lapse/"))
+            gets = [*MALFORMED_GETS, f"api/sessions?cursor={foreign['next']}"]
+            for path in gets:
+                response = await call_async(site, "GET", "/_lapse/" + path)
+                assert response.status == 400, (path, response.status, response.body[:200])
+                assert isinstance(get_json(response)["error"], str)
+            for body, status in [(b, 400) for b in MALFORMED_BODIES] + [
+                (b, 413) for b in HUGE_BODIES
+            ]:
+                response = await call_async(
+                    site,
+                    "POST",
+                    "/_lapse/api/expire",
+                    body=body,
+                    headers=[(b"x-lapse-csrf", csrf), (b"content-type", b"application/json")],
+                    cookies={CSRF_COOKIE.encode(): nonce},
+                )
+                assert response.status == status, (body[:60], response.status, response.body)
+                assert isinstance(get_json(response)["error"], str)
+            # Well-formed, unknown id: the API's own 404, as before.
+            unknown = await call_async(site, "GET", f"/_lapse/api/session?id={HEX}")
+            assert unknown.status == 404
+            assert all(not s.expired for s in sessions)
+        finally:
+            if not memory:
+                await site._keeper.aclose()
+
+    with caplog.at_level(logging.DEBUG, logger="lapse"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text
+
+
+def test_a_cursor_of_a_scan_the_store_dropped_is_400(clock: Clock) -> None:
+    """A cursor this view gave out, of a memory-store scan since dropped (only
+    the last few scans stay open), is a 400 saying to start again, not a 500."""
+    site, _ = make_site(clock)
+    for _ in range(3):
+        site.makeSession()
+    old = get_json(call(site, "GET", "/_lapse/api/sessions?limit=1"))["next"]
+    for _ in range(100):
+        call(site, "GET", "/_lapse/api/sessions?limit=1")
+    stale = call(site, "GET", f"/_lapse/api/sessions?cursor={old}")
+    assert stale.status == 400 and "start again" in get_json(stale)["error"]

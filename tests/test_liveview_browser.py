@@ -127,3 +127,45 @@ def test_live_view_in_chromium(tmp_path: Path) -> None:
                 browser.close()
     finally:
         server.stop()
+
+
+def test_a_refused_cursor_takes_the_page_back_to_page_one(tmp_path: Path) -> None:
+    """On the memory store a scan ends with its last page, so the page's
+    refresh of that page sends a cursor the view now refuses (400): the page
+    goes back to page one instead of showing an error."""
+    executable = chromium_binary()
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    script = write_script(
+        tmp_path, "liveview_demo.py", "from lapse.web.liveview import main\nmain()\n"
+    )
+    args = ["--demo", "--port", str(port), "--sessions", "60", "--token", TOKEN]
+    server = ServerProcess(script, args=args).start()
+    try:
+        wait_for_port(port, timeout=20, proc=server.proc)
+        wait_for(server, r"LIVEVIEW .*")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=executable, headless=True, args=["--no-sandbox"]
+            )
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/_lapse/?token={TOKEN}")
+                page.wait_for_selector("body[data-loaded='1']", timeout=10_000)
+                assert page.locator("#rows tr").count() == 50
+                page.click("#next")
+                deadline = time.monotonic() + 5
+                while page.locator("#rows tr").count() != 10:
+                    assert time.monotonic() < deadline
+                    page.wait_for_timeout(50)
+                # The next refresh (3 s) re-sends the spent cursor.
+                deadline = time.monotonic() + 8
+                while page.locator("#rows tr").count() != 50:
+                    assert time.monotonic() < deadline, page.text_content("#error")
+                    page.wait_for_timeout(100)
+                assert page.text_content("#error") == ""
+            finally:
+                browser.close()
+    finally:
+        server.stop()

@@ -292,6 +292,84 @@ def test_query_and_form_args() -> None:
     assert seen == {b"a": [b"1", b"2", b"3"], b"empty": [b""], b"b": [b"x y"]}
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"q=caf%C3%A9", {b"q": [b"caf\xc3\xa9"]}),
+        (b"q=caf\xc3\xa9", {b"q": [b"caf\xc3\xa9"]}),
+        (b"q=%ff%fe", {b"q": [b"\xff\xfe"]}),
+        (b"%ff=1&%C3%A9=%e9", {b"\xff": [b"1"], b"\xc3\xa9": [b"\xe9"]}),
+        (b"q=\xff\x80&r=%", {b"q": [b"\xff\x80"], b"r": [b"%"]}),
+        (b"q=%zz%4&q=%2B+x", {b"q": [b"%zz%4", b"+ x"]}),
+        (b"a+b=c+d&flag&e=&&=v", {b"a b": [b"c d"], b"flag": [b""], b"e": [b""], b"": [b"v"]}),
+    ],
+    ids=[
+        "utf8-escaped",
+        "utf8-raw",
+        "latin1",
+        "non-ascii-keys",
+        "raw-bytes",
+        "bad-escapes",
+        "blanks",
+    ],
+)
+def test_args_are_any_bytes_as_twisted_gives_them(
+    query: bytes, expected: dict[bytes, list[bytes]]
+) -> None:
+    """request.args takes any query bytes (UTF-8 or not, escaped or raw, bad
+    escapes): bytes keys and values, ``+`` a space, blank values kept, never
+    a 500; the same for an urlencoded form body."""
+    seen: list[dict[bytes, list[bytes]]] = []
+
+    class Args(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            seen.append(request.args)
+            return b""
+
+        render_POST = render_GET
+
+    site = site_for(Args())
+    assert call(site, "GET", b"/?" + query).status == 200
+    form = [(b"content-type", b"application/x-www-form-urlencoded; charset=utf-8")]
+    assert call(site, "POST", b"/", headers=form, body=query).status == 200
+    assert seen == [expected, expected]
+
+
+def test_str_api_on_non_ascii_names_and_paths() -> None:
+    """getHeader with a str name no header can have is None (not a 500);
+    getCookie takes a non-ASCII str name (UTF-8); prePathURL percent-encodes
+    each segment (non-ASCII bytes, an encoded slash) as Twisted does."""
+    seen: list[Any] = []
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            seen.extend(
+                [
+                    request.getHeader("x-\u20ac"),
+                    request.getHeader("\u00e9"),
+                    request.getCookie("caf\u00e9"),
+                    request.prePathURL(),
+                ]
+            )
+            return b""
+
+    root = Resource()
+    root.putChild("caf\u00e9", Resource())
+    root.children["caf\u00e9".encode()].putChild(b"a/b", Page())
+    response = call(
+        site_for(root),
+        "GET",
+        b"/caf%C3%A9/a%2Fb",
+        headers=[(b"host", b"example.com:8080"), (b"cookie", b"caf\xc3\xa9=cr\xc3\xa8me")],
+    )
+    assert response.status == 200
+    assert seen == [None, None, "cr\u00e8me", b"http://example.com:8080/caf%C3%A9/a%2Fb"]
+
+
 def test_body_is_readable_from_content() -> None:
     """request.content holds the request body, also on GET."""
 

@@ -179,6 +179,16 @@ def test_environment_chooses_the_store(
         "redis://host:port/0",
         "redis://host:6379/zero",
         "redis://host:6379/0?colour=blue",
+        "memory:\x00",
+        "sqlite:///sessions\x00.db",
+        "sqlite:///sessions.db\n",
+        "sqlite:///ses\tsions.db",
+        "redis://host\x00:6379/0",
+        "rediss://host:6379/0\r\n",
+        "redis://host:6379/0?prefix=a\x7fb",
+        "sqlite:///" + "a" * 5000,
+        "sqlite:///" + "d" * 300 + "/sessions.db",
+        "sqlite:///" + "d/" * 2100 + "sessions.db",
     ],
 )
 def test_bad_store_url_is_an_error_at_construction(clock: Clock, url: str) -> None:
@@ -186,6 +196,62 @@ def test_bad_store_url_is_an_error_at_construction(clock: Clock, url: str) -> No
     not at the first request."""
     with pytest.raises(StoreConfigError):
         Site(Resource(), reactor=clock, store=url)
+
+
+def test_control_characters_in_a_store_url_are_named_not_echoed(clock: Clock) -> None:
+    """A NUL (or any control character) in a store URL is refused at
+    construction with where it is, without echoing the URL (which may hold a
+    password); SQLiteStore and RedisStore made directly refuse it too."""
+    from lapse.sessions.stores.redis import RedisStore
+    from lapse.sessions.stores.sqlite import SQLiteStore
+
+    with pytest.raises(
+        StoreConfigError, match=r"control characters: '\\x00' at position 15"
+    ) as caught:
+        Site(Resource(), reactor=clock, store="redis://:secret\x00@host:6379/0")
+    assert "secret" not in str(caught.value)
+    with pytest.raises(StoreConfigError, match="control characters"):
+        RedisStore("redis://:secret@host:6379/0\n")
+    with pytest.raises(StoreConfigError, match="control characters"):
+        SQLiteStore("sessions\x00.db")
+    with pytest.raises(StoreConfigError, match="too long for a file"):
+        SQLiteStore("x" * 256 + ".db")
+
+
+class _NotAStore:
+    url = "memory:"
+    shared = False
+
+    async def load(self, uid: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        (b"sqlite:///sessions.db", "not bytes: decode it first"),
+        (bytearray(b"memory:"), "not bytearray"),
+        (42, "not int$"),
+        (3.5, "not float$"),
+        (["memory:"], "not list$"),
+        (_NotAStore(), "not _NotAStore \\(it has no open, aclose, now, create, rotate, save"),
+    ],
+    ids=["bytes", "bytearray", "int", "float", "list", "object-missing-the-protocol"],
+)
+def test_store_that_is_neither_url_nor_store_is_an_error_at_construction(
+    clock: Clock, store: Any, message: str
+) -> None:
+    """store= of another type than a str URL or a store object (bytes, a
+    number, an object without the store's methods) is a StoreConfigError
+    naming what was given, when the Site or the middleware is made (not an
+    AttributeError, not at the first request)."""
+    from lapse.asgi import SessionMiddleware
+
+    with pytest.raises(StoreConfigError, match=message) as caught:
+        Site(Resource(), reactor=clock, store=store)
+    assert "sessions.db" not in str(caught.value)  # a URL given as bytes is not echoed
+    with pytest.raises(StoreConfigError, match=message):
+        SessionMiddleware(Resource(), reactor=clock, store=store)
 
 
 def test_bad_store_url_in_environment_is_an_error(

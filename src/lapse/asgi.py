@@ -53,6 +53,7 @@ from lapse.sessions._keeper import ExpiryHook
 from lapse.sessions._visit import Visit, current_visit
 from lapse.web._cookies import format_delete_cookie, format_session_cookie
 from lapse.web._host import SessionHost, cookie_uid
+from lapse.web._proxy import TrustSetting
 from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["SessionMapping", "SessionMiddleware", "current_session", "get_session"]
@@ -234,8 +235,9 @@ class SessionMiddleware(SessionHost):
       :class:`~lapse.sessions.Expiry` for every ended session.
     - ``cookie_name``: the session cookie (default ``lapse_session``); https
       requests use ``__Host-`` + that name, with ``Secure``.
-    - ``trust_proxy_headers``: believe ``X-Forwarded-Proto`` (only behind a
-      proxy that sets it).
+    - ``trust_proxy_headers``: believe ``X-Forwarded-Proto`` as far as the
+      proxies in front set it: ``True`` for one proxy, a number N for a chain
+      of N, or the proxies' addresses and networks (as ``Site``'s).
     - ``session_factory``: the ``Session`` subclass to make (its
       ``sessionTimeout`` is the timeout); ``timeout``: seconds of inactivity
       after which a session ends, ``absolute_timeout``: seconds from its
@@ -256,7 +258,7 @@ class SessionMiddleware(SessionHost):
         store: str | SessionStore | None = None,
         on_expire: ExpiryHook | None = None,
         cookie_name: str = "lapse_session",
-        trust_proxy_headers: bool = False,
+        trust_proxy_headers: TrustSetting = False,
         session_factory: Callable[[Any, str], Session] | None = None,
         timeout: float | None = None,
         absolute_timeout: float | None = None,
@@ -423,14 +425,14 @@ class SessionMiddleware(SessionHost):
         """Whether the request is secure; the uid its session cookie names."""
         secure = scope.get("scheme") == "https"
         cookie_header: bytes | None = None
-        forwarded: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie_header = value if cookie_header is None else cookie_header + b"; " + value
-            elif name == b"x-forwarded-proto":
-                forwarded = value
-        if not secure and forwarded is not None and self.trust_proxy_headers:
-            secure = forwarded.split(b",")[0].strip().lower() == b"https"
+        trust = self._proxy_trust
+        if not secure and trust is not None:
+            peer = scope.get("client")
+            said = trust.read(peer[0] if peer else None, scope["headers"])
+            secure = said is not None and said.secure is True
         if cookie_header is None:
             return secure, None
         return secure, cookie_uid(self._cookie_finders[1 if secure else 0](cookie_header))

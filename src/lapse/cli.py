@@ -39,6 +39,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import re
 import select
 import signal
 import socket
@@ -99,6 +100,22 @@ class _ServesItself(BaseException):
 
 
 # -- the command line ---------------------------------------------------------
+
+
+def _trust_spec(text: str) -> int | str:
+    """``--trust-proxy=N|ADDRESSES``, checked as ``trust_proxy_headers`` checks it."""
+    from lapse.web._proxy import proxy_trust
+
+    digits = text.strip()
+    spec: int | str = int(digits) if digits.isascii() and digits.isdigit() else text
+    try:
+        proxy_trust(spec)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc} (write --trust-proxy=N or --trust-proxy=ADDRESSES, or put a bare "
+            "--trust-proxy after MODULE:ATTR)"
+        ) from None
+    return spec
 
 
 def _port_number(text: str) -> int:
@@ -177,12 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--trust-proxy",
-        action="store_true",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_trust_spec,
+        metavar="N|ADDRESSES",
         help=(
-            "believe X-Forwarded-Proto and X-Forwarded-For (only behind a proxy that "
-            "sets them): a Site gets trust_proxy_headers=True; any other ASGI app is "
-            "wrapped in uvicorn's ProxyHeadersMiddleware, which sets the scope's scheme "
-            "and client from them"
+            "believe X-Forwarded-For and X-Forwarded-Proto as far as the proxies in front "
+            "add them: alone, one proxy (the right-most entry); =N, a chain of N proxies; "
+            "=10.0.0.0/8,192.0.2.7, the proxies' addresses or networks (believed only "
+            "from them). A Site gets it as trust_proxy_headers; any other ASGI app gets "
+            "its scope's client and scheme from them"
         ),
     )
     serve.add_argument(
@@ -215,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- checks that need nothing imported ------------------------------------------
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """``text`` for a one-line message: control characters escaped, cut
+    after ``limit`` characters."""
+    if len(text) > limit:
+        text = text[:limit] + f"... ({len(text)} characters)"
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 def _check_store(url: str, source: str) -> str:
@@ -405,7 +438,7 @@ class _Options:
     store: str | None
     checked_store: str | None
     ssl_context: ssl.SSLContext | None
-    trust_proxy: bool
+    trust_proxy: bool | int | str
     live_view: str | None
     app_dir: str
     ready_fd: int | None
@@ -420,10 +453,10 @@ def _check(args: argparse.Namespace) -> _Options:
     store: str | None = None
     checked_store: str | None = None
     if args.store is not None:
-        store = checked_store = _check_store(args.store, f"--store {args.store}")
+        store = checked_store = _check_store(args.store, f"--store {_shown(args.store)}")
     elif os.environ.get("LAPSE_SESSION_STORE"):
         url = os.environ["LAPSE_SESSION_STORE"]
-        store = _check_store(url, f"LAPSE_SESSION_STORE={url}")
+        store = _check_store(url, f"LAPSE_SESSION_STORE={_shown(url)}")
     if args.log_level is None and os.environ.get("LAPSE_LOG_LEVEL"):
         level = os.environ["LAPSE_LOG_LEVEL"]
         if level.lower() not in _LOG_LEVELS:
@@ -467,8 +500,8 @@ def _prepare_app(app: Any, options: _Options) -> Any:
             )
         if options.workers > 1 and not store.shared:
             raise CommandError(MEMORY_WITH_WORKERS.format(workers=options.workers))
-        if options.trust_proxy:
-            app.trust_proxy_headers = True
+        if options.trust_proxy is not False:
+            app.trust_proxy_headers = options.trust_proxy
         if options.live_view is not None:
             _mount_live_view(app, options.live_view)
         return app
@@ -477,10 +510,10 @@ def _prepare_app(app: Any, options: _Options) -> Any:
             f"--live-view needs a lapse Site, and {options.target} is another ASGI app: "
             "mount lapse.web.liveview.LiveView in the app yourself"
         )
-    if options.trust_proxy:
-        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+    if options.trust_proxy is not False and options.trust_proxy != 0:
+        from lapse.web._proxy import ProxyHeaders
 
-        return ProxyHeadersMiddleware(app, trusted_hosts="*")
+        return ProxyHeaders(app, options.trust_proxy)
     return app
 
 
@@ -600,8 +633,10 @@ def _worker_command(options: _Options) -> list[str]:
     ):
         if value is not None:
             command += [option, value]
-    if options.trust_proxy:
+    if options.trust_proxy is True:
         command.append("--trust-proxy")
+    elif options.trust_proxy is not False:
+        command.append(f"--trust-proxy={options.trust_proxy}")
     if options.live_view is not None:
         command += ["--live-view", options.live_view]
     return command
@@ -768,6 +803,15 @@ NO_STORE = (
 SCAN_BATCH = 1000
 """Sessions per scan page (and per batch of concurrent expires)."""
 
+MAX_BUCKETS = 1000
+"""``stats --buckets``: at most this many slices (each is a line of output)."""
+
+MAX_HORIZON = 10 * 365 * 86400
+"""``stats --horizon``: at most ten years, in seconds."""
+
+MAX_BATCH = 100_000
+"""``expire --all --batch``: at most this many sessions per page."""
+
 EXPIRE_PASSES = 5
 """``expire --all`` passes at most: sessions touched or created during one pass
 may be left out of it (see the stores' ``scan``), so it scans again while the
@@ -872,7 +916,7 @@ def _add_sessions_parser(commands: Any) -> None:
     expire.add_argument("--yes", action="store_true", help="with --all: do not ask first")
     expire.add_argument(
         "--batch",
-        type=_positive,
+        type=_at_most(MAX_BATCH),
         default=SCAN_BATCH,
         metavar="N",
         help=f"with --all: sessions per batch (default: {SCAN_BATCH})",
@@ -889,15 +933,18 @@ def _add_sessions_parser(commands: Any) -> None:
     )
     stats.add_argument(
         "--horizon",
-        type=_positive,
+        type=_at_most(MAX_HORIZON),
         metavar="SECONDS",
-        help="how far ahead the histogram looks (default: 3600; not with --server)",
+        help=(
+            f"how far ahead the histogram looks (default: 3600, at most {MAX_HORIZON}: "
+            "ten years; not with --server)"
+        ),
     )
     stats.add_argument(
         "--buckets",
-        type=_positive,
+        type=_at_most(MAX_BUCKETS),
         metavar="N",
-        help="slices of the histogram (default: 12; not with --server)",
+        help=f"slices of the histogram (default: 12, at most {MAX_BUCKETS}; not with --server)",
     )
     stats.add_argument("--json", action="store_true", help="one JSON object")
 
@@ -907,10 +954,23 @@ def _positive(text: str) -> int:
     try:
         number = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{_shown(text, 40)!r} is not a whole number") from None
     if number < 1:
-        raise argparse.ArgumentTypeError(f"{number}: at least 1")
+        raise argparse.ArgumentTypeError(f"{_shown(text, 40)}: at least 1")
     return number
+
+
+def _at_most(limit: int) -> Callable[[str], int]:
+    """A whole number from 1 to ``limit``, as an argparse type."""
+
+    def convert(text: str) -> int:
+        number = _positive(text)
+        if number > limit:
+            raise argparse.ArgumentTypeError(f"{_shown(text, 40)}: at most {limit}")
+        return number
+
+    convert.__name__ = "number"  # what argparse names in its messages
+    return convert
 
 
 def _open_session_store(option: str | None) -> Any:
@@ -919,10 +979,10 @@ def _open_session_store(option: str | None) -> Any:
     from lapse.sessions.stores import store_from_url
 
     if option is not None:
-        url, source = option, f"--store {option}"
+        url, source = option, f"--store {_shown(option)}"
     elif os.environ.get("LAPSE_SESSION_STORE"):
         url = os.environ["LAPSE_SESSION_STORE"]
-        source = f"LAPSE_SESSION_STORE={url}"
+        source = f"LAPSE_SESSION_STORE={_shown(url)}"
     else:
         raise CommandError(NO_STORE)
     if _is_memory(url):
@@ -932,9 +992,19 @@ def _open_session_store(option: str | None) -> Any:
     except StoreConfigError as exc:
         raise CommandError(f"{source}: {exc}") from None
     path = getattr(store, "path", None)
-    if isinstance(path, str) and not Path(path).is_file():
-        # Opening would create an empty database: a typo, most likely.
-        raise CommandError(f"cannot use the session store {store.url}: no such file", EXIT_FAILED)
+    if isinstance(path, str):
+        try:
+            found = Path(path).is_file()
+        except OSError as exc:
+            raise CommandError(
+                f"cannot use the session store {_shown(store.url)}: {exc.strerror or exc}",
+                EXIT_FAILED,
+            ) from None
+        if not found:
+            # Opening would create an empty database: a typo, most likely.
+            raise CommandError(
+                f"cannot use the session store {_shown(store.url)}: no such file", EXIT_FAILED
+            )
     return store
 
 

@@ -3,7 +3,8 @@
 ``127.0.0.1 - - [25/Nov/2026:22:47:53 +0000] "GET /logme HTTP/1.1" 200 0 "-" "curl/8.0"``
 
 Written to the ``lapse.access`` logger at INFO. What the client sent is
-escaped, so a request cannot forge log lines.
+escaped, so a request cannot forge log lines; the values of the site's
+secret query arguments (a live view's ``token``) are redacted.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from typing import TYPE_CHECKING
+
+from lapse.web._request import redact_query
 
 if TYPE_CHECKING:
     from lapse.web._request import Request
@@ -44,6 +47,14 @@ def _safe(value: bytes | None) -> str:
     return text.replace('"', '\\"')
 
 
+def _referer(request: Request) -> bytes | None:
+    referer: bytes | None = request.getHeader(b"referer")
+    names: frozenset[bytes] = request.site._log_redact
+    if referer is None or not names:
+        return referer
+    return redact_query(referer, names)
+
+
 def log_access(request: Request) -> None:
     """Log ``request`` if the access logger is on."""
     if not access_log.isEnabledFor(logging.INFO):
@@ -52,11 +63,11 @@ def log_access(request: Request) -> None:
         request.getClientAddress().host or "-",
         _timestamp(time.time()),
         _safe(request.method),
-        _safe(request.uri),
+        _safe(request._uri_for_log()),
         _safe(request.clientproto),
         request.code,
         request.sentLength,
-        _safe(request.getHeader(b"referer")),
+        _safe(_referer(request)),
         _safe(request.getHeader(b"user-agent")),
     )
     access_log.info(line)

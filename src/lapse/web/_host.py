@@ -17,11 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
-from lapse.sessions import Session, SessionData, SessionStore
+from lapse.sessions import Session, SessionData, SessionStore, StoreConfigError
 from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
 from lapse.sessions._stats import SessionStats
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
+from lapse.web._proxy import ProxyTrust, TrustSetting, proxy_trust
 
 __all__ = ["SessionHost", "cookie_uid"]
 
@@ -29,6 +30,42 @@ session_log = logging.getLogger("lapse.sessions")
 
 MAX_UID_COOKIE = 256
 """A session cookie longer than this names no session."""
+
+_STORE_MEMBERS = (
+    "url",
+    "shared",
+    "open",
+    "aclose",
+    "now",
+    "load",
+    "create",
+    "rotate",
+    "save",
+    "exists",
+    "expire",
+    "claim",
+    "ack",
+    "events",
+    "next_deadline",
+)
+"""What a store object must have (see :class:`~lapse.sessions.SessionStore`)."""
+
+
+def _check_store_object(store: object) -> None:
+    """:class:`StoreConfigError` naming what ``store=`` was given, unless it
+    is a store object; the value itself is not shown (a URL in bytes may
+    hold a password)."""
+    kind = type(store).__name__
+    if isinstance(store, bytes | bytearray):
+        raise StoreConfigError(
+            f"store= takes a store URL as str (or a store object), not {kind}: decode it first"
+        )
+    missing = [name for name in _STORE_MEMBERS if not hasattr(store, name)]
+    if missing:
+        lacks = "" if len(missing) == len(_STORE_MEMBERS) else f" (it has no {', '.join(missing)})"
+        raise StoreConfigError(
+            f"store= takes a store URL (str) or a session store object, not {kind}{lacks}"
+        )
 
 
 def cookie_uid(found: re.Match[bytes] | None) -> str | None:
@@ -52,6 +89,22 @@ class SessionHost:
     reactor: IReactorTime
     sessions: dict[str, Session]
     counter: int
+    _log_redact: frozenset[bytes] = frozenset()
+    """Query arguments whose values logs never show (a live view's token)."""
+    _proxy_trust: ProxyTrust | None = None
+    _trust_setting: TrustSetting = False
+
+    @property
+    def trust_proxy_headers(self) -> TrustSetting:
+        """Which ``X-Forwarded-For``/``-Proto`` to believe: ``False``, ``True``
+        (one proxy), a number of proxies, or the proxies' addresses and
+        networks (see :mod:`lapse.web._proxy`)."""
+        return self._trust_setting
+
+    @trust_proxy_headers.setter
+    def trust_proxy_headers(self, setting: TrustSetting) -> None:
+        self._proxy_trust = proxy_trust(setting)
+        self._trust_setting = setting
 
     def _host_sessions(
         self,
@@ -81,6 +134,8 @@ class SessionHost:
             store = store_from_url(
                 store, clock=(lambda: self.reactor.seconds()) if memory else None
             )
+        else:
+            _check_store_object(store)
         self._keeper = SessionKeeper(
             self, store, on_expire, rotation_grace=rotation_grace, max_sessions=max_sessions
         )

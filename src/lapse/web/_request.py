@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.defer import Deferred
@@ -25,6 +25,7 @@ from lapse.web._cookies import (
     format_set_cookie,
     parse_cookie_header,
 )
+from lapse.web._proxy import Forwarded, ProxyTrust
 from lapse.web.error import BadRequest
 from lapse.web.http_headers import Headers, decode_header
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from lapse.web._types import Scope
     from lapse.web.server import Site
 
-__all__ = ["NOT_DONE_YET", "Request", "split_path"]
+__all__ = ["NOT_DONE_YET", "Request", "parse_query", "redact_query", "split_path"]
 
 NOT_DONE_YET = 1
 """Returned by a render method that will finish the request later."""
@@ -45,9 +46,64 @@ _METHODS = {
 }
 _NO_SESSIONS: tuple[None, None] = (None, None)
 """A request's sessions before it has any (lists are made on first use)."""
+_UNREAD = Forwarded(None, None)
+"""A request's ``_proxy_said`` before its proxy headers are read."""
 _PROTOCOLS = {v: b"HTTP/" + v.encode("ascii") for v in ("1.0", "1.1", "2")}
 _DEFAULT_CONTENT_TYPE = (b"content-type", b"text/html; charset=utf-8")
 _ZERO_LENGTH = (b"content-length", b"0")
+
+
+def parse_query(data: bytes) -> dict[bytes, list[bytes]]:
+    """The arguments of a query string or urlencoded form, as Twisted gives them.
+
+    Pairs are split on ``&``; ``+`` is a space; ``%XX`` is decoded to its
+    byte, whatever the bytes (UTF-8 or not), and a ``%`` that starts no
+    escape stays as it is. Keys and values are bytes; a key without ``=``
+    has the value ``b""``; empty pairs are skipped. It never raises.
+    """
+    args: dict[bytes, list[bytes]] = {}
+    if not data:
+        return args
+    for pair in data.split(b"&"):
+        if not pair:
+            continue
+        key, _, value = pair.partition(b"=")
+        if b"+" in pair or b"%" in pair:
+            key, value = _unquote_plus(key), _unquote_plus(value)
+        found = args.get(key)
+        if found is None:
+            args[key] = [value]
+        else:
+            found.append(value)
+    return args
+
+
+def _unquote_plus(part: bytes) -> bytes:
+    """A query key or value decoded: ``+`` a space, ``%XX`` its byte."""
+    if b"+" in part:
+        part = part.replace(b"+", b" ")
+    return unquote_to_bytes(part) if b"%" in part else part
+
+
+def redact_query(uri: bytes, names: frozenset[bytes]) -> bytes:
+    """``uri`` with the value of each query argument named in ``names`` (as
+    :func:`parse_query` reads names, escapes included) replaced by
+    ``[redacted]``; ``uri`` itself if it has none."""
+    path, mark, query = uri.partition(b"?")
+    if not mark:
+        return uri
+    pairs = query.split(b"&")
+    changed = False
+    for index, pair in enumerate(pairs):
+        key = pair.partition(b"=")[0]
+        if _unquote_plus(key) in names:
+            pairs[index] = key + b"=[redacted]"
+            changed = True
+    return path + b"?" + b"&".join(pairs) if changed else uri
+
+
+_SEGMENT_SAFE = b"!$&'()*+,;=:@-._~"
+"""What a path segment carries unescaped (RFC 3986 pchar, less ``%``)."""
 
 
 def split_path(raw: bytes) -> list[bytes]:
@@ -98,6 +154,7 @@ class Request(Visit):
     _received_cookies: dict[bytes, bytes] | None = None
     _args: dict[bytes, list[bytes]] | None = None
     _secure: bool | None = None
+    _proxy_said: Forwarded | None = _UNREAD
     _response_headers: Headers | None = None
     _cookies: list[bytes] | None = None
     _content: BytesIO | None = None
@@ -166,10 +223,10 @@ class Request(Visit):
     def args(self) -> dict[bytes, list[bytes]]:
         """Query arguments, and form fields of a urlencoded body (bytes)."""
         if self._args is None:
-            args = parse_qs(self._scope.get("query_string", b""), keep_blank_values=True)
+            args = parse_query(self._scope.get("query_string", b""))
             ctype = self.getHeader(b"content-type") or b""
             if ctype.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded":
-                form = parse_qs(self.content.getvalue(), keep_blank_values=True)
+                form = parse_query(self.content.getvalue())
                 for key, values in form.items():
                     args.setdefault(key, []).extend(values)
             self._args = args
@@ -182,7 +239,13 @@ class Request(Visit):
 
     def getHeader(self, key: bytes | str) -> Any:
         """The last value of header ``key``: bytes for a bytes key, str for str."""
-        name = key.lower() if isinstance(key, bytes) else key.lower().encode("latin-1")
+        if isinstance(key, bytes):
+            name = key.lower()
+        else:
+            try:
+                name = key.lower().encode("latin-1")
+            except UnicodeEncodeError:
+                return None  # no header has that name
         found: bytes | None = None
         for header, value in self._scope["headers"]:
             if header == name:
@@ -221,19 +284,37 @@ class Request(Visit):
     def _find_secure(self) -> bool:
         if self._scope.get("scheme") in ("https", "wss"):
             return True
-        if self.site.trust_proxy_headers:
-            proto = self.getHeader(b"x-forwarded-proto")
-            return proto is not None and proto.split(b",")[0].strip().lower() == b"https"
-        return False
+        said = self._forwarded()
+        return said is not None and said.secure is True
+
+    def _forwarded(self) -> Forwarded | None:
+        """What the site's trusted proxies say of this request (read once);
+        None if the site trusts no proxy headers, or not from this peer."""
+        said = self._proxy_said
+        if said is _UNREAD:
+            trust: ProxyTrust | None = self.site._proxy_trust
+            if trust is None:
+                said = None
+            else:
+                peer = self._scope.get("client")
+                said = trust.read(peer[0] if peer else None, self._scope["headers"])
+            self._proxy_said = said
+        return said
 
     def getClientAddress(self) -> IPv4Address | IPv6Address:
-        """The client's address (the first ``X-Forwarded-For`` if trusted)."""
+        """The client's address: the socket peer, or what the site's trusted
+        proxies put in ``X-Forwarded-For`` (see ``trust_proxy_headers``)."""
+        said = self._forwarded()
+        if said is not None and said.client is not None:
+            return address_for(said.client, 0)
         client = self._scope.get("client") or ("", 0)
-        if self.site.trust_proxy_headers:
-            forwarded = self.getHeader(b"x-forwarded-for")
-            if forwarded:
-                return address_for(forwarded.split(b",")[0].strip().decode("latin-1"), 0)
         return address_for(client[0], client[1])
+
+    def _uri_for_log(self) -> bytes:
+        """The URI as logs show it: the values of the site's secret query
+        arguments (a live view's ``token``) redacted."""
+        names: frozenset[bytes] = self.site._log_redact
+        return redact_query(self.uri, names) if names else self.uri
 
     def getClientIP(self) -> str:
         """The client's IP address as a string."""
@@ -257,7 +338,8 @@ class Request(Visit):
         """The absolute URL of the resource being rendered."""
         scheme = b"https" if self.isSecure() else b"http"
         host = self.getHeader(b"host") or self.getRequestHostname()
-        return scheme + b"://" + host + b"/" + b"/".join(self.prepath)
+        path = b"/".join(quote_from_bytes(p, _SEGMENT_SAFE).encode("ascii") for p in self.prepath)
+        return scheme + b"://" + host + b"/" + path
 
     # -- sessions ---------------------------------------------------------
 
@@ -458,5 +540,5 @@ class Request(Visit):
         return {"type": "http.response.start", "status": code, "headers": headers}
 
     def __repr__(self) -> str:
-        uri = self.uri.decode("latin-1")
+        uri = self._uri_for_log().decode("latin-1")
         return f"<Request {self.method.decode('latin-1')} {uri} {self.code}>"

@@ -8,11 +8,15 @@ and open ``/_lapse/?token=...`` once: the view answers with a cookie of its
 own (HttpOnly, SameSite=Strict, path of the view) and a redirect to the page
 without the token. Programs send ``Authorization: Bearer <token>`` instead.
 Without a token (``LiveView(site)``) only loopback clients may look, as
-``request.getClientAddress()`` says (so ``X-Forwarded-For`` counts only if
-the site has ``trust_proxy_headers``); a request that carries forwarding
-headers the site does not trust is refused too (a proxy on this machine
-would otherwise make every client look local). Refused: 403 with a token
-configured, 404 without.
+``request.getClientAddress()`` says (so ``X-Forwarded-For`` counts only as
+the site's ``trust_proxy_headers`` says); a request that carries proxy
+headers (``X-Forwarded-For``, ``Forwarded``, ``Via``, ...) from which the
+site's trusted proxies name no client is refused too (a proxy on this
+machine would otherwise make every client look local), and so is one whose
+``Host`` is not a loopback name or address (a page using DNS rebinding to
+reach the view from a browser on this machine). Refused: 403 with a token
+configured, 404 without. The ``?token=`` value never appears in the site's
+access log (nor any ``token`` query argument, on any path of the site).
 
 The page (inline CSS and JavaScript, charts drawn as SVG, no external
 resource) refreshes every few seconds from a JSON API:
@@ -27,6 +31,11 @@ resource) refreshes every few seconds from a JSON API:
   ``session.expire()`` (or the store's ``expire``), so its callbacks and the
   durable hook run.
 
+A malformed parameter (a cursor the view did not give out or one too old, a
+``limit`` that is not 1 to 500, an ``id`` that is not 32 hex digits, a body
+that is not a JSON object with a string ``id``) is a 400 with a JSON
+``error``; a body over 4 KiB is a 413.
+
 Full uids never leave the server: each row has an ``id``, an HMAC of its uid
 under the view's secret. A POST authenticated by cookie (or loopback) must
 carry the header ``X-Lapse-CSRF``: an HMAC, under the view's secret, of a
@@ -39,12 +48,15 @@ Without it the answer is 403. Viewing never creates a session.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import functools
 import hashlib
 import hmac
 import ipaddress
 import json
 import math
+import re
 import secrets
 from collections.abc import Iterable
 from html import escape
@@ -64,6 +76,48 @@ BUCKETS = 12
 MAX_HANDLES = 100_000
 PAGE_LIMIT = 50
 MAX_LIMIT = 500
+MAX_BODY = 4096
+"""The most bytes a POST to the API may carry (``{"id": ...}`` is 45)."""
+MAX_CURSOR = 1024
+"""The longest cursor the view reads back."""
+
+_HANDLE = re.compile(rb"[0-9a-f]{32}")
+_LIMIT = re.compile(rb"[0-9]{1,3}")
+_ID_HELP = "id is a row id from api/sessions: 32 hex digits"
+
+
+_PROXY_MARKS = (
+    b"x-forwarded-for",
+    b"forwarded",
+    b"x-real-ip",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"via",
+)
+"""Headers that say a request came through a proxy."""
+
+
+def _loopback_host(header: bytes | None) -> bool:
+    """Whether a ``Host`` header names this machine's loopback: ``localhost``,
+    a name under ``.localhost``, an address in 127.0.0.0/8 or ``[::1]``, with
+    or without a port. No header at all passes: browsers always send one."""
+    if header is None:
+        return True
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return False
+    else:
+        name, colon, port = text.partition(":")
+        if colon and not port.isdigit():
+            return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _hmac(key: bytes, message: str) -> str:
@@ -96,6 +150,8 @@ class LiveView(Resource):
         self._secret = secrets.token_bytes(32)
         self._auth_value = None if token is None else _hmac(token.encode(), "lapse-liveview")
         self._handles: dict[str, str] = {}
+        # The token in a query (?token=) never reaches the site's logs.
+        site._log_redact = frozenset(getattr(site, "_log_redact", frozenset()) | {b"token"})
 
     # -- access ---------------------------------------------------------------
 
@@ -103,11 +159,14 @@ class LiveView(Resource):
         """How the request may look: "bearer", "cookie", "loopback" or None."""
         token = self.token
         if token is None:
-            if not self.site.trust_proxy_headers and (
-                request.getHeader(b"x-forwarded-for") is not None
-                or request.getHeader(b"forwarded") is not None
-            ):
-                return None
+            if not _loopback_host(request.getHeader(b"host")):
+                return None  # DNS rebinding: a page of another name, resolved to us
+            if any(request.getHeader(name) is not None for name in _PROXY_MARKS):
+                # Proxied: only the client the site's trusted proxies name counts
+                # (a proxy on this machine would otherwise make everyone local).
+                said = request._forwarded()
+                if said is None or said.client is None:
+                    return None
             try:
                 host = ipaddress.ip_address(request.getClientAddress().host)
             except ValueError:
@@ -147,6 +206,7 @@ class LiveView(Resource):
                 request.setResponseCode(303)
                 request.setHeader(b"location", self._base(request).encode("utf-8"))
                 request.setHeader(b"cache-control", b"no-store")
+                request.setHeader(b"referrer-policy", b"no-referrer")
                 return b""
             return self._refuse(request)
         request.setHeader(b"cache-control", b"no-store")
@@ -220,6 +280,30 @@ class LiveView(Resource):
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
+    def _error(self, request: Any, message: str, status: int = 400) -> bytes:
+        request.setResponseCode(status)
+        return self._json(request, {"error": message})
+
+    # -- cursors: the store's, sealed, so only those this view gave out come back
+
+    def _seal(self, cursor: str | None) -> str | None:
+        if cursor is None:
+            return None
+        payload = base64.urlsafe_b64encode(cursor.encode("utf-8")).decode("ascii")
+        return payload + "." + _hmac(self._secret, "cursor:" + payload)[:32]
+
+    def _unseal(self, sealed: bytes) -> str:
+        """The store cursor in ``sealed``; ValueError unless this view made it."""
+        if len(sealed) > MAX_CURSOR or not sealed.isascii():
+            raise ValueError(sealed)
+        payload, _, mac = sealed.decode("ascii").rpartition(".")
+        if not hmac.compare_digest(mac, _hmac(self._secret, "cursor:" + payload)[:32]):
+            raise ValueError(sealed)
+        try:
+            return base64.urlsafe_b64decode(payload).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):  # pragma: no cover - sealed by us
+            raise ValueError(sealed) from None
+
     async def _call(self, operation: Any) -> Any:
         # Through the keeper (its timeout, outage log, latency stats) for a
         # shared store; the memory store answers at once.
@@ -273,24 +357,34 @@ class LiveView(Resource):
         site = self.site
         store = site.store
         args = request.args
-        cursor_raw = args.get(b"cursor", [b""])[0].decode("utf-8", "replace") or None
-        try:
-            limit = int(args.get(b"limit", [PAGE_LIMIT])[0])
-        except ValueError:
-            limit = PAGE_LIMIT
-        limit = max(1, min(limit, MAX_LIMIT))
+        sealed: bytes = args.get(b"cursor", [b""])[0]
+        cursor_raw: str | None = None
+        if sealed:
+            try:
+                cursor_raw = self._unseal(sealed)
+            except ValueError:
+                return self._error(
+                    request, "cursor is not one this view gave out (start again without it)"
+                )
+        raw_limit: bytes | None = args.get(b"limit", [None])[0]
+        limit = PAGE_LIMIT
+        if raw_limit is not None:
+            if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
+                return self._error(request, f"limit is a whole number from 1 to {MAX_LIMIT}")
+            limit = int(raw_limit)
         now = await self._now()
         rows: list[dict[str, Any]] = []
         following: str | None
         if hasattr(store, "scan"):
-            infos, following = await self._call(store.scan(cursor_raw, limit))
+            try:
+                infos, following = await self._call(store.scan(cursor_raw, limit))
+            except ValueError:
+                # A cursor of ours the store no longer takes (too old a scan).
+                return self._error(request, "cursor has expired (start again without it)")
             for info in infos:
                 rows.append(self._row(info.uid, now, info.created, info.last_access, info.deadline))
         else:
-            try:
-                offset = max(0, int(cursor_raw or 0))
-            except ValueError:
-                offset = 0
+            offset = int(cursor_raw) if cursor_raw is not None else 0
             page = []
             for index, session in enumerate(self._memory_sessions()):
                 if index >= offset + limit:
@@ -308,11 +402,13 @@ class LiveView(Resource):
                     )
                 )
             following = str(offset + limit) if len(page) == limit else None
-        return self._json(request, {"now": now, "sessions": rows, "next": following})
+        return self._json(request, {"now": now, "sessions": rows, "next": self._seal(following)})
 
     async def _session(self, request: Any) -> bytes:
-        handle = request.args.get(b"id", [b""])[0].decode("utf-8", "replace")
-        uid = self._handles.get(handle)
+        raw: bytes = request.args.get(b"id", [b""])[0]
+        if not _HANDLE.fullmatch(raw):
+            return self._error(request, _ID_HELP)
+        uid = self._handles.get(raw.decode("ascii"))
         row: dict[str, Any] | None = None
         now = await self._now()
         if uid is not None:
@@ -347,14 +443,18 @@ class LiveView(Resource):
         }
 
     async def _expire(self, request: Any) -> bytes:
+        raw: bytes = request.content.getvalue()
+        if len(raw) > MAX_BODY:
+            return self._error(request, f"the body is over {MAX_BODY} bytes", 413)
         try:
-            body = json.loads(request.content.getvalue() or b"{}")
-            handle = body["id"]
-            if not isinstance(handle, str):
-                raise TypeError(handle)
-        except (ValueError, KeyError, TypeError):
-            request.setResponseCode(400)
-            return self._json(request, {"error": 'send {"id": "<row id>"}'})
+            body = json.loads(raw.decode("utf-8") or "{}")
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
+            body = None
+        handle = body.get("id") if isinstance(body, dict) else None
+        if not isinstance(handle, str):
+            return self._error(request, 'send a JSON object {"id": "<row id>"}')
+        if not _HANDLE.fullmatch(handle.encode("utf-8", "replace")):
+            return self._error(request, _ID_HELP)
         uid = self._handles.get(handle)
         if uid is None:
             request.setResponseCode(404)
@@ -532,8 +632,15 @@ async function refresh() {
     bars(document.getElementById("expiries"),
          [{name: "ending", values: e.buckets, color: COLORS.expiry}],
          e.buckets.map((_, i) => (i * width) + "\\u2013" + ((i + 1) * width) + " min"));
-    const page = await getJSON("api/sessions?limit=50" +
-                               (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+    let page;
+    try {
+      page = await getJSON("api/sessions?limit=50" +
+                           (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+    } catch (err) {
+      if (!cursor) throw err;
+      cursor = null;  // refused (the server restarted, the scan is too old): page one
+      page = await getJSON("api/sessions?limit=50");
+    }
     nextCursor = page.next;
     const tbody = document.getElementById("rows");
     tbody.replaceChildren();

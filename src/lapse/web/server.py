@@ -29,6 +29,7 @@ from lapse.sessions._keeper import ExpiryHook
 from lapse.sessions._visit import current_visit
 from lapse.web._access import access_log, log_access
 from lapse.web._host import SessionHost, cookie_uid
+from lapse.web._proxy import TrustSetting
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request, split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
@@ -57,7 +58,9 @@ class Site(SessionHost):
     - ``cookie_name``: the session cookie (default ``lapse_session``); secure
       requests use ``__Host-`` + that name.
     - ``trust_proxy_headers``: believe ``X-Forwarded-Proto`` and
-      ``X-Forwarded-For`` (only behind a proxy that sets them).
+      ``X-Forwarded-For`` as far as the proxies in front add them: ``True``
+      for one proxy, a number N for a chain of N, or the proxies' addresses
+      and networks (see :mod:`lapse.web._proxy`); ``False`` by default.
     - ``store``: where sessions live, a URL (``memory:``, the default;
       ``sqlite:///path.db``; ``redis://host:port/db``) or a store object;
       without it, the ``LAPSE_SESSION_STORE`` environment variable, if set.
@@ -86,7 +89,7 @@ class Site(SessionHost):
         reactor: IReactorTime | None = None,
         *,
         cookie_name: str = "lapse_session",
-        trust_proxy_headers: bool = False,
+        trust_proxy_headers: TrustSetting = False,
         max_body_size: int = 16 * 1024 * 1024,
         max_uri_length: int = 16 * 1024,
         max_header_size: int = 8 * 1024,
@@ -267,7 +270,9 @@ class Site(SessionHost):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("error rendering %s for %r", request.uri.decode("latin-1"), request)
+                log.exception(
+                    "error rendering %s for %r", request._uri_for_log().decode("latin-1"), request
+                )
                 self._error_page(request, 500, "The server failed to answer this request.")
                 result = None
             if type(result) is int and result == NOT_DONE_YET:
@@ -307,7 +312,7 @@ class Site(SessionHost):
             "%r returned %r from render for %s; a render returns str, bytes or NOT_DONE_YET",
             resource,
             type(result).__name__,
-            request.uri.decode("latin-1"),
+            request._uri_for_log().decode("latin-1"),
         )
         self._error_page(request, 500, "The server failed to answer this request.")
 

@@ -12,6 +12,7 @@ start-up, never at the first request.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from lapse.sessions.store import SessionStore, StoreConfigError
@@ -20,11 +21,25 @@ __all__ = ["DEFAULT_STORE_URL", "store_from_url"]
 
 DEFAULT_STORE_URL = "memory:"
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def check_no_control(text: str, what: str) -> None:
+    """:class:`StoreConfigError` if ``text`` holds a control character (NUL,
+    a line break, ...), naming it and where, but not echoing ``text`` (a
+    store URL may carry a password)."""
+    found = _CONTROL.search(text)
+    if found is not None:
+        raise StoreConfigError(
+            f"{what} cannot hold control characters: {found.group()!r} at position {found.start()}"
+        )
+
 
 def store_from_url(url: str, clock: Callable[[], float] | None = None) -> SessionStore:
     """The store a URL names; :class:`StoreConfigError` if it names none."""
     if not isinstance(url, str) or not url.strip():
         raise StoreConfigError(f"a session store URL is a non-empty string, not {url!r}")
+    check_no_control(url, "a session store URL")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "memory":
         if url.rstrip("/") != "memory:":

@@ -83,6 +83,7 @@ from lapse.sessions.store import (
     StoreUnavailable,
     _bucket_bounds,
 )
+from lapse.sessions.stores import check_no_control
 
 try:
     from lapse.sessions.stores._resp import RedisClient, RedisError, Script
@@ -458,6 +459,7 @@ def _parse_url(url: str) -> _Target:
     """Check a store URL; :class:`StoreConfigError` naming what is wrong."""
     if not isinstance(url, str):
         raise StoreConfigError(f"a Redis store URL is a string, not {type(url).__name__}")
+    check_no_control(url, "a Redis store URL")
     redacted = _redact(url)
 
     def bad(why: str) -> StoreConfigError:

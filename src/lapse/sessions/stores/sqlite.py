@@ -77,6 +77,7 @@ from lapse.sessions.store import (
     StoreUnavailable,
     _bucket_bounds,
 )
+from lapse.sessions.stores import check_no_control
 
 if TYPE_CHECKING:
     from lapse.sessions.store import SessionStore
@@ -99,6 +100,30 @@ EVENTS_PER_CALL = 1000
 
 _URL_PREFIX = "sqlite:///"
 _URL_OPTIONS = ("busy_timeout",)
+
+_PATH_MAX = 4095
+_NAME_MAX = 255
+"""Linux's limits on a file path and on one name in it, in bytes."""
+
+
+def _checked_path(path: str) -> str:
+    """``path`` made absolute; :class:`StoreConfigError` if no file can have it."""
+    check_no_control(path, "a SQLite store path")
+    absolute = os.path.abspath(path)
+    try:
+        raw = os.fsencode(absolute)
+    except UnicodeError:
+        raise StoreConfigError(
+            f"the SQLite store path {path!r} cannot be a file name on this system"
+        ) from None
+    longest = max(len(name) for name in raw.split(b"/"))
+    if len(raw) > _PATH_MAX or longest > _NAME_MAX:
+        raise StoreConfigError(
+            f"the SQLite store path is too long for a file: {len(raw)} bytes, its longest "
+            f"name {longest} (at most {_PATH_MAX}, and {_NAME_MAX} for each name)"
+        )
+    return absolute
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -189,7 +214,7 @@ class SQLiteStore:
             )
         if not busy_timeout >= 0:
             raise StoreConfigError(f"busy_timeout is seconds >= 0, not {busy_timeout!r}")
-        self.path = os.path.abspath(path)
+        self.path = _checked_path(path)
         self.url = _URL_PREFIX + self.path
         self.busy_timeout = float(busy_timeout)
         self.clock: Callable[[], float] = clock or time.time
