@@ -384,3 +384,101 @@ def test_frozen_redis_answers_503_within_the_store_timeout_then_recovers() -> No
                 await site._keeper.aclose()
 
         asyncio.run(scenario())
+
+
+# -- a hook slower than its lease ------------------------------------------------------
+
+
+def test_an_async_hook_slower_than_the_lease_runs_once_on_the_memory_store(clock: Clock) -> None:
+    """On the memory store an async hook that takes ten leases is not
+    delivered again meanwhile (its lease is renewed while it runs); once it
+    returns it is acknowledged, and nothing is left on the clock."""
+    calls: list[Expiry] = []
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def hook(expiry: Expiry) -> None:
+            calls.append(expiry)
+            await release.wait()
+
+        site = memory_site(clock, hook)
+        site._keeper.lease = 10
+        site.makeSession()
+        clock.advance(5)
+        for _ in range(20):
+            await asyncio.sleep(0)
+            clock.advance(5)
+        assert [e.attempt for e in calls] == [1]
+        release.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        clock.advance(100)
+        assert [e.attempt for e in calls] == [1]
+        assert not clock.calls
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_hook_slower_than_the_lease_runs_once_across_two_sites(
+    shared_store: str, kind: str
+) -> None:
+    """Two sites on one shared store (as two processes), a lease of 0.45 s
+    and a hook that takes 1.2 s (async, or a plain function that blocks,
+    which runs off the event loop, so the loop keeps ticking): the hook runs
+    once, in one site, and is not delivered to the other while it runs or
+    after."""
+    runs: list[tuple[str, int]] = []
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    def make_hook(name: str) -> Callable[[Expiry], Any]:
+        if kind == "async":
+
+            async def slow(expiry: Expiry) -> None:
+                runs.append((name, expiry.attempt))
+                await asyncio.sleep(1.2)
+
+            return slow
+
+        def blocking(expiry: Expiry) -> None:
+            runs.append((name, expiry.attempt))
+            time.sleep(1.2)
+
+        return blocking
+
+    async def scenario() -> None:
+        sites = [Site(DataPage(), store=shared_store, on_expire=make_hook(n)) for n in "ab"]
+        for site in sites:
+            site.sessionFactory = ShortSession
+            site._keeper.lease = 0.45
+        try:
+            session = sites[0].makeSession()
+            session.sessionTimeout = 0.2
+            await sites[0]._keeper.persist([session])
+            for site in sites:
+                site._keeper.start()
+            ticking = asyncio.get_running_loop().create_task(ticker())
+            for _ in range(60):
+                await asyncio.sleep(0.05)
+                if runs:
+                    break
+            await asyncio.sleep(2.0)  # the hook's 1.2 s and more than two leases
+            ticking.cancel()
+            assert len(runs) == 1, runs
+            assert runs[0][1] == 1
+            assert await sites[1].store.claim("someone", 10, 10) == []
+            assert max(gaps) < 0.3, max(gaps)
+        finally:
+            for site in sites:
+                await site._keeper.aclose()
+
+    asyncio.run(scenario())
