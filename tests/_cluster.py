@@ -1,7 +1,7 @@
 """Helpers for multi-process tests: several lapse servers on one session store.
 
 - :data:`PROGRAM`: the server program (written to a temp dir by the tests).
-  ``python program.py PORT STORE TIMEOUT HOOKFILE [MARKER [LEASE]]``:
+  ``python program.py PORT STORE TIMEOUT HOOKFILE [MARKER [LEASE [HOLD]]]``:
 
   - ``STORE`` is a store URL, or ``-`` to let ``LAPSE_SESSION_STORE`` choose;
   - ``TIMEOUT`` is the session class's ``sessionTimeout`` (seconds);
@@ -9,12 +9,14 @@
     delivery (``event`` is ``"done"``; ``at`` is the wall-clock time), shared
     by every process of a test;
   - ``MARKER`` (or ``-``): while that file exists, the hook appends a
-    ``"STARTED"`` line and then sleeps 30 s (to be killed mid-hook);
+    ``"STARTED"`` line and then sleeps ``HOLD`` s (default 30: to be killed
+    mid-hook);
   - ``LEASE``: the keeper's claim lease in seconds (default 30).
 
   Pages: ``/touch`` (the session's uid), ``/set?k=K&v=V`` (``data[K] = V``),
   ``/get`` (``dict(session.data)`` as JSON), ``/notify`` (registers
-  ``notifyOnExpire``, which prints ``NOTIFY <uid>`` on stdout).
+  ``notifyOnExpire``, which prints ``NOTIFY <uid>`` on stdout), ``/block?s=S``
+  (holds the event loop S seconds in a render, as a slow page would).
 - :class:`Cluster`: starts nodes (one process each, on a free port), stops
   them all by PID in teardown.
 - :func:`hook_records`: the lines of the hook file, parsed.
@@ -48,7 +50,8 @@ store = None if sys.argv[2] == "-" else sys.argv[2]
 timeout = float(sys.argv[3])
 hook_path = sys.argv[4]
 marker = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "-" else None
-lease = float(sys.argv[6]) if len(sys.argv) > 6 else None
+lease = float(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] != "-" else None
+hold = float(sys.argv[7]) if len(sys.argv) > 7 else 30.0
 
 
 class ShortSession(Session):
@@ -74,7 +77,7 @@ async def hook(expiry):
     }
     if marker is not None and os.path.exists(marker):
         append({**record, "event": "STARTED"})
-        await asyncio.sleep(30)
+        await asyncio.sleep(hold)
     append({**record, "event": "done"})
 
 
@@ -115,7 +118,16 @@ class Notify(Resource):
         return uid
 
 
+class Block(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        time.sleep(float(arg(request, "s")))
+        return "held"
+
+
 root = Resource()
+root.putChild(b"block", Block())
 root.putChild(b"touch", Touch())
 root.putChild(b"set", Set())
 root.putChild(b"get", Get())
@@ -187,6 +199,7 @@ class Cluster:
     timeout: float
     marker: Path | None = None
     lease: float | None = None
+    hold: float | None = None
     nodes: list[Node] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -198,10 +211,12 @@ class Cluster:
         """Start one more server process and wait until it listens."""
         port = free_port()
         args = [str(port), self.store, str(self.timeout), str(self.hook_file)]
-        if self.marker is not None or self.lease is not None:
+        if self.marker is not None or self.lease is not None or self.hold is not None:
             args.append(str(self.marker) if self.marker is not None else "-")
-        if self.lease is not None:
-            args.append(str(self.lease))
+        if self.lease is not None or self.hold is not None:
+            args.append(str(self.lease) if self.lease is not None else "-")
+        if self.hold is not None:
+            args.append(str(self.hold))
         stderr = self.directory / f"{name}-{len(self.nodes)}.stderr"
         server = ServerProcess(self.script, args=args, stderr_path=stderr)
         node = Node(name, server, port)

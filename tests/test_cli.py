@@ -271,7 +271,7 @@ def test_serves_a_plain_asgi_app_and_trust_proxy_wraps_it(app_dir: Path) -> None
     ``--trust-proxy`` its scope's scheme and client come from
     X-Forwarded-Proto/-For as lapse reads them: the right-most entry for one
     proxy (not the spoofed left-most), the N-th from the right with
-    ``--trust-proxy=N`` (given before MODULE:ATTR)."""
+    ``--trusted-proxies N``."""
     port = free_port()
     args = ["cliapp:asgi", "--port", str(port), "--app-dir", str(app_dir)]
     with lapse_serving(args, port, app_dir):
@@ -289,7 +289,7 @@ def test_serves_a_plain_asgi_app_and_trust_proxy_wraps_it(app_dir: Path) -> None
         assert response.text == "plain asgi scheme=https client=203.0.113.9"
     port = free_port()
     with lapse_serving(
-        ["--trust-proxy=2", "cliapp:asgi", "--port", str(port), "--app-dir", str(app_dir)],
+        ["--trusted-proxies", "2", "cliapp:asgi", "--port", str(port), "--app-dir", str(app_dir)],
         port,
         app_dir,
     ):
@@ -302,47 +302,50 @@ def test_serves_a_plain_asgi_app_and_trust_proxy_wraps_it(app_dir: Path) -> None
     ("argv", "expected", "worker_argv"),
     [
         (["x:y", "--trust-proxy"], True, ["--trust-proxy"]),
+        (["--trust-proxy", "x:y"], True, ["--trust-proxy"]),
         (["x:y"], False, []),
-        (["--trust-proxy=2", "x:y"], 2, ["--trust-proxy=2"]),
-        (["x:y", "--trust-proxy", "3"], 3, ["--trust-proxy=3"]),
+        (["--trusted-proxies", "2", "x:y"], 2, ["--trusted-proxies", "2"]),
+        (["x:y", "--trusted-proxies=3"], 3, ["--trusted-proxies", "3"]),
         (
-            ["x:y", "--trust-proxy=10.0.0.0/8,::1"],
+            ["x:y", "--trusted-proxies", "10.0.0.0/8,::1"],
             "10.0.0.0/8,::1",
-            ["--trust-proxy=10.0.0.0/8,::1"],
+            ["--trusted-proxies", "10.0.0.0/8,::1"],
         ),
     ],
 )
 def test_trust_proxy_takes_a_count_or_addresses(
     argv: list[str], expected: object, worker_argv: list[str], tmp_path: Path
 ) -> None:
-    """``--trust-proxy`` alone is one proxy; ``=N`` a chain of N; ``=ADDRESSES``
-    the proxies' addresses and networks; workers get the same option."""
+    """``--trust-proxy`` is one proxy, wherever it stands; ``--trusted-proxies N``
+    a chain of N, ``--trusted-proxies ADDRESSES`` the proxies' addresses and
+    networks; workers get the same option."""
     from lapse.cli import _check, _worker_command, build_parser
 
     args = build_parser().parse_args(["serve", *argv, "--app-dir", str(tmp_path)])
     assert args.trust_proxy == expected
     command = _worker_command(_check(args))
-    assert [part for part in command if part.startswith("--trust-proxy")] == worker_argv[:1]
-    if worker_argv == ["--trust-proxy"]:
-        assert command[command.index("--trust-proxy") + 1 :] == []
+    if not worker_argv:
+        assert not [part for part in command if part.startswith("--trust")]
+    else:
+        at = command.index(worker_argv[0])
+        assert command[at : at + len(worker_argv)] == worker_argv
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--trust-proxy", "cliapp:site"],
-        ["cliapp:site", "--trust-proxy=-1"],
-        ["cliapp:site", "--trust-proxy=10.0.0.0/33"],
-        ["cliapp:site", "--trust-proxy=proxy.internal"],
+        ["cliapp:site", "--trusted-proxies", "-1"],
+        ["cliapp:site", "--trusted-proxies=10.0.0.0/33"],
+        ["cliapp:site", "--trusted-proxies", "proxy.internal"],
     ],
 )
 def test_a_bad_trust_proxy_value_exits_2(argv: list[str], tmp_path: Path) -> None:
-    """A --trust-proxy value that is no count nor addresses exits 2 with
-    argparse's message (which says how to write the option), no traceback."""
+    """A --trusted-proxies value that is no count nor addresses exits 2 with
+    argparse's message (which says what to give), no traceback."""
     result = run_lapse(["serve", *argv], tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "argument --trust-proxy: " in result.stderr and "--trust-proxy=N" in result.stderr
+    assert "argument --trusted-proxies: " in result.stderr and "e.g. 2" in result.stderr
 
 
 def test_store_option_reaches_the_site_made_at_import_and_survives_restart(

@@ -433,6 +433,111 @@ async def test_the_timeout_counts_the_server_s_silence_while_commands_wait_not_i
         await client.aclose()
 
 
+class _StallingProtocol(asyncio.Protocol):
+    """A protocol whose data_received holds the event loop (as a slow
+    callback of any other connection would), ``seconds`` per call."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def data_received(self, data: bytes) -> None:
+        time.sleep(self.seconds)
+
+
+@aio
+async def test_commands_queued_before_the_loop_was_blocked_are_not_timed_out_by_it(
+    redis_server: RedisServer,
+) -> None:
+    """Commands issued just before the event loop is held (a long render)
+    for longer than the timeout, and written only after it, are answered:
+    the server's silence counts from the write, not from the queueing."""
+    client = client_for(redis_server, timeout=0.3)
+    try:
+        await client.execute("PING")
+        conn = client._conn
+        waiting = [asyncio.ensure_future(client.execute("ECHO", str(i))) for i in range(5)]
+        await asyncio.sleep(0)  # queued: the write is scheduled, not done
+        time.sleep(0.6)  # the loop is held twice the timeout
+        assert await asyncio.gather(*waiting) == [str(i) for i in range(5)]
+        assert client._conn is conn
+    finally:
+        await client.aclose()
+
+
+@aio
+async def test_a_reply_that_came_while_the_loop_was_held_is_read_not_timed_out(
+    redis_server: RedisServer,
+) -> None:
+    """A command the server answers within the timeout (a BLPOP held 0.3 s
+    of 0.5) while another connection's callback holds the loop past that
+    timeout: the watchdog, running before the loop has read the socket,
+    finds the reply waiting there and lets it be read instead of failing."""
+    client = client_for(redis_server, timeout=0.5)
+    loop = asyncio.get_running_loop()
+    near, far = socket.socketpair()
+    transport, _ = await loop.create_connection(lambda: _StallingProtocol(0.6), sock=near)
+    try:
+        await client.execute("PING")
+        conn = client._conn
+        waiting = asyncio.ensure_future(client.execute("BLPOP", f"none:{uuid.uuid4().hex}", "0.3"))
+        await asyncio.sleep(0.05)  # written
+        # From 0.15 s to 0.75 s the loop is held in an I/O callback; the
+        # reply arrives at 0.3 s, the watchdog is due at 0.5 s.
+        loop.call_later(0.1, far.send, b"x")
+        assert await waiting is None
+        assert client._conn is conn
+    finally:
+        transport.close()
+        far.close()
+        await client.aclose()
+
+
+@aio
+async def test_a_frozen_server_still_times_out_when_the_loop_was_held_too(own: RedisServer) -> None:
+    """The watchdog forgives only what the server did send: with the server
+    frozen (SIGSTOP) and the loop held past the timeout, pending commands
+    still fail, as soon as the loop runs again."""
+    client = client_for(own, timeout=0.3)
+    loop = asyncio.get_running_loop()
+    near, far = socket.socketpair()
+    transport, _ = await loop.create_connection(lambda: _StallingProtocol(0.6), sock=near)
+    try:
+        await client.execute("PING")
+        freeze(own)
+        try:
+            started = time.monotonic()
+            waiting = asyncio.ensure_future(client.execute("PING"))
+            await asyncio.sleep(0.05)
+            loop.call_later(0.05, far.send, b"x")
+            with pytest.raises(RedisTimeoutError):
+                await waiting
+            assert time.monotonic() - started < 1.2
+        finally:
+            thaw(own)
+        assert await client.execute("ECHO", "back") == "back"
+    finally:
+        transport.close()
+        far.close()
+        await client.aclose()
+
+
+@aio
+async def test_a_connection_made_while_the_loop_was_held_is_used_not_timed_out(
+    redis_server: RedisServer,
+) -> None:
+    """The first command connects; the loop is held past the timeout while
+    the (loopback) connection completes: the command is answered on it."""
+    client = client_for(redis_server, timeout=0.3)
+    try:
+        waiting = asyncio.ensure_future(client.execute("PING"))
+        for _ in range(3):
+            await asyncio.sleep(0)  # connecting
+        time.sleep(0.6)
+        assert await waiting == "PONG"
+    finally:
+        await client.aclose()
+
+
 # -- AUTH, SELECT, TLS ----------------------------------------------------------------
 
 

@@ -450,3 +450,342 @@ def test_frozen_redis_answers_503_within_the_store_timeout_then_recovers() -> No
                 await site._keeper.aclose()
 
         asyncio.run(scenario())
+
+
+# -- a hook slower than its lease ------------------------------------------------------
+
+
+def test_an_async_hook_slower_than_the_lease_runs_once_on_the_memory_store(clock: Clock) -> None:
+    """On the memory store an async hook that takes ten leases is not
+    delivered again meanwhile (its lease is renewed while it runs); once it
+    returns it is acknowledged, and nothing is left on the clock."""
+    calls: list[Expiry] = []
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def hook(expiry: Expiry) -> None:
+            calls.append(expiry)
+            await release.wait()
+
+        site = memory_site(clock, hook)
+        site._keeper.lease = 10
+        site.makeSession()
+        clock.advance(5)
+        for _ in range(20):
+            await asyncio.sleep(0)
+            clock.advance(5)
+        assert [e.attempt for e in calls] == [1]
+        release.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        clock.advance(100)
+        assert [e.attempt for e in calls] == [1]
+        assert not clock.calls
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_hook_slower_than_the_lease_runs_once_across_two_sites(
+    shared_store: str, kind: str
+) -> None:
+    """Two sites on one shared store (as two processes), a lease of 0.45 s
+    and a hook that takes 1.2 s (async, or a plain function that blocks,
+    which runs off the event loop, so the loop keeps ticking): the hook runs
+    once, in one site, and is not delivered to the other while it runs or
+    after."""
+    runs: list[tuple[str, int]] = []
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    def make_hook(name: str) -> Callable[[Expiry], Any]:
+        if kind == "async":
+
+            async def slow(expiry: Expiry) -> None:
+                runs.append((name, expiry.attempt))
+                await asyncio.sleep(1.2)
+
+            return slow
+
+        def blocking(expiry: Expiry) -> None:
+            runs.append((name, expiry.attempt))
+            time.sleep(1.2)
+
+        return blocking
+
+    async def scenario() -> None:
+        sites = [Site(DataPage(), store=shared_store, on_expire=make_hook(n)) for n in "ab"]
+        for site in sites:
+            site.sessionFactory = ShortSession
+            site._keeper.lease = 0.45
+        try:
+            session = sites[0].makeSession()
+            session.sessionTimeout = 0.2
+            await sites[0]._keeper.persist([session])
+            for site in sites:
+                site._keeper.start()
+            ticking = asyncio.get_running_loop().create_task(ticker())
+            for _ in range(60):
+                await asyncio.sleep(0.05)
+                if runs:
+                    break
+            await asyncio.sleep(2.0)  # the hook's 1.2 s and more than two leases
+            ticking.cancel()
+            assert len(runs) == 1, runs
+            assert runs[0][1] == 1
+            assert await sites[1].store.claim("someone", 10, 10) == []
+            assert max(gaps) < 0.3, max(gaps)
+        finally:
+            for site in sites:
+                await site._keeper.aclose()
+
+    asyncio.run(scenario())
+
+
+# -- a busy process is not an unreachable store ---------------------------------------
+
+
+def shared_store_object(url: str, timeout: float) -> Any:
+    """The store ``url`` names, with its own timeout (the site adds none)."""
+    from lapse.sessions.stores.redis import RedisStore
+    from lapse.sessions.stores.sqlite import SQLiteStore
+
+    if url.startswith("sqlite:"):
+        return SQLiteStore(url[len("sqlite:///") :], timeout=timeout)
+    return RedisStore(url, timeout=timeout)
+
+
+def run_on_loop(kind: str, scenario: Callable[[], Any]) -> None:
+    """Run ``scenario()`` on asyncio's own event loop or on uvloop (the server's)."""
+    factory = None
+    if kind == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_loop_held_past_the_store_timeout_fails_no_request(
+    shared_store: str, loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twenty requests are at their store call when the event loop is held
+    (a long render, say) for 0.8 s, past the store's 0.3 s timeout, while the
+    store answers at once: every request gets its 200 and nothing is logged
+    as an outage."""
+
+    async def scenario() -> None:
+        site = Site(DataPage(), store=shared_store_object(shared_store, 0.3))
+        site._keeper.store_timeout = 0.3
+        try:
+            first = await call_async(site, "GET", "/?set=n&v=1")
+            cookie = {b"lapse_session": body(first)["uid"].encode()}
+            requests = [
+                asyncio.ensure_future(call_async(site, "GET", f"/?set=k{i}&v={i}", cookies=cookie))
+                for i in range(20)
+            ]
+            await asyncio.sleep(0)  # each is at its store call now
+            time.sleep(0.8)
+            responses = await asyncio.gather(*requests)
+            assert [r.status for r in responses] == [200] * 20
+            final = body(await call_async(site, cookies=cookie))["data"]
+            assert final == {"n": 1, **{f"k{i}": i for i in range(20)}}
+        finally:
+            await site._keeper.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="lapse.sessions"):
+        run_on_loop(loop_kind, scenario)
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_long_sqlite_queue_that_moves_fails_no_request(
+    tmp_path: Path, loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1200 requests at once, each making a session, queue up behind SQLite's
+    one worker for several times the store timeout (0.15 s) in all; each
+    store call is quick, so none fails."""
+    from lapse.sessions.stores.sqlite import SQLiteStore
+
+    async def scenario() -> None:
+        site = Site(DataPage(), store=SQLiteStore(str(tmp_path / "q.db"), timeout=0.15))
+        site._keeper.store_timeout = 0.15
+        try:
+            await site.store.open()
+            started = time.monotonic()
+            responses = await asyncio.gather(
+                *(call_async(site, "GET", f"/?set=i&v={i}") for i in range(1200))
+            )
+            elapsed = time.monotonic() - started
+            assert sorted({r.status for r in responses}) == [200]
+            assert elapsed > 0.3, elapsed
+            assert await site.store.count() == 1200
+        finally:
+            await site._keeper.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="lapse.sessions"):
+        run_on_loop(loop_kind, scenario)
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+# -- a real SQLite outage, and what a 503 leaves behind ----------------------------------
+
+_LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.rollback()
+"""
+
+
+def test_sqlite_locked_by_another_process_answers_503_in_about_the_timeout_then_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the file's write lock for 2.5 s: a request gets
+    a 503 with Retry-After within about the store's 1 s timeout (not
+    busy_timeout's 5 s), the outage is logged once; once the lock is free
+    the same session is served, without the write of the request that got
+    the 503, and the retried request applies it."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "locked.db"
+
+    async def scenario() -> None:
+        site = Site(DataPage(), store=f"sqlite:///{db}")
+        try:
+            first = await call_async(site, "GET", "/?set=a&v=1")
+            cookie = {b"lapse_session": body(first)["uid"].encode()}
+            locker = subprocess.Popen(
+                [sys.executable, "-c", _LOCKER, str(db), "2.5"], stdout=subprocess.PIPE
+            )
+            try:
+                assert locker.stdout is not None and locker.stdout.readline() == b"locked\n"
+                started = time.monotonic()
+                refused = await call_async(site, "GET", "/?set=b&v=2", cookies=cookie)
+                elapsed = time.monotonic() - started
+                assert refused.status == 503 and refused.header(b"retry-after") == b"1"
+                assert 0.9 < elapsed < 1.7, elapsed
+                assert locker.wait(timeout=10) == 0
+            finally:
+                if locker.poll() is None:
+                    locker.kill()
+                    locker.wait()
+            assert body(await call_async(site, cookies=cookie))["data"] == {"a": 1}
+            retried = await call_async(site, "GET", "/?set=b&v=2", cookies=cookie)
+            assert retried.status == 200 and body(retried)["data"] == {"a": 1, "b": 2}
+        finally:
+            await site._keeper.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="lapse.sessions"):
+        asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "unavailable" in m]) == 1, messages
+    assert len([m for m in messages if "reachable again" in m]) == 1, messages
+
+
+class CountPage(Resource):
+    """GET /?inc=KEY adds one to the session's KEY; returns the uid."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> str:
+        session = request.getSession()
+        key = request.args[b"inc"][0].decode()
+        session.data[key] = session.data.get(key, 0) + 1
+        return str(session.uid)
+
+
+def test_after_a_503_on_sqlite_the_write_is_not_in_the_store_and_a_retry_applies_it_once(
+    tmp_path: Path,
+) -> None:
+    """Under load, with a tiny store timeout (0.05 s) and another connection
+    taking the write lock for 0.12 s at a time, some requests get 503s:
+    afterwards none of their writes is in the store (each 200's is, once),
+    and retrying each of them applies its increment exactly once."""
+    import threading
+
+    from lapse.sessions.stores.sqlite import SQLiteStore
+
+    path = str(tmp_path / "busy.db")
+    stop = threading.Event()
+
+    def hold_the_lock_on_and_off() -> None:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5)
+        try:
+            while not stop.is_set():
+                conn.execute("BEGIN IMMEDIATE")
+                time.sleep(0.12)
+                conn.execute("ROLLBACK")
+                time.sleep(0.03)
+        finally:
+            conn.close()
+
+    import sqlite3
+
+    async def scenario() -> None:
+        store = SQLiteStore(path, timeout=0.05)
+        site = Site(CountPage(), store=store)
+        try:
+            uids = [(await call_async(site, "GET", "/?inc=start")).body for _ in range(10)]
+            outcomes: list[tuple[bytes, str, int]] = []
+
+            async def visitor(uid: bytes) -> None:
+                for i in range(15):
+                    key = f"k{i}"
+                    response = await call_async(
+                        site, "GET", f"/?inc={key}", cookies={b"lapse_session": uid}
+                    )
+                    outcomes.append((uid, key, response.status))
+
+            holder = threading.Thread(target=hold_the_lock_on_and_off)
+            holder.start()
+            try:
+                await asyncio.gather(*(visitor(uid) for uid in uids))
+            finally:
+                stop.set()
+                holder.join()
+            statuses = {status for _, _, status in outcomes}
+            assert statuses == {200, 503}, statuses
+            reader = SQLiteStore(path)  # a patient one, to look
+            try:
+                for uid, key, status in outcomes:
+                    stored = await reader.load(uid.decode())
+                    assert stored is not None
+                    assert stored.decoded().get(key) == (1 if status == 200 else None), (
+                        key,
+                        status,
+                    )
+                for uid, key, status in outcomes:
+                    if status == 503:  # retried, as a client would, until it is a 200
+                        retries = [
+                            await call_async(
+                                site, "GET", f"/?inc={key}", cookies={b"lapse_session": uid}
+                            )
+                        ]
+                        while retries[-1].status == 503 and len(retries) < 20:
+                            retries.append(
+                                await call_async(
+                                    site, "GET", f"/?inc={key}", cookies={b"lapse_session": uid}
+                                )
+                            )
+                        assert retries[-1].status == 200, [r.status for r in retries]
+                for uid in uids:
+                    stored = await reader.load(uid.decode())
+                    assert stored is not None
+                    assert stored.decoded() == {"start": 1, **{f"k{i}": 1 for i in range(15)}}
+            finally:
+                await reader.aclose()
+        finally:
+            await site._keeper.aclose()
+
+    asyncio.run(scenario())

@@ -356,3 +356,66 @@ def test_rotation_keeps_the_absolute_end(open_store: StoreFactory) -> None:
         assert (expiry.uid, expiry.cause) == ("new", "lifetime")
 
     run(open_store, scenario)
+
+
+# -- renewing a claim's lease -------------------------------------------------------
+
+
+def test_renew_extends_the_lease_so_nobody_else_claims_it(open_store: StoreFactory) -> None:
+    """A claim renewed before its lease ends is not handed out again when the
+    first lease would have run out, nor until the renewed one does; then it
+    is redelivered as usual (same delivery id, next attempt)."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 5, {"x": 1})
+        clock.advance(5)
+        (first,) = await store.claim("a", 10, 10)
+        clock.advance(8)
+        assert await store.renew(first, "a", 10)
+        clock.advance(8)  # 16 s after the claim: past the first lease
+        assert await store.claim("b", 10, 10) == []
+        upcoming = await store.next_deadline()
+        assert upcoming == pytest.approx(clock.now + 2)
+        clock.advance(2.5)
+        (again,) = await store.claim("b", 10, 10)
+        assert (again.delivery_id, again.attempt) == (first.delivery_id, 2)
+
+    run(open_store, scenario)
+
+
+def test_renew_only_by_the_owner_of_that_delivery(open_store: StoreFactory) -> None:
+    """renew() is False, and changes nothing, for another owner, for an
+    earlier delivery of a session since claimed again, and after ack()."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        await store.create("u1", 5, {})
+        clock.advance(5)
+        (first,) = await store.claim("a", 10, 10)
+        assert not await store.renew(first, "b", 100)
+        clock.advance(10.5)
+        (second,) = await store.claim("b", 10, 10)
+        assert not await store.renew(first, "a", 100)  # a's lease ran out: b has it
+        assert await store.renew(second, "b", 10)
+        clock.advance(10.5)
+        (third,) = await store.claim("a", 10, 10)
+        assert third.attempt == 3
+        await store.ack(third)
+        assert not await store.renew(third, "a", 10)
+        assert await store.claim("a", 10, 10) == []
+        assert await store.next_deadline() is None
+
+    run(open_store, scenario)
+
+
+def test_renew_of_an_unknown_expiry_is_false(open_store: StoreFactory) -> None:
+    """A made-up expiry (never claimed) cannot be renewed."""
+
+    async def scenario(store: SessionStore, clock: FakeClock) -> None:
+        from lapse.sessions.store import Expiry
+
+        await store.create("u1", 5, {})
+        assert not await store.renew(Expiry("u1", {}, "u1:1", 1, "timeout"), "a", 10)
+        assert not await store.renew(Expiry("nope", {}, "nope:1", 1, "timeout"), "a", 10)
+        assert await store.exists("u1")
+
+    run(open_store, scenario)

@@ -9,7 +9,9 @@ the point.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
+import os
 import sqlite3
 import threading
 import time
@@ -885,6 +887,187 @@ def test_the_worker_thread_stops_at_aclose(db: str, clock: FakeClock) -> None:
     for thread in started:
         thread.join(timeout=5)
         assert not thread.is_alive()
+
+
+# -- stalls: a bound on progress, and nothing committed after a failure -----------
+
+
+def hold_write_lock(db: str, seconds: float) -> sqlite3.Connection:
+    """Another connection takes the file's write lock, released after
+    ``seconds`` by the running event loop."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    asyncio.get_running_loop().call_later(seconds, holder.rollback)
+    return holder
+
+
+def test_calls_stuck_behind_a_lock_fail_after_the_timeout_and_never_commit_later(
+    db: str, clock: FakeClock
+) -> None:
+    """With the write lock held elsewhere for 0.6 s and a timeout of 0.2 s, a
+    save waiting for the lock and another queued behind it both fail after
+    about 0.2 s, though busy_timeout is 5 s; once the lock is free, neither
+    is applied: the worker rolls back what its caller gave up on."""
+
+    async def body(store: SQLiteStore) -> None:
+        await store.create("u1", 60.0, {"kept": 1})
+        holder = hold_write_lock(db, 0.6)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            store.save("u1", {"late": 1}, []),
+            store.save("u1", {"later": 2}, ["kept"]),
+            return_exceptions=True,
+        )
+        elapsed = time.monotonic() - started
+        for result in results:
+            assert isinstance(result, StoreUnavailable), result
+            assert db in str(result) and "no progress for 0.2s" in str(result)
+        assert 0.19 < elapsed < 0.45, elapsed
+        await asyncio.sleep(0.7)  # the lock is free; the worker has run on
+        holder.close()
+        loaded = await store.load("u1")
+        assert loaded is not None and loaded.decoded() == {"kept": 1}
+        assert await store.save("u1", {"now": 3}, [])
+
+    with_store(db, clock, body, timeout=0.2)
+
+
+def test_a_call_whose_caller_gave_up_is_never_committed_later(db: str, clock: FakeClock) -> None:
+    """A caller cancelled while its save waits for a lock (wait_for's own
+    timeout) leaves nothing behind: the save is rolled back, not applied
+    when the lock comes free."""
+
+    async def body(store: SQLiteStore) -> None:
+        await store.create("u1", 60.0, {})
+        holder = hold_write_lock(db, 0.3)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.save("u1", {"late": 1}, []), 0.1)
+        await asyncio.sleep(0.4)
+        holder.close()
+        loaded = await store.load("u1")
+        assert loaded is not None and loaded.decoded() == {}
+
+    with_store(db, clock, body)
+
+
+def test_a_long_queue_that_keeps_moving_fails_no_call(db: str, clock: FakeClock) -> None:
+    """1000 creates at once keep the worker busy longer than the timeout
+    (0.3 s) in all, but it finishes one after another: none fails."""
+
+    async def body(store: SQLiteStore) -> float:
+        started = time.monotonic()
+        deadlines = await asyncio.gather(
+            *(store.create(f"u{i}", 60.0, {"payload": "x" * 2000}) for i in range(1000))
+        )
+        assert deadlines == [1060.0] * 1000
+        return time.monotonic() - started
+
+    assert with_store(db, clock, body, timeout=0.3) > 0.3
+
+
+def test_the_timeout_is_an_option_and_must_be_positive(db: str) -> None:
+    store = SQLiteStore.from_url(f"sqlite:///{db}?timeout=0.25")
+    assert store.timeout == 0.25 and store.enforces_timeout
+    for bad in ("0", "-1", "inf", "soon"):
+        with pytest.raises(StoreConfigError, match="timeout is seconds > 0"):
+            SQLiteStore.from_url(f"sqlite:///{db}?timeout={bad}")
+    with pytest.raises(StoreConfigError):
+        SQLiteStore(db, timeout=0)
+
+
+# -- the file deleted or replaced while in use --------------------------------------
+
+
+def test_a_deleted_file_fails_the_call_that_wrote_into_it_then_a_new_file_is_made(
+    db: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file is deleted under a running store: the next call (a save,
+    which went into the unlinked file) fails naming the file, with one error
+    logged; the call after it makes a new, empty file at the path, which
+    then works and survives a restart (no WAL of the old file is replayed)."""
+
+    async def body(store: SQLiteStore) -> None:
+        await store.create("u1", 60.0, {"a": 1})
+        os.unlink(db)
+        with pytest.raises(StoreUnavailable, match="deleted") as info:
+            await store.save("u1", {"b": 2}, [])
+        assert db in str(info.value)
+        assert await store.load("u1") is None
+        await store.create("u2", 60.0, {"c": 3})
+
+    with caplog.at_level(logging.WARNING, logger="lapse.sessions"):
+        with_store(db, clock, body)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and db in errors[0] and "deleted" in errors[0], errors
+    assert any("created anew" in r.getMessage() for r in caplog.records)
+
+    async def restarted(store: SQLiteStore) -> list[Any]:
+        loaded = await store.load("u2")
+        return [await store.exists("u1"), None if loaded is None else loaded.decoded()]
+
+    assert with_store(db, clock, restarted) == [False, {"c": 3}]
+
+
+def test_a_replaced_file_is_not_written_and_is_used_from_the_next_call(
+    db: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Another database moved over the path (``mv``) while the store runs:
+    the next call fails ("replaced"); the one after uses the new file, which
+    keeps its own sessions and gets none of the old file's (its WAL is not
+    replayed into it), then or after a restart."""
+    other = str(tmp_path / "other.db")
+    with_store(other, clock, lambda store: store.create("theirs", 60.0, {}))
+
+    async def body(store: SQLiteStore) -> list[bool]:
+        await store.create("ours", 60.0, {})
+        os.replace(other, db)
+        with pytest.raises(StoreUnavailable, match="replaced"):
+            await store.create("lost", 60.0, {})
+        return [await store.exists(uid) for uid in ("theirs", "ours", "lost")]
+
+    assert with_store(db, clock, body) == [True, False, False]
+
+    async def restarted(store: SQLiteStore) -> list[bool]:
+        return [await store.exists(uid) for uid in ("theirs", "ours", "lost")]
+
+    assert with_store(db, clock, restarted) == [True, False, False]
+
+
+def test_two_stores_on_a_replaced_file_both_move_to_the_new_one(
+    db: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Two stores (as two processes) on one file that is replaced: each
+    fails the call that finds it and then uses the new file; what either
+    writes afterwards the other sees, and a restart still has it."""
+    other = str(tmp_path / "other.db")
+    with_store(other, clock, lambda store: store.create("theirs", 60.0, {}))
+
+    async def main() -> None:
+        a = SQLiteStore(db, clock=clock)
+        b = SQLiteStore(db, clock=clock)
+        try:
+            await a.create("ours", 60.0, {})
+            assert await b.exists("ours")
+            os.replace(other, db)
+            with pytest.raises(StoreUnavailable, match="replaced"):
+                await a.exists("ours")
+            await a.create("after-a", 60.0, {})  # a is on the new file; b is not yet
+            with pytest.raises(StoreUnavailable, match="replaced"):
+                await b.create("lost", 60.0, {})
+            await b.create("after-b", 60.0, {})
+            for store in (a, b):
+                found = [await store.exists(u) for u in ("theirs", "after-a", "after-b", "lost")]
+                assert found == [True, True, True, False]
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(main())
+
+    async def restarted(store: SQLiteStore) -> list[bool]:
+        return [await store.exists(u) for u in ("theirs", "ours", "after-a", "after-b", "lost")]
+
+    assert with_store(db, clock, restarted) == [True, False, True, True, False]
 
 
 _SCHEMA_V1 = """

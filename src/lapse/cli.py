@@ -103,7 +103,7 @@ class _ServesItself(BaseException):
 
 
 def _trust_spec(text: str) -> int | str:
-    """``--trust-proxy=N|ADDRESSES``, checked as ``trust_proxy_headers`` checks it."""
+    """``--trusted-proxies N|ADDRESSES``, checked as ``trust_proxy_headers`` checks it."""
     from lapse.web._proxy import proxy_trust
 
     digits = text.strip()
@@ -112,8 +112,8 @@ def _trust_spec(text: str) -> int | str:
         proxy_trust(spec)
     except (TypeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(
-            f"{exc} (write --trust-proxy=N or --trust-proxy=ADDRESSES, or put a bare "
-            "--trust-proxy after MODULE:ATTR)"
+            f"{exc} (give a number of proxies, e.g. 2, or their addresses and networks, "
+            "e.g. 10.0.0.0/8,192.0.2.7)"
         ) from None
     return spec
 
@@ -194,17 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--trust-proxy",
-        nargs="?",
+        action="store_const",
         const=True,
         default=False,
+        help=(
+            "believe X-Forwarded-For and X-Forwarded-Proto as set by one proxy in front "
+            "(the right-most entry). A Site gets it as trust_proxy_headers; any other ASGI "
+            "app gets its scope's client and scheme from them"
+        ),
+    )
+    serve.add_argument(
+        "--trusted-proxies",
+        dest="trust_proxy",
         type=_trust_spec,
         metavar="N|ADDRESSES",
         help=(
-            "believe X-Forwarded-For and X-Forwarded-Proto as far as the proxies in front "
-            "add them: alone, one proxy (the right-most entry); =N, a chain of N proxies; "
-            "=10.0.0.0/8,192.0.2.7, the proxies' addresses or networks (believed only "
-            "from them). A Site gets it as trust_proxy_headers; any other ASGI app gets "
-            "its scope's client and scheme from them"
+            "as --trust-proxy, for a chain of N proxies (the N-th entry from the right), "
+            "or for the proxies at these addresses or networks (e.g. 10.0.0.0/8,192.0.2.7: "
+            "believed only from them)"
         ),
     )
     serve.add_argument(
@@ -636,7 +643,7 @@ def _worker_command(options: _Options) -> list[str]:
     if options.trust_proxy is True:
         command.append("--trust-proxy")
     elif options.trust_proxy is not False:
-        command.append(f"--trust-proxy={options.trust_proxy}")
+        command += ["--trusted-proxies", str(options.trust_proxy)]
     if options.live_view is not None:
         command += ["--live-view", options.live_view]
     return command

@@ -18,6 +18,11 @@ Two modes, one contract:
 In both, an ended session goes: out of ``site.sessions``, its callbacks, the
 durable hook with its final data (``on_expire``), acknowledged. A hook that
 raises is retried on the next claim, up to ``max_attempts`` deliveries.
+While a hook runs, its claim's lease is renewed every third of the lease
+(``store.renew``), so a hook slower than the lease is not delivered again
+meanwhile; if the process dies, renewals stop and the lease runs out. On a
+shared store a plain (not async) hook runs in a worker thread, so that a
+slow one holds neither the event loop's requests nor its lease.
 
 Rotation (``session.rotate()``) re-keys this process's copy at once. Locally
 the store re-keys its record in the same call; on a shared store the site
@@ -70,6 +75,12 @@ class _Owner(Protocol):
     def reactor(self) -> IReactorTime: ...
     @property
     def sessionFactory(self) -> Callable[..., Session]: ...
+
+
+def _is_async(hook: Callable[..., Any]) -> bool:
+    """Whether calling ``hook`` makes a coroutine (an ``async def`` function,
+    or an object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(type(hook).__call__)
 
 
 class SessionKeeper:
@@ -534,6 +545,7 @@ class SessionKeeper:
                 memory.ack_now(expiry)
             return
         if inspect.isawaitable(result):
+            stop_renewing = self._keep_lease_now(expiry)
 
             async def finish(pending: Awaitable[None] = result) -> None:
                 try:
@@ -541,11 +553,35 @@ class SessionKeeper:
                 except Exception:
                     if not self._give_up(expiry):
                         return
+                finally:
+                    stop_renewing()
                 memory.ack_now(expiry)
 
             self.spawn(finish())
         else:
             memory.ack_now(expiry)
+
+    def _keep_lease_now(self, expiry: Expiry) -> Callable[[], None]:
+        """Local mode: renew ``expiry``'s lease every third of the lease, on
+        the site's reactor, until the function returned is called."""
+        memory = self._memory
+        assert memory is not None
+        reactor = self.owner.reactor
+        beat: list[IDelayedCall] = []
+
+        def renew() -> None:
+            beat.clear()
+            if memory.renew_now(expiry, self.node_id, self.lease):
+                beat.append(reactor.callLater(self.lease / 3, renew))
+
+        def stop() -> None:
+            for call in beat:
+                if call.active():
+                    call.cancel()
+            beat.clear()
+
+        beat.append(reactor.callLater(self.lease / 3, renew))
+        return stop
 
     def _give_up(self, expiry: Expiry) -> bool:
         """Log a hook that raised; whether to stop redelivering it (acknowledge)."""
@@ -567,16 +603,42 @@ class SessionKeeper:
     async def _deliver(self, expiry: Expiry) -> None:
         if expiry.attempt == 1:
             self.stats.session_ended(expiry.cause)
-        if self.on_expire is not None:
+        hook = self.on_expire
+        if hook is not None:
+            renewing = asyncio.get_running_loop().create_task(self._keep_lease(expiry))
             try:
-                result = self.on_expire(expiry)
+                if _is_async(hook):
+                    result = hook(expiry)
+                else:  # off the event loop: a slow one must not hold it
+                    result = await asyncio.to_thread(hook, expiry)
                 if inspect.isawaitable(result):
                     await result
             except Exception:
                 if not self._give_up(expiry):
                     return
+            finally:
+                renewing.cancel()
         await self.call(self.store.ack(expiry))
         self._end_local(expiry.uid)
+
+    async def _keep_lease(self, expiry: Expiry) -> None:
+        """Shared mode: renew ``expiry``'s lease every third of the lease
+        while its hook runs (this task is cancelled when the hook ends)."""
+        lease = self.lease
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                renewed = await self.call(self.store.renew(expiry, self.node_id, lease))
+            except StoreUnavailable:
+                continue  # logged as an outage; the next beat tries again
+            if not renewed:
+                log.warning(
+                    "the lease of session %s's expiry (delivery %d) was lost while its "
+                    "hook ran; another process may deliver it again",
+                    short_uid(expiry.uid),
+                    expiry.attempt,
+                )
+                return
 
     # -- the shared-mode loop -----------------------------------------------
 

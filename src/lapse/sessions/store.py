@@ -32,6 +32,10 @@ the absolute end) and its data (a dict of JSON values). The site asks it to:
   lease: until ``ack``, nobody else gets the session; if the lease runs out
   (the owner died mid-hook), the next ``claim`` by anyone hands it out again,
   with the same ``delivery_id`` and ``attempt`` + 1;
+- ``renew(expiry, owner, lease)``: while the hook runs, extend the claim's
+  lease to now + ``lease``, only if ``owner`` still holds that delivery (the
+  same ``delivery_id`` and ``attempt``, not acknowledged); False if not (its
+  lease ran out and it was claimed again, or it was acknowledged);
 - ``ack(expiry)``: the hook ran; forget the session and announce its end;
 - ``events(cursor)``: uids whose end was announced since ``cursor`` (and
   ``(old, new)`` pairs for rotations), so that every process can run its own
@@ -220,6 +224,11 @@ class SessionStore(Protocol):
 
     async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
         """Take up to ``limit`` ended sessions for ``lease`` seconds."""
+
+    async def renew(self, expiry: Expiry, owner: str, lease: float) -> bool:
+        """Extend the lease of ``expiry`` (claimed by ``owner``) to now +
+        ``lease``; False, changing nothing, unless it is still that claim
+        (same ``delivery_id`` and ``attempt``, same owner, not acknowledged)."""
 
     async def ack(self, expiry: Expiry) -> None:
         """The hook for ``expiry`` ran: forget the session, announce its end."""

@@ -21,9 +21,17 @@ the cost that matters is the client's own per call. Design:
   once on a fresh connection (the case of a server that restarted between
   two calls); a command that fails on a connection made for it is not.
 - **Timeouts without a timer per command.** Each connection has one
-  watchdog timer: when commands are pending and nothing has come from the
-  server for ``timeout`` seconds, the connection is declared dead: closed,
-  and every pending command fails with :class:`RedisTimeoutError`.
+  watchdog timer: when commands have been written and nothing has come from
+  the server for ``timeout`` seconds since (the first of them was written,
+  or the last reply came), the connection is declared dead: closed, and
+  every pending command fails with :class:`RedisTimeoutError`. Silence is
+  the server's, not the event loop's: a command still waiting in the write
+  buffer is not counted, and before failing the watchdog looks at the
+  socket: bytes waiting there mean the server answered and the loop was too
+  busy to read them yet (a loop blocked by a long render, say), so it waits
+  for the loop to read them instead. Connecting is bounded the same way: a
+  connection attempt whose time ran out while the loop was busy gets one
+  short look more before it fails.
 - **Errors.** An error reply (``-ERR ...``) is a :class:`ReplyError` for
   its caller only; the connection stays usable. Every error of this module
   is a :class:`RedisError`; none ever contains the password.
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import select
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -168,10 +177,7 @@ class _Connection(asyncio.Protocol):
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Queue one encoded command; the future of its reply."""
         future = self.loop.create_future()
-        pending = self.pending
-        if not pending:
-            self.last_progress = self.loop.time()
-        pending.append(future)
+        self.pending.append(future)
         self.outgoing.append(packed)
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -183,6 +189,11 @@ class _Connection(asyncio.Protocol):
         outgoing = self.outgoing
         if not outgoing or self.failed or self.transport is None:
             return
+        if len(self.pending) == len(outgoing):
+            # Nothing was waiting on the server before this write: its
+            # silence starts now (not when the commands were queued, which
+            # on a busy loop can be long before).
+            self.last_progress = self.loop.time()
         self.outgoing = []
         try:
             self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
@@ -196,14 +207,33 @@ class _Connection(asyncio.Protocol):
         if self.failed:
             return
         now = self.loop.time()
-        if self.pending:
+        if len(self.pending) > len(self.outgoing):  # written, not all answered
             deadline = self.last_progress + self.timeout
-            if now >= deadline:
+            if now < deadline:
+                self.watchdog = self.loop.call_at(deadline, self._tick)
+                return
+            if not self._unread():
                 self.fail(RedisTimeoutError, f"no reply within {self.timeout:g}s")
                 return
-            self.watchdog = self.loop.call_at(deadline, self._tick)
-        else:
-            self.watchdog = self.loop.call_at(now + self.period, self._tick)
+            # The server did answer; this timer merely ran before the busy
+            # loop read the socket. Look again once it has.
+        self.watchdog = self.loop.call_at(now + self.period, self._tick)
+
+    def _unread(self) -> bool:
+        """Whether the socket holds bytes (or an end) not read yet."""
+        transport = self.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            fd = sock.fileno()
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                return bool(poller.poll(0))
+            return bool(select.select([fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def fail(self, error: Callable[[str], RedisError], message: str) -> None:
         """Close the connection; every pending command fails with ``error``."""
@@ -221,6 +251,19 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.on_lost(self)
+
+
+_LAST_LOOK = 0.05
+"""Seconds a connection attempt gets past its timeout, for a busy loop to
+notice that it was made (see :meth:`RedisClient._within_timeout`)."""
+
+
+def _drop_late_connection(
+    connecting: asyncio.Task[tuple[asyncio.BaseTransport, _Connection]],
+) -> None:
+    """Close a connection made after its caller had given up on it."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result()[1].fail(RedisConnectionError, "connected after the timeout")
 
 
 class RedisClient:
@@ -315,22 +358,23 @@ class RedisClient:
 
     async def _open(self, generation: int) -> _Connection:
         loop = asyncio.get_running_loop()
+        context = ssl.create_default_context() if self._tls else None
+        connecting = loop.create_task(
+            loop.create_connection(
+                lambda: _Connection(loop, self.timeout, self._lost),
+                self.host,
+                self.port,
+                ssl=context,
+            )
+        )
         conn: _Connection | None = None
         try:
-            async with asyncio.timeout(self.timeout):
-                context = ssl.create_default_context() if self._tls else None
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, self.timeout, self._lost),
-                    self.host,
-                    self.port,
-                    ssl=context,
-                )
-                replies = [conn.send(_pack(command)) for command in self._handshake()]
-                for reply in replies:
-                    await reply
+            _, conn = await self._within_timeout(connecting)
+            # The handshake's replies are bounded by the connection's watchdog.
+            replies = [conn.send(_pack(command)) for command in self._handshake()]
+            for reply in replies:
+                await reply
         except TimeoutError as exc:
-            if conn is not None:
-                conn.fail(RedisConnectionError, "handshake timed out")
             raise RedisTimeoutError(f"no connection within {self.timeout:g}s") from exc
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect: {exc}") from exc
@@ -343,6 +387,26 @@ class RedisClient:
             raise RedisConnectionError("client closed while connecting")
         self._conn = conn
         return conn
+
+    async def _within_timeout(
+        self, connecting: asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]
+    ) -> tuple[asyncio.BaseTransport, _Connection]:
+        """The connection ``connecting`` makes, within ``timeout``; else
+        TimeoutError. When the time is up, one short look more: the timer
+        may have run on a loop too busy to notice the connection was made."""
+        try:
+            done, _ = await asyncio.wait((connecting,), timeout=self.timeout)
+            if not done:
+                done, _ = await asyncio.wait((connecting,), timeout=_LAST_LOOK)
+        except BaseException:
+            connecting.cancel()
+            connecting.add_done_callback(_drop_late_connection)
+            raise
+        if not done:
+            connecting.cancel()
+            connecting.add_done_callback(_drop_late_connection)
+            raise TimeoutError
+        return connecting.result()
 
     def _handshake(self) -> list[tuple[Arg, ...]]:
         commands: list[tuple[Arg, ...]] = []

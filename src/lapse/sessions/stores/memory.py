@@ -174,7 +174,7 @@ class _Touched:
 
 
 class _Ended:
-    __slots__ = ("attempt", "cause", "delivery_id", "lease_until", "record")
+    __slots__ = ("attempt", "cause", "delivery_id", "lease_until", "owner", "record")
 
     def __init__(self, record: Record, cause: str) -> None:
         self.record = record
@@ -182,6 +182,7 @@ class _Ended:
         self.delivery_id = ""
         self.attempt = 0
         self.lease_until = 0.0
+        self.owner = ""
 
 
 class MemoryStore:
@@ -554,11 +555,24 @@ class MemoryStore:
                 ended.delivery_id = f"{uid}:{next(self._deliveries)}"
             ended.attempt += 1
             ended.lease_until = now + lease
+            ended.owner = owner
             data = ended.record._peek_values()
             if data is None:
                 data = {}
             claims.append(Expiry(uid, data, ended.delivery_id, ended.attempt, ended.cause))
         return claims
+
+    def renew_now(self, expiry: Expiry, owner: str, lease: float) -> bool:
+        ended = self._ended.get(expiry.uid)
+        if (
+            ended is None
+            or ended.delivery_id != expiry.delivery_id
+            or ended.attempt != expiry.attempt
+            or ended.owner != owner
+        ):
+            return False
+        ended.lease_until = self.clock() + lease
+        return True
 
     def ack_now(self, expiry: Expiry) -> None:
         ended = self._ended.get(expiry.uid)
@@ -743,6 +757,9 @@ class MemoryStore:
 
     async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
         return self.claim_now(owner, lease, limit)
+
+    async def renew(self, expiry: Expiry, owner: str, lease: float) -> bool:
+        return self.renew_now(expiry, owner, lease)
 
     async def ack(self, expiry: Expiry) -> None:
         self.ack_now(expiry)

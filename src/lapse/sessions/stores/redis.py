@@ -309,6 +309,19 @@ return out
 """
 )
 
+# KEYS: claim hash, leases. ARGV: now, uid, delivery_id, attempt, owner, lease.
+# -> 1 if that claim still held and its lease now ends at now + lease, else 0
+_RENEW = (
+    _PRELUDE
+    + """
+local h = redis.call('HMGET', KEYS[1], 'id', 'attempt', 'owner')
+if h[1] ~= ARGV[3] or h[2] ~= ARGV[4] or h[3] ~= ARGV[5] then return 0 end
+if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], n2s(now_us(ARGV[1]) + tonumber(ARGV[6])), ARGV[2])
+return 1
+"""
+)
+
 # KEYS: session hash, claim hash, leases, deadlines, events. ARGV: uid, delivery_id.
 # -> 1 if acknowledged, 0 if the delivery id did not match
 _ACK = """
@@ -418,6 +431,7 @@ _SCRIPTS = {
     "exists": _EXISTS,
     "expire": _EXPIRE,
     "claim": _CLAIM,
+    "renew": _RENEW,
     "ack": _ACK,
     "next_deadline": _NEXT_DEADLINE,
 }
@@ -789,6 +803,21 @@ class RedisStore:
             Expiry(uid, _data(flat), delivery_id, int(attempt), cause)
             for uid, delivery_id, attempt, cause, flat in reply
         ]
+
+    async def renew(self, expiry: Expiry, owner: str, lease: float) -> bool:
+        """Move the claim's lease end to now + ``lease`` (server time), if
+        ``owner`` still holds this delivery (same delivery id and attempt);
+        False, changing nothing, if not. One script."""
+        keys = [f"{self.prefix}:c:{expiry.uid}", self._k_leases]
+        args: list[str | int] = [
+            self._now_arg(),
+            expiry.uid,
+            expiry.delivery_id,
+            str(expiry.attempt),
+            owner,
+            _us(lease, "lease"),
+        ]
+        return bool(await self._call("renew", keys, args))
 
     async def ack(self, expiry: Expiry) -> None:
         """Forget the session and append its uid to the events stream, if

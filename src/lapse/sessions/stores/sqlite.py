@@ -25,6 +25,27 @@ Guarantees:
   :class:`~lapse.sessions.store.StoreUnavailable` naming the file, raised
   ``from`` the ``sqlite3`` error. A failed ``open`` is retried by the next
   call.
+- **A bound on stalls, not on queues.** A call fails (``StoreUnavailable``)
+  when the worker has made no progress for ``timeout`` seconds (1 by
+  default): it is stuck on a lock another process holds, or on a stalled
+  disk. Then every call not yet committing fails at once. A long queue
+  that moves, or an event loop too busy to collect a finished result, fails
+  nothing. The store enforces this bound itself (``enforces_timeout``).
+- **A failed call is not applied.** A call that fails for a timeout, or
+  whose caller was cancelled, is cancelled before it commits: not started,
+  or rolled back (the worker checks before its ``COMMIT``). Once its
+  ``COMMIT`` has begun, a call is waited for. So a call that raised was not
+  applied and never will be, and retrying it is safe.
+- **A file deleted or replaced while in use.** After each transaction the
+  store checks that the path still names the file its connection opened
+  (``st_dev``, ``st_ino``). If not, that call fails (so a write that went
+  into a deleted file is never acknowledged), an error is logged naming the
+  file, and the connection is closed after unlinking the old file's
+  ``-wal`` and ``-shm`` (which SQLite leaves at the path, and would replay
+  into the next file opened there). The next call opens the file then at
+  the path: the replacement, or a new, empty file if it was deleted (its
+  sessions are lost, as its users' logins). Other processes on the old
+  file do the same at their next call.
 - **Time.** Deadlines and leases are in the store's clock: ``clock()`` if
   given, else this machine's wall clock (``time.time``), which all processes
   of one machine share.
@@ -60,9 +81,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +107,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SQLiteStore"]
 
+log = logging.getLogger("lapse.sessions")
+
 _T = TypeVar("_T")
 
 _SCHEMA_VERSION = 3
@@ -99,7 +124,7 @@ EVENTS_PER_CALL = 1000
 """The most uids one ``events()`` call returns."""
 
 _URL_PREFIX = "sqlite:///"
-_URL_OPTIONS = ("busy_timeout",)
+_URL_OPTIONS = ("busy_timeout", "timeout")
 
 _PATH_MAX = 4095
 _NAME_MAX = 255
@@ -187,6 +212,57 @@ _MIGRATIONS = {0: _SCHEMA, 1: _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3, 2: _MIGRATE_2_T
 """The script that brings a file of each older schema version to the current one."""
 
 
+# Where a call is (``_Job.state``). The worker moves it forward under the
+# store's lock; the event loop may abandon it only before it commits.
+_QUEUED, _RUNNING, _COMMITTING, _DONE, _ABANDONED = range(5)
+
+
+class _Job:
+    """One call of a store method: the transaction to run, where it is, and
+    the future its caller awaits."""
+
+    __slots__ = ("fn", "state", "waiter", "write")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection, float], Any],
+        write: bool,
+        waiter: asyncio.Future[Any],
+    ) -> None:
+        self.fn = fn
+        self.write = write
+        self.waiter = waiter
+        self.state = _QUEUED
+
+
+class _Abandoned(Exception):
+    """The caller gave up on the call before it committed (worker thread)."""
+
+
+def _settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Give a call's outcome to its caller, unless it has one already."""
+    if waiter.done():
+        return
+    if error is None:
+        waiter.set_result(result)
+    else:
+        waiter.set_exception(error)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at ``path``, None if there is none;
+    OSError if that cannot be told (a permission error, say)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+_SIDECARS = ("-wal", "-shm")
+"""The files SQLite keeps next to a database in WAL mode."""
+
+
 class SQLiteStore:
     """Sessions in an SQLite file (see the module docstring for guarantees).
 
@@ -197,6 +273,9 @@ class SQLiteStore:
     """
 
     shared = True
+    enforces_timeout = True
+    """Every call fails once the worker has made no progress for ``timeout``
+    seconds (one watchdog timer per store, not one per call)."""
 
     def __init__(
         self,
@@ -204,6 +283,7 @@ class SQLiteStore:
         *,
         clock: Callable[[], float] | None = None,
         busy_timeout: float = 5.0,
+        timeout: float = 1.0,
     ) -> None:
         if not isinstance(path, str) or not path:
             raise StoreConfigError(f"the SQLite store needs a file path, not {path!r}")
@@ -214,21 +294,39 @@ class SQLiteStore:
             )
         if not busy_timeout >= 0:
             raise StoreConfigError(f"busy_timeout is seconds >= 0, not {busy_timeout!r}")
+        if not 0 < timeout < float("inf"):
+            raise StoreConfigError(f"timeout is seconds > 0, not {timeout!r}")
         self.path = _checked_path(path)
         self.url = _URL_PREFIX + self.path
         self.busy_timeout = float(busy_timeout)
+        self.timeout = float(timeout)
         self.clock: Callable[[], float] = clock or time.time
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lapse-sqlite")
-        self._conn: sqlite3.Connection | None = None  # touched only in the worker
+        self._conn: sqlite3.Connection | None = None  # used only in the worker
         self._closed = False
+        # The file the connection opened, and its -wal and -shm (worker only).
+        self._file: tuple[int, int] | None = None
+        self._sidecars: dict[str, tuple[int, int] | None] = {}
+        self._gave_up: str | None = None  # why the last file was given up
+        # Shared by the worker and the event loop, under the lock: calls
+        # submitted and not finished by the worker, and when the worker last
+        # started or finished one (or was handed work while idle).
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._progress = time.monotonic()
+        # The event loop's side: the calls awaited, and the one watchdog.
+        self._jobs: set[_Job] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> SQLiteStore:
         """The store a ``sqlite:///`` URL names.
 
         ``sqlite:///sessions.db`` is relative to the current directory,
-        ``sqlite:////var/lib/app/sessions.db`` is absolute. The one option is
-        ``?busy_timeout=SECONDS`` (default 5). Anything else, an empty path or
+        ``sqlite:////var/lib/app/sessions.db`` is absolute. The options are
+        ``?busy_timeout=SECONDS`` (default 5) and ``?timeout=SECONDS`` (default
+        1; see the module docstring). Anything else, an empty path or
         ``:memory:`` is a :class:`StoreConfigError`.
         """
         if not isinstance(url, str):
@@ -281,7 +379,18 @@ class SQLiteStore:
                     f"bad SQLite store URL {url!r}: busy_timeout is seconds >= 0, "
                     f"not {options['busy_timeout']!r}"
                 )
-        return cls(path, clock=clock, busy_timeout=busy_timeout)
+        timeout = 1.0
+        if "timeout" in options:
+            try:
+                timeout = float(options["timeout"])
+            except ValueError:
+                timeout = 0.0
+            if not 0 < timeout < float("inf"):
+                raise StoreConfigError(
+                    f"bad SQLite store URL {url!r}: timeout is seconds > 0, "
+                    f"not {options['timeout']!r}"
+                )
+        return cls(path, clock=clock, busy_timeout=busy_timeout, timeout=timeout)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._conn is not None else "new"
@@ -294,6 +403,10 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         """Open the file and make the schema (worker thread)."""
+        try:
+            before = _file_id(self.path)
+        except OSError as exc:
+            raise self._unavailable(f"cannot look at the file: {exc}") from exc
         conn = sqlite3.connect(
             self.path,
             timeout=self.busy_timeout,
@@ -322,9 +435,25 @@ class SQLiteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            try:
+                opened = _file_id(self.path)
+                sidecars = {suffix: _file_id(self.path + suffix) for suffix in _SIDECARS}
+            except OSError as exc:
+                raise self._unavailable(f"cannot look at the file: {exc}") from exc
+            if opened is None or (before is not None and before != opened):
+                raise self._unavailable("the file was deleted or replaced while it was opened")
         except BaseException:
             conn.close()
             raise
+        self._file = opened
+        self._sidecars = sidecars
+        if self._gave_up is not None:
+            log.warning(
+                "SQLite session store %s: now using the file at this path (%s)",
+                self.path,
+                "created anew, empty" if before is None else "another file than before",
+            )
+            self._gave_up = None
         return conn
 
     def _use_wal(self, conn: sqlite3.Connection) -> None:
@@ -346,11 +475,19 @@ class SQLiteStore:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    def _run(self, fn: Callable[[sqlite3.Connection, float], _T], write: bool) -> _T:
+    def _run(
+        self,
+        fn: Callable[[sqlite3.Connection, float], _T],
+        write: bool,
+        job: _Job | None = None,
+    ) -> _T:
         """Run ``fn(conn, now)`` as one transaction (worker thread).
 
         ``now`` is read once the transaction holds its lock, so that it is
         never earlier than the time of a transaction committed before it.
+        If ``job`` was abandoned by its caller before the ``COMMIT``, the
+        transaction is rolled back instead (:class:`_Abandoned`). After it,
+        the path must still name the file the connection opened.
         """
         try:
             if self._conn is None:
@@ -359,15 +496,63 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 result = fn(conn, self.clock())
+                if job is not None:
+                    with self._lock:
+                        if job.state == _ABANDONED:
+                            raise _Abandoned
+                        job.state = _COMMITTING
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
-            return result
         except sqlite3.Error as exc:
             raise self._unavailable(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            moved = _file_id(self.path) != self._file
+        except OSError:  # cannot tell: no reason to give the file up
+            moved = False
+        if moved:
+            self._give_up_file()
+        return result
+
+    def _give_up_file(self) -> None:
+        """The path no longer names the file the connection opened (deleted,
+        or another file moved there): log it, drop the old file, and fail
+        the call whose transaction went into it (worker thread). The next
+        call opens whatever is at the path then (a new file if none).
+
+        The old file's ``-wal`` and ``-shm`` are still at the path: SQLite
+        does not checkpoint nor remove them when the database has moved, and
+        the next connection to the path would replay that WAL into the new
+        file. So they are unlinked first, while this connection still holds
+        them open (their names cannot be another file's yet). Other
+        processes still on the old file keep their open copies, write only
+        there, and give it up at their next call.
+        """
+        try:
+            now_there = _file_id(self.path)
+        except OSError:
+            return
+        what = "deleted" if now_there is None else "replaced by another file"
+        for suffix, known in self._sidecars.items():
+            with contextlib.suppress(OSError):
+                if known is not None and _file_id(self.path + suffix) == known:
+                    os.unlink(self.path + suffix)
+        self._close()
+        self._gave_up = what
+        log.error(
+            "SQLite session store %s: the file was %s while in use; the call that "
+            "found it failed (503) and is not in the file at that path now; the next "
+            "call opens the file now there%s",
+            self.path,
+            what,
+            " (a new, empty one)" if now_there is None else "",
+        )
+        raise self._unavailable(
+            f"the file was {what} while in use; this call is not in the file now at the path"
+        )
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -375,15 +560,97 @@ class SQLiteStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
+    def _work(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
+        """Run one call, unless its caller gave up on it (worker thread)."""
+        with self._lock:
+            if job.state == _ABANDONED:
+                self._outstanding -= 1
+                return
+            job.state = _RUNNING
+            self._progress = time.monotonic()
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = self._run(job.fn, job.write, job)
+        except BaseException as exc:  # handed to the caller, as an executor does
+            error = exc
+        with self._lock:
+            if job.state != _ABANDONED:
+                job.state = _DONE
+            self._outstanding -= 1
+            self._progress = time.monotonic()
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+            loop.call_soon_threadsafe(_settle, job.waiter, result, error)
+
     async def _call(self, fn: Callable[[sqlite3.Connection, float], _T], write: bool) -> _T:
         if self._closed:
             raise self._unavailable("the store is closed")
         loop = asyncio.get_running_loop()
+        job = _Job(fn, write, loop.create_future())
+        with self._lock:
+            if not self._outstanding:  # the worker was idle: it has not stalled
+                self._progress = time.monotonic()
+            self._outstanding += 1
         try:
-            future = loop.run_in_executor(self._executor, self._run, fn, write)
+            self._executor.submit(self._work, job, loop)
         except RuntimeError as exc:  # the executor was shut down meanwhile
+            with self._lock:
+                self._outstanding -= 1
             raise self._unavailable("the store is closed") from exc
-        return await future
+        jobs = self._jobs
+        jobs.add(job)
+        if self._watchdog is None or self._watchdog_loop is not loop:
+            self._watchdog = loop.call_later(self.timeout, self._tick)
+            self._watchdog_loop = loop
+        try:
+            result: _T = await job.waiter
+            return result
+        except asyncio.CancelledError:
+            self._abandon(job)  # the caller is gone: never commit it later
+            raise
+        finally:
+            jobs.discard(job)
+
+    def _abandon(self, job: _Job) -> bool:
+        """Cancel ``job`` unless it is committing or done (event loop); whether
+        it was cancelled. One running is interrupted, and rolled back."""
+        with self._lock:
+            if job.state == _QUEUED:
+                job.state = _ABANDONED
+                return True
+            if job.state == _RUNNING:
+                job.state = _ABANDONED
+                conn = self._conn
+                if conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.interrupt()
+                return True
+            return False
+
+    def _tick(self) -> None:
+        """The watchdog (event loop): calls waiting while the worker has made
+        no progress for ``timeout`` seconds are cancelled and fail."""
+        self._watchdog = None
+        loop = self._watchdog_loop
+        jobs = [job for job in self._jobs if job.waiter.get_loop() is loop]
+        if not jobs or loop is None:
+            return
+        with self._lock:
+            stalled = time.monotonic() - self._progress
+        if stalled >= self.timeout:
+            for job in jobs:
+                if self._abandon(job) and not job.waiter.done():
+                    job.waiter.set_exception(
+                        self._unavailable(
+                            f"no progress for {self.timeout:g}s (a lock held by another "
+                            "process, or a stalled disk); the call was cancelled uncommitted"
+                        )
+                    )
+            wait = self.timeout
+        else:
+            wait = self.timeout - stalled
+        if any(not job.waiter.done() for job in jobs):
+            self._watchdog = loop.call_later(wait, self._tick)
 
     # -- the protocol -----------------------------------------------------------
 
@@ -403,6 +670,9 @@ class SQLiteStore:
             await loop.run_in_executor(self._executor, self._close)
         finally:
             self._executor.shutdown(wait=False)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
 
     async def now(self) -> float:
         """The store's clock."""
@@ -587,6 +857,21 @@ class SQLiteStore:
             return claims
 
         return await self._call(claim, write=True)
+
+    async def renew(self, expiry: Expiry, owner: str, lease: float) -> bool:
+        """Move the lease end of the claimed session to now + ``lease``, if
+        ``owner`` still holds this delivery of it (same ``delivery_id`` and
+        ``attempt``); False, changing nothing, if not."""
+
+        def renew(conn: sqlite3.Connection, now: float) -> bool:
+            updated = conn.execute(
+                "UPDATE sessions SET lease_until = ? WHERE uid = ? AND ended = 1"
+                " AND delivery_id = ? AND attempt = ? AND lease_owner = ?",
+                (now + lease, expiry.uid, expiry.delivery_id, expiry.attempt, owner),
+            ).rowcount
+            return bool(updated)
+
+        return await self._call(renew, write=True)
 
     async def ack(self, expiry: Expiry) -> None:
         """Forget the claimed session and announce its end (one event), if it
