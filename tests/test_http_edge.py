@@ -600,3 +600,113 @@ def test_site_limits_follow_its_byte_limits() -> None:
     assert limits == HTTPLimits(
         max_uri_length=1000, max_head_size=7096, max_connections=7, check_host=False
     )
+
+
+# -- lapse serve -------------------------------------------------------------------------
+
+CLI_APP = """
+from lapse.web.resource import Resource
+from lapse.web.server import Site
+
+
+class Page(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return "page"
+
+
+site = Site(Page())
+
+
+async def plain(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            kind = message["type"].rsplit(".", 1)[1]
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    headers = [(b"content-length", b"5")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"plain"})
+"""
+
+
+@pytest.mark.parametrize("target", ["edge_cliapp:site", "edge_cliapp:plain"])
+def test_lapse_serve_connection_options_apply_to_any_app(tmp_path: Path, target: str) -> None:
+    """``lapse serve`` with --max-connections 1, --keep-alive-timeout 0.5 and
+    --header-timeout 0.5, for a Site and for a plain ASGI app: a second
+    connection gets 503 while one is open; the open one is closed after
+    0.5 s idle; a header trickle gets 408 after 0.5 s (not the 20 s default)."""
+    write_script(tmp_path, "edge_cliapp.py", CLI_APP)
+    runner = write_script(
+        tmp_path, "run_lapse.py", "import sys\nfrom lapse.cli import main\nsys.exit(main())\n"
+    )
+    port = free_port()
+    args = [
+        *("serve", target, "--port", str(port), "--app-dir", str(tmp_path)),
+        *("--max-connections", "1", "--keep-alive-timeout", "0.5", "--header-timeout", "0.5"),
+    ]
+    with running_server(runner, port, args=args):
+        deadline = time.monotonic() + 5
+        while True:  # the start-up probe's connection may not be gone yet
+            conn = http.client.HTTPConnection(HOST, port, timeout=5)
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            if response.status == 200 or time.monotonic() > deadline:
+                break
+            conn.close()
+            time.sleep(0.05)
+        try:
+            assert response.read() in (b"page", b"plain")
+            with socket.create_connection((HOST, port), timeout=5) as sock:
+                assert parse_response(read_until_closed(sock, 5)[0]).status == 503
+            assert conn.sock is not None
+            assert read_until_closed(conn.sock, TIMEOUT + SLACK)[0] == b""
+        finally:
+            conn.close()
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            answer, took = trickle(sock, b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"s" * 100, 0.1, 5)
+        assert parse_response(answer).status == 408
+        assert took <= TIMEOUT + SLACK
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--header-timeout", "0", "argument --header-timeout: 0: a number of seconds above 0"),
+        ("--body-timeout", "soon", "argument --body-timeout: 'soon' is not a number of seconds"),
+        ("--keep-alive-timeout", "inf", "argument --keep-alive-timeout: inf: a number of seconds"),
+        ("--body-min-rate", "-5", "argument --body-min-rate: -5: a number of bytes per second"),
+        ("--max-connections", "0", "argument --max-connections: 0: at least 1"),
+    ],
+)
+def test_lapse_serve_bad_connection_option_exits_2(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A connection option that is no valid number is a usage error (exit 2)
+    naming the option, before anything is imported."""
+    from lapse.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "nosuchmodule:app", option, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_lapse_serve_workers_get_the_connection_options(tmp_path: Path) -> None:
+    """With --workers, each worker's command line carries the connection
+    options given (each worker process applies them, its cap included)."""
+    from lapse.cli import _check, _worker_command, build_parser
+
+    argv = ["serve", "app:site", "--workers", "2", "--store", f"sqlite:///{tmp_path}/s.db"]
+    argv += ["--max-connections", "100", "--header-timeout", "7.5", "--body-min-rate", "0"]
+    command = _worker_command(_check(build_parser().parse_args(argv)))
+    given = " ".join(command)
+    assert "--max-connections 100" in given
+    assert "--header-timeout 7.5" in given
+    assert "--body-min-rate 0.0" in given
+    assert "--keep-alive-timeout" not in given
