@@ -27,7 +27,7 @@ from typing import Any
 
 import uvicorn
 
-from lapse.internet._http import HTTPProtocol, ServingConfig, limits_for
+from lapse.internet._http import ServingConfig, limits_for, protocol_for
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.error import CannotListenError, ReactorAlreadyRunning, ReactorNotRunning
 from lapse.internet.interfaces import BaseDelayedCall
@@ -146,7 +146,7 @@ class Port:
         limits = self.limits if self.limits is not None else limits_for(self.factory)
         config = ServingConfig(
             self.factory,
-            http=HTTPProtocol,
+            http=protocol_for(limits),
             interface="asgi3",
             lifespan="auto",
             log_config=None,
