@@ -71,6 +71,9 @@ async def plain(scope, receive, send):
                 return
     if scope["path"] == "/slow-reader":
         await asyncio.sleep(1.0)
+    if scope["path"] == "/answer-first":
+        # Starts its answer, then reads the body.
+        await send({"type": "http.response.start", "status": 200, "headers": []})
     size = 0
     more = True
     while more:
@@ -80,8 +83,9 @@ async def plain(scope, receive, send):
         size += len(message.get("body", b""))
         more = message.get("more_body", False)
     body = str(size).encode()
-    headers = [(b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    if scope["path"] != "/answer-first":
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -456,6 +460,46 @@ def test_time_the_app_leaves_the_body_unread_does_not_count(
     assert response.body == str(len(body)).encode()
 
 
+def test_waiting_for_100_continue_is_not_the_clients_delay(
+    plain_server: tuple[int, ServerProcess],
+) -> None:
+    """A client sends ``Expect: 100-continue`` and waits for the 100, which
+    comes when the app reads the body, a second later (twice the body
+    timeout): then it sends its body and gets 200, not 408."""
+    port, _ = plain_server
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /slow-reader HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 10\r\n\r\n"
+        )
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            chunk = sock.recv(1)
+            assert chunk, interim
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        sock.sendall(b"0123456789")
+        response = http.client.HTTPResponse(sock, method="POST")
+        response.begin()
+        assert response.status == 200
+        assert response.read() == b"10"
+
+
+def test_a_body_too_slow_after_the_answer_started_closes_without_a_408(
+    plain_server: tuple[int, ServerProcess],
+) -> None:
+    """An app that starts its answer before reading the body, and a body that
+    trickles: the connection is closed after the body timeout, and no 408 is
+    written into the answer already started."""
+    port, _ = plain_server
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(b"POST /answer-first HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n")
+        answer, took = trickle(sock, b"b" * 10000, 0.1, TIMEOUT + SLACK)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert b"408" not in answer
+    assert TIMEOUT - 0.1 <= took <= TIMEOUT + SLACK
+
+
 # -- the connection cap --------------------------------------------------------------
 
 
@@ -495,6 +539,38 @@ def test_connections_over_the_cap_get_503_and_are_closed(script: Path) -> None:
             conn.close()
         assert get(port).status == 200
         assert "connections open, the cap" in server.stderr_text()
+
+
+def test_refused_connections_linger_a_bounded_number_at_a_time(script: Path) -> None:
+    """With the cap (1) full, forty more connections at once, their clients
+    reading the 503 but not closing: at most 16 stay open on the server (dropping what comes
+    until their client closes, for up to a second); the rest are closed at
+    once, so a flood over the cap holds few file descriptors."""
+    with serve(script, "site", max_connections=1) as server:
+        port = int(server.args[0])
+        fds = Path(f"/proc/{server.pid}/fd")
+        deadline = time.monotonic() + 5
+        while True:  # the start-up probe's connection may not be gone yet
+            filling = http.client.HTTPConnection(HOST, port, timeout=5)
+            filling.request("GET", "/")
+            response = filling.getresponse()
+            response.read()
+            if response.status == 200 or time.monotonic() > deadline:
+                break
+            filling.close()
+            time.sleep(0.05)
+        assert response.status == 200
+        before = len(list(fds.iterdir()))
+        flood = [socket.create_connection((HOST, port), timeout=5) for _ in range(40)]
+        try:
+            for sock in flood:
+                assert sock.recv(20).startswith(b"HTTP/1.1 503 ")
+            held = len(list(fds.iterdir())) - before
+        finally:
+            for sock in flood:
+                sock.close()
+            filling.close()
+    assert held <= 16 + 1, f"{held} descriptors held by refused connections"
 
 
 # -- Host ------------------------------------------------------------------------------
