@@ -9,7 +9,9 @@ timeout for a request that arrives slowly and no cap on open connections.
 - a byte budget for the request line and header section
   (:attr:`HTTPLimits.max_head_size`): httptools is never fed more of a head
   than its budget; past it the answer is 431. The URI is checked as its pieces
-  arrive (414). Both cost one comparison per read when a request arrives whole.
+  arrive (414). A request that arrives in one read costs a few comparisons
+  more than in uvicorn's protocol (1.7% more instructions, bench in the
+  commit log), and no timer.
 - timeouts: the head (:attr:`~HTTPLimits.header_timeout`, from the request's
   first byte, or from the connection's start for its first request), the body
   (:attr:`~HTTPLimits.body_timeout`, extended by a second for every
@@ -24,9 +26,6 @@ timeout for a request that arrives slowly and no cap on open connections.
   answered 503 with ``Retry-After`` and closed.
 - ``Host``: HTTP/1.1 without one, or any request with two, is a 400 (unless the
   application checks that itself, as a lapse ``Site`` does).
-
-Timers are armed only for requests that do not arrive in one read, so a
-request that does costs no timer of ours.
 
 Refusals close the connection gracefully: the answer is written, the sending
 side is shut down, and what the client still sends is read and dropped for a
@@ -425,8 +424,8 @@ class HTTPProtocol(HttpToolsProtocol):
     def _check_body(self) -> None:
         """The body's deadline came: extend it by what arrived, or time it out."""
         self._read_timer = None
-        if self._room <= self._head_limit or self._dropping:
-            return  # the request ended
+        if self._room <= self._head_limit or self._dropping or self.transport.is_closing():
+            return  # the request or the connection ended
         limits = self._limits
         now = self.loop.time()
         cycle = self.cycle
