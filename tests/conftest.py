@@ -54,18 +54,25 @@ def make_scope(
     scheme: str = "http",
     query: bytes = b"",
     client: tuple[str, int] = ("127.0.0.1", 50000),
+    host: bytes | None = b"127.0.0.1:8080",
+    http_version: str = "1.1",
 ) -> dict[str, Any]:
+    """An HTTP scope; with a ``Host`` header (``host``) unless the headers
+    have one or ``host`` is None."""
+    all_headers = [(k.lower(), v) for k, v in headers]
+    if host is not None and not any(k == b"host" for k, _ in all_headers):
+        all_headers.insert(0, (b"host", host))
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
-        "http_version": "1.1",
+        "http_version": http_version,
         "method": method,
         "scheme": scheme,
         "path": unquote(path.decode("latin-1")),
         "raw_path": path,
         "query_string": query,
         "root_path": "",
-        "headers": [(k.lower(), v) for k, v in headers],
+        "headers": all_headers,
         "client": client,
         "server": ("127.0.0.1", 8080),
     }
@@ -81,8 +88,11 @@ async def call_async(
     scheme: str = "http",
     cookies: dict[bytes, bytes] | None = None,
     client: tuple[str, int] = ("127.0.0.1", 50000),
+    host: bytes | None = b"127.0.0.1:8080",
+    http_version: str = "1.1",
 ) -> Response:
-    """Run one request through ``site`` as an ASGI server would, from ``client``."""
+    """Run one request through ``site`` as an ASGI server would, from ``client``
+    (with a ``Host`` header unless ``host`` is None)."""
     raw = path.encode("latin-1") if isinstance(path, str) else path
     target, _, query = raw.partition(b"?")
     all_headers = list(headers)
@@ -90,7 +100,16 @@ async def call_async(
         all_headers.append((b"cookie", b"; ".join(k + b"=" + v for k, v in cookies.items())))
     if body and not any(k.lower() == b"content-length" for k, _ in all_headers):
         all_headers.append((b"content-length", str(len(body)).encode()))
-    scope = make_scope(method, target, all_headers, scheme, query, client)
+    scope = make_scope(
+        method,
+        target,
+        all_headers,
+        scheme,
+        query,
+        client=client,
+        host=host,
+        http_version=http_version,
+    )
     incoming: list[dict[str, Any]] = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 

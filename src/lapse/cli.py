@@ -118,6 +118,38 @@ def _trust_spec(text: str) -> int | str:
     return spec
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (the connection timeouts)."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: a number of seconds above 0")
+    return number
+
+
+def _rate(text: str) -> float:
+    """A finite number of bytes per second, 0 or more (--body-min-rate)."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes per second") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: a number of bytes per second, 0 or more")
+    return number
+
+
+# The connection options of ``lapse serve``: (option, HTTPLimits/Site field, type).
+_CONNECTION_OPTIONS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("--max-connections", "max_connections", lambda text: _positive(text)),
+    ("--header-timeout", "header_timeout", _seconds),
+    ("--body-timeout", "body_timeout", _seconds),
+    ("--body-min-rate", "body_min_rate", _rate),
+    ("--keep-alive-timeout", "keep_alive_timeout", _seconds),
+)
+
+
 def _port_number(text: str) -> int:
     try:
         number = int(text)
@@ -232,6 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
             "events too), as LAPSE_LOG_LEVEL does; unless the app configures logging"
         ),
     )
+    connection_help = {
+        "--max-connections": (
+            "N",
+            "open connections at most; beyond, a new one gets 503 with Retry-After "
+            "(default: the file limit, ulimit -n, less an eighth: 896 for 1024)",
+        ),
+        "--header-timeout": (
+            "SECONDS",
+            "for a request's line and headers to arrive, else 408 (default: 20)",
+        ),
+        "--body-timeout": (
+            "SECONDS",
+            "for a request body to arrive, plus a second per --body-min-rate bytes "
+            "received, else 408 (default: 20)",
+        ),
+        "--body-min-rate": (
+            "BYTES",
+            "the body rate kept up indefinitely: bytes per second of --body-timeout (default: 500)",
+        ),
+        "--keep-alive-timeout": (
+            "SECONDS",
+            "an idle connection is closed after it, before its first request too (default: 5)",
+        ),
+    }
+    for option, field_name, convert in _CONNECTION_OPTIONS:
+        metavar, text = connection_help[option]
+        serve.add_argument(option, dest=field_name, type=convert, metavar=metavar, help=text)
     serve.add_argument(
         "--app-dir",
         default=".",
@@ -452,6 +511,8 @@ class _Options:
     certfile: str | None
     keyfile: str | None
     log_level: str | None
+    connection: dict[str, Any]
+    """The connection options given, by HTTPLimits/Site field."""
 
 
 def _check(args: argparse.Namespace) -> _Options:
@@ -491,11 +552,17 @@ def _check(args: argparse.Namespace) -> _Options:
         certfile=args.certfile,
         keyfile=args.keyfile,
         log_level=args.log_level,
+        connection={
+            name: getattr(args, name)
+            for _option, name, _type in _CONNECTION_OPTIONS
+            if getattr(args, name) is not None
+        },
     )
 
 
 def _prepare_app(app: Any, options: _Options) -> Any:
-    """Apply ``--trust-proxy``; refuse the memory store with several workers."""
+    """Apply ``--trust-proxy`` and a Site's connection options; refuse the
+    memory store with several workers."""
     from lapse.web.server import Site
 
     if isinstance(app, Site):
@@ -509,6 +576,8 @@ def _prepare_app(app: Any, options: _Options) -> Any:
             raise CommandError(MEMORY_WITH_WORKERS.format(workers=options.workers))
         if options.trust_proxy is not False:
             app.trust_proxy_headers = options.trust_proxy
+        for name, value in options.connection.items():
+            setattr(app, name, value)
         if options.live_view is not None:
             _mount_live_view(app, options.live_view)
         return app
@@ -551,14 +620,17 @@ def _serve(options: _Options) -> int:
 
     from lapse.internet import reactor
     from lapse.internet.error import CannotListenError
+    from lapse.internet.limits import HTTPLimits
 
+    # A Site carries its own (with the options applied); another app gets them here.
+    limits = None if kind == "a Site" else HTTPLimits(**options.connection)
     try:
         if options.ssl_context is not None:
             port = reactor.listenSSL(
-                options.port, served, options.ssl_context, interface=options.host
+                options.port, served, options.ssl_context, interface=options.host, limits=limits
             )
         else:
-            port = reactor.listenTCP(options.port, served, interface=options.host)
+            port = reactor.listenTCP(options.port, served, interface=options.host, limits=limits)
     except CannotListenError as exc:
         raise CommandError(str(exc), EXIT_FAILED) from None
     scheme = "https" if options.ssl_context is not None else "http"
@@ -640,6 +712,9 @@ def _worker_command(options: _Options) -> list[str]:
     ):
         if value is not None:
             command += [option, value]
+    for option, name, _type in _CONNECTION_OPTIONS:
+        if name in options.connection:
+            command += [option, str(options.connection[name])]
     if options.trust_proxy is True:
         command.append("--trust-proxy")
     elif options.trust_proxy is not False:

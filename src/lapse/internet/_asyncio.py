@@ -27,9 +27,11 @@ from typing import Any
 
 import uvicorn
 
+from lapse.internet._http import ServingConfig, limits_for, protocol_for
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.error import CannotListenError, ReactorAlreadyRunning, ReactorNotRunning
 from lapse.internet.interfaces import BaseDelayedCall
+from lapse.internet.limits import HTTPLimits
 
 __all__ = ["AsyncioReactor", "Port"]
 
@@ -122,11 +124,13 @@ class Port:
         sock: socket.socket,
         factory: Any,
         ssl_context: ssl.SSLContext | None,
+        limits: HTTPLimits | None = None,
     ) -> None:
         self._reactor = reactor
         self.socket = sock
         self.factory = factory
         self.ssl_context = ssl_context
+        self.limits = limits
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.listening = True
@@ -137,9 +141,12 @@ class Port:
         return address_for(host, port)
 
     def _config(self) -> uvicorn.Config:
-        config = uvicorn.Config(
+        # The limits are read when serving starts, so that a Site's settings
+        # changed after listenTCP still apply.
+        limits = self.limits if self.limits is not None else limits_for(self.factory)
+        config = ServingConfig(
             self.factory,
-            http="httptools",
+            http=protocol_for(limits),
             interface="asgi3",
             lifespan="auto",
             log_config=None,
@@ -150,6 +157,8 @@ class Port:
         )
         config.load()
         config.ssl = self.ssl_context
+        config.limits = limits
+        config.connection_cap = limits.connection_cap()
         return config
 
     def _start(self) -> None:
@@ -282,26 +291,40 @@ class AsyncioReactor:
         backlog: int,
         interface: str,
         ssl_context: ssl.SSLContext | None,
+        limits: HTTPLimits | None,
     ) -> Port:
         if self._on_serve is not None:
             self._on_serve("listenTCP" if ssl_context is None else "listenSSL")
         if not callable(factory):
             raise TypeError(f"{factory!r} is not an ASGI application (a lapse Site is)")
-        listening = Port(self, self._bind(port, interface, backlog), factory, ssl_context)
+        if limits is not None and not isinstance(limits, HTTPLimits):
+            raise TypeError(f"limits must be an HTTPLimits, not {type(limits).__name__}")
+        listening = Port(self, self._bind(port, interface, backlog), factory, ssl_context, limits)
         self._ports.append(listening)
         if self.running:
             listening._start()
         return listening
 
-    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Port:
+    def listenTCP(
+        self,
+        port: int,
+        factory: Any,
+        backlog: int = 50,
+        interface: str = "",
+        *,
+        limits: HTTPLimits | None = None,
+    ) -> Port:
         """Bind ``port`` now (0 picks a free one) and serve ``factory`` on ``run()``.
 
         ``factory`` is a :class:`lapse.web.server.Site` or any ASGI application.
         A port that cannot be bound raises :class:`CannotListenError` here.
         With ``LAPSE_REUSE_PORT=1`` in the environment, the socket is bound
         with ``SO_REUSEPORT`` so that several processes can share the port.
+        ``limits`` (a :class:`~lapse.internet.limits.HTTPLimits`) replaces the
+        connection limits and timeouts the factory asks for (a ``Site``'s, or
+        the defaults).
         """
-        return self._listen(port, factory, backlog, interface, None)
+        return self._listen(port, factory, backlog, interface, None, limits)
 
     def listenSSL(
         self,
@@ -310,6 +333,8 @@ class AsyncioReactor:
         contextFactory: ssl.SSLContext,
         backlog: int = 50,
         interface: str = "",
+        *,
+        limits: HTTPLimits | None = None,
     ) -> Port:
         """As :meth:`listenTCP`, over TLS with ``contextFactory`` (an ``ssl.SSLContext``).
 
@@ -317,7 +342,7 @@ class AsyncioReactor:
         """
         if not isinstance(contextFactory, ssl.SSLContext):
             raise TypeError("listenSSL takes an ssl.SSLContext as its contextFactory")
-        return self._listen(port, factory, backlog, interface, contextFactory)
+        return self._listen(port, factory, backlog, interface, contextFactory, limits)
 
     # -- running --------------------------------------------------------
 

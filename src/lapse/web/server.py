@@ -5,7 +5,8 @@ also a standard ASGI app, so ``uvicorn module:site`` serves it too.
 
 A request's path through the site:
 
-1. limits: URI length (414), header size (431), body size (413);
+1. limits: URI length (414), header size (431), body size (413), ``Host``
+   (400 without one on HTTP/1.1, or with two);
 2. the body is read, so ``request.content`` is there for a synchronous render;
 3. the sessions named by the request's cookies are touched (sliding expiry);
 4. traversal from the root resource along the path, then render;
@@ -24,6 +25,7 @@ from inspect import isawaitable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
+from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
 from lapse.sessions import Session, SessionConflict, SessionStore, StoreUnavailable
 from lapse.sessions._keeper import ExpiryHook
 from lapse.sessions._visit import current_visit
@@ -77,6 +79,13 @@ class Site(SessionHost):
     - ``max_body_size``, ``max_uri_length``, ``max_header_size`` (one
       header's value), ``max_headers_total`` (all headers): request limits,
       in bytes; past them the answer is 413, 414 or 431.
+    - ``header_timeout`` (20 s), ``body_timeout`` (20 s, plus a second for
+      every ``body_min_rate`` (500) bytes received), ``keep_alive_timeout``
+      (5 s), ``max_connections`` (None: from the process's file limit):
+      connection limits, enforced by lapse's reactor as the bytes arrive
+      (:class:`~lapse.internet.limits.HTTPLimits`); the reactor also refuses
+      a request head longer than ``max_uri_length + max_headers_total``
+      + 4 KiB before it is whole. Other ASGI servers apply their own.
     """
 
     sessionFactory: Callable[[Site, str], Session] = Session
@@ -94,6 +103,11 @@ class Site(SessionHost):
         max_uri_length: int = 16 * 1024,
         max_header_size: int = 8 * 1024,
         max_headers_total: int = 64 * 1024,
+        header_timeout: float = 20.0,
+        body_timeout: float = 20.0,
+        body_min_rate: float = 500.0,
+        keep_alive_timeout: float = 5.0,
+        max_connections: int | None = None,
         store: str | SessionStore | None = None,
         on_expire: ExpiryHook | None = None,
         rotation_grace: float = 0.0,
@@ -105,7 +119,26 @@ class Site(SessionHost):
         self.max_uri_length = max_uri_length
         self.max_header_size = max_header_size
         self.max_headers_total = max_headers_total
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
+        self.keep_alive_timeout = keep_alive_timeout
+        self.max_connections = max_connections
+        self.http_limits()  # a bad value is a ValueError here, not when serving
         self._host_sessions(reactor, store, on_expire, cookie_name, rotation_grace, max_sessions)
+
+    def http_limits(self) -> HTTPLimits:
+        """The connection limits lapse's reactor enforces for this site."""
+        return HTTPLimits(
+            max_uri_length=self.max_uri_length,
+            max_head_size=self.max_uri_length + self.max_headers_total + HEAD_FRAMING,
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            body_min_rate=self.body_min_rate,
+            keep_alive_timeout=self.keep_alive_timeout,
+            max_connections=self.max_connections,
+            check_host=False,  # _read_headers does, under any server
+        )
 
     def getSession(self, uid: str | bytes) -> Session:
         """The live session ``uid``; ``KeyError`` if there is none."""
@@ -325,17 +358,20 @@ class Site(SessionHost):
         request.write(ErrorPage(status, brief, detail).render(request))
 
     def _read_headers(self, request: Request, scope: Scope) -> bytes | None:
-        """Check the request's size limits; the ``Cookie`` header, if any."""
+        """Check the request's size limits and ``Host``; the ``Cookie`` header, if any."""
         if len(request.uri) > self.max_uri_length:
             raise BadRequest("The request URI is too long.", 414)
         limit = self.max_header_size
         budget = self.max_headers_total
         cookie_header: bytes | None = None
+        hosts = 0
         for name, value in scope["headers"]:
             budget -= len(name) + len(value)
             if len(value) > limit or budget < 0:
                 raise BadRequest("The request headers are too large.", 431)
-            if name == b"cookie":
+            if name == b"host":
+                hosts += 1
+            elif name == b"cookie":
                 cookie_header = value if cookie_header is None else cookie_header + b"; " + value
             elif name == b"content-length":
                 if not value.isdigit():
@@ -346,6 +382,12 @@ class Site(SessionHost):
                     request._body_expected = True
             elif name == b"transfer-encoding":
                 request._body_expected = True
+        if hosts != 1:
+            # RFC 9112 3.2: exactly one Host in HTTP/1.1, never two in any version.
+            if hosts:
+                raise BadRequest("The request has more than one Host header.")
+            if request.clientproto == b"HTTP/1.1":
+                raise BadRequest("An HTTP/1.1 request needs a Host header.")
         if cookie_header is None:
             return None
         request._cookie_header = cookie_header
