@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -166,6 +167,40 @@ class SessionPage(Resource):
 def caplog_debug(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     caplog.set_level(logging.DEBUG, logger="lapse")
     yield caplog
+
+
+def store_url_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh store URL of ``kind`` ("memory", "sqlite", "redis"): a file in
+    ``tmp_path``, or the test Redis under a key prefix of its own."""
+    if kind == "memory":
+        return "memory:"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/sessions.db"
+    server = request.getfixturevalue("redis_server")
+    return f"{server.url}?prefix=t{next(_prefixes)}x{id(request)}"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh shared store of each kind (SQLite, Redis)."""
+    return store_url_for(request.param, tmp_path, request)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh store of each kind (memory, SQLite, Redis)."""
+    return store_url_for(request.param, tmp_path, request)
+
+
+def json_body(response: Any) -> dict[str, Any]:
+    """A response's body, read as a JSON object."""
+    result: dict[str, Any] = json.loads(response.body)
+    return result
+
+
+def session_cookie(uid: str) -> dict[bytes, bytes]:
+    """The cookies of a request presenting session ``uid``."""
+    return {b"lapse_session": uid.encode()}
 
 
 @pytest.fixture(scope="session")

@@ -427,17 +427,7 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> Non
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return "memory:"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/sessions.db"
-    server = request.getfixturevalue("redis_server")
-    return f"{server.url}?prefix=asgi{time.monotonic_ns()}"
-
-
-def test_sessions_on_each_store(store_url: str) -> None:
+def test_sessions_on_each_store(any_store: str) -> None:
     """On memory, SQLite and Redis: data persists across requests, a second
     middleware on the same shared store sees it, an unknown cookie is not
     adopted, and a logout runs the callbacks, deletes the cookie and reaches
@@ -446,10 +436,10 @@ def test_sessions_on_each_store(store_url: str) -> None:
     async def scenario() -> None:
         events: list[Any] = []
         hooked: list[Expiry] = []
-        app = wrapped(events, store=store_url, on_expire=hooked.append)
+        app = wrapped(events, store=any_store, on_expire=hooked.append)
         # Both claim ended sessions from the shared store, so both carry the
         # hook, as every process of one deployment does; it must run once.
-        other = wrapped(store=store_url, on_expire=hooked.append) if app.store.shared else app
+        other = wrapped(store=any_store, on_expire=hooked.append) if app.store.shared else app
         try:
             uid = uid_cookie(await fetch(app, "/put?n=1"))
             cookie = f"lapse_session={uid}"

@@ -17,7 +17,6 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,6 @@ import pytest
 from _cluster import Cluster, Node, cookie_uid, wait_until
 
 from lapse.sessions.stores.sqlite import SQLiteStore
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return "sqlite:///" + str(tmp_path / "sessions.db")
-    redis_server = request.getfixturevalue("redis_server")
-    return f"{redis_server.url}?prefix=dur-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
@@ -78,12 +69,12 @@ class Writer(threading.Thread):
 
 
 def test_a_server_holding_its_loop_past_the_store_timeout_answers_every_request(
-    clusters: Callable[..., Cluster], store_url: str
+    clusters: Callable[..., Cluster], shared_store: str
 ) -> None:
     """One page holds the server's event loop 1.5 s (past the store's 1 s
     timeout) while six clients keep writing: every request gets a 200, every
     write is in the store, and the server logs no outage."""
-    cluster = clusters(store_url)
+    cluster = clusters(shared_store)
     node = cluster.start("A")
     running = threading.Event()
     running.set()
@@ -151,14 +142,14 @@ def test_a_sqlite_file_deleted_while_clients_write_loses_no_acknowledged_write(
 
 
 def test_a_hook_slower_than_its_lease_runs_once_across_two_processes(
-    clusters: Callable[..., Cluster], store_url: str, tmp_path: Path
+    clusters: Callable[..., Cluster], shared_store: str, tmp_path: Path
 ) -> None:
     """Two server processes, a lease of 1 s and a hook that takes 2.5 s: the
     hook starts once and completes once, in one process (its lease renewed
     while it ran), and the other never gets the session."""
     marker = tmp_path / "slow-hook"
     marker.touch()
-    cluster = clusters(store_url, timeout=1.0, marker=marker, lease=1.0, hold=2.5)
+    cluster = clusters(shared_store, timeout=1.0, marker=marker, lease=1.0, hold=2.5)
     a, b = cluster.start("A"), cluster.start("B")
     response = a.get("/set?k=item&v=kept")
     uid = cookie_uid(response)

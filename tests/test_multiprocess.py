@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,24 +29,14 @@ LEASE = 2.0
 """The keeper's claim lease in the crash test, in seconds."""
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A shared store URL: a SQLite file in tmp_path, or the test Redis with
-    a key prefix of this test's own."""
-    if request.param == "sqlite":
-        return "sqlite:///" + str(tmp_path / "sessions.db")
-    redis_server = request.getfixturevalue("redis_server")
-    return f"{redis_server.url}?prefix=mp-{uuid.uuid4().hex[:12]}"
-
-
 @pytest.fixture
-def make_cluster(tmp_path: Path, store_url: str) -> Iterator[Callable[..., Cluster]]:
-    """Make a :class:`Cluster` on ``store_url`` (unless ``store=`` is given);
+def make_cluster(tmp_path: Path, shared_store: str) -> Iterator[Callable[..., Cluster]]:
+    """Make a :class:`Cluster` on ``shared_store`` (unless ``store=`` is given);
     every process it started is stopped by PID at teardown."""
     made: list[Cluster] = []
 
     def make(**options: Any) -> Cluster:
-        options.setdefault("store", store_url)
+        options.setdefault("store", shared_store)
         options.setdefault("timeout", TIMEOUT)
         cluster = Cluster(tmp_path, **options)
         made.append(cluster)
@@ -293,12 +282,12 @@ def test_a_session_that_ends_while_every_server_is_down_is_delivered_after_resta
 
 
 def test_a_session_and_its_data_survive_a_restart_of_the_only_server(
-    make_cluster: Callable[..., Cluster], store_url: str, monkeypatch: pytest.MonkeyPatch
+    make_cluster: Callable[..., Cluster], shared_store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the store chosen by LAPSE_SESSION_STORE, a session made before a
     SIGTERM restart is the same session after it: same uid, no new cookie,
     data intact; and the restart did not end it (no hook)."""
-    monkeypatch.setenv("LAPSE_SESSION_STORE", store_url)
+    monkeypatch.setenv("LAPSE_SESSION_STORE", shared_store)
     cluster = make_cluster(store="-", timeout=60.0)
     before = cluster.start("before")
     uid = new_session(before, "/set?k=name&v=ada")

@@ -11,7 +11,6 @@ import asyncio
 import json
 import math
 import sqlite3
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import call, call_async
+from conftest import json_body as body
+from conftest import session_cookie as cookie
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -79,33 +80,6 @@ class Page(Resource):
         return json.dumps({"uid": session.uid, "data": dict(session.data)}).encode()
 
 
-def body(response: Any) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(response.body)
-    return result
-
-
-def cookie(uid: str) -> dict[bytes, bytes]:
-    return {b"lapse_session": uid.encode()}
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return "memory:"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/sessions.db"
-    server = request.getfixturevalue("redis_server")
-    return f"{server.url}?prefix=int{time.monotonic_ns()}"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shared.db"
-    server = request.getfixturevalue("redis_server")
-    return f"{server.url}?prefix=int{time.monotonic_ns()}"
-
-
 def run_sites(
     count: int,
     url: str,
@@ -143,7 +117,7 @@ def test_rotation_grace_is_zero_by_default() -> None:
     assert SessionMiddleware(Starlette(), reactor=Clock())._keeper.rotation_grace == 0
 
 
-def test_old_uid_gives_a_fresh_empty_session_after_login(store_url: str) -> None:
+def test_old_uid_gives_a_fresh_empty_session_after_login(any_store: str) -> None:
     """Fixation: the attacker's planted uid, presented after the victim logged in
     with it, yields a fresh empty session with a uid of its own, never the
     logged-in session nor its new uid; the victim keeps the session. Also from a
@@ -154,7 +128,7 @@ def test_old_uid_gives_a_fresh_empty_session_after_login(store_url: str) -> None
         login = await call_async(site, "GET", "/?login=victim", cookies=cookie(planted))
         new = body(login)["uid"]
         assert new != planted and login.cookie_value(b"lapse_session") == new.encode()
-        readers = [site] if store_url == "memory:" else [site, other]
+        readers = [site] if any_store == "memory:" else [site, other]
         for reader in readers:
             attacker = await call_async(reader, cookies=cookie(planted))
             got = body(attacker)
@@ -163,10 +137,10 @@ def test_old_uid_gives_a_fresh_empty_session_after_login(store_url: str) -> None
         victim = body(await call_async(site, cookies=cookie(new)))
         assert victim == {"uid": new, "data": {"user": "victim"}}
 
-    run_sites(2, store_url, scenario)
+    run_sites(2, any_store, scenario)
 
 
-def test_request_in_flight_under_the_old_uid_never_gets_the_new_uid(store_url: str) -> None:
+def test_request_in_flight_under_the_old_uid_never_gets_the_new_uid(any_store: str) -> None:
     """A request that loaded the session before another request rotated it (at
     login) answers without the new uid in a cookie; on a shared store its write,
     made after the rotation, is refused (409) and not in the store."""
@@ -185,17 +159,17 @@ def test_request_in_flight_under_the_old_uid_never_gets_the_new_uid(store_url: s
         answer = await slow
         assert b"lapse_session" not in answer.set_cookies
         assert new.encode() not in answer.body or answer.status == 200
-        if store_url == "memory:":
+        if any_store == "memory:":
             # In process the write went straight into the session object.
             assert answer.status == 200
         else:
             assert answer.status == 409
             assert await stored_data(site, new) == {"user": "victim"}
 
-    run_sites(1, store_url, scenario, gate)
+    run_sites(1, any_store, scenario, gate)
 
 
-def test_grace_is_opt_in_per_rotation_and_never_hands_out_the_new_uid(store_url: str) -> None:
+def test_grace_is_opt_in_per_rotation_and_never_hands_out_the_new_uid(any_store: str) -> None:
     """rotate(grace=s), for renewals: within the grace the old cookie still finds
     the session (no Set-Cookie with the new uid); after it, a fresh session."""
 
@@ -211,10 +185,10 @@ def test_grace_is_opt_in_per_rotation_and_never_hands_out_the_new_uid(store_url:
         after = body(await call_async(site, cookies=cookie(old)))
         assert after["uid"] not in (old, new) and after["data"] == {}
 
-    run_sites(1, store_url, scenario)
+    run_sites(1, any_store, scenario)
 
 
-def test_write_in_flight_follows_a_rotation_made_with_a_grace(shared_url: str) -> None:
+def test_write_in_flight_follows_a_rotation_made_with_a_grace(shared_store: str) -> None:
     """A request that loaded the session before a renewal (rotate with a grace)
     writes to it after the rotation: the store follows the old uid to the new."""
     gate = Gate()
@@ -234,10 +208,10 @@ def test_write_in_flight_follows_a_rotation_made_with_a_grace(shared_url: str) -
         assert answer.status == 200 and b"lapse_session" not in answer.set_cookies
         assert await stored_data(site, new) == {"cart": [1], "user": "ann"}
 
-    run_sites(2, shared_url, scenario, gate)
+    run_sites(2, shared_store, scenario, gate)
 
 
-def test_middleware_login_rotation_ends_the_old_uid(store_url: str) -> None:
+def test_middleware_login_rotation_ends_the_old_uid(any_store: str) -> None:
     """Through the ASGI middleware too: after rotate() at login the old cookie
     gets a fresh, empty session."""
 
@@ -252,7 +226,7 @@ def test_middleware_login_rotation_ends_the_old_uid(store_url: str) -> None:
 
     async def main() -> None:
         app = SessionMiddleware(
-            Starlette(routes=[Route("/login", login), Route("/", whoami)]), store=store_url
+            Starlette(routes=[Route("/login", login), Route("/", whoami)]), store=any_store
         )
         try:
             planted = (await get(app, "/")).json()["uid"]
@@ -276,7 +250,7 @@ async def get(app: Any, path: str, uid: str | None = None) -> httpx.Response:
 # -- 6. each request's changes are its own ------------------------------------------
 
 
-def test_async_render_keeps_its_write_when_another_request_arrives(shared_url: str) -> None:
+def test_async_render_keeps_its_write_when_another_request_arrives(shared_store: str) -> None:
     """A render that writes session.data and then awaits keeps its write when a
     request of the same session loads it meanwhile: both keys are stored, and
     neither request saw the other's unsaved change."""
@@ -296,10 +270,10 @@ def test_async_render_keeps_its_write_when_another_request_arrives(shared_url: s
         assert answer.status == 200 and body(answer)["data"] == {"a": 1}
         assert await stored_data(site, uid) == {"a": 1, "b": 2}
 
-    run_sites(1, shared_url, scenario, gate)
+    run_sites(1, shared_store, scenario, gate)
 
 
-def test_concurrent_writers_lose_no_acknowledged_write(shared_url: str) -> None:
+def test_concurrent_writers_lose_no_acknowledged_write(shared_store: str) -> None:
     """20 concurrent clients of one session, each writing its own keys through
     async renders that yield in between: every write answered 200 is in the
     store (both through one site and through two)."""
@@ -315,7 +289,7 @@ def test_concurrent_writers_lose_no_acknowledged_write(shared_url: str) -> None:
             return b"ok"
 
     async def main() -> None:
-        sites = [Site(Writer(), store=shared_url) for _ in range(2)]
+        sites = [Site(Writer(), store=shared_store) for _ in range(2)]
         try:
             uid = (await call_async(sites[0], "GET", "/?k=first")).cookie_value(b"lapse_session")
             assert uid is not None
@@ -344,7 +318,7 @@ def test_concurrent_writers_lose_no_acknowledged_write(shared_url: str) -> None:
     asyncio.run(main())
 
 
-def test_middleware_requests_keep_their_own_changes(shared_url: str) -> None:
+def test_middleware_requests_keep_their_own_changes(shared_store: str) -> None:
     """The middleware on a shared store: an endpoint that writes then awaits keeps
     its write while another request of the session comes and goes."""
     arrived, go = asyncio.Event(), asyncio.Event()
@@ -361,7 +335,7 @@ def test_middleware_requests_keep_their_own_changes(shared_url: str) -> None:
 
     async def main() -> None:
         app = SessionMiddleware(
-            Starlette(routes=[Route("/slow", slow), Route("/fast", fast)]), store=shared_url
+            Starlette(routes=[Route("/slow", slow), Route("/fast", fast)]), store=shared_store
         )
         try:
             first = await get(app, "/fast")
@@ -382,7 +356,7 @@ def test_middleware_requests_keep_their_own_changes(shared_url: str) -> None:
 # -- 7. writes racing a rotation ------------------------------------------------------
 
 
-def test_write_racing_a_rotation_in_another_process_is_refused(shared_url: str) -> None:
+def test_write_racing_a_rotation_in_another_process_is_refused(shared_store: str) -> None:
     """A request on one site loaded the session; another site (process) rotates it
     at login and commits; the first request's write is answered 409, not 200,
     and is in no session of the store."""
@@ -402,10 +376,10 @@ def test_write_racing_a_rotation_in_another_process_is_refused(shared_url: str) 
         assert await stored_data(site, new) == {"user": "ann"}
         assert await stored_data(site, old) is None
 
-    run_sites(2, shared_url, scenario, gate)
+    run_sites(2, shared_store, scenario, gate)
 
 
-def test_write_racing_a_logout_is_refused(shared_url: str) -> None:
+def test_write_racing_a_logout_is_refused(shared_store: str) -> None:
     """A request writing to a session that another request logged out meanwhile
     answers 409 (its write is not in the store), in the same process or not."""
     gate = Gate()
@@ -426,7 +400,7 @@ def test_write_racing_a_logout_is_refused(shared_url: str) -> None:
             assert answer.status == 409
             assert await stored_data(site, uid) is None
 
-    run_sites(2, shared_url, scenario, gate)
+    run_sites(2, shared_store, scenario, gate)
 
 
 def test_failed_rotation_write_leaves_the_old_cookie_working(tmp_path: Path) -> None:
@@ -464,7 +438,7 @@ def test_failed_rotation_write_leaves_the_old_cookie_working(tmp_path: Path) -> 
 # -- 8. a request's cost does not grow with data it does not read --------------------
 
 
-def test_load_with_the_current_version_returns_no_data(shared_url: str) -> None:
+def test_load_with_the_current_version_returns_no_data(shared_store: str) -> None:
     """Store contract (SQLite, Redis): load() given the data's version returns no
     data (unchanged) until a save makes a new version; load through an alias
     does the same."""
@@ -484,10 +458,10 @@ def test_load_with_the_current_version_returns_no_data(shared_url: str) -> None:
         via_alias = await store.load("u1", 2)
         assert via_alias is not None and via_alias.uid == "u2" and via_alias.unchanged
 
-    run_sites(1, shared_url, scenario)
+    run_sites(1, shared_store, scenario)
 
 
-def test_requests_read_unchanged_data_without_fetching_it(shared_url: str) -> None:
+def test_requests_read_unchanged_data_without_fetching_it(shared_store: str) -> None:
     """A Site on a shared store: after the first request, loads of a session whose
     data did not change fetch none of it, also after this process's own writes;
     a write by another process makes the next load fetch it."""
@@ -519,7 +493,7 @@ def test_requests_read_unchanged_data_without_fetching_it(shared_url: str) -> No
         assert body(await call_async(site, cookies=cookie(uid)))["data"]["k"] == 2
         assert results[-1] is not None and not results[-1].unchanged
 
-    run_sites(2, shared_url, scenario)
+    run_sites(2, shared_store, scenario)
 
 
 def test_session_data_decodes_only_the_keys_read() -> None:
@@ -625,7 +599,7 @@ def test_too_deep_and_lone_surrogate_keys_are_refused() -> None:
     assert len(data) == 0
 
 
-def test_client_json_with_lone_surrogates_never_reaches_the_store(store_url: str) -> None:
+def test_client_json_with_lone_surrogates_never_reaches_the_store(any_store: str) -> None:
     """A render storing client JSON that holds a lone surrogate fails at the
     assignment (it can answer 400 itself); the session's other data is saved and
     the store keeps working."""
@@ -647,7 +621,7 @@ def test_client_json_with_lone_surrogates_never_reaches_the_store(store_url: str
             return json.dumps(dict(request.getSession().data)).encode()
 
     async def main() -> None:
-        site = Site(Echo(), store=store_url)
+        site = Site(Echo(), store=any_store)
         try:
             bad = await call_async(site, "POST", "/", body=b'{"x": "\\ud800"}')
             assert bad.status == 400

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from conftest import FakeClock, call, call_async
+from conftest import json_body as body
+from conftest import session_cookie as cookie
 
 from lapse.internet.task import Clock
 from lapse.sessions import Expiry, StoreConfigError
@@ -42,15 +44,6 @@ class LoginPage(Resource):
             session.rotate()
             session.data["user"] = login[0].decode()
         return json.dumps({"uid": session.uid, "data": dict(session.data)}).encode()
-
-
-def body(response: Any) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(response.body)
-    return result
-
-
-def cookie(uid: str) -> dict[bytes, bytes]:
-    return {b"lapse_session": uid.encode()}
 
 
 # -- rotation, memory store ----------------------------------------------------------
@@ -145,14 +138,6 @@ def test_negative_rotation_grace_is_refused(clock: Clock) -> None:
 
 
 # -- rotation, shared stores ---------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shared.db"
-    server = request.getfixturevalue("redis_server")
-    return f"{server.url}?prefix=sec{time.monotonic_ns()}"
 
 
 def test_rotation_on_shared_store_across_processes(shared_store: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import call, call_async
+from conftest import json_body as body
 
 from lapse.internet.task import Clock
 from lapse.sessions import Expiry, StoreConfigError
@@ -47,11 +48,6 @@ def memory_site(clock: Clock, hook: Callable[[Expiry], Any] | None = None) -> Si
     site = Site(DataPage(), reactor=clock, on_expire=hook)
     site.sessionFactory = ShortSession
     return site
-
-
-def body(response: Any) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(response.body)
-    return result
 
 
 # -- session data ---------------------------------------------------------------
@@ -264,18 +260,6 @@ def test_bad_store_url_in_environment_is_an_error(
 
 
 # -- shared stores, in one process ----------------------------------------------------
-
-
-def shared_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path}/shared.db"
-    server = request.getfixturevalue("redis_server")
-    return f"{server.url}?prefix=t{time.monotonic_ns()}"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return shared_url(request.param, tmp_path, request)
 
 
 def test_two_sites_share_sessions_and_data(shared_store: str) -> None:
