@@ -593,24 +593,24 @@ def test_a_loop_held_past_the_store_timeout_fails_no_request(
 def test_a_long_sqlite_queue_that_moves_fails_no_request(
     tmp_path: Path, loop_kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """1200 requests at once, each making a session, queue up behind SQLite's
-    one worker for several times the store timeout (0.15 s) in all; each
-    store call is quick, so none fails."""
+    """2000 requests at once, each making a session, queue up behind SQLite's
+    one worker for longer than the store timeout (0.3 s) in all; each store
+    call is quick, so none fails."""
     from lapse.sessions.stores.sqlite import SQLiteStore
 
     async def scenario() -> None:
-        site = Site(DataPage(), store=SQLiteStore(str(tmp_path / "q.db"), timeout=0.15))
-        site._keeper.store_timeout = 0.15
+        site = Site(DataPage(), store=SQLiteStore(str(tmp_path / "q.db"), timeout=0.3))
+        site._keeper.store_timeout = 0.3
         try:
             await site.store.open()
             started = time.monotonic()
             responses = await asyncio.gather(
-                *(call_async(site, "GET", f"/?set=i&v={i}") for i in range(1200))
+                *(call_async(site, "GET", f"/?set=i&v={i}") for i in range(2000))
             )
             elapsed = time.monotonic() - started
             assert sorted({r.status for r in responses}) == [200]
             assert elapsed > 0.3, elapsed
-            assert await site.store.count() == 1200
+            assert await site.store.count() == 2000
         finally:
             await site._keeper.aclose()
 
