@@ -69,7 +69,10 @@ def rows(capsys: pytest.CaptureFixture[str], url: str) -> list[dict[str, object]
         capsys, "sessions", "list", "--json", "--server", url, "--token", TOKEN
     )
     assert status == 0, err
-    return [json.loads(line) for line in out.splitlines()]
+    listing = json.loads(out)  # one document, not JSON Lines
+    assert listing["server"] == url and listing["live"] == len(listing["sessions"])
+    rows: list[dict[str, object]] = listing["sessions"]
+    return rows
 
 
 def test_list_shows_the_servers_memory_sessions(

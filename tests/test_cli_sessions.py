@@ -103,14 +103,22 @@ def test_list_shows_short_uids_times_and_the_live_count(
     assert "2 of 5 live sessions" in out and "--limit N for more" in out
 
 
-def test_list_json_is_one_object_per_line_with_data(
+def test_list_json_is_one_document_json_load_reads(
     store_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """list --json prints one JSON object per session: uid, times, data."""
+    """list --json prints one JSON document (json.load reads it): the store,
+    the live count and a list with one object per session: uid, times, data."""
     seed(store_url, [(uid, 600, {"i": i}) for i, uid in enumerate(UIDS)])
+    status, out, _ = lapse(
+        capsys, "sessions", "list", "--json", "--limit", "3", "--store", store_url
+    )
+    assert status == 0
+    listing = json.load(io.StringIO(out))
+    assert listing["live"] == 5 and len(listing["sessions"]) == 3
+    assert listing["store"] == store_from_url(store_url).url
     status, out, _ = lapse(capsys, "sessions", "list", "--json", "--store", store_url)
     assert status == 0
-    rows = [json.loads(line) for line in out.splitlines()]
+    rows = json.loads(out)["sessions"]
     assert sorted(row["uid"] for row in rows) == sorted(UIDS)
     for row in rows:
         assert row["data"] == {"i": UIDS.index(row["uid"])}
@@ -400,3 +408,35 @@ def test_expired_sessions_reach_the_servers_hook(
     assert sorted((e.uid, e.cause, dict(e.data)) for e in hooked) == sorted(
         (uid, "expired", data) for uid, _, data in sessions
     )
+
+
+def test_output_cut_by_its_reader_ends_quietly_with_status_141(
+    store_url: str, tmp_path: Path
+) -> None:
+    """'lapse sessions show UID | head -c 100': when the reader closes the pipe
+    early, the command ends with status 141 (128 + SIGPIPE, as a shell
+    reports for git or cat there) and prints no traceback, for a command
+    that writes its output in one piece (show) and line by line (list)."""
+    big = {f"key{i:04d}": "v" * 200 for i in range(2000)}  # ~0.5 MB: past any pipe buffer
+    many = [(f"pipe{i:04d}" + "p" * 20, 600, {}) for i in range(3000)]
+    seed(store_url, [("bigdata" + "b" * 20, 600, big), *many])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("LAPSE_SESSION_STORE", None)
+    for argv in (
+        ["show", "bigdata" + "b" * 20],
+        ["list", "--full", "--limit", "3001"],
+        ["list", "--json", "--limit", "3001"],
+    ):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lapse", "sessions", *argv, "--store", store_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(100)  # head -c 100
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=30) == 141, (argv, err)
+        assert err == "", (argv, err)

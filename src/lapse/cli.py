@@ -64,6 +64,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 """The command line cannot be served as given."""
 
+EXIT_BROKEN_PIPE = 141
+"""The reader of the output went away (``lapse sessions list | head``): the
+status a shell reports for a command ended by SIGPIPE (128 + 13), as ``git``
+and the coreutils end there, so ``set -o pipefail`` still sees a cut output."""
+
 STOP_TIMEOUT = 15.0
 """Seconds the supervisor waits for its workers to stop before SIGKILL
 (the reactor lets requests in flight finish for up to 10 s)."""
@@ -961,7 +966,14 @@ def _add_sessions_parser(commands: Any) -> None:
     listing.add_argument(
         "--full", action="store_true", help="whole uids, not shortened (not with --server)"
     )
-    listing.add_argument("--json", action="store_true", help="JSON lines, one per session")
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help=(
+            'one JSON object: {"sessions": [one object per session, as shown], "live": '
+            'the live count, "store" or "server": where}'
+        ),
+    )
     show = actions.add_parser(
         "show",
         parents=[store_option],
@@ -1137,8 +1149,11 @@ async def _list(store: Any, args: argparse.Namespace) -> int:
         if cursor is None:
             break
     if args.json:
-        for info in shown:
-            print(json.dumps(_info_json(info, now), ensure_ascii=False))
+        # One document (json.load reads it), not JSON Lines: the live count
+        # belongs to the listing, and a reader cannot tell a cut stream.
+        rows = [_info_json(info, now) for info in shown]
+        listing = {"store": store.url, "live": total, "sessions": rows}
+        print(json.dumps(listing, ensure_ascii=False))
         return 0
     width = max([len(info.uid) for info in shown] + [3]) if args.full else 9
     print(f"{'UID':<{width}}  {'AGE':>7}  {'IDLE':>7}  {'LEFT':>7}")
@@ -1515,8 +1530,9 @@ def _server_list(view: _LiveViewClient, args: argparse.Namespace) -> int:
         if cursor is None or not page:
             break
     if args.json:
-        for row in shown:
-            print(json.dumps(row, ensure_ascii=False))
+        total = live if isinstance(live, int) else len(shown)
+        listing = {"server": view.base, "live": total, "sessions": shown}
+        print(json.dumps(listing, ensure_ascii=False))
         return 0
     width = max([len(str(row.get("id"))) for row in shown] + [2])
     print(f"{'ID':<{width}}  {'UID':<9}  {'AGE':>7}  {'IDLE':>7}  {'LEFT':>7}")
@@ -1685,3 +1701,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a reader that
+    went away must not raise again (and print a traceback) at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
