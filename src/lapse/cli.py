@@ -987,7 +987,11 @@ def _add_sessions_parser(commands: Any) -> None:
     show.add_argument(
         "uid",
         metavar="UID|ID",
-        help="the whole uid (see 'list --full'); with --server, the row ID 'list' shows",
+        help=(
+            "the uid, whole (see 'list --full') or its start as 'list' shows it "
+            "(at least 6 characters, one live session's); with --server, the row ID "
+            "'list' shows"
+        ),
     )
     show.add_argument("--json", action="store_true", help="one JSON object")
     expire = actions.add_parser(
@@ -1004,7 +1008,10 @@ def _add_sessions_parser(commands: Any) -> None:
         "uids",
         metavar="UID|ID",
         nargs="*",
-        help="the sessions to end (with --server, row IDs as 'list' shows them)",
+        help=(
+            "the sessions to end: uids, whole or their start as 'list' shows them (as "
+            "show takes them); with --server, row IDs as 'list' shows them"
+        ),
     )
     expire.add_argument("--all", action="store_true", help="end every live session")
     expire.add_argument("--yes", action="store_true", help="with --all: do not ask first")
@@ -1168,13 +1175,51 @@ async def _list(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+MIN_PREFIX = 6
+"""The shortest start of a uid that show and expire take for the whole uid."""
+
+
+async def _resolve(store: Any, given: str) -> str | None:
+    """The live uid ``given`` names: itself, or the one live uid it is the
+    start of ('list' shows ``abcdefgh…``; the ellipsis may be kept). None if
+    none; a start shared by several uids, or too short, is a CommandError."""
+    if await store.info(given) is not None:
+        return given
+    prefix = given.removesuffix("\u2026").removesuffix("...")
+    if len(prefix) < MIN_PREFIX:
+        return None
+    found: list[str] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.scan(cursor, SCAN_BATCH)
+        found += [info.uid for info in page if info.uid.startswith(prefix)]
+        if cursor is None:
+            break
+    unique = sorted(set(found))
+    if len(unique) > 1:
+        raise CommandError(
+            f"{_shown(given)!r} is the start of {len(unique)} live sessions' uids in "
+            f"{store.url}: give more of it, or the whole uid ('list --full')",
+            EXIT_FAILED,
+        )
+    return unique[0] if unique else None
+
+
+def _not_live(given: str, url: str) -> str:
+    return (
+        f"no live session {_shown(given)!r} in {url} (give the whole uid, as "
+        f"'list --full' shows it, or at least its first {MIN_PREFIX} characters)"
+    )
+
+
 async def _show(store: Any, args: argparse.Namespace) -> int:
     import json
 
     now = await store.now()
-    info = await store.info(args.uid)
+    uid = await _resolve(store, args.uid)
+    info = None if uid is None else await store.info(uid)
     if info is None:
-        raise CommandError(f"no live session {args.uid!r} in {store.url}", EXIT_FAILED)
+        raise CommandError(_not_live(args.uid, store.url), EXIT_FAILED)
     if args.json:
         print(json.dumps(_info_json(info, now), ensure_ascii=False))
         return 0
@@ -1280,11 +1325,17 @@ async def _expire(store: Any, args: argparse.Namespace) -> int:
     if args.all:
         return await _expire_all(store, args)
     status = 0
-    for uid in args.uids:
-        if await store.expire(uid):
-            print(f"expired {uid}")
+    for given in args.uids:
+        try:
+            uid = await _resolve(store, given)
+        except CommandError as exc:  # ambiguous: say so, go on with the others
+            _say(f"error: {exc}")
+            status = EXIT_FAILED
+            continue
+        if uid is not None and await store.expire(uid):
+            print(f"expired {given}")
         else:
-            _say(f"no live session {uid!r}")
+            _say(_not_live(given, store.url))
             status = EXIT_FAILED
     return status
 
