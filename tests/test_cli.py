@@ -233,8 +233,8 @@ def test_serves_a_site_with_sessions_trust_proxy_and_log_level(app_dir: Path) ->
     session cookie, the next with it is the same session (no new cookie,
     visits 2). With ``--trust-proxy`` the Site believes X-Forwarded-Proto and
     the right-most X-Forwarded-For entry (one proxy), not the spoofed left-most;
-    with ``--log-level info`` the access log is on stderr.
-    SIGTERM stops it with status 0."""
+    with ``--log-level info`` the access log is on stderr, each line after
+    its time (ISO 8601, UTC), level and logger. SIGTERM stops it with status 0."""
     port = free_port()
     args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--trust-proxy"]
     args += ["--log-level", "INFO"]
@@ -259,7 +259,9 @@ def test_serves_a_site_with_sessions_trust_proxy_and_log_level(app_dir: Path) ->
         server.send_signal(signal.SIGTERM)
         assert server.wait(15) == 0
         errors = server.stderr_text()
-        assert re.search(r'^127\.0\.0\.1 - - \[.*\] "GET / HTTP/1\.1" 200 ', errors, re.M), errors
+        access = r'127\.0\.0\.1 - - \[.*\] "GET / HTTP/1\.1" 200 '
+        stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO lapse\.access "
+        assert re.search("^" + stamp + access, errors, re.M), errors
         assert "Received SIGTERM, shutting down" in errors
         assert errors.rstrip().endswith("lapse: stopped")
         assert "Traceback" not in errors

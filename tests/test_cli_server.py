@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _servers import ServerProcess, free_port, wait_for_port, write_script
+from _servers import ServerProcess, free_port, request, wait_for_port, write_script
 
 from lapse.cli import main
 
@@ -69,7 +69,10 @@ def rows(capsys: pytest.CaptureFixture[str], url: str) -> list[dict[str, object]
         capsys, "sessions", "list", "--json", "--server", url, "--token", TOKEN
     )
     assert status == 0, err
-    return [json.loads(line) for line in out.splitlines()]
+    listing = json.loads(out)  # one document, not JSON Lines
+    assert listing["server"] == url and listing["live"] == len(listing["sessions"])
+    rows: list[dict[str, object]] = listing["sessions"]
+    return rows
 
 
 def test_list_shows_the_servers_memory_sessions(
@@ -248,3 +251,59 @@ def test_bad_usage_is_exit_2_with_one_line(
     status, out, err = lapse(capsys, "sessions", *argv)
     assert status == 2 and out == ""
     assert err.startswith("lapse: error: ") and message in err and err.count("\n") == 1
+
+
+def test_expire_through_a_view_without_a_token_of_lapse_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Against 'lapse serve --live-view' without a token (loopback only, its
+    default), expire ID and expire --all --server work: the command gets the
+    CSRF cookie and token from the page as a browser does. A POST without
+    them (what a cross-site form sends) is still refused with 403."""
+    from test_cli import APP, lapse_serving
+
+    (tmp_path / "cliapp.py").write_text(APP, encoding="utf-8")
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(tmp_path), "--live-view", "_lapse"]
+    with lapse_serving(args, port, tmp_path):
+        for _ in range(4):
+            assert request(port, "/").status == 200  # each visit: a new session
+        url = f"http://127.0.0.1:{port}/_lapse/"
+        listed = rows_without_token(capsys, url)
+        assert len(listed) == 4
+        forged = request(
+            port,
+            "/_lapse/api/expire",
+            method="POST",
+            body=json.dumps({"id": listed[0]["id"]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert forged.status == 403
+        status, out, err = lapse(
+            capsys, "sessions", "expire", str(listed[0]["id"]), "--server", url
+        )
+        assert (status, err) == (0, "") and out == f"expired {listed[0]['id']}\n"
+        assert len(rows_without_token(capsys, url)) == 3
+        status, out, err = lapse(capsys, "sessions", "expire", "--all", "--yes", "--server", url)
+        assert status == 0, err
+        assert out == f"expired 3 sessions at {url}\n"
+        assert rows_without_token(capsys, url) == []
+
+
+def rows_without_token(capsys: pytest.CaptureFixture[str], url: str) -> list[dict[str, object]]:
+    status, out, err = lapse(capsys, "sessions", "list", "--json", "--server", url)
+    assert status == 0, err
+    listed: list[dict[str, object]] = json.loads(out)["sessions"]
+    return listed
+
+
+def test_a_view_that_wants_a_token_says_so_when_none_is_given(
+    server: tuple[ServerProcess, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a token, a view that has one answers 403: the message says the
+    view wants a token and where to give it (not 'check' a token never given)."""
+    _, url = server
+    status, out, err = lapse(capsys, "sessions", "expire", "f" * 32, "--server", url)
+    assert status == 1 and out == "" and err.count("\n") == 1
+    assert "wants a token (403 Forbidden)" in err and "--token" in err
+    assert "LAPSE_LIVEVIEW_TOKEN" in err

@@ -103,14 +103,22 @@ def test_list_shows_short_uids_times_and_the_live_count(
     assert "2 of 5 live sessions" in out and "--limit N for more" in out
 
 
-def test_list_json_is_one_object_per_line_with_data(
+def test_list_json_is_one_document_json_load_reads(
     store_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """list --json prints one JSON object per session: uid, times, data."""
+    """list --json prints one JSON document (json.load reads it): the store,
+    the live count and a list with one object per session: uid, times, data."""
     seed(store_url, [(uid, 600, {"i": i}) for i, uid in enumerate(UIDS)])
+    status, out, _ = lapse(
+        capsys, "sessions", "list", "--json", "--limit", "3", "--store", store_url
+    )
+    assert status == 0
+    listing = json.load(io.StringIO(out))
+    assert listing["live"] == 5 and len(listing["sessions"]) == 3
+    assert listing["store"] == store_from_url(store_url).url
     status, out, _ = lapse(capsys, "sessions", "list", "--json", "--store", store_url)
     assert status == 0
-    rows = [json.loads(line) for line in out.splitlines()]
+    rows = json.loads(out)["sessions"]
     assert sorted(row["uid"] for row in rows) == sorted(UIDS)
     for row in rows:
         assert row["data"] == {"i": UIDS.index(row["uid"])}
@@ -141,6 +149,38 @@ def test_show_of_a_session_that_is_not_live_exits_1(
     assert err.startswith("lapse: error: no live session 'nope'") and err.count("\n") == 1
 
 
+def test_show_and_expire_take_the_shortened_uid_list_shows(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shortened uid 'list' prints (with or without its ellipsis), or any
+    start of at least 6 characters that names one live session, works for
+    show and expire; a start shared by several sessions is refused, saying
+    how many, and ends nothing; a start too short or matching nothing says
+    to give the whole uid ('list --full')."""
+    twins = ["sharedPRE" + "1" * 15, "sharedPRE" + "2" * 15]
+    seed(store_url, [(uid, 600, {"i": i}) for i, uid in enumerate(UIDS + twins)])
+    status, out, _ = lapse(capsys, "sessions", "list", "--store", store_url)
+    shown = next(line.split()[0] for line in out.splitlines() if line.startswith(UIDS[2][:8]))
+    assert shown == UIDS[2][:8] + "\u2026"
+    status, out, err = lapse(capsys, "sessions", "show", shown, "--store", store_url)
+    assert (status, err) == (0, "") and f"uid:         {UIDS[2]}" in out
+    status, out, err = lapse(capsys, "sessions", "show", UIDS[3][:6], "--store", store_url)
+    assert (status, err) == (0, "") and f"uid:         {UIDS[3]}" in out
+    status, out, err = lapse(capsys, "sessions", "expire", shown, "--store", store_url)
+    assert (status, err, out) == (0, "", f"expired {shown}\n")
+    assert live_count(store_url) == len(UIDS) + 1
+    status, out, err = lapse(
+        capsys, "sessions", "expire", "sharedPRE", UIDS[4], "--store", store_url
+    )
+    assert status == 1 and out == f"expired {UIDS[4]}\n"
+    assert "'sharedPRE' is the start of 2 live sessions' uids" in err and err.count("\n") == 1
+    assert live_count(store_url) == len(UIDS)
+    for given in ("a000", "zzzzzzzz\u2026"):
+        status, out, err = lapse(capsys, "sessions", "show", given, "--store", store_url)
+        assert status == 1 and out == "" and err.count("\n") == 1
+        assert f"no live session {given!r}" in err and "'list --full'" in err
+
+
 def test_expire_ends_the_named_sessions_and_exits_1_for_unknown_ones(
     store_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -153,7 +193,7 @@ def test_expire_ends_the_named_sessions_and_exits_1_for_unknown_ones(
     status, out, err = lapse(capsys, "sessions", "expire", UIDS[0], UIDS[2], "--store", store_url)
     assert status == 1
     assert out == f"expired {UIDS[2]}\n"
-    assert err == f"lapse: no live session {UIDS[0]!r}\n"
+    assert err.startswith(f"lapse: no live session {UIDS[0]!r} in ") and err.count("\n") == 1
 
 
 def test_expire_all_in_batches_shows_progress_on_stderr(
@@ -400,3 +440,35 @@ def test_expired_sessions_reach_the_servers_hook(
     assert sorted((e.uid, e.cause, dict(e.data)) for e in hooked) == sorted(
         (uid, "expired", data) for uid, _, data in sessions
     )
+
+
+def test_output_cut_by_its_reader_ends_quietly_with_status_141(
+    store_url: str, tmp_path: Path
+) -> None:
+    """'lapse sessions show UID | head -c 100': when the reader closes the pipe
+    early, the command ends with status 141 (128 + SIGPIPE, as a shell
+    reports for git or cat there) and prints no traceback, for a command
+    that writes its output in one piece (show) and line by line (list)."""
+    big = {f"key{i:04d}": "v" * 200 for i in range(2000)}  # ~0.5 MB: past any pipe buffer
+    many = [(f"pipe{i:04d}" + "p" * 20, 600, {}) for i in range(3000)]
+    seed(store_url, [("bigdata" + "b" * 20, 600, big), *many])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("LAPSE_SESSION_STORE", None)
+    for argv in (
+        ["show", "bigdata" + "b" * 20],
+        ["list", "--full", "--limit", "3001"],
+        ["list", "--json", "--limit", "3001"],
+    ):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lapse", "sessions", *argv, "--store", store_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(100)  # head -c 100
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=30) == 141, (argv, err)
+        assert err == "", (argv, err)

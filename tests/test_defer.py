@@ -63,3 +63,44 @@ def test_await_result_and_failure() -> None:
 
     result, error = asyncio.run(scenario())
     assert result == 42 and isinstance(error, KeyError)
+
+
+def test_await_keeps_the_result_for_later_callbacks() -> None:
+    """Awaiting a Deferred leaves its result (or failure) on the chain, as
+    Twisted does: a callback added after the await still gets it."""
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        ok, bad = Deferred(), Deferred()
+        loop = asyncio.get_running_loop()
+        loop.call_soon(ok.callback, 42)
+        loop.call_soon(bad.errback, KeyError("k"))
+        assert await ok == 42
+        with pytest.raises(KeyError):
+            await bad
+        later: list[Any] = []
+        failures: list[Any] = []
+        ok.addCallback(later.append)
+        bad.addErrback(lambda failure: failures.append(failure.value))
+        return later, failures
+
+    later, failures = asyncio.run(scenario())
+    assert later == [42]
+    assert len(failures) == 1 and isinstance(failures[0], KeyError)
+
+
+def test_already_called_errors_are_in_lapse_internet_error() -> None:
+    """AlreadyCalled and AlreadyCancelled are in lapse.internet.error, where
+    Twisted has them, and are the ones a delayed call raises."""
+    from lapse.internet import error
+    from lapse.internet.task import Clock
+
+    clock = Clock()
+    call = clock.callLater(1, lambda: None)
+    call.cancel()
+    with pytest.raises(error.AlreadyCancelled):
+        call.cancel()
+    done = clock.callLater(1, lambda: None)
+    clock.advance(1)
+    with pytest.raises(error.AlreadyCalled):
+        done.cancel()
+    assert issubclass(error.AlreadyCalled, ValueError)

@@ -169,3 +169,72 @@ def test_a_refused_cursor_takes_the_page_back_to_page_one(tmp_path: Path) -> Non
                 browser.close()
     finally:
         server.stop()
+
+
+LABEL_BOXES = """svg => Array.from(svg.querySelectorAll('text')).map(t => {
+  const r = t.getBoundingClientRect(), m = t.getScreenCTM();
+  return {text: t.textContent, left: r.left, right: r.right, top: r.top, bottom: r.bottom,
+          sx: m.a, sy: m.d};
+})"""
+
+
+def test_chart_labels_do_not_overlap_on_a_phone(tmp_path: Path) -> None:
+    """At 390 px wide (a phone), in Chromium, the charts' labels are drawn
+    unscaled (as wide as tall: the SVG is not stretched), readable (10 px),
+    inside their chart and none overlapping another; the sessions table fits
+    the screen. Also at 1280 px. A screenshot at 390 px is saved (look at it:
+    LAPSE_LIVEVIEW_PHONE_SCREENSHOT=path keeps it)."""
+    executable = chromium_binary()
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    script = write_script(
+        tmp_path, "liveview_demo.py", "from lapse.web.liveview import main\nmain()\n"
+    )
+    args = ["--demo", "--port", str(port), "--sessions", "40", "--token", TOKEN]
+    server = ServerProcess(script, args=args).start()
+    try:
+        wait_for_port(port, timeout=20, proc=server.proc)
+        wait_for(server, r"LIVEVIEW .*")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=executable, headless=True, args=["--no-sandbox"]
+            )
+            try:
+                for width in (390, 1280):
+                    page = browser.new_page(viewport={"width": width, "height": 844})
+                    page.goto(f"http://127.0.0.1:{port}/_lapse/?token={TOKEN}")
+                    page.wait_for_selector("body[data-loaded='1']", timeout=10_000)
+                    for chart in ("#expiries", "#minutes"):
+                        svg = page.locator(chart)
+                        frame = svg.bounding_box()
+                        assert frame is not None
+                        assert frame["x"] >= 0 and frame["x"] + frame["width"] <= width
+                        labels = svg.evaluate(LABEL_BOXES)
+                        assert len(labels) >= 4, (width, chart, labels)
+                        for label in labels:
+                            assert abs(label["sx"] - label["sy"]) < 0.01, (width, chart, label)
+                            assert label["bottom"] - label["top"] >= 10, (width, chart, label)
+                            assert frame["x"] <= label["left"] + 0.5, (width, chart, label)
+                            assert label["right"] <= frame["x"] + frame["width"] + 0.5
+                        for i, a in enumerate(labels):
+                            for b in labels[i + 1 :]:
+                                apart = (
+                                    a["right"] <= b["left"]
+                                    or b["right"] <= a["left"]
+                                    or a["bottom"] <= b["top"]
+                                    or b["bottom"] <= a["top"]
+                                )
+                                assert apart, (width, chart, a, b)
+                    table = page.locator("#rows").bounding_box()
+                    assert table is not None and table["x"] + table["width"] <= width
+                    if width == 390:
+                        target = os.environ.get("LAPSE_LIVEVIEW_PHONE_SCREENSHOT")
+                        shot = Path(target) if target else tmp_path / "phone.png"
+                        page.screenshot(path=str(shot), full_page=True)
+                        assert shot.stat().st_size > 0
+                    page.close()
+            finally:
+                browser.close()
+    finally:
+        server.stop()

@@ -10,10 +10,12 @@ headers are built, so they are checked on the response, not in
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
 from typing import Any
 
+import pytest
 from conftest import SessionPage, call
 
 from lapse.internet import reactor
@@ -252,3 +254,69 @@ class TestRequestSessions:
         assert first.uid != second.uid
         assert first.expired and not second.expired
         assert response.cookie_value(b"lapse_session") == second.uid.encode()
+
+
+class TestTwistedCompatibility:
+    """What Twisted programs and Twisted's own tests do that lapse must take."""
+
+    def test_site_takes_request_factory_as_twisted_does(self) -> None:
+        """Site(resource, requestFactory=...) and Site(resource, Factory) are
+        accepted, and the factory makes the site's requests."""
+
+        class MyRequest(server.Request):
+            pass
+
+        seen: list[Any] = []
+        by_name = server.Site(_Probe(seen.append), requestFactory=MyRequest, reactor=Clock())
+        by_position = server.Site(_Probe(seen.append), MyRequest)
+        assert by_name.requestFactory is MyRequest
+        assert by_position.requestFactory is MyRequest
+        assert by_position.reactor is reactor
+        call(by_name)
+        assert type(seen[0]) is MyRequest
+
+    def test_bytes_uid_session_repr_and_expire_with_debug_logging(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A session made by hand with a bytes uid, as Twisted's tests do, has
+        a repr and expires, with DEBUG logging on, running its callbacks."""
+        caplog.set_level(logging.DEBUG, logger="lapse.sessions")
+        site = server.Site(Resource(), reactor=Clock())
+        session = server.Session(site, b"bytes-uid")  # type: ignore[arg-type]
+        site.sessions[b"bytes-uid"] = session  # type: ignore[index]
+        assert "bytes-ui" in repr(session)
+        ran: list[str] = []
+        session.notifyOnExpire(lambda: ran.append("called"))
+        session.expire()
+        assert ran == ["called"]
+        assert session.expired
+
+    def test_expiry_batch_ends_every_session_though_one_raises(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """When several sessions end at the same time and ending one raises,
+        the others' callbacks and the expiry hook still run in that batch, not
+        at the next expiry; the failure is logged."""
+        caplog.set_level(logging.DEBUG, logger="lapse.sessions")
+        clock = Clock()
+        hooked: list[str] = []
+        site = server.Site(
+            Resource(), reactor=clock, on_expire=lambda expiry: hooked.append(expiry.uid)
+        )
+
+        class Broken(server.Session):
+            def _end(self) -> None:
+                super()._end()
+                raise RuntimeError("a subclass that raises while ending")
+
+        ran: list[str] = []
+        first = Broken(site, "broken-session-uid")
+        site.sessions[first.uid] = first
+        first.startCheckingExpiration()
+        others = [site.makeSession() for _ in range(3)]
+        for other in others:
+            other.notifyOnExpire(lambda uid=other.uid: ran.append(uid))
+        clock.advance(first.sessionTimeout)
+        assert sorted(ran) == sorted(s.uid for s in others)
+        assert sorted(hooked) == sorted([first.uid] + [s.uid for s in others])
+        assert "broken-s" in caplog.text and "RuntimeError" in caplog.text

@@ -64,6 +64,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 """The command line cannot be served as given."""
 
+EXIT_BROKEN_PIPE = 141
+"""The reader of the output went away (``lapse sessions list | head``): the
+status a shell reports for a command ended by SIGPIPE (128 + 13), as ``git``
+and the coreutils end there, so ``set -o pipefail`` still sees a cut output."""
+
 STOP_TIMEOUT = 15.0
 """Seconds the supervisor waits for its workers to stop before SIGKILL
 (the reactor lets requests in flight finish for up to 10 s)."""
@@ -961,7 +966,14 @@ def _add_sessions_parser(commands: Any) -> None:
     listing.add_argument(
         "--full", action="store_true", help="whole uids, not shortened (not with --server)"
     )
-    listing.add_argument("--json", action="store_true", help="JSON lines, one per session")
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help=(
+            'one JSON object: {"sessions": [one object per session, as shown], "live": '
+            'the live count, "store" or "server": where}'
+        ),
+    )
     show = actions.add_parser(
         "show",
         parents=[store_option],
@@ -975,7 +987,11 @@ def _add_sessions_parser(commands: Any) -> None:
     show.add_argument(
         "uid",
         metavar="UID|ID",
-        help="the whole uid (see 'list --full'); with --server, the row ID 'list' shows",
+        help=(
+            "the uid, whole (see 'list --full') or its start as 'list' shows it "
+            "(at least 6 characters, one live session's); with --server, the row ID "
+            "'list' shows"
+        ),
     )
     show.add_argument("--json", action="store_true", help="one JSON object")
     expire = actions.add_parser(
@@ -992,7 +1008,10 @@ def _add_sessions_parser(commands: Any) -> None:
         "uids",
         metavar="UID|ID",
         nargs="*",
-        help="the sessions to end (with --server, row IDs as 'list' shows them)",
+        help=(
+            "the sessions to end: uids, whole or their start as 'list' shows them (as "
+            "show takes them); with --server, row IDs as 'list' shows them"
+        ),
     )
     expire.add_argument("--all", action="store_true", help="end every live session")
     expire.add_argument("--yes", action="store_true", help="with --all: do not ask first")
@@ -1137,8 +1156,11 @@ async def _list(store: Any, args: argparse.Namespace) -> int:
         if cursor is None:
             break
     if args.json:
-        for info in shown:
-            print(json.dumps(_info_json(info, now), ensure_ascii=False))
+        # One document (json.load reads it), not JSON Lines: the live count
+        # belongs to the listing, and a reader cannot tell a cut stream.
+        rows = [_info_json(info, now) for info in shown]
+        listing = {"store": store.url, "live": total, "sessions": rows}
+        print(json.dumps(listing, ensure_ascii=False))
         return 0
     width = max([len(info.uid) for info in shown] + [3]) if args.full else 9
     print(f"{'UID':<{width}}  {'AGE':>7}  {'IDLE':>7}  {'LEFT':>7}")
@@ -1153,13 +1175,51 @@ async def _list(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+MIN_PREFIX = 6
+"""The shortest start of a uid that show and expire take for the whole uid."""
+
+
+async def _resolve(store: Any, given: str) -> str | None:
+    """The live uid ``given`` names: itself, or the one live uid it is the
+    start of ('list' shows ``abcdefgh…``; the ellipsis may be kept). None if
+    none; a start shared by several uids, or too short, is a CommandError."""
+    if await store.info(given) is not None:
+        return given
+    prefix = given.removesuffix("\u2026").removesuffix("...")
+    if len(prefix) < MIN_PREFIX:
+        return None
+    found: list[str] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.scan(cursor, SCAN_BATCH)
+        found += [info.uid for info in page if info.uid.startswith(prefix)]
+        if cursor is None:
+            break
+    unique = sorted(set(found))
+    if len(unique) > 1:
+        raise CommandError(
+            f"{_shown(given)!r} is the start of {len(unique)} live sessions' uids in "
+            f"{store.url}: give more of it, or the whole uid ('list --full')",
+            EXIT_FAILED,
+        )
+    return unique[0] if unique else None
+
+
+def _not_live(given: str, url: str) -> str:
+    return (
+        f"no live session {_shown(given)!r} in {url} (give the whole uid, as "
+        f"'list --full' shows it, or at least its first {MIN_PREFIX} characters)"
+    )
+
+
 async def _show(store: Any, args: argparse.Namespace) -> int:
     import json
 
     now = await store.now()
-    info = await store.info(args.uid)
+    uid = await _resolve(store, args.uid)
+    info = None if uid is None else await store.info(uid)
     if info is None:
-        raise CommandError(f"no live session {args.uid!r} in {store.url}", EXIT_FAILED)
+        raise CommandError(_not_live(args.uid, store.url), EXIT_FAILED)
     if args.json:
         print(json.dumps(_info_json(info, now), ensure_ascii=False))
         return 0
@@ -1265,11 +1325,17 @@ async def _expire(store: Any, args: argparse.Namespace) -> int:
     if args.all:
         return await _expire_all(store, args)
     status = 0
-    for uid in args.uids:
-        if await store.expire(uid):
-            print(f"expired {uid}")
+    for given in args.uids:
+        try:
+            uid = await _resolve(store, given)
+        except CommandError as exc:  # ambiguous: say so, go on with the others
+            _say(f"error: {exc}")
+            status = EXIT_FAILED
+            continue
+        if uid is not None and await store.expire(uid):
+            print(f"expired {given}")
         else:
-            _say(f"no live session {uid!r}")
+            _say(_not_live(given, store.url))
             status = EXIT_FAILED
     return status
 
@@ -1351,9 +1417,15 @@ class _LiveViewClient:
 
     Standard library only (urllib); redirects are not followed (the token
     would follow them); every failure is a one-line :class:`CommandError`.
+
+    Without a token (a view open to loopback clients), a POST needs the CSRF
+    pair a browser gets with the page: the view's CSRF cookie and the HMAC of
+    it the page embeds. The client GETs the page once, as a browser does, and
+    sends both; a cross-site browser form still cannot.
     """
 
     def __init__(self, base: str, token: str | None) -> None:
+        import threading
         import urllib.request
 
         class NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -1363,6 +1435,62 @@ class _LiveViewClient:
         self.base = base
         self._token = token
         self._opener = urllib.request.build_opener(NoRedirect)
+        self._csrf_lock = threading.Lock()
+        self._csrf_pair: tuple[str, str] | None = None
+
+    def _send(self, request: Any) -> tuple[int, Any, bytes]:
+        """(status, headers, body) of ``request``; unreachable: CommandError."""
+        import urllib.error
+
+        if self._token is not None:
+            request.add_header("Authorization", f"Bearer {self._token}")
+        try:
+            with self._opener.open(request, timeout=HTTP_TIMEOUT) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as exc:
+            raw = b""
+            with contextlib.suppress(Exception):
+                raw = exc.read()
+            exc.close()
+            return exc.code, exc.headers, raw
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CommandError(
+                f"cannot reach the server at {self.base}: {reason}", EXIT_FAILED
+            ) from None
+
+    def _csrf(self) -> tuple[str, str]:
+        """(CSRF cookie nonce, X-Lapse-CSRF value), from the view's page, once."""
+        with self._csrf_lock:
+            if self._csrf_pair is None:
+                self._csrf_pair = self._fetch_csrf()
+            return self._csrf_pair
+
+    def _fetch_csrf(self) -> tuple[str, str]:
+        import urllib.request
+        from http.cookies import CookieError, SimpleCookie
+
+        from lapse.web.liveview import CSRF_COOKIE
+
+        request = urllib.request.Request(self.base, method="GET")
+        request.add_header("Accept", "text/html")
+        status, headers, raw = self._send(request)
+        self._check(status, "", None, None)
+        nonce = None
+        for header in headers.get_all("set-cookie") or []:
+            jar: SimpleCookie = SimpleCookie()
+            with contextlib.suppress(CookieError):
+                jar.load(header)
+            if CSRF_COOKIE in jar:
+                nonce = jar[CSRF_COOKIE].value
+        found = re.search(rb'<meta name="lapse-csrf" content="([0-9a-f]{64})">', raw)
+        if nonce is None or found is None:
+            raise CommandError(
+                f"the page at {self.base} has no CSRF token to send with a change "
+                "(is it a lapse live view?)",
+                EXIT_FAILED,
+            )
+        return nonce, found.group(1).decode("ascii")
 
     def request(
         self,
@@ -1376,7 +1504,6 @@ class _LiveViewClient:
         "no such session"); any other failure is a :class:`CommandError`.
         """
         import json
-        import urllib.error
         import urllib.request
 
         url = self.base + path
@@ -1385,39 +1512,46 @@ class _LiveViewClient:
         request.add_header("Accept", "application/json")
         if data is not None:
             request.add_header("Content-Type", "application/json")
-        if self._token is not None:
-            request.add_header("Authorization", f"Bearer {self._token}")
-        try:
-            with self._opener.open(request, timeout=HTTP_TIMEOUT) as response:
-                status, raw = response.status, response.read()
-                kind = response.headers.get("content-type", "")
-        except urllib.error.HTTPError as exc:
-            status, kind, raw = exc.code, exc.headers.get("content-type", ""), b""
-            with contextlib.suppress(Exception):
-                raw = exc.read()
-            exc.close()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise CommandError(
-                f"cannot reach the server at {self.base}: {reason}", EXIT_FAILED
-            ) from None
+            if self._token is None:
+                nonce, csrf = self._csrf()
+                request.add_header("Cookie", f"{_csrf_cookie_name()}={nonce}")
+                request.add_header("X-Lapse-CSRF", csrf)
+        status, headers, raw = self._send(request)
+        kind = headers.get("content-type", "")
         answer: Any = None
         if kind.split(";")[0].strip() == "application/json":
             with contextlib.suppress(ValueError):
                 answer = json.loads(raw)
+        return self._check(status, path, answer, not_found)
+
+    def _check(self, status: int, path: str, answer: Any, not_found: str | None) -> Any:
+        """``answer`` if ``status`` is a 200 with a JSON object (None for the
+        404 ``not_found``); any other answer is a CommandError saying why."""
         error = answer.get("error") if isinstance(answer, dict) else None
+        where = path.split("?")[0] or "the page"
         if status == 403:
-            given = "the token given" if self._token is not None else "no token given"
+            if isinstance(error, str) and "CSRF" in error:
+                raise CommandError(
+                    f"the live view at {self.base} refused the change (403 Forbidden: "
+                    f"{error}): give its token with --token or ${TOKEN_ENV}",
+                    EXIT_FAILED,
+                )
+            if self._token is not None:
+                raise CommandError(
+                    f"the live view at {self.base} refused the token given (403 Forbidden): "
+                    f"check --token or ${TOKEN_ENV}",
+                    EXIT_FAILED,
+                )
             raise CommandError(
-                f"the live view at {self.base} refused access (403 Forbidden) with {given}: "
-                f"check --token or ${TOKEN_ENV}",
+                f"the live view at {self.base} wants a token (403 Forbidden): give the "
+                f"server's {TOKEN_ENV} with --token or in ${TOKEN_ENV}",
                 EXIT_FAILED,
             )
         if status == 404:
             if not_found is not None and error == not_found:
                 return None
             raise CommandError(
-                f"no live view at {self.base} (404 Not Found for {path.split('?')[0]}): give "
+                f"no live view at {self.base} (404 Not Found for {where}): give "
                 "the URL where the app mounts LiveView (e.g. http://HOST:PORT/_lapse/); "
                 "a view without a token answers only loopback clients",
                 EXIT_FAILED,
@@ -1428,11 +1562,13 @@ class _LiveViewClient:
                 "give the live view's own base URL",
                 EXIT_FAILED,
             )
+        if status == 200 and not path:
+            return None  # the page (HTML)
         if status != 200 or not isinstance(answer, dict):
             detail = f": {error}" if isinstance(error, str) else ""
             what = f"HTTP {status}{detail}" if status != 200 else "something other than JSON"
             raise CommandError(
-                f"the server at {self.base} answered {path.split('?')[0]} with {what} "
+                f"the server at {self.base} answered {where} with {what} "
                 "(is it a lapse live view?)",
                 EXIT_FAILED,
             )
@@ -1475,6 +1611,12 @@ class _LiveViewClient:
         return answer is not None and bool(answer.get("expired"))
 
 
+def _csrf_cookie_name() -> str:
+    from lapse.web.liveview import CSRF_COOKIE
+
+    return CSRF_COOKIE
+
+
 def _server_base(url: str) -> str:
     """The ``--server`` URL, checked: http(s), a host, no query; ends in ``/``."""
     from urllib.parse import urlsplit
@@ -1515,8 +1657,9 @@ def _server_list(view: _LiveViewClient, args: argparse.Namespace) -> int:
         if cursor is None or not page:
             break
     if args.json:
-        for row in shown:
-            print(json.dumps(row, ensure_ascii=False))
+        total = live if isinstance(live, int) else len(shown)
+        listing = {"server": view.base, "live": total, "sessions": shown}
+        print(json.dumps(listing, ensure_ascii=False))
         return 0
     width = max([len(str(row.get("id"))) for row in shown] + [2])
     print(f"{'ID':<{width}}  {'UID':<9}  {'AGE':>7}  {'IDLE':>7}  {'LEFT':>7}")
@@ -1685,3 +1828,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a reader that
+    went away must not raise again (and print a traceback) at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

@@ -47,15 +47,31 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+class LogFormatter(logging.Formatter):
+    """``2026-01-31T12:00:00.123Z INFO lapse.access <message>``: the time in
+    ISO 8601, UTC, to the millisecond; the level; the logger; the message
+    (the access log's combined-format line, a session event...)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
 def _configure_logging_from_env() -> None:
     """``LAPSE_LOG_LEVEL=INFO`` (or DEBUG...) logs to stderr at that level,
-    unless the program configured logging itself."""
+    each line stamped (see :class:`LogFormatter`), unless the program
+    configured logging itself."""
     level = os.environ.get("LAPSE_LOG_LEVEL")
     if not level or logging.getLogger().handlers:
         return
     if not isinstance(logging.getLevelName(level.upper()), int):
         raise ValueError(f"LAPSE_LOG_LEVEL={level!r} is not a logging level")
-    logging.basicConfig(level=level.upper(), format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 class DelayedCall(BaseDelayedCall):

@@ -112,13 +112,15 @@ class Deferred:
     def __await__(self) -> Generator[Any, None, Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-        def settle(result: Any) -> None:
-            if future.done():
-                return
-            if isinstance(result, Failure):
-                future.set_exception(result.value)
-            else:
-                future.set_result(result)
+        def settle(result: Any) -> Any:
+            # The result stays on the chain, as Twisted keeps it, for the
+            # callbacks added after the await.
+            if not future.done():
+                if isinstance(result, Failure):
+                    future.set_exception(result.value)
+                else:
+                    future.set_result(result)
+            return result
 
         self.addBoth(settle)
         return future.__await__()

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from lapse.internet.interfaces import AlreadyCalled, AlreadyCancelled
+
+__all__ = [
+    "AlreadyCalled",
+    "AlreadyCancelled",
+    "CannotListenError",
+    "ConnectionDone",
+    "ConnectionLost",
+    "ReactorAlreadyRunning",
+    "ReactorNotRunning",
+]
+
 
 class CannotListenError(OSError):
     """A port could not be bound: in use, not permitted, or a bad address."""

@@ -516,8 +516,13 @@ class SessionKeeper:
             # The session left site.sessions as the store ended it (and may
             # have been replaced there): end the very object the store held.
             record = memory.ended_record(expiry.uid)
-            if isinstance(record, Session):
-                record._end()
+            # One session that raises (a Session subclass, a bad uid) must not
+            # keep the others of this batch waiting for the next expiry.
+            try:
+                if isinstance(record, Session):
+                    record._end()
+            except Exception:
+                log.exception("ending session %s raised", short_uid(expiry.uid))
             self._deliver_now(expiry)
         upcoming = memory.next_deadline_now()
         if upcoming is None:

@@ -36,8 +36,13 @@ class SessionOwner(Protocol):
     def _data_for(self, session: Session) -> SessionData: ...
 
 
-def short_uid(uid: str) -> str:
-    """A uid shortened for logs: enough to correlate, too little to hijack."""
+def short_uid(uid: str | bytes) -> str:
+    """A uid shortened for logs: enough to correlate, too little to hijack.
+
+    A bytes uid (Twisted's tests make sessions with them by hand) is shown
+    decoded as Latin-1, so logging and ``repr()`` never raise."""
+    if isinstance(uid, bytes):
+        uid = uid.decode("latin-1")
     return uid[:8] + "\u2026"
 
 

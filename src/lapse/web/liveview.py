@@ -513,12 +513,16 @@ _PAGE = """<!doctype html>
 <title>lapse: live sessions</title>
 <style nonce="{{nonce}}">
 body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
-header{background:#1d232b;color:#fff;padding:10px 20px;display:flex;gap:24px;align-items:baseline}
+header{background:#1d232b;color:#fff;padding:10px 20px;display:flex;flex-wrap:wrap;gap:4px 24px;
+align-items:baseline}
 header h1{font-size:18px;margin:0}
-header .store{opacity:.7;font-family:monospace}
+header .store{opacity:.7;font-family:monospace;overflow-wrap:anywhere}
 main{padding:16px 20px;display:grid;grid-template-columns:1fr 1fr;gap:16px}
 section{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px 16px}
 section.wide{grid-column:1/3}
+@media (max-width:720px){main{grid-template-columns:1fr;padding:12px 8px;gap:12px}
+section.wide{grid-column:auto}section{padding:10px 10px;min-width:0}
+th,td{padding:4px 4px}.big{font-size:32px}}
 h2{font-size:14px;margin:0 0 8px;color:#4a5563;font-weight:600}
 .big{font-size:40px;font-weight:700}
 .counters{display:flex;gap:24px;flex-wrap:wrap}
@@ -549,11 +553,11 @@ button{cursor:pointer}
 <div>hook failures<span id="hook-failures">&ndash;</span></div>
 </div></section>
 <section><h2>Upcoming expiries (next hour, 5-minute buckets)</h2>
-<svg id="expiries" viewBox="0 0 600 180" preserveAspectRatio="none"></svg></section>
+<svg id="expiries" viewBox="0 0 600 180"></svg></section>
 <section class="wide"><h2>Sessions created and ended per minute (last hour)</h2>
 <div class="legend"><span><i class="sw" id="sw-created"></i>created</span>
 <span><i class="sw" id="sw-ended"></i>ended</span></div>
-<svg id="minutes" viewBox="0 0 1200 180" preserveAspectRatio="none"></svg></section>
+<svg id="minutes" viewBox="0 0 1200 180"></svg></section>
 <section class="wide"><h2>Sessions <span id="page-info"></span></h2>
 <table><thead><tr><th>session</th><th class="num">age</th><th class="num">idle</th>
 <th class="num">time left</th><th></th></tr>
@@ -590,9 +594,14 @@ function axes(svg, W, H, max) {
   svg.appendChild(el("text", {x: 2, y: 14}, String(max)));
   svg.appendChild(el("text", {x: 2, y: H - 22}, "0"));
 }
+// Drawn in the SVG's own pixels (its viewBox is its size: text is never
+// stretched), with as many axis labels as fit side by side: on a phone,
+// fewer labels, none overlapping.
 function bars(svg, series, labels) {
   svg.replaceChildren();
-  const W = svg.viewBox.baseVal.width, H = svg.viewBox.baseVal.height;
+  const W = Math.max(120, Math.round(svg.getBoundingClientRect().width) || 600);
+  const H = 180;
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
   const n = series[0].values.length;
   const max = Math.max(1, ...series.flatMap(s => s.values));
   axes(svg, W, H, max);
@@ -604,10 +613,31 @@ function bars(svg, series, labels) {
     r.appendChild(el("title", {}, s.name + ": " + v + " (" + labels[i] + ")"));
     svg.appendChild(r);
   }));
-  const step = Math.max(1, Math.ceil(n / 12));
+  const texts = labels.map((label, i) => el("text", {x: 34 + i * slot, y: H - 6}, label));
+  let widest = 0;
+  for (const t of texts) {
+    svg.appendChild(t);
+    widest = Math.max(widest, t.getComputedTextLength());
+    t.remove();
+  }
+  const step = Math.max(1, Math.ceil((widest + 8) / slot));
   for (let i = 0; i < n; i += step)
-    svg.appendChild(el("text", {x: 34 + i * slot, y: H - 6}, labels[i]));
+    if (34 + i * slot + widest <= W) svg.appendChild(texts[i]);
 }
+let lastSummary = null;
+function charts(s) {
+  lastSummary = s;
+  const m = s.stats.minutes;
+  const mlabels = m.created.map((_, i) => (i - m.created.length + 1) + " min");
+  bars(document.getElementById("minutes"),
+       [{name: "created", values: m.created, color: COLORS.created},
+        {name: "ended", values: m.ended, color: COLORS.ended}], mlabels);
+  const e = s.expiries, width = e.horizon / e.buckets.length / 60;
+  bars(document.getElementById("expiries"),
+       [{name: "ending", values: e.buckets, color: COLORS.expiry}],
+       e.buckets.map((_, i) => (i * width) + "\\u2013" + ((i + 1) * width) + " min"));
+}
+window.addEventListener("resize", () => { if (lastSummary) charts(lastSummary); });
 async function getJSON(path) {
   const r = await fetch(BASE + path, {credentials: "same-origin", cache: "no-store"});
   if (!r.ok) throw new Error(path + ": HTTP " + r.status);
@@ -623,15 +653,7 @@ async function refresh() {
       setText("ended-" + c, s.stats.ended[c] || 0);
     setText("callback-errors", s.stats.callback_errors);
     setText("hook-failures", s.stats.hook_failures);
-    const m = s.stats.minutes;
-    const mlabels = m.created.map((_, i) => (i - m.created.length + 1) + " min");
-    bars(document.getElementById("minutes"),
-         [{name: "created", values: m.created, color: COLORS.created},
-          {name: "ended", values: m.ended, color: COLORS.ended}], mlabels);
-    const e = s.expiries, width = e.horizon / e.buckets.length / 60;
-    bars(document.getElementById("expiries"),
-         [{name: "ending", values: e.buckets, color: COLORS.expiry}],
-         e.buckets.map((_, i) => (i * width) + "\\u2013" + ((i + 1) * width) + " min"));
+    charts(s);
     let page;
     try {
       page = await getJSON("api/sessions?limit=50" +

@@ -54,6 +54,8 @@ class Site(SessionHost):
 
     ``sessionFactory`` makes the sessions (set a ``Session`` subclass to
     change ``sessionTimeout``); ``sessions`` maps uid to live session.
+    ``requestFactory`` (a ``Request`` subclass) may be given as Twisted
+    takes it: ``Site(resource, requestFactory=...)`` or second positionally.
 
     Options beyond Twisted's:
 
@@ -112,7 +114,15 @@ class Site(SessionHost):
         on_expire: ExpiryHook | None = None,
         rotation_grace: float = 0.0,
         max_sessions: int | None = None,
+        requestFactory: Callable[[Site, Scope], Request] | None = None,
     ) -> None:
+        if isinstance(reactor, type):
+            # Twisted's Site(resource, requestFactory): a class is never a reactor.
+            if requestFactory is not None:
+                raise TypeError("Site() got two request factories")
+            requestFactory, reactor = reactor, None
+        if requestFactory is not None:
+            self.requestFactory = requestFactory
         self.resource = resource
         self.trust_proxy_headers = trust_proxy_headers
         self.max_body_size = max_body_size
