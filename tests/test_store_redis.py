@@ -725,5 +725,6 @@ def test_without_hiredis_the_error_names_an_install_command_that_works(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(redis_module, "_IMPORT_ERROR", ImportError("No module named 'redis'"))
-    with pytest.raises(StoreConfigError, match=r"`pip install hiredis`.*`pip install '\.\[redis\]'`"):
+    works = r"`pip install hiredis`.*`pip install '\.\[redis\]'`"
+    with pytest.raises(StoreConfigError, match=works):
         RedisStore("redis://localhost")
