@@ -7,7 +7,7 @@ Run it with either of:
     python examples/fastapi_app.py [PORT]
 
 (127.0.0.1:8000 by default). Sessions live in memory unless
-LAPSE_SESSION_STORE names a store (sqlite:///sessions.db, redis://...).
+LAPSE_SESSION_STORE names a store (sqlite:////tmp/sessions.db, redis://...).
 
     curl -c jar -b jar http://127.0.0.1:8000/          # {"visits":1}
     curl -c jar -b jar http://127.0.0.1:8000/          # {"visits":2}

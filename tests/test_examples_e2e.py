@@ -23,6 +23,7 @@ from _servers import (
     free_port,
     request,
     running_server,
+    wait_for_port,
 )
 
 LISTEN_CALL = "reactor.listenTCP(8080, factory)"
@@ -223,3 +224,52 @@ def test_two_seed_processes_share_one_port_and_redis(
                 assert (
                     request(port, "/logme", headers=with_cookie(uid)).header("set-cookie") is None
                 )
+
+
+# -- serve_app.py (for lapse serve) ---------------------------------------------
+
+
+@contextlib.contextmanager
+def lapse_serve(args: list[str], tmp_path: Path) -> Iterator[int]:
+    """``python -m lapse serve ARGS --port P`` from the repository root, as the
+    README runs it, until it serves; its port. Stopped by PID after."""
+    from test_cli import Lapse, wait_for_stderr
+
+    port = free_port()
+    server = Lapse(
+        Path("lapse"),
+        args=["serve", *args, "--port", str(port)],
+        cwd=REPO_ROOT,
+        stderr_path=tmp_path / f"lapse-{port}.err",
+    ).start()
+    try:
+        wait_for_port(port, timeout=20, proc=server.proc)
+        wait_for_stderr(server, "serving", 20)
+        yield port
+        assert "Traceback" not in server.stderr_text(), server.stderr_text()
+    finally:
+        server.stop(timeout=20)
+
+
+def test_serve_app_is_served_by_lapse_serve_as_the_readme_says(tmp_path: Path) -> None:
+    """``lapse serve examples.serve_app:site --store sqlite:////abs.db``, run
+    from the repository root as the README does: visits count up in one
+    session, the count survives a restart on SQLite, and /logout ends the
+    session (the next visit starts again at 1). Other paths are 404."""
+    db = tmp_path / "sessions.db"
+    args = ["examples.serve_app:site", "--store", f"sqlite:///{db}"]
+    with lapse_serve(args, tmp_path) as port:
+        first = request(port, "/")
+        assert first.status == 200, first.text
+        assert first.text == "visits: 1\n"
+        uid = session_cookie(first)
+        assert request(port, "/", headers=with_cookie(uid)).text == "visits: 2\n"
+        assert request(port, "/nothing").status == 404
+    assert db.exists()
+    with lapse_serve(args, tmp_path) as port:
+        assert request(port, "/", headers=with_cookie(uid)).text == "visits: 3\n"
+        out = request(port, "/logout", headers=with_cookie(uid))
+        assert out.text == "logged out\n"
+        fresh = request(port, "/", headers=with_cookie(uid))
+        assert fresh.text == "visits: 1\n"
+        assert session_cookie(fresh) != uid

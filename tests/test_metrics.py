@@ -104,10 +104,11 @@ def test_shared_store_live_count_comes_from_the_store(tmp_path: Any) -> None:
     asyncio.run(main())
 
 
-def test_missing_prometheus_client_names_the_extra() -> None:
+def test_missing_prometheus_client_names_an_install_command_that_works() -> None:
     code = (
         "import sys; sys.modules['prometheus_client'] = None\n"
         "try:\n    import lapse.metrics\nexcept ImportError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "pip install 'lapse[metrics]'" in out.stdout
+    assert "`pip install prometheus-client`" in out.stdout
+    assert "`pip install '.[metrics]'`" in out.stdout

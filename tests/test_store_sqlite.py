@@ -547,6 +547,29 @@ def test_open_is_idempotent_and_calls_without_open_work(db: str, clock: FakeCloc
     run(main())
 
 
+def test_open_logs_the_resolved_absolute_path_of_a_relative_url(
+    tmp_path: Path,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``sqlite:///tmp/sessions.db`` (three slashes) is relative to the current
+    directory: opening the store says, at INFO, which file it really is."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.chdir(tmp_path)
+    store = SQLiteStore.from_url("sqlite:///tmp/sessions.db", clock=clock)
+
+    async def main() -> None:
+        await store.open()
+        await store.aclose()
+
+    with caplog.at_level(logging.INFO, logger="lapse.sessions"):
+        run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "lapse.sessions"]
+    assert f"SQLite session store: {tmp_path / 'tmp' / 'sessions.db'}" in said
+    assert (tmp_path / "tmp" / "sessions.db").exists()
+
+
 def test_aclose_is_idempotent_and_then_every_method_is_unavailable(
     db: str, clock: FakeClock
 ) -> None:

@@ -39,7 +39,8 @@ try:
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
-        "lapse.metrics needs prometheus-client: install the extra, `pip install 'lapse[metrics]'`"
+        "lapse.metrics needs prometheus-client: `pip install prometheus-client` "
+        "(or, from a lapse checkout, `pip install '.[metrics]'`)"
     ) from exc
 
 from lapse.web.resource import Resource

@@ -4,7 +4,7 @@
 - ``sqlite:///path/to/file.db``: one file, survives restarts, shared by the
   processes of one machine;
 - ``redis://[:password@]host:port/db`` (or ``rediss://``): shared by
-  processes on many machines; needs ``pip install 'lapse[redis]'``.
+  processes on many machines; needs ``pip install hiredis``.
 
 :func:`store_from_url` parses a URL at once, so a bad one is an error at
 start-up, never at the first request.

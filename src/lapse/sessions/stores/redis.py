@@ -4,7 +4,7 @@ URL: ``redis://[[user]:password@]host[:port][/db][?prefix=name]``, or
 ``rediss://`` for TLS. The port defaults to 6379, the db to 0 and the key
 prefix to ``lapse``. Needs the ``hiredis`` package (the reply parser of the
 store's own client, :mod:`lapse.sessions.stores._resp`):
-``pip install 'lapse[redis]'``.
+``pip install hiredis`` (from a lapse checkout: ``pip install '.[redis]'``).
 
 Guarantees:
 
@@ -601,7 +601,8 @@ class RedisStore:
         target = _parse_url(url)
         if _IMPORT_ERROR is not None:
             raise StoreConfigError(
-                "the Redis session store needs the hiredis package: pip install 'lapse[redis]'"
+                "the Redis session store needs the hiredis package: `pip install hiredis` "
+                "(or, from a lapse checkout, `pip install '.[redis]'`)"
             ) from _IMPORT_ERROR
         if not isinstance(timeout, int | float) or not (0 < timeout < math.inf):
             raise StoreConfigError(f"the Redis timeout must be positive seconds, not {timeout!r}")

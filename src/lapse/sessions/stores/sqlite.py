@@ -657,6 +657,8 @@ class SQLiteStore:
     async def open(self) -> None:
         """Create the file and its tables if need be. Idempotent; safe when
         several processes open the same new file at once."""
+        # The resolved path: a URL such as sqlite:///tmp/x.db is relative.
+        log.info("SQLite session store: %s", self.path)
         await self._call(lambda conn, now: None, write=False)
 
     async def aclose(self) -> None:
