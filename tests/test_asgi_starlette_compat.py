@@ -8,8 +8,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from test_asgi_middleware import aio, fetch, set_cookies, uid_cookie
 
+import lapse
 from lapse.asgi import SessionMiddleware, get_session
 from lapse.internet.task import Clock
 
@@ -345,3 +350,62 @@ def test_only_changed_keys_are_written(shared_store: str) -> None:
             await app.aclose()
 
     asyncio.run(scenario())
+
+
+# -- no set-up inside the event loop ---------------------------------------------
+
+FIRST_REQUEST_SCRIPT = """
+import asyncio, os, sys, threading
+import httpx
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from lapse.asgi import SessionMiddleware
+
+async def home(request):
+    request.session["n"] = 1
+    return PlainTextResponse("ok")
+
+app = Starlette(routes=[Route("/", home)])
+app.add_middleware(SessionMiddleware, store=sys.argv[1])
+loop_thread = threading.get_ident()
+cwd_calls = []
+real_getcwd = os.getcwd
+
+def spy_getcwd():
+    if threading.get_ident() == loop_thread:
+        cwd_calls.append(1)
+    return real_getcwd()
+
+async def main():
+    before = set(sys.modules)
+    os.getcwd = spy_getcwd
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        status = (await client.get("/")).status_code
+    os.getcwd = real_getcwd
+    new = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in WATCHED)
+    print(status, new, len(cwd_calls))
+    await app.middleware_stack.app.aclose()
+
+WATCHED = {"lapse", "uvicorn", "sqlite3", "hiredis", "httptools"}
+asyncio.run(main())
+"""
+
+
+def test_first_request_imports_nothing_and_resolves_no_path(any_store: str, tmp_path: Path) -> None:
+    """Starlette makes its middleware inside the event loop, at the first
+    request: making it there imports no module (not uvicorn through the
+    default reactor, not a store's client) and, for an SQLite store given
+    by absolute path, asks the OS for no working directory."""
+    script = tmp_path / "first.py"
+    script.write_text(FIRST_REQUEST_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), any_store],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(lapse.__file__).parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "200 [] 0"

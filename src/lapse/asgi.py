@@ -42,6 +42,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+# What making the middleware needs, imported with this module, before the
+# server runs: Starlette makes its middleware inside the event loop, on the
+# first lifespan event or request, where an import would block the loop (the
+# default reactor brings in uvicorn, tens of milliseconds; the shared stores
+# bring in sqlite3 and the Redis client).
+import lapse.internet.reactor
+import lapse.sessions.stores.memory
+import lapse.sessions.stores.redis
+import lapse.sessions.stores.sqlite  # noqa: F401
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
     Session,
