@@ -62,7 +62,7 @@ from lapse.sessions import (
 from lapse.sessions._data import SessionData
 from lapse.sessions._keeper import ExpiryHook
 from lapse.sessions._visit import Visit, current_visit
-from lapse.web._cookies import format_delete_cookie, format_session_cookie
+from lapse.web._cookies import format_delete_cookie, format_session_cookie, vary_on_cookie
 from lapse.web._host import SessionHost, cookie_uid
 from lapse.web._proxy import TrustSetting
 from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
@@ -101,7 +101,7 @@ _CONFLICT_START: Message = {
 class _Visit(Visit):
     """One HTTP request's session: the one its cookie named, the one it uses."""
 
-    __slots__ = ("current", "mapping", "owner", "presented", "secure", "used")
+    __slots__ = ("consulted", "current", "mapping", "owner", "presented", "secure", "used")
 
     def __init__(self, owner: SessionMiddleware, secure: bool) -> None:
         self.owner = owner
@@ -113,14 +113,19 @@ class _Visit(Visit):
         self.used: list[Session] = []
         """Every session the request touched or made, for persisting."""
         self.mapping = SessionMapping(self)
+        self.consulted = False
+        """Whether the app looked for the session (then its response varies
+        with the Cookie header, even if it found none)."""
 
     def peek(self) -> Session | None:
+        self.consulted = True
         session = self.current
         if session is None or session._expired:
             return None
         return session
 
     def get(self) -> Session:
+        self.consulted = True
         session = self.current
         if session is None or session._expired:
             session = self.current = self.owner.makeSession()
@@ -576,7 +581,10 @@ class SessionMiddleware(SessionHost):
             nonlocal replaced
             if replaced:
                 return  # the app's response after a 503 or 409 took its place
-            if message["type"] == "http.response.start" and visit.used:
+            if message["type"] != "http.response.start":
+                await send(message)
+                return
+            if visit.used:
                 try:
                     if shared:
                         await keeper.persist(visit.used, visit)
@@ -594,6 +602,11 @@ class SessionMiddleware(SessionHost):
                 cookies = visit.cookie_headers()
                 if cookies:
                     message = {**message, "headers": [*message.get("headers", ()), *cookies]}
+            if uid is not None or visit.consulted:
+                # It named a session, or the app looked for one: the page
+                # may show it, so a shared cache must key it by the cookie.
+                headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+                message = {**message, "headers": vary_on_cookie(headers)}
             await send(message)
 
         try:
