@@ -101,7 +101,7 @@ _CONFLICT_START: Message = {
 class _Visit(Visit):
     """One HTTP request's session: the one its cookie named, the one it uses."""
 
-    __slots__ = ("consulted", "current", "mapping", "owner", "presented", "secure", "used")
+    __slots__ = ("current", "mapping", "owner", "presented", "secure", "used")
 
     def __init__(self, owner: SessionMiddleware, secure: bool) -> None:
         self.owner = owner
@@ -113,19 +113,14 @@ class _Visit(Visit):
         self.used: list[Session] = []
         """Every session the request touched or made, for persisting."""
         self.mapping = SessionMapping(self)
-        self.consulted = False
-        """Whether the app looked for the session (then its response varies
-        with the Cookie header, even if it found none)."""
 
     def peek(self) -> Session | None:
-        self.consulted = True
         session = self.current
         if session is None or session._expired:
             return None
         return session
 
     def get(self) -> Session:
-        self.consulted = True
         session = self.current
         if session is None or session._expired:
             session = self.current = self.owner.makeSession()
@@ -602,12 +597,12 @@ class SessionMiddleware(SessionHost):
                 cookies = visit.cookie_headers()
                 if cookies:
                     message = {**message, "headers": [*message.get("headers", ()), *cookies]}
-            if uid is not None or visit.consulted:
-                # It named a session, or the app looked for one: the page
-                # may show it, so a shared cache must key it by the cookie.
-                headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
-                message = {**message, "headers": vary_on_cookie(headers)}
-            await send(message)
+            # Every page could read request.session (an empty one reads as
+            # the visitor's too: "not logged in"), and reading it leaves no
+            # trace when json's C encoder does: a shared cache must key every
+            # response by the cookie.
+            headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+            await send({**message, "headers": vary_on_cookie(headers)})
 
         try:
             await self.app(scope, receive, send_with_session)
