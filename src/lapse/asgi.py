@@ -36,11 +36,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import threading
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+# What making the middleware needs, imported with this module, before the
+# server runs: Starlette makes its middleware inside the event loop, on the
+# first lifespan event or request, where an import would block the loop (the
+# default reactor brings in uvicorn, tens of milliseconds; the shared stores
+# bring in sqlite3 and the Redis client).
+import lapse.internet.reactor
+import lapse.sessions.stores.memory
+import lapse.sessions.stores.redis
+import lapse.sessions.stores.sqlite  # noqa: F401
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
     Session,
@@ -49,12 +59,16 @@ from lapse.sessions import (
     SessionStore,
     StoreUnavailable,
 )
+from lapse.sessions._data import SessionData
 from lapse.sessions._keeper import ExpiryHook
 from lapse.sessions._visit import Visit, current_visit
-from lapse.web._cookies import format_delete_cookie, format_session_cookie
+from lapse.web._cookies import format_delete_cookie, format_session_cookie, vary_on_cookie
 from lapse.web._host import SessionHost, cookie_uid
 from lapse.web._proxy import TrustSetting
 from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from _collections_abc import dict_items, dict_keys, dict_values
 
 __all__ = ["SessionMapping", "SessionMiddleware", "current_session", "get_session"]
 
@@ -111,7 +125,13 @@ class _Visit(Visit):
         if session is None or session._expired:
             session = self.current = self.owner.makeSession()
             self.used.append(session)
+            self.mapping._bind()
         return session
+
+    def _note_end(self, session: Session) -> None:
+        super()._note_end(session)
+        if session is self.current:
+            self.mapping._bind()
 
     def pending(self) -> list[Session]:
         """Sessions with changes not yet written (made or changed late)."""
@@ -142,54 +162,226 @@ class _Visit(Visit):
         return []
 
 
-class SessionMapping(MutableMapping[str, Any]):
+_MISSING: Any = object()
+
+
+class SessionMapping(dict[str, Any]):
     """``scope["session"]``: the request's session data, made on first write.
 
-    This is what Starlette's ``request.session`` returns. Reading without a
-    session reads an empty mapping (and makes none); writing makes the
-    session, as ``get_session()`` would. Values must be JSON-serialisable
-    (see :class:`~lapse.sessions.SessionData`). ``clear()`` is a logout:
-    it expires the session (callbacks run, the cookie is deleted).
+    This is what Starlette's ``request.session`` returns: a ``dict`` (a
+    subclass) in everything a program can see (``json.dumps``, ``==``, ``|``,
+    ``|=``, ``copy()``, ``popitem()`` taking the newest key, ``repr``), whose
+    changes go to the session's :attr:`~lapse.sessions.Session.data`, so only
+    the changed keys are written. Reading without a session reads an empty
+    dict (and makes none); writing makes the session, as ``get_session()``
+    would. Values must be JSON-serialisable (see
+    :class:`~lapse.sessions.SessionData`). ``clear()`` is a logout: it
+    expires the session (callbacks run, the cookie is deleted).
+
+    The dict's own storage is kept equal to the session's data (code such as
+    ``json``'s C encoder reads it directly): filled when the request gets its
+    session (every value decoded), then changed with the data.
     """
 
-    __slots__ = ("_visit",)
+    __slots__ = ("_data", "_released", "_session", "_visit")
 
     def __init__(self, visit: _Visit) -> None:
+        super().__init__()
         self._visit = visit
+        self._session: Session | None = None
+        self._data: SessionData | None = None
+        self._released = False
+
+    # -- keeping the dict equal to the session's data -------------------------
+
+    def _bind(self) -> Session | None:
+        """The request's live session; the dict made equal to its data first
+        if the session or its data object changed (made, ended, reloaded)."""
+        session = self._visit.peek()
+        data = None if session is None else session.data
+        if session is not self._session or data is not self._data or self._released:
+            self._attach(session, data)
+        return session
+
+    def _attach(self, session: Session | None, data: SessionData | None) -> None:
+        self._unmirror()
+        dict.clear(self)
+        self._session = session
+        self._data = data
+        if data is not None:
+            dict.update(self, {key: data[key] for key in data})
+            if not self._released:
+                if data._mirrors is None:
+                    data._mirrors = []
+                data._mirrors.append(self)
+
+    def _unmirror(self) -> None:
+        data = self._data
+        if data is not None and data._mirrors:
+            data._mirrors = [mirror for mirror in data._mirrors if mirror is not self]
+
+    def _release(self) -> None:
+        """The request is over: stop following the data's changes (a later
+        use, from a task the request left behind, re-reads it each time)."""
+        self._unmirror()
+        self._released = True
+
+    # -- reading --------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
-        session = self._visit.peek()
-        if session is None:
-            raise KeyError(key)
-        return session.data[key]
+        self._bind()
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._bind()
+        return dict.get(self, key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._bind()
+        return dict.__contains__(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._bind()
+        return dict.__iter__(self)
+
+    def __reversed__(self) -> Iterator[str]:
+        self._bind()
+        return dict.__reversed__(self)
+
+    def __len__(self) -> int:
+        self._bind()
+        return dict.__len__(self)
+
+    def keys(self) -> dict_keys[str, Any]:
+        self._bind()
+        return dict.keys(self)
+
+    def values(self) -> dict_values[str, Any]:
+        self._bind()
+        return dict.values(self)
+
+    def items(self) -> dict_items[str, Any]:
+        self._bind()
+        return dict.items(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._bind()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        self._bind()
+        return dict.__ne__(self, other)
+
+    def copy(self) -> dict[str, Any]:
+        """A plain ``dict`` of the data (changing it changes no session)."""
+        self._bind()
+        return dict.copy(self)
+
+    def __copy__(self) -> dict[str, Any]:
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(self.copy(), memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (self.copy(),))
+
+    def __or__(self, other: Any) -> Any:
+        if not isinstance(other, dict):
+            return NotImplemented
+        merged = self.copy()
+        merged.update(other)
+        return merged
+
+    def __ror__(self, other: Any) -> Any:
+        if not isinstance(other, dict):
+            return NotImplemented
+        merged = dict(other)
+        merged.update(self.copy())
+        return merged
+
+    def __repr__(self) -> str:
+        self._bind()
+        return dict.__repr__(self)
+
+    @classmethod
+    def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Any:
+        """A plain ``dict`` (a session mapping belongs to a request)."""
+        return dict.fromkeys(iterable, value)
+
+    # -- writing: through the session's data ----------------------------------
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._visit.get().data[key] = value
+        session = self._visit.get()
+        self._bind()
+        session.data[key] = value
 
     def __delitem__(self, key: str) -> None:
-        session = self._visit.peek()
-        if session is None:
+        session = self._bind()
+        if session is None or not dict.__contains__(self, key):
             raise KeyError(key)
         del session.data[key]
 
-    def __iter__(self) -> Iterator[str]:
-        session = self._visit.peek()
-        return iter(()) if session is None else iter(session.data)
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        session = self._bind()
+        if session is None or not dict.__contains__(self, key):
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        value = dict.__getitem__(self, key)
+        del session.data[key]
+        return value
 
-    def __len__(self) -> int:
-        session = self._visit.peek()
-        return 0 if session is None else len(session.data)
+    def popitem(self) -> tuple[str, Any]:
+        """Remove and return the newest key and its value, as a dict does."""
+        session = self._bind()
+        if session is None or not dict.__len__(self):
+            raise KeyError("popitem(): dictionary is empty")
+        key = next(dict.__reversed__(self))
+        value = dict.__getitem__(self, key)
+        del session.data[key]
+        return key, value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._bind()
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        self[key] = default
+        return default
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """As ``dict.update``: a mapping (anything with ``keys()``), or pairs,
+        then keyword arguments; each key written through the session."""
+        if hasattr(other, "keys"):
+            for key in other.keys():  # noqa: SIM118 - keys(), as dict.update calls it
+                self[key] = other[key]
+        else:
+            for index, item in enumerate(other):
+                try:
+                    pair = tuple(item)
+                except TypeError:
+                    raise TypeError(
+                        f"cannot convert dictionary update sequence element #{index} to a sequence"
+                    ) from None
+                if len(pair) != 2:
+                    raise ValueError(
+                        f"dictionary update sequence element #{index} has length "
+                        f"{len(pair)}; 2 is required"
+                    )
+                self[pair[0]] = pair[1]
+        for key, value in kwargs.items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> SessionMapping:  # type: ignore[override]
+        self.update(other)
+        return self
 
     def clear(self) -> None:
         """End the session (a logout), if the request has one."""
-        session = self._visit.peek()
+        session = self._bind()
         if session is not None:
             session.expire()
-
-    def __repr__(self) -> str:
-        session = self._visit.peek()
-        data = {} if session is None else dict(session.data)
-        return f"<SessionMapping {data!r}>"
+        self._attach(None, None)
 
 
 def _visit_of(request_or_scope: Any) -> _Visit:
@@ -375,6 +567,7 @@ class SessionMiddleware(SessionHost):
             if session is not None:
                 visit.current = visit.presented = session
                 visit.used.append(session)
+                visit.mapping._bind()
         scope[SCOPE_KEY] = visit
         scope["session"] = visit.mapping
         replaced = False
@@ -383,7 +576,10 @@ class SessionMiddleware(SessionHost):
             nonlocal replaced
             if replaced:
                 return  # the app's response after a 503 or 409 took its place
-            if message["type"] == "http.response.start" and visit.used:
+            if message["type"] != "http.response.start":
+                await send(message)
+                return
+            if visit.used:
                 try:
                     if shared:
                         await keeper.persist(visit.used, visit)
@@ -401,11 +597,17 @@ class SessionMiddleware(SessionHost):
                 cookies = visit.cookie_headers()
                 if cookies:
                     message = {**message, "headers": [*message.get("headers", ()), *cookies]}
-            await send(message)
+            # Every page could read request.session (an empty one reads as
+            # the visitor's too: "not logged in"), and reading it leaves no
+            # trace when json's C encoder does: a shared cache must key every
+            # response by the cookie.
+            headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+            await send({**message, "headers": vary_on_cookie(headers)})
 
         try:
             await self.app(scope, receive, send_with_session)
         finally:
+            visit.mapping._release()
             # What changed after the response started (a background task, a
             # streamed body) or in a request that failed: written now.
             if visit.used and not replaced:

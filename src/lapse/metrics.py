@@ -43,9 +43,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "(or, from a lapse checkout, `pip install '.[metrics]'`)"
     ) from exc
 
+from lapse.web._mounted import MountedResource
 from lapse.web.resource import Resource
 
-__all__ = ["MetricsResource", "SessionCollector"]
+__all__ = ["MetricsResource", "SessionCollector", "metrics_app"]
 
 
 class SessionCollector(Collector):
@@ -120,3 +121,15 @@ class MetricsResource(Resource):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return generate_latest(self.registry)
+
+
+def metrics_app(middleware: Any) -> MountedResource:
+    """The metrics of ``middleware``'s sessions (a ``lapse.asgi.SessionMiddleware``)
+    as an ASGI app, for a Starlette or FastAPI app to mount where only the
+    scraper reaches it::
+
+        sessions = SessionMiddleware(app, store=...)
+        app.mount("/_lapse/metrics", metrics_app(sessions))
+        # serve `sessions` (the wrapped app), e.g. uvicorn module:sessions
+    """
+    return MountedResource(MetricsResource(middleware), middleware)

@@ -66,7 +66,7 @@ class SessionData(MutableMapping[str, Any]):
     """A dict of JSON values that remembers what changed, optionally read
     lazily from a base of JSON texts (see the module docstring)."""
 
-    __slots__ = ("_base", "_changed", "_removed", "_values", "_version")
+    __slots__ = ("_base", "_changed", "_mirrors", "_removed", "_values", "_version")
 
     def __init__(
         self,
@@ -85,6 +85,10 @@ class SessionData(MutableMapping[str, Any]):
         # and an empty dict and set would cost more than the rest of a session.
         self._changed: dict[str, str] | None = None  # key -> its JSON text
         self._removed: set[str] | None = None
+        # Plain dicts kept equal to this mapping as it changes (the ASGI
+        # middleware's ``request.session``, a dict for the code that reads a
+        # dict's storage directly: json, ``==``, C extensions).
+        self._mirrors: list[dict[str, Any]] | None = None
 
     def __getitem__(self, key: str) -> Any:
         try:
@@ -115,6 +119,9 @@ class SessionData(MutableMapping[str, Any]):
         self._changed[key] = text
         if self._removed:
             self._removed.discard(key)
+        if self._mirrors:
+            for mirror in self._mirrors:
+                dict.__setitem__(mirror, key, value)
 
     def __delitem__(self, key: str) -> None:
         if key not in self:
@@ -125,6 +132,9 @@ class SessionData(MutableMapping[str, Any]):
         if self._removed is None:
             self._removed = set()
         self._removed.add(key)
+        if self._mirrors:
+            for mirror in self._mirrors:
+                dict.pop(mirror, key, None)
 
     def __iter__(self) -> Iterator[str]:
         base = self._base

@@ -15,6 +15,7 @@ __all__ = [
     "format_session_cookie",
     "format_set_cookie",
     "parse_cookie_header",
+    "vary_on_cookie",
 ]
 
 _UNSAFE = re.compile(rb"[\x00-\x1f\x7f;,]")
@@ -105,3 +106,21 @@ def format_delete_cookie(name: bytes, *, secure: bool) -> bytes:
     """A ``Set-Cookie`` value that makes the browser drop the cookie ``name``."""
     value = name + b"=; Path=/; Max-Age=0; Expires=" + _EPOCH + b"; HttpOnly; SameSite=Lax"
     return value + b"; Secure" if secure else value
+
+
+def vary_on_cookie(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` saying that the response varies with the Cookie header: an
+    existing ``Vary`` gains ``Cookie`` (unless it names it, or is ``*``),
+    else one is added. A shared cache must not give one visitor's page to
+    another: every response that read, or could have read, a session."""
+    for name, value in headers:
+        if name.lower() != b"vary":
+            continue
+        tokens = {token.strip().lower() for token in value.split(b",")}
+        if b"cookie" in tokens or b"*" in tokens:
+            return headers
+    for index, (name, value) in enumerate(headers):
+        if name.lower() == b"vary":
+            merged = value + b", Cookie" if value.strip() else b"Cookie"
+            return [*headers[:index], (name, merged), *headers[index + 1 :]]
+    return [*headers, (b"vary", b"Cookie")]

@@ -24,6 +24,7 @@ from lapse.web._cookies import (
     format_session_cookie,
     format_set_cookie,
     parse_cookie_header,
+    vary_on_cookie,
 )
 from lapse.web._proxy import Forwarded, ProxyTrust
 from lapse.web.error import BadRequest
@@ -536,6 +537,9 @@ class Request(Visit):
                 headers.append((b"set-cookie", cookie))
         for cookie in self._session_cookies():
             headers.append((b"set-cookie", cookie))
+        if self._presented_uids is not _NO_SESSIONS or self._sessions is not _NO_SESSIONS:
+            # It named a session or asked for one: the page may show it.
+            headers = vary_on_cookie(headers)
         self._headers_sent = True
         return {"type": "http.response.start", "status": code, "headers": headers}
 

@@ -64,9 +64,10 @@ from typing import Any
 
 from lapse.sessions import Session
 from lapse.sessions._session import short_uid
+from lapse.web._mounted import MountedResource
 from lapse.web.resource import Resource
 
-__all__ = ["LiveView", "mount"]
+__all__ = ["LiveView", "liveview_app", "mount"]
 
 AUTH_COOKIE = "lapse_liveview"
 CSRF_COOKIE = "lapse_liveview_csrf"
@@ -739,6 +740,22 @@ def mount(site: Any, segment: bytes | str, token: str | None = None) -> LiveView
     view = LiveView(site, token=token)
     site.resource = _InFront(site.resource, raw, view)
     return view
+
+
+def liveview_app(middleware: Any, token: str | None = None) -> MountedResource:
+    """The live view of ``middleware``'s sessions (a
+    ``lapse.asgi.SessionMiddleware``) as an ASGI app, for a Starlette or
+    FastAPI app to mount at a path of its own::
+
+        sessions = SessionMiddleware(app, store=...)
+        app.mount("/_lapse", liveview_app(sessions, token=os.environ["LIVEVIEW_TOKEN"]))
+
+    Access is the view's: with ``token``, a bearer token (or the page's
+    cookie); without it, loopback clients only. The view is ``.resource``.
+    """
+    return MountedResource(
+        LiveView(middleware, token=token), middleware, redact=frozenset({b"token"})
+    )
 
 
 def _demo(port: int, sessions: int, token: str | None) -> None:  # pragma: no cover - manual
