@@ -444,17 +444,26 @@ class SessionMiddleware(SessionHost):
         keeper = self._keeper
         started = False
         answered = False
+        refused = False
 
         async def receive_lifespan() -> Message:
-            nonlocal started
+            nonlocal started, refused
             message = await receive()
             if message["type"] == "lifespan.startup":
                 started = True
+                problem = await self.check_start()
+                if problem is not None:
+                    # The app never sees a startup it cannot have.
+                    refused = True
+                    await send({"type": "lifespan.startup.failed", "message": problem})
+                    raise _StartupRefused(problem)
                 keeper.start()
             return message
 
         async def send_lifespan(message: Message) -> None:
             nonlocal answered
+            if refused:
+                return  # the server was told why (the app's own report of it is dropped)
             answered = True
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await keeper.aclose()
@@ -463,6 +472,8 @@ class SessionMiddleware(SessionHost):
         try:
             await self.app(scope, receive_lifespan, send_lifespan)
         except Exception:
+            if refused:
+                return
             if answered:
                 raise
             log.debug("the app does not take lifespan; serving it for sessions", exc_info=True)
@@ -475,6 +486,10 @@ class SessionMiddleware(SessionHost):
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                problem = await self.check_start()
+                if problem is not None:
+                    await send({"type": "lifespan.startup.failed", "message": problem})
+                    return
                 keeper.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -484,6 +499,11 @@ class SessionMiddleware(SessionHost):
 
     def __repr__(self) -> str:
         return f"<SessionMiddleware {len(self.sessions)} live sessions, app {self.app!r}>"
+
+
+class _StartupRefused(Exception):
+    """Raised to the app's lifespan: sessions cannot start (the server was
+    sent ``lifespan.startup.failed`` with the reason)."""
 
 
 async def _send_error(send: Send, start: Message, body: bytes) -> None:

@@ -28,7 +28,8 @@ exit 1 as well when the server cannot be reached or answers 403 or 404.
 
 Exit status: 0 after a clean stop; 2 for a command line that cannot be served
 (options, MODULE:ATTR, store URL, TLS files, the memory store with several
-workers); 1 when serving failed (the port is in use, a worker died).
+workers); 1 when serving failed (the port is in use, a session store that can
+never work as configured, a worker died).
 """
 
 from __future__ import annotations
@@ -619,7 +620,7 @@ def _serve(options: _Options) -> int:
     served = _prepare_app(app, options)
 
     from lapse.internet import reactor
-    from lapse.internet.error import CannotListenError
+    from lapse.internet.error import CannotListenError, StartupError
     from lapse.internet.limits import HTTPLimits
 
     # A Site carries its own (with the options applied); another app gets them here.
@@ -639,15 +640,25 @@ def _serve(options: _Options) -> int:
     if kind == "a Site":
         what += f", store {app.store.url}"
     what += ")"
-    if options.ready_fd is not None:
-        # A worker: tell the supervisor, and stop if the supervisor is gone.
-        with contextlib.suppress(OSError):
-            os.write(options.ready_fd, f"ready {what}\n".encode())
-            os.close(options.ready_fd)
+    ready_fd = options.ready_fd
+    if ready_fd is not None:
+        # A worker: tell the supervisor once serving starts (its store
+        # checked), and stop if the supervisor is gone.
+        def ready() -> None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"ready {what}\n".encode())
+                os.close(ready_fd)
+
+        reactor.theReactor._on_started = ready
         _watch_supervisor(reactor, os.getppid())
     else:
-        _say(f"serving {what} on {where} (pid {os.getpid()}); Ctrl-C to stop")
-    reactor.run()
+        reactor.theReactor._on_started = lambda: _say(
+            f"serving {what} on {where} (pid {os.getpid()}); Ctrl-C to stop"
+        )
+    try:
+        reactor.run()
+    except StartupError as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
     if options.ready_fd is None:
         _say("stopped")
     return 0

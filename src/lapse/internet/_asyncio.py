@@ -29,7 +29,12 @@ import uvicorn
 
 from lapse.internet._http import ServingConfig, limits_for, protocol_for
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
-from lapse.internet.error import CannotListenError, ReactorAlreadyRunning, ReactorNotRunning
+from lapse.internet.error import (
+    CannotListenError,
+    ReactorAlreadyRunning,
+    ReactorNotRunning,
+    StartupError,
+)
 from lapse.internet.interfaces import BaseDelayedCall
 from lapse.internet.limits import HTTPLimits
 
@@ -162,10 +167,16 @@ class Port:
         return config
 
     def _start(self) -> None:
-        self._server = _Server(self._config())
-        self._task = asyncio.get_running_loop().create_task(
-            self._server.serve(sockets=[self.socket])
-        )
+        server = self._server = _Server(self._config())
+        self._task = asyncio.get_running_loop().create_task(server.serve(sockets=[self.socket]))
+        self._task.add_done_callback(lambda task: self._served(server))
+
+    def _served(self, server: _Server) -> None:
+        """Serving ended: if it never started (the application's lifespan
+        startup failed, and the server said why), the reactor stops."""
+        if not server.started and self.listening:
+            self.listening = False
+            self._reactor._startup_failed(f"{self.getHost()}: the application's startup failed")
 
     def _signal_exit(self) -> None:
         if self._server is not None:
@@ -192,6 +203,16 @@ class Port:
     def __repr__(self) -> str:
         state = "listening" if self.listening else "closed"
         return f"<Port {self.getHost() if self.listening else '-'} {state}>"
+
+
+async def _start_problem(factory: Any) -> str | None:
+    """Why ``factory`` can never serve (a Site's or a session middleware's
+    ``check_start()``: its store cannot work), or None."""
+    check = getattr(factory, "check_start", None)
+    if check is None or not callable(check):
+        return None
+    problem: str | None = await check()
+    return problem
 
 
 PYTHON_GC_THRESHOLD = (700, 10, 10)
@@ -232,6 +253,9 @@ class AsyncioReactor:
         self._ports: list[Port] = []
         self._stopping: asyncio.Event | None = None
         self.running = False
+        self._failure: str | None = None
+        # Set by ``lapse serve`` for its workers: called once serving starts.
+        self._on_started: Callable[[], None] | None = None
         # Set by ``lapse serve`` while it imports an application: called with
         # "listenTCP", "listenSSL" or "run" before each, it may raise to
         # refuse a module that serves itself when imported.
@@ -376,8 +400,17 @@ class AsyncioReactor:
     async def _serve(self) -> None:
         self.running = True
         self._stopping = asyncio.Event()
+        self._failure = None
+        for listening in self._ports:
+            problem = await _start_problem(listening.factory)
+            if problem is not None:
+                for port in list(self._ports):
+                    port.stopListening()
+                raise StartupError(f"cannot start: {problem}")
         for listening in self._ports:
             listening._start()
+        if self._on_started is not None:
+            self._on_started()
         await self._stopping.wait()
         ports = list(self._ports)
         for listening in ports:
@@ -385,6 +418,16 @@ class AsyncioReactor:
         for listening in ports:
             await listening._wait()
         self._ports.clear()
+        if self._failure is not None:
+            raise StartupError(f"cannot start: {self._failure}")
+
+    def _startup_failed(self, problem: str) -> None:
+        """A port's application could not start: stop serving, and make
+        ``run()`` raise :class:`StartupError`."""
+        if self._failure is None:
+            self._failure = problem
+        if self._stopping is not None:
+            self._stopping.set()
 
     def stop(self) -> None:
         """Stop serving: close the listening sockets and let requests finish."""

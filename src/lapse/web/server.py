@@ -333,6 +333,10 @@ class Site(SessionHost):
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                problem = await self.check_start()
+                if problem is not None:
+                    await send({"type": "lifespan.startup.failed", "message": problem})
+                    return
                 self._keeper.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
