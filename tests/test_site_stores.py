@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import call, call_async
+from conftest import Leaf, SessionPage, call, call_async
 from conftest import json_body as body
 
 from lapse.internet.task import Clock
@@ -396,6 +396,38 @@ def test_unreachable_store_answers_503_quickly_and_logs_once(
     asyncio.run(scenario())
     outages = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(outages) == 1
+
+
+def test_outage_gives_503_only_to_pages_that_ask_for_their_session() -> None:
+    """During an outage, a request carrying a session cookie to a page that
+    never asks for its session is rendered (200, the cookie neither set nor
+    deleted); a page that calls getSession() gets the 503."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Resource()
+    plain = Leaf(b"no session here")
+    root.putChild(b"plain", plain)
+    root.putChild(b"mine", SessionPage())
+
+    async def scenario() -> None:
+        site = Site(root, store=f"redis://127.0.0.1:{port}/0")
+        cookie = {b"lapse_session": b"a" * 24}
+        try:
+            rendered = await call_async(site, path=b"/plain", cookies=cookie)
+            assert (rendered.status, rendered.body) == (200, b"no session here")
+            assert rendered.set_cookies == {}
+            assert plain.requests[0].session is None
+            asked = await call_async(site, path=b"/mine", cookies=cookie)
+            assert asked.status == 503
+            assert asked.header(b"retry-after") == b"1"
+            assert b"lapse_session" not in asked.set_cookies
+        finally:
+            await site._keeper.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_frozen_redis_answers_503_within_the_store_timeout_then_recovers() -> None:

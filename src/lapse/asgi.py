@@ -87,11 +87,16 @@ _CONFLICT_START: Message = {
 class _Visit(Visit):
     """One HTTP request's session: the one its cookie named, the one it uses."""
 
-    __slots__ = ("current", "mapping", "owner", "presented", "secure", "used")
+    __slots__ = ("current", "failure", "failed", "mapping", "owner", "presented", "secure", "used")
 
     def __init__(self, owner: SessionMiddleware, secure: bool) -> None:
         self.owner = owner
         self.secure = secure
+        self.failure: StoreUnavailable | None = None
+        """Why the session the cookie named could not be loaded: raised to
+        the app when it asks for its session (then the answer is 503)."""
+        self.failed = False
+        """The app asked for its session and got ``failure``."""
         self.presented: Session | None = None
         """The live session the request's cookie named, if any."""
         self.current: Session | None = None
@@ -100,13 +105,20 @@ class _Visit(Visit):
         """Every session the request touched or made, for persisting."""
         self.mapping = SessionMapping(self)
 
+    def _fail(self) -> None:
+        if self.failure is not None:
+            self.failed = True
+            raise self.failure
+
     def peek(self) -> Session | None:
+        self._fail()
         session = self.current
         if session is None or session._expired:
             return None
         return session
 
     def get(self) -> Session:
+        self._fail()
         session = self.current
         if session is None or session._expired:
             session = self.current = self.owner.makeSession()
@@ -369,20 +381,31 @@ class SessionMiddleware(SessionHost):
         if uid is not None:
             try:
                 session = await keeper.load(uid) if shared else keeper.load_now(uid)
-            except StoreUnavailable:
-                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
-                return
+            except StoreUnavailable as exc:
+                # The app runs without its session (untouched: the missed
+                # touch is not made up); asking for it answers 503.
+                visit.failure = exc
+                session = None
             if session is not None:
                 visit.current = visit.presented = session
                 visit.used.append(session)
         scope[SCOPE_KEY] = visit
         scope["session"] = visit.mapping
         replaced = False
+        started = False
 
         async def send_with_session(message: Message) -> None:
-            nonlocal replaced
+            nonlocal replaced, started
+            if message["type"] == "http.response.start":
+                started = True
             if replaced:
                 return  # the app's response after a 503 or 409 took its place
+            if message["type"] == "http.response.start" and visit.failed:
+                # The app asked for a session the store could not load (its
+                # answer is an error page, or made without the session).
+                replaced = True
+                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
+                return
             if message["type"] == "http.response.start" and visit.used:
                 try:
                     if shared:
@@ -405,6 +428,17 @@ class SessionMiddleware(SessionHost):
 
         try:
             await self.app(scope, receive, send_with_session)
+        except StoreUnavailable as exc:
+            if not visit.failed:
+                raise
+            if replaced:
+                pass  # answered 503 already (the app's error page was replaced)
+            elif started:
+                # Too late for a 503: the response is cut short.
+                log.warning("session needed after the response started: %s", exc)
+            else:
+                replaced = True
+                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
         finally:
             # What changed after the response started (a background task, a
             # streamed body) or in a request that failed: written now.

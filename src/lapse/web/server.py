@@ -160,13 +160,20 @@ class Site(SessionHost):
         return [plain, secure]
 
     async def _load_presented(self, request: Request, cookie_header: bytes) -> None:
-        """Touch the sessions the request's cookies name (one store call each)."""
+        """Touch the sessions the request's cookies name (one store call each);
+        if the store cannot be reached, remember it for ``getSession()``."""
         uids = self._presented_uids(request, cookie_header)
         if uids:
             presented: list[Session | None] = [None, None]
-            for slot, uid in enumerate(uids):
-                if uid is not None:
-                    presented[slot] = await self._keeper.load(uid)
+            try:
+                for slot, uid in enumerate(uids):
+                    if uid is not None:
+                        presented[slot] = await self._keeper.load(uid)
+            except StoreUnavailable as exc:
+                # The page renders without its sessions (untouched: the missed
+                # touch is not made up); asking for one answers 503.
+                request._store_failure = exc
+                return
             request._presented = presented
             request._presented_uids = uids
 
