@@ -87,7 +87,7 @@ _CONFLICT_START: Message = {
 class _Visit(Visit):
     """One HTTP request's session: the one its cookie named, the one it uses."""
 
-    __slots__ = ("current", "failure", "failed", "mapping", "owner", "presented", "secure", "used")
+    __slots__ = ("current", "failed", "failure", "mapping", "owner", "presented", "secure", "used")
 
     def __init__(self, owner: SessionMiddleware, secure: bool) -> None:
         self.owner = owner

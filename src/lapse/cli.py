@@ -65,9 +65,13 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 """The command line cannot be served as given."""
 
-STOP_TIMEOUT = 15.0
-"""Seconds the supervisor waits for its workers to stop before SIGKILL
-(the reactor lets requests in flight finish for up to 10 s)."""
+GRACEFUL_TIMEOUT = 10.0
+"""``--graceful-timeout``'s default: seconds requests in flight may take to
+finish once a stop is asked (the reactor's ``graceful_timeout``)."""
+
+STOP_MARGIN = 5.0
+"""Seconds the supervisor waits for its workers to stop beyond their
+``--graceful-timeout``, before SIGKILL."""
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -175,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a lapse Site or an ASGI application",
         description=(
             "Import MODULE and serve its ATTR, a lapse Site or any ASGI 3 application, "
-            "until SIGINT (Ctrl-C) or SIGTERM; requests in flight then finish (up to 10 s)."
+            "until SIGINT (Ctrl-C) or SIGTERM; requests in flight then finish (up to "
+            "--graceful-timeout seconds, 10 by default)."
         ),
         epilog=(
             "Examples: 'lapse serve myapp:site', "
@@ -292,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     for option, field_name, convert in _CONNECTION_OPTIONS:
         metavar, text = connection_help[option]
         serve.add_argument(option, dest=field_name, type=convert, metavar=metavar, help=text)
+    serve.add_argument(
+        "--graceful-timeout",
+        type=_seconds,
+        default=GRACEFUL_TIMEOUT,
+        metavar="SECONDS",
+        help=(
+            "once a stop is asked, requests in flight may take this long to finish; "
+            "those still running then are ended (503 if nothing was sent), and one "
+            "line says how many (default: 10)"
+        ),
+    )
     serve.add_argument(
         "--app-dir",
         default=".",
@@ -512,6 +528,7 @@ class _Options:
     certfile: str | None
     keyfile: str | None
     log_level: str | None
+    graceful_timeout: float
     connection: dict[str, Any]
     """The connection options given, by HTTPLimits/Site field."""
 
@@ -553,6 +570,7 @@ def _check(args: argparse.Namespace) -> _Options:
         certfile=args.certfile,
         keyfile=args.keyfile,
         log_level=args.log_level,
+        graceful_timeout=args.graceful_timeout,
         connection={
             name: getattr(args, name)
             for _option, name, _type in _CONNECTION_OPTIONS
@@ -623,6 +641,7 @@ def _serve(options: _Options) -> int:
     from lapse.internet.error import CannotListenError, StartupError
     from lapse.internet.limits import HTTPLimits
 
+    reactor.theReactor.graceful_timeout = options.graceful_timeout
     # A Site carries its own (with the options applied); another app gets them here.
     limits = None if kind == "a Site" else HTTPLimits(**options.connection)
     try:
@@ -713,6 +732,8 @@ def _worker_command(options: _Options) -> list[str]:
         str(options.workers),
         "--app-dir",
         options.app_dir,
+        "--graceful-timeout",
+        repr(options.graceful_timeout),
     ]
     if options.store is not None:
         command += ["--store", options.store]
@@ -758,6 +779,7 @@ def _spawn(options: _Options) -> _Worker:
 class _Supervisor:
     def __init__(self, options: _Options) -> None:
         self.options = options
+        self.stop_timeout = options.graceful_timeout + STOP_MARGIN
         self.workers: list[_Worker] = []
         self.signals: list[int] = []
 
@@ -832,7 +854,7 @@ class _Supervisor:
                     # It closed the pipe without being ready: it has failed
                     # (and said why on stderr).
                     try:
-                        code = worker.proc.wait(STOP_TIMEOUT)
+                        code = worker.proc.wait(self.stop_timeout)
                     except subprocess.TimeoutExpired:
                         code = EXIT_FAILED
                     return code if code > 0 else EXIT_FAILED
@@ -853,13 +875,15 @@ class _Supervisor:
         for worker in live:
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.send_signal(sig)
-        deadline = time.monotonic() + STOP_TIMEOUT
+        deadline = time.monotonic() + self.stop_timeout
         status = 0
         for worker in live:
             try:
                 code = worker.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _say(f"worker {worker.proc.pid} did not stop in {STOP_TIMEOUT:g} s; killing it")
+                _say(
+                    f"worker {worker.proc.pid} did not stop in {self.stop_timeout:g} s; killing it"
+                )
                 worker.proc.kill()
                 code = worker.proc.wait()
             if code != 0:

@@ -112,12 +112,73 @@ class DelayedCall(BaseDelayedCall):
         self.reset(self.time + secondsLater - self._reactor.seconds())
 
 
+_CUT_BODY = b"The server is shutting down; try again.\n"
+_CUT_START: dict[str, Any] = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_CUT_BODY)).encode("ascii")),
+        (b"connection", b"close"),
+        (b"retry-after", b"1"),
+    ],
+}
+
+
 class _Server(uvicorn.Server):
-    """uvicorn's server, with signals left to the reactor."""
+    """uvicorn's server, with signals left to the reactor, and its own
+    graceful-shutdown limit: requests still running then are ended quietly
+    (see :class:`_CutQuietly`), with one log line saying how many."""
+
+    def __init__(self, config: uvicorn.Config, graceful_timeout: float) -> None:
+        super().__init__(config)
+        self.graceful_timeout = graceful_timeout
+        self.cutting = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's own limit is off (None): its shutdown waits for every
+        # request, and this one ends those still running at the limit.
+        closing = asyncio.ensure_future(super().shutdown(sockets))
+        done, _ = await asyncio.wait((closing,), timeout=self.graceful_timeout)
+        if not done:
+            running = [task for task in self.server_state.tasks if not task.done()]
+            if running:
+                self.cutting = True
+                log.warning(
+                    "graceful shutdown limit of %gs reached: ending %d request(s) still running",
+                    self.graceful_timeout,
+                    len(running),
+                )
+                for task in running:
+                    task.cancel()
+        await closing
+
+
+class _CutQuietly:
+    """The ASGI app a port serves: ``app``, whose requests cancelled at the
+    graceful-shutdown limit end without a traceback: a 503 (``Connection:
+    close``) if their response had not started, else the connection closes."""
+
+    __slots__ = ("app", "server")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.server: _Server | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            server = self.server
+            if server is None or not server.cutting or scope["type"] != "http":
+                raise
+            with contextlib.suppress(Exception):
+                await send(_CUT_START)  # refused if the response had started
+                await send({"type": "http.response.body", "body": _CUT_BODY})
 
 
 class Port:
@@ -137,6 +198,7 @@ class Port:
         self.ssl_context = ssl_context
         self.limits = limits
         self._server: _Server | None = None
+        self._guard = _CutQuietly(factory)
         self._task: asyncio.Task[None] | None = None
         self.listening = True
 
@@ -150,7 +212,7 @@ class Port:
         # changed after listenTCP still apply.
         limits = self.limits if self.limits is not None else limits_for(self.factory)
         config = ServingConfig(
-            self.factory,
+            self._guard,
             http=protocol_for(limits),
             interface="asgi3",
             lifespan="auto",
@@ -158,7 +220,7 @@ class Port:
             access_log=False,
             proxy_headers=False,
             server_header=False,
-            timeout_graceful_shutdown=self._reactor.graceful_timeout,
+            timeout_graceful_shutdown=None,  # _Server applies it
         )
         config.load()
         config.ssl = self.ssl_context
@@ -167,7 +229,8 @@ class Port:
         return config
 
     def _start(self) -> None:
-        server = self._server = _Server(self._config())
+        server = self._server = _Server(self._config(), self._reactor.graceful_timeout)
+        self._guard.server = server
         self._task = asyncio.get_running_loop().create_task(server.serve(sockets=[self.socket]))
         self._task.add_done_callback(lambda task: self._served(server))
 
@@ -246,7 +309,9 @@ def tune_gc() -> bool:
 class AsyncioReactor:
     """Twisted's reactor API (time, TCP, TLS, run/stop) over asyncio and uvicorn."""
 
-    graceful_timeout: int = 10
+    graceful_timeout: float = 10
+    """Seconds requests in flight may take to finish once serving stops;
+    those still running then are ended (a 503 if nothing was sent yet)."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
