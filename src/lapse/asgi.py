@@ -357,7 +357,11 @@ class SessionMiddleware(SessionHost):
             else:
                 await self.app(scope, receive, send)
             return
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio, say: the keeper's timers need asyncio
+            await self._refuse_wrong_loop(send)
+            return
         if loop is not self._loop:
             self._loop = loop
             self._loop_thread = threading.get_ident()

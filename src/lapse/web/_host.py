@@ -42,6 +42,16 @@ NEEDS_ASYNCIO = (
 )
 """The one line for an app served on an event loop that is not asyncio's."""
 
+_WRONG_LOOP_BODY = b"This server cannot serve this application; its log says why.\n"
+_WRONG_LOOP_START = {
+    "type": "http.response.start",
+    "status": 500,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_WRONG_LOOP_BODY)).encode("ascii")),
+    ],
+}
+
 MAX_UID_COOKIE = 256
 """A session cookie longer than this names no session."""
 
@@ -109,6 +119,7 @@ class SessionHost:
     _trust_setting: TrustSetting = False
     _store_checked = False
     """The store answered a start-up check (:meth:`check_start`)."""
+    _wrong_loop_said = False
 
     @property
     def trust_proxy_headers(self) -> TrustSetting:
@@ -192,6 +203,16 @@ class SessionHost:
             return None
         self._store_checked = True
         return None
+
+    async def _refuse_wrong_loop(self, send: Callable[[dict[str, Any]], Any]) -> None:
+        """Answer a request served on an event loop that is not asyncio's
+        (no lifespan told us before): a short 500 page, and the reason logged
+        once, rather than a traceback per request."""
+        if not self._wrong_loop_said:
+            self._wrong_loop_said = True
+            session_log.error("%s", NEEDS_ASYNCIO)
+        await send(dict(_WRONG_LOOP_START))
+        await send({"type": "http.response.body", "body": _WRONG_LOOP_BODY})
 
     # -- configuration ------------------------------------------------------
 

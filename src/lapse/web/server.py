@@ -91,6 +91,8 @@ class Site(SessionHost):
     sessionFactory: Callable[[Site, str], Session] = Session
     requestFactory: Callable[[Site, Scope], Request] = Request
     displayTracebacks = False
+    _on_asyncio = False
+    """A request was served on an asyncio loop (checked until one is)."""
 
     def __init__(
         self,
@@ -254,6 +256,13 @@ class Site(SessionHost):
             return
         # HTTP, written out here rather than in methods of its own: this is
         # every request's path, and each call and coroutine layer costs.
+        if not self._on_asyncio:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # trio, say: no timers, no expiry here
+                await self._refuse_wrong_loop(send)
+                return
+            self._on_asyncio = True
         keeper = self._keeper
         if keeper.shared:
             keeper.start()
