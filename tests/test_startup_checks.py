@@ -161,6 +161,19 @@ def test_middleware_lifespan_fails_startup_before_the_app_starts(tmp_path: Path)
     assert "not a database" in sent[0]["message"]
 
 
+def test_middleware_serving_lifespan_itself_fails_startup(tmp_path: Path) -> None:
+    """Around an app that does not take lifespan (it raises at once), the
+    middleware serves lifespan itself, and fails its startup just the same."""
+
+    async def http_only(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("lifespan? never heard of it")
+
+    middleware = SessionMiddleware(http_only, store=f"sqlite:///{tmp_path}")
+    sent = asyncio.run(_lifespan_startup(middleware))
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "is a directory" in sent[0]["message"]
+
+
 SEED = """
 import sys
 from lapse.internet import reactor

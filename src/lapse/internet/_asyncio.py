@@ -4,7 +4,10 @@
 call, not at ``run()``. ``run()`` serves every listened site with uvicorn
 (httptools for HTTP, uvloop for the loop where installed) on one event loop,
 until ``stop()`` or SIGINT/SIGTERM, then shuts down gracefully: listening
-sockets close, requests in flight finish (up to ``graceful_timeout``).
+sockets close, requests in flight finish (up to ``graceful_timeout``; those
+still running then end quietly, one log line saying how many). Before
+serving, ``run()`` checks each site's session store: one that can never work
+raises :class:`~lapse.internet.error.StartupError` (one line, exit status 1).
 
 Timers: ``callLater`` schedules on the running loop, or, before ``run()``, on
 the loop that ``run()`` will use. ``seconds()`` is wall-clock time, as in
@@ -436,7 +439,11 @@ class AsyncioReactor:
     # -- running --------------------------------------------------------
 
     def run(self, installSignalHandlers: bool = True) -> None:
-        """Serve every listened site until :meth:`stop`, SIGINT or SIGTERM."""
+        """Serve every listened site until :meth:`stop`, SIGINT or SIGTERM.
+
+        :class:`~lapse.internet.error.StartupError` if a site can never serve
+        (its session store cannot work as configured), or its application's
+        lifespan startup failed."""
         if self._on_serve is not None:
             self._on_serve("run")
         if self.running:
