@@ -247,6 +247,28 @@ def test_lapse_serve_refuses_a_store_that_can_never_work(tmp_path: Path) -> None
     ]
 
 
+def test_lapse_serve_stops_when_the_middleware_refuses_startup(tmp_path: Path) -> None:
+    """``lapse serve`` of a Starlette app with the middleware on a store that
+    can never work: the lifespan startup fails, the server says why (naming
+    the file) and exits 1."""
+    write_script(
+        tmp_path,
+        "mwapp.py",
+        "from starlette.applications import Starlette\n"
+        "from lapse.asgi import SessionMiddleware\n"
+        "app = Starlette()\n"
+        f"app.add_middleware(SessionMiddleware, store='sqlite:///{tmp_path}/no/s.db')\n",
+    )
+    command = [sys.executable, "-m", "lapse", "serve", "mwapp:app", "--port", "0"]
+    done = subprocess.run(
+        [*command, "--app-dir", str(tmp_path)], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"no such directory: {tmp_path}/no" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("lapse: error: cannot start: ")
+    assert "Traceback" not in done.stderr
+
+
 def test_lapse_serve_workers_stop_on_a_store_that_can_never_work(tmp_path: Path) -> None:
     """With --workers, the first worker's refusal stops the supervisor (exit
     1) before it starts the others."""

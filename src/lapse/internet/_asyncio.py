@@ -234,15 +234,26 @@ class Port:
     def _start(self) -> None:
         server = self._server = _Server(self._config(), self._reactor.graceful_timeout)
         self._guard.server = server
-        self._task = asyncio.get_running_loop().create_task(server.serve(sockets=[self.socket]))
-        self._task.add_done_callback(lambda task: self._served(server))
+        self._task = asyncio.get_running_loop().create_task(self._serve(server))
+        address = self.getHost()
+        where = f"{address.host}:{address.port}"
+        self._task.add_done_callback(lambda task: self._served(server, where))
 
-    def _served(self, server: _Server) -> None:
+    async def _serve(self, server: _Server) -> None:
+        try:
+            await server.serve(sockets=[self.socket])
+        except SystemExit:
+            # uvicorn's answer to a failed lifespan startup (it logged why):
+            # the reactor stops, and run() says so (see _served).
+            if server.started:
+                raise
+
+    def _served(self, server: _Server, where: str) -> None:
         """Serving ended: if it never started (the application's lifespan
         startup failed, and the server said why), the reactor stops."""
         if not server.started and self.listening:
             self.listening = False
-            self._reactor._startup_failed(f"{self.getHost()}: the application's startup failed")
+            self._reactor._startup_failed(f"the application's startup failed (on {where})")
 
     def _signal_exit(self) -> None:
         if self._server is not None:
