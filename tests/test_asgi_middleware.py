@@ -499,10 +499,11 @@ def unreachable_redis() -> str:
 
 
 def test_unreachable_store_answers_503_with_retry_after() -> None:
-    """With the store unreachable: a request with a session cookie gets 503 with
-    Retry-After: 1 within 1 s, without running the app; a new visitor whose
-    request makes a session gets the 503 too (the write failed), not the app's
-    200; a request that uses no session is served as usual."""
+    """With the store unreachable: a request with a session cookie whose app
+    reads its session gets 503 with Retry-After: 1 within 1 s (the app's
+    error for the failed read is replaced); one whose app never asks for it
+    is served as usual, cookie or not; a new visitor whose request makes a
+    session gets the 503 too (the write failed), not the app's 200."""
     calls: list[str] = []
 
     async def scenario() -> None:
@@ -522,7 +523,10 @@ def test_unreachable_store_answers_503_with_retry_after() -> None:
             assert touched.headers["retry-after"] == "1"
             assert "unavailable" in touched.text
             assert set_cookies(touched) == []
-            assert calls == []
+            assert calls == ["/peek"]
+            unused = await fetch(app, "/plain", cookie="lapse_session=" + "a" * 24)
+            assert (unused.status_code, unused.text) == (200, "plain")
+            assert set_cookies(unused) == []
             created = await fetch(app, "/put?n=1")
             assert created.status_code == 503
             assert created.headers["retry-after"] == "1"
@@ -530,6 +534,23 @@ def test_unreachable_store_answers_503_with_retry_after() -> None:
             assert (await fetch(app, "/plain")).status_code == 200
         finally:
             await app.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_outage_503_under_add_middleware() -> None:
+    """Installed with ``app.add_middleware`` (inside Starlette's error
+    middleware), a route that reads its session during an outage gets the
+    503, not Starlette's 500."""
+
+    async def scenario() -> None:
+        app = starlette_app()
+        app.add_middleware(SessionMiddleware, store=unreachable_redis())
+        answer = await fetch(app, "/peek", cookie="lapse_session=" + "a" * 24)
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "1"
+        plain = await fetch(app, "/plain", cookie="lapse_session=" + "a" * 24)
+        assert plain.status_code == 200
 
     asyncio.run(scenario())
 

@@ -101,11 +101,16 @@ _CONFLICT_START: Message = {
 class _Visit(Visit):
     """One HTTP request's session: the one its cookie named, the one it uses."""
 
-    __slots__ = ("current", "mapping", "owner", "presented", "secure", "used")
+    __slots__ = ("current", "failed", "failure", "mapping", "owner", "presented", "secure", "used")
 
     def __init__(self, owner: SessionMiddleware, secure: bool) -> None:
         self.owner = owner
         self.secure = secure
+        self.failure: StoreUnavailable | None = None
+        """Why the session the cookie named could not be loaded: raised to
+        the app when it asks for its session (then the answer is 503)."""
+        self.failed = False
+        """The app asked for its session and got ``failure``."""
         self.presented: Session | None = None
         """The live session the request's cookie named, if any."""
         self.current: Session | None = None
@@ -114,13 +119,20 @@ class _Visit(Visit):
         """Every session the request touched or made, for persisting."""
         self.mapping = SessionMapping(self)
 
+    def _fail(self) -> None:
+        if self.failure is not None:
+            self.failed = True
+            raise self.failure
+
     def peek(self) -> Session | None:
+        self._fail()
         session = self.current
         if session is None or session._expired:
             return None
         return session
 
     def get(self) -> Session:
+        self._fail()
         session = self.current
         if session is None or session._expired:
             session = self.current = self.owner.makeSession()
@@ -537,7 +549,11 @@ class SessionMiddleware(SessionHost):
             else:
                 await self.app(scope, receive, send)
             return
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio, say: the keeper's timers need asyncio
+            await self._refuse_wrong_loop(send)
+            return
         if loop is not self._loop:
             self._loop = loop
             self._loop_thread = threading.get_ident()
@@ -561,9 +577,11 @@ class SessionMiddleware(SessionHost):
         if uid is not None:
             try:
                 session = await keeper.load(uid) if shared else keeper.load_now(uid)
-            except StoreUnavailable:
-                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
-                return
+            except StoreUnavailable as exc:
+                # The app runs without its session (untouched: the missed
+                # touch is not made up); asking for it answers 503.
+                visit.failure = exc
+                session = None
             if session is not None:
                 visit.current = visit.presented = session
                 visit.used.append(session)
@@ -571,13 +589,22 @@ class SessionMiddleware(SessionHost):
         scope[SCOPE_KEY] = visit
         scope["session"] = visit.mapping
         replaced = False
+        started = False
 
         async def send_with_session(message: Message) -> None:
-            nonlocal replaced
+            nonlocal replaced, started
+            if message["type"] == "http.response.start":
+                started = True
             if replaced:
                 return  # the app's response after a 503 or 409 took its place
             if message["type"] != "http.response.start":
                 await send(message)
+                return
+            if visit.failed:
+                # The app asked for a session the store could not load (its
+                # answer is an error page, or made without the session).
+                replaced = True
+                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
                 return
             if visit.used:
                 try:
@@ -606,6 +633,17 @@ class SessionMiddleware(SessionHost):
 
         try:
             await self.app(scope, receive, send_with_session)
+        except StoreUnavailable as exc:
+            if not visit.failed:
+                raise
+            if replaced:
+                pass  # answered 503 already (the app's error page was replaced)
+            elif started:
+                # Too late for a 503: the response is cut short.
+                log.warning("session needed after the response started: %s", exc)
+            else:
+                replaced = True
+                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
         finally:
             visit.mapping._release()
             # What changed after the response started (a background task, a
@@ -646,17 +684,26 @@ class SessionMiddleware(SessionHost):
         keeper = self._keeper
         started = False
         answered = False
+        refused = False
 
         async def receive_lifespan() -> Message:
-            nonlocal started
+            nonlocal started, refused
             message = await receive()
             if message["type"] == "lifespan.startup":
                 started = True
+                problem = await self.check_start()
+                if problem is not None:
+                    # The app never sees a startup it cannot have.
+                    refused = True
+                    await send({"type": "lifespan.startup.failed", "message": problem})
+                    raise _StartupRefused(problem)
                 keeper.start()
             return message
 
         async def send_lifespan(message: Message) -> None:
             nonlocal answered
+            if refused:
+                return  # the server was told why (the app's own report of it is dropped)
             answered = True
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await keeper.aclose()
@@ -665,6 +712,8 @@ class SessionMiddleware(SessionHost):
         try:
             await self.app(scope, receive_lifespan, send_lifespan)
         except Exception:
+            if refused:
+                return
             if answered:
                 raise
             log.debug("the app does not take lifespan; serving it for sessions", exc_info=True)
@@ -677,6 +726,10 @@ class SessionMiddleware(SessionHost):
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                problem = await self.check_start()
+                if problem is not None:
+                    await send({"type": "lifespan.startup.failed", "message": problem})
+                    return
                 keeper.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -686,6 +739,11 @@ class SessionMiddleware(SessionHost):
 
     def __repr__(self) -> str:
         return f"<SessionMiddleware {len(self.sessions)} live sessions, app {self.app!r}>"
+
+
+class _StartupRefused(Exception):
+    """Raised to the app's lifespan: sessions cannot start (the server was
+    sent ``lifespan.startup.failed`` with the reason)."""
 
 
 async def _send_error(send: Send, start: Message, body: bytes) -> None:

@@ -28,7 +28,8 @@ exit 1 as well when the server cannot be reached or answers 403 or 404.
 
 Exit status: 0 after a clean stop; 2 for a command line that cannot be served
 (options, MODULE:ATTR, store URL, TLS files, the memory store with several
-workers); 1 when serving failed (the port is in use, a worker died).
+workers); 1 when serving failed (the port is in use, a session store that can
+never work as configured, a worker died).
 """
 
 from __future__ import annotations
@@ -69,9 +70,13 @@ EXIT_BROKEN_PIPE = 141
 status a shell reports for a command ended by SIGPIPE (128 + 13), as ``git``
 and the coreutils end there, so ``set -o pipefail`` still sees a cut output."""
 
-STOP_TIMEOUT = 15.0
-"""Seconds the supervisor waits for its workers to stop before SIGKILL
-(the reactor lets requests in flight finish for up to 10 s)."""
+GRACEFUL_TIMEOUT = 10.0
+"""``--graceful-timeout``'s default: seconds requests in flight may take to
+finish once a stop is asked (the reactor's ``graceful_timeout``)."""
+
+STOP_MARGIN = 5.0
+"""Seconds the supervisor waits for its workers to stop beyond their
+``--graceful-timeout``, before SIGKILL."""
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -179,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a lapse Site or an ASGI application",
         description=(
             "Import MODULE and serve its ATTR, a lapse Site or any ASGI 3 application, "
-            "until SIGINT (Ctrl-C) or SIGTERM; requests in flight then finish (up to 10 s)."
+            "until SIGINT (Ctrl-C) or SIGTERM; requests in flight then finish (up to "
+            "--graceful-timeout seconds, 10 by default)."
         ),
         epilog=(
             "Examples: 'lapse serve myapp:site', "
@@ -296,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     for option, field_name, convert in _CONNECTION_OPTIONS:
         metavar, text = connection_help[option]
         serve.add_argument(option, dest=field_name, type=convert, metavar=metavar, help=text)
+    serve.add_argument(
+        "--graceful-timeout",
+        type=_seconds,
+        default=GRACEFUL_TIMEOUT,
+        metavar="SECONDS",
+        help=(
+            "once a stop is asked, requests in flight may take this long to finish; "
+            "those still running then are ended (503 if nothing was sent), and one "
+            "line says how many (default: 10)"
+        ),
+    )
     serve.add_argument(
         "--app-dir",
         default=".",
@@ -516,6 +533,7 @@ class _Options:
     certfile: str | None
     keyfile: str | None
     log_level: str | None
+    graceful_timeout: float
     connection: dict[str, Any]
     """The connection options given, by HTTPLimits/Site field."""
 
@@ -557,6 +575,7 @@ def _check(args: argparse.Namespace) -> _Options:
         certfile=args.certfile,
         keyfile=args.keyfile,
         log_level=args.log_level,
+        graceful_timeout=args.graceful_timeout,
         connection={
             name: getattr(args, name)
             for _option, name, _type in _CONNECTION_OPTIONS
@@ -624,9 +643,10 @@ def _serve(options: _Options) -> int:
     served = _prepare_app(app, options)
 
     from lapse.internet import reactor
-    from lapse.internet.error import CannotListenError
+    from lapse.internet.error import CannotListenError, StartupError
     from lapse.internet.limits import HTTPLimits
 
+    reactor.theReactor.graceful_timeout = options.graceful_timeout
     # A Site carries its own (with the options applied); another app gets them here.
     limits = None if kind == "a Site" else HTTPLimits(**options.connection)
     try:
@@ -644,15 +664,25 @@ def _serve(options: _Options) -> int:
     if kind == "a Site":
         what += f", store {app.store.url}"
     what += ")"
-    if options.ready_fd is not None:
-        # A worker: tell the supervisor, and stop if the supervisor is gone.
-        with contextlib.suppress(OSError):
-            os.write(options.ready_fd, f"ready {what}\n".encode())
-            os.close(options.ready_fd)
+    ready_fd = options.ready_fd
+    if ready_fd is not None:
+        # A worker: tell the supervisor once serving starts (its store
+        # checked), and stop if the supervisor is gone.
+        def ready() -> None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"ready {what}\n".encode())
+                os.close(ready_fd)
+
+        reactor.theReactor._on_started = ready
         _watch_supervisor(reactor, os.getppid())
     else:
-        _say(f"serving {what} on {where} (pid {os.getpid()}); Ctrl-C to stop")
-    reactor.run()
+        reactor.theReactor._on_started = lambda: _say(
+            f"serving {what} on {where} (pid {os.getpid()}); Ctrl-C to stop"
+        )
+    try:
+        reactor.run()
+    except StartupError as exc:
+        raise CommandError(str(exc), EXIT_FAILED) from None
     if options.ready_fd is None:
         _say("stopped")
     return 0
@@ -707,6 +737,8 @@ def _worker_command(options: _Options) -> list[str]:
         str(options.workers),
         "--app-dir",
         options.app_dir,
+        "--graceful-timeout",
+        repr(options.graceful_timeout),
     ]
     if options.store is not None:
         command += ["--store", options.store]
@@ -752,6 +784,7 @@ def _spawn(options: _Options) -> _Worker:
 class _Supervisor:
     def __init__(self, options: _Options) -> None:
         self.options = options
+        self.stop_timeout = options.graceful_timeout + STOP_MARGIN
         self.workers: list[_Worker] = []
         self.signals: list[int] = []
 
@@ -826,7 +859,7 @@ class _Supervisor:
                     # It closed the pipe without being ready: it has failed
                     # (and said why on stderr).
                     try:
-                        code = worker.proc.wait(STOP_TIMEOUT)
+                        code = worker.proc.wait(self.stop_timeout)
                     except subprocess.TimeoutExpired:
                         code = EXIT_FAILED
                     return code if code > 0 else EXIT_FAILED
@@ -847,13 +880,15 @@ class _Supervisor:
         for worker in live:
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.send_signal(sig)
-        deadline = time.monotonic() + STOP_TIMEOUT
+        deadline = time.monotonic() + self.stop_timeout
         status = 0
         for worker in live:
             try:
                 code = worker.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _say(f"worker {worker.proc.pid} did not stop in {STOP_TIMEOUT:g} s; killing it")
+                _say(
+                    f"worker {worker.proc.pid} did not stop in {self.stop_timeout:g} s; killing it"
+                )
                 worker.proc.kill()
                 code = worker.proc.wait()
             if code != 0:

@@ -4,7 +4,10 @@
 call, not at ``run()``. ``run()`` serves every listened site with uvicorn
 (httptools for HTTP, uvloop for the loop where installed) on one event loop,
 until ``stop()`` or SIGINT/SIGTERM, then shuts down gracefully: listening
-sockets close, requests in flight finish (up to ``graceful_timeout``).
+sockets close, requests in flight finish (up to ``graceful_timeout``; those
+still running then end quietly, one log line saying how many). Before
+serving, ``run()`` checks each site's session store: one that can never work
+raises :class:`~lapse.internet.error.StartupError` (one line, exit status 1).
 
 Timers: ``callLater`` schedules on the running loop, or, before ``run()``, on
 the loop that ``run()`` will use. ``seconds()`` is wall-clock time, as in
@@ -29,7 +32,12 @@ import uvicorn
 
 from lapse.internet._http import ServingConfig, limits_for, protocol_for
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
-from lapse.internet.error import CannotListenError, ReactorAlreadyRunning, ReactorNotRunning
+from lapse.internet.error import (
+    CannotListenError,
+    ReactorAlreadyRunning,
+    ReactorNotRunning,
+    StartupError,
+)
 from lapse.internet.interfaces import BaseDelayedCall
 from lapse.internet.limits import HTTPLimits
 
@@ -123,12 +131,73 @@ class DelayedCall(BaseDelayedCall):
         self.reset(self.time + secondsLater - self._reactor.seconds())
 
 
+_CUT_BODY = b"The server is shutting down; try again.\n"
+_CUT_START: dict[str, Any] = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_CUT_BODY)).encode("ascii")),
+        (b"connection", b"close"),
+        (b"retry-after", b"1"),
+    ],
+}
+
+
 class _Server(uvicorn.Server):
-    """uvicorn's server, with signals left to the reactor."""
+    """uvicorn's server, with signals left to the reactor, and its own
+    graceful-shutdown limit: requests still running then are ended quietly
+    (see :class:`_CutQuietly`), with one log line saying how many."""
+
+    def __init__(self, config: uvicorn.Config, graceful_timeout: float) -> None:
+        super().__init__(config)
+        self.graceful_timeout = graceful_timeout
+        self.cutting = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's own limit is off (None): its shutdown waits for every
+        # request, and this one ends those still running at the limit.
+        closing = asyncio.ensure_future(super().shutdown(sockets))
+        done, _ = await asyncio.wait((closing,), timeout=self.graceful_timeout)
+        if not done:
+            running = [task for task in self.server_state.tasks if not task.done()]
+            if running:
+                self.cutting = True
+                log.warning(
+                    "graceful shutdown limit of %gs reached: ending %d request(s) still running",
+                    self.graceful_timeout,
+                    len(running),
+                )
+                for task in running:
+                    task.cancel()
+        await closing
+
+
+class _CutQuietly:
+    """The ASGI app a port serves: ``app``, whose requests cancelled at the
+    graceful-shutdown limit end without a traceback: a 503 (``Connection:
+    close``) if their response had not started, else the connection closes."""
+
+    __slots__ = ("app", "server")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.server: _Server | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            server = self.server
+            if server is None or not server.cutting or scope["type"] != "http":
+                raise
+            with contextlib.suppress(Exception):
+                await send(_CUT_START)  # refused if the response had started
+                await send({"type": "http.response.body", "body": _CUT_BODY})
 
 
 class Port:
@@ -148,6 +217,7 @@ class Port:
         self.ssl_context = ssl_context
         self.limits = limits
         self._server: _Server | None = None
+        self._guard = _CutQuietly(factory)
         self._task: asyncio.Task[None] | None = None
         self.listening = True
 
@@ -161,7 +231,7 @@ class Port:
         # changed after listenTCP still apply.
         limits = self.limits if self.limits is not None else limits_for(self.factory)
         config = ServingConfig(
-            self.factory,
+            self._guard,
             http=protocol_for(limits),
             interface="asgi3",
             lifespan="auto",
@@ -169,7 +239,7 @@ class Port:
             access_log=False,
             proxy_headers=False,
             server_header=False,
-            timeout_graceful_shutdown=self._reactor.graceful_timeout,
+            timeout_graceful_shutdown=None,  # _Server applies it
         )
         config.load()
         config.ssl = self.ssl_context
@@ -178,10 +248,28 @@ class Port:
         return config
 
     def _start(self) -> None:
-        self._server = _Server(self._config())
-        self._task = asyncio.get_running_loop().create_task(
-            self._server.serve(sockets=[self.socket])
-        )
+        server = self._server = _Server(self._config(), self._reactor.graceful_timeout)
+        self._guard.server = server
+        self._task = asyncio.get_running_loop().create_task(self._serve(server))
+        address = self.getHost()
+        where = f"{address.host}:{address.port}"
+        self._task.add_done_callback(lambda task: self._served(server, where))
+
+    async def _serve(self, server: _Server) -> None:
+        try:
+            await server.serve(sockets=[self.socket])
+        except SystemExit:
+            # uvicorn's answer to a failed lifespan startup (it logged why):
+            # the reactor stops, and run() says so (see _served).
+            if server.started:
+                raise
+
+    def _served(self, server: _Server, where: str) -> None:
+        """Serving ended: if it never started (the application's lifespan
+        startup failed, and the server said why), the reactor stops."""
+        if not server.started and self.listening:
+            self.listening = False
+            self._reactor._startup_failed(f"the application's startup failed (on {where})")
 
     def _signal_exit(self) -> None:
         if self._server is not None:
@@ -208,6 +296,16 @@ class Port:
     def __repr__(self) -> str:
         state = "listening" if self.listening else "closed"
         return f"<Port {self.getHost() if self.listening else '-'} {state}>"
+
+
+async def _start_problem(factory: Any) -> str | None:
+    """Why ``factory`` can never serve (a Site's or a session middleware's
+    ``check_start()``: its store cannot work), or None."""
+    check = getattr(factory, "check_start", None)
+    if check is None or not callable(check):
+        return None
+    problem: str | None = await check()
+    return problem
 
 
 PYTHON_GC_THRESHOLD = (700, 10, 10)
@@ -241,13 +339,18 @@ def tune_gc() -> bool:
 class AsyncioReactor:
     """Twisted's reactor API (time, TCP, TLS, run/stop) over asyncio and uvicorn."""
 
-    graceful_timeout: int = 10
+    graceful_timeout: float = 10
+    """Seconds requests in flight may take to finish once serving stops;
+    those still running then are ended (a 503 if nothing was sent yet)."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ports: list[Port] = []
         self._stopping: asyncio.Event | None = None
         self.running = False
+        self._failure: str | None = None
+        # Set by ``lapse serve`` for its workers: called once serving starts.
+        self._on_started: Callable[[], None] | None = None
         # Set by ``lapse serve`` while it imports an application: called with
         # "listenTCP", "listenSSL" or "run" before each, it may raise to
         # refuse a module that serves itself when imported.
@@ -363,7 +466,11 @@ class AsyncioReactor:
     # -- running --------------------------------------------------------
 
     def run(self, installSignalHandlers: bool = True) -> None:
-        """Serve every listened site until :meth:`stop`, SIGINT or SIGTERM."""
+        """Serve every listened site until :meth:`stop`, SIGINT or SIGTERM.
+
+        :class:`~lapse.internet.error.StartupError` if a site can never serve
+        (its session store cannot work as configured), or its application's
+        lifespan startup failed."""
         if self._on_serve is not None:
             self._on_serve("run")
         if self.running:
@@ -392,8 +499,17 @@ class AsyncioReactor:
     async def _serve(self) -> None:
         self.running = True
         self._stopping = asyncio.Event()
+        self._failure = None
+        for listening in self._ports:
+            problem = await _start_problem(listening.factory)
+            if problem is not None:
+                for port in list(self._ports):
+                    port.stopListening()
+                raise StartupError(f"cannot start: {problem}")
         for listening in self._ports:
             listening._start()
+        if self._on_started is not None:
+            self._on_started()
         await self._stopping.wait()
         ports = list(self._ports)
         for listening in ports:
@@ -401,6 +517,16 @@ class AsyncioReactor:
         for listening in ports:
             await listening._wait()
         self._ports.clear()
+        if self._failure is not None:
+            raise StartupError(f"cannot start: {self._failure}")
+
+    def _startup_failed(self, problem: str) -> None:
+        """A port's application could not start: stop serving, and make
+        ``run()`` raise :class:`StartupError`."""
+        if self._failure is None:
+            self._failure = problem
+        if self._stopping is not None:
+            self._stopping.set()
 
     def stop(self) -> None:
         """Stop serving: close the listening sockets and let requests finish."""

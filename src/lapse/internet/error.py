@@ -33,6 +33,12 @@ class ReactorAlreadyRunning(RuntimeError):
     """``run()`` was called on a reactor that is already running."""
 
 
+class StartupError(SystemExit):
+    """``run()`` cannot start serving: an application that can never work
+    (its session store cannot work as configured, say). Its message is one
+    line; left uncaught, the program ends with it on stderr and status 1."""
+
+
 class ConnectionLost(ConnectionError):
     """The connection was lost before the response was finished."""
 

@@ -101,7 +101,18 @@ class StoreConfigError(StoreError, ValueError):
 
 
 class StoreUnavailable(StoreError):
-    """The store cannot be reached or used right now."""
+    """The store cannot be reached or used right now.
+
+    ``permanent`` says the store says it can never work as configured (a
+    SQLite path no file can be opened at, a file that is not a session
+    database; a Redis password refused, a host name that does not exist, a
+    db index out of range): retrying will not help, so start-up stops on it.
+    Any other failure (refused, timed out, busy) may pass.
+    """
+
+    def __init__(self, *args: object, permanent: bool = False) -> None:
+        super().__init__(*args)
+        self.permanent = permanent
 
 
 class SessionConflict(Exception):

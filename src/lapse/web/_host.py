@@ -9,6 +9,7 @@ names and how to find them in a ``Cookie`` header.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -17,7 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
-from lapse.sessions import Session, SessionData, SessionStore, StoreConfigError
+from lapse.sessions import (
+    Session,
+    SessionData,
+    SessionStore,
+    StoreConfigError,
+    StoreUnavailable,
+)
 from lapse.sessions._keeper import ExpiryHook, SessionKeeper
 from lapse.sessions._session import short_uid
 from lapse.sessions._stats import SessionStats
@@ -27,6 +34,23 @@ from lapse.web._proxy import ProxyTrust, TrustSetting, proxy_trust
 __all__ = ["SessionHost", "cookie_uid"]
 
 session_log = logging.getLogger("lapse.sessions")
+
+NEEDS_ASYNCIO = (
+    "lapse sessions need an asyncio event loop (their timers, expiry and store calls "
+    "run on it), and this server runs another (trio?): serve the app with asyncio "
+    "(lapse serve, uvicorn, or hypercorn -k asyncio)"
+)
+"""The one line for an app served on an event loop that is not asyncio's."""
+
+_WRONG_LOOP_BODY = b"This server cannot serve this application; its log says why.\n"
+_WRONG_LOOP_START = {
+    "type": "http.response.start",
+    "status": 500,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_WRONG_LOOP_BODY)).encode("ascii")),
+    ],
+}
 
 MAX_UID_COOKIE = 256
 """A session cookie longer than this names no session."""
@@ -93,6 +117,9 @@ class SessionHost:
     """Query arguments whose values logs never show (a live view's token)."""
     _proxy_trust: ProxyTrust | None = None
     _trust_setting: TrustSetting = False
+    _store_checked = False
+    """The store answered a start-up check (:meth:`check_start`)."""
+    _wrong_loop_said = False
 
     @property
     def trust_proxy_headers(self) -> TrustSetting:
@@ -139,6 +166,53 @@ class SessionHost:
         self._keeper = SessionKeeper(
             self, store, on_expire, rotation_grace=rotation_grace, max_sessions=max_sessions
         )
+
+    async def check_start(self) -> str | None:
+        """Can this host serve? None, or the one line saying why it never can
+        (every entry point stops start-up on it: ``reactor.run()``, ``lapse
+        serve``, the ASGI lifespan).
+
+        It never can on an event loop other than asyncio's, or with a store
+        that says it can never work as configured (a
+        :class:`StoreUnavailable` that is ``permanent``: a bad SQLite path, a
+        refused Redis password, an unknown host...). A store merely
+        unreachable now (refused, timed out) is logged, and start-up goes on:
+        the keeper retries it, and requests that need a session get 503
+        until it answers.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return NEEDS_ASYNCIO
+        if self._store_checked:
+            return None
+        keeper = self._keeper
+        store = keeper.store
+        try:
+            async with asyncio.timeout(None if keeper._bounded else keeper.store_timeout):
+                await store.open()
+        except StoreUnavailable as exc:
+            if exc.permanent:
+                return f"the session store cannot work: {exc}"
+            keeper._report_outage(exc)
+            return None
+        except TimeoutError:
+            keeper._report_outage(
+                StoreUnavailable(f"{store.url}: no answer within {keeper.store_timeout}s")
+            )
+            return None
+        self._store_checked = True
+        return None
+
+    async def _refuse_wrong_loop(self, send: Callable[[dict[str, Any]], Any]) -> None:
+        """Answer a request served on an event loop that is not asyncio's
+        (no lifespan told us before): a short 500 page, and the reason logged
+        once, rather than a traceback per request."""
+        if not self._wrong_loop_said:
+            self._wrong_loop_said = True
+            session_log.error("%s", NEEDS_ASYNCIO)
+        await send(dict(_WRONG_LOOP_START))
+        await send({"type": "http.response.body", "body": _WRONG_LOOP_BODY})
 
     # -- configuration ------------------------------------------------------
 

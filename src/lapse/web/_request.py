@@ -165,6 +165,9 @@ class Request(Visit):
     _sessions: list[Session | None] | tuple[None, None] = _NO_SESSIONS
     # The uids the request's session cookies named, (plain, secure).
     _presented_uids: list[str | None] | tuple[None, None] = _NO_SESSIONS
+    # Why the sessions its cookies named could not be loaded (the store
+    # is unreachable): getSession() raises it, and the site answers 503.
+    _store_failure: Exception | None = None
 
     def __init__(self, site: Site, scope: Scope) -> None:
         self.site = site
@@ -351,10 +354,14 @@ class Request(Visit):
         cookie; ``forceNotSecure`` asks for the plain one. The same session
         comes back for every call in a request, unless it expired meanwhile.
         With ``sessionInterface``, the session's component for it.
+        :class:`~lapse.sessions.StoreUnavailable` if the store could not be
+        reached to load the session the cookie names (the site answers 503).
         """
         slot = _SECURE if not forceNotSecure and self.isSecure() else _PLAIN
         session = self._sessions[slot]
         if session is None or session._expired:
+            if self._store_failure is not None:
+                raise self._store_failure
             session = self._presented[slot]
             if session is None or session._expired:
                 session = self.site.makeSession()

@@ -93,6 +93,8 @@ class Site(SessionHost):
     sessionFactory: Callable[[Site, str], Session] = Session
     requestFactory: Callable[[Site, Scope], Request] = Request
     displayTracebacks = False
+    _on_asyncio = False
+    """A request was served on an asyncio loop (checked until one is)."""
 
     def __init__(
         self,
@@ -170,13 +172,20 @@ class Site(SessionHost):
         return [plain, secure]
 
     async def _load_presented(self, request: Request, cookie_header: bytes) -> None:
-        """Touch the sessions the request's cookies name (one store call each)."""
+        """Touch the sessions the request's cookies name (one store call each);
+        if the store cannot be reached, remember it for ``getSession()``."""
         uids = self._presented_uids(request, cookie_header)
         if uids:
             presented: list[Session | None] = [None, None]
-            for slot, uid in enumerate(uids):
-                if uid is not None:
-                    presented[slot] = await self._keeper.load(uid)
+            try:
+                for slot, uid in enumerate(uids):
+                    if uid is not None:
+                        presented[slot] = await self._keeper.load(uid)
+            except StoreUnavailable as exc:
+                # The page renders without its sessions (untouched: the missed
+                # touch is not made up); asking for one answers 503.
+                request._store_failure = exc
+                return
             request._presented = presented
             request._presented_uids = uids
 
@@ -257,6 +266,13 @@ class Site(SessionHost):
             return
         # HTTP, written out here rather than in methods of its own: this is
         # every request's path, and each call and coroutine layer costs.
+        if not self._on_asyncio:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # trio, say: no timers, no expiry here
+                await self._refuse_wrong_loop(send)
+                return
+            self._on_asyncio = True
         keeper = self._keeper
         if keeper.shared:
             keeper.start()
@@ -343,6 +359,10 @@ class Site(SessionHost):
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                problem = await self.check_start()
+                if problem is not None:
+                    await send({"type": "lifespan.startup.failed", "message": problem})
+                    return
                 self._keeper.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

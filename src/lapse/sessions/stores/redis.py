@@ -69,6 +69,7 @@ import contextlib
 import json
 import math
 import re
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,7 @@ from lapse.sessions.store import (
 from lapse.sessions.stores import check_no_control
 
 try:
-    from lapse.sessions.stores._resp import RedisClient, RedisError, Script
+    from lapse.sessions.stores._resp import RedisClient, RedisError, ReplyError, Script
 
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -437,6 +438,43 @@ _SCRIPTS = {
 }
 
 
+_PERMANENT_REPLIES = (
+    "WRONGPASS",
+    "NOAUTH",
+    "NOPERM",
+    "ERR invalid password",
+    "ERR AUTH",
+    "ERR DB index is out of range",
+    "ERR invalid DB index",
+)
+"""Error replies that retrying does not mend: credentials the server refuses
+(or a password it does not want), a db index it does not have."""
+
+_PERMANENT_LOOKUPS = frozenset(
+    code
+    for code in (
+        getattr(socket, "EAI_NONAME", None),
+        getattr(socket, "EAI_NODATA", None),
+        getattr(socket, "EAI_SERVICE", None),
+    )
+    if code is not None
+)
+"""Name lookup failures that say the host does not exist (not that the
+resolver could not answer now: ``EAI_AGAIN`` passes)."""
+
+
+def _permanent(exc: BaseException) -> bool:
+    """Whether a client failure is one the store can never get past as configured."""
+    if isinstance(exc, ReplyError):
+        return str(exc).startswith(_PERMANENT_REPLIES)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return seen.errno in _PERMANENT_LOOKUPS
+        seen = seen.__cause__
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
     """A parsed store URL."""
@@ -649,11 +687,13 @@ class RedisStore:
         return text
 
     def _unavailable(self, op: str, exc: Exception) -> StoreUnavailable:
-        """The :class:`StoreUnavailable` for a client failure (raise it ``from exc``)."""
+        """The :class:`StoreUnavailable` for a client failure (raise it ``from exc``);
+        permanent if it is one that retrying does not mend (see :func:`_permanent`)."""
         detail = self._scrub(str(exc)) or "timed out"
         return StoreUnavailable(
             f"Redis session store at {self._where} unavailable ({op}): "
-            f"{type(exc).__name__}: {detail}"
+            f"{type(exc).__name__}: {detail}",
+            permanent=_permanent(exc),
         )
 
     def _now_arg(self) -> str:

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -259,6 +260,39 @@ def _file_id(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+_PERMANENT_CODES = frozenset(
+    {
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_AUTH,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+"""SQLite's (primary) result codes that retrying does not mend: no file can
+be opened at the path, or the file there is not a usable database."""
+
+_PERMANENT_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+)
+"""Errors looking at the path that retrying does not mend."""
+
+
+def _why_cannot_open(path: str) -> str:
+    """What is wrong with ``path`` when SQLite cannot open a file there."""
+    directory = os.path.dirname(path)
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    if not os.path.isdir(directory):
+        return f"no such directory: {directory}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"permission denied on the directory {directory}"
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return f"permission denied on the file {path}"
+    return "cannot open the file"
+
+
 _SIDECARS = ("-wal", "-shm")
 """The files SQLite keeps next to a database in WAL mode."""
 
@@ -398,15 +432,27 @@ class SQLiteStore:
 
     # -- the worker thread ----------------------------------------------------
 
-    def _unavailable(self, what: str) -> StoreUnavailable:
-        return StoreUnavailable(f"SQLite session store {self.path}: {what}")
+    def _unavailable(self, what: str, permanent: bool = False) -> StoreUnavailable:
+        return StoreUnavailable(f"SQLite session store {self.path}: {what}", permanent=permanent)
+
+    def _sqlite_error(self, exc: sqlite3.Error) -> StoreUnavailable:
+        """The :class:`StoreUnavailable` for ``exc``: permanent for a path no
+        file can be opened at, or a file that is not a database."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        permanent = code is not None and (code & 0xFF) in _PERMANENT_CODES
+        what = f"{type(exc).__name__}: {exc}"
+        if code is not None and code & 0xFF == sqlite3.SQLITE_CANTOPEN:
+            what += f" ({_why_cannot_open(self.path)})"
+        return self._unavailable(what, permanent)
 
     def _connect(self) -> sqlite3.Connection:
         """Open the file and make the schema (worker thread)."""
         try:
             before = _file_id(self.path)
         except OSError as exc:
-            raise self._unavailable(f"cannot look at the file: {exc}") from exc
+            raise self._unavailable(
+                f"cannot look at the file: {exc}", exc.errno in _PERMANENT_ERRNOS
+            ) from exc
         conn = sqlite3.connect(
             self.path,
             timeout=self.busy_timeout,
@@ -422,7 +468,8 @@ class SQLiteStore:
                 if version > _SCHEMA_VERSION:
                     raise self._unavailable(
                         f"schema version {version} is newer than this lapse knows "
-                        f"({_SCHEMA_VERSION})"
+                        f"({_SCHEMA_VERSION})",
+                        permanent=True,
                     )
                 if version < _SCHEMA_VERSION:
                     script = _MIGRATIONS[version]
@@ -508,7 +555,7 @@ class SQLiteStore:
                         conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise self._unavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise self._sqlite_error(exc) from exc
         try:
             moved = _file_id(self.path) != self._file
         except OSError:  # cannot tell: no reason to give the file up
