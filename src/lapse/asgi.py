@@ -51,6 +51,7 @@ import lapse.internet.reactor
 import lapse.sessions.stores.memory
 import lapse.sessions.stores.redis
 import lapse.sessions.stores.sqlite  # noqa: F401
+from lapse.internet._http import text_response
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
     Session,
@@ -78,24 +79,9 @@ SCOPE_KEY = "lapse.session"
 """The scope key under which the middleware keeps a request's session state."""
 
 _UNAVAILABLE_BODY = b"Sessions are unavailable for a moment; try again.\n"
-_UNAVAILABLE_START: Message = {
-    "type": "http.response.start",
-    "status": 503,
-    "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(_UNAVAILABLE_BODY)).encode("ascii")),
-        (b"retry-after", b"1"),
-    ],
-}
+_UNAVAILABLE_START: Message = text_response(503, _UNAVAILABLE_BODY, (b"retry-after", b"1"))
 _CONFLICT_BODY = b"Your session changed while this request ran; nothing was saved. Try again.\n"
-_CONFLICT_START: Message = {
-    "type": "http.response.start",
-    "status": 409,
-    "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(_CONFLICT_BODY)).encode("ascii")),
-    ],
-}
+_CONFLICT_START: Message = text_response(409, _CONFLICT_BODY)
 
 
 class _Visit(Visit):

@@ -30,7 +30,7 @@ from typing import Any
 
 import uvicorn
 
-from lapse.internet._http import ServingConfig, limits_for, protocol_for
+from lapse.internet._http import ServingConfig, limits_for, protocol_for, text_response
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.error import (
     CannotListenError,
@@ -132,16 +132,7 @@ class DelayedCall(BaseDelayedCall):
 
 
 _CUT_BODY = b"The server is shutting down; try again.\n"
-_CUT_START: dict[str, Any] = {
-    "type": "http.response.start",
-    "status": 503,
-    "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(_CUT_BODY)).encode("ascii")),
-        (b"connection", b"close"),
-        (b"retry-after", b"1"),
-    ],
-}
+_CUT_START = text_response(503, _CUT_BODY, (b"connection", b"close"), (b"retry-after", b"1"))
 
 
 class _Server(uvicorn.Server):

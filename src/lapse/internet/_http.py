@@ -86,6 +86,20 @@ _CAP_WARNING_INTERVAL = 10.0
 DEFAULT_LIMITS = HTTPLimits()
 
 
+def text_response(status: int, body: bytes, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """The ``http.response.start`` message of a short plain-text answer of
+    ``body``, with ``headers`` besides its type and length."""
+    return {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode("ascii")),
+            *headers,
+        ],
+    }
+
+
 def limits_for(app: Any) -> HTTPLimits:
     """The limits ``app`` asks for (``app.http_limits()``, as a ``Site`` has), or the defaults."""
     method = getattr(app, "http_limits", None)
