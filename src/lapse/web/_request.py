@@ -52,6 +52,7 @@ _UNREAD = Forwarded(None, None)
 _PROTOCOLS = {v: b"HTTP/" + v.encode("ascii") for v in ("1.0", "1.1", "2")}
 _DEFAULT_CONTENT_TYPE = (b"content-type", b"text/html; charset=utf-8")
 _ZERO_LENGTH = (b"content-length", b"0")
+_VARY_COOKIE = (b"vary", b"Cookie")
 
 
 def parse_query(data: bytes) -> dict[bytes, list[bytes]]:
@@ -546,7 +547,10 @@ class Request(Visit):
             headers.append((b"set-cookie", cookie))
         if self._presented_uids is not _NO_SESSIONS or self._sessions is not _NO_SESSIONS:
             # It named a session or asked for one: the page may show it.
-            headers = vary_on_cookie(headers)
+            if own is None or not own.hasHeader(b"vary"):
+                headers.append(_VARY_COOKIE)  # (the usual case: no Vary to merge)
+            else:
+                headers = vary_on_cookie(headers)
         self._headers_sent = True
         return {"type": "http.response.start", "status": code, "headers": headers}
 
