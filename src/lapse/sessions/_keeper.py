@@ -397,8 +397,8 @@ class SessionKeeper:
         data = session._data
         if data is None:
             data = session._data = SessionData()
+        texts = data._texts()  # (the assigned values' texts, encoded once, at assignment)
         data._take()
-        texts = data._texts()
         try:
             await self.call(
                 self.store.create(
