@@ -128,26 +128,25 @@ def _trust_spec(text: str) -> int | str:
     return spec
 
 
-def _seconds(text: str) -> float:
-    """A positive, finite number of seconds (the connection timeouts)."""
+def _finite(text: str, unit: str, bound: str, zero: bool) -> float:
+    """A finite number of ``unit``, above 0 (or 0 or more with ``zero``)."""
     try:
         number = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text}: a number of seconds above 0")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+    if not ((number >= 0 if zero else number > 0) and number < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text}: a number of {unit}{bound}")
     return number
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (the connection timeouts)."""
+    return _finite(text, "seconds", " above 0", zero=False)
 
 
 def _rate(text: str) -> float:
     """A finite number of bytes per second, 0 or more (--body-min-rate)."""
-    try:
-        number = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes per second") from None
-    if not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text}: a number of bytes per second, 0 or more")
-    return number
+    return _finite(text, "bytes per second", ", 0 or more", zero=True)
 
 
 # The connection options of ``lapse serve``: (option, HTTPLimits/Site field, type).
