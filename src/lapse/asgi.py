@@ -54,15 +54,16 @@ import lapse.sessions.stores.sqlite  # noqa: F401
 from lapse.internet._http import text_response
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
+    ExpiryHook,
     Session,
     SessionConflict,
+    SessionData,
     SessionOwner,
     SessionStore,
     StoreUnavailable,
+    Visit,
+    current_visit,
 )
-from lapse.sessions._data import SessionData
-from lapse.sessions._keeper import ExpiryHook
-from lapse.sessions._visit import Visit, current_visit
 from lapse.web._cookies import format_delete_cookie, format_session_cookie, vary_on_cookie
 from lapse.web._host import SessionHost, cookie_uid
 from lapse.web._proxy import TrustSetting

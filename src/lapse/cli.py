@@ -1178,7 +1178,7 @@ def _info_json(info: Any, now: float) -> dict[str, Any]:
 async def _list(store: Any, args: argparse.Namespace) -> int:
     import json
 
-    from lapse.sessions._session import short_uid
+    from lapse.sessions import short_uid
 
     now = await store.now()
     total = await store.count()

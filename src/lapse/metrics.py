@@ -115,7 +115,7 @@ class MetricsResource(Resource):
         store = site.store
         if store.shared and hasattr(store, "count"):
             try:
-                self.collector.live = int(await site._keeper.call(store.count()))
+                self.collector.live = int(await site.call_store(store.count()))
             except Exception:
                 self.collector.live = None
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))

@@ -9,7 +9,10 @@ hands the ended session, with its final data, to the durable expiry hook.
 """
 
 from lapse.sessions._data import SessionData
-from lapse.sessions._session import Session, SessionOwner
+from lapse.sessions._keeper import ExpiryHook
+from lapse.sessions._session import Session, SessionOwner, short_uid
+from lapse.sessions._stats import SessionStats
+from lapse.sessions._visit import Visit, current_visit
 from lapse.sessions.store import (
     Expiry,
     SessionConflict,
@@ -23,14 +26,19 @@ from lapse.sessions.store import (
 
 __all__ = [
     "Expiry",
+    "ExpiryHook",
     "Session",
     "SessionConflict",
     "SessionData",
     "SessionInfo",
     "SessionOwner",
+    "SessionStats",
     "SessionStore",
     "StoreConfigError",
     "StoreError",
     "StoreUnavailable",
     "StoredSession",
+    "Visit",
+    "current_visit",
+    "short_uid",
 ]

@@ -14,20 +14,21 @@ import logging
 import os
 import re
 from base64 import urlsafe_b64encode
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
+    ExpiryHook,
     Session,
     SessionData,
+    SessionStats,
     SessionStore,
     StoreConfigError,
     StoreUnavailable,
+    short_uid,
 )
-from lapse.sessions._keeper import ExpiryHook, SessionKeeper
-from lapse.sessions._session import short_uid
-from lapse.sessions._stats import SessionStats
+from lapse.sessions._keeper import SessionKeeper
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
 from lapse.web._proxy import ProxyTrust, TrustSetting, proxy_trust
 
@@ -73,6 +74,8 @@ _STORE_MEMBERS = (
     "next_deadline",
 )
 """What a store object must have (see :class:`~lapse.sessions.SessionStore`)."""
+
+T = TypeVar("T")
 
 
 def _check_store_object(store: object) -> None:
@@ -225,6 +228,14 @@ class SessionHost:
     def store(self) -> SessionStore:
         """Where the sessions live."""
         return self._keeper.store
+
+    async def call_store(self, operation: Awaitable[T]) -> T:
+        """Await a call of :attr:`store` as the host's own calls are: within
+        the store timeout, counted in :attr:`stats`, an outage logged once
+        (:class:`StoreUnavailable`). For tools such as the live view and the
+        metrics endpoint."""
+        result: T = await self._keeper.call(operation)
+        return result
 
     @property
     def on_expire(self) -> ExpiryHook | None:

@@ -18,7 +18,7 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.defer import Deferred
 from lapse.internet.error import ConnectionDone
-from lapse.sessions._visit import Visit
+from lapse.sessions import Visit
 from lapse.web._cookies import (
     format_delete_cookie,
     format_session_cookie,

@@ -62,8 +62,7 @@ from collections.abc import Iterable
 from html import escape
 from typing import Any
 
-from lapse.sessions import Session
-from lapse.sessions._session import short_uid
+from lapse.sessions import Session, short_uid
 from lapse.web._mounted import MountedResource
 from lapse.web.resource import Resource
 
@@ -309,7 +308,7 @@ class LiveView(Resource):
         # Through the keeper (its timeout, outage log, latency stats) for a
         # shared store; the memory store answers at once.
         if self.site.store.shared:
-            return await self.site._keeper.call(operation)
+            return await self.site.call_store(operation)
         return await operation
 
     async def _now(self) -> float:

@@ -26,9 +26,14 @@ from typing import Any
 
 from lapse.internet.interfaces import IReactorTime
 from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
-from lapse.sessions import Session, SessionConflict, SessionStore, StoreUnavailable
-from lapse.sessions._keeper import ExpiryHook
-from lapse.sessions._visit import current_visit
+from lapse.sessions import (
+    ExpiryHook,
+    Session,
+    SessionConflict,
+    SessionStore,
+    StoreUnavailable,
+    current_visit,
+)
 from lapse.web._access import access_log, log_access
 from lapse.web._host import SessionHost, cookie_uid
 from lapse.web._proxy import TrustSetting
