@@ -369,13 +369,13 @@ def test_bearer_post_needs_no_csrf(clock: Clock) -> None:
 
 def test_one_session_by_id(clock: Clock) -> None:
     """GET api/session?id= answers the row api/sessions gave for that id, as it is
-    now (behind the same access rules); 404 for an id never given out or once the
-    session has ended."""
+    now (behind the same access rules); 400 for an id never given out, 404 once
+    the session has ended."""
     site, _ = make_site(clock, token=TOKEN)
     session = site.makeSession()
     bearer = [(b"authorization", b"Bearer " + TOKEN.encode())]
-    unknown = call(site, "GET", "/_lapse/api/session?id=" + "0" * 32, headers=bearer)
-    assert unknown.status == 404 and get_json(unknown) == {"error": "no such session"}
+    unknown = call(site, "GET", "/_lapse/api/session?id=" + "0" * 54, headers=bearer)
+    assert unknown.status == 400 and "not a row id" in get_json(unknown)["error"]
     row = get_json(call(site, "GET", "/_lapse/api/sessions", headers=bearer))["sessions"][0]
     clock.advance(5)
     assert call(site, "GET", f"/_lapse/api/session?id={row['id']}").status == 403
@@ -385,7 +385,7 @@ def test_one_session_by_id(clock: Clock) -> None:
     assert call(site, "DELETE", "/_lapse/api/session", headers=bearer).status == 405
     session.expire()
     gone = call(site, "GET", f"/_lapse/api/session?id={row['id']}", headers=bearer)
-    assert gone.status == 404
+    assert gone.status == 404 and get_json(gone) == {"error": "no such session"}
 
 
 def test_shared_store_view(tmp_path: Any) -> None:
@@ -456,7 +456,7 @@ def test_mount_puts_the_view_in_front_of_a_leaf_root() -> None:
 _prefixes = itertools.count()
 
 HEX = "0123456789abcdef" * 2
-"""32 hex digits: the shape of a row id (this one names no session)."""
+"""32 hex digits: the shape row ids had before they were sealed (now no id)."""
 
 MALFORMED_GETS = [
     # api/sessions?cursor=: only cursors this view gave out
@@ -496,7 +496,7 @@ MALFORMED_GETS = [
     "api/sessions?limit=%D9%A3",
     "api/sessions?limit=+5",
     "api/sessions?limit=%205",
-    # api/session?id=: 32 hex digits
+    # api/session?id=: only ids this view gave out
     "api/session?id=%ff",
     "api/session?id=%ff%fe",
     "api/session?id=",
@@ -557,7 +557,7 @@ def test_malformed_api_parameters_are_400_on_every_store(
     view_store: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every malformed parameter of the JSON API (bad, foreign or non-UTF-8
-    cursors, a limit that is not 1 to 500, ids that are not 32 hex digits,
+    cursors, a limit that is not 1 to 500, ids the view did not give out,
     POST bodies that are not a JSON object with a string id: not JSON, not
     UTF-8, nested 2000 deep) is a 400 with a JSON error, on every store; a
     body over 4 KiB (nested 50,000 deep, padded) a 413; never a 5xx, never a
@@ -599,9 +599,10 @@ def test_malformed_api_parameters_are_400_on_every_store(
                 )
                 assert response.status == status, (body[:60], response.status, response.body)
                 assert isinstance(get_json(response)["error"], str)
-            # Well-formed, unknown id: the API's own 404, as before.
-            unknown = await call_async(site, "GET", f"/_lapse/api/session?id={HEX}")
-            assert unknown.status == 404
+            # An id this view gave out still answers.
+            row_id = get_json(first)["sessions"][0]["id"]
+            known = await call_async(site, "GET", f"/_lapse/api/session?id={row_id}")
+            assert known.status == 200
             assert all(not s.expired for s in sessions)
         finally:
             if not memory:
