@@ -290,12 +290,15 @@ class Expire(_Reader):
             return _error(request, _ID_HELP)
         site = self.view.site
         session = site.sessions.get(uid)
-        expired = False
-        if session is not None and not session.expired:
+        live_here = session is not None and not session.expired
+        # On a shared store the store says whether it was live: this
+        # process's copy may be stale (another worker ended the session);
+        # that copy is ended too, so its callbacks run now.
+        shared = site.store.shared
+        expired = bool(await self.call(site.store.expire(uid))) if shared else live_here
+        if live_here:
+            assert session is not None
             session.expire()
-            expired = True
-        elif site.store.shared:
-            expired = bool(await self.call(site.store.expire(uid)))
         if not expired:
             # Ended already (by its timeout, by another request, by another worker).
             return json_answer(request, {"error": "no such session", "expired": False}, 404)
