@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from _servers import free_port, request
 from conftest import Response, SessionPage, call, call_async
 from test_liveview import csrf_of, get_json, make_site
 
@@ -224,3 +225,40 @@ def test_a_malformed_secret_is_a_clear_error_when_the_view_is_made(
     assert value not in str(info.value)
     monkeypatch.setenv(ENV, "")
     LiveView(Site(Resource(), reactor=Clock()))
+
+
+def test_lapse_serve_workers_live_view_over_real_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lapse serve --workers 2 --live-view`` over SQLite, the workers given
+    one LAPSE_LIVEVIEW_SECRET: each request is a new connection (either
+    worker may answer), yet ``lapse sessions show ID --server`` finds every
+    listed session and ``expire --all --yes --server`` ends all of them."""
+    from test_cli import APP, lapse_serving
+
+    from lapse.cli import main
+
+    monkeypatch.setenv(ENV, SECRET)
+    monkeypatch.delenv("LAPSE_LIVEVIEW_TOKEN", raising=False)
+    monkeypatch.delenv("LAPSE_SESSION_STORE", raising=False)
+    (tmp_path / "cliapp.py").write_text(APP, encoding="utf-8")
+    port = free_port()
+    args = ["cliapp:site", "--port", str(port), "--app-dir", str(tmp_path), "--workers", "2"]
+    args += ["--store", f"sqlite:///{tmp_path / 'shared.db'}", "--live-view", "_lapse"]
+    url = f"http://127.0.0.1:{port}/_lapse/"
+
+    def lapse(*argv: str) -> tuple[int, str]:
+        status = main(["sessions", *argv, "--server", url])
+        out, err = capsys.readouterr()
+        assert status == 0, err
+        return status, out
+
+    with lapse_serving(args, port, tmp_path):
+        for _ in range(20):
+            assert request(port, "/").status == 200
+        listed = json.loads(lapse("list", "--json")[1])["sessions"]
+        assert len(listed) == 20
+        for row in listed[:8]:
+            assert json.loads(lapse("show", row["id"], "--json")[1])["uid"] == row["uid"]
+        assert lapse("expire", "--all", "--yes")[1] == f"expired 20 sessions at {url}\n"
+        assert json.loads(lapse("list", "--json")[1])["sessions"] == []
