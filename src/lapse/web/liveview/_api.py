@@ -109,7 +109,7 @@ class Api(Resource):
 
 
 def _deadline(session: Session) -> float:
-    deadline = session._lastModified + session.sessionTimeout
+    deadline = session.lastModified + session.sessionTimeout
     ends = session._ends_at
     return deadline if ends is None or deadline <= ends else ends
 
@@ -239,7 +239,7 @@ class Sessions(_Reader):
                         session.uid,
                         now,
                         _created(session),
-                        session._lastModified,
+                        session.lastModified,
                         _deadline(session),
                     )
                 )
@@ -264,7 +264,7 @@ class OneSession(_Reader):
             session = self.view.site.sessions.get(uid)
             if session is not None and session._state is not None and not session.expired:
                 row = self.row(
-                    uid, now, _created(session), session._lastModified, _deadline(session)
+                    uid, now, _created(session), session.lastModified, _deadline(session)
                 )
         if row is None:
             return _error(request, "no such session", 404)
