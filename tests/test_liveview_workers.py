@@ -126,6 +126,22 @@ def test_ids_cursors_and_csrf_of_one_worker_work_in_another(tmp_path: Path) -> N
     run_workers(tmp_path / "shared.db", (SECRET, SECRET), body)
 
 
+def test_two_workers_ending_one_session_at_once_one_of_them_ends_it(tmp_path: Path) -> None:
+    """Both workers get api/expire for the same id at the same time (a
+    double click, two operators): one answers it ended the session, the
+    other that it is not live (404); the session ends once."""
+
+    async def body(a: Site, b: Site) -> None:
+        await make_sessions(a, 2)
+        row_id = get_json(await call_async(a, "GET", "/_lapse/api/sessions"))["sessions"][0]["id"]
+        pages = [await call_async(site, "GET", "/_lapse/") for site in (a, b)]
+        answers = await asyncio.gather(expire(a, row_id, pages[0]), expire(b, row_id, pages[1]))
+        assert sorted(answer.status for answer in answers) == [200, 404]
+        assert get_json(await call_async(b, "GET", "/_lapse/api/summary"))["live"] == 1
+
+    run_workers(tmp_path / "shared.db", (SECRET, SECRET), body)
+
+
 @pytest.mark.parametrize(
     "secrets", [(SECRET, OTHER_SECRET), (None, None)], ids=["other-secret", "no-secret"]
 )
