@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import os
 import re
@@ -36,7 +35,8 @@ SECRET_ENV = "LAPSE_LIVEVIEW_SECRET"
 """The environment variable holding a secret the processes of one server share (hex)."""
 MIN_SECRET_BYTES = 32
 TAG_BYTES = 16
-_BLOCK = hashlib.sha256().digest_size
+_BLOCK = 32
+"""Bytes of one HMAC-SHA256 (one block of keystream)."""
 _URLSAFE = re.compile(rb"[A-Za-z0-9_-]+")
 
 
@@ -63,7 +63,7 @@ def _shared_secret() -> bytes | None:
 
 def sign(key: bytes, message: bytes) -> bytes:
     """HMAC-SHA256 of ``message`` under ``key``."""
-    return hmac.new(key, message, hashlib.sha256).digest()
+    return hmac.digest(key, message, "sha256")
 
 
 def _derive(secret: bytes, purpose: str) -> bytes:
