@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import conftest
@@ -369,13 +367,13 @@ def test_bearer_post_needs_no_csrf(clock: Clock) -> None:
 
 def test_one_session_by_id(clock: Clock) -> None:
     """GET api/session?id= answers the row api/sessions gave for that id, as it is
-    now (behind the same access rules); 404 for an id never given out or once the
-    session has ended."""
+    now (behind the same access rules); 400 for an id never given out, 404 once
+    the session has ended."""
     site, _ = make_site(clock, token=TOKEN)
     session = site.makeSession()
     bearer = [(b"authorization", b"Bearer " + TOKEN.encode())]
-    unknown = call(site, "GET", "/_lapse/api/session?id=" + "0" * 32, headers=bearer)
-    assert unknown.status == 404 and get_json(unknown) == {"error": "no such session"}
+    unknown = call(site, "GET", "/_lapse/api/session?id=" + "0" * 54, headers=bearer)
+    assert unknown.status == 400 and "not a row id" in get_json(unknown)["error"]
     row = get_json(call(site, "GET", "/_lapse/api/sessions", headers=bearer))["sessions"][0]
     clock.advance(5)
     assert call(site, "GET", f"/_lapse/api/session?id={row['id']}").status == 403
@@ -385,13 +383,10 @@ def test_one_session_by_id(clock: Clock) -> None:
     assert call(site, "DELETE", "/_lapse/api/session", headers=bearer).status == 405
     session.expire()
     gone = call(site, "GET", f"/_lapse/api/session?id={row['id']}", headers=bearer)
-    assert gone.status == 404
+    assert gone.status == 404 and get_json(gone) == {"error": "no such session"}
 
 
 def test_shared_store_view(tmp_path: Any) -> None:
-    import asyncio
-
-    from conftest import call_async
 
     async def main() -> None:
         hooked: list[Expiry] = []
@@ -449,178 +444,3 @@ def test_mount_puts_the_view_in_front_of_a_leaf_root() -> None:
     for bad in ("", "/", "a/b", "..", "sp ace"):
         with pytest.raises(ValueError):
             mount(Site(Leaf(b"x"), reactor=Clock()), bad)
-
-
-# -- malformed API parameters, on every store -----------------------------------------
-
-_prefixes = itertools.count()
-
-HEX = "0123456789abcdef" * 2
-"""32 hex digits: the shape of a row id (this one names no session)."""
-
-MALFORMED_GETS = [
-    # api/sessions?cursor=: only cursors this view gave out
-    "api/sessions?cursor=garbage",
-    "api/sessions?cursor=%ff",
-    "api/sessions?cursor=%ff%fe%00",
-    "api/sessions?cursor=%00",
-    "api/sessions?cursor=:",
-    "api/sessions?cursor=1:",
-    "api/sessions?cursor=abc:def",
-    "api/sessions?cursor=-1",
-    "api/sessions?cursor=0:0",
-    "api/sessions?cursor=1:%ff",
-    "api/sessions?cursor=nan:x",
-    "api/sessions?cursor=inf:x",
-    "api/sessions?cursor=1e309:x",
-    "api/sessions?cursor=99999999999999999999999999999999:x",
-    "api/sessions?cursor=" + "7" * 5000,
-    "api/sessions?cursor=%20",
-    "api/sessions?cursor=caf%C3%A9",
-    "api/sessions?cursor=YQ.0000",
-    "api/sessions?cursor=YQ." + "0" * 32,
-    "api/sessions?cursor=." + "0" * 32,
-    # api/sessions?limit=: 1 to 500
-    "api/sessions?limit=abc",
-    "api/sessions?limit=-1",
-    "api/sessions?limit=0",
-    "api/sessions?limit=501",
-    "api/sessions?limit=1e3",
-    "api/sessions?limit=1.5",
-    "api/sessions?limit=99999999999999999999999",
-    "api/sessions?limit=" + "9" * 5000,
-    "api/sessions?limit=%ff",
-    "api/sessions?limit=",
-    "api/sessions?limit=0x10",
-    "api/sessions?limit=1_0",
-    "api/sessions?limit=%D9%A3",
-    "api/sessions?limit=+5",
-    "api/sessions?limit=%205",
-    # api/session?id=: 32 hex digits
-    "api/session?id=%ff",
-    "api/session?id=%ff%fe",
-    "api/session?id=",
-    "api/session",
-    "api/session?id=zz",
-    "api/session?id=" + HEX[:31],
-    "api/session?id=" + HEX + "0",
-    "api/session?id=" + "g" * 32,
-    "api/session?id=" + HEX.upper(),
-    "api/session?id=" + "%00" * 32,
-    "api/session?id=" + "a" * 10000,
-    "api/session?id=caf%C3%A9" + HEX[:28],
-]
-
-MALFORMED_BODIES = [
-    b"[1",
-    b"[]",
-    b'"' + HEX.encode() + b'"',
-    b"1",
-    b"null",
-    b"{}",
-    b'{"id": 1}',
-    b'{"id": null}',
-    b'{"id": ["' + HEX.encode() + b'"]}',
-    b'{"id": {"id": "x"}}',
-    b'{"id": NaN}',
-    b'{"id": 1' + b"0" * 4000 + b"}",
-    b'{"id": "zz"}',
-    b'{"id": "' + HEX[:31].encode() + b'"}',
-    b'{"id": "\\ud800' + HEX[:27].encode() + b'"}',
-    b'{"id": "' + HEX.encode() + b'"',
-    b"[" * 2000 + b"]" * 2000,
-    b'{"a":' * 600 + b"1" + b"}" * 600,
-    b"\xff\xfe\xfd",
-    b'{"id": "\xc3\x28' + HEX[:30].encode() + b'"}',
-    b"\xff\xfe" + '{"id": "x"}'.encode("utf-16-le"),
-]
-
-HUGE_BODIES = [
-    b"[" * 50000 + b"]" * 50000,
-    b'{"id": "' + HEX.encode() + b'", "pad": "' + b"x" * 20000 + b'"}',
-    b"x" * 100000,
-]
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def view_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store URL of each kind, empty."""
-    if request.param == "memory":
-        return "memory:"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'view.db'}"
-    server = request.getfixturevalue("redis_server")
-    return f"{server.url}?prefix=liveview{next(_prefixes)}"
-
-
-def test_malformed_api_parameters_are_400_on_every_store(
-    view_store: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Every malformed parameter of the JSON API (bad, foreign or non-UTF-8
-    cursors, a limit that is not 1 to 500, ids that are not 32 hex digits,
-    POST bodies that are not a JSON object with a string id: not JSON, not
-    UTF-8, nested 2000 deep) is a 400 with a JSON error, on every store; a
-    body over 4 KiB (nested 50,000 deep, padded) a 413; never a 5xx, never a
-    traceback in the log. Well-formed requests still answer 200."""
-    assert len(MALFORMED_GETS) + len(MALFORMED_BODIES) + len(HUGE_BODIES) >= 60
-
-    async def main() -> None:
-        root = Resource()
-        memory = view_store == "memory:"
-        site = Site(root, reactor=Clock() if memory else None, store=view_store)
-        root.putChild(b"_lapse", LiveView(site))
-        root.putChild(b"_other", LiveView(site))
-        sessions = [site.makeSession() for _ in range(3)]
-        if not memory:
-            await site._keeper.persist(sessions)
-        try:
-            first = await call_async(site, "GET", "/_lapse/api/sessions?limit=1")
-            assert first.status == 200
-            cursor = get_json(first)["next"]
-            again = await call_async(site, "GET", f"/_lapse/api/sessions?limit=2&cursor={cursor}")
-            assert again.status == 200 and len(get_json(again)["sessions"]) == 2
-            foreign = get_json(await call_async(site, "GET", "/_other/api/sessions?limit=1"))
-            nonce, csrf = csrf_of(await call_async(site, "GET", "/_lapse/"))
-            gets = [*MALFORMED_GETS, f"api/sessions?cursor={foreign['next']}"]
-            for path in gets:
-                response = await call_async(site, "GET", "/_lapse/" + path)
-                assert response.status == 400, (path, response.status, response.body[:200])
-                assert isinstance(get_json(response)["error"], str)
-            for body, status in [(b, 400) for b in MALFORMED_BODIES] + [
-                (b, 413) for b in HUGE_BODIES
-            ]:
-                response = await call_async(
-                    site,
-                    "POST",
-                    "/_lapse/api/expire",
-                    body=body,
-                    headers=[(b"x-lapse-csrf", csrf), (b"content-type", b"application/json")],
-                    cookies={CSRF_COOKIE.encode(): nonce},
-                )
-                assert response.status == status, (body[:60], response.status, response.body)
-                assert isinstance(get_json(response)["error"], str)
-            # Well-formed, unknown id: the API's own 404, as before.
-            unknown = await call_async(site, "GET", f"/_lapse/api/session?id={HEX}")
-            assert unknown.status == 404
-            assert all(not s.expired for s in sessions)
-        finally:
-            if not memory:
-                await site._keeper.aclose()
-
-    with caplog.at_level(logging.DEBUG, logger="lapse"):
-        asyncio.run(main())
-    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
-    assert "Traceback" not in caplog.text
-
-
-def test_a_cursor_of_a_scan_the_store_dropped_is_400(clock: Clock) -> None:
-    """A cursor this view gave out, of a memory-store scan since dropped (only
-    the last few scans stay open), is a 400 saying to start again, not a 500."""
-    site, _ = make_site(clock)
-    for _ in range(3):
-        site.makeSession()
-    old = get_json(call(site, "GET", "/_lapse/api/sessions?limit=1"))["next"]
-    for _ in range(100):
-        call(site, "GET", "/_lapse/api/sessions?limit=1")
-    stale = call(site, "GET", f"/_lapse/api/sessions?cursor={old}")
-    assert stale.status == 400 and "start again" in get_json(stale)["error"]
