@@ -115,9 +115,13 @@ def _check(args: argparse.Namespace) -> _Options:
         url = settings.SESSION_STORE.get()
         if url is not None:
             store = _check_store(url, f"{settings.SESSION_STORE.name}={_shown(url)}")
+    # The settings serving reads later, checked now: one line, not a traceback.
+    read_later = [settings.GC_TUNING, settings.LIVEVIEW_SECRET]
     if args.log_level is None:
+        read_later.append(settings.LOG_LEVEL)
+    for setting in read_later:
         try:
-            settings.LOG_LEVEL.get()
+            setting.get()
         except settings.SettingError as exc:
             raise CommandError(str(exc)) from None
     if args.workers > 1 and store is not None and _is_memory(store):
