@@ -116,7 +116,7 @@ def _check(args: argparse.Namespace) -> _Options:
         if url is not None:
             store = _check_store(url, f"{settings.SESSION_STORE.name}={_shown(url)}")
     # The settings serving reads later, checked now: one line, not a traceback.
-    read_later = [settings.GC_TUNING, settings.LIVEVIEW_SECRET]
+    read_later: list[settings.Setting[Any]] = [settings.GC_TUNING, settings.LIVEVIEW_SECRET]
     if args.log_level is None:
         read_later.append(settings.LOG_LEVEL)
     for setting in read_later:
