@@ -41,8 +41,8 @@ def test_values_are_parsed() -> None:
     [
         (settings.LOG_LEVEL, "LOUD", "LAPSE_LOG_LEVEL='LOUD' is not a logging level"),
         (settings.GC_TUNING, "maybe", "LAPSE_GC_TUNING='maybe' is not 0 or 1"),
-        (settings.LIVEVIEW_SECRET, "00" * 31, "LAPSE_LIVEVIEW_SECRET (62 characters) is not"),
-        (settings.LIVEVIEW_SECRET, "zz" * 40, "at least 64 hex digits"),
+        (settings.LIVEVIEW_SECRET, "00" * 31, "the value set (62 characters) is not"),
+        (settings.LIVEVIEW_SECRET, "zz" * 40, "LAPSE_LIVEVIEW_SECRET must be at least 64 hex"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_variable(

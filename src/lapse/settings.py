@@ -68,8 +68,11 @@ class Setting(Generic[T]):
         try:
             return self.parse(text)
         except ValueError as exc:
-            shown = f" ({len(text)} characters)" if self.secret else f"={text!r}"
-            raise SettingError(f"{self.name}{shown} {exc}") from None
+            if self.secret:
+                problem = f"{self.name} {exc}; the value set ({len(text)} characters) is not"
+            else:
+                problem = f"{self.name}={text!r} {exc}"
+            raise SettingError(problem) from None
 
     def check(self, text: str) -> T:
         """``text`` parsed as this variable's value (:class:`SettingError` if refused)."""
@@ -99,9 +102,8 @@ def _secret(text: str) -> bytes | None:
         secret = b""
     if len(secret) < MIN_SECRET_BYTES:
         raise ValueError(
-            f"is not a secret: give at least {2 * MIN_SECRET_BYTES} hex digits "
-            f"({MIN_SECRET_BYTES} bytes), e.g. python -c 'import secrets; "
-            "print(secrets.token_hex(32))'"
+            f"must be at least {2 * MIN_SECRET_BYTES} hex digits ({MIN_SECRET_BYTES} bytes), "
+            "e.g. the output of `python -c 'import secrets; print(secrets.token_hex(32))'`"
         )
     return secret
 
