@@ -22,7 +22,17 @@ from pathlib import Path
 
 import pytest
 from _servers import free_port, request
-from test_cli import APP, lapse_serving, pid_alive, run_lapse, session_uid, visit, worker_pids
+from test_cli import (
+    APP,
+    Lapse,
+    lapse_serving,
+    pid_alive,
+    run_lapse,
+    session_uid,
+    visit,
+    wait_for_stderr,
+    worker_pids,
+)
 
 from lapse.cli import main
 from lapse.cli.supervisor import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
@@ -145,6 +155,26 @@ def test_the_workers_serve_the_one_socket_the_supervisor_bound(app_dir: Path) ->
         second = run_lapse(alone, app_dir)
         assert second.returncode == 1, second.stderr
         assert "in use" in second.stderr and second.stderr.count("\n") == 1
+
+
+def test_workers_on_port_0_serve_the_free_port_the_supervisor_picked(app_dir: Path) -> None:
+    """``--workers 2 --port 0``: the supervisor binds a free port once, says
+    which, and the workers serve it (before, each bound the port itself, so
+    it had to be given)."""
+    args = ["serve", *serve_args(app_dir, 0)]
+    server = Lapse(Path("lapse"), args=args, cwd=app_dir, stderr_path=app_dir / "lapse.err")
+    server.start()
+    try:
+        found = wait_for_stderr(server, r"on http://127\.0\.0\.1:(\d+) with 2 workers", 20)
+        port = int(found.group(1))
+        assert port != 0
+        pids = {str(pid) for pid in worker_pids(server)}
+        uid = session_uid(request(port, "/"))
+        for visits in range(2, 6):
+            fields = visit(port, uid)
+            assert fields["visits"] == str(visits) and fields["pid"] in pids
+    finally:
+        server.stop(timeout=20)
 
 
 def test_the_workers_share_one_live_view_secret(
