@@ -43,10 +43,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 REFUSE = """
+import time
 from pathlib import Path
 
 if (Path(__file__).parent / "refuse").exists():
     raise RuntimeError("the refuse file says no")
+while (Path(__file__).parent / "slow").exists():
+    time.sleep(0.05)
 
 from cliapp import site
 """
@@ -55,7 +58,8 @@ from cliapp import site
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
     """``cliapp.py`` (tests/test_cli.py's APP) and ``refusing.py``, which
-    fails to import once a file ``refuse`` exists next to it."""
+    fails to import once a file ``refuse`` exists next to it, and waits in
+    its import while a file ``slow`` does."""
     directory = tmp_path / "app"
     directory.mkdir()
     (directory / "cliapp.py").write_text(APP, encoding="utf-8")
@@ -284,3 +288,27 @@ async def _live_count(url: str) -> int:
         return int(await store.count())
     finally:
         await store.aclose()
+
+
+def test_a_replacement_killed_while_it_starts_is_restarted_again(app_dir: Path) -> None:
+    """A replacement killed by a signal before it serves (still importing the
+    app) did not fail at start-up: it is restarted too, after a doubled
+    wait, and the server goes on with two workers."""
+    port = free_port()
+    with lapse_serving(serve_args(app_dir, port, "refusing:site"), port, app_dir) as server:
+        doomed, other = worker_pids(server)
+        (app_dir / "slow").write_text("")
+        os.kill(doomed, signal.SIGKILL)
+        wait_until(lambda: children(server.pid) - {other}, 10, "no replacement started")
+        (starting,) = children(server.pid) - {other}
+        os.kill(starting, signal.SIGKILL)
+        (app_dir / "slow").unlink()
+        wait_until(lambda: children(server.pid) - {other, starting}, 10, "no second replacement")
+        assert server.proc is not None and server.proc.poll() is None
+        err = server.stderr_text()
+        assert (
+            f"worker {starting} exited with signal SIGKILL; restarting it in "
+            f"{2 * BACKOFF_FIRST:g} s" in err
+        ), err
+        uid = session_uid(request(port, "/"))
+        assert visit(port, uid)["visits"] == "2"

@@ -163,6 +163,9 @@ class Supervisor:
         self.signals: list[int] = []
         self.sock: socket.socket | None = None
         self.env: dict[str, str] = {}
+        self.serving = False
+        """Whether every worker has served once (then a worker killed while
+        it starts again is restarted, not taken for a start-up failure)."""
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)
@@ -238,6 +241,7 @@ class Supervisor:
             f"{len(self.workers)} workers (pids {pids}); supervisor pid {os.getpid()}; "
             "Ctrl-C to stop"
         )
+        self.serving = True
         while not self.signals:
             failed = self._look()
             if failed is not None:
@@ -292,12 +296,15 @@ class Supervisor:
             if message.startswith("ready "):
                 worker.what = message[len("ready ") :].strip()
                 continue
-            # It closed the pipe without being ready: it failed at start-up.
+            # It closed the pipe without being ready: it failed at start-up
+            # (and said why), unless a signal killed it (then _look restarts it).
             assert worker.proc is not None
             try:
                 code = worker.proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 code = EXIT_FAILED
+            if code < 0 and self.serving:
+                continue
             return code if code > 0 else EXIT_FAILED
         return None
 
