@@ -321,7 +321,9 @@ def test_trust_proxy_takes_a_count_or_addresses(
     """``--trust-proxy`` is one proxy, wherever it stands; ``--trusted-proxies N``
     a chain of N, ``--trusted-proxies ADDRESSES`` the proxies' addresses and
     networks; workers get the same option."""
-    from lapse.cli import _check, _worker_command, build_parser
+    from lapse.cli import build_parser
+    from lapse.cli.serve import _check
+    from lapse.cli.supervisor import _worker_command
 
     args = build_parser().parse_args(["serve", *argv, "--app-dir", str(tmp_path)])
     assert args.trust_proxy == expected
@@ -431,8 +433,8 @@ def test_two_workers_share_the_port_and_the_sessions(app_dir: Path) -> None:
         assert len(set(pids)) == 2 and server.pid not in pids
         uid = session_uid(request(port, "/"))
         answered: dict[str, int] = {}
-        # Each request is a new connection; SO_REUSEPORT spreads them by the
-        # client's port, so both workers answer within a few.
+        # Each request is a new connection, accepted by whichever worker
+        # takes it from the shared socket first: both answer within a few.
         for attempt in range(2, 200):
             fields = visit(port, uid)
             assert fields["uid"] == uid
@@ -481,11 +483,12 @@ def test_workers_stop_when_the_supervisor_is_killed(app_dir: Path) -> None:
     assert not port_accepts(port)
 
 
-def test_a_dead_worker_stops_the_others(app_dir: Path) -> None:
-    """If a worker dies on its own (SIGKILL), the supervisor says so, stops the
-    other workers and exits with status 1."""
+def test_with_fail_fast_a_dead_worker_stops_the_others(app_dir: Path) -> None:
+    """With --fail-fast, if a worker dies on its own (SIGKILL), the supervisor
+    says so, stops the other workers and exits with status 1."""
     port = free_port()
     args = ["cliapp:site", "--port", str(port), "--app-dir", str(app_dir), "--workers", "2"]
+    args += ["--fail-fast"]
     args += ["--store", f"sqlite:///{app_dir / 'shared.db'}"]
     with lapse_serving(args, port, app_dir) as server:
         doomed, other = worker_pids(server)
@@ -610,7 +613,7 @@ def test_a_module_that_serves_itself_at_import_is_refused(tmp_path: Path) -> Non
         (["--certfile", "cert.pem"], "--certfile without --keyfile"),
         (["--keyfile", "key.pem"], "--keyfile without --certfile"),
         (["--certfile", "nope.pem", "--keyfile", "nope.pem"], "--certfile nope.pem: no such file"),
-        (["--workers", "2", "--port", "0", "--store", "sqlite:///x.db"], "fixed --port"),
+        (["--fail-fast"], "--fail-fast goes with --workers N"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(

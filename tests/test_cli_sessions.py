@@ -472,3 +472,49 @@ def test_output_cut_by_its_reader_ends_quietly_with_status_141(
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=30) == 141, (argv, err)
         assert err == "", (argv, err)
+
+
+class Stubborn:
+    """A store's source whose ``expire`` cannot end one session (as a server
+    worker that cannot read a row id another worker gave out)."""
+
+    def __init__(self, inner: Any, keep: str) -> None:
+        self.inner = inner
+        self.keep = keep
+        self.kind, self.url, self.where, self.row_ids = "store", inner.url, inner.where, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def expire(self, names: list[str]) -> list[bool]:
+        ended = await self.inner.expire([n for n in names if n != self.keep])
+        return ended + [False] * (len(names) - len(ended))
+
+
+def test_expire_all_exits_1_naming_how_many_are_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``expire --all --yes`` whose source leaves a session live (every pass
+    finds it, none ends it) says how many are left and exits 1, after
+    ending the others; it does not report success."""
+    import argparse
+
+    from lapse.cli.sessions import EXPIRE_PASSES, _expire_all
+    from lapse.cli.sources import StoreSource, open_store
+
+    url = f"sqlite:///{tmp_path / 'sessions.db'}"
+    seed(url, [(uid, 600, {}) for uid in UIDS])
+
+    async def run() -> int:
+        source = StoreSource(open_store(url))
+        try:
+            args = argparse.Namespace(yes=True, batch=2)
+            return await _expire_all(Stubborn(source, UIDS[1]), args)
+        finally:
+            await source.aclose()
+
+    assert asyncio.run(run()) == 1
+    out, err = capsys.readouterr()
+    assert out == f"expired {len(UIDS) - 1} sessions in {url}\n"
+    assert f"lapse: error: 1 sessions are still live in {url} after {EXPIRE_PASSES} passes" in err
+    assert live_count(url) == 1

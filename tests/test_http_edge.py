@@ -776,7 +776,9 @@ def test_lapse_serve_bad_connection_option_exits_2(
 def test_lapse_serve_workers_get_the_connection_options(tmp_path: Path) -> None:
     """With --workers, each worker's command line carries the connection
     options given (each worker process applies them, its cap included)."""
-    from lapse.cli import _check, _worker_command, build_parser
+    from lapse.cli import build_parser
+    from lapse.cli.serve import _check
+    from lapse.cli.supervisor import _worker_command
 
     argv = ["serve", "app:site", "--workers", "2", "--store", f"sqlite:///{tmp_path}/s.db"]
     argv += ["--max-connections", "100", "--header-timeout", "7.5", "--body-min-rate", "0"]

@@ -36,12 +36,8 @@ from _servers import (
     write_script,
 )
 
-from lapse.internet._asyncio import (
-    PYTHON_GC_THRESHOLD,
-    SERVER_GC_THRESHOLD,
-    AsyncioReactor,
-    tune_gc,
-)
+from lapse.internet._asyncio import AsyncioReactor
+from lapse.internet._process import PYTHON_GC_THRESHOLD, SERVER_GC_THRESHOLD, tune_gc
 from lapse.internet.error import CannotListenError, ReactorNotRunning
 from lapse.internet.interfaces import AlreadyCalled, AlreadyCancelled
 from lapse.web.resource import Resource

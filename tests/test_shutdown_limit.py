@@ -110,7 +110,8 @@ def test_workers_get_the_graceful_timeout_and_the_supervisor_waits_past_it(
 ) -> None:
     """--workers passes --graceful-timeout on to each worker, and the
     supervisor waits that long (and a margin) before killing one."""
-    from lapse.cli import STOP_MARGIN, _check, _Supervisor, _worker_command
+    from lapse.cli.serve import _check
+    from lapse.cli.supervisor import STOP_MARGIN, Supervisor, _worker_command
 
     argv = ["serve", "x:y", "--port", "8099", "--workers", "2", "--store", "sqlite:///s.db"]
     argv += ["--app-dir", str(tmp_path), "--graceful-timeout", "42.5"]
@@ -119,4 +120,4 @@ def test_workers_get_the_graceful_timeout_and_the_supervisor_waits_past_it(
     command = _worker_command(options)
     at = command.index("--graceful-timeout")
     assert float(command[at + 1]) == 42.5
-    assert _Supervisor(options).stop_timeout == 42.5 + STOP_MARGIN
+    assert Supervisor(options).stop_timeout == 42.5 + STOP_MARGIN

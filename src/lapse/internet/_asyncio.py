@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import os
 import signal
 import socket
 import ssl
@@ -31,9 +29,9 @@ from typing import Any
 import uvicorn
 
 from lapse.internet._http import ServingConfig, limits_for, protocol_for, text_response
+from lapse.internet._process import bind_socket, configure_logging, tune_gc
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.error import (
-    CannotListenError,
     ReactorAlreadyRunning,
     ReactorNotRunning,
     StartupError,
@@ -53,33 +51,6 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
-
-
-class LogFormatter(logging.Formatter):
-    """``2026-01-31T12:00:00.123Z INFO lapse.access <message>``: the time in
-    ISO 8601, UTC, to the millisecond; the level; the logger; the message
-    (the access log's combined-format line, a session event...)."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z"
-
-
-def _configure_logging_from_env() -> None:
-    """``LAPSE_LOG_LEVEL=INFO`` (or DEBUG...) logs to stderr at that level,
-    each line stamped (see :class:`LogFormatter`), unless the program
-    configured logging itself."""
-    level = os.environ.get("LAPSE_LOG_LEVEL")
-    if not level or logging.getLogger().handlers:
-        return
-    if not isinstance(logging.getLevelName(level.upper()), int):
-        raise ValueError(f"LAPSE_LOG_LEVEL={level!r} is not a logging level")
-    handler = logging.StreamHandler()
-    handler.setFormatter(LogFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 class DelayedCall(BaseDelayedCall):
@@ -299,34 +270,6 @@ async def _start_problem(factory: Any) -> str | None:
     return problem
 
 
-PYTHON_GC_THRESHOLD = (700, 10, 10)
-"""CPython's default collection thresholds."""
-
-SERVER_GC_THRESHOLD = (50_000, 20, 10)
-"""The thresholds :func:`tune_gc` sets for serving."""
-
-
-def tune_gc() -> bool:
-    """Set up the garbage collector for a server that holds many sessions.
-
-    Live sessions are long-lived objects, and with CPython's default
-    thresholds the collector rescans all of them often: under a steady
-    stream of new sessions a full collection came every second or so and
-    paused the server for 100-250 ms (bench/README.md). So, before serving:
-    ``gc.freeze()`` (what was built at start-up is never scanned again) and
-    thresholds of :data:`SERVER_GC_THRESHOLD`, which make full collections
-    rare. Nothing is done if the thresholds were already changed from
-    CPython's defaults, or if ``LAPSE_GC_TUNING=0``. Whether it was done.
-    """
-    if os.environ.get("LAPSE_GC_TUNING", "1").strip() == "0":
-        return False
-    if gc.get_threshold() != PYTHON_GC_THRESHOLD:
-        return False
-    gc.freeze()
-    gc.set_threshold(*SERVER_GC_THRESHOLD)
-    return True
-
-
 class AsyncioReactor:
     """Twisted's reactor API (time, TCP, TLS, run/stop) over asyncio and uvicorn."""
 
@@ -376,24 +319,6 @@ class AsyncioReactor:
 
     # -- listening ------------------------------------------------------
 
-    def _bind(self, port: int, interface: str, backlog: int) -> socket.socket:
-        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-        host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if os.environ.get("LAPSE_REUSE_PORT") == "1":
-                # Several processes may listen on one port; the kernel spreads
-                # connections between them (run the same program N times).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-        except (OSError, OverflowError) as exc:
-            sock.close()
-            raise CannotListenError(interface, port, exc) from exc
-        sock.setblocking(False)
-        return sock
-
     def _listen(
         self,
         port: int,
@@ -409,7 +334,19 @@ class AsyncioReactor:
             raise TypeError(f"{factory!r} is not an ASGI application (a lapse Site is)")
         if limits is not None and not isinstance(limits, HTTPLimits):
             raise TypeError(f"limits must be an HTTPLimits, not {type(limits).__name__}")
-        listening = Port(self, self._bind(port, interface, backlog), factory, ssl_context, limits)
+        sock = bind_socket(port, interface, backlog)
+        return self._serve_socket(sock, factory, ssl_context, limits)
+
+    def _serve_socket(
+        self,
+        sock: socket.socket,
+        factory: Any,
+        ssl_context: ssl.SSLContext | None,
+        limits: HTTPLimits | None,
+    ) -> Port:
+        """Serve ``factory`` on ``sock``, a listening socket (bound here, or
+        by ``lapse serve``'s supervisor and inherited by its worker)."""
+        listening = Port(self, sock, factory, ssl_context, limits)
         self._ports.append(listening)
         if self.running:
             listening._start()
@@ -428,8 +365,6 @@ class AsyncioReactor:
 
         ``factory`` is a :class:`lapse.web.server.Site` or any ASGI application.
         A port that cannot be bound raises :class:`CannotListenError` here.
-        With ``LAPSE_REUSE_PORT=1`` in the environment, the socket is bound
-        with ``SO_REUSEPORT`` so that several processes can share the port.
         ``limits`` (a :class:`~lapse.internet.limits.HTTPLimits`) replaces the
         connection limits and timeouts the factory asks for (a ``Site``'s, or
         the defaults).
@@ -466,7 +401,7 @@ class AsyncioReactor:
             self._on_serve("run")
         if self.running:
             raise ReactorAlreadyRunning("the reactor is already running")
-        _configure_logging_from_env()
+        configure_logging()
         tune_gc()
         loop = self._own_loop()
         asyncio.set_event_loop(loop)

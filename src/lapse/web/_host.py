@@ -17,6 +17,7 @@ from base64 import urlsafe_b64encode
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from lapse import settings
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
     ExpiryHook,
@@ -156,7 +157,7 @@ class SessionHost:
         self._entropy: Callable[[int], bytes] = os.urandom
         self.counter = 0
         if store is None:
-            store = os.environ.get("LAPSE_SESSION_STORE") or DEFAULT_STORE_URL
+            store = settings.SESSION_STORE.get() or DEFAULT_STORE_URL
         if isinstance(store, str):
             # The memory store keeps the host's time (a Clock in tests); a
             # shared store keeps its own (Redis: the server's TIME).
