@@ -85,7 +85,7 @@ def test_list_shows_the_servers_memory_sessions(
     listed = rows(capsys, url)
     assert len(listed) == SESSIONS
     for row in listed:
-        assert re.fullmatch(r"[A-Za-z0-9_-]{54}", str(row["id"]))
+        assert re.fullmatch(r"r[A-Za-z0-9_-]{54}", str(row["id"]))
         assert re.fullmatch(r"[A-Za-z0-9_-]{8}\u2026", str(row["uid"]))
         assert isinstance(row["left"], float) and row["left"] > 0
     status, out, _ = lapse(capsys, "sessions", "list", "--server", url, "--token", TOKEN)

@@ -118,11 +118,12 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(app_dir: Pat
         os.kill(doomed, signal.SIGKILL)
         visits = 1
         deadline = time.monotonic() + 10
-        while len(children(server.pid) - {other}) == 0 and time.monotonic() < deadline:
+        # (The killed worker may still be listed for a moment after the kill.)
+        while not children(server.pid) - {other, doomed} and time.monotonic() < deadline:
             visits += 1
             assert visit(port, uid)["visits"] == str(visits)  # the other worker answers
-        (replacement,) = children(server.pid) - {other}
-        assert replacement != doomed and pid_alive(other)
+        (replacement,) = children(server.pid) - {other, doomed}
+        assert pid_alive(other)
         lines = [line for line in server.stderr_text().splitlines() if f" {doomed} " in line]
         assert lines == [
             f"lapse: worker {doomed} exited with signal SIGKILL; "

@@ -372,7 +372,7 @@ def test_one_session_by_id(clock: Clock) -> None:
     site, _ = make_site(clock, token=TOKEN)
     session = site.makeSession()
     bearer = [(b"authorization", b"Bearer " + TOKEN.encode())]
-    unknown = call(site, "GET", "/_lapse/api/session?id=" + "0" * 54, headers=bearer)
+    unknown = call(site, "GET", "/_lapse/api/session?id=r" + "0" * 54, headers=bearer)
     assert unknown.status == 400 and "not a row id" in get_json(unknown)["error"]
     row = get_json(call(site, "GET", "/_lapse/api/sessions", headers=bearer))["sessions"][0]
     clock.advance(5)

@@ -37,7 +37,7 @@ that is not a JSON object with a string ``id``) is a 400 with a JSON
 ``error``; a body over 4 KiB is a 413.
 
 Full uids never leave the server: a row's ``id`` is its uid encrypted and
-authenticated under the view's secret (URL-safe base64, 54 characters for
+authenticated under the view's secret ("r" and URL-safe base64, 55 characters for
 lapse's uids; see :mod:`._keys`), and so are cursors. Any view with the same
 secret reads them back, so with ``LAPSE_LIVEVIEW_SECRET`` (hex, at least 32
 bytes) shared by the workers of one server, an id or a cursor from one

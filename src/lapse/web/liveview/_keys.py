@@ -26,14 +26,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import os
 import re
+
+from lapse import settings
 
 __all__ = ["SECRET_ENV", "Keys", "Sealer", "sign"]
 
 SECRET_ENV = "LAPSE_LIVEVIEW_SECRET"
 """The environment variable holding a secret the processes of one server share (hex)."""
-MIN_SECRET_BYTES = 32
 TAG_BYTES = 16
 _BLOCK = 32
 """Bytes of one HMAC-SHA256 (one block of keystream)."""
@@ -43,22 +43,8 @@ _URLSAFE = re.compile(rb"[A-Za-z0-9_-]+")
 def _shared_secret() -> bytes | None:
     """The secret from ``LAPSE_LIVEVIEW_SECRET`` (hex, at least 32 bytes), or
     None if it is unset or empty. ValueError, not naming the value, if it is
-    malformed."""
-    text = os.environ.get(SECRET_ENV)
-    if not text:
-        return None
-    try:
-        secret = bytes.fromhex(text.strip())
-    except ValueError:
-        secret = b""
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(
-            f"{SECRET_ENV} must be at least {2 * MIN_SECRET_BYTES} hex digits "
-            f"({MIN_SECRET_BYTES} bytes), e.g. the output of "
-            "`python -c 'import secrets; print(secrets.token_hex(32))'`; "
-            f"the value set ({len(text)} characters) is not"
-        )
-    return secret
+    malformed (see :data:`lapse.settings.LIVEVIEW_SECRET`)."""
+    return settings.LIVEVIEW_SECRET.get()
 
 
 def sign(key: bytes, message: bytes) -> bytes:
@@ -74,7 +60,11 @@ class Sealer:
     """Seals short texts into URL-safe strings only this secret opens (see
     the module); one per purpose."""
 
-    def __init__(self, secret: bytes, purpose: str) -> None:
+    def __init__(self, secret: bytes, purpose: str, prefix: str) -> None:
+        # A letter first: a sealed text never starts with "-", so a command
+        # line takes it as an argument, not as an option.
+        self._prefix = prefix
+        self._prefix_bytes = prefix.encode("ascii")
         self._tag_key = _derive(secret, purpose + " tag")
         self._stream_key = _derive(secret, purpose + " stream")
 
@@ -89,14 +79,19 @@ class Sealer:
         plain = value.encode("utf-8")
         tag = sign(self._tag_key, plain)[:TAG_BYTES]
         raw = tag + self._xor_stream(tag, plain)
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        return self._prefix + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
     def open(self, sealed: bytes, max_length: int) -> str:
         """The value ``sealed`` holds; ValueError unless this sealer (this
         secret, this purpose) made exactly this text, at most ``max_length``
         characters long."""
-        if not 0 < len(sealed) <= max_length or not _URLSAFE.fullmatch(sealed):
+        if (
+            not 0 < len(sealed) <= max_length
+            or not sealed.startswith(self._prefix_bytes)
+            or not _URLSAFE.fullmatch(sealed)
+        ):
             raise ValueError("not a sealed value")
+        sealed = sealed[len(self._prefix_bytes) :]
         try:
             raw = base64.urlsafe_b64decode(sealed + b"=" * (-len(sealed) % 4))
         except (binascii.Error, ValueError):
@@ -119,8 +114,8 @@ class Keys:
     (``cursors``) and the CSRF token of a nonce (:meth:`csrf_for`)."""
 
     def __init__(self, secret: bytes) -> None:
-        self.ids = Sealer(secret, "row id")
-        self.cursors = Sealer(secret, "cursor")
+        self.ids = Sealer(secret, "row id", "r")
+        self.cursors = Sealer(secret, "cursor", "c")
         self._csrf_key = _derive(secret, "csrf")
 
     def csrf_for(self, nonce: str) -> str:
