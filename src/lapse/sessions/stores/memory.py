@@ -190,6 +190,10 @@ class MemoryStore:
 
     url = "memory:"
     shared = False
+    enforces_timeout = True
+    """Every call answers at once: nothing to wait on."""
+    holds_sessions = True
+    """It offers :class:`~lapse.sessions.store.LocalSessionStore`."""
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.clock: Callable[[], float] = clock or time.time
