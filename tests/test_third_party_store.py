@@ -115,3 +115,91 @@ def test_a_store_written_from_the_docs_serves_the_seed_program() -> None:
         await site._keeper.aclose()
 
     asyncio.run(scenario())
+
+
+class Logout(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> str:
+        request.getSession().expire()
+        return "bye"
+
+
+def test_a_logout_on_an_in_process_store_reaches_the_hook_without_waiting() -> None:
+    """A session ended by hand on a protocol-only in-process store wakes the
+    keeper's timer at once (not at the next deadline it knew): the async hook
+    runs as soon as the background work settles, with cause "expired",
+    without the clock moving; no call is left on the clock after."""
+    hooked: list[Expiry] = []
+
+    async def hook(expiry: Expiry) -> None:
+        await asyncio.sleep(0)
+        hooked.append(expiry)
+
+    async def scenario() -> None:
+        clock = Clock()
+        root = Resource()
+        root.putChild(b"count", Counter())
+        root.putChild(b"logout", Logout())
+        site = Site(root, reactor=clock, store=DictStore(clock=clock.seconds), on_expire=hook)
+        uid = (await call_async(site, "GET", "/count")).cookie_value(b"lapse_session")
+        assert uid is not None
+        await site._keeper.settle()  # its first round: asleep until the session's deadline
+        assert [call.getTime() for call in clock.calls] == [900]
+        await call_async(site, "GET", "/logout", cookies=session_cookie(uid.decode()))
+        clock.advance(0)
+        await site._keeper.settle()
+        assert [(e.uid, e.cause, dict(e.data)) for e in hooked] == [
+            (uid.decode(), "expired", {"visits": 1})
+        ]
+        assert not clock.calls
+        await site._keeper.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_what_a_store_declares_chooses_the_keeper_and_is_checked() -> None:
+    """The keeper is chosen by the store's declared capabilities, not its
+    type; a store object missing a declaration is refused at construction,
+    naming it; max_sessions on a store that does not hold sessions is a
+    StoreConfigError."""
+    from lapse.sessions import LocalKeeper, StoreConfigError
+    from lapse.sessions.stores.memory import MemoryStore
+
+    clock = Clock()
+    assert isinstance(Site(Resource(), reactor=clock, store=MemoryStore())._keeper, LocalKeeper)
+    assert isinstance(Site(Resource(), reactor=clock, store=DictStore())._keeper, SharedKeeper)
+
+    class Undeclared:
+        def __init__(self) -> None:
+            self.inner = DictStore()
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("enforces_timeout", "holds_sessions"):
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    try:
+        Site(Resource(), reactor=clock, store=Undeclared())
+    except StoreConfigError as exc:
+        assert "it has no enforces_timeout, holds_sessions" in str(exc)
+    else:
+        raise AssertionError("a store without its declarations was accepted")
+    try:
+        Site(Resource(), reactor=clock, store=DictStore(), max_sessions=10)
+    except StoreConfigError as exc:
+        assert "dict:" in str(exc) and "max_sessions" in str(exc)
+    else:
+        raise AssertionError("max_sessions was accepted on a store that keeps no cap")
+
+
+def test_importing_lapse_does_not_import_lapse_testing() -> None:
+    """lapse.testing imports pytest: the package itself never imports it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lapse, lapse.web.server, lapse.asgi, lapse.sessions; "
+        "assert 'lapse.testing' not in sys.modules and 'pytest' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

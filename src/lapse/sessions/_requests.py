@@ -67,8 +67,8 @@ class StoreRequests(Keeper):
         self.spawn(self._expire(uid))
 
     async def _expire(self, uid: str) -> None:
-        await self.call(self.store.expire(uid))
-        self._wake_in(0.0)
+        if await self.call(self.store.expire(uid)):
+            self._wake_in(0.0)
 
     def rotate(self, session: Session, new_uid: str, grace: float | None = None) -> None:
         if grace is None:
@@ -196,8 +196,7 @@ class StoreRequests(Keeper):
                 else:
                     target = store_uid if entry is None else entry[1]
                     await self._save(session, data, target)
-            if session._expired:
-                await self.call(store.expire(store_uid))
+            if session._expired and await self.call(store.expire(store_uid)):
                 self._wake_in(0.0)
 
     async def _create(self, session: Session) -> None:

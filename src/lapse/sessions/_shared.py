@@ -267,6 +267,7 @@ class SharedKeeper(StoreRequests):
         self._polling = self.spawn(self._tick())
 
     async def _tick(self) -> None:
+        self._woken = math.inf  # (this round reads what came before it)
         try:
             delay = await self._round()
         finally:
