@@ -120,6 +120,8 @@ class Keeper:
         self.store_timeout = store_timeout
         self.rotation_grace = float(rotation_grace)
         self.shared = store.shared
+        # (an instance attribute, as cheap to read on every request as before)
+        self.synchronous = type(self).synchronous
         # A store that bounds its own calls (see SessionStore) is not wrapped
         # in a timer per call: on the request path that timer costs.
         self._bounded = store.enforces_timeout
