@@ -6,8 +6,7 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from urllib.parse import unquote
 import pytest
 
 from lapse.internet.task import Clock
-from lapse.sessions.store import SessionStore
+from lapse.testing import FakeClock as FakeClock  # (tests import it from here)
 from lapse.web.resource import Resource
 from lapse.web.server import Site
 
@@ -169,6 +168,9 @@ def caplog_debug(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCapture
     yield caplog
 
 
+_prefixes = itertools.count()
+
+
 def store_url_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     """A fresh store URL of ``kind`` ("memory", "sqlite", "redis"): a file in
     ``tmp_path``, or the test Redis under a key prefix of its own."""
@@ -210,65 +212,3 @@ def redis_server() -> Iterator[Any]:
 
     with RedisServer() as server:
         yield server
-
-
-class FakeClock:
-    """A settable time source for stores: ``clock()`` reads, ``advance()`` moves."""
-
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-# -- every store, for contract tests --------------------------------------------------
-
-_prefixes = itertools.count()
-
-StoreFactory = Callable[[FakeClock], Any]
-"""Opens a fresh, empty store on a given clock (an async context manager)."""
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """A factory of fresh, empty stores of each kind, on a given clock."""
-    from lapse.sessions.stores.memory import MemoryStore
-    from lapse.sessions.stores.redis import RedisStore
-    from lapse.sessions.stores.sqlite import SQLiteStore
-
-    kind = request.param
-
-    @asynccontextmanager
-    async def factory(clock: FakeClock) -> AsyncIterator[SessionStore]:
-        store: SessionStore
-        if kind == "memory":
-            store = MemoryStore(clock)
-        elif kind == "sqlite":
-            store = SQLiteStore(str(tmp_path / f"store-{next(_prefixes)}.db"), clock=clock)
-        else:
-            server = request.getfixturevalue("redis_server")
-            store = RedisStore(server.url, clock=clock, prefix=f"store{next(_prefixes)}")
-        await store.open()
-        try:
-            yield store
-        finally:
-            await store.aclose()
-
-    return factory
-
-
-def run_on_store(
-    open_store: StoreFactory, scenario: Callable[[SessionStore, FakeClock], Awaitable[None]]
-) -> None:
-    """Run ``scenario(store, clock)`` on a fresh store and a fresh fake clock."""
-
-    async def main() -> None:
-        clock = FakeClock()
-        async with open_store(clock) as store:
-            await scenario(store, clock)
-
-    asyncio.run(main())

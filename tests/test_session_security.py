@@ -16,6 +16,7 @@ from conftest import session_cookie as cookie
 
 from lapse.internet.task import Clock
 from lapse.sessions import Expiry, StoreConfigError
+from lapse.sessions.stores import store_from_url
 from lapse.sessions.stores.redis import RedisStore
 from lapse.sessions.stores.sqlite import SQLiteStore
 from lapse.web.resource import Resource
@@ -145,14 +146,21 @@ def test_rotation_on_shared_store_across_processes(shared_store: str) -> None:
     serves the old cookie as the same session within the (opt-in) grace, never
     setting the new cookie, B's own copy moves to the new uid with its
     callbacks, and the old uid is unknown after the grace; the hook reports the
-    new uid once."""
+    new uid once. (Store time is a fake clock; the keepers' rounds are run by
+    hand.)"""
     hooked: list[Expiry] = []
 
     async def scenario() -> None:
-        a = Site(LoginPage(), store=shared_store, rotation_grace=0.5, on_expire=hooked.append)
-        b = Site(LoginPage(), store=shared_store, rotation_grace=0.5, on_expire=hooked.append)
-        a._keeper.start()
-        b._keeper.start()
+        clock = FakeClock()
+        a, b = (
+            Site(
+                LoginPage(),
+                store=store_from_url(shared_store, clock),
+                rotation_grace=0.5,
+                on_expire=hooked.append,
+            )
+            for _ in "ab"
+        )
         try:
             old = body(await call_async(a))["uid"]
             await call_async(b, cookies=cookie(old))
@@ -165,19 +173,16 @@ def test_rotation_on_shared_store_across_processes(shared_store: str) -> None:
             assert body(in_flight) == {"uid": new, "data": {"user": "ann"}}
             assert b"lapse_session" not in in_flight.set_cookies
             assert old not in b.sessions and new in b.sessions
-            await asyncio.sleep(0.7)
+            clock.advance(0.7)
             for site in (a, b):
                 after = body(await call_async(site, cookies=cookie(old)))
                 assert after["uid"] not in (old, new) and after["data"] == {}
             assert runs == []
             logout = b.sessions[new]
             logout.expire()
-            await asyncio.sleep(0.1)
-            for _ in range(50):
-                if hooked:
-                    break
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
+            await b._keeper.settle()
+            for site in (a, b, a):
+                await site._keeper.poll_once()
             assert runs == ["b"]
             assert [(e.uid, dict(e.data)) for e in hooked] == [(new, {"user": "ann"})]
         finally:
@@ -189,22 +194,19 @@ def test_rotation_on_shared_store_across_processes(shared_store: str) -> None:
 
 def test_other_process_rekeys_its_copy_from_the_announcement(shared_store: str) -> None:
     """A process holding a copy under the old uid moves it to the new uid when it
-    reads the rotation's announcement, without any request."""
+    reads the rotation's announcement (its next round), without any request."""
 
     async def scenario() -> None:
         a = Site(LoginPage(), store=shared_store)
         b = Site(LoginPage(), store=shared_store)
-        b._keeper.start()
         try:
             old = body(await call_async(a))["uid"]
             await call_async(b, cookies=cookie(old))
             copy = b.sessions[old]
-            await asyncio.sleep(0.2)  # b's loop has its events cursor
+            await b._keeper.poll_once()  # b reads announcements from now on
             new = body(await call_async(a, "GET", "/?login=ann", cookies=cookie(old)))["uid"]
-            for _ in range(40):
-                if new in b.sessions:
-                    break
-                await asyncio.sleep(0.05)
+            assert b.sessions.get(old) is copy
+            await b._keeper.poll_once()
             assert b.sessions.get(new) is copy and old not in b.sessions
         finally:
             await a._keeper.aclose()

@@ -545,7 +545,7 @@ class SessionMiddleware(SessionHost):
             self._loop = loop
             self._loop_thread = threading.get_ident()
         keeper = self._keeper
-        shared = keeper.shared
+        shared = not keeper.synchronous
         if shared:
             keeper.start()
         secure, uid = self._read_headers(scope)
@@ -560,7 +560,7 @@ class SessionMiddleware(SessionHost):
         self, scope: Scope, receive: Receive, send: Send, visit: _Visit, uid: str | None
     ) -> None:
         keeper = self._keeper
-        shared = keeper.shared
+        shared = not keeper.synchronous
         if uid is not None:
             try:
                 session = await keeper.load(uid) if shared else keeper.load_now(uid)

@@ -9,12 +9,16 @@ hands the ended session, with its final data, to the durable expiry hook.
 """
 
 from lapse.sessions._data import SessionData
-from lapse.sessions._keeper import ExpiryHook
+from lapse.sessions._factory import make_keeper
+from lapse.sessions._keeper import ExpiryHook, Keeper, KeeperOwner
+from lapse.sessions._local import LocalKeeper
 from lapse.sessions._session import Session, SessionOwner, short_uid
+from lapse.sessions._shared import SharedKeeper
 from lapse.sessions._stats import SessionStats
 from lapse.sessions._visit import Visit, current_visit
 from lapse.sessions.store import (
     Expiry,
+    LocalSessionStore,
     SessionConflict,
     SessionInfo,
     SessionStore,
@@ -27,6 +31,10 @@ from lapse.sessions.store import (
 __all__ = [
     "Expiry",
     "ExpiryHook",
+    "Keeper",
+    "KeeperOwner",
+    "LocalKeeper",
+    "LocalSessionStore",
     "Session",
     "SessionConflict",
     "SessionData",
@@ -34,11 +42,13 @@ __all__ = [
     "SessionOwner",
     "SessionStats",
     "SessionStore",
+    "SharedKeeper",
     "StoreConfigError",
     "StoreError",
     "StoreUnavailable",
     "StoredSession",
     "Visit",
     "current_visit",
+    "make_keeper",
     "short_uid",
 ]

@@ -56,12 +56,33 @@ skew between nodes cannot end a live session early.
 Errors: every failure to reach or use a store is a :class:`StoreUnavailable`
 (raised ``from`` the driver's exception); a bad store URL is a
 :class:`StoreConfigError` at construction.
+
+Capabilities: every store declares, as plain attributes, what the site's
+keeper needs to know of it (the keeper reads these and nothing else):
+
+- ``shared``: other processes use the same sessions (SQLite, Redis). The
+  keeper then writes rotations for them to see, reads their announcements,
+  runs a plain (not async) expiry hook in a worker thread, polls at least
+  every ``poll_interval`` (another process may make a session that ends
+  sooner) and refuses ``max_sessions``. An in-process store says False.
+- ``enforces_timeout``: every call fails with :class:`StoreUnavailable`
+  rather than wait on an unresponsive backend much past the store's own
+  timeout, so the keeper adds no timer per call. False: the keeper bounds
+  each call by its ``store_timeout``.
+- ``holds_sessions``: the store also offers :class:`LocalSessionStore`, a
+  synchronous interface over the site's ``Session`` objects themselves (the
+  memory store). A store written to this protocol alone says False: the
+  keeper then drives it through the async calls above, sleeping until the
+  ``next_deadline()`` it knows (woken sooner when it makes a session), and it
+  is written to, touched, expired and inspected like any other.
+
+A store can be checked against this contract with :mod:`lapse.testing`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -69,6 +90,7 @@ __all__ = [
     "Clock",
     "Event",
     "Expiry",
+    "LocalSessionStore",
     "SessionConflict",
     "SessionInfo",
     "SessionStore",
@@ -186,12 +208,17 @@ class SessionStore(Protocol):
     """What the site needs of a session backend. All methods are async."""
 
     url: str
+    """Where the sessions live, safe to log (no password)."""
     shared: bool
     """Whether other processes may use the same sessions (SQLite, Redis)."""
-
-    # Optional: a store with ``enforces_timeout = True`` promises that every
-    # call fails with StoreUnavailable rather than wait on an unresponsive
-    # backend much past its own timeout, so the site adds no timer per call.
+    enforces_timeout: bool
+    """Whether every call fails with :class:`StoreUnavailable` rather than
+    wait much past the store's own timeout (the site then adds no timer per
+    call)."""
+    holds_sessions: bool
+    """Whether the store also offers :class:`LocalSessionStore` (it holds
+    the site's ``Session`` objects and answers synchronously: the memory
+    store). False for a store written to this protocol alone."""
 
     async def open(self) -> None:
         """Connect and prepare (create tables, load scripts). Idempotent."""
@@ -275,6 +302,59 @@ class SessionStore(Protocol):
         buckets``; the last slice includes its end). Sessions ending later
         are not counted, nor those already due. ValueError unless
         ``buckets >= 1`` and ``horizon > 0``."""
+
+
+class LocalSessionStore(SessionStore, Protocol):
+    """The synchronous interface of a store that holds the site's sessions
+    (``holds_sessions = True``: the memory store).
+
+    The keeper binds it to one site (``bind``): its live records are the
+    site's ``Session`` objects and its dict of live sessions is
+    ``site.sessions``. The keeper then calls these synchronously, so a
+    request costs no await, and on a fake ``Clock`` expiry happens inside
+    ``clock.advance()``: one timer on the site's reactor, kept at the
+    earliest deadline the store reports through ``wake``. Each ``*_now``
+    method is the async method of the same name, answered at once.
+    """
+
+    clock: Clock
+    max_live: int | None
+    """At most this many live sessions (``max_sessions``); None: no cap."""
+    evicted: bool
+    """Sessions were ended by ``max_live`` since the last ``claim_now``."""
+
+    def bind(
+        self,
+        live: MutableMapping[str, Any],
+        make: Callable[[str, float, Mapping[str, Any]], Any],
+        wake: Callable[[float], None] | None = None,
+    ) -> None:
+        """Serve one site: ``live`` is its ``sessions``, ``make(uid, timeout,
+        data)`` makes a session created through the store API, ``wake(when)``
+        hears of each deadline set."""
+
+    def start_now(self, record: Any) -> float | None:
+        """Begin checking a session of the bound site; its deadline."""
+
+    def touched_now(self, record: Any) -> None:
+        """The session was touched (its ``_lastModified`` just set)."""
+
+    def load_now(self, uid: str) -> Any:
+        """Touch and return the live session ``uid``, or None."""
+
+    def rotate_record_now(self, record: Any, new_uid: str, grace: float) -> bool:
+        """Give the session the uid ``new_uid``; False if not checked here."""
+
+    def expire_record_now(self, record: Any) -> bool:
+        """End the session now; False if not checked here."""
+
+    def ended_record(self, uid: str) -> Any:
+        """The session object of an ended, unacknowledged ``uid``, or None."""
+
+    def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]: ...
+    def renew_now(self, expiry: Expiry, owner: str, lease: float) -> bool: ...
+    def ack_now(self, expiry: Expiry) -> None: ...
+    def next_deadline_now(self) -> float | None: ...
 
 
 def _bucket_bounds(now: float, horizon: float, buckets: int) -> float:

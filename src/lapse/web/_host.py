@@ -21,15 +21,15 @@ from lapse import settings
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
     ExpiryHook,
+    Keeper,
     Session,
     SessionData,
     SessionStats,
     SessionStore,
     StoreConfigError,
-    StoreUnavailable,
+    make_keeper,
     short_uid,
 )
-from lapse.sessions._keeper import SessionKeeper
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
 from lapse.web._proxy import ProxyTrust, TrustSetting, proxy_trust
 
@@ -73,6 +73,9 @@ _STORE_MEMBERS = (
     "ack",
     "events",
     "next_deadline",
+    "renew",
+    "enforces_timeout",
+    "holds_sessions",
 )
 """What a store object must have (see :class:`~lapse.sessions.SessionStore`)."""
 
@@ -167,7 +170,7 @@ class SessionHost:
             )
         else:
             _check_store_object(store)
-        self._keeper = SessionKeeper(
+        self._keeper: Keeper = make_keeper(
             self, store, on_expire, rotation_grace=rotation_grace, max_sessions=max_sessions
         )
 
@@ -190,22 +193,11 @@ class SessionHost:
             return NEEDS_ASYNCIO
         if self._store_checked:
             return None
-        keeper = self._keeper
-        store = keeper.store
-        try:
-            async with asyncio.timeout(None if keeper._bounded else keeper.store_timeout):
-                await store.open()
-        except StoreUnavailable as exc:
-            if exc.permanent:
-                return f"the session store cannot work: {exc}"
-            keeper._report_outage(exc)
-            return None
-        except TimeoutError:
-            keeper._report_outage(
-                StoreUnavailable(f"{store.url}: no answer within {keeper.store_timeout}s")
-            )
-            return None
-        self._store_checked = True
+        failure = await self._keeper.open_store()
+        if failure is None:
+            self._store_checked = True
+        elif failure.permanent:
+            return f"the session store cannot work: {failure}"
         return None
 
     async def _refuse_wrong_loop(self, send: Callable[[dict[str, Any]], Any]) -> None:

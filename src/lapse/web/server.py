@@ -279,7 +279,7 @@ class Site(SessionHost):
                 return
             self._on_asyncio = True
         keeper = self._keeper
-        if keeper.shared:
+        if not keeper.synchronous:
             keeper.start()
         request = self.requestFactory(self, scope)
         visiting = current_visit.set(request)
@@ -297,7 +297,7 @@ class Site(SessionHost):
                 else:
                     request.postpath = split_path(request.path)
                     if cookie_header is not None:
-                        if keeper.shared:
+                        if not keeper.synchronous:
                             await self._load_presented(request, cookie_header)
                         else:
                             self._load_presented_now(request, cookie_header)
@@ -344,7 +344,7 @@ class Site(SessionHost):
             else:
                 if not request.finished:
                     request.finish()
-                if keeper.shared:
+                if not keeper.synchronous:
                     await self._persist(request)
                 elif (
                     request._presented is not _NO_SESSIONS or request._sessions is not _NO_SESSIONS

@@ -627,6 +627,7 @@ class RedisStore:
     enforces_timeout = True
     """The client fails every pending call once the server has been silent
     for ``timeout`` seconds (one watchdog per connection)."""
+    holds_sessions = False
 
     def __init__(
         self,

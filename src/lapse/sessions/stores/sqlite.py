@@ -310,6 +310,7 @@ class SQLiteStore:
     enforces_timeout = True
     """Every call fails once the worker has made no progress for ``timeout``
     seconds (one watchdog timer per store, not one per call)."""
+    holds_sessions = False
 
     def __init__(
         self,

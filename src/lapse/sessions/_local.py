@@ -1,0 +1,224 @@
+"""The local strategy: a store that holds the site's sessions (the memory store).
+
+The store is in this process and answers at once, so the keeper drives it
+synchronously (:class:`~lapse.sessions.store.LocalSessionStore`): one timer
+on the site's reactor wakes at the earliest deadline and drains what ended.
+On a fake ``Clock`` expiry therefore happens inside ``clock.advance()``, and
+when no session is left no call is left on the clock. The store is bound to
+the site: its live sessions are ``site.sessions`` and its records the
+``Session`` objects themselves, so a session is kept once, and a request
+loads and saves it without an await.
+
+Rotation re-keys the record in the store in the same call; there is no other
+process to tell. A plain expiry hook runs inline (it is this process's own
+work, as the callbacks are); an async one runs as a task, its lease renewed
+on the site's reactor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, cast
+
+from lapse.internet.interfaces import IDelayedCall
+from lapse.sessions._data import SessionData
+from lapse.sessions._keeper import ExpiryHook, Keeper, KeeperOwner
+from lapse.sessions._session import Session, short_uid
+from lapse.sessions._visit import Visit
+from lapse.sessions.store import Expiry, LocalSessionStore
+
+__all__ = ["LocalKeeper"]
+
+log = logging.getLogger("lapse.sessions")
+
+
+class LocalKeeper(Keeper):
+    """Keeps a site's sessions in a store that holds them (``holds_sessions``)."""
+
+    synchronous = True
+
+    def __init__(
+        self,
+        owner: KeeperOwner,
+        store: LocalSessionStore,
+        on_expire: ExpiryHook | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(owner, store, on_expire, **options)
+        self._memory = store
+        self._alarm: IDelayedCall | None = None
+        self._alarm_when = math.inf
+        store.bind(owner.sessions, self._make_session, self._wake)
+        max_sessions = options.get("max_sessions")
+        if max_sessions is not None:
+            store.max_live = max_sessions
+
+    # -- what sessions tell the keeper --------------------------------------
+
+    def start_checking(self, session: Session) -> None:
+        memory = self._memory
+        memory.start_now(session)  # the alarm hears of it through _wake
+        if memory.evicted:  # to make room for it (max_sessions)
+            self.drain()
+
+    def touched(self, session: Session) -> None:
+        memory = self._memory
+        if session._reactor is not self.owner.reactor:
+            # The store keeps the site's time; so must the session.
+            session._lastModified = memory.clock()
+        memory.touched_now(session)
+
+    def expired_by_hand(self, session: Session) -> None:
+        if self._memory.expire_record_now(session):
+            self.drain()
+
+    def rotate(self, session: Session, new_uid: str, grace: float | None = None) -> None:
+        if grace is None:
+            grace = self.rotation_grace
+        if self._memory.rotate_record_now(session, new_uid, grace):
+            return
+        # Not in the store (a session put in site.sessions by hand): re-key
+        # the site's entry only.
+        sessions = self.owner.sessions
+        old = session.uid
+        if sessions.get(old) is session:
+            del sessions[old]
+        session.uid = new_uid
+        sessions[new_uid] = session
+
+    def _make_session(self, uid: str, timeout: float, data: Mapping[str, Any]) -> Session:
+        """The session for one created through the store API."""
+        owner = self.owner
+        session = owner.sessionFactory(owner, uid)
+        if session.sessionTimeout != timeout:
+            session.sessionTimeout = timeout
+        if data:
+            session._data = SessionData(dict(data))
+        return session
+
+    # -- loading and saving around a request ---------------------------------
+
+    def load_now(self, uid: str) -> Session | None:
+        record = self._memory.load_now(uid)
+        if record is not None:
+            live = cast(Session, record)
+            return None if live._expired else live
+        session = self.owner.sessions.get(uid)
+        if session is None or session._expired or session._state is not None:
+            return None
+        # Put in site.sessions by hand, never checked (Twisted allows it).
+        session._lastModified = self.owner.reactor.seconds()
+        return session
+
+    async def load(self, uid: str) -> Session | None:
+        return self.load_now(uid)
+
+    def persist_now(self, sessions: Iterable[Session]) -> None:
+        """The data is already in the store (each session is its own
+        record): only forget what changed."""
+        for session in sessions:
+            data = session._data
+            if data is not None and data.dirty:
+                data.take_changes()
+
+    async def persist(self, sessions: Iterable[Session], visit: Visit | None = None) -> None:
+        self.persist_now(sessions)
+
+    # -- ending sessions ----------------------------------------------------
+
+    def _wake(self, when: float) -> None:
+        """Something may end at ``when``; ring by then."""
+        if when < self._alarm_when:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        reactor = self.owner.reactor
+        delay = max(0.0, when - reactor.seconds())
+        alarm = self._alarm
+        if alarm is not None and alarm.active():
+            alarm.reset(delay)
+        else:
+            self._alarm = reactor.callLater(delay, self._ring)
+        self._alarm_when = when
+
+    def _ring(self) -> None:
+        self._alarm = None
+        self._alarm_when = math.inf
+        self.drain()
+
+    def drain(self) -> None:
+        """End what is due now, then sleep until the next deadline."""
+        memory = self._memory
+        for expiry in memory.claim_now(self.node_id, self.lease, 1 << 30):
+            if expiry.attempt == 1:
+                self.stats.session_ended(expiry.cause)
+            # The session left site.sessions as the store ended it (and may
+            # have been replaced there): end the very object the store held.
+            record = memory.ended_record(expiry.uid)
+            # One session that raises (a Session subclass, a bad uid) must not
+            # keep the others of this batch waiting for the next expiry.
+            try:
+                if isinstance(record, Session):
+                    record._end()
+            except Exception:
+                log.exception("ending session %s raised", short_uid(expiry.uid))
+            self._deliver_now(expiry)
+        upcoming = memory.next_deadline_now()
+        if upcoming is None:
+            if self._alarm is not None and self._alarm.active():
+                self._alarm.cancel()
+            self._alarm, self._alarm_when = None, math.inf
+        elif upcoming < self._alarm_when:
+            self._arm(upcoming)
+
+    def _deliver_now(self, expiry: Expiry) -> None:
+        memory = self._memory
+        if self.on_expire is None:
+            memory.ack_now(expiry)
+            return
+        try:
+            result = self.on_expire(expiry)
+        except Exception:
+            if self._give_up(expiry):
+                memory.ack_now(expiry)
+            return
+        if inspect.isawaitable(result):
+            stop_renewing = self._keep_lease_now(expiry)
+
+            async def finish(pending: Awaitable[None] = result) -> None:
+                try:
+                    await pending
+                except Exception:
+                    if not self._give_up(expiry):
+                        return
+                finally:
+                    stop_renewing()
+                memory.ack_now(expiry)
+
+            self.spawn(finish())
+        else:
+            memory.ack_now(expiry)
+
+    def _keep_lease_now(self, expiry: Expiry) -> Callable[[], None]:
+        """Renew ``expiry``'s lease every third of the lease, on the site's
+        reactor, until the function returned is called."""
+        memory = self._memory
+        reactor = self.owner.reactor
+        beat: list[IDelayedCall] = []
+
+        def renew() -> None:
+            beat.clear()
+            if memory.renew_now(expiry, self.node_id, self.lease):
+                beat.append(reactor.callLater(self.lease / 3, renew))
+
+        def stop() -> None:
+            for call in beat:
+                if call.active():
+                    call.cancel()
+            beat.clear()
+
+        beat.append(reactor.callLater(self.lease / 3, renew))
+        return stop
