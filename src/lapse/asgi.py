@@ -51,7 +51,6 @@ import lapse.internet.reactor
 import lapse.sessions.stores.memory
 import lapse.sessions.stores.redis
 import lapse.sessions.stores.sqlite  # noqa: F401
-from lapse.internet._http import text_response
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
     ExpiryHook,
@@ -64,8 +63,15 @@ from lapse.sessions import (
     Visit,
     current_visit,
 )
-from lapse.web._cookies import format_delete_cookie, format_session_cookie, vary_on_cookie
-from lapse.web._host import SessionHost, cookie_uid
+from lapse.web._cookies import vary_on_cookie
+from lapse.web._plumbing import (
+    CONFLICT,
+    UNAVAILABLE,
+    HTTPSessions,
+    is_secure,
+    join_cookie_headers,
+    session_cookie,
+)
 from lapse.web._proxy import TrustSetting
 from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -78,11 +84,6 @@ log = logging.getLogger("lapse.asgi")
 
 SCOPE_KEY = "lapse.session"
 """The scope key under which the middleware keeps a request's session state."""
-
-_UNAVAILABLE_BODY = b"Sessions are unavailable for a moment; try again.\n"
-_UNAVAILABLE_START: Message = text_response(503, _UNAVAILABLE_BODY, (b"retry-after", b"1"))
-_CONFLICT_BODY = b"Your session changed while this request ran; nothing was saved. Try again.\n"
-_CONFLICT_START: Message = text_response(409, _CONFLICT_BODY)
 
 
 class _Visit(Visit):
@@ -152,13 +153,8 @@ class _Visit(Visit):
             return []
         secure = self.secure
         name = self.owner._cookie_names[1 if secure else 0]
-        if session._expired:
-            return [(b"set-cookie", format_delete_cookie(name, secure=secure))]
-        if session is not self.presented or self._rotated_here(session):
-            # Made or rotated by this request: a new uid goes only to the
-            # request that made it (see Request._session_cookies).
-            return [(b"set-cookie", format_session_cookie(name, session.uid, secure=secure))]
-        return []
+        cookie = session_cookie(name, session, self.presented, self, secure=secure)
+        return [] if cookie is None else [(b"set-cookie", cookie)]
 
 
 _MISSING: Any = object()
@@ -414,7 +410,7 @@ def current_session(request_or_scope: Any) -> Session | None:
     return _visit_of(request_or_scope).peek()
 
 
-class SessionMiddleware(SessionHost):
+class SessionMiddleware(HTTPSessions):
     """Wraps an ASGI app; gives its HTTP requests lapse sessions.
 
     Options (as ``Site``'s):
@@ -591,7 +587,7 @@ class SessionMiddleware(SessionHost):
                 # The app asked for a session the store could not load (its
                 # answer is an error page, or made without the session).
                 replaced = True
-                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
+                await UNAVAILABLE.send(send)
                 return
             if visit.used:
                 try:
@@ -601,12 +597,12 @@ class SessionMiddleware(SessionHost):
                         keeper.persist_now(visit.used)
                 except StoreUnavailable:
                     replaced = True
-                    await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
+                    await UNAVAILABLE.send(send)
                     return
                 except SessionConflict as exc:
                     log.info("%s", exc)
                     replaced = True
-                    await _send_error(send, _CONFLICT_START, _CONFLICT_BODY)
+                    await CONFLICT.send(send)
                     return
                 cookies = visit.cookie_headers()
                 if cookies:
@@ -630,7 +626,7 @@ class SessionMiddleware(SessionHost):
                 log.warning("session needed after the response started: %s", exc)
             else:
                 replaced = True
-                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
+                await UNAVAILABLE.send(send)
         finally:
             visit.mapping._release()
             # What changed after the response started (a background task, a
@@ -650,19 +646,12 @@ class SessionMiddleware(SessionHost):
 
     def _read_headers(self, scope: Scope) -> tuple[bool, str | None]:
         """Whether the request is secure; the uid its session cookie names."""
-        secure = scope.get("scheme") == "https"
-        cookie_header: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"cookie":
-                cookie_header = value if cookie_header is None else cookie_header + b"; " + value
-        trust = self._proxy_trust
-        if not secure and trust is not None:
-            peer = scope.get("client")
-            said = trust.read(peer[0] if peer else None, scope["headers"])
-            secure = said is not None and said.secure is True
+        secure = is_secure(scope, lambda: self._proxy_says(scope))
+        cookie_header = join_cookie_headers(scope["headers"])
         if cookie_header is None:
             return secure, None
-        return secure, cookie_uid(self._cookie_finders[1 if secure else 0](cookie_header))
+        uids = self._cookie_uids(cookie_header, secure)
+        return secure, uids[1 if secure else 0] if uids else None
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan through to the app, starting the keeper before its
@@ -678,13 +667,12 @@ class SessionMiddleware(SessionHost):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 started = True
-                problem = await self.check_start()
+                problem = await self._start_sessions()
                 if problem is not None:
                     # The app never sees a startup it cannot have.
                     refused = True
                     await send({"type": "lifespan.startup.failed", "message": problem})
                     raise _StartupRefused(problem)
-                keeper.start()
             return message
 
         async def send_lifespan(message: Message) -> None:
@@ -706,24 +694,6 @@ class SessionMiddleware(SessionHost):
             log.debug("the app does not take lifespan; serving it for sessions", exc_info=True)
             await self._serve_lifespan(receive, send, started)
 
-    async def _serve_lifespan(self, receive: Receive, send: Send, started: bool) -> None:
-        keeper = self._keeper
-        if started:
-            await send({"type": "lifespan.startup.complete"})
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                problem = await self.check_start()
-                if problem is not None:
-                    await send({"type": "lifespan.startup.failed", "message": problem})
-                    return
-                keeper.start()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await keeper.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
     def __repr__(self) -> str:
         return f"<SessionMiddleware {len(self.sessions)} live sessions, app {self.app!r}>"
 
@@ -731,13 +701,6 @@ class SessionMiddleware(SessionHost):
 class _StartupRefused(Exception):
     """Raised to the app's lifespan: sessions cannot start (the server was
     sent ``lifespan.startup.failed`` with the reason)."""
-
-
-async def _send_error(send: Send, start: Message, body: bytes) -> None:
-    """Answer with a short error (503: the store cannot be reached; 409: the
-    session changed under the request) instead of the app's response."""
-    await send(dict(start))
-    await send({"type": "http.response.body", "body": body})
 
 
 if TYPE_CHECKING:

@@ -47,6 +47,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from lapse.internet._answers import text_response
 from lapse.internet.limits import HTTPLimits
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "limits_for",
     "open_connections",
     "protocol_for",
+    "text_response",
 ]
 
 log = logging.getLogger("lapse.http")
@@ -84,20 +86,6 @@ _CAP_WARNING_INTERVAL = 10.0
 
 
 DEFAULT_LIMITS = HTTPLimits()
-
-
-def text_response(status: int, body: bytes, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
-    """The ``http.response.start`` message of a short plain-text answer of
-    ``body``, with ``headers`` besides its type and length."""
-    return {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode("ascii")),
-            *headers,
-        ],
-    }
 
 
 def limits_for(app: Any) -> HTTPLimits:

@@ -19,14 +19,9 @@ from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.defer import Deferred
 from lapse.internet.error import ConnectionDone
 from lapse.sessions import Visit
-from lapse.web._cookies import (
-    format_delete_cookie,
-    format_session_cookie,
-    format_set_cookie,
-    parse_cookie_header,
-    vary_on_cookie,
-)
-from lapse.web._proxy import Forwarded, ProxyTrust
+from lapse.web._cookies import format_set_cookie, parse_cookie_header, vary_on_cookie
+from lapse.web._plumbing import is_secure, session_cookie
+from lapse.web._proxy import Forwarded
 from lapse.web.error import BadRequest
 from lapse.web.http_headers import Headers, decode_header
 
@@ -283,27 +278,15 @@ class Request(Visit):
         """Whether the request came over TLS (or, if the site trusts it, a TLS proxy)."""
         secure = self._secure
         if secure is None:
-            secure = self._secure = self._find_secure()
+            secure = self._secure = is_secure(self._scope, self._forwarded)
         return secure
-
-    def _find_secure(self) -> bool:
-        if self._scope.get("scheme") in ("https", "wss"):
-            return True
-        said = self._forwarded()
-        return said is not None and said.secure is True
 
     def _forwarded(self) -> Forwarded | None:
         """What the site's trusted proxies say of this request (read once);
         None if the site trusts no proxy headers, or not from this peer."""
         said = self._proxy_said
         if said is _UNREAD:
-            trust: ProxyTrust | None = self.site._proxy_trust
-            if trust is None:
-                said = None
-            else:
-                peer = self._scope.get("client")
-                said = trust.read(peer[0] if peer else None, self._scope["headers"])
-            self._proxy_said = said
+            said = self._proxy_said = self.site._proxy_says(self._scope)
         return said
 
     def getClientAddress(self) -> IPv4Address | IPv6Address:
@@ -391,16 +374,9 @@ class Request(Visit):
             if session is None:
                 continue
             name = self.site._cookie_names[slot]
-            if session._expired:
-                headers.append(format_delete_cookie(name, secure=secure))
-            elif session is not presented or (
-                self._rotated is not None and session in self._rotated
-            ):
-                # A session this request made, or rotated. (A session the
-                # cookie named keeps its cookie, even if another request has
-                # rotated it since, or it was found under an old uid in its
-                # grace: a new uid goes only to the request that made it.)
-                headers.append(format_session_cookie(name, session.uid, secure=secure))
+            cookie = session_cookie(name, session, presented, self, secure=secure)
+            if cookie is not None:
+                headers.append(cookie)
         return headers
 
     # -- the response -----------------------------------------------------
