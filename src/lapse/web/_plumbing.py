@@ -114,7 +114,8 @@ def session_cookie(
     """
     if session._expired:
         return format_delete_cookie(name, secure=secure)
-    if session is not presented or visit._rotated_here(session):
+    rotated = visit._rotated  # (Visit._rotated_here, without its call: every request's path)
+    if session is not presented or (rotated is not None and session in rotated):
         return format_session_cookie(name, session.uid, secure=secure)
     return None
 

@@ -286,7 +286,9 @@ class Request(Visit):
         None if the site trusts no proxy headers, or not from this peer."""
         said = self._proxy_said
         if said is _UNREAD:
-            said = self._proxy_said = self.site._proxy_says(self._scope)
+            site = self.site
+            said = None if site._proxy_trust is None else site._proxy_says(self._scope)
+            self._proxy_said = said
         return said
 
     def getClientAddress(self) -> IPv4Address | IPv6Address:
