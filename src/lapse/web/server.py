@@ -37,7 +37,8 @@ from lapse.sessions import (
 from lapse.web._access import access_log, log_access
 from lapse.web._plumbing import CONFLICT, UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
-from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request, split_path
+from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
+from lapse.web._target import split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
 from lapse.web.resource import ErrorPage, getChildForRequest
