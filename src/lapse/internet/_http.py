@@ -108,9 +108,9 @@ class HTTPProtocol(GuardedProtocol):
     """uvicorn's httptools protocol with :class:`HTTPLimits` enforced (module doc)."""
 
     # Slots (here and in GuardedProtocol), not the instance dict: uvicorn's
-    # protocol has 28 attributes, and
-    # past 30 CPython 3.11 stops sharing the dict's keys, which slows every
-    # attribute access in uvicorn's methods (+5% instructions per request).
+    # protocol has 28 attributes, and past 30 CPython 3.11 stops sharing the
+    # dict's keys, which slows every attribute access in uvicorn's methods
+    # (+5% instructions per request).
     __slots__ = ("_connection_cap", "_lingering_reject", "_rejected", "_uri_limit")
 
     def __init__(
