@@ -372,6 +372,8 @@ class Site(HTTPSessions):
             if name == b"host":
                 hosts += 1
             elif name == b"cookie":
+                # join_cookie_headers's joining, in the one pass the limits
+                # need anyway (a second pass costs 3% of a request)
                 cookie_header = value if cookie_header is None else cookie_header + b"; " + value
             elif name == b"content-length":
                 if not value.isdigit():
