@@ -62,7 +62,6 @@ from lapse.sessions import (
 )
 from lapse.web._cookies import vary_on_cookie
 from lapse.web._plumbing import (
-    CONFLICT,
     UNAVAILABLE,
     HTTPSessions,
     is_secure,
@@ -291,20 +290,14 @@ class SessionMiddleware(HTTPSessions):
                 await UNAVAILABLE.send(send)
                 return
             if visit.used:
-                try:
-                    if shared:
-                        await keeper.persist(visit.used, visit)
-                    else:
-                        keeper.persist_now(visit.used)
-                except StoreUnavailable:
-                    replaced = True
-                    await UNAVAILABLE.send(send)
-                    return
-                except SessionConflict as exc:
-                    log.info("%s", exc)
-                    replaced = True
-                    await CONFLICT.send(send)
-                    return
+                if shared:
+                    answer = await self._write_visit(visit.used, visit)
+                    if answer is not None:
+                        replaced = True
+                        await answer.send(send)
+                        return
+                else:
+                    keeper.persist_now(visit.used)
                 cookies = visit.cookie_headers()
                 if cookies:
                     message = {**message, "headers": [*message.get("headers", ()), *cookies]}

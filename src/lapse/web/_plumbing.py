@@ -20,10 +20,12 @@ request model (a Twisted ``Request``; Starlette's scope):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from lapse.internet._answers import text_response
+from lapse.sessions import SessionConflict, StoreUnavailable
 from lapse.web._cookies import format_delete_cookie, format_session_cookie
 from lapse.web._host import SessionHost, cookie_uid
 from lapse.web._types import Message, Receive, Scope, Send
@@ -41,6 +43,8 @@ __all__ = [
     "join_cookie_headers",
     "session_cookie",
 ]
+
+session_log = logging.getLogger("lapse.sessions")
 
 _SECURE_SCHEMES = frozenset({"https", "wss"})
 
@@ -147,6 +151,20 @@ class HTTPSessions(SessionHost):
             return None
         peer = scope.get("client")
         return trust.read(peer[0] if peer else None, scope["headers"])
+
+    async def _write_visit(self, sessions: list[Session], visit: Visit) -> SessionAnswer | None:
+        """Write what a request did to its ``sessions`` (on a shared store,
+        before its response starts). None, or the answer that replaces its
+        response: :data:`UNAVAILABLE` if the store cannot take the write,
+        :data:`CONFLICT` if the session changed under the request."""
+        try:
+            await self._keeper.persist(sessions, visit)
+        except StoreUnavailable:
+            return UNAVAILABLE
+        except SessionConflict as exc:
+            session_log.info("%s", exc)
+            return CONFLICT
+        return None
 
     async def _start_sessions(self) -> str | None:
         """Lifespan startup: None once the sessions are started, else the

@@ -29,13 +29,12 @@ from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
 from lapse.sessions import (
     ExpiryHook,
     Session,
-    SessionConflict,
     SessionStore,
     StoreUnavailable,
     current_visit,
 )
 from lapse.web._access import access_log, log_access
-from lapse.web._plumbing import CONFLICT, UNAVAILABLE, HTTPSessions, SessionAnswer
+from lapse.web._plumbing import UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
 from lapse.web._target import split_path
@@ -48,7 +47,6 @@ __all__ = ["NOT_DONE_YET", "Request", "Session", "Site", "version"]
 version = b"lapse"
 
 log = logging.getLogger("lapse.web")
-session_log = logging.getLogger("lapse.sessions")
 
 
 class _ClientGone(Exception):
@@ -210,13 +208,9 @@ class Site(HTTPSessions):
         a write that cannot be made replaces the response (503, 409)."""
         used = self._used_sessions(request)
         if used:
-            try:
-                await self._keeper.persist(used, request)
-            except StoreUnavailable:
-                self._answer(request, UNAVAILABLE)
-            except SessionConflict as exc:
-                session_log.info("%s", exc)
-                self._answer(request, CONFLICT)
+            answer = await self._write_visit(used, request)
+            if answer is not None:
+                self._answer(request, answer)
 
     @staticmethod
     def _answer(request: Request, answer: SessionAnswer) -> None:
