@@ -218,6 +218,13 @@ REQUESTS = {
     "tls": ({"scheme": "https"}, False, b"__Host-lapse_session", SECURE_FLAGS),
     "trusted proxy": ({"headers": FORWARDED}, True, b"__Host-lapse_session", SECURE_FLAGS),
     "untrusted proxy": ({"headers": FORWARDED}, False, b"lapse_session", PLAIN_FLAGS),
+    "listed proxy": (
+        {"headers": FORWARDED, "client": ("10.1.2.3", 4000)},
+        "10.0.0.0/8",
+        b"__Host-lapse_session",
+        SECURE_FLAGS,
+    ),
+    "unlisted peer": ({"headers": FORWARDED}, "10.0.0.0/8", b"lapse_session", PLAIN_FLAGS),
 }
 
 
@@ -228,8 +235,9 @@ def test_session_cookie_is_set_only_when_made_or_rotated_with_the_same_attribute
 ) -> None:
     """A new session's cookie, and a rotated one's, carry Path=/, HttpOnly,
     SameSite=Lax, and on a secure request (TLS, or a trusted proxy's
-    X-Forwarded-Proto) the __Host- name and Secure; an untrusted proxy's
-    header changes nothing; a request presenting its session gets no
+    X-Forwarded-Proto) the __Host- name and Secure; the same header from a
+    host that trusts no proxy, or from a peer not among the trusted proxies,
+    changes nothing; a request presenting its session gets no
     Set-Cookie; every one varies on Cookie. The same from both."""
     request, trust, name, flags = REQUESTS[how]
 
