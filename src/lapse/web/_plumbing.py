@@ -105,7 +105,7 @@ def is_secure(scope: Scope, forwarded: Callable[[], Forwarded | None]) -> bool:
 
 
 def session_cookie(
-    name: bytes, session: Session, presented: Session | None, visit: Visit, *, secure: bool
+    name: bytes, session: Session, presented: Session | None, visit: Visit, secure: bool
 ) -> bytes | None:
     """The ``Set-Cookie`` value a response needs for ``session``, the one the
     request has under the cookie ``name`` (``presented``: the one its cookie

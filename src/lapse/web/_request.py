@@ -294,7 +294,7 @@ class Request(Visit):
             if session is None:
                 continue
             name = self.site._cookie_names[slot]
-            cookie = session_cookie(name, session, presented, self, secure=secure)
+            cookie = session_cookie(name, session, presented, self, secure)
             if cookie is not None:
                 headers.append(cookie)
         return headers

@@ -87,7 +87,7 @@ class MiddlewareVisit(Visit):
             return []
         secure = self.secure
         name = self.owner._cookie_names[1 if secure else 0]
-        cookie = session_cookie(name, session, self.presented, self, secure=secure)
+        cookie = session_cookie(name, session, self.presented, self, secure)
         return [] if cookie is None else [(b"set-cookie", cookie)]
 
 
