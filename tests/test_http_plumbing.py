@@ -258,6 +258,44 @@ def test_session_cookie_is_set_only_when_made_or_rotated_with_the_same_attribute
     asyncio.run(scenario())
 
 
+# How a hostile or odd Cookie header is read: True if it names the session {uid}.
+COOKIE_HEADERS: dict[str, tuple[list[bytes], bool]] = {
+    "among others, in a second Cookie header": ([b"a=1", b"b=2; lapse_session={uid}"], True),
+    "quoted, spaced": ([b' lapse_session = "{uid}" ; a=1'], True),
+    "twice: the first wins": ([b"lapse_session={uid}; lapse_session=bogus"], True),
+    "twice, the first bogus": ([b"lapse_session=bogus; lapse_session={uid}"], False),
+    "a longer name ending in it": ([b"xlapse_session={uid}"], False),
+    "the secure name on a plain request": ([b"__Host-lapse_session={uid}"], False),
+    "oversized": ([b"lapse_session={uid}" + b"x" * 300], False),
+    "empty": ([b"lapse_session="], False),
+}
+
+
+@pytest.mark.parametrize("case", list(COOKIE_HEADERS))
+@pytest.mark.parametrize("kind", ENTRY_POINTS)
+def test_cookie_headers_are_read_the_same_way(kind: str, case: str) -> None:
+    """Both find the session cookie alike in what a client may send: several
+    Cookie headers, quotes and spaces, the name twice (the first wins), a
+    look-alike name, the secure name on a plain request, an oversized or
+    empty value; what names no live session gets a new one (and its cookie),
+    never an error."""
+    values, names_it = COOKIE_HEADERS[case]
+
+    async def scenario() -> None:
+        host = entry(kind, reactor=Clock())
+        uid = (await get(host, "/mine")).body.decode()
+        headers = [(b"cookie", value.replace(b"{uid}", uid.encode())) for value in values]
+        response = await get(host, "/mine", headers=headers)
+        assert response.status == 200
+        if names_it:
+            assert (response.body.decode(), response.set_cookies) == (uid, {})
+        else:
+            new = response.body.decode()
+            assert new != uid and response.cookie_value(b"lapse_session") == new.encode()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("secure", [False, True])
 @pytest.mark.parametrize("kind", ENTRY_POINTS)
 def test_logout_deletes_the_cookie_the_same_way(kind: str, secure: bool) -> None:
