@@ -1,7 +1,9 @@
 """The HTTP session plumbing a Site and the ASGI middleware share.
 
 Both own sessions over HTTP the same way; each only adapts this to its own
-request model (a Twisted ``Request``; Starlette's scope):
+request model (a Twisted ``Request``; an ASGI scope and ``request.session``).
+The Site's header scan joins the ``Cookie`` headers itself, in the one pass
+its limits need. Here:
 
 - which session uids a request presents: its ``Cookie`` headers, joined
   (:func:`join_cookie_headers`), searched for the plain and the secure session
@@ -11,7 +13,8 @@ request model (a Twisted ``Request``; Starlette's scope):
 - the ``Set-Cookie`` a session needs (:func:`session_cookie`): its cookie if
   this request made or rotated it, a deletion if it ended, nothing if the
   request presented it;
-- the answers that replace a response when sessions cannot be had
+- writing what the request did (:meth:`HTTPSessions._write_visit`), and the
+  answers that replace its response when that cannot be done
   (:data:`UNAVAILABLE`, 503; :data:`CONFLICT`, 409): short plain text, the
   same bytes from either;
 - the lifespan: the start-up check and the keeper's start at startup, its
