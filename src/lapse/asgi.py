@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 # What making the middleware needs, imported with this module, before the
@@ -51,26 +50,26 @@ import lapse.internet.reactor
 import lapse.sessions.stores.memory
 import lapse.sessions.stores.redis
 import lapse.sessions.stores.sqlite  # noqa: F401
-from lapse.internet._http import text_response
 from lapse.internet.interfaces import IReactorTime
 from lapse.sessions import (
     ExpiryHook,
     Session,
     SessionConflict,
-    SessionData,
     SessionOwner,
     SessionStore,
     StoreUnavailable,
-    Visit,
     current_visit,
 )
-from lapse.web._cookies import format_delete_cookie, format_session_cookie, vary_on_cookie
-from lapse.web._host import SessionHost, cookie_uid
+from lapse.web._cookies import vary_on_cookie
+from lapse.web._plumbing import (
+    UNAVAILABLE,
+    HTTPSessions,
+    is_secure,
+    join_cookie_headers,
+)
 from lapse.web._proxy import TrustSetting
+from lapse.web._session_mapping import MiddlewareVisit, SessionMapping
 from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from _collections_abc import dict_items, dict_keys, dict_values
 
 __all__ = ["SessionMapping", "SessionMiddleware", "current_session", "get_session"]
 
@@ -79,317 +78,14 @@ log = logging.getLogger("lapse.asgi")
 SCOPE_KEY = "lapse.session"
 """The scope key under which the middleware keeps a request's session state."""
 
-_UNAVAILABLE_BODY = b"Sessions are unavailable for a moment; try again.\n"
-_UNAVAILABLE_START: Message = text_response(503, _UNAVAILABLE_BODY, (b"retry-after", b"1"))
-_CONFLICT_BODY = b"Your session changed while this request ran; nothing was saved. Try again.\n"
-_CONFLICT_START: Message = text_response(409, _CONFLICT_BODY)
 
-
-class _Visit(Visit):
-    """One HTTP request's session: the one its cookie named, the one it uses."""
-
-    __slots__ = ("current", "failed", "failure", "mapping", "owner", "presented", "secure", "used")
-
-    def __init__(self, owner: SessionMiddleware, secure: bool) -> None:
-        self.owner = owner
-        self.secure = secure
-        self.failure: StoreUnavailable | None = None
-        """Why the session the cookie named could not be loaded: raised to
-        the app when it asks for its session (then the answer is 503)."""
-        self.failed = False
-        """The app asked for its session and got ``failure``."""
-        self.presented: Session | None = None
-        """The live session the request's cookie named, if any."""
-        self.current: Session | None = None
-        """The session the request has: the presented one, or one it made."""
-        self.used: list[Session] = []
-        """Every session the request touched or made, for persisting."""
-        self.mapping = SessionMapping(self)
-
-    def _fail(self) -> None:
-        if self.failure is not None:
-            self.failed = True
-            raise self.failure
-
-    def peek(self) -> Session | None:
-        self._fail()
-        session = self.current
-        if session is None or session._expired:
-            return None
-        return session
-
-    def get(self) -> Session:
-        self._fail()
-        session = self.current
-        if session is None or session._expired:
-            session = self.current = self.owner.makeSession()
-            self.used.append(session)
-            self.mapping._bind()
-        return session
-
-    def _note_end(self, session: Session) -> None:
-        super()._note_end(session)
-        if session is self.current:
-            self.mapping._bind()
-
-    def pending(self) -> list[Session]:
-        """Sessions with changes not yet written (made or changed late)."""
-        views = self._views or {}
-        pending = []
-        for session in self.used:
-            entry = views.get(session)
-            data = session._data if entry is None else entry[0]
-            if session._needs_create or (data is not None and data.dirty):
-                pending.append(session)
-        return pending
-
-    def cookie_headers(self) -> list[tuple[bytes, bytes]]:
-        """The Set-Cookie headers the response needs: the session cookie if
-        the request made a session or its uid changed (rotation), a deletion
-        if the session ended; none otherwise."""
-        session = self.current
-        if session is None:
-            return []
-        secure = self.secure
-        name = self.owner._cookie_names[1 if secure else 0]
-        if session._expired:
-            return [(b"set-cookie", format_delete_cookie(name, secure=secure))]
-        if session is not self.presented or self._rotated_here(session):
-            # Made or rotated by this request: a new uid goes only to the
-            # request that made it (see Request._session_cookies).
-            return [(b"set-cookie", format_session_cookie(name, session.uid, secure=secure))]
-        return []
-
-
-_MISSING: Any = object()
-
-
-class SessionMapping(dict[str, Any]):
-    """``scope["session"]``: the request's session data, made on first write.
-
-    This is what Starlette's ``request.session`` returns: a ``dict`` (a
-    subclass) in everything a program can see (``json.dumps``, ``==``, ``|``,
-    ``|=``, ``copy()``, ``popitem()`` taking the newest key, ``repr``), whose
-    changes go to the session's :attr:`~lapse.sessions.Session.data`, so only
-    the changed keys are written. Reading without a session reads an empty
-    dict (and makes none); writing makes the session, as ``get_session()``
-    would. Values must be JSON-serialisable (see
-    :class:`~lapse.sessions.SessionData`). ``clear()`` is a logout: it
-    expires the session (callbacks run, the cookie is deleted).
-
-    The dict's own storage is kept equal to the session's data (code such as
-    ``json``'s C encoder reads it directly): filled when the request gets its
-    session (every value decoded), then changed with the data.
-    """
-
-    __slots__ = ("_data", "_released", "_session", "_visit")
-
-    def __init__(self, visit: _Visit) -> None:
-        super().__init__()
-        self._visit = visit
-        self._session: Session | None = None
-        self._data: SessionData | None = None
-        self._released = False
-
-    # -- keeping the dict equal to the session's data -------------------------
-
-    def _bind(self) -> Session | None:
-        """The request's live session; the dict made equal to its data first
-        if the session or its data object changed (made, ended, reloaded)."""
-        session = self._visit.peek()
-        data = None if session is None else session.data
-        if session is not self._session or data is not self._data or self._released:
-            self._attach(session, data)
-        return session
-
-    def _attach(self, session: Session | None, data: SessionData | None) -> None:
-        self._unmirror()
-        dict.clear(self)
-        self._session = session
-        self._data = data
-        if data is not None:
-            dict.update(self, {key: data[key] for key in data})
-            if not self._released:
-                if data._mirrors is None:
-                    data._mirrors = []
-                data._mirrors.append(self)
-
-    def _unmirror(self) -> None:
-        data = self._data
-        if data is not None and data._mirrors:
-            data._mirrors = [mirror for mirror in data._mirrors if mirror is not self]
-
-    def _release(self) -> None:
-        """The request is over: stop following the data's changes (a later
-        use, from a task the request left behind, re-reads it each time)."""
-        self._unmirror()
-        self._released = True
-
-    # -- reading --------------------------------------------------------------
-
-    def __getitem__(self, key: str) -> Any:
-        self._bind()
-        return dict.__getitem__(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self._bind()
-        return dict.get(self, key, default)
-
-    def __contains__(self, key: object) -> bool:
-        self._bind()
-        return dict.__contains__(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        self._bind()
-        return dict.__iter__(self)
-
-    def __reversed__(self) -> Iterator[str]:
-        self._bind()
-        return dict.__reversed__(self)
-
-    def __len__(self) -> int:
-        self._bind()
-        return dict.__len__(self)
-
-    def keys(self) -> dict_keys[str, Any]:
-        self._bind()
-        return dict.keys(self)
-
-    def values(self) -> dict_values[str, Any]:
-        self._bind()
-        return dict.values(self)
-
-    def items(self) -> dict_items[str, Any]:
-        self._bind()
-        return dict.items(self)
-
-    def __eq__(self, other: object) -> bool:
-        self._bind()
-        return dict.__eq__(self, other)
-
-    def __ne__(self, other: object) -> bool:
-        self._bind()
-        return dict.__ne__(self, other)
-
-    def copy(self) -> dict[str, Any]:
-        """A plain ``dict`` of the data (changing it changes no session)."""
-        self._bind()
-        return dict.copy(self)
-
-    def __copy__(self) -> dict[str, Any]:
-        return self.copy()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
-        return copy.deepcopy(self.copy(), memo)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (dict, (self.copy(),))
-
-    def __or__(self, other: Any) -> Any:
-        if not isinstance(other, dict):
-            return NotImplemented
-        merged = self.copy()
-        merged.update(other)
-        return merged
-
-    def __ror__(self, other: Any) -> Any:
-        if not isinstance(other, dict):
-            return NotImplemented
-        merged = dict(other)
-        merged.update(self.copy())
-        return merged
-
-    def __repr__(self) -> str:
-        self._bind()
-        return dict.__repr__(self)
-
-    @classmethod
-    def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Any:
-        """A plain ``dict`` (a session mapping belongs to a request)."""
-        return dict.fromkeys(iterable, value)
-
-    # -- writing: through the session's data ----------------------------------
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        session = self._visit.get()
-        self._bind()
-        session.data[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        session = self._bind()
-        if session is None or not dict.__contains__(self, key):
-            raise KeyError(key)
-        del session.data[key]
-
-    def pop(self, key: str, default: Any = _MISSING) -> Any:
-        session = self._bind()
-        if session is None or not dict.__contains__(self, key):
-            if default is _MISSING:
-                raise KeyError(key)
-            return default
-        value = dict.__getitem__(self, key)
-        del session.data[key]
-        return value
-
-    def popitem(self) -> tuple[str, Any]:
-        """Remove and return the newest key and its value, as a dict does."""
-        session = self._bind()
-        if session is None or not dict.__len__(self):
-            raise KeyError("popitem(): dictionary is empty")
-        key = next(dict.__reversed__(self))
-        value = dict.__getitem__(self, key)
-        del session.data[key]
-        return key, value
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        self._bind()
-        if dict.__contains__(self, key):
-            return dict.__getitem__(self, key)
-        self[key] = default
-        return default
-
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        """As ``dict.update``: a mapping (anything with ``keys()``), or pairs,
-        then keyword arguments; each key written through the session."""
-        if hasattr(other, "keys"):
-            for key in other.keys():  # noqa: SIM118 - keys(), as dict.update calls it
-                self[key] = other[key]
-        else:
-            for index, item in enumerate(other):
-                try:
-                    pair = tuple(item)
-                except TypeError:
-                    raise TypeError(
-                        f"cannot convert dictionary update sequence element #{index} to a sequence"
-                    ) from None
-                if len(pair) != 2:
-                    raise ValueError(
-                        f"dictionary update sequence element #{index} has length "
-                        f"{len(pair)}; 2 is required"
-                    )
-                self[pair[0]] = pair[1]
-        for key, value in kwargs.items():
-            self[key] = value
-
-    def __ior__(self, other: Any) -> SessionMapping:  # type: ignore[override]
-        self.update(other)
-        return self
-
-    def clear(self) -> None:
-        """End the session (a logout), if the request has one."""
-        session = self._bind()
-        if session is not None:
-            session.expire()
-        self._attach(None, None)
-
-
-def _visit_of(request_or_scope: Any) -> _Visit:
+def _visit_of(request_or_scope: Any) -> MiddlewareVisit:
     scope = getattr(request_or_scope, "scope", request_or_scope)
     try:
         visit = scope[SCOPE_KEY]
     except (KeyError, TypeError):
         visit = None
-    if not isinstance(visit, _Visit):
+    if not isinstance(visit, MiddlewareVisit):
         raise RuntimeError(
             "no lapse session here: install lapse.asgi.SessionMiddleware "
             "(sessions are for HTTP requests, not websockets)"
@@ -414,7 +110,7 @@ def current_session(request_or_scope: Any) -> Session | None:
     return _visit_of(request_or_scope).peek()
 
 
-class SessionMiddleware(SessionHost):
+class SessionMiddleware(HTTPSessions):
     """Wraps an ASGI app; gives its HTTP requests lapse sessions.
 
     Options (as ``Site``'s):
@@ -549,7 +245,7 @@ class SessionMiddleware(SessionHost):
         if shared:
             keeper.start()
         secure, uid = self._read_headers(scope)
-        visit = _Visit(self, secure)
+        visit = MiddlewareVisit(self, secure)
         visiting = current_visit.set(visit)
         try:
             await self._serve_http(scope, receive, send, visit, uid)
@@ -557,7 +253,7 @@ class SessionMiddleware(SessionHost):
             current_visit.reset(visiting)
 
     async def _serve_http(
-        self, scope: Scope, receive: Receive, send: Send, visit: _Visit, uid: str | None
+        self, scope: Scope, receive: Receive, send: Send, visit: MiddlewareVisit, uid: str | None
     ) -> None:
         keeper = self._keeper
         shared = not keeper.synchronous
@@ -591,23 +287,17 @@ class SessionMiddleware(SessionHost):
                 # The app asked for a session the store could not load (its
                 # answer is an error page, or made without the session).
                 replaced = True
-                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
+                await UNAVAILABLE.send(send)
                 return
             if visit.used:
-                try:
-                    if shared:
-                        await keeper.persist(visit.used, visit)
-                    else:
-                        keeper.persist_now(visit.used)
-                except StoreUnavailable:
-                    replaced = True
-                    await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
-                    return
-                except SessionConflict as exc:
-                    log.info("%s", exc)
-                    replaced = True
-                    await _send_error(send, _CONFLICT_START, _CONFLICT_BODY)
-                    return
+                if shared:
+                    answer = await self._write_visit(visit.used, visit)
+                    if answer is not None:
+                        replaced = True
+                        await answer.send(send)
+                        return
+                else:
+                    keeper.persist_now(visit.used)
                 cookies = visit.cookie_headers()
                 if cookies:
                     message = {**message, "headers": [*message.get("headers", ()), *cookies]}
@@ -630,7 +320,7 @@ class SessionMiddleware(SessionHost):
                 log.warning("session needed after the response started: %s", exc)
             else:
                 replaced = True
-                await _send_error(send, _UNAVAILABLE_START, _UNAVAILABLE_BODY)
+                await UNAVAILABLE.send(send)
         finally:
             visit.mapping._release()
             # What changed after the response started (a background task, a
@@ -650,19 +340,12 @@ class SessionMiddleware(SessionHost):
 
     def _read_headers(self, scope: Scope) -> tuple[bool, str | None]:
         """Whether the request is secure; the uid its session cookie names."""
-        secure = scope.get("scheme") == "https"
-        cookie_header: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"cookie":
-                cookie_header = value if cookie_header is None else cookie_header + b"; " + value
-        trust = self._proxy_trust
-        if not secure and trust is not None:
-            peer = scope.get("client")
-            said = trust.read(peer[0] if peer else None, scope["headers"])
-            secure = said is not None and said.secure is True
+        secure = is_secure(scope, lambda: self._proxy_says(scope))
+        cookie_header = join_cookie_headers(scope["headers"])
         if cookie_header is None:
             return secure, None
-        return secure, cookie_uid(self._cookie_finders[1 if secure else 0](cookie_header))
+        uids = self._cookie_uids(cookie_header, secure)
+        return secure, uids[1 if secure else 0] if uids else None
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan through to the app, starting the keeper before its
@@ -678,13 +361,12 @@ class SessionMiddleware(SessionHost):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 started = True
-                problem = await self.check_start()
+                problem = await self._start_sessions()
                 if problem is not None:
                     # The app never sees a startup it cannot have.
                     refused = True
                     await send({"type": "lifespan.startup.failed", "message": problem})
                     raise _StartupRefused(problem)
-                keeper.start()
             return message
 
         async def send_lifespan(message: Message) -> None:
@@ -706,24 +388,6 @@ class SessionMiddleware(SessionHost):
             log.debug("the app does not take lifespan; serving it for sessions", exc_info=True)
             await self._serve_lifespan(receive, send, started)
 
-    async def _serve_lifespan(self, receive: Receive, send: Send, started: bool) -> None:
-        keeper = self._keeper
-        if started:
-            await send({"type": "lifespan.startup.complete"})
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                problem = await self.check_start()
-                if problem is not None:
-                    await send({"type": "lifespan.startup.failed", "message": problem})
-                    return
-                keeper.start()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await keeper.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
     def __repr__(self) -> str:
         return f"<SessionMiddleware {len(self.sessions)} live sessions, app {self.app!r}>"
 
@@ -731,13 +395,6 @@ class SessionMiddleware(SessionHost):
 class _StartupRefused(Exception):
     """Raised to the app's lifespan: sessions cannot start (the server was
     sent ``lifespan.startup.failed`` with the reason)."""
-
-
-async def _send_error(send: Send, start: Message, body: bytes) -> None:
-    """Answer with a short error (503: the store cannot be reached; 409: the
-    session changed under the request) instead of the app's response."""
-    await send(dict(start))
-    await send({"type": "http.response.body", "body": body})
 
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from lapse.web._request import redact_query
+from lapse.web._target import redact_query
 
 if TYPE_CHECKING:
     from lapse.web._request import Request

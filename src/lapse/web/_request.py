@@ -13,21 +13,16 @@ from __future__ import annotations
 import asyncio
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote_from_bytes, unquote_to_bytes
+from urllib.parse import quote_from_bytes
 
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.defer import Deferred
 from lapse.internet.error import ConnectionDone
 from lapse.sessions import Visit
-from lapse.web._cookies import (
-    format_delete_cookie,
-    format_session_cookie,
-    format_set_cookie,
-    parse_cookie_header,
-    vary_on_cookie,
-)
-from lapse.web._proxy import Forwarded, ProxyTrust
-from lapse.web.error import BadRequest
+from lapse.web._cookies import format_set_cookie, parse_cookie_header, vary_on_cookie
+from lapse.web._plumbing import is_secure, session_cookie
+from lapse.web._proxy import Forwarded
+from lapse.web._target import SEGMENT_SAFE, parse_query, redact_query
 from lapse.web.http_headers import Headers, decode_header
 
 if TYPE_CHECKING:
@@ -35,7 +30,7 @@ if TYPE_CHECKING:
     from lapse.web._types import Scope
     from lapse.web.server import Site
 
-__all__ = ["NOT_DONE_YET", "Request", "parse_query", "redact_query", "split_path"]
+__all__ = ["NOT_DONE_YET", "Request"]
 
 NOT_DONE_YET = 1
 """Returned by a render method that will finish the request later."""
@@ -53,88 +48,6 @@ _PROTOCOLS = {v: b"HTTP/" + v.encode("ascii") for v in ("1.0", "1.1", "2")}
 _DEFAULT_CONTENT_TYPE = (b"content-type", b"text/html; charset=utf-8")
 _ZERO_LENGTH = (b"content-length", b"0")
 _VARY_COOKIE = (b"vary", b"Cookie")
-
-
-def parse_query(data: bytes) -> dict[bytes, list[bytes]]:
-    """The arguments of a query string or urlencoded form, as Twisted gives them.
-
-    Pairs are split on ``&``; ``+`` is a space; ``%XX`` is decoded to its
-    byte, whatever the bytes (UTF-8 or not), and a ``%`` that starts no
-    escape stays as it is. Keys and values are bytes; a key without ``=``
-    has the value ``b""``; empty pairs are skipped. It never raises.
-    """
-    args: dict[bytes, list[bytes]] = {}
-    if not data:
-        return args
-    for pair in data.split(b"&"):
-        if not pair:
-            continue
-        key, _, value = pair.partition(b"=")
-        if b"+" in pair or b"%" in pair:
-            key, value = _unquote_plus(key), _unquote_plus(value)
-        found = args.get(key)
-        if found is None:
-            args[key] = [value]
-        else:
-            found.append(value)
-    return args
-
-
-def _unquote_plus(part: bytes) -> bytes:
-    """A query key or value decoded: ``+`` a space, ``%XX`` its byte."""
-    if b"+" in part:
-        part = part.replace(b"+", b" ")
-    return unquote_to_bytes(part) if b"%" in part else part
-
-
-def redact_query(uri: bytes, names: frozenset[bytes]) -> bytes:
-    """``uri`` with the value of each query argument named in ``names`` (as
-    :func:`parse_query` reads names, escapes included) replaced by
-    ``[redacted]``; ``uri`` itself if it has none."""
-    path, mark, query = uri.partition(b"?")
-    if not mark:
-        return uri
-    pairs = query.split(b"&")
-    changed = False
-    for index, pair in enumerate(pairs):
-        key = pair.partition(b"=")[0]
-        if _unquote_plus(key) in names:
-            pairs[index] = key + b"=[redacted]"
-            changed = True
-    return path + b"?" + b"&".join(pairs) if changed else uri
-
-
-_SEGMENT_SAFE = b"!$&'()*+,;=:@-._~"
-"""What a path segment carries unescaped (RFC 3986 pchar, less ``%``)."""
-
-
-def split_path(raw: bytes) -> list[bytes]:
-    """The percent-decoded segments of a request path, dot segments resolved.
-
-    ``.`` and ``..`` segments are removed as RFC 3986 (5.2.4) says, never
-    climbing above the root. A segment that only decodes to ``.`` or ``..``
-    (``%2e%2e``) is a :class:`BadRequest`: it is a traversal attempt.
-    An encoded slash (``%2F``) stays inside its segment.
-    """
-    if not raw.startswith(b"/"):
-        raise BadRequest("The request target must be an absolute path.")
-    segments = raw[1:].split(b"/")
-    if b"." in raw:
-        kept: list[bytes] = []
-        for segment in segments:
-            if segment == b"..":
-                if kept:
-                    kept.pop()
-            elif segment != b".":
-                kept.append(segment)
-        if segments[-1] in (b".", b".."):
-            kept.append(b"")
-        segments = kept or [b""]
-    if b"%" in raw:
-        segments = [unquote_to_bytes(segment) for segment in segments]
-        if any(segment in (b".", b"..") for segment in segments):
-            raise BadRequest("Encoded dot segments are not allowed in a path.")
-    return segments
 
 
 class Request(Visit):
@@ -283,26 +196,16 @@ class Request(Visit):
         """Whether the request came over TLS (or, if the site trusts it, a TLS proxy)."""
         secure = self._secure
         if secure is None:
-            secure = self._secure = self._find_secure()
+            secure = self._secure = is_secure(self._scope, self._forwarded)
         return secure
-
-    def _find_secure(self) -> bool:
-        if self._scope.get("scheme") in ("https", "wss"):
-            return True
-        said = self._forwarded()
-        return said is not None and said.secure is True
 
     def _forwarded(self) -> Forwarded | None:
         """What the site's trusted proxies say of this request (read once);
         None if the site trusts no proxy headers, or not from this peer."""
         said = self._proxy_said
         if said is _UNREAD:
-            trust: ProxyTrust | None = self.site._proxy_trust
-            if trust is None:
-                said = None
-            else:
-                peer = self._scope.get("client")
-                said = trust.read(peer[0] if peer else None, self._scope["headers"])
+            site = self.site
+            said = None if site._proxy_trust is None else site._proxy_says(self._scope)
             self._proxy_said = said
         return said
 
@@ -343,7 +246,7 @@ class Request(Visit):
         """The absolute URL of the resource being rendered."""
         scheme = b"https" if self.isSecure() else b"http"
         host = self.getHeader(b"host") or self.getRequestHostname()
-        path = b"/".join(quote_from_bytes(p, _SEGMENT_SAFE).encode("ascii") for p in self.prepath)
+        path = b"/".join(quote_from_bytes(p, SEGMENT_SAFE).encode("ascii") for p in self.prepath)
         return scheme + b"://" + host + b"/" + path
 
     # -- sessions ---------------------------------------------------------
@@ -391,16 +294,9 @@ class Request(Visit):
             if session is None:
                 continue
             name = self.site._cookie_names[slot]
-            if session._expired:
-                headers.append(format_delete_cookie(name, secure=secure))
-            elif session is not presented or (
-                self._rotated is not None and session in self._rotated
-            ):
-                # A session this request made, or rotated. (A session the
-                # cookie named keeps its cookie, even if another request has
-                # rotated it since, or it was found under an old uid in its
-                # grace: a new uid goes only to the request that made it.)
-                headers.append(format_session_cookie(name, session.uid, secure=secure))
+            cookie = session_cookie(name, session, presented, self, secure)
+            if cookie is not None:
+                headers.append(cookie)
         return headers
 
     # -- the response -----------------------------------------------------

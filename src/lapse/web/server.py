@@ -29,15 +29,15 @@ from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
 from lapse.sessions import (
     ExpiryHook,
     Session,
-    SessionConflict,
     SessionStore,
     StoreUnavailable,
     current_visit,
 )
 from lapse.web._access import access_log, log_access
-from lapse.web._host import SessionHost, cookie_uid
+from lapse.web._plumbing import UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
-from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request, split_path
+from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
+from lapse.web._target import split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
 from lapse.web.resource import ErrorPage, getChildForRequest
@@ -47,14 +47,13 @@ __all__ = ["NOT_DONE_YET", "Request", "Session", "Site", "version"]
 version = b"lapse"
 
 log = logging.getLogger("lapse.web")
-session_log = logging.getLogger("lapse.sessions")
 
 
 class _ClientGone(Exception):
     """The client disconnected before the request was read."""
 
 
-class Site(SessionHost):
+class Site(HTTPSessions):
     """Serves ``resource`` over HTTP (ASGI), with sessions.
 
     ``sessionFactory`` makes the sessions (set a ``Session`` subclass to
@@ -163,23 +162,10 @@ class Site(SessionHost):
             uid = uid.decode("latin-1")
         return self.sessions[uid]
 
-    def _presented_uids(self, request: Request, cookie_header: bytes) -> list[str | None]:
-        """The uids the request's cookies name, [plain, secure], or [].
-
-        As :func:`parse_cookie_header` reads them: the first cookie of the
-        name, stripped and unquoted; an empty or oversized value is none.
-        """
-        plain_finder, secure_finder = self._cookie_finders
-        plain = cookie_uid(plain_finder(cookie_header))
-        secure = cookie_uid(secure_finder(cookie_header)) if request.isSecure() else None
-        if plain is None and secure is None:
-            return []
-        return [plain, secure]
-
     async def _load_presented(self, request: Request, cookie_header: bytes) -> None:
         """Touch the sessions the request's cookies name (one store call each);
         if the store cannot be reached, remember it for ``getSession()``."""
-        uids = self._presented_uids(request, cookie_header)
+        uids = self._cookie_uids(cookie_header, request.isSecure())
         if uids:
             presented: list[Session | None] = [None, None]
             try:
@@ -196,7 +182,7 @@ class Site(SessionHost):
 
     def _load_presented_now(self, request: Request, cookie_header: bytes) -> None:
         """The same, on the memory store: synchronously."""
-        uids = self._presented_uids(request, cookie_header)
+        uids = self._cookie_uids(cookie_header, request.isSecure())
         if uids:
             load = self._keeper.load_now
             plain, secure = uids
@@ -222,34 +208,22 @@ class Site(SessionHost):
         a write that cannot be made replaces the response (503, 409)."""
         used = self._used_sessions(request)
         if used:
-            try:
-                await self._keeper.persist(used, request)
-            except StoreUnavailable:
-                self._unavailable(request)
-            except SessionConflict as exc:
-                session_log.info("%s", exc)
-                self._session_error(
-                    request,
-                    409,
-                    "Your session changed while this request ran; nothing was saved. Try again.",
-                )
+            answer = await self._write_visit(used, request)
+            if answer is not None:
+                self._answer(request, answer)
 
-    def _unavailable(self, request: Request) -> None:
-        """Answer 503: the session store cannot be reached."""
-        self._session_error(
-            request, 503, "Sessions are unavailable for a moment; try again.", retry_after=b"1"
-        )
-
-    def _session_error(
-        self, request: Request, status: int, detail: str, retry_after: bytes | None = None
-    ) -> None:
-        """Replace the response with an error page that sets no session cookie."""
+    @staticmethod
+    def _answer(request: Request, answer: SessionAnswer) -> None:
+        """Replace the response with ``answer`` (503, 409: the same bytes the
+        middleware sends); it sets no session cookie."""
         request._reset_response()
         request._sessions = _NO_SESSIONS
         request._presented = _NO_SESSIONS
-        if retry_after is not None:
-            request.setHeader(b"retry-after", retry_after)
-        self._error_page(request, status, detail, reset=False)
+        request.setResponseCode(answer.status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        for name, value in answer.headers:
+            request.setHeader(name, value)
+        request.write(answer.body)
 
     # -- resources --------------------------------------------------------
 
@@ -329,7 +303,7 @@ class Site(SessionHost):
                 request._connection_lost()
                 return
             except StoreUnavailable:
-                self._unavailable(request)
+                self._answer(request, UNAVAILABLE)
                 result = None
             except asyncio.CancelledError:
                 raise
@@ -359,21 +333,6 @@ class Site(SessionHost):
                 log_access(request)
         finally:
             current_visit.reset(visiting)
-
-    async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                problem = await self.check_start()
-                if problem is not None:
-                    await send({"type": "lifespan.startup.failed", "message": problem})
-                    return
-                self._keeper.start()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self._keeper.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     def _wrong_result(self, request: Request, resource: Any, result: Any) -> None:
         log.error(
@@ -407,6 +366,8 @@ class Site(SessionHost):
             if name == b"host":
                 hosts += 1
             elif name == b"cookie":
+                # join_cookie_headers's joining, in the one pass the limits
+                # need anyway (a second pass costs 3% of a request)
                 cookie_header = value if cookie_header is None else cookie_header + b"; " + value
             elif name == b"content-length":
                 if not value.isdigit():
@@ -486,12 +447,10 @@ class Site(SessionHost):
 
 _REASONS = {
     400: "Bad Request",
-    409: "Conflict",
     404: "No Such Resource",
     405: "Method Not Allowed",
     413: "Content Too Large",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
-    503: "Service Unavailable",
 }
