@@ -10,8 +10,6 @@ tests/test_cli.py on a SQLite store, on a free loopback port.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -239,20 +237,7 @@ def test_a_worker_that_cannot_start_again_stops_the_supervisor(app_dir: Path) ->
 
 # -- the live view across workers (the issue's check) ---------------------------
 
-SHARED_HANDLES = (
-    hasattr(importlib.import_module("lapse.web.liveview"), "__path__")
-    and importlib.util.find_spec("lapse.web.liveview._keys") is not None
-)
-"""Whether the live view's row ids derive from LAPSE_LIVEVIEW_SECRET (the
-live view's part of this issue): without it, each worker names rows its
-own way and this test fails, as the issue found."""
 
-
-@pytest.mark.xfail(
-    not SHARED_HANDLES,
-    reason="needs the live view's shared-secret row ids (the live view's branch)",
-    strict=True,
-)
 def test_live_view_across_two_workers_shows_and_expires_every_session(
     app_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

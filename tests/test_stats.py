@@ -11,7 +11,7 @@ from conftest import FakeClock
 
 from lapse.internet.task import Clock
 from lapse.sessions import Expiry, Session
-from lapse.sessions._stats import LATENCY_BUCKETS, MINUTES, SessionStats
+from lapse.sessions._stats import LATENCY_BUCKETS, MINUTES, SessionStats  # its constants too
 from lapse.web.resource import Resource
 from lapse.web.server import Site
 

@@ -147,7 +147,7 @@ LIVEVIEW_SECRET: Setting[bytes | None] = Setting(
     f"least {MIN_SECRET_BYTES} bytes), so they are valid in every process sharing it; "
     "`lapse serve --workers N` makes one for its workers",
     "`LiveView`",
-    default_text="a random one per process",
+    default_text="a random one per live view",
     secret=True,
 )
 

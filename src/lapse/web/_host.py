@@ -214,7 +214,7 @@ class SessionHost:
 
     @property
     def stats(self) -> SessionStats:
-        """Counters of this host's sessions (see :mod:`lapse.sessions._stats`)."""
+        """Counters of this host's sessions (:class:`lapse.sessions.SessionStats`)."""
         return self._keeper.stats
 
     @property
