@@ -16,29 +16,25 @@ def far_future() -> float:
     return FAR_FUTURE
 
 
-def claim_all(path: str, owner: str, barrier: Any, results: Any, after_first: Any) -> None:
-    """A process that claims until nothing is left; puts (owner, uids). All
-    start together (``barrier``), and each waits for the others' first claim
-    (``after_first``) before going on, so that they really race: no process
-    can drain the file before the others have claimed."""
+def claim_in_rounds(path: str, owner: str, rounds: int, barrier: Any, results: Any) -> None:
+    """A process that claims (three at a time) once per round, for a fixed
+    number of rounds, every round starting in every process at once
+    (``barrier``): each claim races the other processes' claims of its round,
+    and no process can drain the file while the others wait. Puts (owner,
+    the uids claimed in each round)."""
 
-    async def main() -> list[str]:
+    async def main() -> list[list[str]]:
         store = SQLiteStore(path, clock=far_future, busy_timeout=30.0, timeout=30.0)
         await store.open()
-        barrier.wait()
-        uids: list[str] = []
-        first = True
+        got: list[list[str]] = []
         try:
-            while True:
+            for _ in range(rounds):
+                barrier.wait(timeout=60)
                 claims = await store.claim(owner, lease=3600.0, limit=3)
-                if first:
-                    first = False
-                    await asyncio.to_thread(after_first.wait)
-                if not claims:
-                    return uids
-                uids.extend(claim.uid for claim in claims)
+                got.append([claim.uid for claim in claims])
         finally:
             await store.aclose()
+        return got
 
     results.put((owner, asyncio.run(main())))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _store_sqlite import claim_all, open_and_create
+from _store_sqlite import FAR_FUTURE, claim_in_rounds, open_and_create
 from conftest import FakeClock
 
 from lapse.sessions.store import (
@@ -708,8 +708,11 @@ def test_processes_claiming_concurrently_claim_each_session_exactly_once(
     db: str, clock: FakeClock
 ) -> None:
     """Four real processes claim, three at a time, from one file holding 200
-    due sessions, starting together and each claiming once before any goes
-    on: each session is claimed exactly once."""
+    due sessions, in lockstep rounds (each round starts in all four at once):
+    each session is claimed exactly once, and none is left. The race is
+    built in, not hoped for: in every round while at least 12 sessions are
+    left, each process takes 3 from the same pool as the others, so their
+    claims interleave from the first round to the last."""
 
     async def fill(store: SQLiteStore) -> None:
         for i in range(200):
@@ -717,25 +720,33 @@ def test_processes_claiming_concurrently_claim_each_session_exactly_once(
 
     with_store(db, clock, fill)
     ctx = multiprocessing.get_context("spawn")
-    workers = 4
+    workers, limit = 4, 3
+    full_rounds = 200 // (workers * limit)  # 16 rounds of 12, then 8 left
     barrier = ctx.Barrier(workers)
-    after_first = ctx.Barrier(workers)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=claim_all, args=(db, f"p{n}", barrier, results, after_first))
+        ctx.Process(target=claim_in_rounds, args=(db, f"p{n}", full_rounds + 2, barrier, results))
         for n in range(workers)
     ]
     for proc in procs:
         proc.start()
-    got = dict(results.get(timeout=60) for _ in procs)
+    got: dict[str, list[list[str]]] = dict(results.get(timeout=60) for _ in procs)
     for proc in procs:
         proc.join(timeout=30)
         assert proc.exitcode == 0
-    everything = [uid for uids in got.values() for uid in uids]
-    assert len(everything) == 200
+    # Exactly once: every session claimed, none twice, none left.
+    everything = [uid for rounds in got.values() for uids in rounds for uid in uids]
     assert sorted(everything) == [f"u{i:03}" for i in range(200)]
-    # they really raced: each made its first claim while the others did
-    assert sum(1 for uids in got.values() if uids) == workers
+
+    async def left(store: SQLiteStore) -> list[Expiry]:
+        return await store.claim("after", lease=3600.0, limit=1000)
+
+    assert with_store(db, FakeClock(FAR_FUTURE), left) == []
+    # They raced: all four claimed 3 in each full round, from one pool.
+    for rounds in got.values():
+        assert [len(uids) for uids in rounds[:full_rounds]] == [limit] * full_rounds
+    assert sum(len(rounds[full_rounds]) for rounds in got.values()) == 200 % (workers * limit)
+    assert all(rounds[full_rounds + 1] == [] for rounds in got.values())
 
 
 def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
