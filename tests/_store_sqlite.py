@@ -1,12 +1,45 @@
-"""Helpers for the SQLite store tests: process bodies that a
-``multiprocessing`` spawn context can import (so they live in a module)."""
+"""Helpers for the SQLite store tests (test_store_sqlite*.py): running a body
+on an opened store, and process bodies that a ``multiprocessing`` spawn
+context can import (so they live in a module)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
+from lapse.sessions.store import StoredSession
 from lapse.sessions.stores.sqlite import SQLiteStore
+
+T = TypeVar("T")
+
+
+def with_store(
+    db: str, clock: Callable[[], float], body: Callable[[SQLiteStore], Awaitable[T]], **kw: Any
+) -> T:
+    """Run ``body(store)`` on an opened store, closing it afterwards."""
+
+    async def main() -> T:
+        store = SQLiteStore(db, clock=clock, **kw)
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def summary(stored: StoredSession | None) -> tuple[str, float, float, dict[str, Any]] | None:
+    """A loaded session's uid, timeout, deadline and decoded data."""
+    if stored is None:
+        return None
+    return (stored.uid, stored.timeout, stored.deadline, stored.decoded())
+
 
 FAR_FUTURE = 10_000_000_000.0
 
