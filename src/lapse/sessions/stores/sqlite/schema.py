@@ -3,9 +3,9 @@ this package (read once, at import).
 
 The schema version is the file's ``PRAGMA user_version``. A file of an older
 version is migrated in place, in the transaction that opens it, by the first
-process of this version that opens it; processes of older versions then
-refuse the file (see :meth:`Runner.connect
-<lapse.sessions.stores.sqlite.runner.Runner>`).
+process of this version that opens it (:class:`~.runner.Runner` calls
+:func:`migrate` when it connects); processes of older versions then refuse
+the file, as this one refuses a newer file.
 """
 
 from __future__ import annotations
