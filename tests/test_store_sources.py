@@ -3,6 +3,7 @@ import through importlib.resources (lapse.sessions.stores._package_text)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lapse.sessions.stores import _package_text, store_from_url
 from lapse.sessions.stores._package_text import read_source, read_statements
 from lapse.sessions.stores.redis.scripts import SOURCES
 from lapse.sessions.stores.sqlite.queries import SQL
@@ -115,6 +117,38 @@ def test_the_redis_scripts_are_the_lua_files_code_with_the_includes_in_front() -
         assert not [line for line in lines if line.lstrip().startswith("--")], name
         assert source.startswith(prelude) == (name != "ack"), name
         assert (resolve in source) == (name in ("load", "save")), name
+
+
+def test_operations_never_read_the_files_again(
+    shared_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQL and Lua are read once, at import: a store made and used
+    afterwards (open, every kind of write, claim, ack, inspection) reads no
+    package file, so a request costs no file read."""
+
+    def no_reading(package: str, name: str) -> str:
+        raise AssertionError(f"read {package}/{name} after import")
+
+    monkeypatch.setattr(_package_text, "_read", no_reading)
+
+    async def main() -> None:
+        store = store_from_url(shared_store, clock=lambda: 1000.0)
+        await store.open()
+        try:
+            await store.create("u1", 30.0, {"a": 1})
+            assert (await store.load("u1")) is not None
+            assert await store.save("u1", {"b": 2}, ["a"])
+            assert await store.rotate("u1", "u2", 5.0)
+            assert await store.expire("u2")
+            (expiry,) = await store.claim("me", 30.0, 10)
+            await store.ack(expiry)
+            await store.create("u3", 30.0, {})
+            assert [info.uid for info in (await store.scan(None, 10))[0]] == ["u3"]
+            assert await store.count() == 1
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
 
 
 @pytest.fixture
