@@ -1,12 +1,45 @@
-"""Helpers for the SQLite store tests: process bodies that a
-``multiprocessing`` spawn context can import (so they live in a module)."""
+"""Helpers for the SQLite store tests (test_store_sqlite*.py): running a body
+on an opened store, and process bodies that a ``multiprocessing`` spawn
+context can import (so they live in a module)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
+from lapse.sessions.store import StoredSession
 from lapse.sessions.stores.sqlite import SQLiteStore
+
+T = TypeVar("T")
+
+
+def with_store(
+    db: str, clock: Callable[[], float], body: Callable[[SQLiteStore], Awaitable[T]], **kw: Any
+) -> T:
+    """Run ``body(store)`` on an opened store, closing it afterwards."""
+
+    async def main() -> T:
+        store = SQLiteStore(db, clock=clock, **kw)
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def summary(stored: StoredSession | None) -> tuple[str, float, float, dict[str, Any]] | None:
+    """A loaded session's uid, timeout, deadline and decoded data."""
+    if stored is None:
+        return None
+    return (stored.uid, stored.timeout, stored.deadline, stored.decoded())
+
 
 FAR_FUTURE = 10_000_000_000.0
 
@@ -16,29 +49,25 @@ def far_future() -> float:
     return FAR_FUTURE
 
 
-def claim_all(path: str, owner: str, barrier: Any, results: Any, after_first: Any) -> None:
-    """A process that claims until nothing is left; puts (owner, uids). All
-    start together (``barrier``), and each waits for the others' first claim
-    (``after_first``) before going on, so that they really race: no process
-    can drain the file before the others have claimed."""
+def claim_in_rounds(path: str, owner: str, rounds: int, barrier: Any, results: Any) -> None:
+    """A process that claims (three at a time) once per round, for a fixed
+    number of rounds, every round starting in every process at once
+    (``barrier``): each claim races the other processes' claims of its round,
+    and no process can drain the file while the others wait. Puts (owner,
+    the uids claimed in each round)."""
 
-    async def main() -> list[str]:
+    async def main() -> list[list[str]]:
         store = SQLiteStore(path, clock=far_future, busy_timeout=30.0, timeout=30.0)
         await store.open()
-        barrier.wait()
-        uids: list[str] = []
-        first = True
+        got: list[list[str]] = []
         try:
-            while True:
+            for _ in range(rounds):
+                barrier.wait(timeout=60)
                 claims = await store.claim(owner, lease=3600.0, limit=3)
-                if first:
-                    first = False
-                    await asyncio.to_thread(after_first.wait)
-                if not claims:
-                    return uids
-                uids.extend(claim.uid for claim in claims)
+                got.append([claim.uid for claim in claims])
         finally:
             await store.aclose()
+        return got
 
     results.put((owner, asyncio.run(main())))
 

@@ -1,4 +1,4 @@
-"""The Redis store's own client (lapse.sessions.stores._resp) against real
+"""The Redis store's own client (lapse.sessions.stores.redis.client) against real
 redis-servers (never a mock): pipelining, errors, reconnects, scripts,
 timeouts, AUTH/SELECT and TLS.
 
@@ -24,7 +24,8 @@ import pytest
 from _redis_server import RedisServer
 
 from lapse.sessions.store import StoreUnavailable
-from lapse.sessions.stores._resp import (
+from lapse.sessions.stores.redis import RedisStore
+from lapse.sessions.stores.redis.client import (
     RedisClient,
     RedisConnectionError,
     RedisError,
@@ -32,7 +33,6 @@ from lapse.sessions.stores._resp import (
     ReplyError,
     Script,
 )
-from lapse.sessions.stores.redis import RedisStore
 
 
 def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:

@@ -23,8 +23,8 @@ from _redis_server import RedisServer
 from conftest import FakeClock
 
 from lapse.sessions.store import Expiry, SessionStore, StoreConfigError, StoreUnavailable
-from lapse.sessions.stores import redis as redis_module
 from lapse.sessions.stores.redis import RedisStore
+from lapse.sessions.stores.redis import store as redis_store_module
 
 PASSWORD = "s3cret-Pa55word"
 
@@ -724,7 +724,7 @@ def test_bad_options_are_config_errors() -> None:
 def test_without_hiredis_the_error_names_an_install_command_that_works(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(redis_module, "_IMPORT_ERROR", ImportError("No module named 'redis'"))
+    monkeypatch.setattr(redis_store_module, "_IMPORT_ERROR", ImportError("No module named 'redis'"))
     works = r"`pip install hiredis`.*`pip install '\.\[redis\]'`"
     with pytest.raises(StoreConfigError, match=works):
         RedisStore("redis://localhost")

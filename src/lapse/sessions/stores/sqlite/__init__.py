@@ -1,0 +1,90 @@
+"""The SQLite store: sessions in one file, shared by the processes of one machine.
+
+Sessions survive a restart, and every process that opens the same file sees
+the same sessions, claims each ended session exactly once per lease, and
+reads the same end-of-session events.
+
+Guarantees:
+
+- **Atomic operations.** Each method is one SQLite transaction; every method
+  that writes starts it with ``BEGIN IMMEDIATE``, which takes the file's write
+  lock first, so a method is atomic across processes (two ``claim`` calls in
+  two processes never hand out the same session while its lease holds).
+- **The event loop never waits on SQLite.** All SQLite work runs in one
+  dedicated worker thread per store, which owns the store's only connection;
+  the async methods await it. Operations of one store run one at a time, in
+  the order they were called.
+- **Durability.** The file is in WAL mode with ``synchronous=NORMAL``: a write
+  that returned survives a crash of the process (or of every process), but a
+  power loss or OS crash can lose the last transactions before the WAL is
+  synced (the file itself stays consistent). Sessions are soft state, so
+  this trades the last second of touches for not syncing on every request.
+- **Contention.** A lock held by another process is waited for up to
+  ``busy_timeout`` seconds; past that, as on any other SQLite error (missing
+  directory, a file that is not a database, a full disk), the method raises
+  :class:`~lapse.sessions.store.StoreUnavailable` naming the file, raised
+  ``from`` the ``sqlite3`` error. A failed ``open`` is retried by the next
+  call.
+- **A bound on stalls, not on queues.** A call fails (``StoreUnavailable``)
+  when the worker has made no progress for ``timeout`` seconds (1 by
+  default): it is stuck on a lock another process holds, or on a stalled
+  disk. Then every call not yet committing fails at once. A long queue
+  that moves, or an event loop too busy to collect a finished result, fails
+  nothing. The store enforces this bound itself (``enforces_timeout``).
+- **A failed call is not applied.** A call that fails for a timeout, or
+  whose caller was cancelled, is cancelled before it commits: not started,
+  or rolled back (the worker checks before its ``COMMIT``). Once its
+  ``COMMIT`` has begun, a call is waited for. So a call that raised was not
+  applied and never will be, and retrying it is safe.
+- **A file deleted or replaced while in use.** After each transaction the
+  store checks that the path still names the file its connection opened
+  (``st_dev``, ``st_ino``). If not, that call fails (so a write that went
+  into a deleted file is never acknowledged), an error is logged naming the
+  file, and the connection is closed after unlinking the old file's
+  ``-wal`` and ``-shm`` (which SQLite leaves at the path, and would replay
+  into the next file opened there). The next call opens the file then at
+  the path: the replacement, or a new, empty file if it was deleted (its
+  sessions are lost, as its users' logins). Other processes on the old
+  file do the same at their next call.
+- **Time.** Deadlines and leases are in the store's clock: ``clock()`` if
+  given, else this machine's wall clock (``time.time``), which all processes
+  of one machine share.
+
+The file must be on a local file system (WAL needs shared memory between the
+processes; it does not work over NFS).
+
+Schema (``PRAGMA user_version = 3``; a version 1 or 2 file is migrated in
+place by the first process of this version that opens it, after which
+processes of older versions refuse the file):
+
+- ``sessions``: one row per session, live (``ended = 0``) or ended and
+  waiting for its expiry hook to be acknowledged (``ended = 1``). An ended
+  row's ``lease_until`` is when it may be claimed (again): the moment it
+  ended for one never claimed, the end of its lease for one claimed.
+  ``created`` and ``ends_at`` (the absolute end, NULL for none; NULL both in
+  rows from version 1) are kept by a rotation; ``deadline`` never passes
+  ``ends_at``. ``version`` counts the writes of the session's data (1 at
+  creation, one more per ``save``; 0 in rows from before version 3), so
+  that ``load`` need not read data a process already holds.
+- ``aliases``: the old uids of rotated sessions, each with the uid it now
+  names (kept up to date by further rotations) until its grace ends.
+- ``session_data``: one row per key (``value`` is JSON), so that ``save``
+  writes only the keys that changed and two requests changing different keys
+  of one session both persist.
+- ``events``: the uids whose end was acknowledged, with an increasing id
+  (the events cursor), and rotations (``uid`` the old uid, ``target`` the
+  new one; NULL for an end); rows older than ten minutes are pruned.
+
+The package: :mod:`.store` (the operations), :mod:`.inspection` (read-only
+inspection), :mod:`.runner` (the connection, its worker thread, the stall
+bound, the file-replaced check), :mod:`.schema` (the schema version and its
+migrations), :mod:`.queries` (the statements), :mod:`.config` (the URL and
+path checks); the SQL itself is in ``schema.sql``, ``aliases.sql``,
+``migrate_*.sql`` and ``queries.sql``, read once at import.
+"""
+
+from __future__ import annotations
+
+from lapse.sessions.stores.sqlite.store import EVENTS_KEPT_FOR, EVENTS_PER_CALL, SQLiteStore
+
+__all__ = ["EVENTS_KEPT_FOR", "EVENTS_PER_CALL", "SQLiteStore"]
