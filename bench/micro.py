@@ -47,7 +47,8 @@ from lapse.asgi import SessionMiddleware, get_session
 from lapse.web.resource import Resource
 from lapse.web.server import Site
 
-App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+App = Callable[[Any, Any, Any], Awaitable[None]]
+"""An ASGI app, loosely typed: the bare app, a Site and the middleware all fit."""
 COOKIE = b"lapse_session"
 LIFESPAN_TIMEOUT = 10.0
 """Seconds an app may take to start or stop: more is an error, not a hang."""
@@ -83,7 +84,7 @@ def logme_app() -> App:
     """A bare ASGI app doing what the seed's page does, for SessionMiddleware to wrap."""
     seen: set[str] = set()
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":  # as uvicorn expects of an app without lifespan
             raise RuntimeError(f"no {scope['type']} here")
         session = get_session(scope)

@@ -275,6 +275,15 @@ def test_micro_table_gives_the_median_spread_and_ratio_to_the_bare_app() -> None
     assert lines[3] == "| site touch | 30.0 | 27.0-40.0 | 6.7x | 100 x 3 |"
 
 
+def test_run_py_micro_is_the_micro_benchmarks_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import run
+
+    with pytest.raises(SystemExit) as exited:
+        run.main(["micro", "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: bench/run.py micro")
+
+
 def test_micro_benchmark_measures_every_case_through_the_asgi_call(
     tmp_path: Path, redis_server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
