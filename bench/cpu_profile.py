@@ -36,7 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import free_port, stop  # bench/run.py: the same servers' helpers
+if not __package__:  # run as a script: make the bench package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.systems import free_port, stop  # the same servers' helpers
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent

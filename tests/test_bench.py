@@ -1,77 +1,333 @@
-"""The benchmark driver, bench/run.py, end to end on a tiny configuration."""
+"""The benchmark package, bench/: its parsing, figures and report on canned inputs (fast),
+the micro-benchmarks in process, and bench/run.py end to end on its tiniest configuration."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import micro  # noqa: E402
+from bench.figures import ratio, targets  # noqa: E402
+from bench.loadgen import WrkResult, parse_wrk, wrk_command  # noqa: E402
+from bench.options import parse_options  # noqa: E402
+from bench.redis_traffic import RedisCounts, RedisHandle, measure_idle, monitor_window  # noqa: E402
+from bench.report import find_problems, throughput_table  # noqa: E402
+from bench.scenarios import Bench, Outcome, Results, TouchRun  # noqa: E402
+from bench.systems import (  # noqa: E402
+    DEFAULT_CHART,
+    LISTEN_LINE,
+    RESULTS_DIR,
+    SYSTEMS,
+    lapse_script,
+    parse_set_cookies,
+    starlette_identity,
+)
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:18931/logme
+  1 threads and 10 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.19ms    1.16ms   9.51ms   89.74%
+    Req/Sec    10.33k     5.90k   21.19k    80.00%
+  Latency Distribution
+     50%  617.00us
+     75%    1.38ms
+     90%    2.42ms
+     99%    5.86ms
+  10276 requests in 1.01s, 752.64KB read
+Requests/sec:  10199.43
+Transfer/sec:    747.03KB
+"""
 
-def test_bench_runs_end_to_end_on_a_tiny_configuration(tmp_path: Path, redis_server: Any) -> None:
-    """`bench/run.py` on the systems whose dependencies the `test` extra installs (lapse on
-    memory and on Redis, the latter on the test run's redis-server, and bare uvicorn), with
-    1 s wrk runs and small counts, exits 0 (no errors, no lost session, right counts); its
-    Markdown table in `--out` has a row per system in every figure's table and the targets;
-    and `--out`/chart.png is a PNG. Nothing about speed is asserted."""
-    command = [
-        sys.executable,
-        "bench/run.py",
-        "--systems",
-        "lapse-memory,lapse-redis,uvicorn-bare",
-        "--duration",
-        "1",
-        "--repeats",
-        "3",
-        "--warmup",
-        "0",
-        "--create-warmup",
-        "0",
-        "--memory-counts",
-        "1000",
-        "--live-sessions",
-        "1000",
-        "--live-repeats",
-        "3",
-        "--expiry-sessions",
-        "200",
-        "--expiry-window",
-        "2",
-        "--idle-seconds",
-        "1",
-        "--monitor-requests",
-        "50",
-        "--redis-url",
-        redis_server.url,
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+
+def wrk(rps: float, p99: float | None = 1.0, non_2xx: int = 0) -> WrkResult:
+    return WrkResult(rps=rps, requests=int(rps), non_2xx=non_2xx, socket_errors=0, p99_ms=p99)
+
+
+def touches(*rates: float, kept: bool = True) -> list[TouchRun]:
+    return [TouchRun(wrk(r), kept) for r in rates]
+
+
+# ------------------------------------------------------------------ wrk and HTTP parsing
+
+
+def test_parse_wrk_reads_the_rate_requests_and_p99_of_a_real_wrk_output() -> None:
+    result = parse_wrk(WRK_OUTPUT)
+    assert result == WrkResult(
+        rps=10199.43, requests=10276, non_2xx=0, socket_errors=0, p99_ms=5.86
     )
+    assert result.errors == 0
+
+
+def test_parse_wrk_sums_non_2xx_and_socket_errors_and_converts_p99_units() -> None:
+    output = (
+        WRK_OUTPUT.replace("99%    5.86ms", "99%  850.00us")
+        + "  Non-2xx or 3xx responses: 7\n"
+        + "  Socket errors: connect 1, read 2, write 3, timeout 4\n"
+    )
+    result = parse_wrk(output)
+    assert (result.non_2xx, result.socket_errors, result.errors) == (7, 10, 17)
+    assert result.p99_ms == pytest.approx(0.85)
+    seconds = parse_wrk(WRK_OUTPUT.replace("99%    5.86ms", "99%    1.50s"))
+    assert seconds.p99_ms == pytest.approx(1500.0)
+
+
+def test_parse_wrk_without_a_rate_is_an_error_that_shows_the_output() -> None:
+    with pytest.raises(RuntimeError, match="unable to connect"):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_wrk_command_sends_the_cookie_on_every_request_to_the_loopback_page() -> None:
+    command = wrk_command("wrk", 1, 50, 8123, 4, "lapse_session=abc")
+    assert command == [
+        "wrk", "-t1", "-c50", "-d4s", "--latency",
+        "-H", "Cookie: lapse_session=abc", "http://127.0.0.1:8123/logme",
+    ]  # fmt: skip
+    assert "-H" not in wrk_command("wrk", 1, 50, 8123, 4, None)
+
+
+def test_set_cookie_headers_give_each_cookie_and_starlette_cookies_their_uid() -> None:
+    headers = ['lapse_session="ab12"; Path=/; HttpOnly', "other=x; Max-Age=5", "broken"]
+    assert parse_set_cookies(headers) == {"lapse_session": "ab12", "other": "x"}
+    import base64
+
+    payload = base64.b64encode(json.dumps({"uid": "u-1", "last_visit": 3}).encode()).decode()
+    assert starlette_identity(f"{payload}.12345.signature") == "u-1"
+    assert starlette_identity("not-base64-json") == "not-base64-json"
+
+
+# ------------------------------------------------------------------ Redis traffic
+
+
+def test_monitor_window_counts_only_the_commands_between_the_benchs_two_info_calls() -> None:
+    lines = [
+        '+1.0 [0 127.0.0.1:5000] "GET" "before"',
+        '+1.1 [0 127.0.0.1:5001] "INFO" "stats"',
+        '+1.2 [0 127.0.0.1:5000] "EVALSHA" "abc" "1" "k"',
+        '+1.2 [0 lua] "HMGET" "k" "a"',
+        '+1.2 [0 lua] "ZADD" "z" "1" "k"',
+        '+1.3 [0 127.0.0.1:5000] "evalsha" "abc" "1" "k"',
+        '+1.4 [0 127.0.0.1:5000] "TIME"',
+        '+1.5 [0 127.0.0.1:5001] "INFO" "stats"',
+        '+1.6 [0 127.0.0.1:5000] "GET" "after"',
+    ]
+    assert monitor_window(lines) == (3, 2, {"evalsha": 2, "time": 1})
+    with pytest.raises(RuntimeError, match="INFO marks"):
+        monitor_window(lines[:3])
+
+
+def test_idle_rate_counts_the_commands_other_clients_send_during_the_window(
+    redis_server: Any,
+) -> None:
+    """On a real redis-server: 20 SETs sent by another client while the idle rate is
+    measured show up as 20 client commands (MONITOR) and 20 set calls (INFO)."""
+    handle = RedisHandle(redis_server.url)
+    counts = RedisCounts()
+    done = threading.Event()
+
+    def other_client() -> None:
+        time.sleep(0.1)
+        for i in range(20):
+            handle.client.set(f"bench-test-{i}", i)
+        done.set()
+
+    thread = threading.Thread(target=other_client)
+    thread.start()
+    try:
+        measure_idle(handle, 0.4, counts)
+    finally:
+        thread.join()
+        handle.close()
+    assert done.is_set()
+    assert counts.idle_names["set"] * counts.idle_seconds == pytest.approx(20)
+    assert counts.idle_client_commands * counts.idle_seconds == pytest.approx(20)
+    assert counts.idle_commands * counts.idle_seconds == pytest.approx(20)
+
+
+# ------------------------------------------------------------------ figures and report
+
+
+def canned_results() -> Results:
+    outcomes = {
+        "lapse-memory": Outcome(touch=touches(30_000, 32_000, 31_000),
+                                create=[wrk(20_000), wrk(22_000), wrk(21_000)]),
+        "twisted": Outcome(touch=touches(10_000, 12_000, 11_000),
+                           create=[wrk(7_000), wrk(7_000), wrk(7_000)]),
+        "uvicorn-bare": Outcome(touch=touches(40_000, 41_000, 39_000),
+                                create=[wrk(45_000), wrk(45_000), wrk(45_000)]),
+    }  # fmt: skip
+    return Results(outcomes, expiry=[{"store": "memory", "p99_ms": 1.5}])
+
+
+def test_targets_are_ratios_of_the_medians_with_pass_miss_and_n_a() -> None:
+    opts = parse_options(["--memory-counts", ""])
+    found = {t.name: t for t in targets(canned_results(), opts)}
+    bare = found["touch req/s: lapse (memory) >= 0.8 x bare uvicorn"]
+    assert bare.value == pytest.approx(31_000 / 40_000)
+    assert bare.verdict == "MISS"
+    twisted = found["touch req/s: lapse (memory) >= 2.5 x Twisted"]
+    assert twisted.value == pytest.approx(31_000 / 11_000)
+    assert twisted.verdict == "PASS"
+    assert found["create req/s: lapse (memory) >= 2.5 x Twisted"].value == pytest.approx(3.0)
+    assert found["expiry lateness p99 <= 10 ms (memory store)"].verdict == "PASS"
+    redis = found["touch req/s: lapse (Redis) >= 0.5 x lapse (memory)"]
+    assert (redis.value, redis.verdict) == (None, "n/a")
+    assert ratio(None, 2.0) is None and ratio(1.0, 0.0) is None
+
+
+def test_throughput_table_shows_each_systems_medians_and_its_ratio_to_lapse_memory() -> None:
+    lines = throughput_table(canned_results())
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in lines[2:]}
+    assert rows["lapse (memory)"].startswith("| lapse (memory) | 31,000 | 1.00x | 1.00 ms")
+    assert "| 11,000 | 0.35x |" in rows["Twisted"]
+    assert "| 7,000 | 0.33x |" in rows["Twisted"]
+    assert rows["bare uvicorn (no sessions)"].endswith("| n/a |")  # no session to keep
+    assert rows["Twisted"].endswith("| 3/3 |")
+
+
+def test_problems_list_wrk_errors_lost_sessions_and_wrong_live_counts() -> None:
+    results = canned_results()
+    results.outcomes["twisted"].touch[0] = TouchRun(wrk(10_000, non_2xx=3), kept=False)
+    results.outcomes["lapse-memory"].memory[1000] = {"count_ok": False, "live_sessions": 999}
+    results.expiry[0].update(missing=2, duplicates=0, unknown=0)
+    bench = Bench(parse_options([]), "wrk", None, problems=["a step failed"])
+    problems = find_problems(bench, results)
+    assert problems[0] == "a step failed"
+    assert any(p.startswith("Twisted: 3 non-2xx") for p in problems)
+    assert any(p.startswith("Twisted: in 1 of 3 touch runs the session was gone") for p in problems)
+    assert "lapse (memory): 999 live sessions, expected 1,000" in problems
+    assert "expiry lateness, memory: 2 missing" in problems
+
+
+# ------------------------------------------------------------------ options, scripts
+
+
+def test_only_the_full_default_run_writes_the_tracked_chart(tmp_path: Path) -> None:
+    """A subset run writes its chart to the git-ignored bench/results/, not over the tracked
+    bench/chart.png, unless asked (--update-chart, --out)."""
+    full = parse_options([])
+    assert not full.subset and full.chart_path == DEFAULT_CHART
+    reordered = parse_options(["--systems", ",".join(reversed(SYSTEMS)), "--strict"])
+    assert not reordered.subset and reordered.chart_path == DEFAULT_CHART
+    for argv in (["--systems", "lapse-memory,twisted"], ["--repeats", "1"],
+                 ["--live-sessions", "0"], ["--memory-counts", "1000"]):  # fmt: skip
+        subset = parse_options(argv)
+        assert subset.subset, argv
+        assert subset.chart_path == RESULTS_DIR / "chart.png"
+        assert subset.table_path == RESULTS_DIR / "latest.md"
+    asked = parse_options(["--systems", "twisted", "--update-chart"])
+    assert asked.chart_path == DEFAULT_CHART
+    out = parse_options(["--systems", "twisted", "--out", str(tmp_path)])
+    assert (out.chart_path, out.table_path) == (tmp_path / "chart.png", tmp_path / "latest.md")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--systems", "lapse-memory,nginx"], "unknown ['nginx']"),
+        (["--memory-counts", "10k"], "--memory-counts: not a comma-separated list"),
+        (["--connections", "1", "--threads", "2"], "--connections >= --threads"),
+    ],
+)
+def test_bad_options_are_a_usage_error_saying_what_is_wrong(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_options(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lapse_script_is_the_seed_with_its_listen_line_on_loopback_and_extra_sessions(
+    tmp_path: Path,
+) -> None:
+    seed = (REPO / "examples" / "session_endings.py").read_text()
+    plain = lapse_script(8123, tmp_path, 0).read_text()
+    assert plain == seed.replace(LISTEN_LINE, 'listenTCP(8123, factory, interface="127.0.0.1")')
+    many = lapse_script(8123, tmp_path, 50).read_text()
+    assert many.index("for _ in range(50):") < many.index("listenTCP(8123")
+    assert "sessionTimeout = 3600" in many
+
+
+# ------------------------------------------------------------------ micro-benchmarks
+
+
+def test_micro_table_gives_the_median_spread_and_ratio_to_the_bare_app() -> None:
+    figures = [
+        micro.Figure("bare", 100, [4.0, 5.0, 4.5]),
+        micro.Figure("site touch", 100, [30.0, 27.0, 40.0]),
+    ]
+    lines = micro.table(figures)
+    assert lines[2] == "| bare | 4.5 | 4.0-5.0 | 1.0x | 100 x 3 |"
+    assert lines[3] == "| site touch | 30.0 | 27.0-40.0 | 6.7x | 100 x 3 |"
+
+
+def test_run_py_micro_is_the_micro_benchmarks_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import run
+
+    with pytest.raises(SystemExit) as exited:
+        run.main(["micro", "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: bench/run.py micro")
+
+
+def test_micro_benchmark_measures_every_case_through_the_asgi_call(
+    tmp_path: Path, redis_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bench/run.py micro` with few requests: every case runs (each request answered 200,
+    touches keep their session), the table and the JSON name them all."""
+    out = tmp_path / "micro.json"
+    argv = ["--requests", "20", "--rounds", "2", "--keys", "50", "--redis-url",
+            redis_server.url, "--json", str(out)]  # fmt: skip
+    assert micro.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [r["case"] for r in rows] == [
+        "bare", "site touch", "site create", "middleware touch", "middleware create",
+        "sqlite touch, 10 keys", "sqlite touch, 50 keys",
+        "redis touch, 10 keys", "redis touch, 50 keys",
+    ]  # fmt: skip
+    assert all(len(r["rounds"]) == 2 and r["median"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "| bare |" in printed and "| 1.0x |" in printed
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_on_a_tiny_configuration(tmp_path: Path) -> None:
+    """`bench/run.py` on one system (lapse on memory) with one 1 s wrk run per figure and a
+    1,000-session memory probe exits 0 (no errors, no lost session, right counts); its
+    Markdown table in `--out` has the system's rows, the targets, and the note that one run
+    is not a median; `--out`/chart.png is a PNG. Nothing about speed is asserted."""
+    command = [
+        sys.executable, "bench/run.py", "--systems", "lapse-memory", "--duration", "1",
+        "--repeats", "1", "--warmup", "0", "--create-warmup", "0", "--memory-counts", "1000",
+        "--live-sessions", "0", "--expiry-sessions", "0", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.stdout.rstrip().endswith(f"chart: {tmp_path / 'chart.png'})")
 
     table = (tmp_path / "latest.md").read_text()
-    lines = table.splitlines()
-
-    def rows(label: str) -> list[str]:
-        return [line for line in lines if line.startswith(f"| {label} |")]
-
-    assert len(rows("lapse (memory)")) >= 4  # requests/s, memory, many live, raw repeats
-    assert len(rows("lapse (Redis)")) >= 3  # requests/s, Redis traffic, raw repeats
-    assert len(rows("bare uvicorn (no sessions)")) >= 2  # requests/s, raw repeats
-    assert rows("memory")  # expiry lateness, memory store
-    for heading in (
-        "## Requests/s",
-        "## Memory per live session",
-        "## Touch with 1,000 other live sessions",
-        "## Expiry lateness",
-        "## Redis traffic per touch request",
-        "## Targets",
-    ):
+    rows = [line for line in table.splitlines() if line.startswith("| lapse (memory) |")]
+    assert len(rows) >= 3  # requests/s, memory, raw repeats
+    for heading in ("## Requests/s", "## Memory per live session", "## Targets"):
         assert heading in table
     assert "Problems: none" in table
+    assert "a figure is one noisy run, not a median" in table
     assert (tmp_path / "chart.png").read_bytes()[:8] == PNG_SIGNATURE

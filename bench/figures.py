@@ -1,0 +1,125 @@
+"""The figures drawn from the raw runs: medians, ratios and the targets."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from bench.options import Options
+from bench.scenarios import Outcome, Results, TouchRun
+from bench.systems import BARE, REFERENCE
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def touch_rps(outcome: Outcome | None) -> float | None:
+    if outcome is None or not outcome.touch:
+        return None
+    return statistics.median(r.result.rps for r in outcome.touch)
+
+
+def create_rps(outcome: Outcome | None) -> float | None:
+    if outcome is None or not outcome.create:
+        return None
+    return statistics.median(r.rps for r in outcome.create)
+
+
+def runs_rps(runs: list[TouchRun]) -> float | None:
+    return statistics.median(r.result.rps for r in runs) if runs else None
+
+
+def memory_per_session(outcome: Outcome | None, count: int) -> float | None:
+    if outcome is None or count not in outcome.memory:
+        return None
+    return float(outcome.memory[count]["bytes_per_session"])
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    measured: str
+    value: float | None
+    threshold: float
+    higher_is_better: bool = True
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "n/a"
+        ok = self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+        return "PASS" if ok else "MISS"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def targets(results: Results, opts: Options) -> list[Target]:
+    o = results.outcomes.get
+    lapse, twisted = o(REFERENCE), o("twisted")
+    bare, lapse_redis, aio_redis = o(BARE), o("lapse-redis"), o("aiohttp-redis")
+    top = max(opts.memory_counts) if opts.memory_counts else 0
+    memory_ratio = ratio(memory_per_session(lapse, top), memory_per_session(twisted, top))
+    live_ratio = ratio(
+        runs_rps(lapse.live_many) if lapse else None, runs_rps(lapse.live_base) if lapse else None
+    )
+    memory_expiry = next((e for e in results.expiry if e["store"] == "memory"), None)
+    p99 = memory_expiry["p99_ms"] if memory_expiry else None
+    return [
+        Target(
+            "touch req/s: lapse (memory) >= 0.8 x bare uvicorn",
+            "lapse / bare uvicorn",
+            ratio(touch_rps(lapse), touch_rps(bare)),
+            0.8,
+        ),
+        Target(
+            "touch req/s: lapse (memory) >= 2.5 x Twisted",
+            "lapse / Twisted",
+            ratio(touch_rps(lapse), touch_rps(twisted)),
+            2.5,
+        ),
+        Target(
+            "create req/s: lapse (memory) >= 2.5 x Twisted",
+            "lapse / Twisted",
+            ratio(create_rps(lapse), create_rps(twisted)),
+            2.5,
+        ),
+        Target(
+            f"memory per live session at {top:,}: lapse <= 1/3 of Twisted",
+            "lapse / Twisted",
+            memory_ratio,
+            1 / 3,
+            higher_is_better=False,
+        ),
+        Target(
+            f"touch req/s with {opts.live_sessions:,} live sessions within 10 % of 1 live "
+            "(lapse, memory)",
+            f"{opts.live_sessions:,} live / 1 live",
+            live_ratio,
+            0.9,
+        ),
+        Target(
+            "expiry lateness p99 <= 10 ms (memory store)",
+            "p99 ms",
+            p99,
+            10.0,
+            higher_is_better=False,
+        ),
+        Target(
+            "touch req/s: lapse (Redis) >= 4 x aiohttp-session (Redis)",
+            "lapse Redis / aiohttp Redis",
+            ratio(touch_rps(lapse_redis), touch_rps(aio_redis)),
+            4.0,
+        ),
+        Target(
+            "touch req/s: lapse (Redis) >= 0.5 x lapse (memory)",
+            "lapse Redis / lapse memory",
+            ratio(touch_rps(lapse_redis), touch_rps(lapse)),
+            0.5,
+        ),
+    ]

@@ -1,0 +1,80 @@
+"""The load generator: wrk, run against one server, and its output parsed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from bench.systems import HOST, PATH
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rps: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    p99_ms: float | None
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("wrk not found; installing the Debian package", flush=True)
+    install = ["apt-get", "install", "-y", "wrk"]
+    if subprocess.run(install, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update"], check=True)
+        subprocess.run(install, check=True)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk is still not on PATH after apt-get install")
+    return found
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def parse_wrk(output: str) -> WrkResult:
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    if rps is None:
+        raise RuntimeError(f"no 'Requests/sec:' in wrk output:\n{output}")
+    total = re.search(r"^\s*(\d+) requests in", output, re.MULTILINE)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.MULTILINE)
+    return WrkResult(
+        rps=float(rps.group(1)),
+        requests=int(total.group(1)) if total else 0,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in sock.groups()) if sock else 0,
+        p99_ms=float(p99.group(1)) * _UNIT_MS[p99.group(2)] if p99 else None,
+    )
+
+
+def wrk_command(
+    wrk: str, threads: int, connections: int, port: int, seconds: int, cookie: str | None
+) -> list[str]:
+    """wrk's command line for one run on GET /logme, with the cookie on every request."""
+    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if cookie is not None:
+        cmd += ["-H", f"Cookie: {cookie}"]
+    cmd.append(f"http://{HOST}:{port}{PATH}")
+    return cmd
+
+
+def run_wrk(
+    wrk: str, threads: int, connections: int, port: int, seconds: int, cookie: str | None
+) -> WrkResult:
+    """One wrk run; its parsed figures."""
+    cmd = wrk_command(wrk, threads, connections, port, seconds, cookie)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
+    return parse_wrk(done.stdout)

@@ -1,0 +1,196 @@
+"""The command line of `bench/run.py`: the options, and where a run writes its results."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.systems import DEFAULT_CHART, RESULTS_DIR, SYSTEMS
+
+
+@dataclass(frozen=True)
+class Options:
+    systems: list[str]
+    duration: int
+    repeats: int
+    warmup: int
+    create_warmup: int
+    threads: int
+    connections: int
+    memory_counts: list[int]
+    live_sessions: int
+    live_repeats: int
+    expiry_sessions: int
+    expiry_window: float
+    expiry_stores: str
+    idle_seconds: float
+    monitor_requests: int
+    redis_url: str | None
+    out: Path | None
+    strict: bool
+    subset: bool = False
+    """Something other than the full default run: it does not replace the tracked chart."""
+    update_chart: bool = False
+
+    @property
+    def results_dir(self) -> Path:
+        return self.out if self.out is not None else RESULTS_DIR
+
+    @property
+    def table_path(self) -> Path:
+        return self.results_dir / "latest.md"
+
+    @property
+    def chart_path(self) -> Path:
+        """``--out``/chart.png; else bench/chart.png (tracked, the README's) for the full
+        default run or with ``--update-chart``, and bench/results/chart.png (git-ignored)
+        for any other run."""
+        if self.out is not None:
+            return self.out / "chart.png"
+        if self.subset and not self.update_chart:
+            return RESULTS_DIR / "chart.png"
+        return DEFAULT_CHART
+
+
+NOT_MEASURED = frozenset({"redis_url", "out", "strict", "update_chart"})
+"""Options that do not change what is measured: a run that sets only these is still the
+full default run."""
+
+
+def int_list(text: str) -> list[int]:
+    return [int(c.replace("_", "")) for c in text.split(",") if c.strip()]
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        description="Benchmark lapse against its peers on GET /logme (see bench/README.md)."
+    )
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)",
+    )
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run (4)")
+    parser.add_argument("--repeats", type=int, default=5, help="wrk runs per figure, >= 3 (5)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded wrk seconds (1; 0=off)")
+    parser.add_argument(
+        "--create-warmup",
+        type=int,
+        default=6,
+        help="discarded wrk seconds before the create runs, > the 5 s session timeout so that "
+        "sessions expire as fast as they are made while measuring (6; 0=off)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="wrk -t (1)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk -c (50)")
+    parser.add_argument(
+        "--memory-counts",
+        default="100000,1000000",
+        help="comma-separated live-session counts for the in-process memory probe "
+        "(100000,1000000; empty: skip)",
+    )
+    parser.add_argument(
+        "--live-sessions",
+        type=int,
+        default=1_000_000,
+        help="extra live sessions for the 'touch with many live sessions' figure "
+        "(1000000; 0: skip)",
+    )
+    parser.add_argument(
+        "--live-repeats",
+        type=int,
+        default=9,
+        help="alternating wrk runs per server for the many-live-sessions figure (9; its two "
+        "medians are compared, and run-to-run noise on this machine is about 10 %%)",
+    )
+    parser.add_argument(
+        "--expiry-sessions",
+        type=int,
+        default=100_000,
+        help="sessions for the expiry-lateness figure (100000; 0: skip)",
+    )
+    parser.add_argument(
+        "--expiry-window", type=float, default=60, help="their deadlines spread over s (60)"
+    )
+    parser.add_argument(
+        "--expiry-stores",
+        default="memory",
+        help="stores for expiry lateness: memory (default) or e.g. memory,sqlite,redis",
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=2,
+        help="Redis systems: seconds without traffic to measure the idle command rate (2)",
+    )
+    parser.add_argument(
+        "--monitor-requests",
+        type=int,
+        default=200,
+        help="Redis systems: sequential requests watched with MONITOR (200)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        help="use this (otherwise idle) redis-server instead of starting one; it is not "
+        "flushed (default: start our own on a free loopback port)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write latest.md and chart.png here (default: bench/results/latest.md; the chart "
+        "to bench/chart.png for the full default run, to bench/results/chart.png otherwise)",
+    )
+    parser.add_argument(
+        "--update-chart",
+        action="store_true",
+        help="write bench/chart.png (tracked, shown by the README) even though this is not the "
+        "full default run (default: only the full run does; others write "
+        "bench/results/chart.png)",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1 (3 or more for a median)")
+    if args.live_repeats < 1:
+        parser.error("--live-repeats must be at least 1 (3 or more for a median)")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if not systems or unknown:
+        parser.error(f"--systems: unknown {unknown}; choose from {','.join(SYSTEMS)}")
+    systems = [s for s in SYSTEMS if s in systems]  # the table's order
+    if args.duration < 1 or args.threads < 1 or args.connections < args.threads:
+        parser.error("need --duration >= 1 and --connections >= --threads >= 1")
+    try:
+        memory_counts = int_list(args.memory_counts)
+    except ValueError:
+        parser.error(
+            f"--memory-counts: not a comma-separated list of integers: {args.memory_counts!r}"
+        )
+    defaults = vars(parser.parse_args([]))
+    chosen = dict(vars(args), systems=systems, memory_counts=memory_counts)
+    defaults.update(systems=list(SYSTEMS), memory_counts=int_list(defaults["memory_counts"]))
+    subset = any(chosen[k] != defaults[k] for k in defaults if k not in NOT_MEASURED)
+    return Options(
+        systems=systems,
+        duration=args.duration,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        create_warmup=args.create_warmup,
+        threads=args.threads,
+        connections=args.connections,
+        memory_counts=memory_counts,
+        live_sessions=args.live_sessions,
+        live_repeats=args.live_repeats,
+        expiry_sessions=args.expiry_sessions,
+        expiry_window=args.expiry_window,
+        expiry_stores=args.expiry_stores,
+        idle_seconds=args.idle_seconds,
+        monitor_requests=args.monitor_requests,
+        redis_url=args.redis_url,
+        out=args.out,
+        strict=args.strict,
+        subset=subset,
+        update_chart=args.update_chart,
+    )

@@ -1,0 +1,387 @@
+"""The Markdown report: the tables, the problems found, the machine and versions."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from bench.figures import (
+    Target,
+    create_rps,
+    median_or_none,
+    memory_per_session,
+    ratio,
+    runs_rps,
+    targets,
+    touch_rps,
+)
+from bench.loadgen import WrkResult
+from bench.options import Options
+from bench.scenarios import Bench, Results, TouchRun
+from bench.systems import REFERENCE, REPO_DIR, SYSTEMS, System
+
+
+def version_of(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def wrk_version(wrk: str) -> str:
+    done = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
+    first = (done.stdout or done.stderr).strip().splitlines()
+    return first[0].split(" [")[0] if first else "wrk ?"
+
+
+def lapse_source() -> str:
+    """Where the servers import lapse from, and the git state of this repo's src/."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAPSE_")}
+    done = subprocess.run(
+        [sys.executable, "-c", "import lapse; print(lapse.__file__)"],
+        capture_output=True, text=True, check=False, env=env,
+    )  # fmt: skip
+    where = Path(done.stdout.strip() or ".").resolve().parent.parent
+    git = ["git", "-C", str(REPO_DIR)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()  # fmt: skip
+    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True,
+                           text=True, check=False).stdout.strip()  # fmt: skip
+    if where == REPO_DIR / "src":
+        state = "with uncommitted changes in src/" if dirty else "src/ clean"
+        return f"this repo's src/ (git {head or '?'}, {state})"
+    return f"{where} (not this repo's src/; repo at git {head or '?'})"
+
+
+def num(value: float | None, fmt: str = ",.0f", unit: str = "") -> str:
+    return "—" if value is None else f"{value:{fmt}}{unit}"
+
+
+def times(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def errors_note(results: list[WrkResult]) -> str:
+    errors = sum(r.errors for r in results)
+    return f" ⚠ {errors} errors" if errors else ""
+
+
+def kept_cell(system: System, runs: list[TouchRun]) -> str:
+    if not runs:
+        return "—"
+    if system.cookie is None:
+        return "n/a"
+    kept = sum(r.kept for r in runs)
+    return f"{kept}/{len(runs)}" + ("" if kept == len(runs) else " ⚠")
+
+
+def throughput_table(results: Results) -> list[str]:
+    outcomes = results.outcomes
+    ref_touch = touch_rps(outcomes.get(REFERENCE))
+    ref_create = create_rps(outcomes.get(REFERENCE))
+    lines = [
+        "| System | touch req/s | vs lapse | touch p99 | create req/s | vs lapse | create p99 "
+        "| session kept |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, outcome in outcomes.items():
+        system = SYSTEMS[key]
+        touch_results = [r.result for r in outcome.touch]
+        t, c = touch_rps(outcome), create_rps(outcome)
+        t_p99 = median_or_none([r.p99_ms for r in touch_results])
+        c_p99 = median_or_none([r.p99_ms for r in outcome.create])
+        lines.append(
+            f"| {system.label} | {num(t)}{errors_note(touch_results)} "
+            f"| {times(ratio(t, ref_touch))} "
+            f"| {num(t_p99, '.2f', ' ms')} | {num(c)}{errors_note(outcome.create)} "
+            f"| {times(ratio(c, ref_create))} | {num(c_p99, '.2f', ' ms')} "
+            f"| {kept_cell(system, outcome.touch)} |"
+        )
+    return lines
+
+
+def memory_table(results: Results, opts: Options) -> list[str]:
+    probed = [k for k, o in results.outcomes.items() if o.memory]
+    if not probed:
+        return []
+    head = "| System |" + "".join(f" {c:,} sessions | vs lapse |" for c in opts.memory_counts)
+    lines = [head, "|---|" + "---:|---:|" * len(opts.memory_counts)]
+    ref = results.outcomes.get(REFERENCE)
+    for key in probed:
+        outcome = results.outcomes[key]
+        cells = []
+        for count in opts.memory_counts:
+            value = memory_per_session(outcome, count)
+            flag = ""
+            if count in outcome.memory and not outcome.memory[count]["count_ok"]:
+                flag = " ⚠ wrong count"
+            cells.append(
+                f" {num(value, ',.0f', ' B')}{flag} | "
+                f"{times(ratio(value, memory_per_session(ref, count)))} |"
+            )
+        lines.append(f"| {SYSTEMS[key].label} |" + "".join(cells))
+    return lines
+
+
+def live_table(results: Results, opts: Options) -> list[str]:
+    rows = [(k, o) for k, o in results.outcomes.items() if o.live_base or o.live_many]
+    if not rows:
+        return []
+    n = f"{opts.live_sessions:,}"
+    lines = [
+        f"| System | touch req/s, 1 live | touch req/s, {n} live | {n} / 1 | p99, 1 live "
+        f"| p99, {n} live | session kept |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, o in rows:
+        base, many = runs_rps(o.live_base), runs_rps(o.live_many)
+        base_p99 = median_or_none([r.result.p99_ms for r in o.live_base])
+        many_p99 = median_or_none([r.result.p99_ms for r in o.live_many])
+        lines.append(
+            f"| {SYSTEMS[key].label} | {num(base)}{errors_note([r.result for r in o.live_base])} "
+            f"| {num(many)}{errors_note([r.result for r in o.live_many])} "
+            f"| {times(ratio(many, base))} | {num(base_p99, '.2f', ' ms')} "
+            f"| {num(many_p99, '.2f', ' ms')} "
+            f"| {kept_cell(SYSTEMS[key], o.live_base + o.live_many)} |"
+        )
+    return lines
+
+
+def expiry_table(results: Results) -> list[str]:
+    if not results.expiry:
+        return []
+    lines = [
+        "| Store | sessions | window | delivered | missing | duplicates | p50 | p99 | max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in results.expiry:
+        lines.append(
+            f"| {e['store']} | {e['sessions']:,} | {e['window']:g} s | {e['deliveries']:,} "
+            f"| {e['missing']} | {e['duplicates']} | {num(e['p50_ms'], '.1f', ' ms')} "
+            f"| {num(e['p99_ms'], '.1f', ' ms')} | {num(e['max_ms'], '.1f', ' ms')} |"
+        )
+    return lines
+
+
+def redis_table(results: Results) -> list[str]:
+    rows = [(k, o.redis) for k, o in results.outcomes.items() if o.redis is not None]
+    if not rows:
+        return []
+    lines = [
+        "| System | round trips / touch under wrk (server read events) "
+        "| Redis commands / touch (incl. inside Lua) "
+        "| client commands / touch (MONITOR) | idle round trips/s | idle commands/s "
+        "| one request at a time: commands == round trips |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, c in rows:
+        assert c is not None
+        monitored = c.monitor_requests > 0
+        names = ", ".join(f"{n} {v:.2f}" for n, v in c.monitor_names.items())
+        claim = ("yes" if c.claim_holds else "**no**") if monitored else "—"
+        client = f"{c.monitor_client_commands:.2f} ({names})" if monitored else "—"
+        lines.append(
+            f"| {SYSTEMS[key].label} | {num(median_or_none(list(c.reads_per_request)), '.2f')} "
+            f"| {num(median_or_none(list(c.commands_per_request)), '.2f')} | {client} "
+            f"| {c.idle_reads:.1f} | {c.idle_commands:.1f} | {claim} |"
+        )
+    return lines
+
+
+def targets_lines(found: list[Target]) -> list[str]:
+    lines = ["| Target | measured | value | verdict |", "|---|---|---:|---|"]
+    for t in found:
+        value = "—" if t.value is None else f"{t.value:.2f}"
+        lines.append(f"| {t.name} | {t.measured} | {value} | {t.verdict} |")
+    return lines
+
+
+def raw_lines(results: Results) -> list[str]:
+    lines = [
+        "| System | Figure | Repeats (requests/s) | p99 (ms) | Requests | Non-2xx "
+        "| Socket errors |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for key, o in results.outcomes.items():
+        series = (
+            ("touch", [r.result for r in o.touch]),
+            ("create", o.create),
+            ("touch, 1 live", [r.result for r in o.live_base]),
+            ("touch, many live", [r.result for r in o.live_many]),
+        )
+        for figure, runs in series:
+            if not runs:
+                continue
+            repeats = ", ".join(f"{r.rps:,.0f}" for r in runs)
+            p99s = ", ".join(num(r.p99_ms, ".2f") for r in runs)
+            lines.append(
+                f"| {SYSTEMS[key].label} | {figure} | {repeats} | {p99s} "
+                f"| {sum(r.requests for r in runs):,} | {sum(r.non_2xx for r in runs)} "
+                f"| {sum(r.socket_errors for r in runs)} |"
+            )
+    memory = [(k, o) for k, o in results.outcomes.items() if o.memory]
+    if memory:
+        lines += [
+            "",
+            "| System | Sessions | live | RSS before | RSS after | Bytes/session | make time |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, o in memory:
+            for count, m in o.memory.items():
+                lines.append(
+                    f"| {SYSTEMS[key].label} | {count:,} | {m['live_sessions']:,} "
+                    f"| {m['rss_before'] / 2**20:,.1f} MiB | {m['rss_after'] / 2**20:,.1f} MiB "
+                    f"| {m['bytes_per_session']:,.1f} | {m['make_seconds']:.2f} s |"
+                )
+    redis_rows = [(k, o.redis) for k, o in results.outcomes.items() if o.redis is not None]
+    if redis_rows:
+        lines += [
+            "",
+            "| System | round trips / touch, per run | commands / touch, per run "
+            "| commands by name / touch (wrk runs, idle not subtracted) "
+            "| MONITOR: requests, Lua-internal / touch, round trips / touch "
+            "| idle: s, client commands/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, c in redis_rows:
+            assert c is not None
+            by_name = ", ".join(
+                f"{n} {v:.2f}" for n, v in sorted(c.breakdown.items()) if v >= 0.005
+            )
+            idle_names = ", ".join(f"{n} {v:.1f}" for n, v in c.idle_names.items())
+            lines.append(
+                f"| {SYSTEMS[key].label} "
+                f"| {', '.join(f'{v:.2f}' for v in c.reads_per_request)} "
+                f"| {', '.join(f'{v:.2f}' for v in c.commands_per_request)} | {by_name} "
+                f"| {c.monitor_requests}, {c.monitor_lua_commands:.2f}, {c.monitor_reads:.2f} "
+                f"| {c.idle_seconds:.1f}, {c.idle_client_commands:.1f} ({idle_names}) |"
+            )
+    return lines
+
+
+def find_problems(b: Bench, results: Results) -> list[str]:
+    found = list(b.problems)
+    for key, o in results.outcomes.items():
+        label = SYSTEMS[key].label
+        runs = [r.result for r in o.touch + o.live_base + o.live_many] + o.create
+        errors = sum(r.errors for r in runs)
+        if errors:
+            found.append(f"{label}: {errors} non-2xx responses or socket errors during wrk runs")
+        touches = o.touch + o.live_base + o.live_many
+        lost = sum(not r.kept for r in touches)
+        if lost:
+            found.append(
+                f"{label}: in {lost} of {len(touches)} touch runs the session was gone right "
+                "after wrk (a GET with its cookie got a new session)"
+            )
+        for count, m in o.memory.items():
+            if not m["count_ok"]:
+                found.append(f"{label}: {m['live_sessions']:,} live sessions, expected {count:,}")
+    for e in results.expiry:
+        for what in ("missing", "duplicates", "unknown"):
+            if e[what]:
+                found.append(f"expiry lateness, {e['store']}: {e[what]} {what}")
+    return found
+
+
+def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], list[Target]]:
+    opts = b.opts
+    problems = find_problems(b, results)
+    found = targets(results, opts)
+    notes = list(b.notes)
+    if opts.repeats < 3 or (opts.live_sessions > 0 and opts.live_repeats < 3):
+        notes.append(
+            f"--repeats {opts.repeats}, --live-repeats {opts.live_repeats}: fewer than 3 runs "
+            "per figure, so a figure is one noisy run, not a median; a quick check only"
+        )
+    for key, o in results.outcomes.items():
+        if o.redis is not None and o.redis.monitor_requests and not o.redis.claim_holds:
+            notes.append(
+                f"{SYSTEMS[key].label}: client commands per touch "
+                f"({o.redis.monitor_client_commands:.2f}) != round trips per touch "
+                f"({o.redis.monitor_reads:.2f}): some client pipelines"
+            )
+    versions = ", ".join(
+        f"{name} {version_of(name)}"
+        for name in (
+            "lapse",
+            "uvicorn",
+            "httptools",
+            "uvloop",
+            "twisted",
+            "aiohttp",
+            "aiohttp-session",
+            "starlette",
+            "itsdangerous",
+            "redis",
+            "hiredis",
+        )
+    )
+    redis_line = "- redis-server: not used"
+    if b.redis is not None:
+        origin = "started by the bench" if b.redis.owned else "given by --redis-url"
+        redis_line = f"- redis-server {b.redis.version} on 127.0.0.1 ({origin})"
+    lines = [
+        "# lapse and its peers: the seed program's GET /logme",
+        "",
+        f"- {time.strftime('%Y-%m-%d %H:%M %Z')}; command: `{command}`; took "
+        f"{results.seconds / 60:.1f} min",
+        f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), {platform.platform()}; "
+        f"load average at the start {b.load_at_start}",
+        f"- lapse imported from {lapse_source()}",
+        f"- Python {platform.python_version()}; {versions}",
+        f"- {wrk_version(b.wrk)}: `-t{opts.threads} -c{opts.connections} -d{opts.duration}s "
+        f"--latency`, median of {opts.repeats} runs per figure, one fresh server per figure, "
+        f"127.0.0.1; discarded warm-up: {opts.warmup} s (touch), {opts.create_warmup} s "
+        "(create)",
+        redis_line,
+        "- touch: one cookie-less GET makes a session before each wrk run, every request "
+        "carries its cookie, and a GET right after the run must find the same session "
+        "(session kept); create: no cookie, so every request makes a session",
+        "- vs lapse: this system's median / lapse (memory)'s median (memory: bytes / lapse's "
+        "bytes); p99 from wrk --latency, median of the runs",
+        "",
+        "## Requests/s",
+        "",
+        *throughput_table(results),
+    ]
+    for title, table in (
+        ("## Memory per live session (in-process, RSS delta / N)", memory_table(results, opts)),
+        (
+            f"## Touch with {opts.live_sessions:,} other live sessions (two servers side by "
+            "side, runs alternated)",
+            live_table(results, opts),
+        ),
+        (
+            f"## Expiry lateness ({opts.expiry_sessions:,} sessions expiring within "
+            f"{opts.expiry_window:g} s, bench/expiry_lateness.py)",
+            expiry_table(results),
+        ),
+        (
+            "## Redis traffic per touch request (idle rate subtracted)",
+            redis_table(results),
+        ),
+    ):
+        if table:
+            lines += ["", title, "", *table]
+    lines += ["", "## Targets", "", *targets_lines(found), ""]
+    lines.append("Problems: " + ("none" if not problems else ""))
+    lines += [f"- {p}" for p in problems]
+    if notes:
+        lines += ["", "Notes:", *[f"- {n}" for n in notes]]
+    lines += ["", "## Raw repeats", "", *raw_lines(results), ""]
+    return "\n".join(lines), problems, found

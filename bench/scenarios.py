@@ -1,0 +1,245 @@
+"""The scenarios: touch, create, memory per session, many live sessions, expiry
+lateness; each measured on fresh servers and kept in one Outcome per system."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import WrkResult, run_wrk
+from bench.options import Options
+from bench.redis_traffic import RedisCounts, RedisHandle, measure_idle, measure_monitored
+from bench.systems import (
+    EXPIRY_LATENESS,
+    MEMORY_PROBE,
+    REFERENCE,
+    SYSTEMS,
+    System,
+    running_server,
+    session_cookie,
+    session_kept,
+)
+
+
+@dataclass
+class Bench:
+    """What every scenario needs."""
+
+    opts: Options
+    wrk: str
+    redis: RedisHandle | None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    load_at_start: str = field(
+        default_factory=lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
+
+    def run_wrk(self, port: int, seconds: int, cookie: str | None) -> WrkResult:
+        opts = self.opts
+        return run_wrk(self.wrk, opts.threads, opts.connections, port, seconds, cookie)
+
+    @contextlib.contextmanager
+    def server(self, system: System, extra: int = 0) -> Iterator[int]:
+        """Start one server on a free loopback port; yield the port; always stop it."""
+        if system.redis and self.redis is not None:
+            self.redis.flush()
+        redis_url = self.redis.url if self.redis is not None else None
+        with running_server(system, extra, redis_url) as server:
+            if extra:
+                seen = server.live_counts()
+                if not seen or seen[-1] != extra:
+                    self.problems.append(
+                        f"{system.label}: started with {seen[-1] if seen else '?'} "
+                        f"extra live sessions, expected {extra:,}"
+                    )
+            yield server.port
+
+
+@dataclass(frozen=True)
+class TouchRun:
+    result: WrkResult
+    kept: bool
+
+
+@dataclass
+class Outcome:
+    """Everything measured for one system."""
+
+    touch: list[TouchRun] = field(default_factory=list)
+    create: list[WrkResult] = field(default_factory=list)
+    memory: dict[int, dict[str, Any]] = field(default_factory=dict)
+    live_base: list[TouchRun] = field(default_factory=list)
+    live_many: list[TouchRun] = field(default_factory=list)
+    redis: RedisCounts | None = None
+    failed: list[str] = field(default_factory=list)
+
+
+def touch_once(b: Bench, system: System, port: int, seconds: int) -> TouchRun:
+    """One wrk run on a session made just before it; then check the session is still there.
+
+    A fresh session per run: current Twisted does not refresh a session it finds by cookie,
+    and Starlette's cookie is not re-read by wrk, so one session reused across runs would
+    expire 5 s after creation (see README).
+    """
+    cookie = session_cookie(port, system)
+    result = b.run_wrk(port, seconds, cookie)
+    return TouchRun(result, session_kept(port, system, cookie))
+
+
+def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
+    opts = b.opts
+    with b.server(system) as port:
+        if opts.warmup > 0:
+            touch_once(b, system, port, opts.warmup)
+        counts = None
+        if system.redis and b.redis is not None:
+            counts = outcome.redis = RedisCounts()
+            measure_idle(b.redis, opts.idle_seconds, counts)
+        for _ in range(opts.repeats):
+            if counts is None or b.redis is None:
+                outcome.touch.append(touch_once(b, system, port, opts.duration))
+                continue
+            cookie = session_cookie(port, system)
+            before = b.redis.snapshot()
+            result = b.run_wrk(port, opts.duration, cookie)
+            after = b.redis.snapshot()
+            outcome.touch.append(TouchRun(result, session_kept(port, system, cookie)))
+            elapsed = after.at - before.at
+            requests = max(result.requests, 1)
+            reads = after.reads - before.reads - 1 - counts.idle_reads * elapsed
+            commands = after.commands() - before.commands() - counts.idle_commands * elapsed
+            counts.reads_per_request.append(reads / requests)
+            counts.commands_per_request.append(commands / requests)
+            for name, n in after.calls.items():
+                delta = n - before.calls.get(name, 0)
+                if delta and name != "info":
+                    share = delta / requests / opts.repeats
+                    counts.breakdown[name] = counts.breakdown.get(name, 0.0) + share
+        if counts is not None and b.redis is not None and opts.monitor_requests > 0:
+            measure_monitored(b.redis, port, system, opts.monitor_requests, counts)
+
+
+def bench_create(b: Bench, system: System, outcome: Outcome) -> None:
+    opts = b.opts
+    with b.server(system) as port:
+        if opts.create_warmup > 0:
+            b.run_wrk(port, opts.create_warmup, None)
+        outcome.create = [b.run_wrk(port, opts.duration, None) for _ in range(opts.repeats)]
+
+
+def bench_live(b: Bench, system: System, outcome: Outcome) -> None:
+    """Touch runs on two servers alive side by side, one with ``--live-sessions``
+    extra sessions: measured alternately, so that drift hits both alike."""
+    opts = b.opts
+    with b.server(system) as base_port, b.server(system, opts.live_sessions) as many_port:
+        if opts.warmup > 0:
+            touch_once(b, system, base_port, opts.warmup)
+            touch_once(b, system, many_port, opts.warmup)
+        for _ in range(opts.live_repeats):
+            outcome.live_base.append(touch_once(b, system, base_port, opts.duration))
+            outcome.live_many.append(touch_once(b, system, many_port, opts.duration))
+
+
+def bench_memory(system: System, count: int, outcome: Outcome) -> None:
+    assert system.probe is not None
+    cmd = [sys.executable, str(MEMORY_PROBE), "--system", system.probe, "--count", str(count)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAPSE_")}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {system.key} {count}:\n{done.stderr}")
+    outcome.memory[count] = json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_expiry(b: Bench, into: list[dict[str, Any]]) -> None:
+    opts = b.opts
+    with tempfile.TemporaryDirectory(prefix="bench-expiry-") as tmp:
+        json_path = Path(tmp) / "expiry.json"
+        cmd = [
+            sys.executable,
+            str(EXPIRY_LATENESS),
+            "--stores",
+            opts.expiry_stores,
+            "--sessions",
+            str(opts.expiry_sessions),
+            "--window",
+            str(opts.expiry_window),
+            "--results",
+            str(opts.results_dir / "latest_expiry_lateness.md"),
+            "--json",
+            str(json_path),
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LAPSE_")}
+        budget = opts.expiry_window + 120 + opts.expiry_sessions / 500
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=budget * 3, env=env
+        )
+        if not json_path.exists():
+            raise RuntimeError(
+                f"expiry_lateness.py exited {done.returncode}:\n{done.stderr[-3000:]}"
+            )
+        into.extend(json.loads(json_path.read_text()))
+
+
+def run_step(b: Bench, outcome: Outcome | None, label: str, step: Callable[[], None]) -> None:
+    print(f"  {label} ...", end="", flush=True)
+    started = time.monotonic()
+    try:
+        step()
+    except Exception as exc:
+        print(f" FAILED after {time.monotonic() - started:.0f} s: {exc}", flush=True)
+        b.problems.append(f"{label} failed: {type(exc).__name__}: {exc}")
+        if outcome is not None:
+            outcome.failed.append(label)
+        return
+    print(f" {time.monotonic() - started:.0f} s", flush=True)
+
+
+@dataclass
+class Results:
+    outcomes: dict[str, Outcome]
+    expiry: list[dict[str, Any]]
+    seconds: float = 0.0
+
+
+def run_all(b: Bench) -> Results:
+    opts = b.opts
+    outcomes = {key: Outcome() for key in opts.systems}
+    results = Results(outcomes, [])
+    for key in opts.systems:
+        system, outcome = SYSTEMS[key], outcomes[key]
+        print(f"{system.label}:", flush=True)
+        touch = partial(bench_touch, b, system, outcome)
+        run_step(b, outcome, f"{system.label}: touch existing session", touch)
+        create = partial(bench_create, b, system, outcome)
+        run_step(b, outcome, f"{system.label}: create sessions", create)
+    for key in opts.systems:
+        system, outcome = SYSTEMS[key], outcomes[key]
+        if system.probe is None or not opts.memory_counts:
+            continue
+        print(f"{system.label}:", flush=True)
+        for count in opts.memory_counts:
+            probe = partial(bench_memory, system, count, outcome)
+            run_step(b, outcome, f"{system.label}: memory, {count:,} sessions", probe)
+    if opts.live_sessions > 0:
+        for key in opts.systems:
+            system, outcome = SYSTEMS[key], outcomes[key]
+            if system.live:
+                print(f"{system.label}:", flush=True)
+                live = partial(bench_live, b, system, outcome)
+                label = f"{system.label}: touch, 1 vs {opts.live_sessions:,} live"
+                run_step(b, outcome, label, live)
+    if opts.expiry_sessions > 0 and REFERENCE in opts.systems:
+        print("lapse expiry lateness:", flush=True)
+        label = f"expiry lateness, {opts.expiry_sessions:,} sessions in {opts.expiry_window:g} s"
+        run_step(b, None, label, partial(bench_expiry, b, results.expiry))
+    return results

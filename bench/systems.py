@@ -1,0 +1,293 @@
+"""The systems measured: what each is, how its server is started on a free 127.0.0.1
+port and stopped by its PID, and the few HTTP requests the bench makes itself."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+SERVERS_DIR = BENCH_DIR / "servers"
+LAPSE_EXAMPLE = REPO_DIR / "examples" / "session_endings.py"
+MEMORY_PROBE = BENCH_DIR / "memory_probe.py"
+EXPIRY_LATENESS = BENCH_DIR / "expiry_lateness.py"
+RESULTS_DIR = BENCH_DIR / "results"
+DEFAULT_CHART = BENCH_DIR / "chart.png"
+LISTEN_LINE = "listenTCP(8080, factory)"
+HOST = "127.0.0.1"
+PATH = "/logme"
+LONG_TIMEOUT = 3600
+"""sessionTimeout of the extra live sessions of the "many live sessions" figure."""
+LIVE_COUNT_LINE = re.compile(r"^bench: (\d+) live sessions$", re.MULTILINE)
+
+
+def cookie_value_identity(value: str) -> str:
+    """A session cookie that names a server-side session: the value is the identity."""
+    return value
+
+
+def starlette_identity(value: str) -> str:
+    """Starlette's cookie is base64(JSON).timestamp.signature: the identity is the
+    random ``uid`` the handler puts in the session on first sight."""
+    try:
+        payload = json.loads(base64.b64decode(value.split(".", 1)[0]))
+        return str(payload["uid"])
+    except (ValueError, KeyError, TypeError):
+        return value
+
+
+@dataclass(frozen=True)
+class System:
+    key: str
+    label: str
+    kind: str
+    """lapse, twisted, aiohttp, starlette or bare: which server program."""
+    store: str = ""
+    """lapse: memory, sqlite or redis; aiohttp: memory or redis."""
+    cookie: str | None = None
+    """The session cookie's name; None: no sessions (bare uvicorn)."""
+    identity: Callable[[str], str] = cookie_value_identity
+    probe: str | None = None
+    """memory_probe.py's --system for the memory figure, if measured."""
+    live: bool = False
+    """Whether the "touch with many live sessions" figure is measured."""
+
+    @property
+    def redis(self) -> bool:
+        return self.store == "redis"
+
+
+SYSTEMS: dict[str, System] = {
+    s.key: s
+    for s in (
+        System("lapse-memory", "lapse (memory)", "lapse", "memory", "lapse_session",
+               probe="lapse", live=True),
+        System("lapse-sqlite", "lapse (SQLite)", "lapse", "sqlite", "lapse_session"),
+        System("lapse-redis", "lapse (Redis)", "lapse", "redis", "lapse_session"),
+        System("twisted", "Twisted", "twisted", "memory", "TWISTED_SESSION",
+               probe="twisted", live=True),
+        System("aiohttp-memory", "aiohttp-session (dict store)", "aiohttp", "memory",
+               "AIOHTTP_SESSION", probe="aiohttp"),
+        System("aiohttp-redis", "aiohttp-session (Redis)", "aiohttp", "redis",
+               "AIOHTTP_SESSION"),
+        System("starlette", "Starlette SessionMiddleware (signed cookie)", "starlette",
+               cookie="session", identity=starlette_identity),
+        System("uvicorn-bare", "bare uvicorn (no sessions)", "bare"),
+    )
+}  # fmt: skip
+REFERENCE = "lapse-memory"
+BARE = "uvicorn-bare"
+
+
+def get_logme(port: int, cookie: str | None = None) -> tuple[int, list[str]]:
+    """One GET /logme; returns (status, the Set-Cookie headers)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        headers = {"Cookie": cookie} if cookie is not None else {}
+        conn.request("GET", PATH, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.msg.get_all("Set-Cookie") or []
+    finally:
+        conn.close()
+
+
+def parse_set_cookies(headers: list[str]) -> dict[str, str]:
+    """Cookie name -> value, from Set-Cookie headers (one cookie each)."""
+    found: dict[str, str] = {}
+    for header in headers:
+        name, sep, value = header.split(";", 1)[0].partition("=")
+        if sep:
+            found[name.strip()] = value.strip().strip('"')
+    return found
+
+
+def session_cookie(port: int, system: System) -> str:
+    """Create a session with a cookie-less GET; return it as ``NAME=VALUE``.
+
+    Bare uvicorn has no sessions: it gets a made-up cookie (64 hex digits), so
+    that its requests are about as large as the session systems'.
+    """
+    if system.cookie is None:
+        return f"bench={secrets.token_hex(32)}"
+    status, set_cookies = get_logme(port)
+    cookies = parse_set_cookies(set_cookies)
+    if status != 200 or system.cookie not in cookies:
+        raise RuntimeError(
+            f"GET {PATH} gave status {status}, Set-Cookie {set_cookies!r}; "
+            f"expected a {system.cookie} cookie"
+        )
+    return f"{system.cookie}={cookies[system.cookie]}"
+
+
+def session_kept(port: int, system: System, cookie: str) -> bool:
+    """Whether a GET with ``cookie`` still finds the same session: no new Set-Cookie,
+    or one naming the same session (aiohttp-session and Starlette re-send theirs)."""
+    status, set_cookies = get_logme(port, cookie)
+    if status != 200:
+        return False
+    if system.cookie is None:
+        return True
+    fresh = parse_set_cookies(set_cookies).get(system.cookie)
+    if fresh is None:
+        return True
+    return system.identity(fresh) == system.identity(cookie.split("=", 1)[1])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def lapse_script(port: int, workdir: Path, extra_sessions: int) -> Path:
+    """The repo's example with only its listen line changed to our port and loopback;
+    with ``extra_sessions``, code that makes that many long-lived sessions is
+    inserted just before that line."""
+    source = LAPSE_EXAMPLE.read_text()
+    if source.count(LISTEN_LINE) != 1:
+        raise RuntimeError(f"expected exactly one {LISTEN_LINE!r} in {LAPSE_EXAMPLE}")
+    patched = source.replace(LISTEN_LINE, f'listenTCP({port}, factory, interface="{HOST}")')
+    if extra_sessions:
+        for name in ("class ShortSession(Session)", "factory = Site(", "import Site, Session"):
+            if name not in source:
+                raise RuntimeError(f"{LAPSE_EXAMPLE} has no {name!r}: cannot add sessions")
+        lines = patched.splitlines(keepends=True)
+        at = next(i for i, line in enumerate(lines) if "listenTCP(" in line)
+        inserted = [
+            "# -- inserted by bench/run.py: extra live sessions, then the seed as it was --\n",
+            "import sys as _bench_sys\n",
+            "\n\n",
+            "class _BenchLongSession(Session):\n",
+            f"    sessionTimeout = {LONG_TIMEOUT}\n",
+            "\n\n",
+            "factory.sessionFactory = _BenchLongSession\n",
+            f"for _ in range({extra_sessions}):\n",
+            "    factory.makeSession()\n",
+            'print(f"bench: {len(factory.sessions)} live sessions", '
+            "file=_bench_sys.stderr, flush=True)\n",
+            "factory.sessionFactory = ShortSession\n",
+            "# -- end of insertion --\n",
+        ]
+        patched = "".join(lines[:at] + inserted + lines[at:])
+    script = workdir / "lapse_session_endings.py"
+    script.write_text(patched)
+    return script
+
+
+def redis_store_url(redis_url: str, prefix: str) -> str:
+    """A lapse store URL on the bench's redis-server, its keys under ``prefix``."""
+    return f"{redis_url}{'&' if '?' in redis_url else '?'}prefix={prefix}"
+
+
+def server_command(
+    system: System, port: int, workdir: Path, extra: int, redis_url: str | None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of one system's server (no ``LAPSE_*`` but the store)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAPSE_")}
+    py = sys.executable
+    if system.redis and redis_url is None:
+        raise RuntimeError("no redis-server for a Redis system")
+    if system.kind == "lapse":
+        if system.store == "memory":
+            env["LAPSE_SESSION_STORE"] = "memory:"
+        elif system.store == "sqlite":
+            env["LAPSE_SESSION_STORE"] = f"sqlite:///{workdir}/sessions.db"
+        else:
+            assert redis_url is not None
+            env["LAPSE_SESSION_STORE"] = redis_store_url(redis_url, f"bench-{secrets.token_hex(4)}")
+        return [py, str(lapse_script(port, workdir, extra))], env
+    if system.kind == "twisted":
+        cmd = [py, str(SERVERS_DIR / "twisted_seed.py"), str(port)]
+        return cmd + (["--extra-sessions", str(extra)] if extra else []), env
+    if extra:
+        raise RuntimeError(f"{system.key} cannot start with extra sessions")
+    if system.kind == "aiohttp":
+        cmd = [py, str(SERVERS_DIR / "aiohttp_seed.py"), str(port)]
+        if system.redis:
+            assert redis_url is not None
+            cmd += ["--redis", redis_url]
+        return cmd, env
+    script = {"starlette": "starlette_seed.py", "bare": "bare_asgi.py"}[system.kind]
+    return [py, str(SERVERS_DIR / script), str(port)], env
+
+
+def wait_until_answering(
+    proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            get_logme(port)
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not answer within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server we started (by its PID), SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    port: int
+    log: Path
+    """The server's stderr."""
+
+    def live_counts(self) -> list[int]:
+        """The live-session counts the server printed (lapse and Twisted with extra sessions)."""
+        return [int(n) for n in LIVE_COUNT_LINE.findall(self.log.read_text())]
+
+
+@contextlib.contextmanager
+def running_server(
+    system: System, extra: int = 0, redis_url: str | None = None
+) -> Iterator[RunningServer]:
+    """Start one server on a free loopback port, wait until it answers, yield it; always
+    stop it by its PID."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{system.key}-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        log = workdir / "stderr.log"
+        cmd, env = server_command(system, port, workdir, extra, redis_url)
+        with log.open("wb") as stderr:
+            # stdout (a line per expired session) goes to DEVNULL: it can never fill a pipe.
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                cwd=REPO_DIR,
+                env=env,
+            )
+            try:
+                wait_until_answering(proc, port, log, 30 + 90 * extra / 1e6)
+                yield RunningServer(port, log)
+            finally:
+                stop(proc)
