@@ -41,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Protocol
 
-from lapse.internet.interfaces import IReactorTime
+from lapse.internet.interfaces import IDelayedCall, IReactorTime
 from lapse.sessions._data import SessionData
 from lapse.sessions._session import Session, short_uid
 from lapse.sessions._stats import SessionStats
@@ -72,6 +72,47 @@ def is_async(hook: Callable[..., Any]) -> bool:
     """Whether calling ``hook`` makes a coroutine (an ``async def`` function,
     or an object whose ``__call__`` is one)."""
     return inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(type(hook).__call__)
+
+
+class Alarm:
+    """One timer on the owner's reactor, set for the earliest time asked of
+    it: what a keeper that wakes at a deadline (not by polling) holds."""
+
+    __slots__ = ("_call", "_owner", "_ring", "when")
+
+    def __init__(self, owner: KeeperOwner, ring: Callable[[], None]) -> None:
+        self._owner = owner
+        self._ring = ring
+        self._call: IDelayedCall | None = None
+        self.when = math.inf
+        """When it rings (``inf``: not set)."""
+
+    def set(self, when: float) -> None:
+        """Ring at ``when`` (site time), whatever it was set for before."""
+        reactor = self._owner.reactor
+        delay = max(0.0, when - reactor.seconds())
+        call = self._call
+        if call is not None and call.active():
+            call.reset(delay)
+        else:
+            self._call = reactor.callLater(delay, self._fire)
+        self.when = when
+
+    def by(self, when: float) -> None:
+        """Ring at ``when`` at the latest."""
+        if when < self.when:
+            self.set(when)
+
+    def cancel(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        self.when = math.inf
+
+    def _fire(self) -> None:
+        self._call = None
+        self.when = math.inf
+        self._ring()
 
 
 class Keeper:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, cast
 
 from lapse.internet.interfaces import IDelayedCall
 from lapse.sessions._data import SessionData
-from lapse.sessions._keeper import ExpiryHook, Keeper, KeeperOwner
+from lapse.sessions._keeper import Alarm, ExpiryHook, Keeper, KeeperOwner
 from lapse.sessions._session import Session, short_uid
 from lapse.sessions._visit import Visit
 from lapse.sessions.store import Expiry, LocalSessionStore
@@ -49,8 +48,7 @@ class LocalKeeper(Keeper):
     ) -> None:
         super().__init__(owner, store, on_expire, **options)
         self._memory = store
-        self._alarm: IDelayedCall | None = None
-        self._alarm_when = math.inf
+        self._alarm = Alarm(owner, self.drain)
         store.bind(owner.sessions, self._make_session, self._wake)
         max_sessions = options.get("max_sessions")
         if max_sessions is not None:
@@ -131,23 +129,9 @@ class LocalKeeper(Keeper):
 
     def _wake(self, when: float) -> None:
         """Something may end at ``when``; ring by then."""
-        if when < self._alarm_when:
-            self._arm(when)
-
-    def _arm(self, when: float) -> None:
-        reactor = self.owner.reactor
-        delay = max(0.0, when - reactor.seconds())
         alarm = self._alarm
-        if alarm is not None and alarm.active():
-            alarm.reset(delay)
-        else:
-            self._alarm = reactor.callLater(delay, self._ring)
-        self._alarm_when = when
-
-    def _ring(self) -> None:
-        self._alarm = None
-        self._alarm_when = math.inf
-        self.drain()
+        if when < alarm.when:  # (inline: it runs for most new sessions)
+            alarm.set(when)
 
     def drain(self) -> None:
         """End what is due now, then sleep until the next deadline."""
@@ -168,11 +152,9 @@ class LocalKeeper(Keeper):
             self._deliver_now(expiry)
         upcoming = memory.next_deadline_now()
         if upcoming is None:
-            if self._alarm is not None and self._alarm.active():
-                self._alarm.cancel()
-            self._alarm, self._alarm_when = None, math.inf
-        elif upcoming < self._alarm_when:
-            self._arm(upcoming)
+            self._alarm.cancel()
+        else:
+            self._alarm.by(upcoming)
 
     def _deliver_now(self, expiry: Expiry) -> None:
         memory = self._memory

@@ -40,8 +40,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-from lapse.internet.interfaces import IDelayedCall
-from lapse.sessions._keeper import ExpiryHook, KeeperOwner, is_async
+from lapse.sessions._keeper import Alarm, ExpiryHook, KeeperOwner, is_async
 from lapse.sessions._requests import StoreRequests
 from lapse.sessions._session import short_uid
 from lapse.sessions.store import (
@@ -80,8 +79,7 @@ class SharedKeeper(StoreRequests):
         self._opened = False
         # An in-process store: the round's timer on the site's reactor.
         self._started = False
-        self._alarm: IDelayedCall | None = None
-        self._alarm_when = math.inf
+        self._alarm = Alarm(owner, self._ring)
         self._polling = False
         self._woken = math.inf
 
@@ -246,22 +244,10 @@ class SharedKeeper(StoreRequests):
         when = self.owner.reactor.seconds() + seconds
         if self._polling:
             self._woken = min(self._woken, when)
-        elif when < self._alarm_when:
-            self._arm(when)
-
-    def _arm(self, when: float) -> None:
-        reactor = self.owner.reactor
-        delay = max(0.0, when - reactor.seconds())
-        alarm = self._alarm
-        if alarm is not None and alarm.active():
-            alarm.reset(delay)
         else:
-            self._alarm = reactor.callLater(delay, self._ring)
-        self._alarm_when = when
+            self._alarm.by(when)
 
     def _ring(self) -> None:
-        self._alarm = None
-        self._alarm_when = math.inf
         if self._closing:
             return
         self._polling = self.spawn(self._tick())
@@ -275,11 +261,9 @@ class SharedKeeper(StoreRequests):
         when = min(self.owner.reactor.seconds() + delay, self._woken)
         self._woken = math.inf
         if when < math.inf and not self._closing:
-            self._arm(when)
+            self._alarm.set(when)
 
     async def aclose(self) -> None:
         self._closing = True
-        if self._alarm is not None and self._alarm.active():
-            self._alarm.cancel()
-        self._alarm = None
+        self._alarm.cancel()
         await super().aclose()
