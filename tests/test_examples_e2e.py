@@ -18,12 +18,14 @@ from typing import Any
 from _servers import (
     EXAMPLES,
     REPO_ROOT,
+    Lapse,
     Response,
     ServerProcess,
     free_port,
     request,
     running_server,
     wait_for_port,
+    wait_for_stderr,
 )
 
 LISTEN_CALL = "reactor.listenTCP(8080, factory)"
@@ -233,8 +235,6 @@ def test_two_seed_processes_share_one_port_and_redis(
 def lapse_serve(args: list[str], tmp_path: Path) -> Iterator[int]:
     """``python -m lapse serve ARGS --port P`` from the repository root, as the
     README runs it, until it serves; its port. Stopped by PID after."""
-    from test_cli import Lapse, wait_for_stderr
-
     port = free_port()
     server = Lapse(
         Path("lapse"),
