@@ -18,8 +18,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) examples/session_endings.py
 
+# The whole suite, as CI runs it, on one worker per core (pytest-xdist); tests
+# marked slow start first. The quick loop: $(PY) -m pytest -m "not slow"
+TEST_WORKERS ?= auto
+
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples bench

@@ -134,6 +134,13 @@ def call(site: Site, method: str = "GET", path: bytes | str = b"/", **kw: Any) -
     return asyncio.run(call_async(site, method, path, **kw))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests marked ``slow`` first (a stable sort: the order is kept
+    otherwise): under xdist they then spread over the workers, and the run
+    ends on quick tests rather than on one long test started last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()

@@ -229,6 +229,7 @@ def test_one_unterminated_header_is_431_without_buffering_it(
     assert get(port).status == 200
 
 
+@pytest.mark.slow
 def test_floods_of_headers_on_several_connections_leave_others_served(
     site_server: tuple[int, ServerProcess],
 ) -> None:
@@ -304,6 +305,7 @@ def test_head_just_within_the_budget_is_served(site_server: tuple[int, ServerPro
     assert response.body == b"page"
 
 
+@pytest.mark.slow
 def test_a_refusal_does_not_cut_into_the_answer_of_a_pipelined_request(
     plain_server: tuple[int, ServerProcess],
 ) -> None:
@@ -426,6 +428,7 @@ def test_a_body_trickle_gets_408_after_the_body_timeout(
     assert TIMEOUT - 0.1 <= took <= TIMEOUT + SLACK
 
 
+@pytest.mark.slow
 def test_a_slow_but_steady_upload_above_the_minimum_rate_is_served(
     site_server: tuple[int, ServerProcess],
 ) -> None:
@@ -446,6 +449,7 @@ def test_a_slow_but_steady_upload_above_the_minimum_rate_is_served(
     assert took > 2 * TIMEOUT
 
 
+@pytest.mark.slow
 def test_time_the_app_leaves_the_body_unread_does_not_count(
     plain_server: tuple[int, ServerProcess],
 ) -> None:
@@ -460,6 +464,7 @@ def test_time_the_app_leaves_the_body_unread_does_not_count(
     assert response.body == str(len(body)).encode()
 
 
+@pytest.mark.slow
 def test_waiting_for_100_continue_is_not_the_clients_delay(
     plain_server: tuple[int, ServerProcess],
 ) -> None:
@@ -503,6 +508,7 @@ def test_a_body_too_slow_after_the_answer_started_closes_without_a_408(
 # -- the connection cap --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_connections_over_the_cap_get_503_and_are_closed(script: Path) -> None:
     """With max_connections=4: four kept-alive connections fill the cap; three
     more each get 503 with Retry-After and are closed at once (one of them
@@ -709,6 +715,7 @@ async def plain(scope, receive, send):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["edge_cliapp:site", "edge_cliapp:plain"])
 def test_lapse_serve_connection_options_apply_to_any_app(tmp_path: Path, target: str) -> None:
     """``lapse serve`` with --max-connections 1, --keep-alive-timeout 0.5 and

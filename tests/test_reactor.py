@@ -482,6 +482,7 @@ print("run returned", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_shuts_down_gracefully(tmp_path: Path, sig: signal.Signals) -> None:
     """SIGTERM or SIGINT makes the server exit with code 0, and a request in
