@@ -18,9 +18,10 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) examples/session_endings.py
 
-# The whole suite, as CI runs it, on one worker per core (pytest-xdist); tests
-# marked slow start first. The quick loop: $(PY) -m pytest -m "not slow"
-TEST_WORKERS ?= auto
+# The whole suite, as CI runs it, in parallel (pytest-xdist): two workers per
+# core, at most 8 (most tests wait on sockets, processes and timeouts, not on
+# the CPU); tests marked slow start first. The quick loop: pytest -m "not slow"
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, 2 * (os.cpu_count() or 1)))")
 
 test: $(VENV)/.installed lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
