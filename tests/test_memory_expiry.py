@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from lapse.internet.task import Clock
 from lapse.web.resource import Resource
 from lapse.web.server import Session, Site
@@ -105,7 +103,6 @@ def test_many_sessions_expire_together(clock: Clock) -> None:
     assert not site.sessions and not clock.calls
 
 
-@pytest.mark.slow
 def test_fifty_thousand_sessions_one_timer(clock: Clock) -> None:
     """A large population (50k live sessions) still holds a single timer, and
     touched sessions survive a sweep that expires the untouched ones."""
