@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -135,10 +136,28 @@ def call(site: Site, method: str = "GET", path: bytes | str = b"/", **kw: Any) -
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the tests marked ``slow`` first (a stable sort: the order is kept
-    otherwise): under xdist they then spread over the workers, and the run
-    ends on quick tests rather than on one long test started last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Run the tests marked ``slow`` first, spread over the xdist workers.
+
+    ``--dist worksteal`` hands worker k the k-th contiguous share of this
+    list (sized as below); each share starts with every n-th slow test, so
+    the long tests start at once on every worker and the run ends on quick
+    ones. Without xdist: slow tests first. The order is otherwise kept.
+    """
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if not slow:
+        return
+    quick = [item for item in items if item.get_closest_marker("slow") is None]
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    ordered: list[pytest.Item] = []
+    left = len(items)
+    for k in range(workers):
+        size = left // (workers - k)  # what worksteal sends worker k
+        share = slow[k::workers]
+        take = max(0, size - len(share))
+        ordered += share + quick[:take]
+        quick = quick[take:]
+        left -= size
+    items[:] = ordered + quick
 
 
 @pytest.fixture
