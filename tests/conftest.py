@@ -160,6 +160,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = ordered + quick
 
 
+@pytest.fixture(scope="module")
+def edge_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HTTP-edge test server program (``_edge.APP``) in a temporary directory."""
+    from _edge import APP
+    from _servers import write_script
+
+    return write_script(tmp_path_factory.mktemp("edge"), "edge_app.py", APP)
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
