@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 import pytest
 
+from lapse.internet._asyncio import AsyncioReactor
 from lapse.internet.task import Clock
 from lapse.sessions.store import SessionStore
 from lapse.web.resource import Resource
@@ -167,6 +168,23 @@ def edge_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from _servers import write_script
 
     return write_script(tmp_path_factory.mktemp("edge"), "edge_app.py", APP)
+
+
+@pytest.fixture
+def reactor() -> Iterator[AsyncioReactor]:
+    """A fresh real reactor (see tests/_reactor.py); afterwards its ports are
+    closed and its loop too."""
+    fresh = AsyncioReactor()
+    try:
+        yield fresh
+    finally:
+        assert not fresh.running
+        for port in list(fresh._ports):
+            port.stopListening()
+        loop = fresh._loop
+        if loop is not None and not loop.is_closed():
+            loop.close()
+        asyncio.set_event_loop(None)
 
 
 @pytest.fixture
