@@ -18,8 +18,13 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) examples/session_endings.py
 
+# The whole suite, as CI runs it, in parallel (pytest-xdist): two workers per
+# core, at most 8 (most tests wait on sockets, processes and timeouts, not on
+# the CPU); tests marked slow start first. The quick loop: pytest -m "not slow"
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, 2 * (os.cpu_count() or 1)))")
+
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples bench

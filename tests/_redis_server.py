@@ -10,6 +10,7 @@ kept from starting, and always runs its own process.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -36,6 +37,15 @@ def redis_server_binary() -> str:
             "redis-server is not installed and we are not root to install it: "
             "run `apt-get install -y redis-server` (the tests start their own server)"
         )
+    # pytest-xdist workers may all get here at once: one installs, the others
+    # wait for it on this lock and then find the binary.
+    with open(os.path.join(tempfile.gettempdir(), "lapse-tests-apt.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = shutil.which("redis-server")
+        return found if found else _install_redis_server()
+
+
+def _install_redis_server() -> str:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     # Keep the package's service from starting (policy-rc.d exit 101 = "not
     # allowed"): the tests use their own process, never one on 6379.
@@ -45,7 +55,9 @@ def redis_server_binary() -> str:
         _POLICY_RC_D.chmod(0o755)
         made_policy = True
     try:
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]
+        # Wait for a dpkg lock another program holds rather than fail at once.
+        install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y"]
+        install += ["--no-install-recommends", "redis-server"]
         done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)

@@ -5,6 +5,8 @@
 - :class:`ServerProcess`: a Python script run as a subprocess; its stdout is
   read line by line in a thread (each line stamped with ``time.monotonic()``),
   its stderr goes to a file; it is ended by its PID (SIGTERM, then SIGKILL).
+  :class:`Lapse` is the same for ``python -m lapse ARGS``;
+  :func:`wait_for_stderr` waits for a pattern in what it wrote to stderr.
 - :func:`request`: one HTTP request with :mod:`http.client`.
 - :func:`raw_exchange` / :func:`parse_response`: send bytes that
   ``http.client`` would refuse to send, and parse what comes back.
@@ -98,7 +100,7 @@ class ServerProcess:
         self.stderr_path = stderr_path
         self._stderr_file = open(stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", str(self.script), *self.args],
+            self.argv(),
             cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -107,6 +109,10 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._reader.start()
         return self
+
+    def argv(self) -> list[str]:
+        """The command line: ``python -u script args...``."""
+        return [sys.executable, "-u", str(self.script), *self.args]
 
     def _read_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -176,6 +182,26 @@ class ServerProcess:
         if self._stderr_file is not None:
             self._stderr_file.close()
             self._stderr_file = None
+
+
+class Lapse(ServerProcess):
+    """``python -u -m lapse ARGS`` as a server subprocess (``script`` is not
+    run: pass ``Path("lapse")``), stopped by its PID."""
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-u", "-m", "lapse", *self.args]
+
+
+def wait_for_stderr(server: ServerProcess, pattern: str, timeout: float) -> re.Match[str]:
+    """The first match of ``pattern`` in the server's stderr, waiting for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.search(pattern, server.stderr_text())
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {pattern!r} on stderr: {server.stderr_text()!r}")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

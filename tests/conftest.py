@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from urllib.parse import unquote
 
 import pytest
 
+from lapse.internet._asyncio import AsyncioReactor
 from lapse.internet.task import Clock
 from lapse.testing import FakeClock as FakeClock  # (tests import it from here)
 from lapse.web.resource import Resource
@@ -131,6 +133,57 @@ async def call_async(
 def call(site: Site, method: str = "GET", path: bytes | str = b"/", **kw: Any) -> Response:
     """Synchronous :func:`call_async`."""
     return asyncio.run(call_async(site, method, path, **kw))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests marked ``slow`` first, spread over the xdist workers.
+
+    ``--dist worksteal`` hands worker k the k-th contiguous share of this
+    list (sized as below); each share starts with every n-th slow test, so
+    the long tests start at once on every worker and the run ends on quick
+    ones. Without xdist: slow tests first. The order is otherwise kept.
+    """
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if not slow:
+        return
+    quick = [item for item in items if item.get_closest_marker("slow") is None]
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    ordered: list[pytest.Item] = []
+    left = len(items)
+    for k in range(workers):
+        size = left // (workers - k)  # what worksteal sends worker k
+        share = slow[k::workers]
+        take = max(0, size - len(share))
+        ordered += share + quick[:take]
+        quick = quick[take:]
+        left -= size
+    items[:] = ordered + quick
+
+
+@pytest.fixture(scope="module")
+def edge_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HTTP-edge test server program (``_edge.APP``) in a temporary directory."""
+    from _edge import APP
+    from _servers import write_script
+
+    return write_script(tmp_path_factory.mktemp("edge"), "edge_app.py", APP)
+
+
+@pytest.fixture
+def reactor() -> Iterator[AsyncioReactor]:
+    """A fresh real reactor (see tests/_reactor.py); afterwards its ports are
+    closed and its loop too."""
+    fresh = AsyncioReactor()
+    try:
+        yield fresh
+    finally:
+        assert not fresh.running
+        for port in list(fresh._ports):
+            port.stopListening()
+        loop = fresh._loop
+        if loop is not None and not loop.is_closed():
+            loop.close()
+        asyncio.set_event_loop(None)
 
 
 @pytest.fixture

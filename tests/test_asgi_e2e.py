@@ -83,6 +83,7 @@ def serving(script: Path, port: int, args: list[str], tmp_path: Path) -> Iterato
         server.stop()
 
 
+@pytest.mark.slow
 def test_fastapi_example_as_a_script(tmp_path: Path) -> None:
     """python examples/fastapi_app.py PORT: visits counted in the session,
     logout deletes the cookie and prints the expiry line, a request that
@@ -93,6 +94,7 @@ def test_fastapi_example_as_a_script(tmp_path: Path) -> None:
         assert "Traceback" not in server.stderr_text(), server.stderr_text()
 
 
+@pytest.mark.slow
 def test_fastapi_example_with_the_uvicorn_command_on_sqlite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

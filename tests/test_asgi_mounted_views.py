@@ -9,9 +9,9 @@ import re
 from typing import Any
 
 import httpx
+from _helpers import aio
 from fastapi import FastAPI
 from fastapi import Request as FastAPIRequest
-from test_asgi_middleware import aio
 
 from lapse.asgi import SessionMiddleware, get_session
 from lapse.internet.task import Clock

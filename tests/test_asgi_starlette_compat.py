@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _asgi import fetch, set_cookies, uid_cookie
+from _helpers import aio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from test_asgi_middleware import aio, fetch, set_cookies, uid_cookie
 
 import lapse
 from lapse.asgi import SessionMiddleware, get_session

@@ -283,6 +283,7 @@ def test_every_install_command_in_an_error_message_installs() -> None:
 # -- the install path ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_wheel_of_the_checkout_installs_into_a_fresh_venv_and_runs(tmp_path: Path) -> None:
     """The README's install path: a wheel built from the checkout installs
     into a new virtual environment, with the ``lapse`` command, ``py.typed``

@@ -15,16 +15,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from _servers import (
     EXAMPLES,
     REPO_ROOT,
+    Lapse,
     Response,
     ServerProcess,
     free_port,
     request,
     running_server,
     wait_for_port,
+    wait_for_stderr,
 )
+
+pytestmark = pytest.mark.slow  # every test runs a program; some wait for a 5 s expiry
 
 LISTEN_CALL = "reactor.listenTCP(8080, factory)"
 UID = re.compile(r"[A-Za-z0-9_-]{24}")
@@ -64,34 +69,40 @@ def with_cookie(uid: str) -> dict[str, str]:
 
 
 def test_session_endings_expires_once_5_s_after_the_last_visit(tmp_path: Path) -> None:
-    """session_endings.py (ShortSession, sessionTimeout 5): visiting /logme
-    every second for 8 s with the same cookie keeps the session (no new
-    Set-Cookie after the first) and prints nothing; then exactly one line
-    ``Session <uid> has expired.`` appears 5 s (+-0.5 s) after the last
-    response, and no second one in the following second."""
+    """session_endings.py (ShortSession, sessionTimeout 5), two visitors at
+    once: A visits /logme every second for 6 s, B every second for 2 s, each
+    with its cookie. Both keep their session (no new Set-Cookie after the
+    first) and nothing is printed meanwhile, though A is past the 5 s its
+    first visit gave it; then exactly one line ``Session <B> has expired.``
+    appears 5 s (+-0.5 s) after B's last response, and no other line in the
+    following second (A's session, visited at 6 s, lives on)."""
     with run_example("session_endings.py", tmp_path) as (server, port):
         first = request(port, "/logme")
         assert first.status == 200
         assert first.body == b""
-        uid = session_cookie(first)
+        a_uid = session_cookie(first)
+        b_uid = session_cookie(request(port, "/logme"))
+        assert b_uid != a_uid
         started = time.monotonic()
 
-        last_response_at = started
-        for second in range(1, 9):
+        b_last_response_at = started
+        for second in range(1, 7):
             time.sleep(max(0.0, started + second - time.monotonic()))
-            visit = request(port, "/logme", headers=with_cookie(uid))
-            last_response_at = time.monotonic()
-            assert visit.status == 200
-            assert visit.header("set-cookie") is None, f"new cookie at visit {second}"
+            for uid in (a_uid, b_uid) if second <= 2 else (a_uid,):
+                visit = request(port, "/logme", headers=with_cookie(uid))
+                assert visit.status == 200
+                assert visit.header("set-cookie") is None, f"new cookie at visit {second}"
+            if second <= 2:
+                b_last_response_at = time.monotonic()
             assert server.lines.empty(), f"printed during the visits: {server.lines.get()}"
 
-        line = server.wait_for_line(last_response_at + 6.0 - time.monotonic())
-        assert line is not None, "no expiry line within 6 s of the last visit"
-        assert line.text == f"Session {uid} has expired."
-        waited = line.at - last_response_at
+        line = server.wait_for_line(b_last_response_at + 6.0 - time.monotonic())
+        assert line is not None, "no expiry line within 6 s of B's last visit"
+        assert line.text == f"Session {b_uid} has expired."
+        waited = line.at - b_last_response_at
         assert abs(waited - 5.0) <= 0.5, f"expired {waited:.3f} s after the last visit"
         extra = server.wait_for_line(1.0)
-        assert extra is None, f"a second line: {extra}"
+        assert extra is None, f"another line: {extra}"
 
 
 def test_session_endings_root_is_404(tmp_path: Path) -> None:
@@ -183,11 +194,13 @@ def _seed_expires_on(store_url: str, tmp_path: Path, monkeypatch: Any) -> None:
     with run_example("session_endings.py", tmp_path) as (server, port):
         first = request(port, "/logme")
         uid = session_cookie(first)
-        time.sleep(2)
+        # 1 s later: an expiry counted from the first visit would come 4 s
+        # after this one, outside the window below.
+        time.sleep(1)
         again = request(port, "/logme", headers=with_cookie(uid))
         assert again.header("set-cookie") is None
         touched_at = time.monotonic()
-        line = server.wait_for_line(touched_at + 7.0 - time.monotonic())
+        line = server.wait_for_line(touched_at + 6.0 - time.monotonic())
         assert line is not None, server.stderr_text()
         assert line.text == f"Session {uid} has expired."
         assert 4.9 <= line.at - touched_at <= 5.5
@@ -233,8 +246,6 @@ def test_two_seed_processes_share_one_redis(
 def lapse_serve(args: list[str], tmp_path: Path) -> Iterator[int]:
     """``python -m lapse serve ARGS --port P`` from the repository root, as the
     README runs it, until it serves; its port. Stopped by PID after."""
-    from test_cli import Lapse, wait_for_stderr
-
     port = free_port()
     server = Lapse(
         Path("lapse"),

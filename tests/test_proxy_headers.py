@@ -14,8 +14,8 @@ import ipaddress
 from typing import Any
 
 import pytest
+from _asgi import fetch, set_cookies, wrapped
 from conftest import call
-from test_asgi_middleware import fetch, set_cookies, wrapped
 
 from lapse.asgi import SessionMiddleware
 from lapse.internet.address import IPv6Address

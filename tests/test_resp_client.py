@@ -335,6 +335,7 @@ async def test_aclose_fails_pending_commands_and_the_client_reconnects_after(
     await client.aclose()
 
 
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # TODO(owner): uvloop hangs on it
 def test_a_client_moves_to_a_new_event_loop(redis_server: RedisServer) -> None:
     """A connection made in a finished event loop is dropped, not reused."""
     client = client_for(redis_server)

@@ -141,6 +141,7 @@ def test_negative_rotation_grace_is_refused(clock: Clock) -> None:
 # -- rotation, shared stores ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rotation_on_shared_store_across_processes(shared_store: str) -> None:
     """On SQLite and Redis, a rotation through site A: the new cookie is set, B
     serves the old cookie as the same session within the (opt-in) grace, never

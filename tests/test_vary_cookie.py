@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from _asgi import fetch, uid_cookie
+from _helpers import aio
 from conftest import Leaf, Response, SessionPage, call, session_cookie
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.responses import Response as StarletteResponse
 from starlette.routing import Route
-from test_asgi_middleware import aio, fetch, uid_cookie
 
 from lapse.asgi import SessionMiddleware, current_session
 from lapse.internet.task import Clock
