@@ -4,6 +4,7 @@ httpx.ASGITransport."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -114,3 +115,20 @@ def uid_cookie(response: httpx.Response, name: str = "lapse_session") -> str:
 
 def wrapped(events: list[Any] | None = None, **options: Any) -> SessionMiddleware:
     return SessionMiddleware(starlette_app(events), **options)
+
+
+async def lifespan_startup(app: Any) -> list[dict[str, Any]]:
+    """Run an ASGI lifespan startup (and shutdown, if started) on ``app``."""
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[dict[str, Any]] = []
+    await incoming.put({"type": "lifespan.startup"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "lifespan.startup.complete":
+            await incoming.put({"type": "lifespan.shutdown"})
+
+    await asyncio.wait_for(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, incoming.get, send), 10
+    )
+    return sent

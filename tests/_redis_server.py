@@ -10,19 +10,23 @@ kept from starting, and always runs its own process.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-__all__ = ["RedisServer", "redis_server_binary"]
+__all__ = ["RedisServer", "commands_and_clients", "commands_sent", "redis_server_binary"]
 
 _POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
@@ -168,3 +172,42 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# -- what clients sent: MONITOR -------------------------------------------------
+
+_MONITOR_LINE = re.compile(r'\+[\d.]+ \[\d+ ([^\]]+)\] "([^"]*)"')
+
+
+async def commands_sent(server: RedisServer, action: Callable[[], Awaitable[Any]]) -> list[str]:
+    """The commands clients sent to the server (as MONITOR shows them, not
+    counting those a script ran) while ``action`` ran."""
+    return [command for _, command in await commands_and_clients(server, action)]
+
+
+async def commands_and_clients(
+    server: RedisServer, action: Callable[[], Awaitable[Any]]
+) -> list[tuple[str, str]]:
+    """Like :func:`commands_sent`, each with the client address that sent it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"MONITOR\r\n")
+    assert await reader.readline() == b"+OK\r\n"
+    await action()
+    mark = f"mark-{uuid.uuid4().hex}"
+    marker_reader, marker = await asyncio.open_connection("127.0.0.1", server.port)
+    marker.write(f"ECHO {mark}\r\n".encode())
+    await marker_reader.readline()
+    marker.close()
+    await marker.wait_closed()
+    sent: list[tuple[str, str]] = []
+    while True:
+        line = (await asyncio.wait_for(reader.readline(), 5)).decode()
+        if mark in line:
+            break
+        match = _MONITOR_LINE.match(line)
+        assert match, line
+        if match.group(1) != "lua":
+            sent.append((match.group(1), match.group(2).lower()))
+    writer.close()
+    await writer.wait_closed()
+    return sent

@@ -8,7 +8,6 @@ own messages go to stderr, one line each, prefixed ``lapse:``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -16,178 +15,34 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from _cli import (
+    lapse_serving,
+    make_app_dir,
+    pid_alive,
+    run_lapse,
+    session_uid,
+    visit,
+    worker_pids,
+)
 from _servers import (
     EXAMPLES,
     HOST,
-    Response,
-    ServerProcess,
     free_port,
     port_accepts,
     request,
     self_signed_cert,
-    wait_for_port,
+    wait_for_stderr,
 )
-
-UID = r"[A-Za-z0-9_-]{24}"
-
-APP = '''
-"""An application for lapse serve: a Site, a plain ASGI app, and non-apps."""
-
-import os
-from pathlib import Path
-
-from lapse.web.resource import Resource
-from lapse.web.server import Site
-
-Path(os.environ.get("CLIAPP_IMPORTED", os.devnull)).write_text("imported")
-
-
-class Visits(Resource):
-    """Counts the visits of the session in session.data; says who answered."""
-
-    isLeaf = True
-
-    def render_GET(self, request):
-        session = request.getSession()
-        session.data["visits"] = session.data.get("visits", 0) + 1
-        return (
-            f"pid={os.getpid()} uid={session.uid} visits={session.data['visits']} "
-            f"secure={request.isSecure()} client={request.getClientIP()}"
-        )
-
-
-site = Site(Visits())
-memory_site = Site(Visits(), store="memory:")
-root = Visits()
-not_an_app = 42
-
-
-def two_args(scope, receive):
-    pass
-
-
-async def asgi(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    body = f"plain asgi scheme={scope['scheme']} client={scope['client'][0]}".encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": body})
-'''
-
-BROKEN = """
-raise RuntimeError("the database is not configured")
-"""
 
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
     """A directory holding ``cliapp.py`` (see APP) and ``broken.py``."""
-    directory = tmp_path / "app"
-    directory.mkdir()
-    (directory / "cliapp.py").write_text(APP, encoding="utf-8")
-    (directory / "broken.py").write_text(BROKEN, encoding="utf-8")
-    return directory
-
-
-class Lapse(ServerProcess):
-    """``python -u -m lapse ARGS`` as a server subprocess, stopped by its PID."""
-
-    def start(self) -> Lapse:
-        assert self.stderr_path is not None
-        self._stderr_file = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "lapse", *self.args],
-            cwd=self.cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr_file,
-        )
-        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
-        self._reader.start()
-        return self
-
-
-@contextlib.contextmanager
-def lapse_serving(
-    args: Sequence[str], port: int, cwd: Path, timeout: float = 20.0
-) -> Iterator[Lapse]:
-    """Run ``python -m lapse serve ARGS`` until it serves on ``port``; stop it after."""
-    server = Lapse(Path("lapse"), args=["serve", *args], cwd=cwd, stderr_path=cwd / "lapse.err")
-    server.start()
-    try:
-        try:
-            wait_for_port(port, timeout=timeout, proc=server.proc)
-            wait_for_stderr(server, "serving", timeout)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}; stderr:\n{server.stderr_text()}") from exc
-        yield server
-    finally:
-        server.stop(timeout=20)
-
-
-def wait_for_stderr(server: ServerProcess, pattern: str, timeout: float) -> re.Match[str]:
-    """The first match of ``pattern`` in the server's stderr, waiting for it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = re.search(pattern, server.stderr_text())
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {pattern!r} on stderr: {server.stderr_text()!r}")
-        time.sleep(0.05)
-
-
-def run_lapse(
-    args: Sequence[str], cwd: Path, timeout: float = 30.0
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m lapse ARGS`` to its end."""
-    return subprocess.run(
-        [sys.executable, "-m", "lapse", *args],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "LAPSE_SESSION_STORE": ""},
-    )
-
-
-def session_uid(response: Response, name: str = "lapse_session") -> str:
-    """The uid of the one session cookie ``response`` sets."""
-    cookies = response.header_all("set-cookie")
-    assert len(cookies) == 1, cookies
-    found = re.match(f"{re.escape(name)}=({UID});", cookies[0])
-    assert found is not None, cookies[0]
-    return found.group(1)
-
-
-def visit(port: int, uid: str, headers: dict[str, str] | None = None) -> dict[str, str]:
-    """GET / with the session cookie of ``uid``; the fields of the answer."""
-    response = request(port, "/", headers={"Cookie": f"lapse_session={uid}", **(headers or {})})
-    assert response.status == 200, response
-    return dict(part.split("=", 1) for part in response.text.split())
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (and is not a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    return make_app_dir(tmp_path)
 
 
 # -- help ----------------------------------------------------------------------
@@ -268,6 +123,7 @@ def test_serves_a_site_with_sessions_trust_proxy_and_log_level(app_dir: Path) ->
     assert not port_accepts(port)
 
 
+@pytest.mark.slow
 def test_serves_a_plain_asgi_app_and_trust_proxy_wraps_it(app_dir: Path) -> None:
     """A plain ASGI 3 app (an async function) is served as it is; with
     ``--trust-proxy`` its scope's scheme and client come from
@@ -352,6 +208,7 @@ def test_a_bad_trust_proxy_value_exits_2(argv: list[str], tmp_path: Path) -> Non
     assert "argument --trusted-proxies: " in result.stderr and "e.g. 2" in result.stderr
 
 
+@pytest.mark.slow
 def test_store_option_reaches_the_site_made_at_import_and_survives_restart(
     app_dir: Path,
 ) -> None:
@@ -414,13 +271,7 @@ def test_tls_with_a_self_signed_certificate(app_dir: Path, tmp_path: Path) -> No
 # -- workers ----------------------------------------------------------------------
 
 
-def worker_pids(server: ServerProcess) -> list[int]:
-    found = wait_for_stderr(server, r"with (\d+) workers \(pids ([\d, ]+)\)", 20)
-    pids = [int(pid) for pid in found.group(2).split(", ")]
-    assert len(pids) == int(found.group(1))
-    return pids
-
-
+@pytest.mark.slow
 def test_two_workers_share_the_port_and_the_sessions(app_dir: Path) -> None:
     """``--workers 2 --store sqlite:///...``: two worker processes (children of
     the supervisor) answer on the one port, and a session made by either is
@@ -446,6 +297,7 @@ def test_two_workers_share_the_port_and_the_sessions(app_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.slow
 def test_a_signal_stops_the_supervisor_and_every_worker(app_dir: Path, sig: signal.Signals) -> None:
     """SIGTERM (or SIGINT) to the supervisor reaches every worker: all of them
     exit, the supervisor exits 0 once they have, and the port is closed."""
@@ -463,6 +315,7 @@ def test_a_signal_stops_the_supervisor_and_every_worker(app_dir: Path, sig: sign
     assert not port_accepts(port)
 
 
+@pytest.mark.slow
 def test_workers_stop_when_the_supervisor_is_killed(app_dir: Path) -> None:
     """A supervisor killed with SIGKILL cannot pass anything on: its workers
     notice (they check every second) and stop by themselves."""
@@ -483,6 +336,7 @@ def test_workers_stop_when_the_supervisor_is_killed(app_dir: Path) -> None:
     assert not port_accepts(port)
 
 
+@pytest.mark.slow
 def test_with_fail_fast_a_dead_worker_stops_the_others(app_dir: Path) -> None:
     """With --fail-fast, if a worker dies on its own (SIGKILL), the supervisor
     says so, stops the other workers and exits with status 1."""

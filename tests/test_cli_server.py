@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli import lapse
 from _servers import ServerProcess, free_port, request, wait_for_port, write_script
-
-from lapse.cli import main
 
 TOKEN = "cli-server-test-token-0123456789"
 SESSIONS = 7
@@ -37,7 +36,7 @@ def server(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
     process = ServerProcess(script, args=args).start()
     try:
         wait_for_port(port, timeout=20, proc=process.proc)
-        wait_for(process, r"LIVEVIEW .*")
+        process.wait_for_match(r"LIVEVIEW .*")
         yield process, f"http://127.0.0.1:{port}/_lapse/"
     finally:
         process.stop()
@@ -47,21 +46,6 @@ def server(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
 def _no_env_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LAPSE_LIVEVIEW_TOKEN", raising=False)
     monkeypatch.delenv("LAPSE_SESSION_STORE", raising=False)
-
-
-def wait_for(server: ServerProcess, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-    """The next stdout line of ``server`` matching ``pattern`` (others skipped)."""
-    return server.wait_for_match(pattern, timeout)
-
-
-def lapse(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``lapse ARGV`` in-process: (exit status, stdout, stderr)."""
-    try:
-        status = main(list(argv))
-    except SystemExit as exc:  # argparse
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def rows(capsys: pytest.CaptureFixture[str], url: str) -> list[dict[str, object]]:
@@ -153,8 +137,8 @@ def test_expire_one_runs_its_callback_and_hook_in_the_server(
     argv = ("sessions", "expire", str(row["id"]), "--server", url, "--token", TOKEN)
     status, out, _ = lapse(capsys, *argv)
     assert status == 0 and out == f"expired {row['id']}\n"
-    callback = wait_for(process, r"CALLBACK (\S+)")
-    hook = wait_for(process, r"HOOK (\S+) (\w+)")
+    callback = process.wait_for_match(r"CALLBACK (\S+)")
+    hook = process.wait_for_match(r"HOOK (\S+) (\w+)")
     assert callback.group(1) == row["uid"]
     assert hook.groups() == (row["uid"], "expired")
     remaining = rows(capsys, url)
@@ -177,7 +161,7 @@ def test_expire_all_yes_empties_the_server_with_progress(
     assert out == f"expired {SESSIONS} sessions at {url}\n"
     assert f"expired {SESSIONS}/{SESSIONS} (100%)" in err and "\r" in err
     assert rows(capsys, url) == []
-    hooks = [wait_for(process, r"HOOK (\S+) expired") for _ in range(SESSIONS)]
+    hooks = [process.wait_for_match(r"HOOK (\S+) expired") for _ in range(SESSIONS)]
     assert len({hook.group(1) for hook in hooks}) == SESSIONS
     status, out, _ = lapse(capsys, *argv, "--token", TOKEN)
     assert status == 0 and out == f"no live sessions at {url}\n"
@@ -263,7 +247,7 @@ def test_expire_through_a_view_without_a_token_of_lapse_serve(
     default), expire ID and expire --all --server work: the command gets the
     CSRF cookie and token from the page as a browser does. A POST without
     them (what a cross-site form sends) is still refused with 403."""
-    from test_cli import APP, lapse_serving
+    from _cli import APP, lapse_serving
 
     (tmp_path / "cliapp.py").write_text(APP, encoding="utf-8")
     port = free_port()

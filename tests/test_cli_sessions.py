@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _cli import lapse
 
-from lapse.cli import main
 from lapse.sessions import Expiry
 from lapse.sessions.stores import store_from_url
 from lapse.web.resource import Resource
@@ -65,16 +65,6 @@ def live_count(url: str) -> int:
             await store.aclose()
 
     return asyncio.run(run())
-
-
-def lapse(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``lapse ARGV`` in-process: (exit status, stdout, stderr)."""
-    try:
-        status = main(list(argv))
-    except SystemExit as exc:  # argparse
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 UIDS = [f"{'abcdefgh'[i % 8]}{i:03d}" + "x" * 20 for i in range(5)]
@@ -443,6 +433,7 @@ def test_expired_sessions_reach_the_servers_hook(
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # TODO(owner): close the Popen pipes
+@pytest.mark.slow
 def test_output_cut_by_its_reader_ends_quietly_with_status_141(
     store_url: str, tmp_path: Path
 ) -> None:

@@ -19,26 +19,19 @@ import time
 from pathlib import Path
 
 import pytest
-from _servers import free_port, request
-from test_cli import (
-    APP,
-    Lapse,
-    lapse_serving,
-    pid_alive,
-    run_lapse,
-    session_uid,
-    visit,
-    wait_for_stderr,
-    worker_pids,
-)
+from _cli import APP, lapse_serving, pid_alive, run_lapse, session_uid, visit, worker_pids
+from _servers import Lapse, free_port, request, wait_for_stderr
 
 from lapse.cli import main
 from lapse.cli.supervisor import BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET, backoff
 from lapse.sessions.stores import store_from_url
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads the workers' state in /proc"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="reads the workers' state in /proc"
+    ),
+    pytest.mark.slow,  # real processes and real timeouts
+]
 
 REFUSE = """
 import time

@@ -68,6 +68,7 @@ class Writer(threading.Thread):
             i += 1
 
 
+@pytest.mark.slow
 def test_a_server_holding_its_loop_past_the_store_timeout_answers_every_request(
     clusters: Callable[..., Cluster], shared_store: str
 ) -> None:
@@ -97,6 +98,7 @@ def test_a_server_holding_its_loop_past_the_store_timeout_answers_every_request(
     assert "unavailable" not in stderr and "Traceback" not in stderr, stderr
 
 
+@pytest.mark.slow
 def test_a_sqlite_file_deleted_while_clients_write_loses_no_acknowledged_write(
     clusters: Callable[..., Cluster], tmp_path: Path
 ) -> None:
@@ -141,6 +143,7 @@ def test_a_sqlite_file_deleted_while_clients_write_loses_no_acknowledged_write(
     assert errors and "Traceback" not in stderr, stderr
 
 
+@pytest.mark.slow
 def test_a_hook_slower_than_its_lease_runs_once_across_two_processes(
     clusters: Callable[..., Cluster], shared_store: str, tmp_path: Path
 ) -> None:

@@ -20,12 +20,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
+from _asgi import lifespan_startup
 from _servers import free_port
 from conftest import Response, call_async
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from test_startup_checks import _lifespan_startup
 
 from lapse.asgi import SessionMiddleware, get_session
 from lapse.internet.task import Clock
@@ -336,7 +336,7 @@ def test_lifespan_fails_the_same_for_a_store_that_can_never_work(kind: str, tmp_
     with pytest.raises(StoreUnavailable) as why:
         asyncio.run(store_from_url(url).open())
     assert why.value.permanent
-    sent = asyncio.run(_lifespan_startup(entry(kind, store=url)))
+    sent = asyncio.run(lifespan_startup(entry(kind, store=url)))
     failed = {
         "type": "lifespan.startup.failed",
         "message": f"the session store cannot work: {why.value}",
@@ -349,6 +349,6 @@ def test_lifespan_starts_and_stops_the_sessions_the_same_way(kind: str, tmp_path
     """A store that works: startup completes (the store opened), shutdown
     completes (the store closed), the same messages from each entry point."""
     host = entry(kind, store=f"sqlite:///{tmp_path}/s.db")
-    sent = asyncio.run(_lifespan_startup(host))
+    sent = asyncio.run(lifespan_startup(host))
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
     assert (tmp_path / "s.db").exists()

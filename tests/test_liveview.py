@@ -10,19 +10,14 @@ from typing import Any
 
 import conftest
 import pytest
-from conftest import Response, SessionPage, call, call_async
+from _liveview import TOKEN, csrf_of, get_json, make_site
+from conftest import call, call_async
 
 from lapse.internet.task import Clock
-from lapse.sessions import Expiry, Session
+from lapse.sessions import Expiry
 from lapse.web.liveview import AUTH_COOKIE, CSRF_COOKIE, LiveView
 from lapse.web.resource import Resource
 from lapse.web.server import Site
-
-TOKEN = "s3cret-token-for-tests"
-
-
-class Short(Session):
-    sessionTimeout = 600
 
 
 @pytest.fixture
@@ -38,21 +33,6 @@ def client_host(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
     monkeypatch.setattr(conftest, "make_scope", make_scope)
     yield host
-
-
-def make_site(clock: Clock, token: str | None = None, **kw: Any) -> tuple[Site, list[Expiry]]:
-    hooked: list[Expiry] = []
-    root = Resource()
-    site = Site(root, reactor=clock, on_expire=hooked.append, **kw)
-    site.sessionFactory = Short
-    root.putChild(b"", SessionPage())
-    root.putChild(b"_lapse", LiveView(site, token=token))
-    return site, hooked
-
-
-def get_json(response: Response) -> Any:
-    assert response.header(b"content-type") == b"application/json", response.body
-    return json.loads(response.body)
 
 
 def test_loopback_only_without_token(clock: Clock, client_host: list[str]) -> None:
@@ -299,14 +279,6 @@ def test_json_shapes(clock: Clock) -> None:
     assert b"script" not in body and b"secret" not in body
     for uid in uids:
         assert uid.encode() not in body
-
-
-def csrf_of(page: Response) -> tuple[bytes, bytes]:
-    nonce = page.cookie_value(CSRF_COOKIE.encode())
-    assert nonce is not None
-    marker = b'name="lapse-csrf" content="'
-    start = page.body.index(marker) + len(marker)
-    return nonce, page.body[start : page.body.index(b'"', start)]
 
 
 def test_end_a_session_runs_callbacks_and_hook(clock: Clock) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from _servers import REPO_ROOT, ServerProcess, free_port, wait_for_port, write_script
 
+pytestmark = pytest.mark.slow  # real processes and real timeouts, each over a second
+
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "browser-test-token-0123456789"
 SESSIONS = 12
@@ -46,11 +48,6 @@ def chromium_binary() -> str:
     return CHROMIUM
 
 
-def wait_for(server: ServerProcess, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-    """The next stdout line of ``server`` matching ``pattern`` (others skipped)."""
-    return server.wait_for_match(pattern, timeout)
-
-
 def test_live_view_in_chromium(tmp_path: Path) -> None:
     executable = chromium_binary()
     from playwright.sync_api import sync_playwright
@@ -63,7 +60,7 @@ def test_live_view_in_chromium(tmp_path: Path) -> None:
     server = ServerProcess(script, args=args).start()
     try:
         wait_for_port(port, timeout=20, proc=server.proc)
-        wait_for(server, r"LIVEVIEW .*")
+        server.wait_for_match(r"LIVEVIEW .*")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=executable, headless=True, args=["--no-sandbox"]
@@ -109,8 +106,8 @@ def test_live_view_in_chromium(tmp_path: Path) -> None:
                 first = rows.nth(0)
                 short = first.locator("td").nth(0).inner_text()
                 first.locator("button.end").click()
-                callback = wait_for(server, r"CALLBACK (\S+)")
-                hook = wait_for(server, r"HOOK (\S+) (\w+)")
+                callback = server.wait_for_match(r"CALLBACK (\S+)")
+                hook = server.wait_for_match(r"HOOK (\S+) (\w+)")
                 assert callback.group(1) == short
                 assert hook.groups() == (short, "expired")
                 # (Polled from here: the page's CSP forbids evaluating strings.)
@@ -144,7 +141,7 @@ def test_a_refused_cursor_takes_the_page_back_to_page_one(tmp_path: Path) -> Non
     server = ServerProcess(script, args=args).start()
     try:
         wait_for_port(port, timeout=20, proc=server.proc)
-        wait_for(server, r"LIVEVIEW .*")
+        server.wait_for_match(r"LIVEVIEW .*")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=executable, headless=True, args=["--no-sandbox"]
@@ -195,7 +192,7 @@ def test_chart_labels_do_not_overlap_on_a_phone(tmp_path: Path) -> None:
     server = ServerProcess(script, args=args).start()
     try:
         wait_for_port(port, timeout=20, proc=server.proc)
-        wait_for(server, r"LIVEVIEW .*")
+        server.wait_for_match(r"LIVEVIEW .*")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=executable, headless=True, args=["--no-sandbox"]

@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from _liveview import csrf_of, get_json, make_site
 from conftest import call, call_async
-from test_liveview import csrf_of, get_json, make_site
 
 from lapse.internet.task import Clock
 from lapse.web.liveview import CSRF_COOKIE, LiveView

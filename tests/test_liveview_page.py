@@ -10,8 +10,8 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from _liveview import TOKEN, get_json, make_site
 from conftest import call
-from test_liveview import TOKEN, get_json, make_site
 
 from lapse.internet.task import Clock
 from lapse.web.liveview import LiveView

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from _liveview import csrf_of, get_json, make_site
 from _servers import free_port, request
 from conftest import Response, SessionPage, call, call_async
-from test_liveview import csrf_of, get_json, make_site
 
 from lapse.internet.task import Clock
 from lapse.web.liveview import CSRF_COOKIE, LiveView
@@ -243,6 +243,7 @@ def test_a_malformed_secret_is_a_clear_error_when_the_view_is_made(
     LiveView(Site(Resource(), reactor=Clock()))
 
 
+@pytest.mark.slow
 def test_lapse_serve_workers_live_view_over_real_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -250,7 +251,7 @@ def test_lapse_serve_workers_live_view_over_real_processes(
     one LAPSE_LIVEVIEW_SECRET: each request is a new connection (either
     worker may answer), yet ``lapse sessions show ID --server`` finds every
     listed session and ``expire --all --yes --server`` ends all of them."""
-    from test_cli import APP, lapse_serving
+    from _cli import APP, lapse_serving
 
     from lapse.cli import main
 

@@ -22,6 +22,8 @@ import pytest
 from _cluster import Cluster, Node, cookie_uid, wait_until
 from _redis_server import RedisServer
 
+pytestmark = pytest.mark.slow  # real processes and real timeouts, each over a second
+
 TIMEOUT = 1.0
 """sessionTimeout of the test program's sessions, in seconds."""
 

@@ -9,18 +9,18 @@ by its PID; the others share the session's ``redis_server``.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import aio
 from _redis_server import RedisServer
 
 from lapse.sessions.store import StoreUnavailable
@@ -33,16 +33,6 @@ from lapse.sessions.stores.redis.client import (
     ReplyError,
     Script,
 )
-
-
-def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Run an async test function in a fresh event loop."""
-
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs))
-
-    return run
 
 
 @pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
@@ -415,6 +405,7 @@ async def test_a_frozen_server_makes_store_loads_unavailable_then_they_work_agai
 
 
 @aio
+@pytest.mark.slow
 async def test_the_timeout_counts_the_server_s_silence_while_commands_wait_not_idle_time(
     redis_server: RedisServer,
 ) -> None:

@@ -333,7 +333,7 @@ def test_logout_on_shared_store_ends_session_everywhere(shared_store: str) -> No
 def test_touch_costs_one_redis_round_trip(redis_server: Any) -> None:
     """On Redis, a request that touches an existing session costs exactly one
     command on the server; one that creates a session costs one more."""
-    from test_store_redis import commands_sent
+    from _redis_server import commands_sent
 
     async def scenario() -> None:
         site = Site(DataPage(), store=f"{redis_server.url}?prefix=rt{time.monotonic_ns()}")
@@ -426,6 +426,7 @@ def test_outage_gives_503_only_to_pages_that_ask_for_their_session() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_frozen_redis_answers_503_within_the_store_timeout_then_recovers() -> None:
     """A Redis that accepts connections but never answers (SIGSTOP): a request
     with a session cookie gets a 503 within about the store's 1 s timeout (the
@@ -499,6 +500,7 @@ def test_an_async_hook_slower_than_the_lease_runs_once_on_the_memory_store(clock
 
 
 @pytest.mark.parametrize("kind", ["sync"])
+@pytest.mark.slow
 def test_a_hook_slower_than_the_lease_runs_once_across_two_sites(
     shared_store: str, kind: str
 ) -> None:
@@ -618,6 +620,7 @@ def test_a_loop_held_past_the_store_timeout_fails_no_request(
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.slow
 def test_a_long_sqlite_queue_that_moves_fails_no_request(
     tmp_path: Path, loop_kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -660,6 +663,7 @@ conn.rollback()
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # TODO(owner): close locker.stdout
+@pytest.mark.slow
 def test_sqlite_locked_by_another_process_answers_503_in_about_the_timeout_then_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

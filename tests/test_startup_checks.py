@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _asgi import lifespan_startup
 from _redis_server import RedisServer
 from _servers import free_port, request, running_server, write_script
 from conftest import Leaf
@@ -103,27 +104,10 @@ def test_redis_refusals_that_can_never_pass_are_permanent(locked_redis: RedisSer
     assert refused is not None and not refused.permanent
 
 
-async def _lifespan_startup(app: Any) -> list[dict[str, Any]]:
-    """Run an ASGI lifespan startup (and shutdown, if started) on ``app``."""
-    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    sent: list[dict[str, Any]] = []
-    await incoming.put({"type": "lifespan.startup"})
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if message["type"] == "lifespan.startup.complete":
-            await incoming.put({"type": "lifespan.shutdown"})
-
-    await asyncio.wait_for(
-        app({"type": "lifespan", "asgi": {"version": "3.0"}}, incoming.get, send), 10
-    )
-    return sent
-
-
 def test_site_lifespan_fails_startup_on_a_store_that_can_never_work(tmp_path: Path) -> None:
     """lifespan.startup.failed, its message naming the store's file."""
     site = Site(Leaf(), store=f"sqlite:///{tmp_path}/missing/s.db")
-    sent = asyncio.run(_lifespan_startup(site))
+    sent = asyncio.run(lifespan_startup(site))
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert f"{tmp_path}/missing/s.db" in sent[0]["message"]
     assert "no such directory" in sent[0]["message"]
@@ -136,7 +120,7 @@ def test_site_lifespan_starts_on_a_store_that_is_only_down(
     port = free_port()
     site = Site(Leaf(), store=f"redis://127.0.0.1:{port}/0")
     with caplog.at_level(logging.ERROR, "lapse.sessions"):
-        sent = asyncio.run(_lifespan_startup(site))
+        sent = asyncio.run(lifespan_startup(site))
     assert [m["type"] for m in sent] == [
         "lifespan.startup.complete",
         "lifespan.shutdown.complete",
@@ -155,7 +139,7 @@ def test_middleware_lifespan_fails_startup_before_the_app_starts(tmp_path: Path)
         await send({"type": "lifespan.startup.complete"})
 
     middleware = SessionMiddleware(app, store=_not_a_database(tmp_path))
-    sent = asyncio.run(_lifespan_startup(middleware))
+    sent = asyncio.run(lifespan_startup(middleware))
     assert seen == []
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "not a database" in sent[0]["message"]
@@ -169,7 +153,7 @@ def test_middleware_serving_lifespan_itself_fails_startup(tmp_path: Path) -> Non
         raise RuntimeError("lifespan? never heard of it")
 
     middleware = SessionMiddleware(http_only, store=f"sqlite:///{tmp_path}")
-    sent = asyncio.run(_lifespan_startup(middleware))
+    sent = asyncio.run(lifespan_startup(middleware))
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "is a directory" in sent[0]["message"]
 

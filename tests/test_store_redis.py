@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from _redis_server import RedisServer
+from _helpers import aio
+from _redis_server import RedisServer, commands_and_clients, commands_sent
 from conftest import FakeClock
 
 from lapse.sessions.store import Expiry, SessionStore, StoreConfigError, StoreUnavailable
@@ -27,16 +26,6 @@ from lapse.sessions.stores.redis import RedisStore
 from lapse.sessions.stores.redis import store as redis_store_module
 
 PASSWORD = "s3cret-Pa55word"
-
-
-def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Run an async test function in a fresh event loop."""
-
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs))
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -387,42 +376,6 @@ async def test_url_prefix_option_names_the_keys(server: RedisServer) -> None:
 
 # -- one round trip per operation ------------------------------------------------
 
-_MONITOR_LINE = re.compile(r'\+[\d.]+ \[\d+ ([^\]]+)\] "([^"]*)"')
-
-
-async def commands_sent(server: RedisServer, action: Callable[[], Awaitable[Any]]) -> list[str]:
-    """The commands clients sent to the server (as MONITOR shows them, not
-    counting those a script ran) while ``action`` ran."""
-    return [command for _, command in await commands_and_clients(server, action)]
-
-
-async def commands_and_clients(
-    server: RedisServer, action: Callable[[], Awaitable[Any]]
-) -> list[tuple[str, str]]:
-    """Like :func:`commands_sent`, each with the client address that sent it."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(b"MONITOR\r\n")
-    assert await reader.readline() == b"+OK\r\n"
-    await action()
-    mark = f"mark-{uuid.uuid4().hex}"
-    marker_reader, marker = await asyncio.open_connection("127.0.0.1", server.port)
-    marker.write(f"ECHO {mark}\r\n".encode())
-    await marker_reader.readline()
-    marker.close()
-    await marker.wait_closed()
-    sent: list[tuple[str, str]] = []
-    while True:
-        line = (await asyncio.wait_for(reader.readline(), 5)).decode()
-        if mark in line:
-            break
-        match = _MONITOR_LINE.match(line)
-        assert match, line
-        if match.group(1) != "lua":
-            sent.append((match.group(1), match.group(2).lower()))
-    writer.close()
-    await writer.wait_closed()
-    return sent
-
 
 @aio
 async def test_each_operation_is_one_command_on_the_server(server: RedisServer) -> None:
@@ -614,6 +567,7 @@ async def test_a_stopped_server_makes_every_call_unavailable_and_a_restart_heals
 
 
 @aio
+@pytest.mark.slow
 async def test_a_server_that_never_answers_fails_within_the_timeout() -> None:
     """Every call gives up after ``timeout`` (here 0.25 s); with the default
     1 s, a call fails within 1.5 s."""

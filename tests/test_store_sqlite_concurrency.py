@@ -97,6 +97,7 @@ def test_concurrent_claims_by_two_stores_in_one_process_never_share_a_session(
     run(main())
 
 
+@pytest.mark.slow
 def test_processes_claiming_concurrently_claim_each_session_exactly_once(
     db: str, clock: FakeClock
 ) -> None:
@@ -239,6 +240,7 @@ def hold_write_lock(db: str, seconds: float) -> sqlite3.Connection:
     return holder
 
 
+@pytest.mark.slow
 def test_calls_stuck_behind_a_lock_fail_after_the_timeout_and_never_commit_later(
     db: str, clock: FakeClock
 ) -> None:
@@ -288,6 +290,7 @@ def test_a_call_whose_caller_gave_up_is_never_committed_later(db: str, clock: Fa
     with_store(db, clock, body)
 
 
+@pytest.mark.slow
 def test_a_long_queue_that_keeps_moving_fails_no_call(db: str, clock: FakeClock) -> None:
     """Enough creates at once to keep the worker busy about twice the timeout
     (1 s) in all, sized from this machine's own pace, but it finishes one
