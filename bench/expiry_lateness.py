@@ -186,7 +186,7 @@ async def measure(store: str, url: str, opts: Options, seed: int) -> Result:
     site = Site(Resource(), store=url, on_expire=hook)
     factory = TimeoutFactory()
     site.sessionFactory = factory
-    keeper = site._keeper
+    keeper = site.keeper
     result = Result(store, opts.sessions)
     expected: dict[str, float] = {}
     earliest: dict[str, float] = {}

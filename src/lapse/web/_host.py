@@ -218,6 +218,13 @@ class SessionHost:
         return self._keeper.stats
 
     @property
+    def keeper(self) -> Keeper:
+        """The keeper of this host's sessions (:func:`lapse.sessions.make_keeper`:
+        a ``LocalKeeper`` or a ``SharedKeeper``), for tools that drive it
+        themselves: ``start()``, ``persist(sessions)``, ``poll_once()``."""
+        return self._keeper
+
+    @property
     def store(self) -> SessionStore:
         """Where the sessions live."""
         return self._keeper.store
