@@ -134,6 +134,7 @@ class _Connection(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         self.period = timeout / 4
         self.guard = self._close_with_loop()
+        self.guard_closed = False
 
     async def _close_with_loop(self) -> AsyncGenerator[None, None]:
         """Closes the connection when its event loop shuts down.
@@ -146,6 +147,7 @@ class _Connection(asyncio.Protocol):
         try:
             yield
         finally:
+            self.guard_closed = True
             self.fail(RedisConnectionError, "event loop shut down")
 
     def _step_guard(self, step: Awaitable[None]) -> None:
@@ -269,9 +271,10 @@ class _Connection(asyncio.Protocol):
         for future in pending:
             if not future.done():
                 future.set_exception(error(message))
-        if not self.guard.ag_running:  # (running: it is what called this)
+        if not self.guard_closed:
             # Finished now, the guard has nothing left for the loop to close
             # (nor for the garbage collector to hand to a loop maybe closed).
+            self.guard_closed = True
             self._step_guard(self.guard.aclose())
         if self.transport is not None:
             self.transport.abort()
