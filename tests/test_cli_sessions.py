@@ -432,7 +432,6 @@ def test_expired_sessions_reach_the_servers_hook(
     )
 
 
-@pytest.mark.filterwarnings("ignore::ResourceWarning")  # TODO(owner): close the Popen pipes
 @pytest.mark.slow
 def test_output_cut_by_its_reader_ends_quietly_with_status_141(
     store_url: str, tmp_path: Path
@@ -451,19 +450,19 @@ def test_output_cut_by_its_reader_ends_quietly_with_status_141(
         ["list", "--full", "--limit", "3001"],
         ["list", "--json", "--limit", "3001"],
     ):
-        proc = subprocess.Popen(
+        with subprocess.Popen(  # closes the pipes (and waits) on the way out
             [sys.executable, "-m", "lapse", "sessions", *argv, "--store", store_url],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env=env,
-        )
-        assert proc.stdout is not None and proc.stderr is not None
-        assert proc.stdout.read(100)  # head -c 100
-        proc.stdout.close()
-        err = proc.stderr.read().decode()
-        assert proc.wait(timeout=30) == 141, (argv, err)
-        assert err == "", (argv, err)
+        ) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout.read(100)  # head -c 100
+            proc.stdout.close()
+            err = proc.stderr.read().decode()
+            assert proc.wait(timeout=30) == 141, (argv, err)
+            assert err == "", (argv, err)
 
 
 class Stubborn:

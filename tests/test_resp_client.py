@@ -9,6 +9,8 @@ by its PID; the others share the session's ``redis_server``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import signal
 import socket
@@ -325,9 +327,10 @@ async def test_aclose_fails_pending_commands_and_the_client_reconnects_after(
     await client.aclose()
 
 
-@pytest.mark.filterwarnings("ignore::ResourceWarning")  # TODO(owner): uvloop hangs on it
 def test_a_client_moves_to_a_new_event_loop(redis_server: RedisServer) -> None:
-    """A connection made in a finished event loop is dropped, not reused."""
+    """A connection made in a finished event loop is dropped, not reused, and
+    was closed when that loop shut down: no socket is left open (warnings are
+    errors: an unclosed transport or socket would fail this test)."""
     client = client_for(redis_server)
     assert asyncio.run(client.execute("ECHO", "one")) == "one"
     assert asyncio.run(client.execute("ECHO", "two")) == "two"
@@ -336,6 +339,46 @@ def test_a_client_moves_to_a_new_event_loop(redis_server: RedisServer) -> None:
         await client.aclose()
 
     asyncio.run(close())
+    gc.collect()  # an unclosed transport or socket reports itself here
+
+
+def sockets_to(port: int) -> int:
+    """How many TCP sockets this process holds open to 127.0.0.1:``port``."""
+    fds = "/proc/self/fd"
+    inodes = set()
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"{fds}/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if int(row[2].split(":")[1], 16) == port and row[9] in inodes)
+
+
+@aio
+async def test_aclose_while_connecting_closes_that_connection_and_fails_its_callers(
+    own: RedisServer,
+) -> None:
+    """aclose() during a connect (here: the AUTH of a server that is frozen)
+    stops the attempt and closes its socket before it returns: the process
+    holds no more open files than before, and the waiting caller gets a
+    RedisConnectionError, not a hang until the timeout."""
+    client = client_for(own, password="pw", timeout=30)
+    freeze(own)
+    try:
+        waiting = asyncio.create_task(client.execute("PING"))
+        for _ in range(100):  # until the TCP connection is made (the kernel accepts it)
+            await asyncio.sleep(0.01)
+            if sockets_to(own.port):
+                break
+        assert sockets_to(own.port) == 1
+        await client.aclose()
+        assert sockets_to(own.port) == 0
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(waiting, 5)
+    finally:
+        thaw(own)
 
 
 # -- timeouts ---------------------------------------------------------------------------

@@ -662,7 +662,6 @@ conn.rollback()
 """
 
 
-@pytest.mark.filterwarnings("ignore::ResourceWarning")  # TODO(owner): close locker.stdout
 @pytest.mark.slow
 def test_sqlite_locked_by_another_process_answers_503_in_about_the_timeout_then_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -682,21 +681,21 @@ def test_sqlite_locked_by_another_process_answers_503_in_about_the_timeout_then_
         try:
             first = await call_async(site, "GET", "/?set=a&v=1")
             cookie = {b"lapse_session": body(first)["uid"].encode()}
-            locker = subprocess.Popen(
+            with subprocess.Popen(  # closes locker.stdout (and waits) on the way out
                 [sys.executable, "-c", _LOCKER, str(db), "2.5"], stdout=subprocess.PIPE
-            )
-            try:
-                assert locker.stdout is not None and locker.stdout.readline() == b"locked\n"
-                started = time.monotonic()
-                refused = await call_async(site, "GET", "/?set=b&v=2", cookies=cookie)
-                elapsed = time.monotonic() - started
-                assert refused.status == 503 and refused.header(b"retry-after") == b"1"
-                assert 0.9 < elapsed < 1.7, elapsed
-                assert locker.wait(timeout=10) == 0
-            finally:
-                if locker.poll() is None:
-                    locker.kill()
-                    locker.wait()
+            ) as locker:
+                try:
+                    assert locker.stdout is not None
+                    assert locker.stdout.readline() == b"locked\n"
+                    started = time.monotonic()
+                    refused = await call_async(site, "GET", "/?set=b&v=2", cookies=cookie)
+                    elapsed = time.monotonic() - started
+                    assert refused.status == 503 and refused.header(b"retry-after") == b"1"
+                    assert 0.9 < elapsed < 1.7, elapsed
+                    assert locker.wait(timeout=10) == 0
+                finally:
+                    if locker.poll() is None:
+                        locker.kill()
             assert body(await call_async(site, cookies=cookie))["data"] == {"a": 1}
             retried = await call_async(site, "GET", "/?set=b&v=2", cookies=cookie)
             assert retried.status == 200 and body(retried)["data"] == {"a": 1, "b": 2}

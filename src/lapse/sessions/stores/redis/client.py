@@ -47,11 +47,12 @@ Replies are RESP2, decoded as UTF-8: bulk strings are ``str``, integers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import select
 import ssl
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -132,12 +133,34 @@ class _Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self.watchdog: asyncio.TimerHandle | None = None
         self.period = timeout / 4
+        self.guard = self._close_with_loop()
+        self.guard_closed = False
+
+    async def _close_with_loop(self) -> AsyncGenerator[None, None]:
+        """Closes the connection when its event loop shuts down.
+
+        Once started (in :meth:`connection_made`), this generator is known
+        to the loop, whose ``shutdown_asyncgens`` (run by ``asyncio.run``
+        before it closes the loop) closes it: the connection is closed while
+        its loop still runs, instead of leaving an open socket to a closed
+        loop (which nothing could close any more)."""
+        try:
+            yield
+        finally:
+            self.guard_closed = True
+            self.fail(RedisConnectionError, "event loop shut down")
+
+    def _step_guard(self, step: Awaitable[None]) -> None:
+        # Drives the guard one step without the loop (it never awaits).
+        with contextlib.suppress(StopIteration, StopAsyncIteration):
+            cast(Coroutine[Any, Any, None], step).send(None)
 
     # -- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.watchdog = self.loop.call_later(self.period, self._tick)
+        self._step_guard(self.guard.asend(None))  # registers it with the loop
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -248,6 +271,11 @@ class _Connection(asyncio.Protocol):
         for future in pending:
             if not future.done():
                 future.set_exception(error(message))
+        if not self.guard_closed:
+            # Finished now, the guard has nothing left for the loop to close
+            # (nor for the garbage collector to hand to a loop maybe closed).
+            self.guard_closed = True
+            self._step_guard(self.guard.aclose())
         if self.transport is not None:
             self.transport.abort()
         self.on_lost(self)
@@ -350,7 +378,14 @@ class RedisClient:
         if task is None or task.get_loop() is not loop:
             task = self._connecting = loop.create_task(self._open(self._generation))
             task.add_done_callback(self._connected)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                # The attempt was stopped by aclose(), not this caller.
+                raise RedisConnectionError("client closed while connecting") from None
+            raise
 
     def _connected(self, task: asyncio.Task[_Connection]) -> None:
         if self._connecting is task:
@@ -381,6 +416,7 @@ class RedisClient:
         except BaseException:
             if conn is not None:
                 conn.fail(RedisConnectionError, "handshake failed")
+                await asyncio.wait([conn.closed])  # its socket closed, not soon
             raise
         if generation != self._generation or conn.failed:
             conn.fail(RedisConnectionError, "client closed")
@@ -401,6 +437,9 @@ class RedisClient:
         except BaseException:
             connecting.cancel()
             connecting.add_done_callback(_drop_late_connection)
+            # The socket is closed only once the cancelled attempt ends:
+            # wait for it (aclose() relies on it), unless cancelled again.
+            await asyncio.wait((connecting,))
             raise
         if not done:
             connecting.cancel()
@@ -434,7 +473,13 @@ class RedisClient:
         """Close the connection (pending commands fail). The client stays
         usable: the next command connects again. Idempotent."""
         self._generation += 1
-        self._connecting = None
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and connecting.get_loop() is asyncio.get_running_loop():
+            # A connection being made now would stay open until its attempt
+            # ends (up to the timeout), or for ever if the loop closes first:
+            # stop it, and wait until its socket is closed.
+            connecting.cancel()
+            await asyncio.wait([connecting])
         conn, self._conn = self._conn, None
         if conn is None:
             return
