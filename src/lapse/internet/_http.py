@@ -136,7 +136,7 @@ class HTTPProtocol(GuardedProtocol):
             self._reject(transport)
             return
         super().connection_made(transport)
-        self.flow = TimedFlow(transport, self.loop)
+        self.flow = TimedFlow(transport, self.loop, self._reading_resumed)
         self._opened_at = self.loop.time()
         # Idle until the first byte: closed after the keep-alive timeout.
         self.timeout_keep_alive_task = self.loop.call_later(
