@@ -182,6 +182,21 @@ def test_a_refusal_does_not_cut_into_the_answer_of_a_pipelined_request(
     assert answer.endswith(b"\r\n\r\n0"), answer
 
 
+def test_a_pipelined_head_begun_with_the_request_before_it_is_timed(
+    plain_server: tuple[int, ServerProcess],
+) -> None:
+    """A request and the start of a pipelined one's head, in one send; the
+    head's rest never comes: the first is answered 200, the second 408 after
+    the header timeout (the head's time runs from the read that began it; it
+    was not timed, and the connection was closed silently as idle)."""
+    port, _ = plain_server
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHo")
+        answer, _ = read_until_closed(sock, TIMEOUT + SLACK)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert b"HTTP/1.1 408 " in answer, answer
+
+
 def test_a_refused_client_still_sending_is_not_reset(
     site_server: tuple[int, ServerProcess],
 ) -> None:
@@ -335,6 +350,29 @@ def test_waiting_for_100_continue_is_not_the_clients_delay(
         response.begin()
         assert response.status == 200
         assert response.read() == b"10"
+
+
+@pytest.mark.slow
+def test_time_a_pipelined_head_waits_for_reading_to_resume_does_not_count(
+    plain_server: tuple[int, ServerProcess],
+) -> None:
+    """Three pipelined requests in one send, the third's head cut short; its
+    rest follows 0.1 s later. The first takes the app 1.2 s, and uvicorn
+    stops reading while the second waits its turn: the rest of the third head
+    sits unread in the socket meanwhile, which is not the client's delay
+    (0.5 s header timeout): all three are answered 200, none 408."""
+    port, _ = plain_server
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /slow-reader?1.2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHo"
+        )
+        time.sleep(0.1)
+        sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        answer, _ = read_until_closed(sock, 5)
+    assert answer.count(b"HTTP/1.1 200 ") == 3, answer
+    assert b"408" not in answer
 
 
 def test_a_body_too_slow_after_the_answer_started_closes_without_a_408(

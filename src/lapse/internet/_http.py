@@ -206,9 +206,10 @@ class HTTPProtocol(GuardedProtocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._parse_failed(exc):
                 return
-        if self._room != self._head_limit:
+        if self._room != self._head_limit or self._head_begun:
             # A request is still arriving (a request that came whole has
-            # ended, and on_message_complete gave the next one its budget).
+            # ended, and on_message_complete gave the next one its budget;
+            # on_message_begin tells if the next one began in the same read).
             self._watch_reading()
 
     def _received_in_pieces(self, data: bytes) -> None:
@@ -236,7 +237,7 @@ class HTTPProtocol(GuardedProtocol):
                 self._refuse(431, "The request headers are too large.")
                 return
             self._start_body()  # the head ended; what follows is its body
-        if self._room != self._head_limit:
+        if self._room != self._head_limit or self._head_begun:
             self._watch_reading()
 
     def _feed(self, data: bytes | memoryview) -> bool:
@@ -278,8 +279,13 @@ class HTTPProtocol(GuardedProtocol):
             self._refusal = (414, "The request URI is too long.")
             raise Refused
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begun = True
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._head_begun = False
         self._room = self._head_limit
         self._done_cycle = self.cycle
         if self._read_timer is not None:

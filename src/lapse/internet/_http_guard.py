@@ -99,7 +99,10 @@ class GuardedProtocol(HttpToolsProtocol):
         "_done_cycle",
         "_dropped",
         "_dropping",
+        "_head_begun",
         "_head_limit",
+        "_head_paused",
+        "_head_started",
         "_limits",
         "_linger_timer",
         "_opened_at",
@@ -131,6 +134,11 @@ class GuardedProtocol(HttpToolsProtocol):
         # newer self.cycle means the head of the request arriving is complete.
         self._done_cycle: RequestResponseCycle | None = None
         self._read_timer: asyncio.TimerHandle | None = None
+        # A request's head began in the read that ended the one before it
+        # (pipelining): it is arriving though its bytes were not counted.
+        self._head_begun = False
+        self._head_started = 0.0
+        self._head_paused = 0.0
         self._opened_at = 0.0
         self._body_started = 0.0
         self._body_room = 0
@@ -158,7 +166,10 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if self._read_timer is None:
             # The first request's head is timed from the connection's start.
-            started = self._opened_at if self.cycle is None else self.loop.time()
+            now = self.loop.time()
+            started = self._opened_at if self.cycle is None else now
+            self._head_started = started
+            self._head_paused = self._paused(now)
             self._read_timer = self.loop.call_at(
                 started + self._limits.header_timeout, self._head_timed_out
             )
@@ -206,6 +217,15 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if self.cycle is not self._done_cycle:
             self._start_body()
+            return
+        # Time uvicorn stopped reading (a pipelined request waits its turn)
+        # is not the client's delay.
+        now = self.loop.time()
+        taken = now - self._head_started - (self._paused(now) - self._head_paused)
+        if taken < self._limits.header_timeout:
+            self._read_timer = self.loop.call_at(
+                now + self._limits.header_timeout - taken, self._head_timed_out
+            )
             return
         self._refuse(408, "The request headers took too long to arrive.")
 
