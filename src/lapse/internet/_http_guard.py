@@ -265,6 +265,18 @@ class GuardedProtocol(HttpToolsProtocol):
         self._write_error(408, "The request body took too long to arrive.")
         self._linger()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if (
+            self.timeout_keep_alive_task is not None
+            and self._read_timer is not None
+            and self.cycle is self._done_cycle
+        ):
+            # The next request's head is arriving (pipelined): the connection
+            # is not idle, and the header timer times that head.
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+
     def _drop(self, size: int) -> None:
         """What a refused connection still receives: dropped, up to LINGER_BYTES."""
         self._dropped += size
