@@ -180,6 +180,10 @@ class HTTPProtocol(GuardedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         global _lingering_rejects
         self._cancel_read_timer()
+        if isinstance(self.flow, TimedFlow):
+            # Its callback refers to this protocol: without this, the two
+            # (and the parser's buffers) would wait for the cyclic collector.
+            self.flow.on_resume = None
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
