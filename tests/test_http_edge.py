@@ -352,6 +352,25 @@ def test_waiting_for_100_continue_is_not_the_clients_delay(
         assert response.read() == b"10"
 
 
+def test_a_client_silent_after_the_100_continue_gets_408(
+    plain_server: tuple[int, ServerProcess],
+) -> None:
+    """Abuse: a client asks for ``100-continue``, gets it (the app reads at
+    0.2 s), and sends nothing: 408 and closed about the 0.5 s body timeout
+    after the 100 (not sooner: the time before the 100 is not its delay; it
+    was closed 0.3 s after the 100; nor later: the wait is not extra time)."""
+    port, _ = plain_server
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /slow-reader?0.2 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 10\r\n\r\n"
+        )
+        assert read_interim(sock).startswith(b"HTTP/1.1 100 ")
+        answer, took = read_until_closed(sock, TIMEOUT + SLACK)
+    assert parse_response(answer, method="POST").status == 408
+    assert TIMEOUT - 0.1 <= took <= TIMEOUT + SLACK
+
+
 @pytest.mark.slow
 def test_time_a_pipelined_head_waits_for_reading_to_resume_does_not_count(
     plain_server: tuple[int, ServerProcess],
