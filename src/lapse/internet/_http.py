@@ -17,8 +17,10 @@ timeout for a request that arrives slowly and no cap on open connections.
   (:attr:`~HTTPLimits.body_timeout`, extended by a second for every
   :attr:`~HTTPLimits.body_min_rate` bytes received; time during which uvicorn
   stopped reading because the application had not taken the body so far does
-  not count), and idleness, before the first request and between requests
-  (:attr:`~HTTPLimits.keep_alive_timeout`). A head or body that times out is
+  not count, nor for a head; a body the client holds back for a
+  "100 Continue" is timed from the 100), and idleness, before the first
+  request and between requests (:attr:`~HTTPLimits.keep_alive_timeout`; not
+  while a pipelined request's head arrives). A head or body that times out is
   answered 408 while a response can still be sent; an idle connection is
   closed silently.
 - a cap on open connections in the process (:attr:`~HTTPLimits.max_connections`,
