@@ -106,6 +106,26 @@ def test_refused_connections_linger_a_bounded_number_at_a_time(edge_script: Path
     assert held <= 16 + 1, f"{held} descriptors held by refused connections"
 
 
+# -- pipelined requests ------------------------------------------------------------------
+
+
+def test_a_pipelined_head_arriving_is_not_closed_as_idle(edge_script: Path) -> None:
+    """Keep-alive timeout 0.3 s, header timeout 1.5 s: a client sends a request
+    and the start of the next one's head at once, and the rest of that head
+    0.8 s later. The idle (keep-alive) timer armed when the first answer is
+    sent does not close the connection while the next head arrives: the
+    header timeout times it, and both requests are answered 200."""
+    settings = {"header_timeout": 1.5, "body_timeout": 0.5, "keep_alive_timeout": 0.3}
+    with serve(edge_script, "plain", **settings) as server:
+        port = int(server.args[0])
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHo")
+            time.sleep(0.8)
+            sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+            answer, _ = read_until_closed(sock, 5)
+    assert answer.count(b"HTTP/1.1 200 ") == 2, answer
+
+
 # -- settings ------------------------------------------------------------------------
 
 

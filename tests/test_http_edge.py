@@ -182,6 +182,21 @@ def test_a_refusal_does_not_cut_into_the_answer_of_a_pipelined_request(
     assert answer.endswith(b"\r\n\r\n0"), answer
 
 
+def test_a_pipelined_head_begun_with_the_request_before_it_is_timed(
+    plain_server: tuple[int, ServerProcess],
+) -> None:
+    """A request and the start of a pipelined one's head, in one send; the
+    head's rest never comes: the first is answered 200, the second 408 after
+    the header timeout (the head's time runs from the read that began it; it
+    was not timed, and the connection was closed silently as idle)."""
+    port, _ = plain_server
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHo")
+        answer, _ = read_until_closed(sock, TIMEOUT + SLACK)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert b"HTTP/1.1 408 " in answer, answer
+
+
 def test_a_refused_client_still_sending_is_not_reset(
     site_server: tuple[int, ServerProcess],
 ) -> None:
@@ -301,32 +316,82 @@ def test_time_the_app_leaves_the_body_unread_does_not_count(
     assert response.body == str(len(body)).encode()
 
 
+def read_interim(sock: socket.socket) -> bytes:
+    """An interim response's head, read a byte at a time (nothing past it)."""
+    interim = b""
+    while not interim.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1)
+        assert chunk, interim
+        interim += chunk
+    return interim
+
+
 @pytest.mark.slow
 def test_waiting_for_100_continue_is_not_the_clients_delay(
     plain_server: tuple[int, ServerProcess],
 ) -> None:
     """A client sends ``Expect: 100-continue`` and waits for the 100, which
-    comes when the app reads the body, 0.8 s later (past the 0.5 s body
-    timeout): then it sends its body and gets 200, not 408. (Not 1 s: the
-    server's body checks come every 0.5 s, and one right after the 100 still
-    counts the time since the check before: a race of its own, reported.)"""
+    comes when the app reads the body, 0.9 s later (past the 0.5 s body
+    timeout); it sends its body 0.3 s after the 100 and gets 200, not 408:
+    the body's time starts at the 100. (The server's body checks came at 0.5
+    and 1.0 s: the one at 1.0 s, after the 100 and before the body, counted
+    the time since the check at 0.5 s and answered 408.)"""
     port, _ = plain_server
     with socket.create_connection((HOST, port), timeout=5) as sock:
         sock.sendall(
-            b"POST /slow-reader?0.8 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"POST /slow-reader?0.9 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
             b"Content-Length: 10\r\n\r\n"
         )
-        interim = b""
-        while not interim.endswith(b"\r\n\r\n"):
-            chunk = sock.recv(1)
-            assert chunk, interim
-            interim += chunk
+        interim = read_interim(sock)
         assert interim.startswith(b"HTTP/1.1 100 "), interim
+        time.sleep(0.3)
         sock.sendall(b"0123456789")
         response = http.client.HTTPResponse(sock, method="POST")
         response.begin()
         assert response.status == 200
         assert response.read() == b"10"
+
+
+def test_a_client_silent_after_the_100_continue_gets_408(
+    plain_server: tuple[int, ServerProcess],
+) -> None:
+    """Abuse: a client asks for ``100-continue``, gets it (the app reads at
+    0.2 s), and sends nothing: 408 and closed about the 0.5 s body timeout
+    after the 100 (not sooner: the time before the 100 is not its delay; it
+    was closed 0.3 s after the 100; nor later: the wait is not extra time)."""
+    port, _ = plain_server
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /slow-reader?0.2 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 10\r\n\r\n"
+        )
+        assert read_interim(sock).startswith(b"HTTP/1.1 100 ")
+        answer, took = read_until_closed(sock, TIMEOUT + SLACK)
+    assert parse_response(answer, method="POST").status == 408
+    assert TIMEOUT - 0.1 <= took <= TIMEOUT + SLACK
+
+
+@pytest.mark.slow
+def test_time_a_pipelined_head_waits_for_reading_to_resume_does_not_count(
+    plain_server: tuple[int, ServerProcess],
+) -> None:
+    """Three pipelined requests in one send, the third's head cut short; its
+    rest follows 0.1 s later. The first takes the app 1.2 s, and uvicorn
+    stops reading while the second waits its turn: the rest of the third head
+    sits unread in the socket meanwhile, which is not the client's delay
+    (0.5 s header timeout): all three are answered 200, none 408."""
+    port, _ = plain_server
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /slow-reader?1.2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHo"
+        )
+        time.sleep(0.1)
+        sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        answer, _ = read_until_closed(sock, 5)
+    assert answer.count(b"HTTP/1.1 200 ") == 3, answer
+    assert b"408" not in answer
 
 
 def test_a_body_too_slow_after_the_answer_started_closes_without_a_408(

@@ -17,8 +17,10 @@ timeout for a request that arrives slowly and no cap on open connections.
   (:attr:`~HTTPLimits.body_timeout`, extended by a second for every
   :attr:`~HTTPLimits.body_min_rate` bytes received; time during which uvicorn
   stopped reading because the application had not taken the body so far does
-  not count), and idleness, before the first request and between requests
-  (:attr:`~HTTPLimits.keep_alive_timeout`). A head or body that times out is
+  not count, nor for a head; a body the client holds back for a
+  "100 Continue" is timed from the 100), and idleness, before the first
+  request and between requests (:attr:`~HTTPLimits.keep_alive_timeout`; not
+  while a pipelined request's head arrives). A head or body that times out is
   answered 408 while a response can still be sent; an idle connection is
   closed silently.
 - a cap on open connections in the process (:attr:`~HTTPLimits.max_connections`,
@@ -136,7 +138,7 @@ class HTTPProtocol(GuardedProtocol):
             self._reject(transport)
             return
         super().connection_made(transport)
-        self.flow = TimedFlow(transport, self.loop)
+        self.flow = TimedFlow(transport, self.loop, self._reading_resumed)
         self._opened_at = self.loop.time()
         # Idle until the first byte: closed after the keep-alive timeout.
         self.timeout_keep_alive_task = self.loop.call_later(
@@ -180,6 +182,10 @@ class HTTPProtocol(GuardedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         global _lingering_rejects
         self._cancel_read_timer()
+        if isinstance(self.flow, TimedFlow):
+            # Its callback refers to this protocol: without this, the two
+            # (and the parser's buffers) would wait for the cyclic collector.
+            self.flow.on_resume = None
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -206,9 +212,10 @@ class HTTPProtocol(GuardedProtocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._parse_failed(exc):
                 return
-        if self._room != self._head_limit:
+        if self._room != self._head_limit or self._head_begun:
             # A request is still arriving (a request that came whole has
-            # ended, and on_message_complete gave the next one its budget).
+            # ended, and on_message_complete gave the next one its budget;
+            # on_message_begin tells if the next one began in the same read).
             self._watch_reading()
 
     def _received_in_pieces(self, data: bytes) -> None:
@@ -236,7 +243,7 @@ class HTTPProtocol(GuardedProtocol):
                 self._refuse(431, "The request headers are too large.")
                 return
             self._start_body()  # the head ended; what follows is its body
-        if self._room != self._head_limit:
+        if self._room != self._head_limit or self._head_begun:
             self._watch_reading()
 
     def _feed(self, data: bytes | memoryview) -> bool:
@@ -278,8 +285,13 @@ class HTTPProtocol(GuardedProtocol):
             self._refusal = (414, "The request URI is too long.")
             raise Refused
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begun = True
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._head_begun = False
         self._room = self._head_limit
         self._done_cycle = self.cycle
         if self._read_timer is not None:

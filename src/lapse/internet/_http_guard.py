@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -49,13 +50,24 @@ class Refused(Exception):
 
 
 class TimedFlow(FlowControl):
-    """uvicorn's flow control, keeping the time reading was paused."""
+    """uvicorn's flow control, keeping the time reading was paused.
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    ``on_resume`` is called whenever reading is asked to resume, paused or
+    not: uvicorn asks it each time an application asks for (more of) the
+    body, right after sending the "100 Continue" the request may expect.
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        on_resume: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(transport)
         self._time = loop.time
         self.paused_since = 0.0
         self.paused_total = 0.0
+        self.on_resume = on_resume
 
     def pause_reading(self) -> None:
         if not self.read_paused:
@@ -66,6 +78,8 @@ class TimedFlow(FlowControl):
         if self.read_paused:
             self.paused_total += self._time() - self.paused_since
             super().resume_reading()
+        if self.on_resume is not None:
+            self.on_resume()
 
     def paused_until(self, now: float) -> float:
         """Seconds reading was paused, up to ``now``."""
@@ -81,10 +95,14 @@ class GuardedProtocol(HttpToolsProtocol):
         "_body_paused",
         "_body_room",
         "_body_started",
+        "_continue_due",
         "_done_cycle",
         "_dropped",
         "_dropping",
+        "_head_begun",
         "_head_limit",
+        "_head_paused",
+        "_head_started",
         "_limits",
         "_linger_timer",
         "_opened_at",
@@ -116,10 +134,17 @@ class GuardedProtocol(HttpToolsProtocol):
         # newer self.cycle means the head of the request arriving is complete.
         self._done_cycle: RequestResponseCycle | None = None
         self._read_timer: asyncio.TimerHandle | None = None
+        # A request's head began in the read that ended the one before it
+        # (pipelining): it is arriving though its bytes were not counted.
+        self._head_begun = False
+        self._head_started = 0.0
+        self._head_paused = 0.0
         self._opened_at = 0.0
         self._body_started = 0.0
         self._body_room = 0
         self._body_paused = 0.0
+        # The request whose body is timed waits for our "100 Continue".
+        self._continue_due = False
         self._refusal: tuple[int, str] | None = None
         self._dropping = False
         self._dropped = 0
@@ -141,20 +166,41 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if self._read_timer is None:
             # The first request's head is timed from the connection's start.
-            started = self._opened_at if self.cycle is None else self.loop.time()
+            now = self.loop.time()
+            started = self._opened_at if self.cycle is None else now
+            self._head_started = started
+            self._head_paused = self._paused(now)
             self._read_timer = self.loop.call_at(
                 started + self._limits.header_timeout, self._head_timed_out
             )
 
     def _start_body(self) -> None:
         """The head is complete and the body is not: count and time the body."""
-        self._cancel_read_timer()
         self._room = _UNLIMITED
+        cycle = self.cycle
+        self._continue_due = cycle is not None and cycle.waiting_for_100_continue
+        self._restart_body_clock()
+
+    def _restart_body_clock(self) -> None:
+        """Time the body from now: its bytes, its time, its paused time."""
+        self._cancel_read_timer()
         now = self.loop.time()
         self._body_started = now
-        self._body_room = _UNLIMITED
+        self._body_room = self._room
         self._body_paused = self._paused(now)
         self._read_timer = self.loop.call_at(now + self._limits.body_timeout, self._check_body)
+
+    def _reading_resumed(self) -> None:
+        """The application asked for the body: if that sent the "100 Continue"
+        the client waited for, its body's time starts now (not at the last check)."""
+        if not self._continue_due:
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.waiting_for_100_continue:
+            return  # an earlier request's application: the 100 is still to come
+        self._continue_due = False
+        if self._read_timer is not None and self._room > self._head_limit and not self._dropping:
+            self._restart_body_clock()
 
     def _paused(self, now: float) -> float:
         flow = self.flow
@@ -172,6 +218,15 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.cycle is not self._done_cycle:
             self._start_body()
             return
+        # Time uvicorn stopped reading (a pipelined request waits its turn)
+        # is not the client's delay.
+        now = self.loop.time()
+        taken = now - self._head_started - (self._paused(now) - self._head_paused)
+        if taken < self._limits.header_timeout:
+            self._read_timer = self.loop.call_at(
+                now + self._limits.header_timeout - taken, self._head_timed_out
+            )
+            return
         self._refuse(408, "The request headers took too long to arrive.")
 
     def _check_body(self) -> None:
@@ -183,9 +238,9 @@ class GuardedProtocol(HttpToolsProtocol):
         now = self.loop.time()
         cycle = self.cycle
         if cycle is not None and cycle.waiting_for_100_continue:
-            # The client waits for our "100 Continue": not its delay.
-            self._body_started = now
-            self._read_timer = self.loop.call_at(now + limits.body_timeout, self._check_body)
+            # The client waits for our "100 Continue": not its delay (the
+            # clock restarts again when it is sent, in _reading_resumed).
+            self._restart_body_clock()
             return
         received = self._body_room - self._room
         allowed = limits.body_timeout
@@ -209,6 +264,18 @@ class GuardedProtocol(HttpToolsProtocol):
         cycle.message_event.set()
         self._write_error(408, "The request body took too long to arrive.")
         self._linger()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if (
+            self.timeout_keep_alive_task is not None
+            and self._read_timer is not None
+            and self.cycle is self._done_cycle
+        ):
+            # The next request's head is arriving (pipelined): the connection
+            # is not idle, and the header timer times that head.
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
 
     def _drop(self, size: int) -> None:
         """What a refused connection still receives: dropped, up to LINGER_BYTES."""
