@@ -26,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from _ports import free_port
+
 __all__ = ["RedisServer", "commands_and_clients", "commands_sent", "redis_server_binary"]
 
 _POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
@@ -78,12 +80,6 @@ def _install_redis_server() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _pings(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
@@ -100,7 +96,7 @@ class RedisServer:
     def __init__(self, port: int | None = None, args: Sequence[str] = ()) -> None:
         self.extra_args = list(args)
         self.binary = redis_server_binary()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="lapse-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
