@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 EXIT_FAILED = 1
 """Serving failed: the port could not be bound, or a worker died."""
@@ -120,3 +121,15 @@ def _when(stamp: float) -> str:
 
 def _is_memory(url: str) -> bool:
     return url.split(":", 1)[0].strip().lower() == "memory"
+
+
+def store_for(url: str, source: str) -> Any:
+    """The store ``url`` names (not opened); a :class:`CommandError` naming
+    ``source`` (where the URL came from) if it is not a store URL."""
+    from lapse.sessions.store import StoreConfigError
+    from lapse.sessions.stores import store_from_url
+
+    try:
+        return store_from_url(url)
+    except StoreConfigError as exc:
+        raise CommandError(f"{source}: {exc}") from None

@@ -20,7 +20,7 @@ from typing import Any
 
 from lapse import settings
 from lapse.cli.app import check_app, load_target
-from lapse.cli.common import EXIT_FAILED, CommandError, _is_memory, _say, _shown
+from lapse.cli.common import EXIT_FAILED, CommandError, _is_memory, _say, _shown, store_for
 from lapse.cli.parser import _CONNECTION_OPTIONS
 
 MEMORY_WITH_WORKERS = (
@@ -35,14 +35,8 @@ MEMORY_WITH_WORKERS = (
 
 def _check_store(url: str, source: str) -> str:
     """The store URL, checked by parsing it; its normalised form."""
-    from lapse.sessions.store import StoreConfigError
-    from lapse.sessions.stores import store_from_url
-
-    try:
-        store = store_from_url(url)
-    except StoreConfigError as exc:
-        raise CommandError(f"{source}: {exc}") from None
-    return store.url
+    checked: str = store_for(url, source).url
+    return checked
 
 
 def _ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:

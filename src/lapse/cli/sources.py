@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from lapse import settings
-from lapse.cli.common import EXIT_FAILED, CommandError, _is_memory, _shown
+from lapse.cli.common import EXIT_FAILED, CommandError, _is_memory, _shown, store_for
 from lapse.cli.liveview_client import SERVER_THREADS, LiveViewClient
 from lapse.cli.parser import SCAN_BATCH
 
@@ -124,9 +124,6 @@ class SessionSource(Protocol):
 
 def open_store(option: str | None) -> Any:
     """The store ``--store`` (or ``LAPSE_SESSION_STORE``) names, checked."""
-    from lapse.sessions.store import StoreConfigError
-    from lapse.sessions.stores import store_from_url
-
     env = settings.SESSION_STORE
     url = option if option is not None else env.get()
     if url is None:
@@ -134,10 +131,7 @@ def open_store(option: str | None) -> Any:
     source = f"--store {_shown(url)}" if option is not None else f"{env.name}={_shown(url)}"
     if _is_memory(url):
         raise CommandError(MEMORY_SESSIONS)
-    try:
-        store = store_from_url(url)
-    except StoreConfigError as exc:
-        raise CommandError(f"{source}: {exc}") from None
+    store = store_for(url, source)
     path = getattr(store, "path", None)
     if isinstance(path, str):
         try:
