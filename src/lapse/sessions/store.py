@@ -87,6 +87,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "INSPECTION_MEMBERS",
+    "REQUIRED_MEMBERS",
     "Clock",
     "Event",
     "Expiry",
@@ -302,6 +304,23 @@ class SessionStore(Protocol):
         buckets``; the last slice includes its end). Sessions ending later
         are not counted, nor those already due. ValueError unless
         ``buckets >= 1`` and ``horizon > 0``."""
+
+
+INSPECTION_MEMBERS = ("scan", "info", "count", "deadlines")
+"""The protocol's inspection methods: a store may leave them out (the live
+view and the metrics then show only this process's sessions)."""
+
+REQUIRED_MEMBERS: tuple[str, ...] = tuple(
+    name
+    for name in (
+        *SessionStore.__annotations__,
+        *(name for name, value in vars(SessionStore).items() if callable(value)),
+    )
+    if not name.startswith("_") and name not in INSPECTION_MEMBERS
+)
+"""What every store object has: the protocol's declarations and its
+methods but inspection (read from :class:`SessionStore`, so the check
+cannot drift from the protocol)."""
 
 
 class LocalSessionStore(SessionStore, Protocol):

@@ -30,6 +30,7 @@ from lapse.sessions import (
     make_keeper,
     short_uid,
 )
+from lapse.sessions.store import REQUIRED_MEMBERS
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
 from lapse.web._proxy import ProxyTrust, TrustSetting, proxy_trust
 
@@ -57,28 +58,6 @@ _WRONG_LOOP_START = {
 MAX_UID_COOKIE = 256
 """A session cookie longer than this names no session."""
 
-_STORE_MEMBERS = (
-    "url",
-    "shared",
-    "open",
-    "aclose",
-    "now",
-    "load",
-    "create",
-    "rotate",
-    "save",
-    "exists",
-    "expire",
-    "claim",
-    "ack",
-    "events",
-    "next_deadline",
-    "renew",
-    "enforces_timeout",
-    "holds_sessions",
-)
-"""What a store object must have (see :class:`~lapse.sessions.SessionStore`)."""
-
 T = TypeVar("T")
 
 
@@ -91,9 +70,11 @@ def _check_store_object(store: object) -> None:
         raise StoreConfigError(
             f"store= takes a store URL as str (or a store object), not {kind}: decode it first"
         )
-    missing = [name for name in _STORE_MEMBERS if not hasattr(store, name)]
+    missing = [name for name in REQUIRED_MEMBERS if not hasattr(store, name)]
     if missing:
-        lacks = "" if len(missing) == len(_STORE_MEMBERS) else f" (it has no {', '.join(missing)})"
+        lacks = (
+            "" if len(missing) == len(REQUIRED_MEMBERS) else f" (it has no {', '.join(missing)})"
+        )
         raise StoreConfigError(
             f"store= takes a store URL (str) or a session store object, not {kind}{lacks}"
         )
