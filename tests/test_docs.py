@@ -370,7 +370,12 @@ def test_a_wheel_of_the_checkout_installs_into_a_fresh_venv_and_runs(tmp_path: P
         "import importlib.metadata as m, pathlib, lapse; "
         "print(lapse.__file__); "
         "print((pathlib.Path(lapse.__file__).parent / 'py.typed').exists()); "
-        "print(any(f.name == 'LICENSE' for f in m.distribution('lapse').files))"
+        "print(any(f.name == 'LICENSE' for f in m.distribution('lapse').files)); "
+        # The package data: the stores read their SQL and Lua at import, the
+        # live view its page.
+        "import lapse.sessions.stores.sqlite, lapse.sessions.stores.redis; "
+        "from lapse.web.liveview._page import page_template; "
+        "print(page_template() is not None)"
     )
     out = subprocess.run(
         [python, "-c", probe],
@@ -381,6 +386,6 @@ def test_a_wheel_of_the_checkout_installs_into_a_fresh_venv_and_runs(tmp_path: P
         timeout=30,
         check=True,
     )
-    where, typed, licensed = out.stdout.split()
+    where, typed, licensed, page = out.stdout.split()
     assert where.startswith(site_dir), where
-    assert typed == "True" and licensed == "True"
+    assert typed == "True" and licensed == "True" and page == "True"
