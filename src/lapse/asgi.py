@@ -241,8 +241,7 @@ class SessionMiddleware(HTTPSessions):
             self._loop = loop
             self._loop_thread = threading.get_ident()
         keeper = self._keeper
-        shared = not keeper.synchronous
-        if shared:
+        if not keeper.synchronous:
             keeper.start()
         secure, uid = self._read_headers(scope)
         visit = MiddlewareVisit(self, secure)
@@ -256,10 +255,10 @@ class SessionMiddleware(HTTPSessions):
         self, scope: Scope, receive: Receive, send: Send, visit: MiddlewareVisit, uid: str | None
     ) -> None:
         keeper = self._keeper
-        shared = not keeper.synchronous
+        asynchronous = not keeper.synchronous  # (a store reached by await)
         if uid is not None:
             try:
-                session = await keeper.load(uid) if shared else keeper.load_now(uid)
+                session = await keeper.load(uid) if asynchronous else keeper.load_now(uid)
             except StoreUnavailable as exc:
                 # The app runs without its session (untouched: the missed
                 # touch is not made up); asking for it answers 503.
@@ -290,7 +289,7 @@ class SessionMiddleware(HTTPSessions):
                 await UNAVAILABLE.send(send)
                 return
             if visit.used:
-                if shared:
+                if asynchronous:
                     answer = await self._write_visit(visit.used, visit)
                     if answer is not None:
                         replaced = True
@@ -326,7 +325,7 @@ class SessionMiddleware(HTTPSessions):
             # What changed after the response started (a background task, a
             # streamed body) or in a request that failed: written now.
             if visit.used and not replaced:
-                if not shared:
+                if not asynchronous:
                     keeper.persist_now(visit.used)
                 else:
                     late = visit.pending()
