@@ -313,8 +313,8 @@ view and the metrics then show only this process's sessions)."""
 REQUIRED_MEMBERS: tuple[str, ...] = tuple(
     name
     for name in (
-        *SessionStore.__annotations__,
         *(name for name, value in vars(SessionStore).items() if callable(value)),
+        *SessionStore.__annotations__,
     )
     if not name.startswith("_") and name not in INSPECTION_MEMBERS
 )
