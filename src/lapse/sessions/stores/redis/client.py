@@ -340,6 +340,14 @@ class RedisClient:
         """Run one command (``execute("GET", key)``); its decoded reply."""
         return await self.send(_pack(args))
 
+    async def execute_on(self, key: str, *args: Arg) -> Any:
+        """Run one command (one node holds every key: ``key`` routes nothing)."""
+        return await self.send(_pack(args))
+
+    async def each_primary(self, *args: Arg) -> list[Any]:
+        """Run one command on the one node; its reply, in a list."""
+        return [await self.send(_pack(args))]
+
     async def send(self, packed: bytes) -> Any:
         """Run one command already encoded as a RESP array; its decoded reply."""
         conn = self._conn
