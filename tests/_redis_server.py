@@ -28,7 +28,13 @@ from typing import Any
 
 from _ports import free_port
 
-__all__ = ["RedisServer", "commands_and_clients", "commands_sent", "redis_server_binary"]
+__all__ = [
+    "RedisServer",
+    "commands_and_clients",
+    "commands_sent",
+    "full_commands",
+    "redis_server_binary",
+]
 
 _POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
@@ -185,6 +191,26 @@ async def commands_and_clients(
     server: RedisServer, action: Callable[[], Awaitable[Any]]
 ) -> list[tuple[str, str]]:
     """Like :func:`commands_sent`, each with the client address that sent it."""
+    lines = await _monitored(server, action)
+    return [(client, _QUOTED.findall(line)[0].lower()) for client, line in lines]
+
+
+async def full_commands(
+    server: RedisServer, action: Callable[[], Awaitable[Any]]
+) -> list[list[str]]:
+    """Every command clients sent while ``action`` ran, each as its list of
+    arguments (as MONITOR quotes them; not counting those a script ran)."""
+    return [_QUOTED.findall(line) for _, line in await _monitored(server, action)]
+
+
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+async def _monitored(
+    server: RedisServer, action: Callable[[], Awaitable[Any]]
+) -> list[tuple[str, str]]:
+    """The MONITOR lines of the commands clients sent while ``action`` ran,
+    with the address of the client that sent each."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"MONITOR\r\n")
     assert await reader.readline() == b"+OK\r\n"
@@ -203,7 +229,7 @@ async def commands_and_clients(
         match = _MONITOR_LINE.match(line)
         assert match, line
         if match.group(1) != "lua":
-            sent.append((match.group(1), match.group(2).lower()))
+            sent.append((match.group(1), line))
     writer.close()
     await writer.wait_closed()
     return sent

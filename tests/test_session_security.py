@@ -65,6 +65,24 @@ def test_rotate_gives_new_uid_same_session_and_sets_cookie(clock: Clock) -> None
     assert body(call(site, cookies=cookie(new)))["data"] == {"user": "ann"}
 
 
+def test_a_rotated_uid_keeps_two_characters_and_renews_the_other_132_bits(
+    clock: Clock,
+) -> None:
+    """A rotation keeps the old uid's first two characters (where a sharded
+    store, Redis on a cluster, places the session: it stays in its shard) and
+    draws the other 22 afresh: 132 new random bits, never the old uid."""
+    site = Site(LoginPage(), reactor=clock)
+    olds, news = [], []
+    for _ in range(50):
+        old = body(call(site))["uid"]
+        new = body(call(site, "GET", "/?login=ann", cookies=cookie(old)))["uid"]
+        assert len(new) == 24 and new[:2] == old[:2] and new[2:] != old[2:]
+        olds.append(old)
+        news.append(new)
+    assert len({new[2:] for new in news}) == 50
+    assert len({old[:2] for old in olds}) > 40  # the kept part itself is random
+
+
 def test_old_uid_works_within_a_site_grace_then_is_unknown(clock: Clock) -> None:
     """With a site-wide rotation_grace (opt-in), a request with the old cookie
     within the grace gets the rotated session (and no cookie with its new uid);

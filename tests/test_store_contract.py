@@ -41,6 +41,17 @@ class TestRedisStore(StoreContract):
         return RedisStore(redis_server.url, clock=store_clock, prefix=f"c{next(_prefixes)}")
 
 
+class TestShardedRedisStore(StoreContract):
+    """The sharded key layout (a cluster's) on one node: every operation
+    routed to its session's shard, claims, announcements, next deadline and
+    inspection gathered across the shards."""
+
+    @pytest.fixture
+    def store(self, store_clock: FakeClock, redis_server: Any) -> RedisStore:
+        prefix = f"c{next(_prefixes)}"
+        return RedisStore(redis_server.url, clock=store_clock, prefix=prefix, shards=4)
+
+
 class TestThirdPartyStore(StoreContract):
     """A plain class written from the store protocol's docstring alone."""
 

@@ -20,7 +20,9 @@ the absolute end) and its data (a dict of JSON values). The site asks it to:
   and absolute end included, to a new uid, atomically; the old uid stays an
   alias of it for ``grace`` seconds, then is unknown. Announced in
   ``events()`` as a pair ``(old, new)``, so other processes re-key their
-  copies;
+  copies. lapse's ``new_uid`` keeps the first two characters of ``uid``
+  (the rest is new), so a store that places sessions by them (the Redis
+  store's shards) can keep a rotation in one place;
 - ``save(uid, changed, removed)``: write only the keys that changed, to the
   live session ``uid`` (or, within its grace, the session an old uid was
   rotated to); False if there is none (nothing written). A store that keeps

@@ -206,13 +206,13 @@ class InspectionContract:
     ) -> None:
         """After a rotation, info and scan know the new uid, not the alias."""
         start = clock.now
-        await store.create("old", 60, {"k": "v"})
+        await store.create("xy-old", 60, {"k": "v"})
         clock.advance(1)
-        assert await store.rotate("old", "new", 10)
-        assert await store.info("old") is None
-        info = await store.info("new")
+        assert await store.rotate("xy-old", "xy-new", 10)
+        assert await store.info("xy-old") is None
+        info = await store.info("xy-new")
         assert info is not None and info.data == {"k": "v"}
         assert info.created == pytest.approx(start)
         found, _ = await scan_all(store, 10)
-        assert [i.uid for i in found] == ["new"]
+        assert [i.uid for i in found] == ["xy-new"]
         assert await store.count() == 1

@@ -203,47 +203,49 @@ class LifecycleContract:
     ) -> None:
         """rotate() moves a live session to a new uid with its data; the old uid
         loads it (under the new uid) within the grace, and is unknown after."""
-        await store.create("old", 60, {"user": "ann"})
-        assert await store.rotate("old", "new", 10)
-        loaded = await store.load("new")
-        assert loaded is not None and (loaded.uid, loaded.decoded()) == ("new", {"user": "ann"})
+        await store.create("xy-old", 60, {"user": "ann"})
+        assert await store.rotate("xy-old", "xy-new", 10)
+        loaded = await store.load("xy-new")
+        assert loaded is not None and (loaded.uid, loaded.decoded()) == ("xy-new", {"user": "ann"})
         clock.advance(9)
-        via_alias = await store.load("old")
+        via_alias = await store.load("xy-old")
         assert via_alias is not None and (via_alias.uid, via_alias.decoded()) == (
-            "new",
+            "xy-new",
             {"user": "ann"},
         )
-        assert not await store.exists("old")
+        assert not await store.exists("xy-old")
         clock.advance(1.5)
-        assert await store.load("old") is None
-        assert await store.load("new") is not None
-        assert not await store.rotate("old", "other", 10)
+        assert await store.load("xy-old") is None
+        assert await store.load("xy-new") is not None
+        assert not await store.rotate("xy-old", "xy-other", 10)
 
     @scenario
     async def test_rotate_twice_old_uids_follow(
         self, store: SessionStore, clock: FakeClock
     ) -> None:
         """After two rotations within the grace, the first uid still names the session."""
-        await store.create("a", 60, {"n": 1})
-        assert await store.rotate("a", "b", 10)
-        assert await store.rotate("b", "c", 10)
-        loaded = await store.load("a")
-        assert loaded is not None and loaded.uid == "c"
+        await store.create("ab-a", 60, {"n": 1})
+        assert await store.rotate("ab-a", "ab-b", 10)
+        assert await store.rotate("ab-b", "ab-c", 10)
+        loaded = await store.load("ab-a")
+        assert loaded is not None and loaded.uid == "ab-c"
 
     @scenario
     async def test_rotated_session_ends_once_under_new_uid(
         self, store: SessionStore, clock: FakeClock
     ) -> None:
         """A rotated session's end is claimed once, under its new uid, with its data."""
-        await store.create("old", 5, {"k": "v"})
+        await store.create("xy-old", 5, {"k": "v"})
         clock.advance(2)
-        assert await store.rotate("old", "new", 1)
+        assert await store.rotate("xy-old", "xy-new", 1)
         clock.advance(5.5)  # the rotation touched it: it ends 5 s after
         claimed = await store.claim("me", 30, 10)
-        assert [(e.uid, e.cause, dict(e.data)) for e in claimed] == [("new", "timeout", {"k": "v"})]
+        assert [(e.uid, e.cause, dict(e.data)) for e in claimed] == [
+            ("xy-new", "timeout", {"k": "v"})
+        ]
         await store.ack(claimed[0])
         assert await store.claim("me", 30, 10) == []
-        assert await store.load("old") is None
+        assert await store.load("xy-old") is None
 
     @scenario
     async def test_rotation_is_announced_as_a_pair(
@@ -251,13 +253,13 @@ class LifecycleContract:
     ) -> None:
         """events() reports a rotation as (old, new), in order with ends."""
         _, cursor = await store.events(None)
-        await store.create("old", 5, {})
-        assert await store.rotate("old", "new", 10)
+        await store.create("xy-old", 5, {})
+        assert await store.rotate("xy-old", "xy-new", 10)
         clock.advance(6)
         (expiry,) = await store.claim("me", 30, 10)
         await store.ack(expiry)
         ended, _ = await store.events(cursor)
-        assert ended == [("old", "new"), "new"]
+        assert ended == [("xy-old", "xy-new"), "xy-new"]
 
     @scenario
     async def test_lifetime_ends_a_constantly_touched_session(
@@ -292,15 +294,15 @@ class LifecycleContract:
     ) -> None:
         """Rotating does not extend the lifetime: the new uid ends at the original
         creation + lifetime."""
-        await store.create("old", 10, {}, 12)
+        await store.create("xy-old", 10, {}, 12)
         clock.advance(8)
-        assert await store.rotate("old", "new", 2)
+        assert await store.rotate("xy-old", "xy-new", 2)
         clock.advance(3)
-        assert await store.load("new") is not None
+        assert await store.load("xy-new") is not None
         clock.advance(1.5)  # t = 12.5
-        assert await store.load("new") is None
+        assert await store.load("xy-new") is None
         (expiry,) = await store.claim("me", 30, 10)
-        assert (expiry.uid, expiry.cause) == ("new", "lifetime")
+        assert (expiry.uid, expiry.cause) == ("xy-new", "lifetime")
 
     @scenario
     async def test_renew_extends_the_lease_so_nobody_else_claims_it(

@@ -258,11 +258,15 @@ class SessionHost:
         # padding): well past OWASP's 64 bits, and a third the memory of hex.
         return urlsafe_b64encode(self._entropy(18)).decode("ascii")
 
-    def _new_uid(self) -> str:
+    def _new_uid(self, like: str | None = None) -> str:
+        """A fresh uid; given ``like`` (a rotation), one that keeps its first
+        two characters, so a store that places sessions by them (Redis
+        shards) keeps the session where it is: 132 of its 144 bits are new."""
         sessions = self.sessions
-        uid = self._mkuid()
-        while uid in sessions:  # pragma: no cover - 144 random bits
-            uid = self._mkuid()
+        keep = like[:2] if like is not None and len(like) == 24 else ""
+        uid = keep + self._mkuid()[len(keep) :]
+        while uid in sessions:  # pragma: no cover - 132 random bits
+            uid = keep + self._mkuid()[len(keep) :]
         return uid
 
     def makeSession(self) -> Session:
@@ -288,7 +292,7 @@ class SessionHost:
         self._keeper.expired_by_hand(session)
 
     def _rotate(self, session: Session, grace: float | None = None) -> None:
-        self._keeper.rotate(session, self._new_uid(), grace)
+        self._keeper.rotate(session, self._new_uid(like=session.uid), grace)
 
     def _data_for(self, session: Session) -> SessionData:
         return self._keeper.data_for(session)

@@ -7,6 +7,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from lapse.sessions.store import SessionInfo, _bucket_bounds
+from lapse.sessions.stores.redis.layout import Shard
 from lapse.sessions.stores.redis.values import session_info, us
 
 __all__ = ["Inspection"]
@@ -14,26 +15,28 @@ __all__ = ["Inspection"]
 
 class Inspection:
     """The inspection methods of :class:`RedisStore
-    <lapse.sessions.stores.redis.RedisStore>`, over its plumbing."""
+    <lapse.sessions.stores.redis.RedisStore>`, over its plumbing; across
+    every shard (one script or command per shard, gathered)."""
 
     prefix: str
-    _k_deadlines: str
+    _shards: tuple[Shard, ...]
 
     if TYPE_CHECKING:
 
         def _now_arg(self) -> str: ...
 
-        def _key(self, uid: str) -> str: ...
+        def _shard(self, uid: str) -> Shard: ...
 
         async def _call(self, op: str, keys: list[str], args: list[str | int]) -> Any: ...
 
-        async def _command(self, op: str, *args: str | int) -> Any: ...
+        async def _command_on(self, op: str, key: str, *args: str | int) -> Any: ...
 
     async def scan(self, cursor: str | None, limit: int) -> tuple[list[SessionInfo], str | None]:
-        """Live sessions from the deadlines sorted set, latest deadline first
+        """Live sessions from the deadlines sorted sets, latest deadline first
         (for sessions of one timeout: the most recently active first), ties
-        by uid descending, ``limit`` at a time: one script per page (the
-        range, then each session's hash), never ``KEYS`` or ``SCAN``.
+        by uid descending, ``limit`` at a time: one script per shard per page
+        (the range, then each session's hash), never ``KEYS`` or ``SCAN``;
+        the shards' pages merged.
 
         The cursor is the (deadline, uid) of the last session returned; the
         next page starts right after it. So a full scan returns no session
@@ -49,10 +52,17 @@ class Inspection:
             mark, sep, after = cursor.partition(":")
             if not sep or not mark.isdigit():
                 raise ValueError(f"not a scan cursor of this store: {cursor!r}")
-        keys = [self._k_deadlines]
-        args: list[str | int] = [self._now_arg(), self.prefix, mark, after, int(limit) + 1]
-        flat = await self._call("scan", keys, args)
-        rows = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        now = self._now_arg()
+
+        async def page(shard: Shard) -> list[tuple[str, str, Any]]:
+            args: list[str | int] = [now, shard.base, mark, after, int(limit) + 1]
+            flat = await self._call("scan", [shard.deadlines], args)
+            return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+        pages = await asyncio.gather(*map(page, self._shards))
+        rows = pages[0] if len(pages) == 1 else [row for rows in pages for row in rows]
+        if len(pages) > 1:
+            rows.sort(key=lambda row: (int(row[1]), row[0]), reverse=True)
         infos = [session_info(uid, score, data) for uid, score, data in rows[:limit]]
         if len(rows) <= limit:
             return infos, None
@@ -64,24 +74,33 @@ class Inspection:
         ``last_access`` is ``deadline - timeout``, or the creation if later:
         exact, except that a session whose deadline is its absolute end
         records no later touch (it is then the earliest that touch can be)."""
-        keys = [self._k_deadlines, self._key(uid)]
+        shard = self._shard(uid)
+        keys = [shard.deadlines, f"{shard.base}:s:{uid}"]
         reply = await self._call("info", keys, [self._now_arg(), uid])
         return None if not reply else session_info(uid, reply[0], reply[1])
 
     async def count(self) -> int:
-        """Live sessions now: ``ZCOUNT`` of the deadlines after now."""
-        return int(await self._call("count", [self._k_deadlines], [self._now_arg()]))
+        """Live sessions now: ``ZCOUNT`` of each shard's deadlines after now."""
+        now = self._now_arg()
+
+        async def live(shard: Shard) -> int:
+            return int(await self._call("count", [shard.deadlines], [now]))
+
+        return sum(await asyncio.gather(*map(live, self._shards)))
 
     async def deadlines(self, now: float, horizon: float, buckets: int) -> list[int]:
-        """One ``ZCOUNT`` of the deadlines sorted set per slice, pipelined in
-        one round trip."""
+        """One ``ZCOUNT`` of each shard's deadlines per slice, all pipelined
+        (one round trip per node); the shards' counts added."""
         _bucket_bounds(now, horizon, buckets)
         start = us(now, "now")
         span = us(horizon, "horizon")
         bounds = [start + span * i // buckets for i in range(buckets + 1)]
         calls = []
-        for i in range(buckets):
-            low = f"({start}" if i == 0 else str(bounds[i])
-            high = str(bounds[i + 1]) if i == buckets - 1 else f"({bounds[i + 1]}"
-            calls.append(self._command("deadlines", "ZCOUNT", self._k_deadlines, low, high))
-        return [int(n) for n in await asyncio.gather(*calls)]
+        for shard in self._shards:
+            for i in range(buckets):
+                low = f"({start}" if i == 0 else str(bounds[i])
+                high = str(bounds[i + 1]) if i == buckets - 1 else f"({bounds[i + 1]}"
+                key = shard.deadlines
+                calls.append(self._command_on("deadlines", key, "ZCOUNT", key, low, high))
+        counts = [int(n) for n in await asyncio.gather(*calls)]
+        return [sum(counts[i::buckets]) for i in range(buckets)]

@@ -25,6 +25,7 @@ _NAMES = (
     "exists",
     "expire",
     "claim",
+    "due",
     "renew",
     "ack",
     "next_deadline",

@@ -14,7 +14,9 @@ from typing import Any
 
 from lapse.sessions.store import Event, Expiry, StoreConfigError, StoredSession, StoreUnavailable
 from lapse.sessions.stores.redis.inspection import Inspection
+from lapse.sessions.stores.redis.layout import Layout, Shard
 from lapse.sessions.stores.redis.scripts import SOURCES
+from lapse.sessions.stores.redis.slots import Commands
 from lapse.sessions.stores.redis.url import parse_url
 from lapse.sessions.stores.redis.values import US, decoded, encode, encoded, field, us
 
@@ -30,6 +32,21 @@ __all__ = ["RedisStore"]
 _EVENTS_MAXLEN = 100_000
 _EVENTS_BATCH = 1000
 _CURSOR = re.compile(r"\d+(-\d+)?")
+
+_SHARDS_SCRIPT = """
+local stored = redis.call('GET', KEYS[1])
+if stored then return stored end
+if ARGV[1] ~= '1' then
+  for i = 2, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1 then return {KEYS[i]} end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+"""The deployment's shard count: the stored one, else ``ARGV[1]`` stored now,
+unless sessions of the untagged one-shard layout exist (KEYS[2:]): then the
+name of the key found, in a list."""
 
 _PERMANENT_REPLIES = (
     "WRONGPASS",
@@ -68,6 +85,10 @@ def _permanent(exc: BaseException) -> bool:
     return False
 
 
+async def _nothing() -> list[Expiry]:
+    return []
+
+
 class RedisStore(Inspection):
     """Sessions in Redis, shared by every process that uses the same URL.
 
@@ -91,6 +112,7 @@ class RedisStore(Inspection):
         clock: Callable[[], float] | None = None,
         prefix: str = "lapse",
         timeout: float = 1.0,
+        shards: int | None = None,
     ) -> None:
         target = parse_url(url)
         if _IMPORT_ERROR is not None:
@@ -109,7 +131,7 @@ class RedisStore(Inspection):
         self.clock = clock
         self._target = target
         self._where = f"{target.host}:{target.port}"
-        self._client = RedisClient(
+        self._client: Commands = RedisClient(
             target.host,
             target.port,
             db=target.db,
@@ -118,13 +140,21 @@ class RedisStore(Inspection):
             tls=target.tls,
             timeout=self.timeout,
         )
+        if shards is None:
+            shards = 1
+        try:
+            self._layout = Layout(prefix, shards, tagged=False)
+        except ValueError as exc:
+            raise StoreConfigError(f"bad Redis shard count: {exc}") from None
+        self._shards = self._layout.shards
+        self._single = self._shards[0] if len(self._shards) == 1 else None
+        self._layout_checked = False
+        # The one-shard layout's keys span slots: only a single node (or a
+        # Sentinel's primary) can hold them, and be asked about them.
+        self._legacy_visible = True
         self._scripts = {name: Script(source) for name, source in SOURCES.items()}
+        self._shards_script = Script(_SHARDS_SCRIPT)
         self._load_script = self._scripts["load"]
-        self._k_deadlines = f"{prefix}:deadlines"
-        self._k_ended = f"{prefix}:ended"
-        self._k_leases = f"{prefix}:leases"
-        self._k_seq = f"{prefix}:seq"
-        self._k_events = f"{prefix}:events"
 
     @classmethod
     def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> RedisStore:
@@ -132,7 +162,12 @@ class RedisStore(Inspection):
         return cls(url, clock=clock)
 
     def __repr__(self) -> str:
-        return f"<RedisStore {self.url} prefix={self.prefix!r}>"
+        return f"<RedisStore {self.url} prefix={self.prefix!r} shards={self.shard_count}>"
+
+    @property
+    def shard_count(self) -> int:
+        """How many shards this deployment's sessions are spread over."""
+        return len(self._shards)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -155,27 +190,81 @@ class RedisStore(Inspection):
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(us(self.clock(), "clock()"))
 
-    def _key(self, uid: str) -> str:
-        return f"{self.prefix}:s:{uid}"
+    def _shard(self, uid: str) -> Shard:
+        single = self._single
+        return single if single is not None else self._layout.shard_of(uid)
 
     async def _call(self, op: str, keys: list[str], args: list[str | int]) -> Any:
+        """Script ``op`` on the node holding ``keys`` (all of one shard)."""
+        if not self._layout_checked:
+            await self._check_layout()
         try:
             return await self._client.evalsha(self._scripts[op], keys, args)
         except (RedisError, OSError) as exc:
             raise self._unavailable(op, exc) from exc
 
     async def _command(self, op: str, *args: str | int) -> Any:
+        """A command with no key (``TIME``)."""
         try:
             return await self._client.execute(*args)
         except (RedisError, OSError) as exc:
             raise self._unavailable(op, exc) from exc
 
+    async def _command_on(self, op: str, key: str, *args: str | int) -> Any:
+        """A command on ``key`` (and keys of its shard)."""
+        if not self._layout_checked:
+            await self._check_layout()
+        try:
+            return await self._client.execute_on(key, *args)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(op, exc) from exc
+
+    async def _check_layout(self) -> None:
+        """Check (once) that the deployment's stored shard count is this
+        store's, storing it if none is: a process started with another count
+        would look for sessions in the wrong shards; a permanent
+        :class:`StoreUnavailable` says so."""
+        layout = self._layout
+        keys = [layout.meta_key]
+        if layout.tagged and self._legacy_visible:
+            base = self.prefix
+            keys += [f"{base}:deadlines", f"{base}:leases", f"{base}:ended"]
+        try:
+            stored = await self._client.evalsha(self._shards_script, keys, [layout.count])
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("open", exc) from exc
+        if isinstance(stored, list):
+            raise StoreUnavailable(
+                f"Redis session store at {self._where} holds sessions of lapse's one-shard "
+                f"layout ({stored[0]} exists) but this process was started with "
+                f"shards={layout.count}: start it without shards= (or with shards=1)",
+                permanent=True,
+            )
+        if int(stored) != layout.count:
+            raise StoreUnavailable(
+                f"Redis session store at {self._where} (prefix {self.prefix!r}) is "
+                f"deployed with shards={stored} but this process was started with "
+                f"shards={layout.count}: every process of a deployment must use the "
+                f"same count (the stored one is at {layout.meta_key})",
+                permanent=True,
+            )
+        self._layout_checked = True
+
     # -- the protocol -------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect and load the scripts (one pipelined round trip). Idempotent."""
-        loads = [self._command("open", "SCRIPT", "LOAD", s.source) for s in self._scripts.values()]
-        await asyncio.gather(*loads)
+        """Connect, check the deployment's shard count (see
+        :meth:`_check_layout`) and load the scripts on every primary (one
+        pipelined round trip each). Idempotent."""
+        await self._check_layout()
+
+        async def load(script: Script) -> None:
+            try:
+                await self._client.each_primary("SCRIPT", "LOAD", script.source)
+            except (RedisError, OSError) as exc:
+                raise self._unavailable("open", exc) from exc
+
+        await asyncio.gather(*(load(script) for script in self._scripts.values()))
 
     async def aclose(self) -> None:
         """Close the connection. Idempotent; never raises a client error.
@@ -195,12 +284,15 @@ class RedisStore(Inspection):
         script; None if unknown or past its deadline (never revived). Its
         data as JSON texts, or none (``unchanged``) if still at ``version``."""
         # The hot path (one call per request): no helper coroutine in between.
+        if not self._layout_checked:
+            await self._check_layout()
         clock = self.clock
         now = "" if clock is None else str(us(clock(), "clock()"))
+        shard = self._single or self._layout.shard_of(uid)
         try:
             reply = await self._client.evalsha(
                 self._load_script,
-                (f"{self.prefix}:s:{uid}", self._k_deadlines),
+                (f"{shard.base}:s:{uid}", shard.deadlines),
                 (now, uid, "" if version is None else version),
             )
         except (RedisError, OSError) as exc:
@@ -231,7 +323,8 @@ class RedisStore(Inspection):
         ]
         for key, value in data.items():
             args += ["d:" + key, encode(value)]
-        keys = [self._key(uid), self._k_deadlines, self._k_ended]
+        shard = self._shard(uid)
+        keys = [f"{shard.base}:s:{uid}", shard.deadlines, shard.ended]
         return int(await self._call("create", keys, args)) / US
 
     async def rotate(self, uid: str, new_uid: str, grace: float) -> bool:
@@ -239,13 +332,15 @@ class RedisStore(Inspection):
         and touch it, in one script; ``uid`` stays an alias of it for
         ``grace`` seconds; the rotation is announced in the events stream.
         False if ``uid`` was not live."""
-        keys = [
-            self._key(uid),
-            self._key(new_uid),
-            self._k_deadlines,
-            f"{self.prefix}:a:{uid}",
-            self._k_events,
-        ]
+        shard = self._shard(uid)
+        if self._shard(new_uid) is not shard:
+            raise ValueError(
+                f"a rotated uid stays in its shard: {new_uid[:2]!r}... is not in the shard "
+                f"of {uid[:2]!r}... (lapse keeps a uid's first two characters on rotation)"
+            )
+        base = shard.base
+        keys = [f"{base}:s:{uid}", f"{base}:s:{new_uid}", shard.deadlines, f"{base}:a:{uid}"]
+        keys.append(shard.events)
         args: list[str | int] = [
             self._now_arg(),
             uid,
@@ -267,16 +362,20 @@ class RedisStore(Inspection):
         for key, value in changed.items():
             args += ["d:" + key, encode(value)]
         args += ["d:" + key for key in removed]
-        version = int(await self._call("save", [self._key(uid), self._k_deadlines], args))
+        shard = self._shard(uid)
+        keys = [f"{shard.base}:s:{uid}", shard.deadlines]
+        version = int(await self._call("save", keys, args))
         return version if version else False
 
     async def exists(self, uid: str) -> bool:
         """Whether ``uid`` is live (deadline in the future); no touch."""
-        return bool(await self._call("exists", [self._k_deadlines], [self._now_arg(), uid]))
+        keys = [self._shard(uid).deadlines]
+        return bool(await self._call("exists", keys, [self._now_arg(), uid]))
 
     async def expire(self, uid: str) -> bool:
         """End a live session now, with cause ``"expired"``; claimable at once."""
-        keys = [self._k_deadlines, self._k_ended]
+        shard = self._shard(uid)
+        keys = [shard.deadlines, shard.ended]
         return bool(await self._call("expire", keys, [self._now_arg(), uid]))
 
     async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
@@ -287,10 +386,40 @@ class RedisStore(Inspection):
         Each comes with its final data."""
         if limit <= 0:
             return []
-        keys = [self._k_deadlines, self._k_ended, self._k_leases, self._k_seq]
+        shards = self._shards
+        if len(shards) == 1:
+            return await self._claim_in(shards[0], owner, lease, limit)
+        # Oldest first across the shards: when each shard's oldest claimable
+        # entries became claimable (one read-only script per shard, all in
+        # one round trip per node), then each shard claims its part of the
+        # oldest ``limit`` overall. Nothing due (an idle poll): one round.
+        now = self._now_arg()
+
+        async def due(shard: Shard) -> list[int]:
+            keys = [shard.deadlines, shard.ended, shard.leases]
+            return [int(score) for score in await self._call("due", keys, [now, int(limit)])]
+
+        found = await asyncio.gather(*map(due, shards))
+        oldest = sorted((score, i) for i, scores in enumerate(found) for score in scores)
+        quotas = [0] * len(shards)
+        for _, i in oldest[:limit]:
+            quotas[i] += 1
+        batches = await asyncio.gather(
+            *(
+                self._claim_in(shard, owner, lease, quota) if quota else _nothing()
+                for shard, quota in zip(shards, quotas, strict=True)
+            )
+        )
+        # In the order of the oldest overall (each batch is oldest first).
+        queues = [iter(batch) for batch in batches]
+        merged = [next(queues[i], None) for _, i in oldest[:limit]]
+        return [expiry for expiry in merged if expiry is not None]
+
+    async def _claim_in(self, shard: Shard, owner: str, lease: float, limit: int) -> list[Expiry]:
+        keys = [shard.deadlines, shard.ended, shard.leases, shard.seq]
         args: list[str | int] = [
             self._now_arg(),
-            self.prefix,
+            shard.base,
             owner,
             us(lease, "lease"),
             int(limit),
@@ -305,7 +434,8 @@ class RedisStore(Inspection):
         """Move the claim's lease end to now + ``lease`` (server time), if
         ``owner`` still holds this delivery (same delivery id and attempt);
         False, changing nothing, if not. One script."""
-        keys = [f"{self.prefix}:c:{expiry.uid}", self._k_leases]
+        shard = self._shard(expiry.uid)
+        keys = [f"{shard.base}:c:{expiry.uid}", shard.leases]
         args: list[str | int] = [
             self._now_arg(),
             expiry.uid,
@@ -320,27 +450,43 @@ class RedisStore(Inspection):
         """Forget the session and append its uid to the events stream, if
         ``expiry.delivery_id`` is still its delivery (else nothing)."""
         uid = expiry.uid
-        keys = [
-            self._key(uid),
-            f"{self.prefix}:c:{uid}",
-            self._k_leases,
-            self._k_deadlines,
-            self._k_events,
-        ]
+        shard = self._shard(uid)
+        base = shard.base
+        keys = [f"{base}:s:{uid}", f"{base}:c:{uid}", shard.leases, shard.deadlines, shard.events]
         await self._call("ack", keys, [uid, expiry.delivery_id, _EVENTS_MAXLEN])
 
     async def events(self, cursor: str | None) -> tuple[list[Event], str]:
-        """Uids acked after ``cursor`` (a stream id; at most 1000 a call;
+        """Uids acked after ``cursor`` (a stream id per shard, joined by
+        commas; at most 1000 a shard a call;
         ``(old, new)`` pairs for rotations), and the new cursor. ``None``:
         no uids, and the stream's last id (or ``"0-0"``), to read from now
         on."""
-        if cursor is not None and not _CURSOR.fullmatch(cursor):
-            raise ValueError(f"not a Redis events cursor: {cursor!r}")
-        if cursor is None:
-            last = await self._command("events", "XREVRANGE", self._k_events, "+", "-", "COUNT", 1)
-            return [], str(last[0][0]) if last else "0-0"
-        entries = await self._command(
-            "events", "XRANGE", self._k_events, "(" + cursor, "+", "COUNT", _EVENTS_BATCH
+        shards = self._shards
+        marks: list[str] | None = None
+        if cursor is not None:
+            marks = cursor.split(",")
+            if len(marks) != len(shards) or not all(_CURSOR.fullmatch(m) for m in marks):
+                raise ValueError(f"not a Redis events cursor of this store: {cursor!r}")
+        if marks is None:
+            lasts = await asyncio.gather(*(self._last_event(shard) for shard in shards))
+            return [], ",".join(lasts)
+        batches = await asyncio.gather(
+            *(self._events_after(shard, mark) for shard, mark in zip(shards, marks, strict=True))
+        )
+        found: list[Event] = []
+        for events, _ in batches:
+            found += events
+        return found, ",".join(mark for _, mark in batches)
+
+    async def _last_event(self, shard: Shard) -> str:
+        last = await self._command_on(
+            "events", shard.events, "XREVRANGE", shard.events, "+", "-", "COUNT", 1
+        )
+        return str(last[0][0]) if last else "0-0"
+
+    async def _events_after(self, shard: Shard, mark: str) -> tuple[list[Event], str]:
+        entries = await self._command_on(
+            "events", shard.events, "XRANGE", shard.events, "(" + mark, "+", "COUNT", _EVENTS_BATCH
         )
         entries = entries or []
         found: list[Event] = []
@@ -349,12 +495,18 @@ class RedisStore(Inspection):
             if uid is not None:
                 to = field(flat, "to")
                 found.append(uid if to is None else (uid, to))
-        return found, str(entries[-1][0]) if entries else cursor
+        return found, str(entries[-1][0]) if entries else mark
 
     async def next_deadline(self) -> float | None:
         """The earliest of: the live sessions' deadlines (possibly past, if
         due but unclaimed), the leases' ends, and now if a session ended by
         :meth:`expire` awaits a claim. None if there is nothing."""
-        keys = [self._k_deadlines, self._k_leases, self._k_ended]
-        reply = await self._call("next_deadline", keys, [self._now_arg()])
-        return None if reply is None else int(reply) / US
+        now = self._now_arg()
+
+        async def earliest(shard: Shard) -> float | None:
+            keys = [shard.deadlines, shard.leases, shard.ended]
+            reply = await self._call("next_deadline", keys, [now])
+            return None if reply is None else int(reply) / US
+
+        found = [t for t in await asyncio.gather(*map(earliest, self._shards)) if t is not None]
+        return min(found) if found else None
