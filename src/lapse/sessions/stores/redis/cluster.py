@@ -25,7 +25,7 @@ interface on a Redis Cluster (or a Valkey cluster):
   map as it is then (a refresh is scheduled on connection errors), until
   ``timeout`` seconds have passed since the call began; then the last error
   is raised (a :class:`~lapse.sessions.stores.redis.client.RedisError`).
-  A call takes at most about ``timeout`` (plus one back-off step).
+  A call takes at most about ``timeout`` (its last try gets 50 ms more).
 - **Map refreshes**: one at a time (callers that need it share it), and at
   most one per :data:`REFRESH_INTERVAL`; :attr:`ClusterClient.refreshes`
   counts them. A failover costs a handful of refreshes, not one per failed
@@ -55,6 +55,7 @@ from lapse.sessions.stores.redis.client import (
     RedisClient,
     RedisConnectionError,
     RedisError,
+    RedisTimeoutError,
     ReplyError,
     Script,
 )
@@ -74,6 +75,9 @@ _MAX_BACKOFF = 0.2
 _IMMEDIATE_REDIRECTS = 3
 """MOVED/ASK redirects followed at once; beyond, each waits a back-off step
 (two nodes that each say the other owns a slot cannot make a busy loop)."""
+
+_LAST_ATTEMPT = 0.05
+"""Seconds a retry made at the deadline gets for its reply."""
 
 _RETRIED = ("TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "LOADING")
 
@@ -290,10 +294,10 @@ class ClusterClient:
             node = self.node(address)
             try:
                 remaining = deadline - asyncio.get_running_loop().time()
-                async with asyncio.timeout(max(remaining, 0.001)):
+                async with asyncio.timeout(max(remaining, _LAST_ATTEMPT)):
                     return await attempt(node, asking is not None)
             except TimeoutError:
-                error = RedisConnectionError(
+                error = RedisTimeoutError(
                     f"no reply from {address[0]}:{address[1]} within the {self.timeout:g}s budget"
                 )
             except RedisError as exc:
@@ -334,11 +338,12 @@ class ClusterClient:
         return isinstance(error, RedisError)  # connection lost, refused, timed out
 
     async def _backoff(self, error: BaseException, backoff: float, deadline: float) -> float:
-        """Sleep ``backoff`` (raise ``error`` if that passes the deadline); the next step."""
-        loop = asyncio.get_running_loop()
-        if loop.time() + backoff > deadline:
+        """Sleep ``backoff`` (at most until the deadline; ``error`` is raised
+        if the deadline has passed); the next step."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
             raise error
-        await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+        await asyncio.sleep(min(backoff * (0.5 + random.random() / 2), remaining))
         return min(backoff * 2, _MAX_BACKOFF)
 
     # -- the slot map ----------------------------------------------------------------
