@@ -26,6 +26,7 @@ from _ports import free_port
 from _redis_cluster import RedisCluster
 from test_resp_client import CountingTransport
 
+from lapse.sessions.stores.redis import cluster as cluster_module
 from lapse.sessions.stores.redis.client import (
     RedisClient,
     RedisConnectionError,
@@ -127,67 +128,84 @@ async def test_a_tick_s_commands_leave_as_at_most_one_write_per_node(cluster: Re
 
 @aio
 async def test_moved_after_a_completed_migration_updates_the_map_at_once_and_refreshes_once(
-    cluster: RedisCluster,
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """50 callers get MOVED for a migrated slot: the map takes the new owner
+    at once (later calls go straight there, before any refresh: the rate
+    limit is 1 s here), and the 50 MOVED schedule one refresh between them."""
+    monkeypatch.setattr(cluster_module, "REFRESH_INTERVAL", 1.0)
     client = ClusterClient(cluster.seeds)
     try:
         source = cluster.primaries()[0]
         key = keys_on(cluster, source, 1)[0]
         slot = key_slot(key)
         await client.execute_on(key, "SET", key, "v")
+        first_read = time.monotonic()
         target = other_primary(cluster, source)
         cluster.migrate_slot(slot, target)
         assert client.owner(slot) == ("127.0.0.1", source)  # not known yet
-        assert await client.execute_on(key, "GET", key) == "v"  # MOVED, then the target
-        assert client.owner(slot) == ("127.0.0.1", target)  # at once, not after a refresh
-        await asyncio.sleep(0.3)  # the one scheduled refresh (rate-limited) has run
-        assert client.refreshes == 2
-        for _ in range(20):  # no more MOVED: no more refreshes
+        replies = await asyncio.gather(*(client.execute_on(key, "GET", key) for _ in range(50)))
+        assert replies == ["v"] * 50  # MOVED, then the target
+        assert client.owner(slot) == ("127.0.0.1", target)
+        refused = moved_errors(cluster, source)
+        for _ in range(20):
             assert await client.execute_on(key, "GET", key) == "v"
-        await asyncio.sleep(0.3)
+        assert moved_errors(cluster, source) == refused  # straight to the target
+        assert client.refreshes == 1
+        await asyncio.sleep(max(0.0, first_read + 1.3 - time.monotonic()))
         assert client.refreshes == 2
     finally:
         await client.aclose()
 
 
 @aio
-async def test_ask_mid_migration_finds_a_moved_key_sending_asking_with_the_command(
+async def test_ask_mid_migration_finds_moved_keys_sending_asking_with_each_command(
     cluster: RedisCluster,
 ) -> None:
-    """A slot half migrated: a key already moved is found through ASK; ASKING
-    and its command are adjacent in one write on the target's connection, so
-    the 100 other callers whose commands went to that node in the same tick
-    neither slip between them nor are disturbed; the map is unchanged."""
+    """A slot half migrated: keys already moved are found through ASK. Each
+    ASKING and its command are adjacent in one write on the target's
+    connection, so with 5 such callers and 100 others using that connection
+    at once, no command slips between an ASKING and its command (the target
+    would answer it MOVED); the map is unchanged."""
     client = ClusterClient(cluster.seeds)
     source = cluster.primaries()[0]
     target = other_primary(cluster, source)
     tag = "{" + keys_on(cluster, source, 1)[0] + "}"
-    moved, staying = f"{tag}:moved", f"{tag}:staying"
-    slot = key_slot(moved)
+    moved, staying = [f"{tag}:moved{i}" for i in range(5)], f"{tag}:staying"
+    slot = key_slot(staying)
     try:
-        await client.execute_on(moved, "SET", moved, "m")
+        await asyncio.gather(*(client.execute_on(key, "SET", key, key) for key in moved))
         others = keys_on(cluster, target, 100)
         await asyncio.gather(*(client.execute_on(key, "SET", key, key) for key in others))
         cluster.begin_migration(slot, target)
-        assert cluster.move_keys(slot) == 1
+        assert cluster.move_keys(slot) == 5
         await client.execute_on(staying, "SET", staying, "s")  # a new key: source has the slot
         counting = count_writes(client, target)
+        refused_before = moved_errors(cluster, target)
         results = await asyncio.gather(
-            client.execute_on(moved, "GET", moved),
+            *(client.execute_on(key, "GET", key) for key in moved),
             *(client.execute_on(key, "GET", key) for key in others),
         )
-        assert results == ["m", *others]
-        sent = b"".join(counting.writes)
-        assert packed("ASKING") + packed("GET", moved) in sent
-        assert sent.count(b"ASKING") == 1
-        assert len(counting.writes) == 2  # the tick's GETs; then ASKING+GET together
+        assert results == [*moved, *others]
+        assert moved_errors(cluster, target) == refused_before
+        for key in moved:
+            pair = packed("ASKING") + packed("GET", key)
+            assert any(pair in write for write in counting.writes), key
         assert client.owner(slot) == ("127.0.0.1", source)
         script = Script("return redis.call('GET', KEYS[1])")
-        assert await client.evalsha(script, [moved], []) == "m"  # EVALSHA too (NOSCRIPT: EVAL)
+        assert await client.evalsha(script, [moved[0]], []) == moved[0]  # EVALSHA, EVAL too
         assert await client.execute_on(staying, "GET", staying) == "s"
     finally:
         cluster.finish_migration(slot)
         await client.aclose()
+
+
+def moved_errors(cluster: RedisCluster, port: int) -> int:
+    """How many commands the node on ``port`` has answered with MOVED."""
+    for line in cluster.command(port, "INFO", "errorstats").splitlines():
+        if line.startswith("errorstat_MOVED:count="):
+            return int(line.split("=", 1)[1])
+    return 0
 
 
 @aio

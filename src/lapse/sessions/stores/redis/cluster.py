@@ -263,13 +263,14 @@ class ClusterClient:
     ) -> Any:
         backoff = _FIRST_BACKOFF
         redirects = 0
-        asking: Address | None = None
+        redirected: Address | None = None  # where MOVED/ASK sent this call
+        asking = False
         while True:
             if error is not None:
                 redirect = self._redirect(error, address)
                 if redirect is not None:
-                    kind, address = redirect
-                    asking = address if kind == "ASK" else None
+                    kind, redirected = redirect
+                    asking = kind == "ASK"
                     redirects += 1
                     if redirects > _IMMEDIATE_REDIRECTS:
                         backoff = await self._backoff(error, backoff, deadline)
@@ -278,10 +279,10 @@ class ClusterClient:
                         self._unreachable.add(address)
                     self._schedule_refresh()
                     backoff = await self._backoff(error, backoff, deadline)
-                    asking = None
+                    redirected, asking = None, False
                 else:
                     raise error
-            if asking is None:
+            if redirected is None:
                 address = self._route(slot)
                 if address is None:
                     await self._need_map(deadline)
@@ -290,12 +291,12 @@ class ClusterClient:
                         error = ReplyError(f"CLUSTERDOWN Hash slot {slot} not served")
                         continue
             else:
-                address = asking
+                address = redirected
             node = self.node(address)
             try:
                 remaining = deadline - asyncio.get_running_loop().time()
                 async with asyncio.timeout(max(remaining, _LAST_ATTEMPT)):
-                    return await attempt(node, asking is not None)
+                    return await attempt(node, asking)
             except TimeoutError:
                 error = RedisTimeoutError(
                     f"no reply from {address[0]}:{address[1]} within the {self.timeout:g}s budget"
