@@ -20,6 +20,11 @@ another. Tests that kill, fail over or migrate should leave it usable
 (:meth:`~RedisCluster.restart` a killed node, :meth:`~RedisCluster.wait_ok`)
 or use a cluster of their own.
 
+With ``tls_dir`` (a directory holding ``ca.crt``, ``server.crt`` and
+``server.key``) each node also has a TLS port (:attr:`~RedisCluster.tls_seeds`),
+and the cluster bus and replication use TLS; the plain ports stay open for
+the helper itself (a node tells a TLS client the TLS ports of the others).
+
 What it offers: :attr:`~RedisCluster.seeds`, :meth:`~RedisCluster.url`
 (``redis+cluster://...?prefix=``), :meth:`~RedisCluster.command` (one
 command to one node, synchronously), :meth:`~RedisCluster.primaries`,
@@ -44,6 +49,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -86,14 +92,29 @@ class RedisCluster:
         password: str | None = None,
         node_timeout_ms: int = 1000,
         args: Sequence[str] = (),
+        tls_dir: Path | None = None,
     ) -> None:
         self.password = password
         self.node_timeout_ms = node_timeout_ms
         self.replicas_per_primary = replicas
         self.ports = [free_port() for _ in range(primaries * (1 + replicas))]
+        self.tls_dir = tls_dir
         auth = ["--requirepass", password, "--masterauth", password] if password else []
         self.servers: dict[int, RedisServer] = {}
+        self.tls_ports: dict[int, int] = {}
         for port in self.ports:
+            tls: list[str] = []
+            if tls_dir is not None:
+                self.tls_ports[port] = free_port()
+                tls = [
+                    "--tls-port", str(self.tls_ports[port]),
+                    "--tls-cluster", "yes",
+                    "--tls-replication", "yes",
+                    "--tls-cert-file", str(tls_dir / "server.crt"),
+                    "--tls-key-file", str(tls_dir / "server.key"),
+                    "--tls-ca-cert-file", str(tls_dir / "ca.crt"),
+                    "--tls-auth-clients", "no",
+                ]  # fmt: skip
             self.servers[port] = RedisServer(
                 port,
                 [
@@ -103,6 +124,7 @@ class RedisCluster:
                     # A replica's first sync starts at once, not 5 s later.
                     "--repl-diskless-sync-delay", "0",
                     *auth,
+                    *tls,
                     *args,
                 ],
             )  # fmt: skip
@@ -112,6 +134,11 @@ class RedisCluster:
     def seeds(self) -> list[tuple[str, int]]:
         """Every node's address (the client needs only one that answers)."""
         return [("127.0.0.1", port) for port in self.ports]
+
+    @property
+    def tls_seeds(self) -> list[tuple[str, int]]:
+        """Every node's TLS address (a cluster made with ``tls_dir``)."""
+        return [("127.0.0.1", self.tls_ports[port]) for port in self.ports]
 
     def url(self, prefix: str = "lapse", *, seeds: int = 2) -> str:
         """A ``redis+cluster://`` store URL naming the first ``seeds`` nodes."""
@@ -127,10 +154,13 @@ class RedisCluster:
         env = dict(os.environ)
         if self.password:
             env["REDISCLI_AUTH"] = self.password  # not on the command line
+        # With tls-cluster the bus listens at the TLS port + 10000: meet there.
+        tls = ["--tls", "--cacert", str(self.tls_dir / "ca.crt")] if self.tls_dir else []
         create = [
             os.path.join(os.path.dirname(redis_server_binary()), "redis-cli"),
+            *tls,
             "--cluster", "create",
-            *(f"127.0.0.1:{port}" for port in self.ports),
+            *(f"127.0.0.1:{self.tls_ports.get(port, port)}" for port in self.ports),
             "--cluster-replicas", str(self.replicas_per_primary),
             "--cluster-yes",
         ]  # fmt: skip

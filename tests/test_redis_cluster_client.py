@@ -15,16 +15,19 @@ import asyncio
 import contextlib
 import itertools
 import socket
+import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import hiredis
 import pytest
 from _helpers import aio
 from _ports import free_port
 from _redis_cluster import RedisCluster
-from test_resp_client import CountingTransport
+from test_resp_client import CountingTransport, _make_certificates
 
 from lapse.sessions.stores.redis import cluster as cluster_module
 from lapse.sessions.stores.redis.client import (
@@ -407,6 +410,43 @@ async def test_auth_reaches_every_node_and_a_bad_password_is_a_clear_error_witho
         finally:
             for each in (client, wrong, anonymous):
                 await each.aclose()
+
+
+@pytest.mark.slow
+@aio
+async def test_tls_reaches_every_node_the_ones_learned_from_the_map_included(
+    tmp_path: Path,
+) -> None:
+    """A cluster on TLS (bus and replication too): from one TLS seed, the
+    client learns the others' TLS ports from the map and reaches every
+    primary with the same verified context; a context that does not trust
+    the cluster's CA cannot read the map."""
+    _make_certificates(tmp_path)
+    # The nodes present it to each other on the TLS bus too: a client certificate as well.
+    (tmp_path / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+    )
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-days", "1", "-out", "server.crt", "-extfile", "ext.cnf"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    with RedisCluster(tls_dir=tmp_path) as secure:
+        trusting = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        client = ClusterClient(secure.tls_seeds[:1], ssl_context=trusting)
+        distrusting = ClusterClient(secure.tls_seeds[:1], ssl_context=ssl.create_default_context())
+        try:
+            every = [key for port in secure.primaries() for key in keys_on(secure, port, 3)]
+            await asyncio.gather(*(client.execute_on(key, "SET", key, "v") for key in every))
+            assert await client.each_primary("PING") == ["PONG"] * 3
+            tls_primaries = sorted(secure.tls_ports[port] for port in secure.primaries())
+            assert sorted(port for _, port in client.primaries) == tls_primaries
+            with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+                await distrusting.execute_on("k", "GET", "k")
+        finally:
+            await client.aclose()
+            await distrusting.aclose()
 
 
 @aio
