@@ -79,10 +79,46 @@ _IMMEDIATE_REDIRECTS = 3
 _LAST_ATTEMPT = 0.05
 """Seconds a retry made at the deadline gets for its reply."""
 
+_TAG_CACHE = 4096
+"""Hash tags whose slot is remembered (the store uses one per shard)."""
+
 _RETRIED = ("TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "LOADING")
 
 _Op = Callable[[RedisClient, bool], Awaitable[Any]]
 """One attempt of a call on a node; ``True``: preceded by ``ASKING``."""
+
+
+class _Send:
+    """An attempt that sends one encoded command (after ASKING if asked to)."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: bytes) -> None:
+        self.packed = packed
+
+    def __call__(self, node: RedisClient, asking: bool) -> Awaitable[Any]:
+        return node.send_asking(self.packed) if asking else node.send(self.packed)
+
+
+class _Eval:
+    """An attempt that runs a script: EVALSHA, and EVAL on that node on NOSCRIPT."""
+
+    __slots__ = ("args", "keys", "script")
+
+    def __init__(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+
+    async def __call__(self, node: RedisClient, asking: bool) -> Any:
+        send = node.send_asking if asking else node.send
+        keys, args = self.keys, self.args
+        try:
+            return await send(_pack(("EVALSHA", self.script.sha, len(keys), *keys, *args)))
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await send(_pack(("EVAL", self.script.source, len(keys), *keys, *args)))
 
 
 def _address(text: str, asked: Address) -> Address:
@@ -127,6 +163,7 @@ class ClusterClient:
         self._last_refresh = float("-inf")
         self._closing: set[asyncio.Task[None]] = set()
         self._next_primary = 0
+        self._tag_slots: dict[str, int] = {}
         self.refreshes = 0
         """How many times the slot map was read from the cluster."""
 
@@ -161,39 +198,56 @@ class ClusterClient:
 
     async def execute(self, *args: Arg) -> Any:
         """A keyless command, on one primary (each call the next one)."""
-        packed = _pack(args)
-
-        async def attempt(node: RedisClient, asking: bool) -> Any:
-            return await node.send(packed)
-
-        return await self._call(None, attempt)
+        return await self._call(None, _Send(_pack(args)))
 
     async def execute_on(self, key: str, *args: Arg) -> Any:
         """A command whose keys all share ``key``'s slot, on that slot's primary."""
         packed = _pack(args)
-
-        async def attempt(node: RedisClient, asking: bool) -> Any:
-            return await (node.send_asking(packed) if asking else node.send(packed))
-
-        return await self._call(key_slot(key), attempt)
+        slot = self._slot(key)
+        address = self._owners[slot]
+        if address is not None:  # the usual case, inline: no await before the send
+            start = asyncio.get_running_loop().time()
+            try:
+                return await self.node(address).send(packed)
+            except RedisError as exc:
+                return await self._slow_call(
+                    slot, _Send(packed), start + self.timeout, exc, address
+                )
+        return await self._call(slot, _Send(packed))
 
     async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """``script`` on the primary of ``keys[0]``'s slot (EVAL there on NOSCRIPT)."""
         if not keys:
             raise ValueError("a script on a cluster needs a key to route it by")
         first = keys[0]
-        slot = key_slot(first if isinstance(first, (str, bytes)) else str(first))
-
-        async def attempt(node: RedisClient, asking: bool) -> Any:
-            send = node.send_asking if asking else node.send
+        if isinstance(first, str):
+            slot = self._slot(first)
+        else:
+            slot = key_slot(first if isinstance(first, bytes) else str(first))
+        attempt = _Eval(script, keys, args)
+        address = self._owners[slot]
+        if address is not None:  # as in execute_on
+            start = asyncio.get_running_loop().time()
             try:
-                return await send(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
-            except ReplyError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-            return await send(_pack(("EVAL", script.source, len(keys), *keys, *args)))
-
+                return await attempt(self.node(address), False)
+            except RedisError as exc:
+                return await self._slow_call(slot, attempt, start + self.timeout, exc, address)
         return await self._call(slot, attempt)
+
+    def _slot(self, key: str) -> int:
+        """``key_slot(key)``, remembered by hash tag (a deployment has few)."""
+        start = key.find("{")
+        if start != -1:
+            end = key.find("}", start + 1)
+            if end > start + 1:
+                tag = key[start + 1 : end]
+                slot = self._tag_slots.get(tag)
+                if slot is None:
+                    slot = key_slot(key)
+                    if len(self._tag_slots) < _TAG_CACHE:
+                        self._tag_slots[tag] = slot
+                return slot
+        return key_slot(key)
 
     async def each_primary(self, *args: Arg) -> list[Any]:
         """A command on every primary, in parallel; their replies (map order).
@@ -359,6 +413,12 @@ class ClusterClient:
         try:
             async with asyncio.timeout(max(remaining, 0.001)):
                 await asyncio.shield(refreshing)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if refreshing.cancelled() and (current is None or not current.cancelling()):
+                # The refresh was stopped by aclose(), not this caller.
+                raise RedisConnectionError("client closed while reading the slot map") from None
+            raise
         except TimeoutError:
             raise RedisConnectionError(
                 f"no cluster node answered within {self.timeout:g}s ({self._seeds_text()})"
