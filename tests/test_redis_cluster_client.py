@@ -473,6 +473,22 @@ async def test_unreachable_seeds_are_a_redis_error_within_the_timeout() -> None:
 
 
 @aio
+async def test_aclose_while_the_map_is_read_fails_waiting_callers_with_a_redis_error() -> None:
+    """Callers waiting for the first map read when the client is closed get
+    a RedisConnectionError (not a CancelledError they did not ask for)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", free_port()))
+        silent.listen(8)
+        client = ClusterClient([silent.getsockname()], timeout=5.0)
+        calls = [asyncio.create_task(client.execute_on("k", "GET", "k")) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        await client.aclose()
+        for call in calls:
+            with pytest.raises(RedisConnectionError, match="closed"):
+                await call
+
+
+@aio
 async def test_aclose_closes_every_node_and_the_client_works_again_after(
     cluster: RedisCluster,
 ) -> None:
