@@ -120,6 +120,8 @@ class RedisCluster:
                 [
                     "--cluster-enabled", "yes",
                     "--cluster-config-file", f"nodes-{port}.conf",
+                    # Not port + 10000, which may lie in the ephemeral range.
+                    "--cluster-port", str(free_port()),
                     "--cluster-node-timeout", str(node_timeout_ms),
                     # A replica's first sync starts at once, not 5 s later.
                     "--repl-diskless-sync-delay", "0",
@@ -154,7 +156,7 @@ class RedisCluster:
         env = dict(os.environ)
         if self.password:
             env["REDISCLI_AUTH"] = self.password  # not on the command line
-        # With tls-cluster the bus listens at the TLS port + 10000: meet there.
+        # With tls-cluster, create (and so MEET) through the TLS ports.
         tls = ["--tls", "--cacert", str(self.tls_dir / "ca.crt")] if self.tls_dir else []
         create = [
             os.path.join(os.path.dirname(redis_server_binary()), "redis-cli"),
