@@ -360,6 +360,7 @@ async def test_kill_9_of_a_primary_fails_only_its_slots_until_a_replica_takes_ov
 
         try:
             await client.each_primary("PING")
+            victim_node = client._nodes[("127.0.0.1", victim)]
             callers = [asyncio.create_task(caller(i)) for i in range(50)]
             await asyncio.sleep(0.2)
             killed_at = time.monotonic()
@@ -382,7 +383,9 @@ async def test_kill_9_of_a_primary_fails_only_its_slots_until_a_replica_takes_ov
             for key in keys[victim]:
                 await client.evalsha(script, [key], [])
             assert own.command(replica, "SCRIPT", "EXISTS", script.sha) == [1]
+            # The dead node left the map: its client was dropped and closed.
             assert ("127.0.0.1", victim) not in client._nodes
+            assert victim_node._generation > 0 and not victim_node.connected
         finally:
             await client.aclose()
 
