@@ -281,6 +281,14 @@ class _Connection(asyncio.Protocol):
         self.on_lost(self)
 
 
+_ASKING = _pack(("ASKING",))
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: never "exception was never retrieved"
+
+
 _LAST_LOOK = 0.05
 """Seconds a connection attempt gets past its timeout, for a busy loop to
 notice that it was made (see :meth:`RedisClient._within_timeout`)."""
@@ -311,6 +319,7 @@ class RedisClient:
         username: str | None = None,
         password: str | None = None,
         tls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
         timeout: float = 1.0,
     ) -> None:
         if not timeout > 0:
@@ -322,6 +331,7 @@ class RedisClient:
         self._username = username
         self._password = password
         self._tls = tls
+        self._ssl_context = ssl_context
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._generation = 0
@@ -362,6 +372,26 @@ class RedisClient:
             pass
         return await (await self._connect()).send(packed)
 
+    async def send_asking(self, packed: bytes) -> Any:
+        """``ASKING`` then one encoded command, adjacent in one write on one
+        connection (no other caller's command can come between them, as
+        a Redis Cluster's ASK redirection needs); the command's reply."""
+        conn = self._conn
+        if conn is None or conn.loop is not asyncio.get_running_loop():
+            return await self._send_pair(await self._connect(), packed)
+        try:
+            return await self._send_pair(conn, packed)
+        except _ConnectionLost:
+            pass  # as in send(): once more, on a new connection
+        return await self._send_pair(await self._connect(), packed)
+
+    @staticmethod
+    async def _send_pair(conn: _Connection, packed: bytes) -> Any:
+        asking = conn.send(_ASKING)  # nothing can run between these two sends
+        reply = conn.send(packed)
+        asking.add_done_callback(_ignore_result)  # an error there fails `reply` too
+        return await reply
+
     async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run ``script`` (EVALSHA; EVAL once if the server lost it)."""
         try:
@@ -401,7 +431,9 @@ class RedisClient:
 
     async def _open(self, generation: int) -> _Connection:
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if self._tls else None
+        context = self._ssl_context
+        if context is None and self._tls:
+            context = ssl.create_default_context()
         connecting = loop.create_task(
             loop.create_connection(
                 lambda: _Connection(loop, self.timeout, self._lost),
