@@ -573,6 +573,31 @@ async def test_a_connection_made_while_the_loop_was_held_is_used_not_timed_out(
         await client.aclose()
 
 
+@aio
+async def test_a_connection_lost_between_connecting_and_the_first_command_fails_it_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """A server may close a connection right after accepting it (one that
+    requires client certificates does so just after the TLS handshake): when
+    that is seen after the connection was made but before the waiting
+    command was queued on it, the command fails with the connection's error
+    instead of waiting forever on a connection nothing will answer."""
+    client = client_for(redis_server, timeout=0.5)
+    made = client._open
+
+    async def made_then_lost(generation: int) -> Any:
+        conn = await made(generation)
+        conn.fail(RedisConnectionError, "connection lost: certificate required")
+        return conn
+
+    client._open = made_then_lost  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RedisConnectionError, match="certificate required"):
+            await asyncio.wait_for(client.execute("PING"), 2)
+    finally:
+        await client.aclose()
+
+
 # -- AUTH, SELECT, TLS ----------------------------------------------------------------
 
 
