@@ -308,7 +308,9 @@ class RedisClient:
 
     Nothing touches the network until the first command. ``timeout`` bounds
     connecting (with the ``AUTH``/``SELECT`` handshake) and the server's
-    silence while commands are pending.
+    silence while commands are pending. TLS: ``ssl_context`` (see
+    :class:`~lapse.sessions.stores.redis.url.TLSOptions`), or ``tls=True``
+    for the default context (the system's CAs, hostname checked).
     """
 
     def __init__(
@@ -320,6 +322,7 @@ class RedisClient:
         username: str | None = None,
         password: str | None = None,
         tls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
         timeout: float = 1.0,
     ) -> None:
         if not timeout > 0:
@@ -331,6 +334,7 @@ class RedisClient:
         self._username = username
         self._password = password
         self._tls = tls
+        self._ssl_context = ssl_context
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._generation = 0
@@ -410,7 +414,9 @@ class RedisClient:
 
     async def _open(self, generation: int) -> _Connection:
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if self._tls else None
+        context = self._ssl_context
+        if context is None and self._tls:
+            context = ssl.create_default_context()
         connecting = loop.create_task(
             loop.create_connection(
                 lambda: _Connection(loop, self.timeout, self._lost),
