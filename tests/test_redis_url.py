@@ -156,6 +156,7 @@ def test_a_sentinel_url_without_a_service_is_an_error(path: str) -> None:
         ("/m/x", "must be a number"),
         ("/m%20%09x", "SERVICE must be 1 to 256 characters, without spaces"),
         ("/" + "m" * 257, "SERVICE must be 1 to 256 characters"),
+        ("/m%00", "SERVICE cannot hold control characters"),
     ],
 )
 def test_bad_sentinel_paths_are_errors(path: str, why: str) -> None:

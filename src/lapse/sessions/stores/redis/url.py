@@ -386,7 +386,8 @@ def _parse_sentinel_path(path: str, bad: _Bad) -> tuple[str, int]:
         )
     if not service or any(char.isspace() for char in service) or len(service) > 256:
         raise bad("SERVICE must be 1 to 256 characters, without spaces")
-    check_no_control(service, "a sentinel SERVICE")
+    if not service.isprintable():
+        raise bad("SERVICE cannot hold control characters")
     db = 0
     if len(segments) == 2:
         if not re.fullmatch(r"\d+", segments[1]):
