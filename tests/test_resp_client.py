@@ -14,7 +14,6 @@ import gc
 import os
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 from _helpers import aio
 from _redis_server import RedisServer
+from _tls import make_certificates
 
 from lapse.sessions.store import StoreUnavailable
 from lapse.sessions.stores.redis import RedisStore
@@ -573,6 +573,31 @@ async def test_a_connection_made_while_the_loop_was_held_is_used_not_timed_out(
         await client.aclose()
 
 
+@aio
+async def test_a_connection_lost_between_connecting_and_the_first_command_fails_it_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """A server may close a connection right after accepting it (one that
+    requires client certificates does so just after the TLS handshake): when
+    that is seen after the connection was made but before the waiting
+    command was queued on it, the command fails with the connection's error
+    instead of waiting forever on a connection nothing will answer."""
+    client = client_for(redis_server, timeout=0.5)
+    made = client._open
+
+    async def made_then_lost(generation: int) -> Any:
+        conn = await made(generation)
+        conn.fail(RedisConnectionError, "connection lost: certificate required")
+        return conn
+
+    client._open = made_then_lost  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RedisConnectionError, match="certificate required"):
+            await asyncio.wait_for(client.execute("PING"), 2)
+    finally:
+        await client.aclose()
+
+
 # -- AUTH, SELECT, TLS ----------------------------------------------------------------
 
 
@@ -602,37 +627,13 @@ async def test_auth_with_user_and_password_and_select_come_first_on_each_connect
                 await each.aclose()
 
 
-def _make_certificates(directory: Path) -> None:
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=lapse test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-    openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-        "-out", "server.csr", "-subj", "/CN=127.0.0.1",
-    )  # fmt: skip
-    (directory / "ext.cnf").write_text(
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-    )
-    openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "1", "-out", "server.crt", "-extfile", "ext.cnf",
-    )  # fmt: skip
-
-
 def test_rediss_urls_speak_tls_and_verify_the_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """rediss:// connects with TLS, verifying the certificate against the
     default CAs (here SSL_CERT_FILE names a test CA); a server whose
     certificate is not trusted is unavailable."""
-    _make_certificates(tmp_path)
+    make_certificates(tmp_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         tls_port = probe.getsockname()[1]

@@ -130,6 +130,7 @@ class _Connection(asyncio.Protocol):
         self.flush_scheduled = False
         self.last_progress = loop.time()
         self.failed = False
+        self.failure: tuple[Callable[[str], RedisError], str] = (RedisConnectionError, "")
         self.closed: asyncio.Future[None] = loop.create_future()
         self.watchdog: asyncio.TimerHandle | None = None
         self.period = timeout / 4
@@ -200,6 +201,13 @@ class _Connection(asyncio.Protocol):
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Queue one encoded command; the future of its reply."""
         future = self.loop.create_future()
+        if self.failed:
+            # Lost before this command came (a server that closed it right
+            # after the TLS handshake, before the caller resumed): nothing
+            # would ever answer it.
+            error, message = self.failure
+            future.set_exception(error(message))
+            return future
         self.pending.append(future)
         self.outgoing.append(packed)
         if not self.flush_scheduled:
@@ -263,6 +271,7 @@ class _Connection(asyncio.Protocol):
         if self.failed:
             return
         self.failed = True
+        self.failure = (error, message)
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -307,7 +316,9 @@ class RedisClient:
 
     Nothing touches the network until the first command. ``timeout`` bounds
     connecting (with the ``AUTH``/``SELECT`` handshake) and the server's
-    silence while commands are pending.
+    silence while commands are pending. TLS: ``ssl_context`` (see
+    :class:`~lapse.sessions.stores.redis.url.TLSOptions`), or ``tls=True``
+    for the default context (the system's CAs, hostname checked).
     """
 
     def __init__(
