@@ -29,6 +29,7 @@ from typing import Any
 from _ports import free_port
 
 __all__ = [
+    "CountingTransport",
     "RedisServer",
     "commands_and_clients",
     "commands_sent",
@@ -177,6 +178,22 @@ class RedisServer:
 
 
 # -- what clients sent: MONITOR -------------------------------------------------
+
+
+class CountingTransport:
+    """Wraps a transport and counts its writes (one write = one round trip out)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
 
 _MONITOR_LINE = re.compile(r'\+[\d.]+ \[\d+ ([^\]]+)\] "([^"]*)"')
 

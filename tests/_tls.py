@@ -74,15 +74,17 @@ def _signed(directory: Path, name: str, subject: str, extensions: str) -> None:
     )  # fmt: skip
 
 
-def make_certificates(directory: Path) -> Certificates:
-    """A CA, a server and a client certificate it signs, and an unrelated CA."""
+def make_certificates(directory: Path, server_usage: str = "serverAuth") -> Certificates:
+    """A CA, a server and a client certificate it signs, and an unrelated CA.
+    ``server_usage``: the server certificate's extended key usage (cluster
+    nodes present theirs to each other too: ``"serverAuth,clientAuth"``)."""
     _ca(directory, "ca", "/CN=lapse test CA")
     _ca(directory, "other-ca", "/CN=lapse other test CA")
     _signed(
         directory,
         "server",
         "/CN=127.0.0.1",
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+        f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={server_usage}\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n",
     )
     _signed(

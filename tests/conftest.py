@@ -265,3 +265,14 @@ def redis_server() -> Iterator[Any]:
 
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A real 6-node Redis Cluster (3 primaries, 3 replicas) on free loopback
+    ports, for the whole test run of one worker; tests keep to key prefixes
+    of their own. Tests that kill, fail over or migrate start their own."""
+    from _redis_cluster import RedisCluster
+
+    with RedisCluster(node_timeout_ms=5000) as cluster:
+        yield cluster

@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import socket
 import ssl
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,8 @@ import pytest
 from _helpers import aio
 from _ports import free_port
 from _redis_cluster import RedisCluster
-from test_resp_client import CountingTransport, _make_certificates
+from _redis_server import CountingTransport
+from _tls import make_certificates
 
 from lapse.sessions.stores.redis import cluster as cluster_module
 from lapse.sessions.stores.redis.client import (
@@ -424,17 +424,8 @@ async def test_tls_reaches_every_node_the_ones_learned_from_the_map_included(
     client learns the others' TLS ports from the map and reaches every
     primary with the same verified context; a context that does not trust
     the cluster's CA cannot read the map."""
-    _make_certificates(tmp_path)
     # The nodes present it to each other on the TLS bus too: a client certificate as well.
-    (tmp_path / "ext.cnf").write_text(
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-    )
-    subprocess.run(
-        ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-days", "1", "-out", "server.crt", "-extfile", "ext.cnf"],
-        cwd=tmp_path, check=True, capture_output=True,
-    )  # fmt: skip
+    make_certificates(tmp_path, server_usage="serverAuth,clientAuth")
     with RedisCluster(tls_dir=tmp_path) as secure:
         trusting = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
         client = ClusterClient(secure.tls_seeds[:1], ssl_context=trusting)

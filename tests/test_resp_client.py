@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from _helpers import aio
-from _redis_server import RedisServer
+from _redis_server import CountingTransport, RedisServer
 from _tls import make_certificates
 
 from lapse.sessions.store import StoreUnavailable
@@ -61,21 +61,6 @@ def own() -> Iterator[RedisServer]:
 
 def client_for(server: RedisServer, **kw: Any) -> RedisClient:
     return RedisClient("127.0.0.1", server.port, **kw)
-
-
-class CountingTransport:
-    """Wraps a transport and counts its writes (one write = one round trip out)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-        self.inner.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def count_writes(client: RedisClient) -> CountingTransport:

@@ -658,7 +658,7 @@ def test_bad_urls_are_config_errors_at_construction(url: str) -> None:
         ("redis://localhost", "localhost:6379", "lapse"),
         ("redis://h:7000/3?prefix=app", "h:7000", "app"),
         ("rediss://user:pw@h.example:6380/0", "h.example:6380", "lapse"),
-        ("redis://[::1]:6379/", "::1:6379", "lapse"),
+        ("redis://[::1]:6379/", "[::1]:6379", "lapse"),
     ],
 )
 def test_good_urls_construct_without_network(url: str, where: str, prefix: str) -> None:

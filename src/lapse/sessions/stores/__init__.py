@@ -3,8 +3,10 @@
 - ``memory:``: this process's memory (the default; Twisted's semantics);
 - ``sqlite:///path/to/file.db``: one file, survives restarts, shared by the
   processes of one machine;
-- ``redis://[:password@]host:port/db`` (or ``rediss://``): shared by
-  processes on many machines; needs ``pip install hiredis``.
+- ``redis://[:password@]host:port/db`` (or ``rediss://``), and
+  ``redis+cluster://`` (Redis Cluster) or ``redis+sentinel://`` (Redis with
+  Sentinel): shared by processes on many machines; needs ``pip install
+  hiredis``.
 
 :func:`store_from_url` parses a URL at once, so a bad one is an error at
 start-up, never at the first request.
@@ -51,10 +53,19 @@ def store_from_url(url: str, clock: Callable[[], float] | None = None) -> Sessio
         from lapse.sessions.stores.sqlite import SQLiteStore
 
         return SQLiteStore.from_url(url, clock)
-    if scheme in ("redis", "rediss"):
+    if scheme in _REDIS_SCHEMES:
         from lapse.sessions.stores.redis import RedisStore
 
         return RedisStore.from_url(url, clock)
+    from lapse.sessions.stores.redis.url import redact
+
     raise StoreConfigError(
-        f"unknown session store URL {url!r}: use memory:, sqlite:///path.db or redis://host:port/db"
+        f"unknown session store URL {redact(url)!r}: use memory:, sqlite:///path.db, "
+        "redis://host:port/db, redis+cluster://host:port,host:port or "
+        "redis+sentinel://host:port/service"
     )
+
+
+_REDIS_SCHEMES = frozenset(
+    f"{base}{kind}" for base in ("redis", "rediss") for kind in ("", "+cluster", "+sentinel")
+)

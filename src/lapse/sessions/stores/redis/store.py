@@ -17,11 +17,12 @@ from lapse.sessions.stores.redis.inspection import Inspection
 from lapse.sessions.stores.redis.layout import Layout, Shard
 from lapse.sessions.stores.redis.scripts import SOURCES
 from lapse.sessions.stores.redis.slots import Commands
-from lapse.sessions.stores.redis.url import parse_url
+from lapse.sessions.stores.redis.url import Target, parse_url
 from lapse.sessions.stores.redis.values import US, decoded, encode, encoded, field, us
 
 try:
     from lapse.sessions.stores.redis.client import RedisClient, RedisError, ReplyError, Script
+    from lapse.sessions.stores.redis.cluster import ClusterClient
 
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -85,6 +86,43 @@ def _permanent(exc: BaseException) -> bool:
     return False
 
 
+DEFAULT_CLUSTER_SHARDS = 16
+"""Shards of a deployment on Redis Cluster when the URL gives no ``shards=``:
+enough to spread over 16 primaries; each costs a script per keeper round."""
+
+
+def _where(target: Target) -> str:
+    """How errors name the deployment (never a password)."""
+    nodes = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in target.nodes)
+    if target.kind == "cluster":
+        return f"cluster {nodes}"
+    if target.kind == "sentinel":
+        return f"service {target.service!r} of sentinels {nodes}"
+    return nodes
+
+
+def _commands_for(target: Target, timeout: float) -> Commands:
+    """The connection for ``target``: one node, a cluster, or a Sentinel's primary."""
+    if target.kind == "cluster":
+        return ClusterClient(
+            target.nodes,
+            username=target.username,
+            password=target.password,
+            ssl_context=target.ssl_context,
+            timeout=timeout,
+        )
+    return RedisClient(
+        target.host,
+        target.port,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        tls=target.tls,
+        ssl_context=target.ssl_context,
+        timeout=timeout,
+    )
+
+
 async def _nothing() -> list[Expiry]:
     return []
 
@@ -130,20 +168,15 @@ class RedisStore(Inspection):
         self.timeout = float(timeout)
         self.clock = clock
         self._target = target
-        self._where = f"{target.host}:{target.port}"
-        self._client: Commands = RedisClient(
-            target.host,
-            target.port,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            tls=target.tls,
-            timeout=self.timeout,
-        )
+        self._where = _where(target)
+        self._client = _commands_for(target, self.timeout)
+        cluster = target.kind == "cluster"
         if shards is None:
-            shards = 1
+            shards = target.shards
+        if shards is None:
+            shards = DEFAULT_CLUSTER_SHARDS if cluster else 1
         try:
-            self._layout = Layout(prefix, shards, tagged=False)
+            self._layout = Layout(prefix, shards, tagged=cluster)
         except ValueError as exc:
             raise StoreConfigError(f"bad Redis shard count: {exc}") from None
         self._shards = self._layout.shards
@@ -151,7 +184,7 @@ class RedisStore(Inspection):
         self._layout_checked = False
         # The one-shard layout's keys span slots: only a single node (or a
         # Sentinel's primary) can hold them, and be asked about them.
-        self._legacy_visible = True
+        self._legacy_visible = not cluster
         self._scripts = {name: Script(source) for name, source in SOURCES.items()}
         self._shards_script = Script(_SHARDS_SCRIPT)
         self._load_script = self._scripts["load"]
@@ -172,9 +205,9 @@ class RedisStore(Inspection):
     # -- plumbing -----------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        password = self._target.password
-        if password:
-            text = text.replace(password, "***")
+        for password in (self._target.password, self._target.sentinel_password):
+            if password:
+                text = text.replace(password, "***")
         return text
 
     def _unavailable(self, op: str, exc: Exception) -> StoreUnavailable:

@@ -1,0 +1,82 @@
+"""The Redis store on a real Redis Cluster (6 nodes: 3 primaries, 3
+replicas): the published store contract, the default shard layout, the
+deployment's shard count, and the keeper's rounds, one round trip per
+primary.
+
+Time is a fake clock given to the store, so nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import uuid
+from typing import Any
+
+import pytest
+from _helpers import aio
+
+from lapse.sessions.store import StoreConfigError, StoreUnavailable
+from lapse.sessions.stores import store_from_url
+from lapse.sessions.stores.redis import RedisStore
+from lapse.sessions.stores.redis.slots import key_slot
+from lapse.testing import FakeClock, StoreContract
+
+_prefixes = itertools.count()
+
+
+class TestRedisClusterStore(StoreContract):
+    """Every operation of the contract on the cluster (16 shards over the 3
+    primaries), with no CROSSSLOT: each script's keys share a hash tag."""
+
+    @pytest.fixture
+    def store(self, store_clock: FakeClock, redis_cluster: Any) -> RedisStore:
+        url = redis_cluster.url(prefix=f"k{next(_prefixes)}{uuid.uuid4().hex[:6]}")
+        store = store_from_url(url, store_clock)
+        assert isinstance(store, RedisStore)
+        return store
+
+
+def test_a_cluster_url_makes_a_sharded_store_and_names_the_cluster() -> None:
+    """redis+cluster:// makes a store of 16 shards (the default), whose tags
+    spread over the slot range; shards= sets another count; its repr and
+    url name the seeds, never the password."""
+    store = RedisStore("redis+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001/?prefix=app")
+    assert store.shard_count == 16
+    slots = sorted(key_slot(shard.deadlines) for shard in store._shards)
+    assert slots[0] < 1024 and slots[-1] >= 15360
+    assert "pw" not in repr(store) and "pw" not in store.url
+    assert RedisStore("redis+cluster://127.0.0.1:7000/?shards=3").shard_count == 3
+    with pytest.raises(StoreConfigError):
+        RedisStore("redis+cluster://127.0.0.1:7000/?shards=0")
+
+
+@aio
+async def test_a_cluster_process_with_another_shard_count_refuses_to_run(
+    redis_cluster: Any,
+) -> None:
+    """The first process stores the shard count in the cluster; a second with
+    another count gets a permanent error naming both."""
+    prefix = f"k{uuid.uuid4().hex[:8]}"
+    first = RedisStore(redis_cluster.url(prefix=prefix))
+    other = RedisStore(redis_cluster.url(prefix=prefix) + "&shards=4")
+    try:
+        await first.open()
+        with pytest.raises(StoreUnavailable, match=r"shards=16.*shards=4") as failed:
+            await other.open()
+        assert failed.value.permanent
+    finally:
+        await first.aclose()
+        await other.aclose()
+
+
+@aio
+async def test_every_seed_unreachable_is_a_clear_503_within_the_timeout() -> None:
+    """No seed answers: every call is a StoreUnavailable naming the cluster,
+    not a hang."""
+    store = RedisStore("redis+cluster://127.0.0.1:1,127.0.0.1:2/", timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable, match=re.escape("cluster 127.0.0.1:1,127.0.0.1:2")):
+            await store.load("abc")
+    finally:
+        await store.aclose()
