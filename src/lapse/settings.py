@@ -112,7 +112,8 @@ SESSION_STORE: Setting[str | None] = Setting(
     "LAPSE_SESSION_STORE",
     None,
     str,
-    "the session store URL: `memory:`, `sqlite:///path.db`, `redis://host:port/db` "
+    "the session store URL: `memory:`, `sqlite:///path.db`, `redis://host:port/db`, "
+    "`redis+cluster://host:port,host:port`, `redis+sentinel://host:port/service` "
     "(`lapse serve --store` sets it)",
     "`Site`, `SessionMiddleware` (without `store=`), `lapse serve`, `lapse sessions` "
     "(without `--store`)",

@@ -1,9 +1,13 @@
 """The Redis store: sessions shared by processes on many machines.
 
-URL: ``redis://[[user]:password@]host[:port][/db][?prefix=name]``, or
-``rediss://`` for TLS. The port defaults to 6379, the db to 0 and the key
-prefix to ``lapse``. Needs the ``hiredis`` package (the reply parser of the
-store's own client, :mod:`lapse.sessions.stores.redis.client`):
+URLs (the whole reference, with the TLS options, is :mod:`.url`):
+``redis://[[user]:password@]host[:port][/db][?prefix=name]`` (one node;
+``rediss://`` for TLS), ``redis+cluster://host:port[,host:port...]/`` (a
+Redis Cluster, from seed nodes) and
+``redis+sentinel://host:port[,host:port...]/SERVICE[/db]`` (the primary a set
+of sentinels names). The port defaults to 6379 (sentinels: 26379), the db to
+0 and the key prefix to ``lapse``. Needs the ``hiredis`` package (the reply
+parser of the store's own client, :mod:`lapse.sessions.stores.redis.client`):
 ``pip install hiredis`` (from a lapse checkout: ``pip install '.[redis]'``).
 
 Guarantees:
@@ -18,9 +22,9 @@ Guarantees:
   from the Redis server's ``TIME`` (microseconds), so clock skew between
   application nodes cannot end a live session early. A store given
   ``clock=`` (tests) passes ``clock()`` to the scripts instead.
-- **One connection, pipelined.** Each store has one connection; the
-  operations that concurrent requests issue in one event-loop tick go to
-  Redis in one write, and their replies come back in order.
+- **One connection, pipelined.** Each store has one connection per node;
+  the operations that concurrent requests issue in one event-loop tick go to
+  each node in one write, and their replies come back in order.
 - **Fails fast.** Connecting times out after ``timeout`` seconds (1 by
   default), and so does the connection when the server leaves commands
   unanswered that long (every waiting operation fails then); any failure is
@@ -36,19 +40,21 @@ Guarantees:
   returned as JSON texts, decoded by key when read: a request's cost does not
   grow with keys it does not read.
 
-Keys (``P`` is the prefix): ``P:s:<uid>`` hash (``_t``: timeout in µs,
-``_c``: creation time, ``_e``: absolute end, if any, ``_v``: the data's
-version, 1 at creation and one more per save, ``d:<key>``: JSON value);
-``P:deadlines`` sorted set (uid → deadline, µs, never past ``_e``);
-``P:a:<old uid>`` hash (``to``: the uid it was rotated to, ``until``: end of
-its grace; the key itself expires a minute after that);
-``P:ended`` sorted set (uid → when ``expire()`` ended it); ``P:leases``
-sorted set (uid → lease end) with ``P:c:<uid>`` hash (delivery id, attempt,
-cause, owner); ``P:seq`` delivery counter; ``P:events`` stream of ended
-uids (``uid``) and rotations (``uid`` the old uid, ``to`` the new),
-trimmed to about 100,000 entries (a process that falls further behind
-misses older announcements). Redis Cluster is not supported: the scripts
-touch keys of many uids.
+Keys (``P`` is a shard's key base, see :mod:`.layout`: the prefix itself
+on one node without ``shards=``, else a hash tag like ``{lapse:3}``):
+``P:s:<uid>`` hash (``_t``: timeout in µs, ``_c``: creation time, ``_e``:
+absolute end, if any, ``_v``: the data's version, 1 at creation and one more
+per save, ``d:<key>``: JSON value); ``P:deadlines`` sorted set (uid →
+deadline, µs, never past ``_e``); ``P:a:<old uid>`` hash (``to``: the uid it
+was rotated to, ``until``: end of its grace; the key itself expires a minute
+after that); ``P:ended`` sorted set (uid → when ``expire()`` ended it);
+``P:leases`` sorted set (uid → lease end) with ``P:c:<uid>`` hash (delivery
+id, attempt, cause, owner); ``P:seq`` delivery counter; ``P:events`` stream
+of ended uids (``uid``) and rotations (``uid`` the old uid, ``to`` the new),
+trimmed to about 100,000 entries a shard (a process that falls further
+behind misses older announcements). ``{prefix}:shards`` holds the
+deployment's shard count. Every key a script touches is in one shard, so on
+a Redis Cluster each operation is one script on one node.
 
 Persistence: a Redis that restarts without persistence comes back empty:
 every session is gone (its users are logged out), sessions that had ended
@@ -62,10 +68,13 @@ Keep ``maxmemory-policy noeviction`` (the default): an evicting policy drops
 sessions, or parts of them, without any expiry hook.
 
 The package: :mod:`.store` (the operations), :mod:`.inspection` (read-only
-inspection), :mod:`.scripts` (the Lua scripts, one ``.lua`` file each, read
-once at import), :mod:`.client` (the auto-pipelined RESP client: EVALSHA,
-EVAL on NOSCRIPT), :mod:`.url` (the URL check), :mod:`.values` (times in µs,
-data as JSON fields).
+inspection), :mod:`.layout` (shards and their key names), :mod:`.scripts`
+(the Lua scripts, one ``.lua`` file each, read once at import),
+:mod:`.client` (the auto-pipelined RESP client: EVALSHA, EVAL on NOSCRIPT),
+:mod:`.cluster` (routing by slot over one such client per node),
+:mod:`.sentinel` (the primary the sentinels name), :mod:`.slots` (hash slots
+and the interface the three offer the store), :mod:`.url` (the URL check,
+TLS options), :mod:`.values` (times in µs, data as JSON fields).
 """
 
 from __future__ import annotations
