@@ -15,12 +15,18 @@ from typing import Any
 
 import pytest
 from _helpers import aio
+from _redis_server import CountingTransport
 
+from lapse.internet.task import Clock
+from lapse.sessions import SharedKeeper
 from lapse.sessions.store import StoreConfigError, StoreUnavailable
 from lapse.sessions.stores import store_from_url
 from lapse.sessions.stores.redis import RedisStore
+from lapse.sessions.stores.redis.cluster import ClusterClient
 from lapse.sessions.stores.redis.slots import key_slot
 from lapse.testing import FakeClock, StoreContract
+from lapse.web.resource import Resource
+from lapse.web.server import Site
 
 _prefixes = itertools.count()
 
@@ -79,4 +85,34 @@ async def test_every_seed_unreachable_is_a_clear_503_within_the_timeout() -> Non
         with pytest.raises(StoreUnavailable, match=re.escape("cluster 127.0.0.1:1,127.0.0.1:2")):
             await store.load("abc")
     finally:
+        await store.aclose()
+
+
+@aio
+async def test_an_idle_keeper_round_is_one_write_to_each_primary(redis_cluster: Any) -> None:
+    """A keeper's round on the cluster (claim, announcements, next deadline,
+    time) asks all 16 shards, and leaves as one write to each of the three
+    primaries: one round trip per primary, in parallel."""
+    clock = FakeClock()
+    store = RedisStore(redis_cluster.url(prefix=f"k{uuid.uuid4().hex[:8]}"), clock=clock)
+    site = Site(Resource(), reactor=Clock(), store=store)
+    keeper = site._keeper
+    assert isinstance(keeper, SharedKeeper)
+    try:
+        await keeper.poll_once()  # opens connections to every primary, reads the cursor
+        client = store._client
+        assert isinstance(client, ClusterClient)
+        counting = {}
+        for address in client.primaries:
+            conn = client.node(address)._conn
+            assert conn is not None
+            counting[address] = conn.transport = CountingTransport(conn.transport)
+        await keeper.poll_once()
+        assert {address: len(c.writes) for address, c in counting.items()} == dict.fromkeys(
+            counting, 1
+        )
+        scripts = sum(c.writes[0].count(b"EVALSHA") for c in counting.values())
+        assert scripts == 2 * 16  # due + next deadline, per shard (XRANGE for announcements)
+    finally:
+        await keeper.aclose()
         await store.aclose()

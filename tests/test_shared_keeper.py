@@ -35,15 +35,19 @@ _prefixes = itertools.count()
 Sites = Callable[..., Site]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def store_maker(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[FakeClock], Any]:
     """Makes a store object on a fake clock; every one made by one test
-    names the same sessions (as processes sharing a file or a server)."""
+    names the same sessions (as processes sharing a file, a server or a
+    Redis Cluster, whose 16 shards each keeper's rounds must all serve)."""
     if request.param == "sqlite":
         path = str(tmp_path / "sessions.db")
         return lambda clock: SQLiteStore(path, clock=clock)
-    server = request.getfixturevalue("redis_server")
     prefix = f"k{next(_prefixes)}"
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url(prefix=prefix)
+        return lambda clock: RedisStore(url, clock=clock)
+    server = request.getfixturevalue("redis_server")
     return lambda clock: RedisStore(server.url, clock=clock, prefix=prefix)
 
 
