@@ -61,6 +61,7 @@ __all__ = [
     "RedisClient",
     "RedisConnectionError",
     "RedisError",
+    "RedisRoleError",
     "RedisTimeoutError",
     "ReplyError",
     "Script",
@@ -86,6 +87,11 @@ class RedisConnectionError(RedisError):
 
 class RedisTimeoutError(RedisError):
     """The server did not answer (or accept a connection) within the timeout."""
+
+
+class RedisRoleError(RedisConnectionError):
+    """The server is not in the role the client requires (a replica where a
+    primary is wanted): the connection was closed."""
 
 
 class _ProtocolError(RedisConnectionError):
@@ -299,7 +305,11 @@ class RedisClient:
 
     Nothing touches the network until the first command. ``timeout`` bounds
     connecting (with the ``AUTH``/``SELECT`` handshake) and the server's
-    silence while commands are pending.
+    silence while commands are pending. ``ssl_context`` (TLS with it) takes
+    the place of ``tls``'s default context. With ``require_role`` (say
+    ``"master"``), ``ROLE`` is sent with the handshake (the same write) and a
+    server in another role (a replica) is dropped: the connection fails with
+    :class:`RedisRoleError`.
     """
 
     def __init__(
@@ -311,7 +321,9 @@ class RedisClient:
         username: str | None = None,
         password: str | None = None,
         tls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
         timeout: float = 1.0,
+        require_role: str | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
@@ -322,6 +334,8 @@ class RedisClient:
         self._username = username
         self._password = password
         self._tls = tls
+        self._ssl_context = ssl_context
+        self._require_role = require_role
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._generation = 0
@@ -401,7 +415,9 @@ class RedisClient:
 
     async def _open(self, generation: int) -> _Connection:
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if self._tls else None
+        context = self._ssl_context
+        if context is None and self._tls:
+            context = ssl.create_default_context()
         connecting = loop.create_task(
             loop.create_connection(
                 lambda: _Connection(loop, self.timeout, self._lost),
@@ -415,8 +431,16 @@ class RedisClient:
             _, conn = await self._within_timeout(connecting)
             # The handshake's replies are bounded by the connection's watchdog.
             replies = [conn.send(_pack(command)) for command in self._handshake()]
+            role: Any = None  # the last reply: ROLE's, when a role is required
             for reply in replies:
-                await reply
+                role = await reply
+            if self._require_role is not None and (
+                not isinstance(role, list) or not role or role[0] != self._require_role
+            ):
+                found = role[0] if isinstance(role, list) and role else role
+                raise RedisRoleError(
+                    f"{self.host}:{self.port} is in role {found!r}, not {self._require_role!r}"
+                )
         except TimeoutError as exc:
             raise RedisTimeoutError(f"no connection within {self.timeout:g}s") from exc
         except OSError as exc:
@@ -464,6 +488,8 @@ class RedisClient:
                 commands.append(("AUTH", self._password))
         if self.db:
             commands.append(("SELECT", self.db))
+        if self._require_role is not None:
+            commands.append(("ROLE",))
         return commands
 
     def _lost(self, conn: _Connection) -> None:
