@@ -315,6 +315,9 @@ class SentinelClient:
                 index += 1
                 with contextlib.suppress(OSError, RedisError, TimeoutError):
                     await self._follow(host, port, resubscribed)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a cancel lost on the way
+                    raise asyncio.CancelledError
                 resubscribed = True
             if self.subscriptions == before:  # none would answer: wait a little
                 await asyncio.sleep(self.timeout)
@@ -322,8 +325,10 @@ class SentinelClient:
     async def _follow(self, host: str, port: int, resync: bool) -> None:
         """Subscribe on one sentinel and act on its messages until the
         connection is lost (an error) or the sentinel goes silent."""
-        opening = asyncio.open_connection(host, port, ssl=self._ssl_context)
-        reader, writer = await asyncio.wait_for(opening, self.timeout)
+        # asyncio.timeout, not wait_for: wait_for (3.11) can lose a
+        # cancellation (aclose) that comes as the connection attempt fails.
+        async with asyncio.timeout(self.timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=self._ssl_context)
         try:
             parser = hiredis.Reader(encoding="utf-8")
             commands: list[tuple[Arg, ...]] = []
@@ -364,8 +369,9 @@ class SentinelClient:
                     await self._switched(str(message[2]))
         finally:
             writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(writer.wait_closed(), self.timeout)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.timeout):
+                    await writer.wait_closed()
 
     @staticmethod
     async def _read(reader: asyncio.StreamReader, parser: Any, timeout: float) -> Any:
@@ -374,7 +380,8 @@ class SentinelClient:
             reply = parser.gets()
             if reply is not False:
                 return reply
-            data = await asyncio.wait_for(reader.read(65536), timeout)
+            async with asyncio.timeout(timeout):
+                data = await reader.read(65536)
             if not data:
                 raise RedisConnectionError("sentinel closed the connection")
             parser.feed(data)
