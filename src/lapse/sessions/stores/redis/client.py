@@ -412,6 +412,8 @@ class RedisClient:
     def _connected(self, task: asyncio.Task[_Connection]) -> None:
         if self._connecting is task:
             self._connecting = None
+        if not task.cancelled():
+            task.exception()  # seen: its callers may all have given up on it
 
     async def _open(self, generation: int) -> _Connection:
         loop = asyncio.get_running_loop()
