@@ -20,6 +20,7 @@ import pytest
 from _helpers import aio, eventually
 from _ports import free_port
 from _redis_sentinel import SentinelSetup, ask
+from _redis_server import RedisServer
 from test_resp_client import sockets_to
 
 from lapse.sessions.stores.redis.client import (
@@ -164,6 +165,36 @@ async def test_a_replica_that_the_sentinels_name_as_primary_is_not_used(
         await client.aclose()
         for _, port in shared.sentinels:
             ask(port, "SENTINEL", "REMOVE", wrong)
+
+
+@aio
+async def test_a_primary_demoted_under_the_connection_is_dropped_on_readonly(
+    shared: SentinelSetup,
+) -> None:
+    """A node made a replica while the client is connected to it answers a
+    write -READONLY: the connection is closed (no read is served by a
+    replica either), the sentinels are asked again, and as they still name
+    that node the call fails with a clear connection error, as do the next
+    ones (the ROLE check on reconnecting)."""
+    with RedisServer() as node:
+        service = f"demoted-{uuid.uuid4().hex[:8]}"
+        for _, port in shared.sentinels:
+            assert ask(port, "SENTINEL", "MONITOR", service, "127.0.0.1", node.port, 2) == "OK"
+        client = SentinelClient(shared.sentinels, service)
+        try:
+            name = key()
+            assert await client.execute("SET", name, "v") == "OK"
+            asks = client.discoveries
+            assert ask(node.port, "REPLICAOF", "127.0.0.1", shared.primary_port()) == "OK"
+            with pytest.raises(RedisConnectionError, match=f"not the primary of '{service}'"):
+                await client.execute("SET", name, "w")
+            assert client.discoveries == asks + 1
+            with pytest.raises(RedisConnectionError):
+                await client.execute("GET", name)
+        finally:
+            await client.aclose()
+            for _, port in shared.sentinels:
+                ask(port, "SENTINEL", "REMOVE", service)
 
 
 # -- AUTH ---------------------------------------------------------------------------------

@@ -179,7 +179,10 @@ class SentinelClient:
         except ReplyError as exc:
             if not str(exc).startswith("READONLY"):
                 raise
+            # A primary demoted under this connection: close it, so that no
+            # read is served by it either and a new one checks the role.
             self._forget(client)
+            await client.aclose()
         except (RedisConnectionError, RedisTimeoutError):
             self._stale = True if self._primary is client else self._stale
             raise
