@@ -49,7 +49,7 @@ from lapse.sessions.stores.redis.client import (
     Script,
 )
 
-__all__ = ["SentinelClient"]
+__all__ = ["SentinelClient", "UnknownServiceError"]
 
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
@@ -60,6 +60,11 @@ _IDLE_PING = 5.0
 """Seconds of silence on the subscription before a PING checks the sentinel."""
 
 _CHANNEL = "+switch-master"
+
+
+class UnknownServiceError(RedisError):
+    """Sentinels answered, and none monitors a primary by that name: a
+    configuration mistake that retrying does not mend."""
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -286,7 +291,7 @@ class SentinelClient:
                 ask.cancel()
             await asyncio.wait(asks)
         if unknown:
-            raise RedisError(
+            raise UnknownServiceError(
                 f"no sentinel knows a primary named {self.service!r} (asked {', '.join(unknown)})"
             )
         raise RedisConnectionError(
