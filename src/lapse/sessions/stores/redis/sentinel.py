@@ -120,6 +120,7 @@ class SentinelClient:
         self._discovered_at = float("-inf")
         self._discovery: asyncio.Task[tuple[str, int]] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._announced = 0  # +switch-master messages acted on
         self.switches = 0
         """How many times the primary changed (for tests and metrics)."""
         self.discoveries = 0
@@ -220,7 +221,13 @@ class SentinelClient:
             not self._stale or loop.time() - self._discovered_at < _REDISCOVER_EVERY
         ):
             return primary
+        announced = self._announced
         host, port = await self._discover()
+        if self._announced != announced and self._primary is not None:
+            # A +switch-master came while the sentinels were asked: it is
+            # newer than their answer.
+            self._stale = False
+            return self._primary
         await self._switch(host, port)
         current = self._primary
         if current is None:  # closed meanwhile
@@ -400,4 +407,5 @@ class SentinelClient:
         if len(fields) != 5 or fields[0] != self.service or not fields[4].isdigit():
             return
         self._discovered_at = asyncio.get_running_loop().time()
+        self._announced += 1
         await self._switch(fields[3], int(fields[4]))
