@@ -429,6 +429,7 @@ class RedisClient:
             )
         )
         conn: _Connection | None = None
+        replies: list[asyncio.Future[Any]] = []
         try:
             _, conn = await self._within_timeout(connecting)
             # The handshake's replies are bounded by the connection's watchdog.
@@ -450,6 +451,9 @@ class RedisClient:
         except BaseException:
             if conn is not None:
                 conn.fail(RedisConnectionError, "handshake failed")
+                for reply in replies:  # those after the one that failed: seen
+                    if reply.done() and not reply.cancelled():
+                        reply.exception()
                 await asyncio.wait([conn.closed])  # its socket closed, not soon
             raise
         if generation != self._generation or conn.failed:

@@ -322,22 +322,20 @@ class SentinelClient:
     async def _watch(self) -> None:
         """Keep a ``+switch-master`` subscription on some sentinel, for ever."""
         index = 0
-        resubscribed = False
         while True:
             before = self.subscriptions
             for _ in self.sentinels:
                 host, port = self.sentinels[index % len(self.sentinels)]
                 index += 1
                 with contextlib.suppress(OSError, RedisError, TimeoutError):
-                    await self._follow(host, port, resubscribed)
+                    await self._follow(host, port)
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():  # a cancel lost on the way
                     raise asyncio.CancelledError
-                resubscribed = True
             if self.subscriptions == before:  # none would answer: wait a little
                 await asyncio.sleep(self.timeout)
 
-    async def _follow(self, host: str, port: int, resync: bool) -> None:
+    async def _follow(self, host: str, port: int) -> None:
         """Subscribe on one sentinel and act on its messages until the
         connection is lost (an error) or the sentinel goes silent."""
         # asyncio.timeout, not wait_for: wait_for (3.11) can lose a
@@ -358,10 +356,10 @@ class SentinelClient:
                     raise RedisError(f"sentinel {host}:{port}: {reply}")
                 replies += 1
             self.subscriptions += 1
-            if resync:
-                # A switch may have happened while no subscription was held.
-                self._stale = True
-                self._discovered_at = float("-inf")
+            # A switch may have happened while no subscription was held (the
+            # first one included: the primary may have been found before).
+            self._stale = True
+            self._discovered_at = float("-inf")
             waiting_pong = False
             while True:
                 try:
