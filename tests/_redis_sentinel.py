@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -117,13 +118,15 @@ class _Sentinel:
 class SentinelSetup:
     """A primary, one replica of it and 3 sentinels monitoring it as
     :data:`SERVICE`. ``password`` protects both Redis servers
-    (``requirepass`` and ``masterauth``), not the sentinels."""
+    (``requirepass`` and ``masterauth``), not the sentinels; ``server_args``
+    are more options for both servers."""
 
     service = SERVICE
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, server_args: Sequence[str] = ()) -> None:
         self.password = password
         auth = [] if password is None else ["--requirepass", password, "--masterauth", password]
+        auth += server_args
         self.servers: list[RedisServer] = []
         self._sentinels: list[_Sentinel] = []
         try:
