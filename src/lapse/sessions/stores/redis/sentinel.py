@@ -24,8 +24,17 @@ connection) to the current primary. How it finds and follows that primary:
   another node. A connection to the primary that fails makes the next call
   ask the sentinels again (at most every 0.1 s).
 - **Failing fast.** No call waits for a failover to end: each fails within
-  about ``timeout`` (discovery, then the primary's connection, each bounded
-  by it) and the client works again, unchanged, once a primary is elected.
+  about twice ``timeout`` at worst (discovery, then the primary's
+  connection, each bounded by it; a refused connection fails at once) and
+  the client works again, unchanged, once a primary is elected.
+- **Idle cost.** One ``PING`` every 5 s on the subscription, to one
+  sentinel; the sentinels are asked only on a switch, a (re)subscription or
+  a failing primary.
+- **Not closed by a failover: the loss window.** Sentinel names the new
+  primary (``+switch-master``) only when its failover ends; until then the
+  old primary, if it is still up, accepts the writes sent to it, and they
+  are lost when it is made a replica. Deploy the primaries with
+  ``min-replicas-to-write 1`` to have them refused instead (see the docs).
 """
 
 from __future__ import annotations
