@@ -67,7 +67,13 @@ def ask(port: int, *args: str | int, password: str | None = None, timeout: float
 class _Sentinel:
     """One sentinel process with its config file in a temp dir."""
 
-    def __init__(self, command: list[str], primary_port: int, password: str | None) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        primary_port: int,
+        password: str | None,
+        sentinel_password: str | None,
+    ) -> None:
         self.command = command
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="lapse-sentinel-")
@@ -85,6 +91,8 @@ class _Sentinel:
         ]
         if password is not None:
             lines.append(f"sentinel auth-pass {SERVICE} {password}")
+        if sentinel_password is not None:
+            lines.append(f"requirepass {sentinel_password}")
         self.config = Path(self.dir, "sentinel.conf")
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -118,13 +126,19 @@ class _Sentinel:
 class SentinelSetup:
     """A primary, one replica of it and 3 sentinels monitoring it as
     :data:`SERVICE`. ``password`` protects both Redis servers
-    (``requirepass`` and ``masterauth``), not the sentinels; ``server_args``
-    are more options for both servers."""
+    (``requirepass`` and ``masterauth``), ``sentinel_password`` the sentinels
+    (their ``requirepass``); ``server_args`` are more options for both servers."""
 
     service = SERVICE
 
-    def __init__(self, password: str | None = None, server_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        password: str | None = None,
+        server_args: Sequence[str] = (),
+        sentinel_password: str | None = None,
+    ) -> None:
         self.password = password
+        self.sentinel_password = sentinel_password
         auth = [] if password is None else ["--requirepass", password, "--masterauth", password]
         auth += server_args
         self.servers: list[RedisServer] = []
@@ -139,7 +153,7 @@ class SentinelSetup:
             self._wait(lambda: self._linked(replica.port), "the replica to sync")
             command = sentinel_binary()
             for _ in range(3):
-                sentinel = _Sentinel(command, first.port, password)
+                sentinel = _Sentinel(command, first.port, password, sentinel_password)
                 self._sentinels.append(sentinel)
                 sentinel.start()
             self._wait(self._sentinels_ready, "the sentinels to know each other and the replica")
@@ -163,7 +177,10 @@ class SentinelSetup:
         the first one running) names it."""
         if sentinel is None:
             sentinel = self._running()[0]
-        reply = ask(self._sentinels[sentinel].port, "SENTINEL", "get-master-addr-by-name", SERVICE)
+        port = self._sentinels[sentinel].port
+        reply = ask(
+            port, "SENTINEL", "get-master-addr-by-name", SERVICE, password=self.sentinel_password
+        )
         return int(reply[1])
 
     def server_on(self, port: int) -> RedisServer:
@@ -178,7 +195,8 @@ class SentinelSetup:
         primary's port, once every running sentinel names it and it says it
         is a master."""
         old = self.primary_port(sentinel)
-        reply = ask(self._sentinels[sentinel].port, "SENTINEL", "FAILOVER", SERVICE)
+        port = self._sentinels[sentinel].port
+        reply = ask(port, "SENTINEL", "FAILOVER", SERVICE, password=self.sentinel_password)
         assert reply == "OK", reply
         return self.wait_for_new_primary(old, timeout)
 
@@ -246,8 +264,9 @@ class SentinelSetup:
             if sentinel.proc is not None and sentinel.proc.poll() is not None:
                 raise RuntimeError(f"sentinel on port {sentinel.port} exited:\n{sentinel.log}")
             try:
-                master = ask(sentinel.port, "SENTINEL", "master", SERVICE)
-                replicas = ask(sentinel.port, "SENTINEL", "replicas", SERVICE)
+                password = self.sentinel_password
+                master = ask(sentinel.port, "SENTINEL", "master", SERVICE, password=password)
+                replicas = ask(sentinel.port, "SENTINEL", "replicas", SERVICE, password=password)
             except OSError:
                 return False
             if not isinstance(master, list) or not isinstance(replicas, list):

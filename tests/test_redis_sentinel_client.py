@@ -207,6 +207,7 @@ async def test_a_primary_demoted_under_the_connection_is_dropped_on_readonly(
 # -- AUTH ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_auth_on_the_primary_and_a_bad_password_is_a_clear_error() -> None:
     with SentinelSetup(password="primary-pw") as setup:
 
@@ -219,6 +220,32 @@ def test_auth_on_the_primary_and_a_bad_password_is_a_clear_error() -> None:
                     await bad.execute("ECHO", "in")
                 assert "WRONGPASS" in str(caught.value) or "invalid" in str(caught.value)
                 assert "not-the-pw" not in str(caught.value)
+            finally:
+                await good.aclose()
+                await bad.aclose()
+
+        asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_sentinels_with_a_password_and_a_wrong_one_is_a_clear_error() -> None:
+    """Sentinels with requirepass: the client authenticates its questions and
+    its subscription with sentinel_password; a wrong one fails the call with
+    the sentinels' answer, and the password is in no message."""
+    with SentinelSetup(sentinel_password="sentinel-pw") as setup:
+
+        async def run() -> None:
+            good = client_for(setup, sentinel_password="sentinel-pw")
+            bad = client_for(setup, sentinel_password="wrong-sentinel-pw")
+            try:
+                assert await good.execute("ECHO", "in") == "in"
+                await eventually(lambda: good.subscriptions == 1)
+                with pytest.raises(RedisConnectionError, match="no sentinel answered") as caught:
+                    await bad.execute("ECHO", "in")
+                assert "WRONGPASS" in str(caught.value) or "invalid" in str(caught.value)
+                assert "wrong-sentinel-pw" not in str(caught.value)
+                await asyncio.sleep(0.2)
+                assert bad.subscriptions == 0
             finally:
                 await good.aclose()
                 await bad.aclose()
