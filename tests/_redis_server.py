@@ -31,6 +31,7 @@ from _ports import free_port
 __all__ = [
     "CountingTransport",
     "RedisServer",
+    "apt_install",
     "commands_and_clients",
     "commands_sent",
     "full_commands",
@@ -42,23 +43,29 @@ _POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 def redis_server_binary() -> str:
     """The path of ``redis-server``, installing the Debian package if needed."""
-    found = shutil.which("redis-server")
+    return apt_install("redis-server", "redis-server")
+
+
+def apt_install(package: str, binary: str) -> str:
+    """The path of ``binary``, installing the Debian ``package`` that has it
+    if it is missing (its service kept from starting)."""
+    found = shutil.which(binary)
     if found:
         return found
     if os.geteuid() != 0:
         raise RuntimeError(
-            "redis-server is not installed and we are not root to install it: "
-            "run `apt-get install -y redis-server` (the tests start their own server)"
+            f"{binary} is not installed and we are not root to install it: "
+            f"run `apt-get install -y {package}` (the tests start their own server)"
         )
     # pytest-xdist workers may all get here at once: one installs, the others
     # wait for it on this lock and then find the binary.
     with open(os.path.join(tempfile.gettempdir(), "lapse-tests-apt.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        found = shutil.which("redis-server")
-        return found if found else _install_redis_server()
+        found = shutil.which(binary)
+        return found if found else _install(package, binary)
 
 
-def _install_redis_server() -> str:
+def _install(package: str, binary: str) -> str:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     # Keep the package's service from starting (policy-rc.d exit 101 = "not
     # allowed"): the tests use their own process, never one on 6379.
@@ -70,7 +77,7 @@ def _install_redis_server() -> str:
     try:
         # Wait for a dpkg lock another program holds rather than fail at once.
         install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y"]
-        install += ["--no-install-recommends", "redis-server"]
+        install += ["--no-install-recommends", package]
         done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
@@ -78,10 +85,10 @@ def _install_redis_server() -> str:
     finally:
         if made_policy:
             _POLICY_RC_D.unlink(missing_ok=True)
-    found = shutil.which("redis-server")
+    found = shutil.which(binary)
     if done.returncode != 0 or not found:
         raise RuntimeError(
-            "could not install redis-server with apt-get "
+            f"could not install {package} with apt-get "
             f"(exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         )
     return found

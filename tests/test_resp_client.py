@@ -9,7 +9,6 @@ by its PID; the others share the session's ``redis_server``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import signal
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 from _helpers import aio
+from _loops import event_loop_kind, sockets_to  # noqa: F401 (an autouse fixture)
 from _redis_server import CountingTransport, RedisServer
 from _tls import make_certificates
 
@@ -35,21 +35,6 @@ from lapse.sessions.stores.redis.client import (
     ReplyError,
     Script,
 )
-
-
-@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
-def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test runs on asyncio's own loop and on uvloop (the server's)."""
-    if request.param == "asyncio":
-        yield "asyncio"
-        return
-    uvloop = pytest.importorskip("uvloop")
-    previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    try:
-        yield "uvloop"
-    finally:
-        asyncio.set_event_loop_policy(previous)
 
 
 @pytest.fixture
@@ -121,7 +106,8 @@ async def test_commands_from_different_ticks_are_separate_writes(redis_server: R
 
 @aio
 async def test_replies_decode_to_python_values(
-    redis_server: RedisServer, event_loop_kind: str
+    redis_server: RedisServer,
+    event_loop_kind: str,  # noqa: F811 (the fixture)
 ) -> None:
     loop_module = type(asyncio.get_running_loop()).__module__
     assert loop_module.startswith("uvloop") == (event_loop_kind == "uvloop")
@@ -325,20 +311,6 @@ def test_a_client_moves_to_a_new_event_loop(redis_server: RedisServer) -> None:
 
     asyncio.run(close())
     gc.collect()  # an unclosed transport or socket reports itself here
-
-
-def sockets_to(port: int) -> int:
-    """How many TCP sockets this process holds open to 127.0.0.1:``port``."""
-    fds = "/proc/self/fd"
-    inodes = set()
-    for fd in os.listdir(fds):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"{fds}/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    with open("/proc/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    return sum(1 for row in rows if int(row[2].split(":")[1], 16) == port and row[9] in inodes)
 
 
 @aio

@@ -61,6 +61,7 @@ __all__ = [
     "RedisClient",
     "RedisConnectionError",
     "RedisError",
+    "RedisRoleError",
     "RedisTimeoutError",
     "ReplyError",
     "Script",
@@ -86,6 +87,11 @@ class RedisConnectionError(RedisError):
 
 class RedisTimeoutError(RedisError):
     """The server did not answer (or accept a connection) within the timeout."""
+
+
+class RedisRoleError(RedisConnectionError):
+    """The server is not in the role the client requires (a replica where a
+    primary is wanted): the connection was closed."""
 
 
 class _ProtocolError(RedisConnectionError):
@@ -318,7 +324,10 @@ class RedisClient:
     connecting (with the ``AUTH``/``SELECT`` handshake) and the server's
     silence while commands are pending. TLS: ``ssl_context`` (see
     :class:`~lapse.sessions.stores.redis.url.TLSOptions`), or ``tls=True``
-    for the default context (the system's CAs, hostname checked).
+    for the default context (the system's CAs, hostname checked). With
+    ``require_role`` (say ``"master"``), ``ROLE`` is sent with the handshake
+    (the same write) and a server in another role (a replica) is dropped:
+    the connection fails with :class:`RedisRoleError`.
     """
 
     def __init__(
@@ -332,6 +341,7 @@ class RedisClient:
         tls: bool = False,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 1.0,
+        require_role: str | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
@@ -343,6 +353,7 @@ class RedisClient:
         self._password = password
         self._tls = tls
         self._ssl_context = ssl_context
+        self._require_role = require_role
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._generation = 0
@@ -439,6 +450,8 @@ class RedisClient:
     def _connected(self, task: asyncio.Task[_Connection]) -> None:
         if self._connecting is task:
             self._connecting = None
+        if not task.cancelled():
+            task.exception()  # seen: its callers may all have given up on it
 
     async def _open(self, generation: int) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -454,12 +467,21 @@ class RedisClient:
             )
         )
         conn: _Connection | None = None
+        replies: list[asyncio.Future[Any]] = []
         try:
             _, conn = await self._within_timeout(connecting)
             # The handshake's replies are bounded by the connection's watchdog.
             replies = [conn.send(_pack(command)) for command in self._handshake()]
+            role: Any = None  # the last reply: ROLE's, when a role is required
             for reply in replies:
-                await reply
+                role = await reply
+            if self._require_role is not None and (
+                not isinstance(role, list) or not role or role[0] != self._require_role
+            ):
+                found = role[0] if isinstance(role, list) and role else role
+                raise RedisRoleError(
+                    f"{self.host}:{self.port} is in role {found!r}, not {self._require_role!r}"
+                )
         except TimeoutError as exc:
             raise RedisTimeoutError(f"no connection within {self.timeout:g}s") from exc
         except OSError as exc:
@@ -467,6 +489,9 @@ class RedisClient:
         except BaseException:
             if conn is not None:
                 conn.fail(RedisConnectionError, "handshake failed")
+                for reply in replies:  # those after the one that failed: seen
+                    if reply.done() and not reply.cancelled():
+                        reply.exception()
                 await asyncio.wait([conn.closed])  # its socket closed, not soon
             raise
         if generation != self._generation or conn.failed:
@@ -507,6 +532,8 @@ class RedisClient:
                 commands.append(("AUTH", self._password))
         if self.db:
             commands.append(("SELECT", self.db))
+        if self._require_role is not None:
+            commands.append(("ROLE",))
         return commands
 
     def _lost(self, conn: _Connection) -> None:

@@ -23,6 +23,7 @@ from lapse.sessions.stores.redis.values import US, decoded, encode, encoded, fie
 try:
     from lapse.sessions.stores.redis.client import RedisClient, RedisError, ReplyError, Script
     from lapse.sessions.stores.redis.cluster import ClusterClient
+    from lapse.sessions.stores.redis.sentinel import SentinelClient, UnknownServiceError
 
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -76,6 +77,8 @@ resolver could not answer now: ``EAI_AGAIN`` passes)."""
 
 def _permanent(exc: BaseException) -> bool:
     """Whether a client failure is one the store can never get past as configured."""
+    if isinstance(exc, UnknownServiceError):
+        return True
     if isinstance(exc, ReplyError):
         return str(exc).startswith(_PERMANENT_REPLIES)
     seen: BaseException | None = exc
@@ -103,6 +106,18 @@ def _where(target: Target) -> str:
 
 def _commands_for(target: Target, timeout: float) -> Commands:
     """The connection for ``target``: one node, a cluster, or a Sentinel's primary."""
+    if target.kind == "sentinel":
+        assert target.service is not None
+        return SentinelClient(
+            target.nodes,
+            target.service,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            sentinel_password=target.sentinel_password,
+            ssl_context=target.ssl_context,
+            timeout=timeout,
+        )
     if target.kind == "cluster":
         return ClusterClient(
             target.nodes,
