@@ -331,10 +331,8 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
             "hiredis",
         )
     )
-    redis_line = "- redis-server: not used"
-    if b.redis is not None:
-        origin = "started by the bench" if b.redis.owned else "given by --redis-url"
-        redis_line = f"- redis-server {b.redis.version} on 127.0.0.1 ({origin})"
+    used = [f"- {redis.description}" for redis in (b.redis, b.cluster) if redis is not None]
+    redis_lines = used or ["- redis-server: not used"]
     lines = [
         "# lapse and its peers: the seed program's GET /logme",
         "",
@@ -348,7 +346,7 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
         f"--latency`, median of {opts.repeats} runs per figure, one fresh server per figure, "
         f"127.0.0.1; discarded warm-up: {opts.warmup} s (touch), {opts.create_warmup} s "
         "(create)",
-        redis_line,
+        *redis_lines,
         "- touch: one cookie-less GET makes a session before each wrk run, every request "
         "carries its cookie, and a GET right after the run must find the same session "
         "(session kept); create: no cookie, so every request makes a session",
