@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,9 @@ def _pings(port: int) -> bool:
 class ClusterNode:
     """One ``redis-server --cluster-enabled yes`` process, no persistence."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.port = free_port()
-        self.bus_port = free_port()  # not port + 10000: that may be taken
+    def __init__(self, binary: str, workdir: Path, free: Callable[[], int]) -> None:
+        self.port = free()
+        self.bus_port = free()  # not port + 10000: that may be taken
         self.dir = workdir / str(self.port)
         self.dir.mkdir()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -92,7 +93,14 @@ class ClusterNode:
 class ClusterHandle:
     """A 6-node Redis Cluster (3 primaries, 3 replicas) started for the bench."""
 
-    def __init__(self, primaries: int = 3, replicas: int = 1, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        primaries: int = 3,
+        replicas: int = 1,
+        timeout: float = 30.0,
+        free: Callable[[], int] = free_port,
+    ) -> None:
+        """``free``: where the nodes' ports (client and bus) come from."""
         import redis
 
         binary = shutil.which("redis-server")
@@ -105,7 +113,7 @@ class ClusterHandle:
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-redis-cluster-")
         workdir = Path(self._tmp.name)
         count = primaries * (1 + replicas)
-        self.nodes = [ClusterNode(binary, workdir) for _ in range(count)]
+        self.nodes = [ClusterNode(binary, workdir, free) for _ in range(count)]
         self.owned = True
         self.clients: dict[int, Any] = {}
         try:

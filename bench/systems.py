@@ -100,6 +100,9 @@ SYSTEMS: dict[str, System] = {
 }  # fmt: skip
 REFERENCE = "lapse-memory"
 BARE = "uvicorn-bare"
+SINGLE_REDIS = "lapse-redis"
+CLUSTER = "lapse-redis-cluster"
+"""lapse on the Redis Cluster, compared with lapse on one Redis node (SINGLE_REDIS)."""
 
 
 def get_logme(port: int, cookie: str | None = None) -> tuple[int, list[str]]:
