@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from bench.options import Options
 from bench.scenarios import Outcome, Results, TouchRun
-from bench.systems import BARE, REFERENCE
+from bench.systems import BARE, CLUSTER, REFERENCE, SINGLE_REDIS
 
 
 def median_or_none(values: list[float | None]) -> float | None:
@@ -62,7 +62,8 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 def targets(results: Results, opts: Options) -> list[Target]:
     o = results.outcomes.get
     lapse, twisted = o(REFERENCE), o("twisted")
-    bare, lapse_redis, aio_redis = o(BARE), o("lapse-redis"), o("aiohttp-redis")
+    bare, lapse_redis, aio_redis = o(BARE), o(SINGLE_REDIS), o("aiohttp-redis")
+    lapse_cluster = o(CLUSTER)
     top = max(opts.memory_counts) if opts.memory_counts else 0
     memory_ratio = ratio(memory_per_session(lapse, top), memory_per_session(twisted, top))
     live_ratio = ratio(
@@ -121,5 +122,11 @@ def targets(results: Results, opts: Options) -> list[Target]:
             "lapse Redis / lapse memory",
             ratio(touch_rps(lapse_redis), touch_rps(lapse)),
             0.5,
+        ),
+        Target(
+            "touch req/s: lapse (Redis Cluster) >= 0.8 x lapse (Redis), one process",
+            "lapse cluster / lapse Redis",
+            ratio(touch_rps(lapse_cluster), touch_rps(lapse_redis)),
+            0.8,
         ),
     ]

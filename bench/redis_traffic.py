@@ -9,8 +9,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bench.systems import HOST, PATH, REPO_DIR, System, session_cookie
 
@@ -20,11 +21,29 @@ class RedisSnapshot:
     at: float
     reads: int
     calls: dict[str, int]
+    infos: int = 1
+    """INFO calls the snapshot itself made (one per node): its own read events."""
 
     def commands(self) -> int:
-        """Calls of every command but the bench's own (INFO, MONITOR, FLUSHALL)."""
-        own = {"info", "monitor", "flushall"}
+        """Calls of every command but the bench's own (INFO, MONITOR, FLUSHALL, SCRIPT)
+        and replication's (REPLCONF ACK: a cluster's replicas, once a second)."""
+        own = {"info", "monitor", "flushall", "script|flush", "replconf"}
         return sum(n for name, n in self.calls.items() if name not in own)
+
+    def client_reads(self) -> int:
+        """Read events, but a replica's REPLCONF ACKs (one read each)."""
+        return self.reads - self.calls.get("replconf", 0)
+
+
+def node_snapshot(client: Any) -> RedisSnapshot:
+    """One node's counters (one INFO, on a redis-py client)."""
+    info = client.info("stats", "commandstats")
+    calls = {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in info.items()
+        if name.startswith("cmdstat_")
+    }
+    return RedisSnapshot(time.monotonic(), int(info["total_reads_processed"]), calls)
 
 
 class RedisHandle:
@@ -49,19 +68,20 @@ class RedisHandle:
         kwargs = self.client.connection_pool.connection_kwargs
         self.host, self.port = kwargs.get("host", HOST), int(kwargs.get("port", 6379))
         self.version = str(self.client.info("server").get("redis_version", "?"))
+        self.addresses = [(self.host, self.port)]
+        """The nodes to MONITOR: this one."""
+        origin = "started by the bench" if self.owned else "given by --redis-url"
+        self.description = f"redis-server {self.version} on 127.0.0.1 ({origin})"
 
     def flush(self) -> None:
         if self.owned:
             self.client.flushall()
 
+    def node_snapshots(self) -> list[RedisSnapshot]:
+        return [node_snapshot(self.client)]
+
     def snapshot(self) -> RedisSnapshot:
-        info = self.client.info("stats", "commandstats")
-        calls = {
-            name.removeprefix("cmdstat_"): int(value["calls"])
-            for name, value in info.items()
-            if name.startswith("cmdstat_")
-        }
-        return RedisSnapshot(time.monotonic(), int(info["total_reads_processed"]), calls)
+        return node_snapshot(self.client)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -106,14 +126,13 @@ class Monitor:
 
 
 _MONITOR_LINE = re.compile(r'^\+[\d.]+ \[\d+ ([^\]]+)\] "([^"]*)"')
+_HASH_TAG = re.compile(r'"[^"{]*\{([^}"]+)\}')
+"""The hash tag of a command's first argument that has one: the store's shard."""
 
 
-def monitor_window(lines: list[str]) -> tuple[int, int, dict[str, int]]:
-    """Commands between the bench's two INFO calls: (client commands, commands run
-    inside Lua scripts, client commands by name)."""
+def _window(lines: list[str]) -> Iterator[tuple[str, str, str]]:
+    """(source, lower-case name, line) of each command between the bench's two INFO calls."""
     marks = 0
-    top = lua = 0
-    names: dict[str, int] = {}
     for line in lines:
         match = _MONITOR_LINE.match(line)
         if match is None:
@@ -122,18 +141,83 @@ def monitor_window(lines: list[str]) -> tuple[int, int, dict[str, int]]:
         if source != "lua" and name == "info":
             marks += 1
             if marks == 2:
-                break
+                return
             continue
-        if marks != 1:
-            continue
+        if marks == 1:
+            yield source, name, line
+    raise RuntimeError("MONITOR feed lacks the bench's INFO marks")
+
+
+def monitor_window(lines: list[str]) -> tuple[int, int, dict[str, int]]:
+    """Commands between the bench's two INFO calls: (client commands, commands run
+    inside Lua scripts, client commands by name)."""
+    top = lua = 0
+    names: dict[str, int] = {}
+    for source, name, _ in _window(lines):
         if source == "lua":
             lua += 1
         else:
             top += 1
             names[name] = names.get(name, 0) + 1
-    if marks < 2:
-        raise RuntimeError("MONITOR feed lacks the bench's INFO marks")
     return top, lua, names
+
+
+def monitor_shards(lines: list[str]) -> dict[str, int]:
+    """Client commands between the bench's two INFO calls by the hash tag of their keys
+    (the store's shard; ``""``: no tag, a single node's untagged layout or a keyless
+    command)."""
+    shards: dict[str, int] = {}
+    for source, _, line in _window(lines):
+        if source != "lua":
+            match = _HASH_TAG.search(line, line.index("]"))
+            tag = match.group(1) if match else ""
+            shards[tag] = shards.get(tag, 0) + 1
+    return shards
+
+
+class Monitors:
+    """MONITOR on each of ``addresses`` (a context manager); ``stop()`` gives each
+    node's lines."""
+
+    def __init__(self, addresses: list[tuple[str, int]]) -> None:
+        self._monitors: list[Monitor] = []
+        try:
+            for host, port in addresses:
+                self._monitors.append(Monitor(host, port))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> list[list[str]]:
+        monitors, self._monitors = self._monitors, []
+        return [monitor.stop() for monitor in monitors]
+
+
+def combined(snapshots: list[RedisSnapshot]) -> RedisSnapshot:
+    """Several nodes' counters as one (taken one after the other: the last one's time)."""
+    calls: dict[str, int] = {}
+    for each in snapshots:
+        for name, n in each.calls.items():
+            calls[name] = calls.get(name, 0) + n
+    reads = sum(s.reads for s in snapshots)
+    return RedisSnapshot(snapshots[-1].at, reads, calls, sum(s.infos for s in snapshots))
+
+
+class RedisTarget(Protocol):
+    """What the bench measures Redis traffic on: one node, or a cluster's primaries."""
+
+    url: str
+    owned: bool
+    description: str
+    addresses: list[tuple[str, int]]
+
+    def flush(self) -> None: ...
+
+    def node_snapshots(self) -> list[RedisSnapshot]: ...
+
+    def snapshot(self) -> RedisSnapshot: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -149,6 +233,11 @@ class RedisCounts:
     """Per second: commands sent by clients (MONITOR, not Lua-internal)."""
     idle_names: dict[str, float] = field(default_factory=dict)
     """Per second, by name: the idle client commands."""
+    idle_node_commands: list[float] = field(default_factory=list)
+    """Per second, per node (a cluster's primaries): commands, as ``idle_commands``."""
+    idle_shards: dict[str, float] = field(default_factory=dict)
+    """Per second, by the hash tag of their keys (the store's shard): idle client
+    commands (``""``: untagged)."""
     reads_per_request: list[float] = field(default_factory=list)
     """Per wrk touch run: round trips (read events) per request, idle subtracted."""
     commands_per_request: list[float] = field(default_factory=list)
@@ -166,30 +255,45 @@ class RedisCounts:
         return abs(self.monitor_client_commands - self.monitor_reads) < 0.1
 
 
-def measure_idle(redis: RedisHandle, seconds: float, counts: RedisCounts) -> None:
-    monitor = Monitor(redis.host, redis.port)
+def measure_idle(redis: RedisTarget, seconds: float, counts: RedisCounts) -> None:
+    """The commands Redis gets while no request comes: in all, per node, per shard."""
+    monitors = Monitors(redis.addresses)
     try:
-        before = redis.snapshot()
+        before = redis.node_snapshots()
         time.sleep(seconds)
-        after = redis.snapshot()
+        after = redis.node_snapshots()
     finally:
-        lines = monitor.stop()
-    elapsed = after.at - before.at
-    top, _, names = monitor_window(lines)
+        feeds = monitors.stop()
+    elapsed = after[-1].at - before[-1].at
+    tops, names, shards = 0, {}, {}
+    for lines in feeds:
+        top, _, node_names = monitor_window(lines)
+        tops += top
+        for name, n in node_names.items():
+            names[name] = names.get(name, 0) + n
+        for tag, n in monitor_shards(lines).items():
+            shards[tag] = shards.get(tag, 0) + n
+    total_before, total_after = combined(before), combined(after)
     counts.idle_seconds = elapsed
-    counts.idle_reads = (after.reads - before.reads - 1) / elapsed  # - our own INFO
-    counts.idle_commands = (after.commands() - before.commands()) / elapsed
-    counts.idle_client_commands = top / elapsed
+    counts.idle_reads = (
+        total_after.client_reads() - total_before.client_reads() - total_after.infos
+    ) / elapsed
+    counts.idle_commands = (total_after.commands() - total_before.commands()) / elapsed
+    counts.idle_node_commands = [
+        (a.commands() - b.commands()) / elapsed for b, a in zip(before, after, strict=True)
+    ]
+    counts.idle_client_commands = tops / elapsed
     counts.idle_names = {name: n / elapsed for name, n in sorted(names.items())}
+    counts.idle_shards = {tag: n / elapsed for tag, n in sorted(shards.items())}
 
 
 def measure_monitored(
-    redis: RedisHandle, port: int, system: System, requests: int, counts: RedisCounts
+    redis: RedisTarget, port: int, system: System, requests: int, counts: RedisCounts
 ) -> None:
     """``requests`` sequential touches on one keep-alive connection, under MONITOR."""
     cookie = session_cookie(port, system)
     conn = http.client.HTTPConnection(HOST, port, timeout=5)
-    monitor = Monitor(redis.host, redis.port)
+    monitors = Monitors(redis.addresses)
     try:
         before = redis.snapshot()
         for _ in range(requests):
@@ -200,16 +304,22 @@ def measure_monitored(
                 raise RuntimeError(f"monitored touch got status {response.status}")
         after = redis.snapshot()
     finally:
-        lines = monitor.stop()
+        feeds = monitors.stop()
         conn.close()
     elapsed = after.at - before.at
-    top, lua, names = monitor_window(lines)
+    top = lua = 0
+    names: dict[str, int] = {}
+    for lines in feeds:
+        node_top, node_lua, node_names = monitor_window(lines)
+        top, lua = top + node_top, lua + node_lua
+        for name, n in node_names.items():
+            names[name] = names.get(name, 0) + n
     counts.monitor_requests = requests
     counts.monitor_client_commands = (top - counts.idle_client_commands * elapsed) / requests
     counts.monitor_lua_commands = lua / requests
-    counts.monitor_reads = (after.reads - before.reads - 1 - counts.idle_reads * elapsed) / (
-        requests
-    )
+    counts.monitor_reads = (
+        after.client_reads() - before.client_reads() - after.infos - counts.idle_reads * elapsed
+    ) / requests
     per_name = {
         name: (n - counts.idle_names.get(name, 0.0) * elapsed) / requests
         for name, n in sorted(names.items())

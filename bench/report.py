@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from bench.figures import (
 from bench.loadgen import WrkResult
 from bench.options import Options
 from bench.scenarios import Bench, Results, TouchRun
-from bench.systems import REFERENCE, REPO_DIR, SYSTEMS, System
+from bench.systems import CLUSTER, REFERENCE, REPO_DIR, SINGLE_REDIS, SYSTEMS, System
 
 
 def version_of(dist: str) -> str:
@@ -202,6 +203,64 @@ def redis_table(results: Results) -> list[str]:
     return lines
 
 
+def cluster_table(results: Results) -> list[str]:
+    """lapse on the Redis Cluster beside lapse on one Redis node, and their ratio."""
+    single, cluster = results.outcomes.get(SINGLE_REDIS), results.outcomes.get(CLUSTER)
+    if cluster is None:
+        return []
+    lines = [
+        f"| Figure | {SYSTEMS[SINGLE_REDIS].label} | {SYSTEMS[CLUSTER].label} "
+        "| cluster / single node |",
+        "|---|---:|---:|---:|",
+    ]
+    for figure, rate in (("touch req/s", touch_rps), ("create req/s", create_rps)):
+        a, b = rate(single), rate(cluster)
+        lines.append(f"| {figure} | {num(a)} | {num(b)} | {times(ratio(b, a))} |")
+    for figure, runs in (
+        ("touch p99", lambda o: [r.result for r in o.touch]),
+        ("create p99", lambda o: o.create),
+    ):
+        a_p99 = median_or_none([r.p99_ms for r in runs(single)]) if single else None
+        b_p99 = median_or_none([r.p99_ms for r in runs(cluster)])
+        lines.append(
+            f"| {figure} | {num(a_p99, '.2f', ' ms')} | {num(b_p99, '.2f', ' ms')} "
+            f"| {times(ratio(b_p99, a_p99))} |"
+        )
+    return lines
+
+
+def idle_table(results: Results) -> list[str]:
+    """What one lapse process sends to Redis while no request comes."""
+    rows = [(k, o.redis) for k, o in results.outcomes.items() if o.redis is not None]
+    if not rows:
+        return []
+    lines = [
+        "| System | client commands/s | commands/s incl. inside Lua | per node (primary), "
+        "commands/s incl. Lua | shards | per shard, client commands/s | by name, client "
+        "commands/s |",
+        "|---|---:|---:|---|---:|---|---|",
+    ]
+    for key, c in rows:
+        assert c is not None
+        per_node = ", ".join(f"{v:.1f}" for v in c.idle_node_commands) or "—"
+        tagged = [v for tag, v in c.idle_shards.items() if tag]
+        if tagged:
+            shards = str(len(tagged))
+            low, mid, high = min(tagged), statistics.median(tagged), max(tagged)
+            per_shard = f"{mid:.1f} (min {low:.1f}, max {high:.1f})"
+            untagged = c.idle_shards.get("", 0.0)
+            if untagged:
+                per_shard += f"; + {untagged:.1f} without a tag"
+        else:
+            shards, per_shard = "1 (untagged)", f"{c.idle_client_commands:.1f}"
+        names = ", ".join(f"{n} {v:.1f}" for n, v in c.idle_names.items()) or "—"
+        lines.append(
+            f"| {SYSTEMS[key].label} | {c.idle_client_commands:.1f} | {c.idle_commands:.1f} "
+            f"| {per_node} | {shards} | {per_shard} | {names} |"
+        )
+    return lines
+
+
 def targets_lines(found: list[Target]) -> list[str]:
     lines = ["| Target | measured | value | verdict |", "|---|---|---:|---|"]
     for t in found:
@@ -331,10 +390,8 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
             "hiredis",
         )
     )
-    redis_line = "- redis-server: not used"
-    if b.redis is not None:
-        origin = "started by the bench" if b.redis.owned else "given by --redis-url"
-        redis_line = f"- redis-server {b.redis.version} on 127.0.0.1 ({origin})"
+    used = [f"- {redis.description}" for redis in (b.redis, b.cluster) if redis is not None]
+    redis_lines = used or ["- redis-server: not used"]
     lines = [
         "# lapse and its peers: the seed program's GET /logme",
         "",
@@ -348,7 +405,7 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
         f"--latency`, median of {opts.repeats} runs per figure, one fresh server per figure, "
         f"127.0.0.1; discarded warm-up: {opts.warmup} s (touch), {opts.create_warmup} s "
         "(create)",
-        redis_line,
+        *redis_lines,
         "- touch: one cookie-less GET makes a session before each wrk run, every request "
         "carries its cookie, and a GET right after the run must find the same session "
         "(session kept); create: no cookie, so every request makes a session",
@@ -374,6 +431,15 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
         (
             "## Redis traffic per touch request (idle rate subtracted)",
             redis_table(results),
+        ),
+        (
+            "## Redis Cluster (3 primaries, 3 replicas) vs one Redis node, one lapse process",
+            cluster_table(results),
+        ),
+        (
+            "## Idle: what one lapse process sends to Redis with no request "
+            "(INFO commandstats and MONITOR deltas)",
+            idle_table(results),
         ),
     ):
         if table:

@@ -6,7 +6,8 @@ See bench/README.md for what each system is and what each number means.
 
 The package's modules, one job each: ``options`` (the command line, where results go),
 ``systems`` (the servers: how each starts and stops), ``loadgen`` (wrk and its output),
-``redis_traffic`` (Redis round trips per request), ``scenarios`` (what is measured),
+``redis_traffic`` (Redis round trips per request), ``redis_cluster`` (the Redis
+Cluster), ``scenarios`` (what is measured),
 ``figures`` (medians, ratios, targets), ``report`` (the Markdown table), ``chart``
 (the PNG), ``micro`` (the request path in process).
 """
@@ -23,6 +24,7 @@ if not __package__:  # run as a script: make the bench package importable
 from bench.chart import write_chart
 from bench.loadgen import ensure_wrk
 from bench.options import parse_options
+from bench.redis_cluster import ClusterHandle
 from bench.redis_traffic import RedisHandle
 from bench.report import report
 from bench.scenarios import Bench, run_all
@@ -40,10 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     command = " ".join([".venv/bin/python", "bench/run.py", *args])
     wrk = ensure_wrk()
-    need_redis = any(SYSTEMS[k].redis for k in opts.systems)
+    need_redis = any(SYSTEMS[k].redis and not SYSTEMS[k].cluster for k in opts.systems)
+    need_cluster = any(SYSTEMS[k].cluster for k in opts.systems)
     redis = RedisHandle(opts.redis_url) if need_redis else None
+    cluster = None
     try:
-        b = Bench(opts, wrk, redis)
+        cluster = ClusterHandle() if need_cluster else None
+        b = Bench(opts, wrk, redis, cluster=cluster)
         results = run_all(b)
         try:
             write_chart(results, opts, opts.chart_path)
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if redis is not None:
             redis.close()
+        if cluster is not None:
+            cluster.close()
     print()
     print(text)
     opts.table_path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.loadgen import WrkResult, run_wrk
 from bench.options import Options
-from bench.redis_traffic import RedisCounts, RedisHandle, measure_idle, measure_monitored
+from bench.redis_traffic import RedisCounts, RedisTarget, measure_idle, measure_monitored
 from bench.systems import (
     EXPIRY_LATENESS,
     MEMORY_PROBE,
@@ -37,12 +37,21 @@ class Bench:
 
     opts: Options
     wrk: str
-    redis: RedisHandle | None
+    redis: RedisTarget | None
+    """The redis-server of the Redis systems (not the cluster's)."""
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     load_at_start: str = field(
         default_factory=lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
     )
+    cluster: RedisTarget | None = None
+    """The Redis Cluster of the cluster systems."""
+
+    def redis_for(self, system: System) -> RedisTarget | None:
+        """The Redis that ``system`` runs on (None: not a Redis system)."""
+        if not system.redis:
+            return None
+        return self.cluster if system.cluster else self.redis
 
     def run_wrk(self, port: int, seconds: int, cookie: str | None) -> WrkResult:
         opts = self.opts
@@ -51,9 +60,10 @@ class Bench:
     @contextlib.contextmanager
     def server(self, system: System, extra: int = 0) -> Iterator[int]:
         """Start one server on a free loopback port; yield the port; always stop it."""
-        if system.redis and self.redis is not None:
-            self.redis.flush()
-        redis_url = self.redis.url if self.redis is not None else None
+        redis = self.redis_for(system)
+        if redis is not None:
+            redis.flush()
+        redis_url = redis.url if redis is not None else None
         with running_server(system, extra, redis_url) as server:
             if extra:
                 seen = server.live_counts()
@@ -102,31 +112,33 @@ def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
         if opts.warmup > 0:
             touch_once(b, system, port, opts.warmup)
         counts = None
-        if system.redis and b.redis is not None:
+        redis = b.redis_for(system)
+        if redis is not None:
             counts = outcome.redis = RedisCounts()
-            measure_idle(b.redis, opts.idle_seconds, counts)
+            measure_idle(redis, opts.idle_seconds, counts)
         for _ in range(opts.repeats):
-            if counts is None or b.redis is None:
+            if counts is None or redis is None:
                 outcome.touch.append(touch_once(b, system, port, opts.duration))
                 continue
             cookie = session_cookie(port, system)
-            before = b.redis.snapshot()
+            before = redis.snapshot()
             result = b.run_wrk(port, opts.duration, cookie)
-            after = b.redis.snapshot()
+            after = redis.snapshot()
             outcome.touch.append(TouchRun(result, session_kept(port, system, cookie)))
             elapsed = after.at - before.at
             requests = max(result.requests, 1)
-            reads = after.reads - before.reads - 1 - counts.idle_reads * elapsed
+            reads = after.client_reads() - before.client_reads() - after.infos
+            reads -= counts.idle_reads * elapsed
             commands = after.commands() - before.commands() - counts.idle_commands * elapsed
             counts.reads_per_request.append(reads / requests)
             counts.commands_per_request.append(commands / requests)
             for name, n in after.calls.items():
                 delta = n - before.calls.get(name, 0)
-                if delta and name != "info":
+                if delta and name not in ("info", "replconf"):
                     share = delta / requests / opts.repeats
                     counts.breakdown[name] = counts.breakdown.get(name, 0.0) + share
-        if counts is not None and b.redis is not None and opts.monitor_requests > 0:
-            measure_monitored(b.redis, port, system, opts.monitor_requests, counts)
+        if counts is not None and redis is not None and opts.monitor_requests > 0:
+            measure_monitored(redis, port, system, opts.monitor_requests, counts)
 
 
 def bench_create(b: Bench, system: System, outcome: Outcome) -> None:

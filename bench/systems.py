@@ -58,7 +58,7 @@ class System:
     kind: str
     """lapse, twisted, aiohttp, starlette or bare: which server program."""
     store: str = ""
-    """lapse: memory, sqlite or redis; aiohttp: memory or redis."""
+    """lapse: memory, sqlite, redis or redis-cluster; aiohttp: memory or redis."""
     cookie: str | None = None
     """The session cookie's name; None: no sessions (bare uvicorn)."""
     identity: Callable[[str], str] = cookie_value_identity
@@ -69,7 +69,13 @@ class System:
 
     @property
     def redis(self) -> bool:
-        return self.store == "redis"
+        """On Redis: the bench's redis-server, or its Redis Cluster."""
+        return self.store in ("redis", "redis-cluster")
+
+    @property
+    def cluster(self) -> bool:
+        """On the bench's Redis Cluster (3 primaries, 3 replicas)."""
+        return self.store == "redis-cluster"
 
 
 SYSTEMS: dict[str, System] = {
@@ -79,6 +85,8 @@ SYSTEMS: dict[str, System] = {
                probe="lapse", live=True),
         System("lapse-sqlite", "lapse (SQLite)", "lapse", "sqlite", "lapse_session"),
         System("lapse-redis", "lapse (Redis)", "lapse", "redis", "lapse_session"),
+        System("lapse-redis-cluster", "lapse (Redis Cluster)", "lapse", "redis-cluster",
+               "lapse_session"),
         System("twisted", "Twisted", "twisted", "memory", "TWISTED_SESSION",
                probe="twisted", live=True),
         System("aiohttp-memory", "aiohttp-session (dict store)", "aiohttp", "memory",
@@ -92,6 +100,9 @@ SYSTEMS: dict[str, System] = {
 }  # fmt: skip
 REFERENCE = "lapse-memory"
 BARE = "uvicorn-bare"
+SINGLE_REDIS = "lapse-redis"
+CLUSTER = "lapse-redis-cluster"
+"""lapse on the Redis Cluster, compared with lapse on one Redis node (SINGLE_REDIS)."""
 
 
 def get_logme(port: int, cookie: str | None = None) -> tuple[int, list[str]]:
@@ -203,7 +214,9 @@ def server_command(
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAPSE_")}
     py = sys.executable
     if system.redis and redis_url is None:
-        raise RuntimeError("no redis-server for a Redis system")
+        raise RuntimeError(
+            f"no {'Redis Cluster' if system.cluster else 'redis-server'} for {system.key}"
+        )
     if system.kind == "lapse":
         if system.store == "memory":
             env["LAPSE_SESSION_STORE"] = "memory:"

@@ -4,6 +4,7 @@ the micro-benchmarks in process, and bench/run.py end to end on its tiniest conf
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from lapse.sessions.stores.redis.slots import key_slot
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -21,8 +24,16 @@ from bench import micro  # noqa: E402
 from bench.figures import ratio, targets  # noqa: E402
 from bench.loadgen import WrkResult, parse_wrk, wrk_command  # noqa: E402
 from bench.options import parse_options  # noqa: E402
-from bench.redis_traffic import RedisCounts, RedisHandle, measure_idle, monitor_window  # noqa: E402
-from bench.report import find_problems, throughput_table  # noqa: E402
+from bench.redis_traffic import (  # noqa: E402
+    RedisCounts,
+    RedisHandle,
+    RedisSnapshot,
+    combined,
+    measure_idle,
+    monitor_shards,
+    monitor_window,
+)
+from bench.report import cluster_table, find_problems, idle_table, throughput_table  # noqa: E402
 from bench.scenarios import Bench, Outcome, Results, TouchRun  # noqa: E402
 from bench.systems import (  # noqa: E402
     DEFAULT_CHART,
@@ -31,6 +42,7 @@ from bench.systems import (  # noqa: E402
     SYSTEMS,
     lapse_script,
     parse_set_cookies,
+    server_command,
     starlette_identity,
 )
 
@@ -331,3 +343,177 @@ def test_bench_runs_end_to_end_on_a_tiny_configuration(tmp_path: Path) -> None:
     assert "Problems: none" in table
     assert "a figure is one noisy run, not a median" in table
     assert (tmp_path / "chart.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# ------------------------------------------------------------------ Redis Cluster
+
+
+def test_cluster_system_runs_the_unchanged_seed_on_a_redis_cluster_url(tmp_path: Path) -> None:
+    """lapse-redis-cluster is the seed with LAPSE_SESSION_STORE set to the bench cluster's
+    redis+cluster:// URL and a fresh key prefix: no other LAPSE_* variable, the same script
+    as the other lapse systems; without a cluster it refuses to start."""
+    system = SYSTEMS["lapse-redis-cluster"]
+    assert system.redis and system.cluster and system.kind == "lapse"
+    assert not SYSTEMS["lapse-redis"].cluster
+    url = "redis+cluster://127.0.0.1:20001,127.0.0.1:20002/"
+    cmd, env = server_command(system, 8123, tmp_path, 0, url)
+    assert cmd == [sys.executable, str(tmp_path / "lapse_session_endings.py")]
+    store = env["LAPSE_SESSION_STORE"]
+    assert re.fullmatch(re.escape(url) + r"\?prefix=bench-[0-9a-f]{8}", store), store
+    assert [k for k in env if k.startswith("LAPSE_")] == ["LAPSE_SESSION_STORE"]
+    with pytest.raises(RuntimeError, match="no Redis Cluster for lapse-redis-cluster"):
+        server_command(system, 8123, tmp_path, 0, None)
+
+
+def test_each_redis_system_measures_the_redis_it_runs_on() -> None:
+    """The cluster system gets the cluster (flushed, counted, MONITORed), lapse-redis and
+    aiohttp-redis the single redis-server, the others no Redis."""
+    single, cluster = object(), object()
+    bench = Bench(parse_options([]), "wrk", single, cluster=cluster)  # type: ignore[arg-type]
+    assert bench.redis_for(SYSTEMS["lapse-redis-cluster"]) is cluster
+    assert bench.redis_for(SYSTEMS["lapse-redis"]) is single
+    assert bench.redis_for(SYSTEMS["aiohttp-redis"]) is single
+    assert bench.redis_for(SYSTEMS["lapse-memory"]) is None
+
+
+def test_cluster_counters_are_the_primaries_summed_without_replication_traffic() -> None:
+    """A cluster snapshot sums its primaries' INFO counters; a replica's REPLCONF ACKs (a
+    command and a read event each, once a second) are not the client's traffic."""
+    a = RedisSnapshot(1.0, 100, {"evalsha": 10, "replconf": 4, "info": 2})
+    b = RedisSnapshot(2.0, 50, {"evalsha": 5, "time": 3, "replconf": 1})
+    both = combined([a, b])
+    assert (both.at, both.reads, both.infos) == (2.0, 150, 2)
+    assert both.calls == {"evalsha": 15, "replconf": 5, "info": 2, "time": 3}
+    assert both.commands() == 18
+    assert both.client_reads() == 145
+
+
+def test_monitor_shards_counts_the_client_commands_of_each_hash_tag_in_the_window() -> None:
+    lines = [
+        '+1.0 [0 127.0.0.1:5000] "EVALSHA" "abc" "1" "{bench:1}:deadlines"',
+        '+1.1 [0 127.0.0.1:5001] "INFO" "stats"',
+        '+1.2 [0 127.0.0.1:5000] "EVALSHA" "abc" "3" "{bench:1}:deadlines" "{bench:1}:e" "x"',
+        '+1.2 [0 lua] "ZRANGEBYSCORE" "{bench:1}:deadlines" "-inf" "1"',
+        '+1.3 [0 127.0.0.1:5000] "XRANGE" "{bench:7:2}:events" "(0-0" "+"',
+        '+1.3 [0 127.0.0.1:5000] "EVALSHA" "abc" "1" "bench:deadlines" "{not-a-key}"',
+        '+1.4 [0 127.0.0.1:5000] "TIME"',
+        '+1.5 [0 127.0.0.1:5001] "INFO" "stats"',
+        '+1.6 [0 127.0.0.1:5000] "XRANGE" "{bench:1}:events" "(0-0" "+"',
+    ]
+    assert monitor_shards(lines) == {"bench:1": 1, "bench:7:2": 1, "not-a-key": 1, "": 1}
+
+
+def cluster_results() -> Results:
+    single = RedisCounts(
+        idle_client_commands=40.0,
+        idle_commands=110.0,
+        idle_node_commands=[110.0],
+        idle_shards={"": 40.0},
+        idle_names={"evalsha": 20.0, "time": 10.0, "xrange": 10.0},
+    )
+    cluster = RedisCounts(
+        idle_client_commands=490.0,
+        idle_commands=1600.0,
+        idle_node_commands=[540.0, 530.0, 530.0],
+        idle_shards={f"bench:{i}": 30.0 for i in range(16)} | {"": 10.0},
+        idle_names={"evalsha": 320.0, "time": 10.0, "xrange": 160.0},
+    )
+    outcomes = {
+        "lapse-redis": Outcome(touch=touches(10_000, 9_000, 11_000),
+                               create=[wrk(8_000), wrk(8_000), wrk(8_000)], redis=single),
+        "lapse-redis-cluster": Outcome(touch=touches(7_000, 8_500, 7_500),
+                                       create=[wrk(6_000), wrk(6_000), wrk(6_000, p99=3.0)],
+                                       redis=cluster),
+    }  # fmt: skip
+    return Results(outcomes, expiry=[])
+
+
+def test_cluster_figures_are_the_ratio_to_single_node_redis_in_the_same_run() -> None:
+    """The cluster table puts the cluster's medians beside single-node Redis's with their
+    ratio, and the target (cluster touch >= 0.8 x single node) is judged on it."""
+    results = cluster_results()
+    lines = cluster_table(results)
+    assert lines[2] == "| touch req/s | 10,000 | 7,500 | 0.75x |"
+    assert lines[3] == "| create req/s | 8,000 | 6,000 | 0.75x |"
+    assert lines[5] == "| create p99 | 1.00 ms | 1.00 ms | 1.00x |"
+    found = {t.name: t for t in targets(results, parse_options(["--memory-counts", ""]))}
+    target = found["touch req/s: lapse (Redis Cluster) >= 0.8 x lapse (Redis), one process"]
+    assert target.value == pytest.approx(0.75)
+    assert target.verdict == "MISS"
+    del results.outcomes["lapse-redis"]
+    assert cluster_table(results)[2] == "| touch req/s | — | 7,500 | — |"
+    assert cluster_table(Results({}, expiry=[])) == []
+
+
+def test_idle_table_gives_each_systems_idle_rate_in_all_per_node_and_per_shard() -> None:
+    rows = idle_table(cluster_results())[2:]
+    assert rows[0] == (
+        "| lapse (Redis) | 40.0 | 110.0 | 110.0 | 1 (untagged) | 40.0 "
+        "| evalsha 20.0, time 10.0, xrange 10.0 |"
+    )
+    assert rows[1] == (
+        "| lapse (Redis Cluster) | 490.0 | 1600.0 | 540.0, 530.0, 530.0 | 16 "
+        "| 30.0 (min 30.0, max 30.0); + 10.0 without a tag "
+        "| evalsha 320.0, time 10.0, xrange 160.0 |"
+    )
+
+
+@pytest.mark.slow
+def test_idle_rate_on_a_real_cluster_is_summed_over_primaries_and_split_by_shard() -> None:
+    """On a real 6-node cluster started by the bench's ClusterHandle: SETs another client
+    sends to two hash tags owned by different primaries while the idle rate is measured
+    are counted once each, in all, per primary and per tag; replicas add nothing."""
+    from _ports import free_port
+
+    from bench.redis_cluster import ClusterHandle
+
+    cluster = ClusterHandle(free=free_port)
+    try:
+        assert len(cluster.addresses) == 3
+        assert cluster.url.startswith("redis+cluster://127.0.0.1:")
+        slots = {tag: key_slot(f"{{{tag}}}") for tag in ("a", "b", "c", "d", "e", "f")}
+        owners = {
+            int(entry[2][1]): (entry[0], entry[1])
+            for entry in cluster.clients[cluster.primary_ports[0]].execute_command(
+                "CLUSTER", "SLOTS"
+            )
+        }
+
+        def owner(tag: str) -> int:
+            return next(p for p, (lo, hi) in owners.items() if lo <= slots[tag] <= hi)
+
+        first = "a"
+        second = next(tag for tag in slots if owner(tag) != owner(first))
+        done = threading.Event()
+
+        def other_client() -> None:
+            time.sleep(0.1)
+            for i in range(12):
+                cluster.clients[owner(first)].set(f"{{{first}}}:{i}", i)
+            for i in range(8):
+                cluster.clients[owner(second)].set(f"{{{second}}}:{i}", i)
+            done.set()
+
+        counts = RedisCounts()
+        thread = threading.Thread(target=other_client)
+        thread.start()
+        try:
+            measure_idle(cluster, 0.6, counts)
+        finally:
+            thread.join()
+        assert done.is_set()
+        seconds = counts.idle_seconds
+        assert counts.idle_shards[first] * seconds == pytest.approx(12)
+        assert counts.idle_shards[second] * seconds == pytest.approx(8)
+        assert counts.idle_client_commands * seconds == pytest.approx(20)
+        assert counts.idle_commands * seconds == pytest.approx(20)
+        per_node = {
+            port: n * seconds
+            for port, n in zip(cluster.primary_ports, counts.idle_node_commands, strict=True)
+        }
+        assert per_node[owner(first)] == pytest.approx(12)
+        assert per_node[owner(second)] == pytest.approx(8)
+        assert sum(per_node.values()) == pytest.approx(20)
+    finally:
+        cluster.close()
+    assert all(node.proc is None for node in cluster.nodes)
