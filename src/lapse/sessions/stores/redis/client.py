@@ -61,6 +61,7 @@ __all__ = [
     "RedisClient",
     "RedisConnectionError",
     "RedisError",
+    "RedisReplicationError",
     "RedisRoleError",
     "RedisTimeoutError",
     "ReplyError",
@@ -92,6 +93,11 @@ class RedisTimeoutError(RedisError):
 class RedisRoleError(RedisConnectionError):
     """The server is not in the role the client requires (a replica where a
     primary is wanted): the connection was closed."""
+
+
+class RedisReplicationError(RedisError):
+    """The command ran on the primary, but the replicas asked for (``WAIT``)
+    did not acknowledge it in time: it may be lost in a failover."""
 
 
 class _ProtocolError(RedisConnectionError):
@@ -188,13 +194,16 @@ class _Connection(asyncio.Protocol):
             if not pending:
                 self.fail(RedisConnectionError, "reply without a command, connection dropped")
                 return
-            future = pending.popleft()
-            if future.done():  # the caller gave up (cancelled): drop its reply
-                continue
-            if type(reply) is ReplyError:
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+            self._deliver(pending.popleft(), reply)
+
+    def _deliver(self, future: asyncio.Future[Any], reply: Any) -> None:
+        """Hand ``reply`` to the caller waiting on ``future``."""
+        if future.done():  # the caller gave up (cancelled): drop its reply
+            return
+        if type(reply) is ReplyError:
+            future.set_exception(reply)
+        else:
+            future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         detail = f": {exc}" if exc is not None else " (closed by the server)"
@@ -304,6 +313,77 @@ def _ignore_result(future: asyncio.Future[Any]) -> None:
         future.exception()  # retrieved: never "exception was never retrieved"
 
 
+class _WaitingConnection(_Connection):
+    """A connection whose every write (once :meth:`start_waiting` is called,
+    after the handshake) ends with ``WAIT replicas ms``: the replies of the
+    commands in that write reach their callers only once the server says
+    that many replicas have every write before it; else each of those
+    callers gets a :class:`RedisReplicationError`. One more command per
+    write, no more round trips; each write's answers come later by the
+    replication's delay."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        on_lost: Callable[[_Connection], None],
+        replicas: int,
+    ) -> None:
+        super().__init__(loop, timeout, on_lost)
+        self.replicas = replicas
+        # Half the silence the watchdog allows: a WAIT that runs out answers
+        # (fewer replicas) well before the connection is declared dead.
+        self.wait_ms = max(1, int(timeout * 500))
+        self.wait_packed = _pack(("WAIT", replicas, self.wait_ms))
+        self.waiting = False
+        self.markers: set[asyncio.Future[Any]] = set()
+        self.held: list[tuple[asyncio.Future[Any], Any]] = []
+
+    def start_waiting(self) -> None:
+        self.waiting = True
+
+    def _flush(self) -> None:
+        if self.waiting and self.outgoing and not self.failed and self.transport is not None:
+            marker = self.loop.create_future()
+            self.markers.add(marker)
+            self.pending.append(marker)
+            self.outgoing.append(self.wait_packed)
+        super()._flush()
+
+    def _deliver(self, future: asyncio.Future[Any], reply: Any) -> None:
+        if future not in self.markers:
+            if self.markers:  # a WAIT is behind it: hold the reply until it answers
+                self.held.append((future, reply))
+            else:
+                super()._deliver(future, reply)
+            return
+        self.markers.discard(future)
+        held, self.held = self.held, []
+        if type(reply) is int and reply >= self.replicas:
+            for waiting, answer in held:
+                super()._deliver(waiting, answer)
+            return
+        found = f"{reply} replicas" if type(reply) is int else f"an error ({reply})"
+        why = (
+            f"not acknowledged by {self.replicas} replica(s) within {self.wait_ms} ms "
+            f"(WAIT answered {found}): written on the primary, it may be lost in a failover"
+        )
+        for waiting, _ in held:
+            if not waiting.done():
+                waiting.set_exception(RedisReplicationError(why))
+
+    def fail(self, error: Callable[[str], RedisError], message: str) -> None:
+        if not self.failed:
+            for marker in self.markers:
+                marker.cancel()  # nobody awaits it
+            self.markers.clear()
+            held, self.held = self.held, []
+            for waiting, _ in held:
+                if not waiting.done():
+                    waiting.set_exception(error(message))
+        super().fail(error, message)
+
+
 _LAST_LOOK = 0.05
 """Seconds a connection attempt gets past its timeout, for a busy loop to
 notice that it was made (see :meth:`RedisClient._within_timeout`)."""
@@ -342,9 +422,13 @@ class RedisClient:
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 1.0,
         require_role: str | None = None,
+        wait_replicas: int = 0,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+        if not isinstance(wait_replicas, int) or wait_replicas < 0:
+            raise ValueError(f"wait_replicas is a count >= 0, not {wait_replicas!r}")
+        self._wait_replicas = wait_replicas
         self.host = host
         self.port = port
         self.db = db
@@ -460,7 +544,7 @@ class RedisClient:
             context = ssl.create_default_context()
         connecting = loop.create_task(
             loop.create_connection(
-                lambda: _Connection(loop, self.timeout, self._lost),
+                self._make_connection,
                 self.host,
                 self.port,
                 ssl=context,
@@ -497,6 +581,8 @@ class RedisClient:
         if generation != self._generation or conn.failed:
             conn.fail(RedisConnectionError, "client closed")
             raise RedisConnectionError("client closed while connecting")
+        if isinstance(conn, _WaitingConnection):
+            conn.start_waiting()
         self._conn = conn
         return conn
 
@@ -522,6 +608,12 @@ class RedisClient:
             connecting.add_done_callback(_drop_late_connection)
             raise TimeoutError
         return connecting.result()
+
+    def _make_connection(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        if self._wait_replicas:
+            return _WaitingConnection(loop, self.timeout, self._lost, self._wait_replicas)
+        return _Connection(loop, self.timeout, self._lost)
 
     def _handshake(self) -> list[tuple[Arg, ...]]:
         commands: list[tuple[Arg, ...]] = []

@@ -144,7 +144,9 @@ class ClusterClient:
         password: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 1.0,
+        wait_replicas: int = 0,
     ) -> None:
+        self._wait_replicas = wait_replicas
         if not seeds:
             raise ValueError("a cluster needs at least one seed node")
         if not timeout > 0:
@@ -191,6 +193,7 @@ class ClusterClient:
                 password=self._password,
                 ssl_context=self._ssl_context,
                 timeout=self.timeout,
+                wait_replicas=self._wait_replicas,
             )
         return node
 

@@ -99,7 +99,9 @@ class SentinelClient:
         sentinel_password: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 1.0,
+        wait_replicas: int = 0,
     ) -> None:
+        self._wait_replicas = wait_replicas
         if not sentinels:
             raise ValueError("at least one sentinel is needed")
         if not service:
@@ -258,6 +260,7 @@ class SentinelClient:
             ssl_context=self._ssl_context,
             timeout=self.timeout,
             require_role="master",
+            wait_replicas=self._wait_replicas,
         )
         if old is not None:
             self.switches += 1

@@ -117,6 +117,7 @@ def _commands_for(target: Target, timeout: float) -> Commands:
             sentinel_password=target.sentinel_password,
             ssl_context=target.ssl_context,
             timeout=timeout,
+            wait_replicas=target.wait_replicas,
         )
     if target.kind == "cluster":
         return ClusterClient(
@@ -125,6 +126,7 @@ def _commands_for(target: Target, timeout: float) -> Commands:
             password=target.password,
             ssl_context=target.ssl_context,
             timeout=timeout,
+            wait_replicas=target.wait_replicas,
         )
     return RedisClient(
         target.host,
@@ -135,6 +137,7 @@ def _commands_for(target: Target, timeout: float) -> Commands:
         tls=target.tls,
         ssl_context=target.ssl_context,
         timeout=timeout,
+        wait_replicas=target.wait_replicas,
     )
 
 

@@ -8,7 +8,8 @@
   primary's; ``sentinel_password=`` the sentinels').
 
 Hosts are names, IPv4 addresses or ``[IPv6]`` ones; the port defaults to
-6379 (26379 for sentinels). Options: ``prefix=``, ``shards=N`` (1..1024);
+6379 (26379 for sentinels). Options: ``prefix=``, ``shards=N`` (1..1024),
+``wait_replicas=N`` (0..16: every write waits for N replicas, ``WAIT``);
 ``sentinel_password=`` (sentinel forms); on the TLS forms ``ssl_ca_certs=``,
 ``ssl_certfile=`` with ``ssl_keyfile=``, ``ssl_cert_reqs=required|optional|none``
 and ``ssl_check_hostname=yes|no``. Anything wrong is a
@@ -39,6 +40,8 @@ MAX_NODES = 64
 """The most hosts (seed nodes, sentinels) one URL may list."""
 MAX_SHARDS = 1024
 """The largest ``shards=``."""
+MAX_WAIT_REPLICAS = 16
+"""The largest ``wait_replicas=``."""
 
 _SCHEMES: dict[str, tuple[Kind, bool]] = {
     "redis": ("single", False),
@@ -178,6 +181,7 @@ class Target:
     service: str | None = None
     sentinel_password: str | None = None
     shards: int | None = None
+    wait_replicas: int = 0
     tls_options: TLSOptions | None = None
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
@@ -281,6 +285,11 @@ def parse_url(url: str) -> Target:
     if prefix is not None and not prefix:
         raise bad("prefix must not be empty")
     shards = _parse_shards(options.pop("shards", None), bad)
+    wait_text = options.pop("wait_replicas", "0")
+    if not wait_text.isascii() or not wait_text.isdigit() or int(wait_text) > MAX_WAIT_REPLICAS:
+        raise bad(
+            f"wait_replicas must be a whole number from 0 to {MAX_WAIT_REPLICAS}, not {wait_text!r}"
+        )
     sentinel_password: str | None = None
     if "sentinel_password" in options:
         if kind != "sentinel":
@@ -311,6 +320,7 @@ def parse_url(url: str) -> Target:
         service=service,
         sentinel_password=sentinel_password,
         shards=shards,
+        wait_replicas=int(wait_text),
         tls_options=tls_options,
         ssl_context=context,
     )
@@ -454,7 +464,7 @@ def _parse_tls_options(options: dict[str, str], tls: bool, bad: _Bad) -> TLSOpti
 
 
 def _known_options(kind: Kind, tls: bool) -> str:
-    names = ["prefix", "shards"]
+    names = ["prefix", "shards", "wait_replicas"]
     if kind == "sentinel":
         names.append("sentinel_password")
     if tls:
