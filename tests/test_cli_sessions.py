@@ -34,7 +34,7 @@ _prefixes = itertools.count()
 @pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of a fresh, empty shared store of each kind (the file exists);
-    on a Redis Cluster, sessions are spread over 16 shards on 3 primaries."""
+    on a Redis Cluster, sessions are spread over 12 shards on 3 primaries."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'sessions.db'}"
         seed(url, [])

@@ -8,6 +8,7 @@ Time is a fake clock given to the store, so nothing sleeps.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import re
 import uuid
@@ -32,7 +33,7 @@ _prefixes = itertools.count()
 
 
 class TestRedisClusterStore(StoreContract):
-    """Every operation of the contract on the cluster (16 shards over the 3
+    """Every operation of the contract on the cluster (12 shards over the 3
     primaries), with no CROSSSLOT: each script's keys share a hash tag."""
 
     @pytest.fixture
@@ -44,13 +45,13 @@ class TestRedisClusterStore(StoreContract):
 
 
 def test_a_cluster_url_makes_a_sharded_store_and_names_the_cluster() -> None:
-    """redis+cluster:// makes a store of 16 shards (the default), whose tags
+    """redis+cluster:// makes a store of 12 shards (the default), whose tags
     spread over the slot range; shards= sets another count; its repr and
     url name the seeds, never the password."""
     store = RedisStore("redis+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001/?prefix=app")
-    assert store.shard_count == 16
+    assert store.shard_count == 12
     slots = sorted(key_slot(shard.deadlines) for shard in store._shards)
-    assert slots[0] < 1024 and slots[-1] >= 15360
+    assert slots[0] < 16384 // 12 and slots[-1] >= 16384 * 11 // 12
     assert "pw" not in repr(store) and "pw" not in store.url
     assert RedisStore("redis+cluster://127.0.0.1:7000/?shards=3").shard_count == 3
     with pytest.raises(StoreConfigError):
@@ -68,7 +69,7 @@ async def test_a_cluster_process_with_another_shard_count_refuses_to_run(
     other = RedisStore(redis_cluster.url(prefix=prefix) + "&shards=4")
     try:
         await first.open()
-        with pytest.raises(StoreUnavailable, match=r"shards=16.*shards=4") as failed:
+        with pytest.raises(StoreUnavailable, match=r"shards=12.*shards=4") as failed:
             await other.open()
         assert failed.value.permanent
     finally:
@@ -91,7 +92,7 @@ async def test_every_seed_unreachable_is_a_clear_503_within_the_timeout() -> Non
 @aio
 async def test_an_idle_keeper_round_is_one_write_to_each_primary(redis_cluster: Any) -> None:
     """A keeper's round on the cluster (claim, announcements, next deadline,
-    time) asks all 16 shards, and leaves as one write to each of the three
+    time) asks all 12 shards, and leaves as one write to each of the three
     primaries: one round trip per primary, in parallel."""
     clock = FakeClock()
     store = RedisStore(redis_cluster.url(prefix=f"k{uuid.uuid4().hex[:8]}"), clock=clock)
@@ -112,7 +113,17 @@ async def test_an_idle_keeper_round_is_one_write_to_each_primary(redis_cluster: 
             counting, 1
         )
         scripts = sum(c.writes[0].count(b"EVALSHA") for c in counting.values())
-        assert scripts == 2 * 16  # due + next deadline, per shard (XRANGE for announcements)
+        assert scripts == 2 * 12  # due + next deadline, per shard (XRANGE for announcements)
     finally:
         await keeper.aclose()
         await store.aclose()
+
+
+def test_the_default_shards_split_evenly_over_three_primaries(redis_cluster: Any) -> None:
+    """The 12 default shards fall 4, 4 and 4 on the three primaries the
+    cluster tools made (equal slot ranges)."""
+    store = RedisStore(redis_cluster.url(prefix="even"))
+    owners = collections.Counter(
+        redis_cluster.node_for_slot(key_slot(shard.deadlines)) for shard in store._shards
+    )
+    assert sorted(owners.values()) == [4, 4, 4]

@@ -242,8 +242,8 @@ def test_a_list_of_hosts_on_a_single_node_url_is_an_error() -> None:
         ("redis://h/0?nope=1", "unknown option 'nope' (options: prefix, shards, wait_replicas)"),
         (
             "rediss+sentinel://s/m?nope=1",
-            "(options: prefix, shards, wait_replicas, sentinel_password, ssl_ca_certs, ssl_certfile, "
-            "ssl_keyfile, ssl_cert_reqs, ssl_check_hostname)",
+            "(options: prefix, shards, wait_replicas, sentinel_password, ssl_ca_certs, "
+            "ssl_certfile, ssl_keyfile, ssl_cert_reqs, ssl_check_hostname)",
         ),
         ("redis://h/0?prefix=", "prefix must not be empty"),
         ("redis://h/0?prefix=a&prefix=b", "prefix is given 2 times"),

@@ -39,7 +39,7 @@ Sites = Callable[..., Site]
 def store_maker(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[FakeClock], Any]:
     """Makes a store object on a fake clock; every one made by one test
     names the same sessions (as processes sharing a file, a server or a
-    Redis Cluster, whose 16 shards each keeper's rounds must all serve)."""
+    Redis Cluster, whose 12 shards each keeper's rounds must all serve)."""
     if request.param == "sqlite":
         path = str(tmp_path / "sessions.db")
         return lambda clock: SQLiteStore(path, clock=clock)

@@ -89,9 +89,10 @@ def _permanent(exc: BaseException) -> bool:
     return False
 
 
-DEFAULT_CLUSTER_SHARDS = 16
+DEFAULT_CLUSTER_SHARDS = 12
 """Shards of a deployment on Redis Cluster when the URL gives no ``shards=``:
-enough to spread over 16 primaries; each costs a script per keeper round."""
+an even share on 2, 3, 4, 6 or 12 primaries (the cluster tools give primaries
+equal slot ranges); each shard costs every process commands per keeper round."""
 
 
 def _where(target: Target) -> str:
