@@ -18,6 +18,7 @@ Every process is stopped by PID in teardown, also when the test fails.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 import uuid
@@ -29,12 +30,15 @@ from typing import Any
 import pytest
 from _cluster import Cluster, Node, cookie_uid, new_session, visit, wait_until
 from _examples import run_example, session_cookie
+from _helpers import aio
 from _redis_cluster import RedisCluster
 from _servers import Response, request
 
+from lapse.sessions.store import StoreUnavailable
 from lapse.sessions.stores.redis import RedisStore
 from lapse.sessions.stores.redis.layout import Shard
 from lapse.sessions.stores.redis.slots import key_slot
+from lapse.testing import FakeClock
 
 pytestmark = pytest.mark.slow  # real processes, real timeouts
 
@@ -417,6 +421,65 @@ def test_a_shard_slot_migrated_under_load_loses_no_write_and_no_hook(
             f"start); {len(records)} hooks, the moving shard's ended sessions delivered "
             f"{doomed_at - finished_wall:+.2f} s after the move; errors {errors}"
         )
+
+
+def uid_in(store: RedisStore, shard: Shard) -> str:
+    """A new lapse-style uid that ``store`` keeps in ``shard``."""
+    while True:
+        uid = secrets.token_urlsafe(18)
+        if store._layout.shard_of(uid) is shard:
+            return uid
+
+
+@aio
+async def test_a_claim_while_its_shard_is_split_leaves_every_session_claimable() -> None:
+    """The claim script reads and writes a session's hash and claim hash,
+    which it cannot declare. A claim that meets a session whose hash has
+    already moved to the importing node (its shard's sets not yet) must not
+    take it out of the deadlines and then fail: every ended session is
+    still delivered once the slot has moved, each with its own cause
+    ("timeout" for the one that timed out, "expired" for the one ended
+    by expire()), none left behind."""
+    clock = FakeClock()
+    with RedisCluster() as redis:
+        store = RedisStore(redis.url(prefix="split"), clock=clock)
+        try:
+            await store.open()
+            shard = store._layout.shards[0]
+            slot = slot_of(shard)
+            leased, expired, timed_out = (uid_in(store, shard) for _ in range(3))
+            for uid in (leased, expired, timed_out):
+                await store.create(uid, 1.0 if uid == timed_out else 10.0, {"who": uid})
+            # The shard's sets all exist on the source (so the script runs
+            # there): a lease, an expire()d session, and a timed-out one.
+            await store.expire(leased)
+            assert [e.uid for e in await store.claim("p", 30.0, 1)] == [leased]
+            clock.advance(5.0)
+            await store.expire(expired)
+            source = redis.node_for_slot(slot)
+            target = next(port for port in redis.primaries() if port != source)
+            redis.begin_migration(slot, target)
+            key = f"{shard.base}:s:{timed_out}"
+            reply = redis.command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", key)
+            assert reply == "OK", reply
+            try:
+                during = await store.claim("p", 30.0, 10)
+            except StoreUnavailable:
+                during = []  # refused as a whole: fine, nothing was taken
+            redis.finish_migration(slot)
+
+            delivered = {e.uid: e for e in during}
+            for _ in range(3):  # past any lease taken meanwhile
+                clock.advance(31.0)
+                for expiry in await store.claim("p", 30.0, 10):
+                    delivered.setdefault(expiry.uid, expiry)
+                    await store.ack(expiry)
+            assert set(delivered) == {leased, expired, timed_out}
+            assert delivered[timed_out].cause == "timeout"
+            assert delivered[expired].cause == "expired"
+            assert all(dict(e.data) == {"who": uid} for uid, e in delivered.items())
+        finally:
+            await store.aclose()
 
 
 # -- 3. failover under load ---------------------------------------------------------------
