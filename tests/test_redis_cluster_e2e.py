@@ -416,7 +416,8 @@ def test_a_shard_slot_migrated_under_load_loses_no_write_and_no_hook(
         doomed_at = max(per_uid[uid][0]["at"] for uid in doomed)
         print(
             f"migration: {len(answers)} answers, {ok} x 200, {len(answers) - ok} x 503 "
-            f"(slowest {worst:.3f} s); {moved} keys moved in "
+            f"(slowest {worst:.3f} s); new sessions: {maker.statuses.count(200)} x 200, "
+            f"{maker.statuses.count(503)} x 503; {moved} keys moved in "
             f"{finished_wall - began_at:.2f} s (done {migrated_at - started_at:.2f} s after the "
             f"start); {len(records)} hooks, the moving shard's ended sessions delivered "
             f"{doomed_at - finished_wall:+.2f} s after the move; errors {errors}"
