@@ -16,10 +16,14 @@
   Pages: ``/touch`` (the session's uid), ``/set?k=K&v=V`` (``data[K] = V``),
   ``/get`` (``dict(session.data)`` as JSON), ``/notify`` (registers
   ``notifyOnExpire``, which prints ``NOTIFY <uid>`` on stdout), ``/block?s=S``
-  (holds the event loop S seconds in a render, as a slow page would).
+  (holds the event loop S seconds in a render, as a slow page would),
+  ``/refreshes`` (how many times a Redis Cluster store read the slot map;
+  -1 on other stores).
 - :class:`Cluster`: starts nodes (one process each, on a free port), stops
   them all by PID in teardown.
 - :func:`hook_records`: the lines of the hook file, parsed.
+- :func:`new_session`, :func:`visit`: make a session through a node, and
+  visit one (asserting it is the same session).
 """
 
 from __future__ import annotations
@@ -118,6 +122,14 @@ class Notify(Resource):
         return uid
 
 
+class Refreshes(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        client = getattr(site._keeper.store, "_client", None)
+        return str(getattr(client, "refreshes", -1))
+
+
 class Block(Resource):
     isLeaf = True
 
@@ -132,6 +144,7 @@ root.putChild(b"touch", Touch())
 root.putChild(b"set", Set())
 root.putChild(b"get", Get())
 root.putChild(b"notify", Notify())
+root.putChild(b"refreshes", Refreshes())
 
 site = Site(root, store=store, on_expire=hook)
 site.sessionFactory = ShortSession
@@ -188,6 +201,24 @@ class Node:
             found.append((line.text, line.at))
             line = self.server.wait_for_line(0)
         return found
+
+
+def new_session(node: Node, path: str = "/touch") -> str:
+    """Create a session through ``node``; its uid (from the cookie)."""
+    response = node.get(path)
+    assert response.status == 200, response.text
+    uid = cookie_uid(response)
+    assert uid is not None, response.headers
+    return uid
+
+
+def visit(node: Node, path: str, uid: str) -> Any:
+    """GET ``path`` on ``node`` with the session ``uid``; assert the session is
+    the same one (200, no new cookie); the response."""
+    response = node.get(path, uid)
+    assert response.status == 200, (node.name, response.status, response.text)
+    assert cookie_uid(response) is None, (node.name, path, response.headers)
+    return response
 
 
 @dataclass

@@ -16,49 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _examples import run_example, session_cookie
 from _servers import (
-    EXAMPLES,
     REPO_ROOT,
     Lapse,
-    Response,
-    ServerProcess,
     free_port,
     request,
-    running_server,
     wait_for_port,
     wait_for_stderr,
 )
 
 pytestmark = pytest.mark.slow  # every test runs a program; some wait for a 5 s expiry
 
-LISTEN_CALL = "reactor.listenTCP(8080, factory)"
 UID = re.compile(r"[A-Za-z0-9_-]{24}")
-
-
-@contextlib.contextmanager
-def run_example(name: str, tmp_path: Path) -> Iterator[tuple[ServerProcess, int]]:
-    """Run ``examples/<name>`` on a free port; the server and its port."""
-    source = (EXAMPLES / name).read_text(encoding="utf-8")
-    assert source.count(LISTEN_CALL) == 1, f"{name} does not listen as expected"
-    port = free_port()
-    patched = source.replace(
-        LISTEN_CALL, f'reactor.listenTCP({port}, factory, interface="127.0.0.1")'
-    )
-    script = tmp_path / name
-    script.write_text(patched, encoding="utf-8")
-    with running_server(script, port, cwd=REPO_ROOT) as server:
-        yield server, port
-        assert server.proc is not None and server.proc.poll() is None, server.stderr_text()
-        assert "Traceback" not in server.stderr_text(), server.stderr_text()
-
-
-def session_cookie(response: Response) -> str:
-    """The uid of the one ``lapse_session`` cookie the response sets."""
-    cookies = response.header_all("set-cookie")
-    assert len(cookies) == 1, cookies
-    match = re.match(r"lapse_session=([A-Za-z0-9_-]{24});", cookies[0])
-    assert match is not None, cookies[0]
-    return match.group(1)
 
 
 def with_cookie(uid: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _cluster import Cluster, Node, cookie_uid, wait_until
+from _cluster import Cluster, Node, cookie_uid, new_session, visit, wait_until
 from _redis_server import RedisServer
 
 pytestmark = pytest.mark.slow  # real processes and real timeouts, each over a second
@@ -47,24 +47,6 @@ def make_cluster(tmp_path: Path, shared_store: str) -> Iterator[Callable[..., Cl
     yield make
     for cluster in made:
         cluster.stop()
-
-
-def new_session(node: Node, path: str = "/touch") -> str:
-    """Create a session through ``node``; its uid (from the cookie)."""
-    response = node.get(path)
-    assert response.status == 200, response.text
-    uid = cookie_uid(response)
-    assert uid is not None, response.headers
-    return uid
-
-
-def visit(node: Node, path: str, uid: str) -> Any:
-    """GET ``path`` on ``node`` with the session ``uid``; assert the session is
-    the same one (200, no new cookie); the response."""
-    response = node.get(path, uid)
-    assert response.status == 200, (node.name, response.status, response.text)
-    assert cookie_uid(response) is None, (node.name, path, response.headers)
-    return response
 
 
 def keep_alive(node: Node, uid: str, duration: float, every: float = 0.5) -> tuple[float, float]:

@@ -29,6 +29,15 @@ for _, c in ipairs(candidates) do
   if not seen[uid] then
     seen[uid] = true
     local ckey = prefix .. ':c:' .. uid
+    -- The session and claim hashes are not in KEYS: during a slot migration
+    -- Redis refuses them with an error once moved (or when new), and an
+    -- error does not undo the writes before it. So test both first; if
+    -- refused, stop here (what was claimed so far stands; the rest waits).
+    local here = redis.pcall('EXISTS', ckey, prefix .. ':s:' .. uid)
+    if type(here) == 'table' and here.err then
+      if #out == 0 then return redis.error_reply('TRYAGAIN claim meets a slot migration') end
+      break
+    end
     local id, attempt, cause = false, 1, c[4]
     if not cause then
       local h = redis.call('HMGET', ckey, 'id', 'attempt', 'cause')
