@@ -2,8 +2,9 @@
 (lapse.sessions.stores.redis.sentinel.SentinelClient), against real
 processes: a primary, a replica and 3 ``redis-sentinel`` (tests/_redis_sentinel.py).
 
-Every test runs on asyncio's loop and on uvloop (the server's), as the
-client's own tests do. Tests that do not change the deployment share one; those that fail it over
+Tests run on asyncio's own loop (the connection code under both loops is
+tested by tests/test_resp_client.py; each deployment here takes seconds to
+start). Tests that do not change the deployment share one; those that fail it over
 or kill its primary have one of their own (and are slow: the sentinels need
 about a second to see a primary down and one more to elect).
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 from _helpers import aio, eventually
-from _loops import event_loop_kind, sockets_to  # noqa: F401 (an autouse fixture)
+from _loops import sockets_to
 from _ports import free_port
 from _redis_sentinel import SentinelSetup, ask
 from _redis_server import RedisServer
