@@ -12,9 +12,7 @@ what their primary ran, so they are not counted).
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -24,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.redis_traffic import RedisSnapshot, combined, node_snapshot
-from bench.systems import HOST, free_port
+from bench.systems import HOST, free_port, stop
 
 
 def _pings(port: int) -> bool:
@@ -80,14 +78,8 @@ class ClusterNode:
     def stop(self) -> None:
         """SIGTERM our process by its PID, SIGKILL it after 5 s."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            stop(proc)
 
 
 class ClusterHandle:

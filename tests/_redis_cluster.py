@@ -50,12 +50,11 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import hiredis
 from _ports import free_port
-from _redis_server import RedisServer, redis_server_binary
+from _redis_server import RedisServer, Running, redis_server_binary
 
 __all__ = ["RedisCluster", "command"]
 
@@ -81,7 +80,7 @@ def command(port: int, *args: str | int | bytes, password: str | None = None) ->
     return replies[-1]
 
 
-class RedisCluster:
+class RedisCluster(Running):
     """A Redis Cluster of real processes on 127.0.0.1 (see the module)."""
 
     def __init__(
@@ -174,22 +173,6 @@ class RedisCluster:
     def close(self) -> None:
         for server in self.servers.values():
             server.close()
-
-    def __enter__(self) -> RedisCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def kill(self, port: int) -> None:
         """SIGKILL the node on ``port`` (no goodbye to the cluster)."""

@@ -20,12 +20,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import hiredis
 from _ports import free_port
-from _redis_server import RedisServer, apt_install, redis_server_binary
+from _redis_server import RedisServer, Running, apt_install, redis_server_binary, stop_process
 
 __all__ = ["SentinelSetup", "ask", "sentinel_binary"]
 
@@ -109,21 +108,14 @@ class _Sentinel:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_process(proc)
 
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class SentinelSetup:
+class SentinelSetup(Running):
     """A primary, one replica of it and 3 sentinels monitoring it as
     :data:`SERVICE`. ``password`` protects both Redis servers
     (``requirepass`` and ``masterauth``), ``sentinel_password`` the sentinels
@@ -238,17 +230,6 @@ class SentinelSetup:
             sentinel.close()
         for server in self.servers:
             server.close()
-
-    def __enter__(self) -> SentinelSetup:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- readiness -----------------------------------------------------------------------
 

@@ -24,18 +24,20 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from _ports import free_port
 
 __all__ = [
     "CountingTransport",
     "RedisServer",
+    "Running",
     "apt_install",
     "commands_and_clients",
     "commands_sent",
     "full_commands",
     "redis_server_binary",
+    "stop_process",
 ]
 
 _POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
@@ -104,7 +106,46 @@ def _pings(port: int) -> bool:
         return False
 
 
-class RedisServer:
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a process we started, by its PID: SIGTERM, then SIGKILL after 5 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+class Running:
+    """A context manager over :meth:`start` and :meth:`close`: started on
+    entry (closed at once if starting fails), closed on exit."""
+
+    def start(self) -> None:
+        """Start (nothing, unless a subclass says so)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisServer(Running):
     """One ``redis-server`` process on 127.0.0.1, db 0, no persistence."""
 
     def __init__(self, port: int | None = None, args: Sequence[str] = ()) -> None:
@@ -154,34 +195,11 @@ class RedisServer:
     def stop(self) -> None:
         """Stop our process by its PID: SIGTERM, then SIGKILL after 5 s."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_process(proc)
 
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # -- what clients sent: MONITOR -------------------------------------------------
