@@ -213,9 +213,22 @@ class RedisCluster(Running):
         """The ports of the primaries that own slots, sorted."""
         return sorted(set(self.slot_map().values()))
 
-    def replicas_of(self, primary: int) -> list[int]:
-        replies = self.command(self.alive()[0], "CLUSTER", "REPLICAS", self.node_id(primary))
-        return sorted(int(line.split()[1].split("@")[0].rsplit(":", 1)[1]) for line in replies)
+    def replicas_of(self, primary: int, timeout: float = 5.0) -> list[int]:
+        """The ports of the replicas replicating from ``primary`` now, as the
+        primary itself says (``INFO replication``: not gossip, which another
+        node may not have heard yet); waits up to ``timeout`` for one to be
+        online if the cluster was made with replicas."""
+        end = time.monotonic() + timeout
+        while True:
+            info = self.command(primary, "INFO", "replication")
+            found = sorted(
+                int(line.split("port=", 1)[1].split(",", 1)[0])
+                for line in info.splitlines()
+                if line.startswith("slave") and "state=online" in line
+            )
+            if found or not self.replicas_per_primary or time.monotonic() > end:
+                return found
+            time.sleep(0.05)
 
     def wait_ok(self, timeout: float = 20.0) -> None:
         """Until every live node says ``cluster_state:ok``, agrees on who owns
