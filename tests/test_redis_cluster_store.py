@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import re
+import secrets
 import uuid
 from typing import Any
 
 import pytest
 from _helpers import aio
+from _redis_cluster import RedisCluster
 from _redis_server import CountingTransport
 
 from lapse.internet.task import Clock
@@ -127,3 +130,57 @@ def test_the_default_shards_split_evenly_over_three_primaries(redis_cluster: Any
         redis_cluster.node_for_slot(key_slot(shard.deadlines)) for shard in store._shards
     )
     assert sorted(owners.values()) == [4, 4, 4]
+
+
+@pytest.mark.slow
+@aio
+async def test_a_primary_down_leaves_the_other_shards_claimed_and_announced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cluster whose primary for some shards is gone for good (no replica,
+    full coverage not required): claims, announcements and the next deadline
+    still come from the other shards (logged once as an outage of those
+    shards), instead of every keeper round failing; only the dead primary's
+    sessions wait."""
+    clock = FakeClock()
+    with RedisCluster(replicas=0, args=["--cluster-require-full-coverage", "no"]) as cluster:
+        store = RedisStore(cluster.url(prefix="down"), clock=clock, timeout=0.5)
+        try:
+            await store.open()
+            layout = store._layout
+            uids = [uid_in(layout, i) for i in range(len(layout.shards))]
+            for uid in uids:
+                await store.create(uid, 5, {})
+            _, cursor = await store.events(None)
+            victim = cluster.node_for_slot(key_slot(layout.shards[0].deadlines))
+            lost = [uid for uid in uids if store_node(cluster, store, uid) == victim]
+            assert 0 < len(lost) < len(uids)
+            cluster.kill(victim)
+            clock.advance(6)
+            with caplog.at_level(logging.WARNING, logger="lapse.sessions"):
+                claimed = await store.claim("me", 30, 100)
+                assert sorted(e.uid for e in claimed) == sorted(set(uids) - set(lost))
+                for expiry in claimed:
+                    await store.ack(expiry)
+                ended, _ = await store.events(cursor)
+                assert sorted(ended) == sorted(e.uid for e in claimed)  # type: ignore[type-var]
+                assert await store.next_deadline() is None  # the live shards hold nothing
+            outages = [r for r in caplog.records if "unavailable, the other shards" in r.message]
+            assert len({r.args[0] for r in outages if isinstance(r.args, tuple)}) == len(
+                {layout.shard_of(uid).base for uid in lost}
+            )
+        finally:
+            await store.aclose()
+
+
+def uid_in(layout: Any, shard: int) -> str:
+    """A lapse-like uid placed in ``shard``."""
+    while True:
+        uid = secrets.token_urlsafe(18)
+        if layout.shard_of(uid) is layout.shards[shard]:
+            return uid
+
+
+def store_node(cluster: Any, store: RedisStore, uid: str) -> int:
+    """The port of the primary holding session ``uid``."""
+    return int(cluster.node_for_slot(key_slot(store._shard(uid).deadlines)))

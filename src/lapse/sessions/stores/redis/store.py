@@ -7,18 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lapse.sessions.store import Event, Expiry, StoreConfigError, StoredSession, StoreUnavailable
+from lapse.sessions.store import Expiry, StoreConfigError, StoredSession, StoreUnavailable
 from lapse.sessions.stores.redis.inspection import Inspection
 from lapse.sessions.stores.redis.layout import Layout, Shard
+from lapse.sessions.stores.redis.rounds import Rounds
 from lapse.sessions.stores.redis.scripts import SOURCES
 from lapse.sessions.stores.redis.slots import Commands
 from lapse.sessions.stores.redis.url import Target, parse_url
-from lapse.sessions.stores.redis.values import US, decoded, encode, encoded, field, us
+from lapse.sessions.stores.redis.values import US, encode, encoded, us
 
 try:
     from lapse.sessions.stores.redis.client import RedisClient, RedisError, ReplyError, Script
@@ -32,8 +32,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 __all__ = ["RedisStore"]
 
 _EVENTS_MAXLEN = 100_000
-_EVENTS_BATCH = 1000
-_CURSOR = re.compile(r"\d+(-\d+)?")
 
 _SHARDS_SCRIPT = """
 local stored = redis.call('GET', KEYS[1])
@@ -142,11 +140,7 @@ def _commands_for(target: Target, timeout: float) -> Commands:
     )
 
 
-async def _nothing() -> list[Expiry]:
-    return []
-
-
-class RedisStore(Inspection):
+class RedisStore(Rounds, Inspection):
     """Sessions in Redis, shared by every process that uses the same URL.
 
     Construction only checks the URL (no network): a malformed one is a
@@ -201,6 +195,7 @@ class RedisStore(Inspection):
         self._shards = self._layout.shards
         self._single = self._shards[0] if len(self._shards) == 1 else None
         self._layout_checked = False
+        self._down: set[str] = set()
         # The one-shard layout's keys span slots: only a single node (or a
         # Sentinel's primary) can hold them, and be asked about them.
         self._legacy_visible = not cluster
@@ -430,58 +425,6 @@ class RedisStore(Inspection):
         keys = [shard.deadlines, shard.ended]
         return bool(await self._call("expire", keys, [self._now_arg(), uid]))
 
-    async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
-        """Atomically lease up to ``limit`` ended sessions, oldest first (by
-        when each became claimable): live ones past their deadline (cause
-        ``"timeout"``), ones ended by :meth:`expire` (``"expired"``), and
-        leased ones whose lease ran out (same delivery id, attempt + 1).
-        Each comes with its final data."""
-        if limit <= 0:
-            return []
-        shards = self._shards
-        if len(shards) == 1:
-            return await self._claim_in(shards[0], owner, lease, limit)
-        # Oldest first across the shards: when each shard's oldest claimable
-        # entries became claimable (one read-only script per shard, all in
-        # one round trip per node), then each shard claims its part of the
-        # oldest ``limit`` overall. Nothing due (an idle poll): one round.
-        now = self._now_arg()
-
-        async def due(shard: Shard) -> list[int]:
-            keys = [shard.deadlines, shard.ended, shard.leases]
-            return [int(score) for score in await self._call("due", keys, [now, int(limit)])]
-
-        found = await asyncio.gather(*map(due, shards))
-        oldest = sorted((score, i) for i, scores in enumerate(found) for score in scores)
-        quotas = [0] * len(shards)
-        for _, i in oldest[:limit]:
-            quotas[i] += 1
-        batches = await asyncio.gather(
-            *(
-                self._claim_in(shard, owner, lease, quota) if quota else _nothing()
-                for shard, quota in zip(shards, quotas, strict=True)
-            )
-        )
-        # In the order of the oldest overall (each batch is oldest first).
-        queues = [iter(batch) for batch in batches]
-        merged = [next(queues[i], None) for _, i in oldest[:limit]]
-        return [expiry for expiry in merged if expiry is not None]
-
-    async def _claim_in(self, shard: Shard, owner: str, lease: float, limit: int) -> list[Expiry]:
-        keys = [shard.deadlines, shard.ended, shard.leases, shard.seq]
-        args: list[str | int] = [
-            self._now_arg(),
-            shard.base,
-            owner,
-            us(lease, "lease"),
-            int(limit),
-        ]
-        reply = await self._call("claim", keys, args)
-        return [
-            Expiry(uid, decoded(flat), delivery_id, int(attempt), cause)
-            for uid, delivery_id, attempt, cause, flat in reply
-        ]
-
     async def renew(self, expiry: Expiry, owner: str, lease: float) -> bool:
         """Move the claim's lease end to now + ``lease`` (server time), if
         ``owner`` still holds this delivery (same delivery id and attempt);
@@ -506,59 +449,3 @@ class RedisStore(Inspection):
         base = shard.base
         keys = [f"{base}:s:{uid}", f"{base}:c:{uid}", shard.leases, shard.deadlines, shard.events]
         await self._call("ack", keys, [uid, expiry.delivery_id, _EVENTS_MAXLEN])
-
-    async def events(self, cursor: str | None) -> tuple[list[Event], str]:
-        """Uids acked after ``cursor`` (a stream id per shard, joined by
-        commas; at most 1000 a shard a call;
-        ``(old, new)`` pairs for rotations), and the new cursor. ``None``:
-        no uids, and the stream's last id (or ``"0-0"``), to read from now
-        on."""
-        shards = self._shards
-        marks: list[str] | None = None
-        if cursor is not None:
-            marks = cursor.split(",")
-            if len(marks) != len(shards) or not all(_CURSOR.fullmatch(m) for m in marks):
-                raise ValueError(f"not a Redis events cursor of this store: {cursor!r}")
-        if marks is None:
-            lasts = await asyncio.gather(*(self._last_event(shard) for shard in shards))
-            return [], ",".join(lasts)
-        batches = await asyncio.gather(
-            *(self._events_after(shard, mark) for shard, mark in zip(shards, marks, strict=True))
-        )
-        found: list[Event] = []
-        for events, _ in batches:
-            found += events
-        return found, ",".join(mark for _, mark in batches)
-
-    async def _last_event(self, shard: Shard) -> str:
-        last = await self._command_on(
-            "events", shard.events, "XREVRANGE", shard.events, "+", "-", "COUNT", 1
-        )
-        return str(last[0][0]) if last else "0-0"
-
-    async def _events_after(self, shard: Shard, mark: str) -> tuple[list[Event], str]:
-        entries = await self._command_on(
-            "events", shard.events, "XRANGE", shard.events, "(" + mark, "+", "COUNT", _EVENTS_BATCH
-        )
-        entries = entries or []
-        found: list[Event] = []
-        for _, flat in entries:
-            uid = field(flat, "uid") if flat else None
-            if uid is not None:
-                to = field(flat, "to")
-                found.append(uid if to is None else (uid, to))
-        return found, str(entries[-1][0]) if entries else mark
-
-    async def next_deadline(self) -> float | None:
-        """The earliest of: the live sessions' deadlines (possibly past, if
-        due but unclaimed), the leases' ends, and now if a session ended by
-        :meth:`expire` awaits a claim. None if there is nothing."""
-        now = self._now_arg()
-
-        async def earliest(shard: Shard) -> float | None:
-            keys = [shard.deadlines, shard.leases, shard.ended]
-            reply = await self._call("next_deadline", keys, [now])
-            return None if reply is None else int(reply) / US
-
-        found = [t for t in await asyncio.gather(*map(earliest, self._shards)) if t is not None]
-        return min(found) if found else None
