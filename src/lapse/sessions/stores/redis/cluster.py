@@ -6,14 +6,11 @@ interface on a Redis Cluster (or a Valkey cluster):
 - **The slot map** comes from the cluster (``CLUSTER SLOTS``), asked of any
   node it knows (the seeds at first) on the first call; it maps each of the
   16384 slots to its primary.
-- **One auto-pipelined connection per node**: each node has a
-  :class:`~lapse.sessions.stores.redis.client.RedisClient`, so the commands
-  that a tick's callers route to one node leave in one write to it. Routing
-  a call whose map is known never waits, so calls of one tick stay in it.
-- **Routing**: :meth:`~ClusterClient.execute_on` and
-  :meth:`~ClusterClient.evalsha` go to the primary of their key's slot
-  (``keys[0]`` for a script); :meth:`~ClusterClient.execute` (keyless) to a
-  primary; :meth:`~ClusterClient.each_primary` to every primary at once.
+- **One auto-pipelined connection per node** (a
+  :class:`~lapse.sessions.stores.redis.client.RedisClient` each): a tick's
+  calls routed to one node leave in one write (routing never waits once
+  the map is known). Keyed calls go to their slot's primary (``keys[0]``
+  for a script), keyless ones to any primary, ``each_primary`` to all.
 - **MOVED** (the slot has a new owner): the map takes the new owner at once,
   one map refresh is scheduled, and the call is sent to the new owner.
   **ASK** (the slot is migrating and the key is on the importing node):
@@ -34,9 +31,8 @@ interface on a Redis Cluster (or a Valkey cluster):
   on ``NOSCRIPT`` (a promoted replica has an empty script cache), on the
   node the call was routed or redirected to.
 - **AUTH and TLS** to every node, the ones learned from the map or a MOVED
-  included; a node that leaves the map has its connection closed.
-
-Errors never contain the password.
+  included; a node that leaves the map has its connection closed. Errors
+  never contain the password.
 """
 
 from __future__ import annotations
