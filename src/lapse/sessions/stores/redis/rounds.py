@@ -17,7 +17,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from lapse.sessions.store import Event, Expiry, StoreUnavailable
 from lapse.sessions.stores.redis.layout import Shard
@@ -56,13 +56,15 @@ class Rounds:
         shard that was unavailable (unless all were: then the first failure
         is raised)."""
         results = await asyncio.gather(*map(work, shards), return_exceptions=True)
-        failed: StoreUnavailable | None = None
-        failures = 0
+        failures = [r for r in results if isinstance(r, StoreUnavailable)]
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
+                raise result
+        if len(failures) == len(results) and failures:
+            raise failures[0]  # the store is down: the keeper reports that, once
         out: list[T | None] = []
         for shard, result in zip(shards, results, strict=True):
             if isinstance(result, StoreUnavailable):
-                failed = failed or result
-                failures += 1
                 if shard.base not in self._down:
                     self._down.add(shard.base)
                     log.warning(
@@ -72,15 +74,11 @@ class Rounds:
                         result,
                     )
                 out.append(None)
-            elif isinstance(result, BaseException):
-                raise result
             else:
                 if shard.base in self._down:
                     self._down.discard(shard.base)
                     log.warning("Redis shard %s of %s is reachable again", shard.base, self._where)
-                out.append(result)
-        if failed is not None and failures == len(out):
-            raise failed
+                out.append(cast(T, result))
         return out
 
     async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
