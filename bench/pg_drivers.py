@@ -11,12 +11,15 @@ primary key in one statement,
     WHERE uid = $1 AND deadline > now() RETURNING data
 
 (prepared; ``data`` decoded to a dict by both), from 1 and from 50 concurrent
-callers sharing a pool of 10 connections (one server process's pool). Each
+callers sharing a pool of 10 connections (one server process's pool): the same
+first-come-first-served pool for both drivers, and asyncpg's own Pool (with
+and without its reset query on every release) for comparison. Each
 variant runs ``--duration`` s per repeat, the variants interleaved, after a
 warm-up; the table gives the median operations/s, the ratio to the best
-asyncpg variant, and the p99 per call. Then: the client's memory per
-connection (RSS of a fresh process opening 50 connections, in a subprocess
-per driver), and the idle cost of a ``LISTEN`` connection of each driver
+asyncpg variant, and the p99 per call. Then: the server backends' private
+memory per connection after the runs, the client's memory per connection
+(RSS of a fresh process opening 50 connections, in a subprocess per
+driver), and the idle cost of a ``LISTEN`` connection of each driver
 (statements the server ran meanwhile, by pg_stat_statements, and the
 client's CPU time), after checking that a NOTIFY arrives.
 """
@@ -25,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -107,8 +112,9 @@ class AsyncpgPool(Variant):
 
         kwargs: dict[str, Any] = {} if self.reset else {"reset": _no_reset}
         self.pool = await asyncpg.create_pool(
-            dsn, min_size=POOL_SIZE, max_size=POOL_SIZE, init=_asyncpg_jsonb, **kwargs
-        )
+            dsn, min_size=POOL_SIZE, max_size=POOL_SIZE, init=_asyncpg_jsonb,
+            server_settings={"application_name": self.name}, **kwargs,
+        )  # fmt: skip
 
     async def touch(self, uid: str) -> Any:
         return await self.pool.fetchval(TOUCH_ASYNCPG, uid)
@@ -118,16 +124,33 @@ class AsyncpgPool(Variant):
 
 
 class QueuePool(Variant):
-    """A minimal pool both drivers can share: an asyncio.Queue of connections."""
+    """A minimal pool both drivers share, first come first served: a released
+    connection goes to the caller that has waited longest (asyncio.Queue and
+    asyncpg's Pool let the releasing task take it again at once, so at 50
+    callers on 10 connections some callers wait for the whole run)."""
 
     async def connect(self, dsn: str) -> Any:
         raise NotImplementedError
 
     async def open(self, dsn: str) -> None:
-        self.idle: asyncio.Queue[Any] = asyncio.Queue()
         self.all = [await self.connect(dsn) for _ in range(POOL_SIZE)]
-        for connection in self.all:
-            self.idle.put_nowait(connection)
+        self.idle: collections.deque[Any] = collections.deque(self.all)
+        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+
+    async def acquire(self) -> Any:
+        if self.idle and not self.waiters:
+            return self.idle.popleft()
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        return await waiter
+
+    def release(self, connection: Any) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
+        self.idle.append(connection)
 
     async def close(self) -> None:
         for connection in self.all:
@@ -135,38 +158,40 @@ class QueuePool(Variant):
 
 
 class AsyncpgQueue(QueuePool):
-    name = "asyncpg, queue pool"
+    name = "asyncpg, FIFO pool"
 
     async def connect(self, dsn: str) -> Any:
         import asyncpg
 
-        connection = await asyncpg.connect(dsn)
+        connection = await asyncpg.connect(dsn, server_settings={"application_name": self.name})
         await _asyncpg_jsonb(connection)
         return connection
 
     async def touch(self, uid: str) -> Any:
-        connection = await self.idle.get()
+        connection = await self.acquire()
         try:
             return await connection.fetchval(TOUCH_ASYNCPG, uid)
         finally:
-            self.idle.put_nowait(connection)
+            self.release(connection)
 
 
 class PsycopgQueue(QueuePool):
-    """psycopg 3 (psycopg_pool is not installed: the queue pool), autocommit,
+    """psycopg 3 (psycopg_pool is not installed: the FIFO pool), autocommit,
     server-side prepared from the first call; text or binary results."""
 
     def __init__(self, binary: bool) -> None:
         self.binary = binary
-        self.name = "psycopg, queue pool" + (", binary" if binary else "")
+        self.name = "psycopg, FIFO pool" + (", binary" if binary else "")
 
     async def connect(self, dsn: str) -> Any:
         import psycopg
 
-        return await psycopg.AsyncConnection.connect(dsn, autocommit=True, prepare_threshold=0)
+        return await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, prepare_threshold=0, application_name=self.name
+        )
 
     async def touch(self, uid: str) -> Any:
-        connection = await self.idle.get()
+        connection = await self.acquire()
         try:
             cursor = await connection.execute(
                 TOUCH_PSYCOPG, (uid,), prepare=True, binary=self.binary
@@ -174,7 +199,7 @@ class PsycopgQueue(QueuePool):
             row = await cursor.fetchone()
             return None if row is None else row[0]
         finally:
-            self.idle.put_nowait(connection)
+            self.release(connection)
 
 
 def variants() -> list[Variant]:
@@ -214,8 +239,13 @@ async def load(touch: Touch, callers: int, seconds: float) -> tuple[float, float
     return len(latencies) / elapsed, latencies[int(len(latencies) * 0.99)]
 
 
-async def throughput(dsn: str, seconds: float, repeats: int) -> dict[tuple[str, int], Any]:
-    """Per (variant, callers): every repeat's (ops/s, p99)."""
+async def throughput(
+    server: Postgres, seconds: float, repeats: int
+) -> tuple[dict[tuple[str, int], Any], dict[str, float]]:
+    """Per (variant, callers): every repeat's (ops/s, p99); and per variant,
+    the private memory of its server backends after the runs (KiB each)."""
+    dsn = server.url(DBNAME)
+    backends: dict[str, float] = {}
     runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
     chosen = variants()
     for variant in chosen:
@@ -228,10 +258,22 @@ async def throughput(dsn: str, seconds: float, repeats: int) -> dict[tuple[str, 
                     runs.setdefault((variant.name, callers), []).append(
                         await load(variant.touch, callers, seconds)
                     )
+        for variant in chosen:
+            backends[variant.name] = await asyncio.to_thread(backend_memory, server, variant.name)
     finally:
         for variant in chosen:
             await variant.close()
-    return runs
+    return runs, backends
+
+
+def backend_memory(server: Postgres, application: str) -> float:
+    """The mean private memory (KiB) of the server backends of ``application``."""
+    pids = server.psql(f"SELECT pid FROM pg_stat_activity WHERE application_name = '{application}'")
+    sizes = []
+    for pid in pids.split():
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        sizes.append(sum(int(n) for n in re.findall(r"^Private_\w+:\s+(\d+) kB", rollup, re.M)))
+    return statistics.mean(sizes) if sizes else float("nan")
 
 
 # -- memory per connection (a fresh process per driver) ------------------------------
@@ -290,12 +332,11 @@ async def listen_idle_cost(server: Postgres, driver: str, seconds: float) -> dic
     whether (and how fast) a NOTIFY then arrives."""
     dsn = server.url(DBNAME)
     arrived: asyncio.Queue[float] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
     if driver == "asyncpg":
         import asyncpg
 
         connection = await asyncpg.connect(dsn)
-        await connection.add_listener(CHANNEL, lambda *_: arrived.put_nowait(loop.time()))
+        await connection.add_listener(CHANNEL, lambda *_: arrived.put_nowait(time.perf_counter()))
         consumer = None
     else:
         import psycopg
@@ -305,7 +346,7 @@ async def listen_idle_cost(server: Postgres, driver: str, seconds: float) -> dic
 
         async def consume() -> None:
             async for _ in connection.notifies():
-                arrived.put_nowait(loop.time())
+                arrived.put_nowait(time.perf_counter())
 
         consumer = asyncio.create_task(consume())
     await asyncio.sleep(0.2)
@@ -321,7 +362,7 @@ async def listen_idle_cost(server: Postgres, driver: str, seconds: float) -> dic
     import asyncpg
 
     notifier = await asyncpg.connect(dsn)  # the sender (after the counting)
-    sent = loop.time()
+    sent = time.perf_counter()
     await notifier.execute(f"NOTIFY {CHANNEL}, 'hello'")
     try:
         latency = await asyncio.wait_for(arrived.get(), 5) - sent
@@ -344,8 +385,13 @@ async def listen_idle_cost(server: Postgres, driver: str, seconds: float) -> dic
 # -- the report ----------------------------------------------------------------------
 
 
-def report(runs: dict[tuple[str, int], Any], memory: dict[str, float], idle: dict[str, Any],
-           args: argparse.Namespace) -> str:  # fmt: skip
+def report(
+    runs: dict[tuple[str, int], Any],
+    backends: dict[str, float],
+    memory: dict[str, float],
+    idle: dict[str, Any],
+    args: argparse.Namespace,
+) -> str:
     lines = [
         f"Load-and-touch by primary key (UPDATE ... RETURNING jsonb), {ROWS} rows, pool of "
         f"{POOL_SIZE}, uvloop; median of {args.repeats} x {args.duration:g} s",
@@ -364,6 +410,8 @@ def report(runs: dict[tuple[str, int], Any], memory: dict[str, float], idle: dic
             lines.append(
                 f"| {name} | {callers} | {ops:,.0f} | {ops / best:.2f}x | {p99 * 1000:.2f} ms |"
             )
+    lines += ["", "| driver / pool | server backend private memory per connection |", "|---|---:|"]
+    lines += [f"| {name} | {kib / 1024:.1f} MiB |" for name, kib in backends.items()]
     lines += [
         "",
         f"| driver | client RSS per connection | LISTEN idle {args.idle:g} s: statements run "
@@ -406,13 +454,13 @@ def main() -> None:
         server.psql(f"CREATE DATABASE {DBNAME}")
         server.psql(DDL.format(rows=ROWS), DBNAME)
         dsn = server.url(DBNAME)
-        runs = uvloop.run(throughput(dsn, args.duration, args.repeats))
+        runs, backends = uvloop.run(throughput(server, args.duration, args.repeats))
         memory = {driver: memory_per_connection(dsn, driver) for driver in ("asyncpg", "psycopg")}
         idle = {
             driver: uvloop.run(listen_idle_cost(server, driver, args.idle))
             for driver in ("asyncpg", "psycopg")
         }
-    print(report(runs, memory, idle, args))
+    print(report(runs, backends, memory, idle, args))
 
 
 if __name__ == "__main__":

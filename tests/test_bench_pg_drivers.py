@@ -59,7 +59,7 @@ def test_pg_drivers_measures_both_drivers_and_a_listen_connection_idle() -> None
     rows = re.findall(r"^\| (.+?) \| (1|50) \| ([\d,]+) \| ([\d.]+)x \| ([\d.]+) ms \|$",
                       done.stdout, re.M)  # fmt: skip
     names = {name for name, *_ in rows}
-    assert {"asyncpg, queue pool", "psycopg, queue pool"} <= names
+    assert {"asyncpg, FIFO pool", "psycopg, FIFO pool"} <= names
     assert len(rows) == 2 * len(names)
     assert all(int(ops.replace(",", "")) > 0 for _, _, ops, _, _ in rows)
     for driver in ("asyncpg", "psycopg"):
