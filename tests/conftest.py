@@ -268,6 +268,17 @@ def redis_server() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A real PostgreSQL server on a free loopback port, for the whole test
+    run of one worker; tests make databases of their own on it
+    (``create_database``). Tests that stop or kill it start their own."""
+    from _postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[Any]:
     """A real 6-node Redis Cluster (3 primaries, 3 replicas) on free loopback
     ports, for the whole test run of one worker; tests keep to key prefixes
