@@ -89,7 +89,6 @@ class PostgresStore:
     async def open(self) -> None:
         """Connect, and create the tables (or check their version)."""
         log.info("PostgreSQL session store: %s", self.url)
-        await self._pool.pool()
         await self._pool.run(lambda conn: conn.fetchval("SELECT 1"))
 
     async def aclose(self) -> None:
