@@ -153,6 +153,39 @@ async def test_twenty_concurrent_claimers_take_each_due_session_exactly_once(
     assert all(expiry.attempt == 1 for batch in rounds for expiry in batch)
 
 
+# -- data PostgreSQL's text cannot hold ------------------------------------------------
+
+TRICKY = {
+    "nul": "a\x00b",
+    "k\x00ey": 1,
+    "private": "\ue000 \ue000\ue002 \ue001",
+    "escaped": "\\u0000 and \\\x00 and \\\\u0000",
+    "nested": [{"\x00": ["\x00\ue000"]}],
+}
+
+
+@aio
+async def test_nul_and_its_escape_character_round_trip_in_keys_and_values(
+    postgres_server: PostgresServer,
+) -> None:
+    """jsonb cannot hold U+0000: a client's NUL in session data is kept
+    anyway (not a failed save, a 503, on every request), through create,
+    save, load, scan and claim, and a key holding NUL can be removed."""
+    clock = FakeClock(1000.0)
+    async with opened(schema_url(postgres_server), clock) as store:
+        await store.create("s1", 10, TRICKY)
+        assert await store.save("s1", {"x\x00": "\x00", "private": "\ue000\ue001"}, ["k\x00ey"])
+        expected = {**TRICKY, "x\x00": "\x00", "private": "\ue000\ue001"}
+        del expected["k\x00ey"]
+        loaded = await store.load("s1")
+        assert loaded is not None and loaded.decoded() == expected
+        infos, _ = await store.scan(None, 10)
+        assert [info.data for info in infos] == [expected]
+        clock.advance(11)
+        (expiry,) = await store.claim("me", 30, 10)
+        assert expiry.data == expected
+
+
 # -- failures ------------------------------------------------------------------------
 
 

@@ -3,7 +3,6 @@ statement (or one transaction) on a pooled asyncpg connection."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from lapse.sessions.store import (
 from lapse.sessions.stores.postgres.config import PostgresConfig, parse_url
 from lapse.sessions.stores.postgres.pool import Pool
 from lapse.sessions.stores.postgres.queries import Queries
+from lapse.sessions.stores.postgres.values import dump_data, dump_keys, load_data
 
 if TYPE_CHECKING:
     from lapse.sessions.store import SessionStore
@@ -33,16 +33,12 @@ EVENTS_PER_CALL = 1000
 """The most announcements one ``events()`` call returns."""
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def _info(row: Any) -> SessionInfo:
     uid, created, timeout, deadline, data = row
     last = deadline - timeout
     if created is not None and last < created:
         last = created
-    return SessionInfo(uid, created, last, deadline, json.loads(data))
+    return SessionInfo(uid, created, last, deadline, load_data(data))
 
 
 class PostgresStore:
@@ -109,13 +105,13 @@ class PostgresStore:
         live, timeout, deadline, current, data = row
         if data is None:
             return StoredSession(live, timeout, deadline, version=current, unchanged=True)
-        return StoredSession(live, timeout, deadline, data=json.loads(data), version=current)
+        return StoredSession(live, timeout, deadline, data=load_data(data), version=current)
 
     async def create(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
     ) -> float:
         """Store the live session ``uid`` (replacing any row of that uid)."""
-        text = _dumps(dict(data))
+        text = dump_data(data)
         row = await self._fetchrow(self.sql.create, uid, float(timeout), lifetime, text)
         return float(row[0])
 
@@ -144,8 +140,8 @@ class PostgresStore:
         statement (``data || changes - removed``, under the row's lock: a
         concurrent save of other keys keeps its own); the new version, or
         False if no live session has that uid."""
-        changes = _dumps(dict(changed))
-        row = await self._fetchrow(self.sql.save, uid, changes, list(removed))
+        changes = dump_data(changed)
+        row = await self._fetchrow(self.sql.save, uid, changes, dump_keys(removed))
         return False if row is None else int(row[0])
 
     async def exists(self, uid: str) -> bool:
@@ -163,7 +159,7 @@ class PostgresStore:
         rows = await self._fetch(self.sql.claim, owner, float(lease), limit)
         rows = sorted(rows, key=lambda row: (row[5], row[0]))
         return [
-            Expiry(uid, json.loads(data), delivery_id, attempt, cause)
+            Expiry(uid, load_data(data), delivery_id, attempt, cause)
             for uid, data, delivery_id, attempt, cause, _ in rows
         ]
 
