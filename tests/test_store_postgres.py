@@ -268,6 +268,34 @@ async def test_bad_password_and_unknown_database_are_permanent(
 
 
 @aio
+async def test_an_unknown_host_and_ssl_refused_by_the_server_are_permanent(
+    postgres_server: PostgresServer,
+) -> None:
+    """Retrying cannot help these, so start-up stops on them."""
+    for url, said in (
+        ("postgresql://u@no-such-host.invalid/db", "no-such-host.invalid"),
+        (f"{postgres_server.url()}?sslmode=require", "SSL"),
+    ):
+        store = PostgresStore.from_url(url)
+        with pytest.raises(StoreUnavailable, match=said) as caught:
+            await store.open()
+        assert caught.value.permanent, url
+        await store.aclose()
+
+
+@aio
+async def test_without_a_clock_time_is_the_databases(postgres_server: PostgresServer) -> None:
+    """Deadlines are in the server's clock_timestamp() (here the same
+    machine's clock, so close to time.time())."""
+    async with opened(schema_url(postgres_server)) as store:
+        now = await store.now()
+        assert abs(now - time.time()) < 1
+        deadline = await store.create("s1", 60, {})
+        assert now + 60 <= deadline < time.time() + 61
+        assert await store.next_deadline() == deadline
+
+
+@aio
 async def test_a_schema_version_newer_than_the_code_is_refused(
     postgres_server: PostgresServer,
 ) -> None:

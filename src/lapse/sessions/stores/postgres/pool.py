@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import socket
 import ssl
 import zlib
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,15 @@ def _driver() -> Any:
             "the PostgreSQL store needs asyncpg: pip install 'lapse[postgres]' "
             "(from a checkout: pip install '.[postgres]')"
         ) from None
+
+
+def _never_works(exc: BaseException) -> bool:
+    """Whether a connection error will recur whatever the server does: a
+    host name that does not exist, or a server that refuses the SSL that
+    ``sslmode`` demands."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_NONAME
+    return isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc)
 
 
 async def _keep_session(conn: Any) -> None:
@@ -170,7 +180,9 @@ class Pool:
                 f"{type(exc).__name__}: {exc}", permanent=state in _PERMANENT_STATES
             ) from exc
         except (OSError, self.driver.InterfaceError) as exc:
-            raise self.unavailable(f"cannot reach it: {type(exc).__name__}: {exc}") from exc
+            raise self.unavailable(
+                f"cannot reach it: {type(exc).__name__}: {exc}", permanent=_never_works(exc)
+            ) from exc
 
     async def aclose(self) -> None:
         self.closed = True
