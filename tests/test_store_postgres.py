@@ -153,6 +153,37 @@ async def test_twenty_concurrent_claimers_take_each_due_session_exactly_once(
     assert all(expiry.attempt == 1 for batch in rounds for expiry in batch)
 
 
+@aio
+async def test_events_come_in_commit_order_so_a_slow_announcement_is_not_skipped(
+    postgres_server: PostgresServer,
+) -> None:
+    """An announcement given its id first but committed last (a slow ack of
+    another process) is still read: writers of announcements take turns,
+    so ids commit in order and the cursor never passes an id to come."""
+    clock = FakeClock(1000.0)
+    async with opened(schema_url(postgres_server), clock) as store:
+        for uid in ("x", "y"):
+            await store.create(uid, 10, {})
+        clock.advance(11)
+        claims = {expiry.uid: expiry for expiry in await store.claim("me", 30, 10)}
+        _, cursor = await store.events(None)
+        slow = await asyncpg.connect(postgres_server.url())
+        try:
+            open_transaction = slow.transaction()
+            await open_transaction.start()
+            x = claims["x"]
+            await slow.execute(store.sql.ack, clock(), x.uid, x.delivery_id, 600.0)
+            fast = asyncio.create_task(store.ack(claims["y"]))
+            await asyncio.sleep(0.2)  # y's ack, meanwhile, as far as it can go
+            seen, cursor = await store.events(cursor)
+            await open_transaction.commit()
+        finally:
+            await slow.close()
+        await fast
+        more, _ = await store.events(cursor)
+        assert seen + more == ["x", "y"]
+
+
 # -- data PostgreSQL's text cannot hold ------------------------------------------------
 
 TRICKY = {

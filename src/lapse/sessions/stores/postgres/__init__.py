@@ -33,10 +33,11 @@ Guarantees:
 - **Schema.** ``schema.sql`` (version 1) is created on first use under an
   advisory lock; tables of a newer version are refused (permanent).
 - **Events.** ``schema.prefix_events`` has a ``bigserial`` id (the cursor);
-  rows older than ten minutes are trimmed by ``ack``. A NOTIFY can be added
-  on insert (a trigger) to wake readers. An event committed after a later
-  id was read is missed by that reader (ids are given at insert, not at
-  commit): possible only for announcements made in the same instant.
+  rows older than ten minutes are trimmed by ``ack``. Writers of
+  announcements (``ack``, ``rotate``) take turns on a transaction-scoped
+  advisory lock, so ids commit in order and a reader's cursor never passes
+  an announcement still to commit. A NOTIFY can be added on insert (a
+  trigger, or in the same statements) to wake readers.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ once per statement in the CTE ``t``; a deadline within EPSILON of now is due
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, fields
 
 __all__ = ["EPSILON", "Queries"]
@@ -26,6 +27,12 @@ target AS (
             WHERE a.uid = $2 AND a.until > (SELECT now FROM t) AND {_LIVE}
     ) found ORDER BY rank LIMIT 1
 )"""
+
+# Writers of announcements take turns (a transaction-scoped advisory lock,
+# taken before the id is drawn and held to the commit), so ids commit in
+# order and a reader's cursor never passes an id still to come. {lock} is a
+# number of this schema and prefix.
+_TURN = "turn AS (SELECT pg_advisory_xact_lock({lock}) IS NOT NULL)"
 
 _CLAMPED = "LEAST((SELECT now FROM t) + s.timeout, COALESCE(s.ends_at, 'infinity'::float8))"
 
@@ -67,8 +74,8 @@ class Queries:
     add_alias: str = f"""WITH {_NOW} INSERT INTO {{t}}aliases (uid, target, until)
         SELECT $2, $3, now + $4::float8 FROM t WHERE $4::float8 > 0"""
     # (now, old uid, new uid)
-    add_rotation: str = f"""WITH {_NOW} INSERT INTO {{t}}events (uid, at, target)
-        SELECT $2, now, $3 FROM t"""
+    add_rotation: str = f"""WITH {_NOW}, {_TURN} INSERT INTO {{t}}events (uid, at, target)
+        SELECT $2, now, $3 FROM t WHERE (SELECT true FROM turn)"""
     # (now, uid, changes jsonb text, removed keys) -> new version
     save: str = f"""WITH {_NOW}, {_RESOLVE}
         UPDATE {{t}}sessions s SET data = (s.data || $3::text::jsonb) - $4::text[],
@@ -107,8 +114,9 @@ class Queries:
         RETURNING 1"""
     # (now, uid, delivery_id, oldest event time kept)
     ack: str = f"""WITH {_NOW},
+        {_TURN},
         gone AS (DELETE FROM {{t}}sessions WHERE uid = $2 AND ended AND delivery_id = $3
-            RETURNING uid),
+            AND (SELECT true FROM turn) RETURNING uid),
         announced AS (INSERT INTO {{t}}events (uid, at) SELECT uid, now FROM gone, t)
         DELETE FROM {{t}}events WHERE at < (SELECT now FROM t) - $4::float8"""
     last_event_id: str = "SELECT COALESCE(max(id), 0) FROM {t}events"
@@ -141,4 +149,10 @@ class Queries:
     def for_tables(cls, schema: str, prefix: str) -> Queries:
         """The statements on ``schema.prefix*`` (checked identifiers)."""
         tables = f"{schema}.{prefix}"
-        return cls(**{f.name: str(f.default).replace("{t}", tables) for f in fields(cls)})
+        lock = str(zlib.crc32(f"lapse-events:{tables}".encode()))
+        return cls(
+            **{
+                f.name: str(f.default).replace("{t}", tables).replace("{lock}", lock)
+                for f in fields(cls)
+            }
+        )
