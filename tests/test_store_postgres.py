@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -253,6 +255,32 @@ async def test_a_stopped_server_fails_every_call_within_the_timeout_and_start_he
                 except StoreUnavailable:
                     assert time.monotonic() < end, "the store did not heal"
                     await asyncio.sleep(0.05)
+            assert loaded is not None and loaded.decoded() == {"a": 1}
+
+
+@pytest.mark.slow
+@aio
+async def test_a_frozen_server_fails_calls_within_the_timeout_and_thawed_heals() -> None:
+    """Every server process stopped (SIGSTOP: it neither answers nor closes
+    the connection, so no server-side timeout can fire): the client-side
+    bound ends each call with StoreUnavailable within the timeout and a
+    half; once it runs again the next call works."""
+    with PostgresServer() as server:
+        async with opened(f"{server.url()}?timeout=0.5") as store:
+            await store.create("s1", 600, {"a": 1})
+            frozen = server.processes()
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                for call in (store.load("s1"), store.save("s1", {"b": 2}, ()), store.count()):
+                    began = time.monotonic()
+                    with pytest.raises(StoreUnavailable, match="timeout"):
+                        await call
+                    assert time.monotonic() - began < 0.9
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            loaded = await store.load("s1")
             assert loaded is not None and loaded.decoded() == {"a": 1}
 
 
