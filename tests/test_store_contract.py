@@ -1,7 +1,7 @@
 """One contract, every store: lapse's published store contract
 (:class:`lapse.testing.StoreContract`) run on the memory store, SQLite (a real
-file), Redis (a real server) and a store written from the protocol's docs
-alone (``tests/_dict_store.py``).
+file), Redis and PostgreSQL (real servers) and a store written from the protocol's
+docs alone (``tests/_dict_store.py``).
 
 Time is a fake clock handed to each store, so nothing sleeps.
 """
@@ -16,6 +16,7 @@ import pytest
 from _dict_store import DictStore
 
 from lapse.sessions.stores.memory import MemoryStore
+from lapse.sessions.stores.postgres import PostgresStore
 from lapse.sessions.stores.redis import RedisStore
 from lapse.sessions.stores.sqlite import SQLiteStore
 from lapse.testing import FakeClock, StoreContract
@@ -39,6 +40,15 @@ class TestRedisStore(StoreContract):
     @pytest.fixture
     def store(self, store_clock: FakeClock, redis_server: Any) -> RedisStore:
         return RedisStore(redis_server.url, clock=store_clock, prefix=f"c{next(_prefixes)}")
+
+
+class TestPostgresStore(StoreContract):
+    """A real PostgreSQL server; a schema of its own per test."""
+
+    @pytest.fixture
+    def store(self, store_clock: FakeClock, postgres_server: Any) -> PostgresStore:
+        url = f"{postgres_server.url()}?schema=contract{next(_prefixes)}"
+        return PostgresStore.from_url(url, clock=store_clock)
 
 
 class TestShardedRedisStore(StoreContract):

@@ -6,7 +6,9 @@
 - ``redis://[:password@]host:port/db`` (or ``rediss://``), and
   ``redis+cluster://`` (Redis Cluster) or ``redis+sentinel://`` (Redis with
   Sentinel): shared by processes on many machines; needs ``pip install
-  hiredis``.
+  hiredis``;
+- ``postgresql://user:password@host:port/dbname`` (or ``postgres://``):
+  shared by processes on many machines; needs ``pip install asyncpg``.
 
 :func:`store_from_url` parses a URL at once, so a bad one is an error at
 start-up, never at the first request.
@@ -57,12 +59,16 @@ def store_from_url(url: str, clock: Callable[[], float] | None = None) -> Sessio
         from lapse.sessions.stores.redis import RedisStore
 
         return RedisStore.from_url(url, clock)
+    if scheme in ("postgresql", "postgres"):
+        from lapse.sessions.stores.postgres import PostgresStore
+
+        return PostgresStore.from_url(url, clock)
     from lapse.sessions.stores.redis.url import redact
 
     raise StoreConfigError(
         f"unknown session store URL {redact(url)!r}: use memory:, sqlite:///path.db, "
-        "redis://host:port/db, redis+cluster://host:port,host:port or "
-        "redis+sentinel://host:port/service"
+        "redis://host:port/db, redis+cluster://host:port,host:port, "
+        "redis+sentinel://host:port/service or postgresql://user@host:port/dbname"
     )
 
 

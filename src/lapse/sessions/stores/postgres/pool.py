@@ -1,0 +1,196 @@
+"""The PostgreSQL store's connections: an asyncpg pool made on first use, the
+tables made (or checked) on it, every call bounded by the store's timeout and
+every failure a :class:`StoreUnavailable`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import socket
+import ssl
+import zlib
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import Any, TypeVar
+
+from lapse.sessions.store import StoreConfigError, StoreUnavailable
+from lapse.sessions.stores.postgres.config import PostgresConfig
+
+__all__ = ["POOL_MAX", "POOL_MIN", "SCHEMA_VERSION", "Pool", "schema_sql"]
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+"""The version of ``schema.sql``; tables of a later version are refused."""
+
+POOL_MIN = 1
+POOL_MAX = 10
+"""Connections per store (one server process): one kept open, at most ten."""
+
+_PERMANENT_STATES = frozenset({"28000", "28P01", "3D000", "3F000", "42501"})
+"""SQLSTATEs that retrying cannot fix: bad credentials (28000, 28P01), no
+such database (3D000) or schema (3F000), no privilege (42501)."""
+
+
+def _driver() -> Any:
+    try:
+        return importlib.import_module("asyncpg")
+    except ImportError:
+        raise StoreConfigError(
+            "the PostgreSQL store needs asyncpg: pip install 'lapse[postgres]' "
+            "(from a checkout: pip install '.[postgres]')"
+        ) from None
+
+
+def _never_works(exc: BaseException) -> bool:
+    """Whether a connection error will recur whatever the server does: a
+    host name that does not exist, or a server that refuses the SSL that
+    ``sslmode`` demands."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_NONAME
+    return isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc)
+
+
+async def _keep_session(conn: Any) -> None:
+    """Nothing to reset when a connection goes back to the pool: the store
+    sets no session state (no SET, LISTEN, cursor or session lock; an open
+    transaction is rolled back by asyncpg first). asyncpg's default reset
+    would cost every call a second round trip."""
+
+
+def schema_sql(schema: str, prefix: str) -> str:
+    """``schema.sql`` for these tables (schema and prefix are checked
+    identifiers: see config.IDENTIFIER)."""
+    text = files(__name__.rpartition(".")[0]).joinpath("schema.sql").read_text(encoding="utf-8")
+    code = "".join(line for line in text.splitlines(True) if not line.lstrip().startswith("--"))
+    return code.replace("{t}", f"{schema}.{prefix}").replace("{p}", prefix)
+
+
+class Pool:
+    """An asyncpg pool for one store, made (and the schema checked) on the
+    first call; each :meth:`run` is one connection's work, bounded in time."""
+
+    def __init__(self, config: PostgresConfig, safe_url: str) -> None:
+        self.config = config
+        self.safe_url = safe_url
+        self.driver = _driver()
+        self._pool: Any | None = None
+        self._opening: asyncio.Lock | None = None
+        self.closed = False
+
+    def unavailable(self, why: str, *, permanent: bool = False) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"PostgreSQL session store {self.safe_url}: {why}", permanent=permanent
+        )
+
+    def _ssl(self) -> Any:
+        mode = self.config.sslmode
+        if mode == "disable":
+            return False
+        context = ssl.create_default_context()
+        if mode == "require":
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif mode == "verify-ca":
+            context.check_hostname = False
+        return context
+
+    async def _open(self) -> Any:
+        config = self.config
+        timeout = config.timeout
+        pool: Any = await self.driver.create_pool(
+            host=config.host,
+            port=config.port,
+            user=config.user,
+            password=config.password,
+            database=config.database,
+            ssl=self._ssl(),
+            min_size=POOL_MIN,
+            max_size=POOL_MAX,
+            timeout=timeout,
+            command_timeout=timeout,
+            statement_cache_size=100,
+            reset=_keep_session,
+            server_settings={
+                "statement_timeout": str(max(1, int(timeout * 1000))),
+                "lock_timeout": str(max(1, int(timeout * 1000))),
+                "application_name": "lapse",
+            },
+        )
+        try:
+            async with pool.acquire(timeout=timeout) as conn:
+                await self._prepare_schema(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        return pool
+
+    async def _prepare_schema(self, conn: Any) -> None:
+        """Make the tables if need be, or refuse a newer version of them."""
+        schema, prefix = self.config.schema, self.config.table_prefix
+        table = f"{schema}.{prefix}schema_version"
+        async with conn.transaction():
+            lock = zlib.crc32(f"lapse:{schema}.{prefix}".encode())
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+            if not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            if await conn.fetchval("SELECT to_regclass($1)", table) is not None:
+                found = await conn.fetchval(f"SELECT max(version) FROM {table}")
+                if found is not None and found > SCHEMA_VERSION:
+                    raise self.unavailable(
+                        f"its tables ({schema}.{prefix}*) are schema version {found}, newer "
+                        f"than this lapse knows ({SCHEMA_VERSION}): upgrade lapse",
+                        permanent=True,
+                    )
+                if found == SCHEMA_VERSION:
+                    return
+            await conn.execute(schema_sql(schema, prefix))
+            await conn.execute(f"DELETE FROM {table}")
+            await conn.execute(f"INSERT INTO {table} (version) VALUES ($1)", SCHEMA_VERSION)
+
+    async def pool(self) -> Any:
+        if self.closed:
+            raise self.unavailable("the store is closed")
+        if self._pool is not None:
+            return self._pool
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await self._open()
+            return self._pool
+
+    async def run(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """``work`` on a pooled connection, within the store's timeout (plus a
+        little for the server's own statement_timeout to answer first); any
+        failure a StoreUnavailable raised from the driver's error."""
+        try:
+            async with asyncio.timeout(self.config.timeout * 1.5):
+                pool = await self.pool()
+                async with pool.acquire(timeout=self.config.timeout) as conn:
+                    return await work(conn)
+        except StoreUnavailable:
+            raise
+        except TimeoutError as exc:
+            raise self.unavailable(f"no answer within {self.config.timeout:g} s (timeout)") from exc
+        except self.driver.PostgresError as exc:
+            state = getattr(exc, "sqlstate", None)
+            raise self.unavailable(
+                f"{type(exc).__name__}: {exc}", permanent=state in _PERMANENT_STATES
+            ) from exc
+        except (OSError, self.driver.InterfaceError) as exc:
+            raise self.unavailable(
+                f"cannot reach it: {type(exc).__name__}: {exc}", permanent=_never_works(exc)
+            ) from exc
+
+    async def aclose(self) -> None:
+        self.closed = True
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    await pool.close()
+            except (TimeoutError, OSError, self.driver.InterfaceError):
+                with contextlib.suppress(Exception):
+                    pool.terminate()

@@ -1,0 +1,158 @@
+"""The PostgreSQL store's statements. ``{t}`` is ``schema.prefix``; ``$1`` is
+always the store's clock (NULL: the database's ``clock_timestamp()``), read
+once per statement in the CTE ``t``; a deadline within EPSILON of now is due
+(as in the other stores)."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, fields
+
+__all__ = ["EPSILON", "Queries"]
+
+EPSILON = 1e-6
+
+_NOW = "t AS (SELECT COALESCE($1::float8, extract(epoch FROM clock_timestamp())::float8) AS now)"
+
+_LIVE = "NOT s.ended AND s.deadline > (SELECT now FROM t) + 1e-6"
+
+# The live session a uid names: itself, or within its grace the session an
+# old uid was rotated to.
+_RESOLVE = f"""
+target AS (
+    SELECT uid FROM (
+        SELECT s.uid, 0 AS rank FROM {{t}}sessions s WHERE s.uid = $2 AND {_LIVE}
+        UNION ALL
+        SELECT s.uid, 1 FROM {{t}}aliases a JOIN {{t}}sessions s ON s.uid = a.target
+            WHERE a.uid = $2 AND a.until > (SELECT now FROM t) AND {_LIVE}
+    ) found ORDER BY rank LIMIT 1
+)"""
+
+# Writers of announcements take turns (a transaction-scoped advisory lock,
+# taken before the id is drawn and held to the commit), so ids commit in
+# order and a reader's cursor never passes an id still to come. {lock} is a
+# number of this schema and prefix.
+_TURN = "turn AS (SELECT pg_advisory_xact_lock({lock}) IS NOT NULL)"
+
+_CLAMPED = "LEAST((SELECT now FROM t) + s.timeout, COALESCE(s.ends_at, 'infinity'::float8))"
+
+
+@dataclass(frozen=True, slots=True)
+class Queries:
+    """Every statement, for one schema and prefix."""
+
+    now: str = f"WITH {_NOW} SELECT now FROM t"
+    # (now, uid, version) -> uid, timeout, deadline, version, data text or NULL
+    load: str = f"""WITH {_NOW}, {_RESOLVE}
+        UPDATE {{t}}sessions s SET deadline = {_CLAMPED}
+        FROM target WHERE s.uid = target.uid AND {_LIVE}
+        RETURNING s.uid, s.timeout, s.deadline, s.version,
+            CASE WHEN s.version = $3 THEN NULL ELSE s.data::text END"""
+    # (now, uid, timeout, lifetime, data) -> deadline
+    create: str = f"""WITH {_NOW}
+        INSERT INTO {{t}}sessions AS s
+            (uid, timeout, deadline, created, ends_at, version, data)
+        SELECT $2, $3::float8, LEAST(now + $3::float8, COALESCE(now + $4::float8, 'infinity')),
+            now, now + $4::float8, 1, $5::text::jsonb FROM t
+        ON CONFLICT (uid) DO UPDATE SET timeout = excluded.timeout,
+            deadline = excluded.deadline, ended = false, cause = NULL, delivery_id = NULL,
+            attempt = 0, lease_owner = NULL, lease_until = NULL, created = excluded.created,
+            ends_at = excluded.ends_at, version = 1, data = excluded.data
+        RETURNING s.deadline"""
+    # (now, uid) -> the live row, locked
+    lock_live: str = f"""WITH {_NOW} SELECT s.timeout FROM {{t}}sessions s
+        WHERE s.uid = $2 AND {_LIVE} FOR UPDATE OF s"""
+    # (now, old uid, new uid): the locked row moved and touched
+    rotate_session: str = f"""WITH {_NOW} UPDATE {{t}}sessions s SET uid = $3,
+        deadline = {_CLAMPED} WHERE s.uid = $2"""
+    # (now, old uid): aliases whose grace ended
+    prune_aliases: str = f"""WITH {_NOW} DELETE FROM {{t}}aliases
+        WHERE until <= (SELECT now FROM t) OR uid = $2"""
+    # (new uid, old uid): aliases of the old uid name the new one
+    follow_aliases: str = "UPDATE {t}aliases SET target = $1 WHERE target = $2"
+    # (now, old uid, new uid, grace)
+    add_alias: str = f"""WITH {_NOW} INSERT INTO {{t}}aliases (uid, target, until)
+        SELECT $2, $3, now + $4::float8 FROM t WHERE $4::float8 > 0"""
+    # (now, old uid, new uid)
+    add_rotation: str = f"""WITH {_NOW}, {_TURN} INSERT INTO {{t}}events (uid, at, target)
+        SELECT $2, now, $3 FROM t WHERE (SELECT true FROM turn)"""
+    # (now, uid, changes jsonb text, removed keys) -> new version
+    save: str = f"""WITH {_NOW}, {_RESOLVE}
+        UPDATE {{t}}sessions s SET data = (s.data || $3::text::jsonb) - $4::text[],
+            version = s.version + 1
+        FROM target WHERE s.uid = target.uid AND {_LIVE} RETURNING s.version"""
+    # (now, uid) -> 1 if live
+    exists: str = f"WITH {_NOW} SELECT 1 FROM {{t}}sessions s WHERE s.uid = $2 AND {_LIVE}"
+    # (now, uid) -> 1 if it was live
+    expire: str = f"""WITH {_NOW}
+        UPDATE {{t}}sessions s SET ended = true, cause = 'expired',
+            deadline = (SELECT now FROM t), delivery_id = NULL, attempt = 0,
+            lease_owner = NULL, lease_until = (SELECT now FROM t)
+        WHERE s.uid = $2 AND {_LIVE} RETURNING 1"""
+    # (now, owner, lease, limit) -> uid, data, delivery_id, attempt, cause, deadline
+    claim: str = f"""WITH {_NOW},
+        due AS (
+            SELECT s.uid FROM {{t}}sessions s
+            WHERE (NOT s.ended AND s.deadline <= (SELECT now FROM t) + 1e-6)
+               OR (s.ended AND s.lease_until <= (SELECT now FROM t) + 1e-6)
+            ORDER BY s.deadline, s.uid LIMIT $4 FOR UPDATE OF s SKIP LOCKED
+        )
+        UPDATE {{t}}sessions s SET ended = true,
+            cause = CASE WHEN s.ended THEN s.cause
+                WHEN s.ends_at IS NOT NULL AND s.deadline >= s.ends_at THEN 'lifetime'
+                ELSE 'timeout' END,
+            delivery_id = COALESCE(s.delivery_id,
+                s.uid || ':' || substr(md5(random()::text || clock_timestamp()::text), 1, 16)),
+            attempt = s.attempt + 1, lease_owner = $2,
+            lease_until = (SELECT now FROM t) + $3::float8
+        FROM due WHERE s.uid = due.uid
+        RETURNING s.uid, s.data::text, s.delivery_id, s.attempt, s.cause, s.deadline"""
+    # (now, lease, uid, delivery_id, attempt, owner) -> 1 if still held
+    renew: str = f"""WITH {_NOW}
+        UPDATE {{t}}sessions SET lease_until = (SELECT now FROM t) + $2::float8
+        WHERE uid = $3 AND ended AND delivery_id = $4 AND attempt = $5 AND lease_owner = $6
+        RETURNING 1"""
+    # (now, uid, delivery_id, oldest event time kept)
+    ack: str = f"""WITH {_NOW},
+        {_TURN},
+        gone AS (DELETE FROM {{t}}sessions WHERE uid = $2 AND ended AND delivery_id = $3
+            AND (SELECT true FROM turn) RETURNING uid),
+        announced AS (INSERT INTO {{t}}events (uid, at) SELECT uid, now FROM gone, t)
+        DELETE FROM {{t}}events WHERE at < (SELECT now FROM t) - $4::float8"""
+    last_event_id: str = "SELECT COALESCE(max(id), 0) FROM {t}events"
+    # (cursor, limit) -> id, uid, target
+    events_after: str = "SELECT id, uid, target FROM {t}events WHERE id > $1 ORDER BY id LIMIT $2"
+    # (now) -> earliest live deadline, earliest lease end, now if one waits unclaimed
+    next_deadline: str = f"""WITH {_NOW} SELECT
+        (SELECT min(deadline) FROM {{t}}sessions WHERE NOT ended),
+        (SELECT min(lease_until) FROM {{t}}sessions WHERE ended AND delivery_id IS NOT NULL),
+        (SELECT now FROM t WHERE EXISTS (
+            SELECT 1 FROM {{t}}sessions WHERE ended AND delivery_id IS NULL))"""
+    # (now, limit) -> uid, created, timeout, deadline, data; latest deadline first
+    scan_first: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline,
+        s.data::text FROM {{t}}sessions s WHERE {_LIVE}
+        ORDER BY s.deadline DESC, s.uid DESC LIMIT $2"""
+    # (now, limit, cursor deadline, cursor uid): the same, strictly after the cursor
+    scan_after: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline,
+        s.data::text FROM {{t}}sessions s WHERE {_LIVE} AND (s.deadline, s.uid) < ($3, $4)
+        ORDER BY s.deadline DESC, s.uid DESC LIMIT $2"""
+    # (now, uid)
+    info: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline, s.data::text
+        FROM {{t}}sessions s WHERE s.uid = $2 AND {_LIVE}"""
+    # (now) -> live sessions
+    count: str = f"WITH {_NOW} SELECT count(*) FROM {{t}}sessions s WHERE {_LIVE}"
+    # (start, width, end) -> bucket, live sessions ending in it
+    by_deadline: str = """SELECT floor((deadline - $1) / $2)::int, count(*) FROM {t}sessions
+        WHERE NOT ended AND deadline > $1 AND deadline <= $3 GROUP BY 1"""
+
+    @classmethod
+    def for_tables(cls, schema: str, prefix: str) -> Queries:
+        """The statements on ``schema.prefix*`` (checked identifiers)."""
+        tables = f"{schema}.{prefix}"
+        lock = str(zlib.crc32(f"lapse-events:{tables}".encode()))
+        return cls(
+            **{
+                f.name: str(f.default).replace("{t}", tables).replace("{lock}", lock)
+                for f in fields(cls)
+            }
+        )

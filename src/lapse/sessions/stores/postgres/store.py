@@ -1,0 +1,253 @@
+"""The PostgreSQL store's operations: :class:`PostgresStore`, each method one
+statement (or one transaction) on a pooled asyncpg connection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from lapse.sessions.store import (
+    Event,
+    Expiry,
+    SessionInfo,
+    StoredSession,
+    _bucket_bounds,
+)
+from lapse.sessions.stores.postgres.config import PostgresConfig, parse_url
+from lapse.sessions.stores.postgres.pool import Pool
+from lapse.sessions.stores.postgres.queries import Queries
+from lapse.sessions.stores.postgres.values import dump_data, dump_keys, load_data
+
+if TYPE_CHECKING:
+    from lapse.sessions.store import SessionStore
+
+__all__ = ["EVENTS_KEPT_FOR", "EVENTS_PER_CALL", "PostgresStore"]
+
+log = logging.getLogger("lapse.sessions")
+
+EVENTS_KEPT_FOR = 600.0
+"""Seconds an announcement stays readable by ``events()``."""
+
+EVENTS_PER_CALL = 1000
+"""The most announcements one ``events()`` call returns."""
+
+
+def _info(row: Any) -> SessionInfo:
+    uid, created, timeout, deadline, data = row
+    last = deadline - timeout
+    if created is not None and last < created:
+        last = created
+    return SessionInfo(uid, created, last, deadline, load_data(data))
+
+
+class PostgresStore:
+    """Sessions in PostgreSQL tables (``schema.prefix*``), shared by every
+    process of every machine that uses the same database."""
+
+    shared = True
+    enforces_timeout = True
+    """The server's statement_timeout and a client-side bound (the store's
+    ``timeout`` and a half) end every call."""
+    holds_sessions = False
+
+    def __init__(self, config: PostgresConfig, *, clock: Callable[[], float] | None = None) -> None:
+        self.config = config
+        self.url = config.safe_url
+        self.timeout = config.timeout
+        self.clock = clock
+        self.sql = Queries.for_tables(config.schema, config.table_prefix)
+        self._pool = Pool(config, self.url)
+
+    @classmethod
+    def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> PostgresStore:
+        """The store a ``postgresql://`` (or ``postgres://``) URL names."""
+        return cls(parse_url(url), clock=clock)
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {self.url}>"
+
+    def _now(self) -> float | None:
+        """The clock argument of every statement: None is the database's."""
+        return None if self.clock is None else self.clock()
+
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        now = self._now()
+        rows: list[Any] = await self._pool.run(lambda conn: conn.fetch(query, now, *args))
+        return rows
+
+    async def _fetchrow(self, query: str, *args: Any) -> Any:
+        now = self._now()
+        return await self._pool.run(lambda conn: conn.fetchrow(query, now, *args))
+
+    # -- the protocol -----------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, and create the tables (or check their version)."""
+        log.info("PostgreSQL session store: %s", self.url)
+        await self._pool.run(lambda conn: conn.fetchval("SELECT 1"))
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    async def now(self) -> float:
+        """The store's clock: ``clock()`` if given, else the database's."""
+        row = await self._fetchrow(self.sql.now)
+        return float(row[0])
+
+    async def load(self, uid: str, version: int | None = None) -> StoredSession | None:
+        """Touch and return the live session ``uid`` (or the one an old uid
+        was rotated to, within its grace): ONE statement, an UPDATE ...
+        RETURNING; no data if its version is still ``version``."""
+        row = await self._fetchrow(self.sql.load, uid, version)
+        if row is None:
+            return None
+        live, timeout, deadline, current, data = row
+        if data is None:
+            return StoredSession(live, timeout, deadline, version=current, unchanged=True)
+        return StoredSession(live, timeout, deadline, data=load_data(data), version=current)
+
+    async def create(
+        self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
+    ) -> float:
+        """Store the live session ``uid`` (replacing any row of that uid)."""
+        text = dump_data(data)
+        row = await self._fetchrow(self.sql.create, uid, float(timeout), lifetime, text)
+        return float(row[0])
+
+    async def rotate(self, uid: str, new_uid: str, grace: float) -> bool:
+        """Move the live session to ``new_uid``, alias ``uid`` to it for
+        ``grace`` seconds and announce ``(uid, new_uid)``: one transaction."""
+        sql, now = self.sql, self._now()
+
+        async def rotate(conn: Any) -> bool:
+            async with conn.transaction():
+                if await conn.fetchrow(sql.lock_live, now, uid) is None:
+                    return False
+                await conn.execute(sql.rotate_session, now, uid, new_uid)
+                await conn.execute(sql.prune_aliases, now, uid)
+                await conn.execute(sql.follow_aliases, new_uid, uid)
+                await conn.execute(sql.add_alias, now, uid, new_uid, float(grace))
+                await conn.execute(sql.add_rotation, now, uid, new_uid)
+                return True
+
+        return await self._pool.run(rotate)
+
+    async def save(
+        self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]
+    ) -> bool | int:
+        """Write the changed keys, then remove the removed ones, in ONE
+        statement (``data || changes - removed``, under the row's lock: a
+        concurrent save of other keys keeps its own); the new version, or
+        False if no live session has that uid."""
+        changes = dump_data(changed)
+        row = await self._fetchrow(self.sql.save, uid, changes, dump_keys(removed))
+        return False if row is None else int(row[0])
+
+    async def exists(self, uid: str) -> bool:
+        return await self._fetchrow(self.sql.exists, uid) is not None
+
+    async def expire(self, uid: str) -> bool:
+        return await self._fetchrow(self.sql.expire, uid) is not None
+
+    async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
+        """Take up to ``limit`` due sessions (earliest deadline first) by
+        ``FOR UPDATE SKIP LOCKED``: concurrent claimers never take the same
+        one; a lease run out is handed out again with ``attempt`` + 1."""
+        if limit <= 0:
+            return []
+        rows = await self._fetch(self.sql.claim, owner, float(lease), limit)
+        rows = sorted(rows, key=lambda row: (row[5], row[0]))
+        return [
+            Expiry(uid, load_data(data), delivery_id, attempt, cause)
+            for uid, data, delivery_id, attempt, cause, _ in rows
+        ]
+
+    async def renew(self, expiry: Expiry, owner: str, lease: float) -> bool:
+        row = await self._fetchrow(
+            self.sql.renew, float(lease), expiry.uid, expiry.delivery_id, expiry.attempt, owner
+        )
+        return row is not None
+
+    async def ack(self, expiry: Expiry) -> None:
+        """Forget the claimed session and announce its end, in one statement
+        that also trims announcements older than ``EVENTS_KEPT_FOR``."""
+        now = self._now()
+        query = self.sql.ack
+        args = (now, expiry.uid, expiry.delivery_id, EVENTS_KEPT_FOR)
+        await self._pool.run(lambda conn: conn.execute(query, *args))
+
+    async def events(self, cursor: str | None) -> tuple[list[Event], str]:
+        """Announcements after ``cursor`` (an events id), oldest first."""
+        after = -1
+        if cursor is not None:
+            try:
+                after = int(cursor)
+            except ValueError:
+                raise ValueError(f"not an events cursor of this store: {cursor!r}") from None
+        sql = self.sql
+
+        async def events(conn: Any) -> tuple[list[Event], str]:
+            last = int(await conn.fetchval(sql.last_event_id))
+            if cursor is None or after > last:
+                return [], str(last)
+            rows = await conn.fetch(sql.events_after, after, EVENTS_PER_CALL)
+            if not rows:
+                return [], str(after)
+            found: list[Event] = [uid if to is None else (uid, to) for _, uid, to in rows]
+            return found, str(rows[-1][0])
+
+        return await self._pool.run(events)
+
+    async def next_deadline(self) -> float | None:
+        row = await self._fetchrow(self.sql.next_deadline)
+        times = [float(t) for t in row if t is not None]
+        return min(times) if times else None
+
+    # -- inspection: read only ----------------------------------------------------
+
+    async def scan(self, cursor: str | None, limit: int) -> tuple[list[SessionInfo], str | None]:
+        """Live sessions, latest deadline first, then by uid descending, with
+        the (deadline, uid) cursor of the SQLite store: a full scan returns
+        no session twice."""
+        if limit < 1:
+            raise ValueError(f"a scan limit is at least 1, not {limit!r}")
+        if cursor is None:
+            rows = await self._fetch(self.sql.scan_first, limit + 1)
+        else:
+            mark, sep, last_uid = cursor.partition(":")
+            try:
+                deadline = float(mark)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ValueError(f"not a scan cursor of this store: {cursor!r}")
+            rows = await self._fetch(self.sql.scan_after, limit + 1, deadline, last_uid)
+        infos = [_info(row) for row in rows[:limit]]
+        if len(rows) <= limit:
+            return infos, None
+        last = rows[limit - 1]
+        return infos, f"{last[3]!r}:{last[0]}"
+
+    async def info(self, uid: str) -> SessionInfo | None:
+        row = await self._fetchrow(self.sql.info, uid)
+        return None if row is None else _info(row)
+
+    async def count(self) -> int:
+        row = await self._fetchrow(self.sql.count)
+        return int(row[0])
+
+    async def deadlines(self, now: float, horizon: float, buckets: int) -> list[int]:
+        width = _bucket_bounds(now, horizon, buckets)
+        query, args = self.sql.by_deadline, (float(now), width, float(now + horizon))
+        rows = await self._pool.run(lambda conn: conn.fetch(query, *args))
+        counts = [0] * buckets
+        for bucket, n in rows:
+            counts[min(buckets - 1, max(0, int(bucket)))] += int(n)
+        return counts
+
+
+if TYPE_CHECKING:
+
+    def _is_a_session_store(store: PostgresStore) -> SessionStore:
+        return store
