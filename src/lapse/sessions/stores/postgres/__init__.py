@@ -1,6 +1,6 @@
 """The PostgreSQL store: sessions in tables of a PostgreSQL database, shared
 by the processes of every machine that uses it (driver: asyncpg, ``pip
-install 'lapse[postgres]'``).
+install asyncpg``; from a lapse checkout ``pip install '.[postgres]'``).
 
 URL: ``postgresql://user:password@host:port/dbname`` (or ``postgres://``),
 options ``?schema=`` (default ``public``: it exists in every database, so

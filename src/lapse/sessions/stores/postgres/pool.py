@@ -38,8 +38,8 @@ def _driver() -> Any:
         return importlib.import_module("asyncpg")
     except ImportError:
         raise StoreConfigError(
-            "the PostgreSQL store needs asyncpg: pip install 'lapse[postgres]' "
-            "(from a checkout: pip install '.[postgres]')"
+            "the PostgreSQL store needs asyncpg: `pip install asyncpg` "
+            "(or, from a lapse checkout, `pip install '.[postgres]'`)"
         ) from None
 
 
