@@ -12,7 +12,6 @@ import collections
 import itertools
 import logging
 import re
-import secrets
 import uuid
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 from _helpers import aio
 from _redis_cluster import RedisCluster
 from _redis_server import CountingTransport
+from _shards import uid_in
 
 from lapse.internet.task import Clock
 from lapse.sessions import SharedKeeper
@@ -171,14 +171,6 @@ async def test_a_primary_down_leaves_the_other_shards_claimed_and_announced(
             )
         finally:
             await store.aclose()
-
-
-def uid_in(layout: Any, shard: int) -> str:
-    """A lapse-like uid placed in ``shard``."""
-    while True:
-        uid = secrets.token_urlsafe(18)
-        if layout.shard_of(uid) is layout.shards[shard]:
-            return uid
 
 
 def store_node(cluster: Any, store: RedisStore, uid: str) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from _helpers import aio
 from _redis_server import RedisServer, full_commands
+from _shards import rotated, uid_in
 
 from lapse.sessions.store import StoreUnavailable
 from lapse.sessions.stores.redis import RedisStore
@@ -44,19 +45,6 @@ async def opened(
         yield store
     finally:
         await store.aclose()
-
-
-def uid_in(layout: Layout, shard: int) -> str:
-    """A lapse-like uid (24 URL-safe characters) placed in ``shard``."""
-    while True:
-        uid = secrets.token_urlsafe(18)
-        if layout.shard_of(uid) is layout.shards[shard]:
-            return uid
-
-
-def rotated(uid: str) -> str:
-    """A new uid as lapse makes one at rotation: the first two characters kept."""
-    return uid[:2] + secrets.token_urlsafe(18)[2:]
 
 
 def test_shard_tags_spread_evenly_over_the_slot_range() -> None:
