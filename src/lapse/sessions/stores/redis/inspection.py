@@ -60,8 +60,8 @@ class Inspection:
             return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
         pages = await asyncio.gather(*map(page, self._shards))
-        rows = pages[0] if len(pages) == 1 else [row for rows in pages for row in rows]
-        if len(pages) > 1:
+        rows = [row for rows in pages for row in rows]
+        if len(pages) > 1:  # merged: one order across the shards
             rows.sort(key=lambda row: (int(row[1]), row[0]), reverse=True)
         infos = [session_info(uid, score, data) for uid, score, data in rows[:limit]]
         if len(rows) <= limit:

@@ -83,13 +83,12 @@ def _tags(prefix: str, shards: int) -> tuple[str, ...]:
 class Layout:
     """The shards of one deployment (see the module)."""
 
-    __slots__ = ("_count", "meta_key", "prefix", "shards", "tagged")
+    __slots__ = ("meta_key", "prefix", "shards", "tagged")
 
     def __init__(self, prefix: str, shards: int, *, tagged: bool) -> None:
         if not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
             raise ValueError(f"shards is a whole number from 1 to {MAX_SHARDS}, not {shards!r}")
         self.prefix = prefix
-        self._count = shards
         self.tagged = tagged or shards > 1
         bases = [f"{{{tag}}}" for tag in _tags(prefix, shards)] if self.tagged else [prefix]
         self.shards = tuple(Shard.at(base) for base in bases)
@@ -97,7 +96,7 @@ class Layout:
 
     @property
     def count(self) -> int:
-        return self._count
+        return len(self.shards)
 
     def shard_of(self, uid: str) -> Shard:
         """The shard that holds ``uid``."""

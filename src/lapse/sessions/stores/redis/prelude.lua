@@ -1,4 +1,5 @@
--- prelude.lua: included first by every script but ack.lua.
+-- prelude.lua: included first by every script that reads the time (all but
+-- ack.lua and shards.lua).
 -- now_us(arg): the time in µs: the clock argument if given (a store made
 -- with clock=), else the server's TIME; n2s(n): an exact integer-to-string
 -- conversion for scores.

@@ -110,9 +110,9 @@ class Rounds:
         asked = [i for i, quota in enumerate(quotas) if quota]
         if not asked:
             return []
+        share = {shards[i]: quotas[i] for i in asked}
         claimed = await self._each(
-            [shards[i] for i in asked],
-            lambda shard: self._claim_in(shard, owner, lease, quotas[shards.index(shard)]),
+            list(share), lambda shard: self._claim_in(shard, owner, lease, share[shard])
         )
         # In the order of the oldest overall (each batch is oldest first).
         queues = {i: iter(batch or ()) for i, batch in zip(asked, claimed, strict=True)}

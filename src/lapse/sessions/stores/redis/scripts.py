@@ -29,6 +29,7 @@ _NAMES = (
     "renew",
     "ack",
     "next_deadline",
+    "shards",
 )
 
 _PACKAGE = __name__.rpartition(".")[0]

@@ -33,21 +33,6 @@ __all__ = ["RedisStore"]
 
 _EVENTS_MAXLEN = 100_000
 
-_SHARDS_SCRIPT = """
-local stored = redis.call('GET', KEYS[1])
-if stored then return stored end
-if ARGV[1] ~= '1' then
-  for i = 2, #KEYS do
-    if redis.call('EXISTS', KEYS[i]) == 1 then return {KEYS[i]} end
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1])
-return ARGV[1]
-"""
-"""The deployment's shard count: the stored one, else ``ARGV[1]`` stored now,
-unless sessions of the untagged one-shard layout exist (KEYS[2:]): then the
-name of the key found, in a list."""
-
 _PERMANENT_REPLIES = (
     "WRONGPASS",
     "NOAUTH",
@@ -105,39 +90,25 @@ def _where(target: Target) -> str:
 
 def _commands_for(target: Target, timeout: float) -> Commands:
     """The connection for ``target``: one node, a cluster, or a Sentinel's primary."""
+    every: dict[str, Any] = {
+        "username": target.username,
+        "password": target.password,
+        "ssl_context": target.ssl_context,
+        "timeout": timeout,
+        "wait_replicas": target.wait_replicas,
+    }
     if target.kind == "sentinel":
         assert target.service is not None
         return SentinelClient(
             target.nodes,
             target.service,
             db=target.db,
-            username=target.username,
-            password=target.password,
             sentinel_password=target.sentinel_password,
-            ssl_context=target.ssl_context,
-            timeout=timeout,
-            wait_replicas=target.wait_replicas,
+            **every,
         )
     if target.kind == "cluster":
-        return ClusterClient(
-            target.nodes,
-            username=target.username,
-            password=target.password,
-            ssl_context=target.ssl_context,
-            timeout=timeout,
-            wait_replicas=target.wait_replicas,
-        )
-    return RedisClient(
-        target.host,
-        target.port,
-        db=target.db,
-        username=target.username,
-        password=target.password,
-        tls=target.tls,
-        ssl_context=target.ssl_context,
-        timeout=timeout,
-        wait_replicas=target.wait_replicas,
-    )
+        return ClusterClient(target.nodes, **every)
+    return RedisClient(target.host, target.port, db=target.db, tls=target.tls, **every)
 
 
 class RedisStore(Rounds, Inspection):
@@ -193,14 +164,9 @@ class RedisStore(Rounds, Inspection):
         except ValueError as exc:
             raise StoreConfigError(f"bad Redis shard count: {exc}") from None
         self._shards = self._layout.shards
-        self._single = self._shards[0] if len(self._shards) == 1 else None
         self._layout_checked = False
         self._down: set[str] = set()
-        # The one-shard layout's keys span slots: only a single node (or a
-        # Sentinel's primary) can hold them, and be asked about them.
-        self._legacy_visible = not cluster
         self._scripts = {name: Script(source) for name, source in SOURCES.items()}
-        self._shards_script = Script(_SHARDS_SCRIPT)
         self._load_script = self._scripts["load"]
 
     @classmethod
@@ -238,8 +204,7 @@ class RedisStore(Rounds, Inspection):
         return "" if self.clock is None else str(us(self.clock(), "clock()"))
 
     def _shard(self, uid: str) -> Shard:
-        single = self._single
-        return single if single is not None else self._layout.shard_of(uid)
+        return self._layout.shard_of(uid)
 
     async def _call(self, op: str, keys: list[str], args: list[str | int]) -> Any:
         """Script ``op`` on the node holding ``keys`` (all of one shard)."""
@@ -273,11 +238,13 @@ class RedisStore(Rounds, Inspection):
         :class:`StoreUnavailable` says so."""
         layout = self._layout
         keys = [layout.meta_key]
-        if layout.tagged and self._legacy_visible:
+        # The one-shard layout's keys span slots: only a single node (or a
+        # Sentinel's primary) can hold them, and be asked about them.
+        if layout.tagged and self._target.kind != "cluster":
             base = self.prefix
             keys += [f"{base}:deadlines", f"{base}:leases", f"{base}:ended"]
         try:
-            stored = await self._client.evalsha(self._shards_script, keys, [layout.count])
+            stored = await self._client.evalsha(self._scripts["shards"], keys, [layout.count])
         except (RedisError, OSError) as exc:
             raise self._unavailable("open", exc) from exc
         if isinstance(stored, list):
@@ -335,7 +302,7 @@ class RedisStore(Rounds, Inspection):
             await self._check_layout()
         clock = self.clock
         now = "" if clock is None else str(us(clock(), "clock()"))
-        shard = self._single or self._layout.shard_of(uid)
+        shard = self._layout.shard_of(uid)
         try:
             reply = await self._client.evalsha(
                 self._load_script,

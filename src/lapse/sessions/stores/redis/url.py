@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote
 
 from lapse.sessions.store import StoreConfigError
 from lapse.sessions.stores import check_no_control
+from lapse.sessions.stores.redis.layout import MAX_SHARDS
 
 __all__ = ["MAX_NODES", "MAX_SHARDS", "TLSOptions", "Target", "parse_url", "redact"]
 
@@ -38,8 +39,6 @@ CertReqs = Literal["required", "optional", "none"]
 
 MAX_NODES = 64
 """The most hosts (seed nodes, sentinels) one URL may list."""
-MAX_SHARDS = 1024
-"""The largest ``shards=``."""
 MAX_WAIT_REPLICAS = 16
 """The largest ``wait_replicas=``."""
 
