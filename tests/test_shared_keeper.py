@@ -2,8 +2,8 @@
 
 Each test drives :meth:`SharedKeeper.poll_once` (one round: claim, read the
 announcements, deliver, acknowledge, say how long to sleep) by hand, on real
-stores given a fake clock: an SQLite file, and a real redis-server where it
-costs little. Two Sites on one store stand for two processes. Lease renewal
+stores given a fake clock: an SQLite file, a real redis-server (one node and
+a cluster) and a real PostgreSQL. Two Sites on one store stand for two processes. Lease renewal
 runs on an injected ``sleep`` the test releases beat by beat.
 """
 
@@ -25,6 +25,7 @@ from conftest import FakeClock
 
 from lapse.internet.task import Clock
 from lapse.sessions import Expiry, SessionStore, SharedKeeper
+from lapse.sessions.stores.postgres import PostgresStore
 from lapse.sessions.stores.redis import RedisStore
 from lapse.sessions.stores.sqlite import SQLiteStore
 from lapse.web.resource import Resource
@@ -35,7 +36,7 @@ _prefixes = itertools.count()
 Sites = Callable[..., Site]
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster", "postgres"])
 def store_maker(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[FakeClock], Any]:
     """Makes a store object on a fake clock; every one made by one test
     names the same sessions (as processes sharing a file, a server or a
@@ -44,6 +45,9 @@ def store_maker(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Fak
         path = str(tmp_path / "sessions.db")
         return lambda clock: SQLiteStore(path, clock=clock)
     prefix = f"k{next(_prefixes)}"
+    if request.param == "postgres":
+        base = request.getfixturevalue("postgres_server").url()
+        return lambda clock: PostgresStore.from_url(f"{base}?schema={prefix}", clock=clock)
     if request.param == "redis-cluster":
         url = request.getfixturevalue("redis_cluster").url(prefix=prefix)
         return lambda clock: RedisStore(url, clock=clock)

@@ -44,6 +44,7 @@ from lapse.sessions._keeper import Alarm, ExpiryHook, KeeperOwner, is_async
 from lapse.sessions._requests import StoreRequests
 from lapse.sessions._session import short_uid
 from lapse.sessions.store import (
+    AlreadyDelivered,
     Expiry,
     SessionStore,
     StoreUnavailable,
@@ -82,6 +83,11 @@ class SharedKeeper(StoreRequests):
         self._alarm = Alarm(owner, self._ring)
         self._polling = False
         self._woken = math.inf
+        # A shared store that wakes its keepers (wait_for_news): no polling.
+        waits = getattr(store, "wait_for_news", None) if self.shared else None
+        self._wait_for_news: Callable[[float], Awaitable[bool]] | None = waits
+        self._told = waits is not None
+        self._round_started = -math.inf
 
     # -- ending sessions: one round -------------------------------------------
 
@@ -125,10 +131,11 @@ class SharedKeeper(StoreRequests):
 
     def delay_until(self, upcoming: float | None, now: float) -> float:
         """Seconds to sleep when the store's next deadline is ``upcoming``
-        and its time ``now``: until then, but at most ``poll_interval`` on a
-        shared store (another process may make a session that ends sooner
-        and announces ends); ``math.inf`` if nothing is pending in process."""
-        if self.shared:
+        and its time ``now``: until then (``math.inf``: nothing is pending),
+        but at most ``poll_interval`` on a shared store that does not wake
+        its keepers (another process may make a session that ends sooner,
+        and announces ends)."""
+        if self.shared and not self._told:
             if upcoming is None:
                 return self.poll_interval
             return min(max(upcoming - now, 0.0), self.poll_interval)
@@ -147,6 +154,10 @@ class SharedKeeper(StoreRequests):
                     result = await asyncio.to_thread(hook, expiry)
                 if inspect.isawaitable(result):
                     await result
+            except AlreadyDelivered as exc:
+                # (acknowledged in the hook's own transaction, which rolled back)
+                log.info("%s; left to the process that holds it", exc)
+                return
             except Exception:
                 if not self._give_up(expiry):
                     return
@@ -219,7 +230,31 @@ class SharedKeeper(StoreRequests):
 
     async def _run(self) -> None:
         while not self._closing:
-            await self.sleep(await self._round())
+            self._round_started = asyncio.get_running_loop().time()
+            delay = await self._round()
+            if self._told:
+                await self._idle(delay)
+            else:
+                await self.sleep(delay)
+
+    async def _idle(self, delay: float) -> None:
+        """Sleep ``delay`` seconds (``math.inf``: until woken), or until the
+        store has news from another process; but after news, not before
+        ``poll_interval`` since the last round began (a burst of ends is
+        read in one round, not one round each)."""
+        loop = asyncio.get_running_loop()
+        wake_at = loop.time() + delay
+        wait = self._wait_for_news
+        assert wait is not None
+        while not self._closing:
+            left = wake_at - loop.time()
+            if left <= 0:
+                return
+            if await wait(left):
+                rest = min(self._round_started + self.poll_interval, wake_at) - loop.time()
+                if rest > 0:
+                    await asyncio.sleep(rest)
+                return
 
     async def _reactor_sleep(self, seconds: float) -> None:
         """Sleep ``seconds`` of the site's reactor time (a fake ``Clock`` in tests)."""
@@ -238,7 +273,8 @@ class SharedKeeper(StoreRequests):
 
     def _wake_in(self, seconds: float) -> None:
         """An in-process store: something may end ``seconds`` from now; have
-        a round by then. (A shared store's loop polls anyway.)"""
+        a round by then. (A shared store's loop polls anyway, or is woken by
+        the store's news, its own writes' included.)"""
         if self.shared or not self._started or self._closing:
             return
         when = self.owner.reactor.seconds() + seconds

@@ -91,6 +91,7 @@ from typing import Any, Protocol, runtime_checkable
 __all__ = [
     "INSPECTION_MEMBERS",
     "REQUIRED_MEMBERS",
+    "AlreadyDelivered",
     "Clock",
     "Event",
     "Expiry",
@@ -120,6 +121,14 @@ class StoreError(Exception):
     - :class:`StoreUnavailable`: the store cannot be reached or used now; the
       site answers 503 and retries on the next request.
     """
+
+
+class AlreadyDelivered(StoreError):
+    """An expiry hook acknowledged a delivery that was no longer its claim's
+    (``PostgresStore.acknowledge`` in the application's transaction): its
+    lease ran out and another process took it, or it was acknowledged. The
+    transaction that tried must roll back; the keeper then leaves the
+    session to whoever holds it."""
 
 
 class StoreConfigError(StoreError, ValueError):

@@ -75,6 +75,13 @@ class Pool:
         self.config = config
         self.safe_url = safe_url
         self.driver = _driver()
+        self.failures: tuple[type[BaseException], ...] = (
+            TimeoutError,
+            OSError,
+            self.driver.PostgresError,
+            self.driver.InterfaceError,
+        )
+        """What a call may raise that :meth:`translate` makes a StoreUnavailable."""
         self._pool: Any | None = None
         self._opening: asyncio.Lock | None = None
         self.closed = False
@@ -96,27 +103,32 @@ class Pool:
             context.check_hostname = False
         return context
 
-    async def _open(self) -> Any:
+    def _connect_options(self) -> dict[str, Any]:
+        """What every connection of the store is opened with (the pool's and
+        the listener's)."""
         config = self.config
-        timeout = config.timeout
-        pool: Any = await self.driver.create_pool(
-            host=config.host,
-            port=config.port,
-            user=config.user,
-            password=config.password,
-            database=config.database,
-            ssl=self._ssl(),
-            min_size=POOL_MIN,
-            max_size=POOL_MAX,
-            timeout=timeout,
-            command_timeout=timeout,
-            statement_cache_size=100,
-            reset=_keep_session,
-            server_settings={
-                "statement_timeout": str(max(1, int(timeout * 1000))),
-                "lock_timeout": str(max(1, int(timeout * 1000))),
+        millis = str(max(1, int(config.timeout * 1000)))
+        return {
+            "host": config.host,
+            "port": config.port,
+            "user": config.user,
+            "password": config.password,
+            "database": config.database,
+            "ssl": self._ssl(),
+            "timeout": config.timeout,
+            "command_timeout": config.timeout,
+            "statement_cache_size": 100,
+            "server_settings": {
+                "statement_timeout": millis,
+                "lock_timeout": millis,
                 "application_name": "lapse",
             },
+        }
+
+    async def _open(self) -> Any:
+        timeout = self.config.timeout
+        pool: Any = await self.driver.create_pool(
+            min_size=POOL_MIN, max_size=POOL_MAX, reset=_keep_session, **self._connect_options()
         )
         try:
             async with pool.acquire(timeout=timeout) as conn:
@@ -170,19 +182,33 @@ class Pool:
                 pool = await self.pool()
                 async with pool.acquire(timeout=self.config.timeout) as conn:
                     return await work(conn)
-        except StoreUnavailable:
-            raise
-        except TimeoutError as exc:
-            raise self.unavailable(f"no answer within {self.config.timeout:g} s (timeout)") from exc
-        except self.driver.PostgresError as exc:
+        except self.failures as exc:
+            raise self.translate(exc) from exc
+
+    async def connect(self) -> Any:
+        """A connection of its own, outside the pool (the listener's), opened
+        within the store's timeout; the caller closes it."""
+        if self.closed:
+            raise self.unavailable("the store is closed")
+        try:
+            async with asyncio.timeout(self.config.timeout * 1.5):
+                return await self.driver.connect(**self._connect_options())
+        except self.failures as exc:
+            raise self.translate(exc) from exc
+
+    def translate(self, exc: BaseException) -> StoreUnavailable:
+        """One of :attr:`failures` as a StoreUnavailable (``permanent`` when
+        no retry can mend it)."""
+        if isinstance(exc, TimeoutError):
+            return self.unavailable(f"no answer within {self.config.timeout:g} s (timeout)")
+        if isinstance(exc, self.driver.PostgresError):
             state = getattr(exc, "sqlstate", None)
-            raise self.unavailable(
+            return self.unavailable(
                 f"{type(exc).__name__}: {exc}", permanent=state in _PERMANENT_STATES
-            ) from exc
-        except (OSError, self.driver.InterfaceError) as exc:
-            raise self.unavailable(
-                f"cannot reach it: {type(exc).__name__}: {exc}", permanent=_never_works(exc)
-            ) from exc
+            )
+        return self.unavailable(
+            f"cannot reach it: {type(exc).__name__}: {exc}", permanent=_never_works(exc)
+        )
 
     async def aclose(self) -> None:
         self.closed = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, fields
 
-__all__ = ["EPSILON", "Queries"]
+__all__ = ["EPSILON", "Queries", "channel_name"]
 
 EPSILON = 1e-6
 
@@ -36,6 +36,11 @@ _TURN = "turn AS (SELECT pg_advisory_xact_lock({lock}) IS NOT NULL)"
 
 _CLAMPED = "LEAST((SELECT now FROM t) + s.timeout, COALESCE(s.ends_at, 'infinity'::float8))"
 
+# Wakes every process that listens on this schema and prefix's channel (sent
+# when the transaction commits; identical ones of one transaction are sent
+# once). {channel} is a name of this schema and prefix.
+_TELL = "pg_notify('{channel}', '')::text"
+
 
 @dataclass(frozen=True, slots=True)
 class Queries:
@@ -48,17 +53,26 @@ class Queries:
         FROM target WHERE s.uid = target.uid AND {_LIVE}
         RETURNING s.uid, s.timeout, s.deadline, s.version,
             CASE WHEN s.version = $3 THEN NULL ELSE s.data::text END"""
-    # (now, uid, timeout, lifetime, data) -> deadline
-    create: str = f"""WITH {_NOW}
-        INSERT INTO {{t}}sessions AS s
-            (uid, timeout, deadline, created, ends_at, version, data)
-        SELECT $2, $3::float8, LEAST(now + $3::float8, COALESCE(now + $4::float8, 'infinity')),
-            now, now + $4::float8, 1, $5::text::jsonb FROM t
-        ON CONFLICT (uid) DO UPDATE SET timeout = excluded.timeout,
-            deadline = excluded.deadline, ended = false, cause = NULL, delivery_id = NULL,
-            attempt = 0, lease_owner = NULL, lease_until = NULL, created = excluded.created,
-            ends_at = excluded.ends_at, version = 1, data = excluded.data
-        RETURNING s.deadline"""
+    # (now, uid, timeout, lifetime, data) -> deadline. A session that ends
+    # before every other live one wakes the listening processes (a process
+    # asleep until the earliest deadline it knew must not miss it if the
+    # one that made it dies).
+    create: str = f"""WITH {_NOW},
+        earliest AS (SELECT min(deadline) AS at FROM {{t}}sessions WHERE NOT ended),
+        made AS (
+            INSERT INTO {{t}}sessions AS s
+                (uid, timeout, deadline, created, ends_at, version, data)
+            SELECT $2, $3::float8,
+                LEAST(now + $3::float8, COALESCE(now + $4::float8, 'infinity')),
+                now, now + $4::float8, 1, $5::text::jsonb FROM t
+            ON CONFLICT (uid) DO UPDATE SET timeout = excluded.timeout,
+                deadline = excluded.deadline, ended = false, cause = NULL, delivery_id = NULL,
+                attempt = 0, lease_owner = NULL, lease_until = NULL, created = excluded.created,
+                ends_at = excluded.ends_at, version = 1, data = excluded.data
+            RETURNING s.deadline
+        )
+        SELECT made.deadline, CASE WHEN made.deadline
+            < COALESCE((SELECT at FROM earliest), 'infinity') THEN {_TELL} END FROM made"""
     # (now, uid) -> the live row, locked
     lock_live: str = f"""WITH {_NOW} SELECT s.timeout FROM {{t}}sessions s
         WHERE s.uid = $2 AND {_LIVE} FOR UPDATE OF s"""
@@ -74,8 +88,10 @@ class Queries:
     add_alias: str = f"""WITH {_NOW} INSERT INTO {{t}}aliases (uid, target, until)
         SELECT $2, $3, now + $4::float8 FROM t WHERE $4::float8 > 0"""
     # (now, old uid, new uid)
-    add_rotation: str = f"""WITH {_NOW}, {_TURN} INSERT INTO {{t}}events (uid, at, target)
-        SELECT $2, now, $3 FROM t WHERE (SELECT true FROM turn)"""
+    add_rotation: str = f"""WITH {_NOW}, {_TURN},
+        added AS (INSERT INTO {{t}}events (uid, at, target)
+            SELECT $2, now, $3 FROM t WHERE (SELECT true FROM turn) RETURNING 1)
+        SELECT count(*) FROM (SELECT {_TELL} FROM added) told"""
     # (now, uid, changes jsonb text, removed keys) -> new version
     save: str = f"""WITH {_NOW}, {_RESOLVE}
         UPDATE {{t}}sessions s SET data = (s.data || $3::text::jsonb) - $4::text[],
@@ -83,12 +99,14 @@ class Queries:
         FROM target WHERE s.uid = target.uid AND {_LIVE} RETURNING s.version"""
     # (now, uid) -> 1 if live
     exists: str = f"WITH {_NOW} SELECT 1 FROM {{t}}sessions s WHERE s.uid = $2 AND {_LIVE}"
-    # (now, uid) -> 1 if it was live
-    expire: str = f"""WITH {_NOW}
-        UPDATE {{t}}sessions s SET ended = true, cause = 'expired',
+    # (now, uid) -> 1 if it was live. Wakes the listening processes: anyone
+    # may claim it now.
+    expire: str = f"""WITH {_NOW},
+        ended AS (UPDATE {{t}}sessions s SET ended = true, cause = 'expired',
             deadline = (SELECT now FROM t), delivery_id = NULL, attempt = 0,
             lease_owner = NULL, lease_until = (SELECT now FROM t)
-        WHERE s.uid = $2 AND {_LIVE} RETURNING 1"""
+            WHERE s.uid = $2 AND {_LIVE} RETURNING 1)
+        SELECT {_TELL} FROM ended"""
     # (now, owner, lease, limit) -> uid, data, delivery_id, attempt, cause, deadline
     claim: str = f"""WITH {_NOW},
         due AS (
@@ -112,13 +130,19 @@ class Queries:
         UPDATE {{t}}sessions SET lease_until = (SELECT now FROM t) + $2::float8
         WHERE uid = $3 AND ended AND delivery_id = $4 AND attempt = $5 AND lease_owner = $6
         RETURNING 1"""
-    # (now, uid, delivery_id, oldest event time kept)
+    # (now, uid, delivery_id, oldest event time kept, attempt or NULL) -> 1 if
+    # this call forgot the session: announced, and the listening processes
+    # woken. With an attempt, only that claim's delivery is acknowledged
+    # (acknowledge() in the application's transaction).
     ack: str = f"""WITH {_NOW},
         {_TURN},
         gone AS (DELETE FROM {{t}}sessions WHERE uid = $2 AND ended AND delivery_id = $3
+            AND ($5::int IS NULL OR attempt = $5::int)
             AND (SELECT true FROM turn) RETURNING uid),
-        announced AS (INSERT INTO {{t}}events (uid, at) SELECT uid, now FROM gone, t)
-        DELETE FROM {{t}}events WHERE at < (SELECT now FROM t) - $4::float8"""
+        announced AS (INSERT INTO {{t}}events (uid, at) SELECT uid, now FROM gone, t
+            RETURNING 1),
+        trimmed AS (DELETE FROM {{t}}events WHERE at < (SELECT now FROM t) - $4::float8)
+        SELECT count(*) FROM (SELECT {_TELL} FROM announced) told"""
     last_event_id: str = "SELECT COALESCE(max(id), 0) FROM {t}events"
     # (cursor, limit) -> id, uid, target
     events_after: str = "SELECT id, uid, target FROM {t}events WHERE id > $1 ORDER BY id LIMIT $2"
@@ -150,9 +174,18 @@ class Queries:
         """The statements on ``schema.prefix*`` (checked identifiers)."""
         tables = f"{schema}.{prefix}"
         lock = str(zlib.crc32(f"lapse-events:{tables}".encode()))
-        return cls(
-            **{
-                f.name: str(f.default).replace("{t}", tables).replace("{lock}", lock)
-                for f in fields(cls)
-            }
-        )
+        names = {"{t}": tables, "{lock}": lock, "{channel}": channel_name(schema, prefix)}
+        made = {}
+        for f in fields(cls):
+            text = str(f.default)
+            for name, value in names.items():
+                text = text.replace(name, value)
+            made[f.name] = text
+        return cls(**made)
+
+
+def channel_name(schema: str, prefix: str) -> str:
+    """The LISTEN/NOTIFY channel of the tables ``schema.prefix*``: a plain
+    identifier (a schema and a prefix may together pass the 63 bytes a name
+    can have)."""
+    return f"lapse_{zlib.crc32(f'{schema}.{prefix}'.encode()):08x}"

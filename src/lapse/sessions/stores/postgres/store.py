@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lapse.sessions.store import (
+    AlreadyDelivered,
     Event,
     Expiry,
     SessionInfo,
@@ -15,8 +16,9 @@ from lapse.sessions.store import (
     _bucket_bounds,
 )
 from lapse.sessions.stores.postgres.config import PostgresConfig, parse_url
+from lapse.sessions.stores.postgres.listener import Listener
 from lapse.sessions.stores.postgres.pool import Pool
-from lapse.sessions.stores.postgres.queries import Queries
+from lapse.sessions.stores.postgres.queries import Queries, channel_name
 from lapse.sessions.stores.postgres.values import dump_data, dump_keys, load_data
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class PostgresStore:
         self.clock = clock
         self.sql = Queries.for_tables(config.schema, config.table_prefix)
         self._pool = Pool(config, self.url)
+        self.listener = Listener(self._pool, channel_name(config.schema, config.table_prefix))
 
     @classmethod
     def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> PostgresStore:
@@ -88,7 +91,17 @@ class PostgresStore:
         await self._pool.run(lambda conn: conn.fetchval("SELECT 1"))
 
     async def aclose(self) -> None:
+        await self.listener.aclose()
         await self._pool.aclose()
+
+    async def wait_for_news(self, seconds: float) -> bool:
+        """Sleep at most ``seconds`` (a process with nothing to do until its
+        next deadline); True if woken sooner by another process's news (a
+        NOTIFY: an end announced, a rotation, a session ended by hand, or
+        one made that ends before every other), or by the listening
+        connection made again (what was said meanwhile is lost, so the
+        caller reads the store)."""
+        return await self.listener.wait(seconds)
 
     async def now(self) -> float:
         """The store's clock: ``clock()`` if given, else the database's."""
@@ -174,8 +187,26 @@ class PostgresStore:
         that also trims announcements older than ``EVENTS_KEPT_FOR``."""
         now = self._now()
         query = self.sql.ack
-        args = (now, expiry.uid, expiry.delivery_id, EVENTS_KEPT_FOR)
+        args = (now, expiry.uid, expiry.delivery_id, EVENTS_KEPT_FOR, None)
         await self._pool.run(lambda conn: conn.execute(query, *args))
+
+    async def acknowledge(self, conn: Any, expiry: Expiry) -> None:
+        """Acknowledge ``expiry`` on ``conn``, an asyncpg connection of the
+        application's to the same database, inside its open transaction: the
+        session is forgotten and its end announced when (and only if) that
+        transaction commits, so the hook's own writes in it and the delivery
+        are one. Raises :class:`AlreadyDelivered` (roll the transaction back)
+        if this claim no longer holds the delivery: its lease ran out and
+        another process took it, or it was acknowledged already. Errors of
+        ``conn`` are the driver's own."""
+        args = (self._now(), expiry.uid, expiry.delivery_id, EVENTS_KEPT_FOR, expiry.attempt)
+        if not conn.is_in_transaction():
+            raise RuntimeError("acknowledge() belongs inside the application's transaction")
+        if not await conn.fetchval(self.sql.ack, *args):
+            raise AlreadyDelivered(
+                f"session {expiry.uid[:8]}'s expiry (delivery {expiry.delivery_id}, attempt "
+                f"{expiry.attempt}) is no longer this claim's to acknowledge"
+            )
 
     async def events(self, cursor: str | None) -> tuple[list[Event], str]:
         """Announcements after ``cursor`` (an events id), oldest first."""
