@@ -25,7 +25,7 @@ from conftest import FakeClock
 from lapse.sessions.store import StoreConfigError, StoreUnavailable
 from lapse.sessions.stores import store_from_url
 from lapse.sessions.stores.postgres import PostgresStore, parse_url
-from lapse.sessions.stores.postgres.pool import SCHEMA_VERSION
+from lapse.sessions.stores.postgres.schema import SCHEMA_VERSION
 
 _schemas = itertools.count()
 

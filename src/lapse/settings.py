@@ -113,7 +113,8 @@ SESSION_STORE: Setting[str | None] = Setting(
     None,
     str,
     "the session store URL: `memory:`, `sqlite:///path.db`, `redis://host:port/db`, "
-    "`redis+cluster://host:port,host:port`, `redis+sentinel://host:port/service` "
+    "`redis+cluster://host:port,host:port`, `redis+sentinel://host:port/service`, "
+    "`postgresql://user:password@host:port/dbname` "
     "(`lapse serve --store` sets it)",
     "`Site`, `SessionMiddleware` (without `store=`), `lapse serve`, `lapse sessions` "
     "(without `--store`)",

@@ -41,6 +41,14 @@ def _shown(text: str, limit: int = 120) -> str:
     return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
 
 
+def _shown_url(url: str) -> str:
+    """A store URL for a one-line message: its passwords hidden, then as
+    :func:`_shown`."""
+    from lapse.sessions.stores.redis.url import redact
+
+    return _shown(redact(url))
+
+
 def _say(message: str) -> None:
     print(f"lapse: {message}", file=sys.stderr, flush=True)
 

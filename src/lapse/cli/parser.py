@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         metavar="URL",
         help=(
-            "the session store: memory: (the default), sqlite:///path.db or "
-            "redis://host:port/db; set as LAPSE_SESSION_STORE before the module is "
+            "the session store: memory: (the default), sqlite:///path.db, "
+            "redis://host:port/db or postgresql://user:password@host:port/dbname; set as "
+            "LAPSE_SESSION_STORE before the module is "
             "imported, so it applies to every Site made without store= in its code"
         ),
     )
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "N worker processes serving one socket the supervisor binds, each importing "
             "the app; a worker that dies is restarted. Sessions then need a shared store "
-            "(sqlite:// or redis://). Default: 1"
+            "(sqlite://, redis:// or postgresql://). Default: 1"
         ),
     )
     serve.add_argument(
@@ -226,8 +227,8 @@ def _add_sessions_parser(commands: Any) -> None:
         "--store",
         metavar="URL",
         help=(
-            "the shared session store: sqlite:///path.db or redis://host:port/db "
-            "(default: $LAPSE_SESSION_STORE)"
+            "the shared session store: sqlite:///path.db, redis://host:port/db or "
+            "postgresql://user:password@host:port/dbname (default: $LAPSE_SESSION_STORE)"
         ),
     )
     store_option.add_argument(
@@ -251,7 +252,7 @@ def _add_sessions_parser(commands: Any) -> None:
         "sessions",
         help="list, show, expire sessions of a store or a server; their statistics",
         description=(
-            "Inspect and end the sessions of a shared store (SQLite or Redis, with "
+            "Inspect and end the sessions of a shared store (SQLite, Redis or PostgreSQL, with "
             "--store), from any machine that reaches it, or of any store through a running "
             "server's live view (with --server, the memory: store included). Reading never "
             "touches a session."
@@ -363,3 +364,28 @@ def _add_sessions_parser(commands: Any) -> None:
         help=f"slices of the histogram (default: 12, at most {MAX_BUCKETS}; not with --server)",
     )
     stats.add_argument("--json", action="store_true", help="one JSON object")
+    migrate = actions.add_parser(
+        "migrate",
+        help="make or upgrade a PostgreSQL store's tables now, or print their SQL",
+        description=(
+            "Make a PostgreSQL store's tables (in the URL's ?schema=, named by its "
+            "?table_prefix=), or bring older ones up to this lapse's version, now: a deploy "
+            "step run as a role that may create tables, so the servers' role need not. "
+            "With --sql, print the script instead (one transaction; nothing is contacted), "
+            "for teams that apply migrations themselves. The store does the same on first "
+            "use when its role may. SQLite files and Redis need no such step."
+        ),
+    )
+    migrate.add_argument(
+        "--store",
+        metavar="URL",
+        help="the store: postgresql://user:password@host:port/dbname (default: "
+        "$LAPSE_SESSION_STORE)",
+    )
+    migrate.add_argument("--sql", action="store_true", help="print the SQL, do not connect")
+    migrate.add_argument(
+        "--from-version",
+        type=int,
+        metavar="N",
+        help="with --sql: only the steps from tables of version N (default: 0, none)",
+    )

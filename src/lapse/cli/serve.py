@@ -20,7 +20,14 @@ from typing import Any
 
 from lapse import settings
 from lapse.cli.app import check_app, load_target
-from lapse.cli.common import EXIT_FAILED, CommandError, _is_memory, _say, _shown, store_for
+from lapse.cli.common import (
+    EXIT_FAILED,
+    CommandError,
+    _is_memory,
+    _say,
+    _shown_url,
+    store_for,
+)
 from lapse.cli.parser import _CONNECTION_OPTIONS
 
 MEMORY_WITH_WORKERS = (
@@ -29,7 +36,8 @@ MEMORY_WITH_WORKERS = (
     "that made it and the others would not know it (their answers would start new "
     "sessions), and expiry hooks and notifyOnExpire callbacks would be split between "
     "the processes. Use a shared store: --store sqlite:///sessions.db (the workers of "
-    "one machine) or --store redis://host:6379/0 (across machines); or run one worker."
+    "one machine), --store redis://host:6379/0 or --store postgresql://host/dbname (across "
+    "machines); or run one worker."
 )
 
 
@@ -104,11 +112,11 @@ def _check(args: argparse.Namespace) -> _Options:
     store: str | None = None
     checked_store: str | None = None
     if args.store is not None:
-        store = checked_store = _check_store(args.store, f"--store {_shown(args.store)}")
+        store = checked_store = _check_store(args.store, f"--store {_shown_url(args.store)}")
     else:
         url = settings.SESSION_STORE.get()
         if url is not None:
-            store = _check_store(url, f"{settings.SESSION_STORE.name}={_shown(url)}")
+            store = _check_store(url, f"{settings.SESSION_STORE.name}={_shown_url(url)}")
     # The settings serving reads later, checked now: one line, not a traceback.
     read_later: list[settings.Setting[Any]] = [settings.GC_TUNING, settings.LIVEVIEW_SECRET]
     if args.log_level is None:

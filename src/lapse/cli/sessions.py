@@ -272,6 +272,10 @@ def run_sessions(args: argparse.Namespace) -> int:
     """Run ``lapse sessions ACTION``; its exit status."""
     from lapse.sessions.store import StoreUnavailable
 
+    if args.action == "migrate":
+        from lapse.cli.migrate import run_migrate
+
+        return run_migrate(args)
     if args.action == "expire" and bool(args.all) == bool(args.uids):
         raise CommandError("expire takes session uids, or --all (not both)")
     if args.action == "expire" and args.yes and not args.all:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from lapse import settings
-from lapse.cli.common import EXIT_FAILED, CommandError, _is_memory, _shown, store_for
+from lapse.cli.common import EXIT_FAILED, CommandError, _is_memory, _shown, _shown_url, store_for
 from lapse.cli.liveview_client import SERVER_THREADS, LiveViewClient
 from lapse.cli.parser import SCAN_BATCH
 
@@ -39,7 +39,7 @@ MEMORY_SESSIONS = (
 
 NO_STORE = (
     "no session store: give --store URL or set LAPSE_SESSION_STORE "
-    "(sqlite:///path.db or redis://host:port/db)"
+    "(sqlite:///path.db, redis://host:port/db or postgresql://user@host/dbname)"
 )
 
 
@@ -128,7 +128,7 @@ def open_store(option: str | None) -> Any:
     url = option if option is not None else env.get()
     if url is None:
         raise CommandError(NO_STORE)
-    source = f"--store {_shown(url)}" if option is not None else f"{env.name}={_shown(url)}"
+    source = f"--store {_shown_url(url)}" if option is not None else f"{env.name}={_shown_url(url)}"
     if _is_memory(url):
         raise CommandError(MEMORY_SESSIONS)
     store = store_for(url, source)

@@ -11,18 +11,15 @@ import socket
 import ssl
 import zlib
 from collections.abc import Awaitable, Callable
-from importlib.resources import files
 from typing import Any, TypeVar
 
 from lapse.sessions.store import StoreConfigError, StoreUnavailable
 from lapse.sessions.stores.postgres.config import PostgresConfig
+from lapse.sessions.stores.postgres.schema import SCHEMA_VERSION, steps_after
 
-__all__ = ["POOL_MAX", "POOL_MIN", "SCHEMA_VERSION", "Pool", "schema_sql"]
+__all__ = ["POOL_MAX", "POOL_MIN", "Pool"]
 
 T = TypeVar("T")
-
-SCHEMA_VERSION = 1
-"""The version of ``schema.sql``; tables of a later version are refused."""
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -57,14 +54,6 @@ async def _keep_session(conn: Any) -> None:
     sets no session state (no SET, LISTEN, cursor or session lock; an open
     transaction is rolled back by asyncpg first). asyncpg's default reset
     would cost every call a second round trip."""
-
-
-def schema_sql(schema: str, prefix: str) -> str:
-    """``schema.sql`` for these tables (schema and prefix are checked
-    identifiers: see config.IDENTIFIER)."""
-    text = files(__name__.rpartition(".")[0]).joinpath("schema.sql").read_text(encoding="utf-8")
-    code = "".join(line for line in text.splitlines(True) if not line.lstrip().startswith("--"))
-    return code.replace("{t}", f"{schema}.{prefix}").replace("{p}", prefix)
 
 
 class Pool:
@@ -139,27 +128,40 @@ class Pool:
         return pool
 
     async def _prepare_schema(self, conn: Any) -> None:
-        """Make the tables if need be, or refuse a newer version of them."""
+        """Make the tables, or bring older ones up to date, or refuse newer
+        ones: one transaction under an advisory lock of these tables."""
         schema, prefix = self.config.schema, self.config.table_prefix
-        table = f"{schema}.{prefix}schema_version"
         async with conn.transaction():
             lock = zlib.crc32(f"lapse:{schema}.{prefix}".encode())
             await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
-            if not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-            if await conn.fetchval("SELECT to_regclass($1)", table) is not None:
-                found = await conn.fetchval(f"SELECT max(version) FROM {table}")
-                if found is not None and found > SCHEMA_VERSION:
-                    raise self.unavailable(
-                        f"its tables ({schema}.{prefix}*) are schema version {found}, newer "
-                        f"than this lapse knows ({SCHEMA_VERSION}): upgrade lapse",
-                        permanent=True,
-                    )
-                if found == SCHEMA_VERSION:
-                    return
-            await conn.execute(schema_sql(schema, prefix))
-            await conn.execute(f"DELETE FROM {table}")
-            await conn.execute(f"INSERT INTO {table} (version) VALUES ($1)", SCHEMA_VERSION)
+            found = await self.found_version(conn)
+            if found > SCHEMA_VERSION:
+                raise self.unavailable(
+                    f"its tables ({schema}.{prefix}*) are schema version {found}, newer "
+                    f"than this lapse knows ({SCHEMA_VERSION}): upgrade lapse",
+                    permanent=True,
+                )
+            if found == SCHEMA_VERSION:
+                return
+            try:
+                if not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                await conn.execute(steps_after(found, schema, prefix))
+            except self.driver.InsufficientPrivilegeError as exc:
+                raise self.unavailable(
+                    f"its tables ({schema}.{prefix}*) are "
+                    f"{f'schema version {found}' if found else 'not there'} and this role "
+                    f"cannot {'upgrade' if found else 'create'} them ({exc}): have a role "
+                    f"that can apply `lapse sessions migrate --store URL --sql`",
+                    permanent=True,
+                ) from exc
+
+    async def found_version(self, conn: Any) -> int:
+        """The schema version of the tables on ``conn`` (0: there are none)."""
+        table = f"{self.config.schema}.{self.config.table_prefix}schema_version"
+        if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+            return 0
+        return int(await conn.fetchval(f"SELECT max(version) FROM {table}") or 0)
 
     async def pool(self) -> Any:
         if self.closed:

@@ -1,5 +1,6 @@
--- The PostgreSQL store's tables, version 1. {t} is the schema and table
--- prefix (schema.prefix, e.g. public.lapse_), filled in by schema.py; run in
+-- The PostgreSQL store's tables, version 1 (each later version: a
+-- migrate_*.sql). {t} is the schema and table prefix (schema.prefix, e.g.
+-- public.lapse_), {p} the prefix, filled in by schema.py; run in
 -- one transaction under an advisory lock, so processes starting together
 -- create them once. Times are seconds since the epoch (double precision) in
 -- the store's clock.
@@ -36,8 +37,8 @@ CREATE TABLE IF NOT EXISTS {t}aliases (
 CREATE INDEX IF NOT EXISTS {p}aliases_target ON {t}aliases (target);
 
 -- events: ends acknowledged (target NULL) and rotations (uid the old uid,
--- target the new one); id is the events cursor. A NOTIFY can be added by
--- a trigger on insert here (or in the same statements), carrying the id.
+-- target the new one); id is the events cursor. The statements that add
+-- one also NOTIFY the store's channel (queries.py).
 CREATE TABLE IF NOT EXISTS {t}events (
     id bigserial PRIMARY KEY,
     uid text NOT NULL,

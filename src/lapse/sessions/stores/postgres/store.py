@@ -3,6 +3,7 @@ statement (or one transaction) on a pooled asyncpg connection."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,19 @@ class PostgresStore:
         """Connect, and create the tables (or check their version)."""
         log.info("PostgreSQL session store: %s", self.url)
         await self._pool.run(lambda conn: conn.fetchval("SELECT 1"))
+
+    async def schema_version(self) -> int:
+        """The version of the tables as they are (0: none), read on a
+        connection of its own: nothing is made or upgraded."""
+        pool = self._pool
+        conn = await pool.connect()
+        try:
+            async with asyncio.timeout(self.timeout * 1.5):
+                return await pool.found_version(conn)
+        except pool.failures as exc:
+            raise pool.translate(exc) from exc
+        finally:
+            conn.terminate()
 
     async def aclose(self) -> None:
         await self.listener.aclose()
