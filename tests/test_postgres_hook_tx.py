@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from _cluster import hook_records, wait_until
+from _examples import run_example, session_cookie
 from _servers import ServerProcess, free_port, request, wait_for_port
 
 _databases = itertools.count()
@@ -149,3 +150,25 @@ def test_a_hook_killed_mid_way_writes_once_only_inside_the_transaction(
     finally:
         for server, _ in nodes:
             server.stop()
+
+
+def test_the_readme_example_records_each_ended_session_once(
+    postgres_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/postgres_hook.py (the README's example) on a real database:
+    two visits, the session ends after its 5 s, and the application's table
+    holds one row with the visit count; the session is gone from the store."""
+    name = f"example{next(_databases)}_{os.getpid()}"
+    url = postgres_server.create_database(name)
+    monkeypatch.setenv("LAPSE_SESSION_STORE", url)
+    with run_example("postgres_hook.py", tmp_path) as (server, port):
+        first = request(port, "/")
+        uid = session_cookie(first)
+        second = request(port, "/", headers={"Cookie": f"lapse_session={uid}"})
+        assert (first.text, second.text) == ("visits: 1", "visits: 2")
+        line = server.wait_for_line(10.0)
+        assert line is not None, server.stderr_text()
+        assert line.text == f"Session {uid} ended after 2 visits."
+    rows = postgres_server.psql("SELECT uid, visits FROM ended_sessions", name)
+    assert rows == f"{uid}|2"
+    assert postgres_server.psql("SELECT count(*) FROM lapse_sessions", name) == "0"

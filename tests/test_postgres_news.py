@@ -305,7 +305,7 @@ def test_acknowledge_of_a_delivery_another_claim_holds_raises(url: str) -> None:
     application rolls back), and the new holder's succeeds."""
     import asyncpg
 
-    from lapse.sessions.store import AlreadyDelivered
+    from lapse.sessions import AlreadyDelivered
 
     async def scenario() -> None:
         store = PostgresStore.from_url(url)
@@ -337,7 +337,7 @@ def test_a_hook_that_meets_already_delivered_is_not_retried_or_counted_failed(
 ) -> None:
     """The keeper takes AlreadyDelivered from a hook as "someone else holds
     it": no acknowledgement of its own, no failure logged, no retry."""
-    from lapse.sessions.store import AlreadyDelivered
+    from lapse.sessions import AlreadyDelivered
 
     calls: list[Expiry] = []
 

@@ -17,6 +17,7 @@ from lapse.sessions._shared import SharedKeeper
 from lapse.sessions._stats import SessionStats
 from lapse.sessions._visit import Visit, current_visit
 from lapse.sessions.store import (
+    AlreadyDelivered,
     Expiry,
     LocalSessionStore,
     SessionConflict,
@@ -29,6 +30,7 @@ from lapse.sessions.store import (
 )
 
 __all__ = [
+    "AlreadyDelivered",
     "Expiry",
     "ExpiryHook",
     "Keeper",
