@@ -178,14 +178,29 @@ class Pool:
     async def run(self, work: Callable[[Any], Awaitable[T]]) -> T:
         """``work`` on a pooled connection, within the store's timeout (plus a
         little for the server's own statement_timeout to answer first); any
-        failure a StoreUnavailable raised from the driver's error."""
+        failure a StoreUnavailable raised from the driver's error.
+
+        The connection goes back to the pool outside that bound: one whose
+        work ran out of time is terminated first (its server may be frozen),
+        so giving it back is immediate and no task is left failing behind."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout * 1.5
         try:
-            async with asyncio.timeout(self.config.timeout * 1.5):
+            async with asyncio.timeout_at(deadline):
                 pool = await self.pool()
-                async with pool.acquire(timeout=self.config.timeout) as conn:
-                    return await work(conn)
+                conn = await pool.acquire(timeout=self.config.timeout)
         except self.failures as exc:
             raise self.translate(exc) from exc
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await work(conn)
+        except self.failures as exc:
+            if isinstance(exc, TimeoutError):
+                conn.terminate()
+            raise self.translate(exc) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
 
     async def connect(self) -> Any:
         """A connection of its own, outside the pool (the listener's), opened
