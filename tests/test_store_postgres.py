@@ -53,7 +53,7 @@ async def opened(url: str, clock: FakeClock | None = None) -> AsyncIterator[Post
 def test_url_forms_give_host_port_database_and_options() -> None:
     config = parse_url(
         "postgresql://app:p%40ss@db.example:6543/sessions?schema=web&table_prefix=s_"
-        "&sslmode=verify-full&timeout=2.5"
+        "&sslmode=verify-full&timeout=2.5&pool_size=3"
     )
     assert (config.host, config.port, config.user, config.password) == (
         "db.example",
@@ -62,7 +62,7 @@ def test_url_forms_give_host_port_database_and_options() -> None:
         "p@ss",
     )
     assert (config.database, config.schema, config.table_prefix) == ("sessions", "web", "s_")
-    assert (config.sslmode, config.timeout) == ("verify-full", 2.5)
+    assert (config.sslmode, config.timeout, config.pool_size) == ("verify-full", 2.5, 3)
     short = parse_url("postgres://localhost")
     assert (short.port, short.database, short.schema, short.table_prefix) == (
         5432,
@@ -70,7 +70,7 @@ def test_url_forms_give_host_port_database_and_options() -> None:
         "public",
         "lapse_",
     )
-    assert (short.sslmode, short.timeout) == ("disable", 1.0)
+    assert (short.sslmode, short.timeout, short.pool_size) == ("disable", 1.0, 10)
 
 
 def test_store_from_url_routes_both_schemes_and_hides_the_password() -> None:
@@ -91,6 +91,9 @@ def test_store_from_url_routes_both_schemes_and_hides_the_password() -> None:
         ("postgresql://u:hunter2@h/db?schema=Web;DROP", "schema is a lowercase identifier"),
         ("postgresql://u:hunter2@h/db?table_prefix=a-b", "table_prefix is a lowercase"),
         ("postgresql://u:hunter2@h/db?schema=a&schema=b", "given twice"),
+        ("postgresql://u:hunter2@h/db?pool_size=0", "pool_size is a whole number 1 to 100"),
+        ("postgresql://u:hunter2@h/db?pool_size=101", "pool_size is a whole number 1 to 100"),
+        ("postgresql://u:hunter2@h/db?pool_size=%C2%B2", "pool_size is a whole number"),
         ("postgresql://u:hunter2@h:99999/db", "bad PostgreSQL store URL"),
         ("postgresql://u:hunter2@/db", "names no host"),
         ("postgresql://u:hunter2@h/db/more", "one database name"),
@@ -426,3 +429,22 @@ async def test_load_and_save_are_one_statement_each(postgres_server: PostgresSer
         await store.save("s1", {"b": 3}, ["a"])
         await asyncio.sleep(0.05)
         assert len(_statements_logged(postgres_server, since)) == 1
+
+
+@aio
+async def test_pool_size_caps_the_connections_of_one_store(
+    postgres_server: PostgresServer,
+) -> None:
+    """``?pool_size=2``: forty concurrent calls all succeed, through at most
+    two connections (counted by the server), the rest waiting their turn."""
+    dbname = f"poolsize{next(_schemas)}"
+    postgres_server.create_database(dbname)
+    async with opened(f"{postgres_server.url(dbname)}?pool_size=2") as store:
+        await store.create("s1", 600, {})
+        loaded = await asyncio.gather(*(store.load("s1") for _ in range(40)))
+        assert all(found is not None for found in loaded)
+        opened_here = postgres_server.psql(
+            f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{dbname}' "
+            "AND application_name = 'lapse'"
+        )
+        assert opened_here == "2"

@@ -6,7 +6,8 @@ URL: ``postgresql://user:password@host:port/dbname`` (or ``postgres://``),
 options ``?schema=`` (default ``public``: it exists in every database, so
 the role needs no right to create a schema), ``?table_prefix=`` (default
 ``lapse_``), ``?sslmode=`` (disable, require, verify-ca, verify-full;
-default disable) and ``?timeout=`` (seconds, default 1).
+default disable), ``?timeout=`` (seconds, default 1) and ``?pool_size=``
+(default 10).
 
 Guarantees:
 
@@ -28,16 +29,22 @@ Guarantees:
   client-side (the timeout and a half, connecting included): a stuck or
   stopped server is a :class:`~lapse.sessions.store.StoreUnavailable`, never
   a hang (``permanent`` for bad credentials, an unknown database, no
-  privilege). A pool (1 to 10 connections) reconnects once the server is
-  back.
-- **Schema.** ``schema.sql`` (version 1) is created on first use under an
-  advisory lock; tables of a newer version are refused (permanent).
+  privilege). A pool (1 to ``pool_size`` connections) reconnects once the
+  server is back.
+- **Schema.** ``schema.sql`` and the ``migrate_*.sql`` steps (schema.py)
+  make or upgrade the tables on first use under an advisory lock; tables of
+  a newer version are refused (permanent).
 - **Events.** ``schema.prefix_events`` has a ``bigserial`` id (the cursor);
   rows older than ten minutes are trimmed by ``ack``. Writers of
   announcements (``ack``, ``rotate``) take turns on a transaction-scoped
   advisory lock, so ids commit in order and a reader's cursor never passes
-  an announcement still to commit. A NOTIFY can be added on insert (a
-  trigger, or in the same statements) to wake readers.
+  an announcement still to commit.
+- **Wake-ups.** The writes another process must hear of send a NOTIFY;
+  ``wait_for_news`` sleeps on a LISTEN connection of its own (listener.py),
+  so an idle keeper sends no statement until its next deadline.
+- **The hook in the application's transaction.** ``acknowledge(conn,
+  expiry)`` on the application's connection: the delivery commits with the
+  hook's own writes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The PostgreSQL store's URL: ``postgresql://user:password@host:port/dbname``
-(or ``postgres://``) with ``?schema=``, ``?table_prefix=``, ``?sslmode=`` and
-``?timeout=``; every mistake a :class:`StoreConfigError` that names it, never
+(or ``postgres://``) with ``?schema=``, ``?table_prefix=``, ``?sslmode=``,
+``?timeout=`` and ``?pool_size=``; every mistake a :class:`StoreConfigError` that names it, never
 the password."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ __all__ = ["SCHEMES", "SSL_MODES", "PostgresConfig", "parse_url"]
 
 SCHEMES = ("postgresql", "postgres")
 SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
+MAX_POOL_SIZE = 100
+"""The most connections ``?pool_size=`` may ask of one process's pool."""
 IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 """A schema name or table prefix: a plain lowercase identifier (no quoting
 needed, and room left under PostgreSQL's 63 bytes for the table names)."""
@@ -35,6 +37,8 @@ class PostgresConfig:
     table_prefix: str = "lapse_"
     sslmode: str = "disable"
     timeout: float = 1.0
+    pool_size: int = 10
+    """The most connections of the store's pool (one process's)."""
 
     @property
     def safe_url(self) -> str:
@@ -56,6 +60,12 @@ def _seconds(name: str, text: str) -> float:
     if not 0 < value < math.inf:
         raise StoreConfigError(f"{name} is seconds > 0, not {text!r}")
     return value
+
+
+def _pool_size(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_POOL_SIZE):
+        raise StoreConfigError(f"pool_size is a whole number 1 to {MAX_POOL_SIZE}, not {text!r}")
+    return int(text)
 
 
 def parse_url(url: str) -> PostgresConfig:
@@ -84,7 +94,7 @@ def parse_url(url: str) -> PostgresConfig:
         if name in options:
             raise StoreConfigError(f"the PostgreSQL store option {name!r} is given twice")
         options[name] = value
-    known = {"schema", "table_prefix", "sslmode", "timeout"}
+    known = {"schema", "table_prefix", "sslmode", "timeout", "pool_size"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise StoreConfigError(
@@ -102,6 +112,7 @@ def parse_url(url: str) -> PostgresConfig:
     if sslmode not in SSL_MODES:
         raise StoreConfigError(f"sslmode is one of {', '.join(SSL_MODES)}, not {sslmode!r}")
     timeout = _seconds("timeout", options["timeout"]) if "timeout" in options else 1.0
+    pool_size = _pool_size(options.get("pool_size", "10"))
     return PostgresConfig(
         host=parts.hostname,
         port=port,
@@ -112,4 +123,5 @@ def parse_url(url: str) -> PostgresConfig:
         table_prefix=prefix,
         sslmode=sslmode,
         timeout=timeout,
+        pool_size=pool_size,
     )

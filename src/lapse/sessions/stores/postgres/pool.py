@@ -17,13 +17,12 @@ from lapse.sessions.store import StoreConfigError, StoreUnavailable
 from lapse.sessions.stores.postgres.config import PostgresConfig
 from lapse.sessions.stores.postgres.schema import SCHEMA_VERSION, steps_after
 
-__all__ = ["POOL_MAX", "POOL_MIN", "Pool"]
+__all__ = ["POOL_MIN", "Pool"]
 
 T = TypeVar("T")
 
 POOL_MIN = 1
-POOL_MAX = 10
-"""Connections per store (one server process): one kept open, at most ten."""
+"""Connections a store keeps open (one process's); at most its ``pool_size``."""
 
 _PERMANENT_STATES = frozenset({"28000", "28P01", "3D000", "3F000", "42501"})
 """SQLSTATEs that retrying cannot fix: bad credentials (28000, 28P01), no
@@ -117,7 +116,10 @@ class Pool:
     async def _open(self) -> Any:
         timeout = self.config.timeout
         pool: Any = await self.driver.create_pool(
-            min_size=POOL_MIN, max_size=POOL_MAX, reset=_keep_session, **self._connect_options()
+            min_size=POOL_MIN,
+            max_size=self.config.pool_size,
+            reset=_keep_session,
+            **self._connect_options(),
         )
         try:
             async with pool.acquire(timeout=timeout) as conn:
