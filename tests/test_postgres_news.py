@@ -201,6 +201,7 @@ def test_news_said_while_the_listener_was_down_is_read_when_it_is_back(url: str)
             b_keeper = SharedKeeper(b, b_store)
             await b_keeper.poll_once()  # ... and a new keeper reads from now on
             await a.store.expire(uid)
+            await until(lambda: uid not in a.sessions)  # A delivered and announced it
             started = time.monotonic()
             assert await b_store.wait_for_news(5.0) is True  # the LISTEN is new
             await b_keeper.poll_once()

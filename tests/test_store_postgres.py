@@ -448,3 +448,23 @@ async def test_pool_size_caps_the_connections_of_one_store(
             "AND application_name = 'lapse'"
         )
         assert opened_here == "2"
+
+
+@aio
+async def test_a_loop_held_past_the_timeout_is_not_the_databases_fault(
+    postgres_server: PostgresServer,
+) -> None:
+    """Calls in flight while this process's loop is held for 1 s (a page
+    that blocks it) with a 0.3 s store timeout: the database answered in
+    time, so they succeed rather than fail as an outage."""
+    async with opened(schema_url(postgres_server, timeout="0.3")) as store:
+        await store.create("s1", 600, {"a": 1})
+        # (two connections with the statements prepared: a first use is a
+        # multi-step exchange, and the server's statement_timeout counts a
+        # client that stalls between its steps)
+        await asyncio.gather(store.load("s1"), store.save("s1", {"b": 1}, ()))
+        await asyncio.gather(store.load("s1"), store.save("s1", {"b": 1}, ()))
+        calls = asyncio.gather(store.load("s1"), store.save("s1", {"b": 2}, ()))
+        asyncio.get_running_loop().call_soon(time.sleep, 1.0)  # once both are sent
+        loaded = await calls
+        assert loaded[0] is not None and loaded[1] == 4

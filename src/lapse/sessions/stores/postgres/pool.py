@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from lapse.sessions.store import StoreConfigError, StoreUnavailable
+from lapse.sessions.stores._deadline import bounded
 from lapse.sessions.stores.postgres.config import PostgresConfig
 from lapse.sessions.stores.postgres.schema import SCHEMA_VERSION, steps_after
 
@@ -21,8 +22,15 @@ __all__ = ["POOL_MIN", "Pool"]
 
 T = TypeVar("T")
 
-POOL_MIN = 1
-"""Connections a store keeps open (one process's); at most its ``pool_size``."""
+SCHEMA_TIMEOUT = 60.0
+"""Seconds the first opening may take: connecting, and making or upgrading
+the tables (requests meanwhile get their 503 within the store's timeout)."""
+
+POOL_MIN = 0
+"""Connections a store keeps open when idle: none after asyncpg's five idle
+minutes (at most ``pool_size`` under load). asyncpg keeps a floor above
+zero by reconnecting in the background, logging a traceback at each try
+while the server is down: an outage would flood the log."""
 
 _PERMANENT_STATES = frozenset({"28000", "28P01", "3D000", "3F000", "42501"})
 """SQLSTATEs that retrying cannot fix: bad credentials (28000, 28P01), no
@@ -55,6 +63,12 @@ async def _keep_session(conn: Any) -> None:
     would cost every call a second round trip."""
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Mark an opening's failure seen (every caller may have given up)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Pool:
     """An asyncpg pool for one store, made (and the schema checked) on the
     first call; each :meth:`run` is one connection's work, bounded in time."""
@@ -68,10 +82,11 @@ class Pool:
             OSError,
             self.driver.PostgresError,
             self.driver.InterfaceError,
+            self.driver.InternalClientError,
         )
         """What a call may raise that :meth:`translate` makes a StoreUnavailable."""
         self._pool: Any | None = None
-        self._opening: asyncio.Lock | None = None
+        self._opening: asyncio.Task[Any] | None = None
         self.closed = False
 
     def unavailable(self, why: str, *, permanent: bool = False) -> StoreUnavailable:
@@ -103,8 +118,8 @@ class Pool:
             "password": config.password,
             "database": config.database,
             "ssl": self._ssl(),
-            "timeout": config.timeout,
-            "command_timeout": config.timeout,
+            # (no driver timeouts: they would count time this process's
+            # loop was held; run() and connect() bound every call instead)
             "statement_cache_size": 100,
             "server_settings": {
                 "statement_timeout": millis,
@@ -114,19 +129,21 @@ class Pool:
         }
 
     async def _open(self) -> Any:
-        timeout = self.config.timeout
-        pool: Any = await self.driver.create_pool(
-            min_size=POOL_MIN,
-            max_size=self.config.pool_size,
-            reset=_keep_session,
-            **self._connect_options(),
-        )
-        try:
-            async with pool.acquire(timeout=timeout) as conn:
-                await self._prepare_schema(conn)
-        except BaseException:
-            pool.terminate()
-            raise
+        """The pool, its tables made, checked or upgraded: within
+        SCHEMA_TIMEOUT (an upgrade of a large table takes its time)."""
+        async with bounded(SCHEMA_TIMEOUT):
+            pool: Any = await self.driver.create_pool(
+                min_size=POOL_MIN,
+                max_size=self.config.pool_size,
+                reset=_keep_session,
+                **self._connect_options(),
+            )
+            try:
+                async with pool.acquire() as conn:
+                    await self._prepare_schema(conn)
+            except BaseException:
+                pool.terminate()
+                raise
         return pool
 
     async def _prepare_schema(self, conn: Any) -> None:
@@ -134,6 +151,11 @@ class Pool:
         ones: one transaction under an advisory lock of these tables."""
         schema, prefix = self.config.schema, self.config.table_prefix
         async with conn.transaction():
+            # (this transaction's own limits: an upgrade may build an index
+            # of a large table, and others wait here for the first to finish)
+            limit = f"{int(SCHEMA_TIMEOUT * 1000)}ms"
+            await conn.execute(f"SET LOCAL statement_timeout = '{limit}'")
+            await conn.execute(f"SET LOCAL lock_timeout = '{limit}'")
             lock = zlib.crc32(f"lapse:{schema}.{prefix}".encode())
             await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
             found = await self.found_version(conn)
@@ -166,43 +188,50 @@ class Pool:
         return int(await conn.fetchval(f"SELECT max(version) FROM {table}") or 0)
 
     async def pool(self) -> Any:
+        """The pool, opened on first use by one task that callers share and
+        do not cancel when they give up (so a schema upgrade slower than a
+        request's bound still finishes); a failed opening is tried anew by
+        the next call. Errors are the driver's."""
         if self.closed:
             raise self.unavailable("the store is closed")
         if self._pool is not None:
             return self._pool
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._pool is None:
-                self._pool = await self._open()
-            return self._pool
+        task = self._opening
+        if task is None:
+            task = self._opening = asyncio.get_running_loop().create_task(self._open())
+            task.add_done_callback(_retrieved)
+        try:
+            self._pool = await asyncio.shield(task)
+        finally:
+            if task.done() and self._opening is task:
+                self._opening = None
+        return self._pool
 
     async def run(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        """``work`` on a pooled connection, within the store's timeout (plus a
-        little for the server's own statement_timeout to answer first); any
-        failure a StoreUnavailable raised from the driver's error.
+        """``work`` on a pooled connection, within the store's timeout and a
+        half (the server's own statement_timeout answers first), not
+        counting time this process's event loop was held (see
+        stores/_deadline.py); any failure a StoreUnavailable raised from the
+        driver's error.
 
         The connection goes back to the pool outside that bound: one whose
         work ran out of time is terminated first (its server may be frozen),
         so giving it back is immediate and no task is left failing behind."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.timeout * 1.5
+        pool: Any = None
+        conn: Any = None
         try:
-            async with asyncio.timeout_at(deadline):
+            async with bounded(self.config.timeout * 1.5):
                 pool = await self.pool()
-                conn = await pool.acquire(timeout=self.config.timeout)
-        except self.failures as exc:
-            raise self.translate(exc) from exc
-        try:
-            async with asyncio.timeout_at(deadline):
+                conn = await pool.acquire()
                 return await work(conn)
         except self.failures as exc:
-            if isinstance(exc, TimeoutError):
+            if conn is not None and isinstance(exc, TimeoutError):
                 conn.terminate()
             raise self.translate(exc) from exc
         finally:
-            with contextlib.suppress(Exception):
-                await pool.release(conn)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
 
     async def connect(self) -> Any:
         """A connection of its own, outside the pool (the listener's), opened
@@ -210,7 +239,7 @@ class Pool:
         if self.closed:
             raise self.unavailable("the store is closed")
         try:
-            async with asyncio.timeout(self.config.timeout * 1.5):
+            async with bounded(self.config.timeout * 1.5):
                 return await self.driver.connect(**self._connect_options())
         except self.failures as exc:
             raise self.translate(exc) from exc
@@ -231,6 +260,13 @@ class Pool:
 
     async def aclose(self) -> None:
         self.closed = True
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
+            if not opening.cancelled() and opening.exception() is None:
+                self._pool = self._pool or opening.result()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:

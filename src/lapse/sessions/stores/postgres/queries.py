@@ -47,12 +47,17 @@ class Queries:
     """Every statement, for one schema and prefix."""
 
     now: str = f"WITH {_NOW} SELECT now FROM t"
-    # (now, uid, version) -> uid, timeout, deadline, version, data text or NULL
+    # (now, uid, version) -> uid, timeout, deadline, version, then the data's
+    # keys and the JSON text of each value (in key order), or NULLs if its
+    # version is still $3
     load: str = f"""WITH {_NOW}, {_RESOLVE}
         UPDATE {{t}}sessions s SET deadline = {_CLAMPED}
         FROM target WHERE s.uid = target.uid AND {_LIVE}
         RETURNING s.uid, s.timeout, s.deadline, s.version,
-            CASE WHEN s.version = $3 THEN NULL ELSE s.data::text END"""
+            CASE WHEN s.version IS DISTINCT FROM $3 THEN (SELECT COALESCE(
+                array_agg(key ORDER BY key), '{{}}') FROM jsonb_each(s.data)) END,
+            CASE WHEN s.version IS DISTINCT FROM $3 THEN (SELECT COALESCE(
+                array_agg(value::text ORDER BY key), '{{}}') FROM jsonb_each(s.data)) END"""
     # (now, uid, timeout, lifetime, data) -> deadline. A session that ends
     # before every other live one wakes the listening processes (a process
     # asleep until the earliest deadline it knew must not miss it if the

@@ -20,7 +20,13 @@ from lapse.sessions.stores.postgres.config import PostgresConfig, parse_url
 from lapse.sessions.stores.postgres.listener import Listener
 from lapse.sessions.stores.postgres.pool import Pool
 from lapse.sessions.stores.postgres.queries import Queries, channel_name
-from lapse.sessions.stores.postgres.values import dump_data, dump_keys, load_data
+from lapse.sessions.stores.postgres.values import (
+    dump_data,
+    dump_keys,
+    load_data,
+    load_encoded,
+    storable,
+)
 
 if TYPE_CHECKING:
     from lapse.sessions.store import SessionStore
@@ -34,6 +40,11 @@ EVENTS_KEPT_FOR = 600.0
 
 EVENTS_PER_CALL = 1000
 """The most announcements one ``events()`` call returns."""
+
+
+def _check_uid(uid: str) -> None:
+    if not storable(uid):
+        raise ValueError(f"a session uid PostgreSQL can hold has no NUL and is UTF-8: {uid!r}")
 
 
 def _info(row: Any) -> SessionInfo:
@@ -87,9 +98,14 @@ class PostgresStore:
     # -- the protocol -----------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, and create the tables (or check their version)."""
+        """Connect, and make the tables (or check or upgrade them): within
+        SCHEMA_TIMEOUT, not the store's timeout (a large upgrade)."""
         log.info("PostgreSQL session store: %s", self.url)
-        await self._pool.run(lambda conn: conn.fetchval("SELECT 1"))
+        pool = self._pool
+        try:
+            await pool.pool()
+        except pool.failures as exc:
+            raise pool.translate(exc) from exc
 
     async def schema_version(self) -> int:
         """The version of the tables as they are (0: none), read on a
@@ -125,19 +141,25 @@ class PostgresStore:
     async def load(self, uid: str, version: int | None = None) -> StoredSession | None:
         """Touch and return the live session ``uid`` (or the one an old uid
         was rotated to, within its grace): ONE statement, an UPDATE ...
-        RETURNING; no data if its version is still ``version``."""
+        RETURNING; no data if its version is still ``version``, else each
+        key's JSON text (decoded only when read). A uid PostgreSQL cannot
+        hold (a NUL) names no session: None, the database not asked."""
+        if not storable(uid):
+            return None
         row = await self._fetchrow(self.sql.load, uid, version)
         if row is None:
             return None
-        live, timeout, deadline, current, data = row
-        if data is None:
+        live, timeout, deadline, current, keys, texts = row
+        if keys is None:
             return StoredSession(live, timeout, deadline, version=current, unchanged=True)
-        return StoredSession(live, timeout, deadline, data=load_data(data), version=current)
+        encoded = load_encoded(keys, texts)
+        return StoredSession(live, timeout, deadline, encoded=encoded, version=current)
 
     async def create(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
     ) -> float:
         """Store the live session ``uid`` (replacing any row of that uid)."""
+        _check_uid(uid)
         text = dump_data(data)
         row = await self._fetchrow(self.sql.create, uid, float(timeout), lifetime, text)
         return float(row[0])
@@ -146,6 +168,9 @@ class PostgresStore:
         """Move the live session to ``new_uid``, alias ``uid`` to it for
         ``grace`` seconds and announce ``(uid, new_uid)``: one transaction."""
         sql, now = self.sql, self._now()
+        _check_uid(new_uid)
+        if not storable(uid):
+            return False
 
         async def rotate(conn: Any) -> bool:
             async with conn.transaction():
@@ -167,15 +192,17 @@ class PostgresStore:
         statement (``data || changes - removed``, under the row's lock: a
         concurrent save of other keys keeps its own); the new version, or
         False if no live session has that uid."""
+        if not storable(uid):
+            return False
         changes = dump_data(changed)
         row = await self._fetchrow(self.sql.save, uid, changes, dump_keys(removed))
         return False if row is None else int(row[0])
 
     async def exists(self, uid: str) -> bool:
-        return await self._fetchrow(self.sql.exists, uid) is not None
+        return storable(uid) and await self._fetchrow(self.sql.exists, uid) is not None
 
     async def expire(self, uid: str) -> bool:
-        return await self._fetchrow(self.sql.expire, uid) is not None
+        return storable(uid) and await self._fetchrow(self.sql.expire, uid) is not None
 
     async def claim(self, owner: str, lease: float, limit: int) -> list[Expiry]:
         """Take up to ``limit`` due sessions (earliest deadline first) by
@@ -275,6 +302,8 @@ class PostgresStore:
         return infos, f"{last[3]!r}:{last[0]}"
 
     async def info(self, uid: str) -> SessionInfo | None:
+        if not storable(uid):
+            return None
         row = await self._fetchrow(self.sql.info, uid)
         return None if row is None else _info(row)
 

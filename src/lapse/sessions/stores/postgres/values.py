@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["dump_data", "dump_keys", "load_data"]
+__all__ = ["dump_data", "dump_keys", "load_data", "load_encoded", "storable"]
 
 _ESCAPE = "\ue000"
 _NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
@@ -50,3 +50,30 @@ def load_data(text: str) -> dict[str, Any]:
         text = _STORED.sub(lambda m: "\\u0000" if m.group(1) == "\ue002" else _ESCAPE, text)
     data: dict[str, Any] = json.loads(text)
     return data
+
+
+def load_encoded(keys: list[str], texts: list[str]) -> dict[str, str]:
+    """The JSON text of each key, from a load's key and value-text arrays
+    (for ``StoredSession.encoded``: decoded only when read)."""
+    encoded = dict(zip(keys, texts, strict=True))
+    if any(_ESCAPE in key or _ESCAPE in text for key, text in encoded.items()):
+        undo = _STORED.sub
+        encoded = {
+            undo(lambda m: "\x00" if m.group(1) == "\ue002" else _ESCAPE, key): undo(
+                lambda m: "\\u0000" if m.group(1) == "\ue002" else _ESCAPE, text
+            )
+            for key, text in encoded.items()
+        }
+    return encoded
+
+
+def storable(uid: str) -> bool:
+    """Whether ``uid`` can be a session's uid here: text PostgreSQL takes
+    (no NUL, valid UTF-8). A cookie holding anything else names no session."""
+    if uid.isascii():
+        return "\x00" not in uid
+    try:
+        uid.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in uid
