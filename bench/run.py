@@ -51,8 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     cluster = postgres = None
     try:
         cluster = ClusterHandle() if need_cluster else None
-        postgres = PostgresHandle(opts.systems) if need_postgres else None
+        postgres_error = None
+        if need_postgres:
+            try:
+                postgres = PostgresHandle(opts.systems)
+            except Exception as exc:  # its systems' steps fail, the others run
+                postgres_error = f"PostgreSQL did not start: {type(exc).__name__}: {exc}"
+                print(postgres_error, flush=True)
         b = Bench(opts, wrk, redis, cluster=cluster, postgres=postgres)
+        if postgres_error is not None:
+            b.problems.append(postgres_error)
         results = run_all(b)
         try:
             write_chart(results, opts, opts.chart_path)

@@ -201,9 +201,9 @@ def bench_postgres_idle(b: Bench, system: System, outcome: Outcome) -> None:
     """What one idle lapse process sends to PostgreSQL: the seed on the postgres store,
     its sessions' timeout an hour, three sessions made by GETs, then no traffic for
     ``--pg-idle-seconds``: the statements its database ran meanwhile, per second."""
+    postgres_url = b.postgres_url(system)
     assert b.postgres is not None
     seconds = b.opts.pg_idle_seconds
-    postgres_url = b.postgres_url(system)
     with running_server(system, postgres_url=postgres_url, session_timeout=IDLE_TIMEOUT) as server:
         for _ in range(IDLE_SESSIONS):
             session_cookie(server.port, system)

@@ -207,3 +207,28 @@ def test_idle_window_counts_exactly_the_statements_sent_to_that_database(
         thread.join()
     assert after.statements - before.statements == 12
     assert after.by_query["SELECT $1"] - before.by_query.get("SELECT $1", 0) == 12
+
+
+def test_a_postgres_that_cannot_start_fails_only_its_systems_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a PostgreSQL (no server installed) the run does not crash: it says why once
+    under Problems, each step of the PostgreSQL systems fails with "no PostgreSQL for ...",
+    and the exit status is 1."""
+    from bench import run
+
+    def no_server(systems: list[str]) -> PostgresHandle:
+        raise RuntimeError("no PostgreSQL server: run `apt-get install -y postgresql`")
+
+    monkeypatch.setattr(run, "PostgresHandle", no_server)
+    argv = ["--systems", "lapse-postgres", "--duration", "1", "--repeats", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert run.main(argv) == 1
+    capsys.readouterr()
+    table = (tmp_path / "latest.md").read_text()
+    assert "- PostgreSQL did not start: RuntimeError: no PostgreSQL server" in table
+    for step in ("touch existing session", "create sessions", "idle 10 s, 3 long sessions"):
+        assert (
+            f"- lapse (PostgreSQL): {step} failed: RuntimeError: no PostgreSQL for "
+            "lapse-postgres" in table
+        )
