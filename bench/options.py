@@ -122,7 +122,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
         "--idle-seconds",
         type=float,
         default=2,
-        help="Redis systems: seconds without traffic to measure the idle command rate (2)",
+        help="Redis and PostgreSQL systems: seconds without traffic before the touch runs, to "
+        "measure the idle command (statement) rate subtracted per request (2)",
     )
     parser.add_argument(
         "--monitor-requests",
