@@ -28,7 +28,15 @@ from bench.pg_traffic import (  # noqa: E402
     postgres_table,
     rates,
 )
-from bench.scenarios import Outcome, Results, TouchRun  # noqa: E402
+from bench.scenarios import (  # noqa: E402
+    IDLE_SESSIONS,
+    IDLE_TIMEOUT,
+    Bench,
+    Outcome,
+    Results,
+    TouchRun,
+    bench_postgres_idle,
+)
 from bench.systems import (  # noqa: E402
     LISTEN_LINE,
     SEED_TIMEOUT_LINE,
@@ -207,6 +215,27 @@ def test_idle_window_counts_exactly_the_statements_sent_to_that_database(
         thread.join()
     assert after.statements - before.statements == 12
     assert after.by_query["SELECT $1"] - before.by_query.get("SELECT $1", 0) == 12
+
+
+def test_idle_figure_watches_a_seed_process_holding_a_few_long_sessions(
+    bench_postgres: PostgresHandle,
+) -> None:
+    """The idle step runs the seed on lapse's emptied database with an hour's timeout: three
+    sessions (the start-up probe's and two more) are in the store, live, with that timeout,
+    and the figure is the statement rate of the window (whatever the keeper sends)."""
+    bench = Bench(parse_options(["--pg-idle-seconds", "0.5"]), "wrk", None)
+    bench.postgres = bench_postgres
+    result = Outcome()
+    bench_postgres_idle(bench, SYSTEMS["lapse-postgres"], result)
+    assert result.postgres is not None
+    counts = result.postgres
+    assert (counts.long_idle_seconds, counts.long_idle_sessions) == (0.5, IDLE_SESSIONS)
+    assert counts.long_idle_statements is not None and counts.long_idle_statements >= 0
+    live = bench_postgres.server.psql(
+        f"SELECT count(*) FROM public.lapse_sessions WHERE NOT ended AND timeout = {IDLE_TIMEOUT}",
+        DATABASES["lapse-postgres"],
+    )
+    assert int(live) == IDLE_SESSIONS
 
 
 def test_a_postgres_that_cannot_start_fails_only_its_systems_steps(
