@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from bench.options import Options
 from bench.scenarios import Outcome, Results, TouchRun
-from bench.systems import BARE, CLUSTER, REFERENCE, SINGLE_REDIS
+from bench.systems import BARE, CLUSTER, DJANGO_POSTGRES, LAPSE_POSTGRES, REFERENCE, SINGLE_REDIS
 
 
 def median_or_none(values: list[float | None]) -> float | None:
@@ -44,12 +44,25 @@ class Target:
     value: float | None
     threshold: float
     higher_is_better: bool = True
+    strictly: bool = False
+    """The value must beat the threshold, not just reach it ("ahead of")."""
 
     @property
     def verdict(self) -> str:
         if self.value is None:
             return "n/a"
-        ok = self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+        if self.strictly:
+            ok = (
+                self.value > self.threshold
+                if self.higher_is_better
+                else self.value < self.threshold
+            )
+        else:
+            ok = (
+                self.value >= self.threshold
+                if self.higher_is_better
+                else self.value <= self.threshold
+            )
         return "PASS" if ok else "MISS"
 
 
@@ -64,6 +77,7 @@ def targets(results: Results, opts: Options) -> list[Target]:
     lapse, twisted = o(REFERENCE), o("twisted")
     bare, lapse_redis, aio_redis = o(BARE), o(SINGLE_REDIS), o("aiohttp-redis")
     lapse_cluster = o(CLUSTER)
+    lapse_pg, django_pg = o(LAPSE_POSTGRES), o(DJANGO_POSTGRES)
     top = max(opts.memory_counts) if opts.memory_counts else 0
     memory_ratio = ratio(memory_per_session(lapse, top), memory_per_session(twisted, top))
     live_ratio = ratio(
@@ -128,5 +142,25 @@ def targets(results: Results, opts: Options) -> list[Target]:
             "lapse cluster / lapse Redis",
             ratio(touch_rps(lapse_cluster), touch_rps(lapse_redis)),
             0.8,
+        ),
+        Target(
+            "touch req/s: lapse (PostgreSQL) >= 0.5 x lapse (Redis)",
+            "lapse PostgreSQL / lapse Redis",
+            ratio(touch_rps(lapse_pg), touch_rps(lapse_redis)),
+            0.5,
+        ),
+        Target(
+            "touch req/s: lapse (PostgreSQL) ahead of Django db sessions, same PostgreSQL",
+            "lapse PostgreSQL / Django",
+            ratio(touch_rps(lapse_pg), touch_rps(django_pg)),
+            1.0,
+            strictly=True,
+        ),
+        Target(
+            "create req/s: lapse (PostgreSQL) ahead of Django db sessions, same PostgreSQL",
+            "lapse PostgreSQL / Django",
+            ratio(create_rps(lapse_pg), create_rps(django_pg)),
+            1.0,
+            strictly=True,
         ),
     ]

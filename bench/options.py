@@ -32,6 +32,7 @@ class Options:
     subset: bool = False
     """Something other than the full default run: it does not replace the tracked chart."""
     update_chart: bool = False
+    pg_idle_seconds: float = 10.0
 
     @property
     def results_dir(self) -> Path:
@@ -121,13 +122,21 @@ def parse_options(argv: list[str] | None = None) -> Options:
         "--idle-seconds",
         type=float,
         default=2,
-        help="Redis systems: seconds without traffic to measure the idle command rate (2)",
+        help="Redis and PostgreSQL systems: seconds without traffic before the touch runs, to "
+        "measure the idle command (statement) rate subtracted per request (2)",
     )
     parser.add_argument(
         "--monitor-requests",
         type=int,
         default=200,
         help="Redis systems: sequential requests watched with MONITOR (200)",
+    )
+    parser.add_argument(
+        "--pg-idle-seconds",
+        type=float,
+        default=10.0,
+        help="lapse on PostgreSQL: seconds an idle process (3 sessions alive, 1 h timeout) is "
+        "watched for the statements it sends (10; 0: skip)",
     )
     parser.add_argument(
         "--redis-url",
@@ -193,4 +202,5 @@ def parse_options(argv: list[str] | None = None) -> Options:
         strict=args.strict,
         subset=subset,
         update_chart=args.update_chart,
+        pg_idle_seconds=args.pg_idle_seconds,
     )

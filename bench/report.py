@@ -24,6 +24,7 @@ from bench.figures import (
 )
 from bench.loadgen import WrkResult
 from bench.options import Options
+from bench.pg_traffic import postgres_table
 from bench.scenarios import Bench, Results, TouchRun
 from bench.systems import CLUSTER, REFERENCE, REPO_DIR, SINGLE_REDIS, SYSTEMS, System
 
@@ -388,10 +389,15 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
             "itsdangerous",
             "redis",
             "hiredis",
+            "asyncpg",
+            "django",
+            "psycopg",
         )
     )
     used = [f"- {redis.description}" for redis in (b.redis, b.cluster) if redis is not None]
     redis_lines = used or ["- redis-server: not used"]
+    if b.postgres is not None:
+        redis_lines.append(f"- {b.postgres.description}")
     lines = [
         "# lapse and its peers: the seed program's GET /logme",
         "",
@@ -440,6 +446,13 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
             "## Idle: what one lapse process sends to Redis with no request "
             "(INFO commandstats and MONITOR deltas)",
             idle_table(results),
+        ),
+        (
+            "## PostgreSQL: statements per request (pg_stat_statements, top level, idle rate "
+            "subtracted) and what one idle lapse process sends",
+            postgres_table(
+                [(SYSTEMS[k].label, o.postgres) for k, o in results.outcomes.items() if o.postgres]
+            ),
         ),
     ):
         if table:

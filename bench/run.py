@@ -7,7 +7,8 @@ See bench/README.md for what each system is and what each number means.
 The package's modules, one job each: ``options`` (the command line, where results go),
 ``systems`` (the servers: how each starts and stops), ``loadgen`` (wrk and its output),
 ``redis_traffic`` (Redis round trips per request), ``redis_cluster`` (the Redis
-Cluster), ``scenarios`` (what is measured),
+Cluster), ``pg_traffic`` (the PostgreSQL systems' database and statement counts),
+``scenarios`` (what is measured),
 ``figures`` (medians, ratios, targets), ``report`` (the Markdown table), ``chart``
 (the PNG), ``micro`` (the request path in process).
 """
@@ -24,6 +25,7 @@ if not __package__:  # run as a script: make the bench package importable
 from bench.chart import write_chart
 from bench.loadgen import ensure_wrk
 from bench.options import parse_options
+from bench.pg_traffic import PostgresHandle
 from bench.redis_cluster import ClusterHandle
 from bench.redis_traffic import RedisHandle
 from bench.report import report
@@ -45,10 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     need_redis = any(SYSTEMS[k].redis and not SYSTEMS[k].cluster for k in opts.systems)
     need_cluster = any(SYSTEMS[k].cluster for k in opts.systems)
     redis = RedisHandle(opts.redis_url) if need_redis else None
-    cluster = None
+    need_postgres = any(SYSTEMS[k].postgres for k in opts.systems)
+    cluster = postgres = None
     try:
         cluster = ClusterHandle() if need_cluster else None
-        b = Bench(opts, wrk, redis, cluster=cluster)
+        postgres_error = None
+        if need_postgres:
+            try:
+                postgres = PostgresHandle(opts.systems)
+            except Exception as exc:  # its systems' steps fail, the others run
+                postgres_error = f"PostgreSQL did not start: {type(exc).__name__}: {exc}"
+                print(postgres_error, flush=True)
+        b = Bench(opts, wrk, redis, cluster=cluster, postgres=postgres)
+        if postgres_error is not None:
+            b.problems.append(postgres_error)
         results = run_all(b)
         try:
             write_chart(results, opts, opts.chart_path)
@@ -61,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             redis.close()
         if cluster is not None:
             cluster.close()
+        if postgres is not None:
+            postgres.close()
     print()
     print(text)
     opts.table_path.parent.mkdir(parents=True, exist_ok=True)

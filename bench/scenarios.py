@@ -18,9 +18,11 @@ from typing import Any
 
 from bench.loadgen import WrkResult, run_wrk
 from bench.options import Options
+from bench.pg_traffic import PgCounts, PostgresHandle, measure_window, per_request, rates
 from bench.redis_traffic import RedisCounts, RedisTarget, measure_idle, measure_monitored
 from bench.systems import (
     EXPIRY_LATENESS,
+    LAPSE_POSTGRES,
     MEMORY_PROBE,
     REFERENCE,
     SYSTEMS,
@@ -46,6 +48,8 @@ class Bench:
     )
     cluster: RedisTarget | None = None
     """The Redis Cluster of the cluster systems."""
+    postgres: PostgresHandle | None = None
+    """The PostgreSQL of the PostgreSQL systems (a database each)."""
 
     def redis_for(self, system: System) -> RedisTarget | None:
         """The Redis that ``system`` runs on (None: not a Redis system)."""
@@ -57,6 +61,15 @@ class Bench:
         opts = self.opts
         return run_wrk(self.wrk, opts.threads, opts.connections, port, seconds, cookie)
 
+    def postgres_url(self, system: System) -> str | None:
+        """The system's database, made empty (None: not a PostgreSQL system)."""
+        if not system.postgres:
+            return None
+        if self.postgres is None:
+            raise RuntimeError(f"no PostgreSQL for {system.key}")
+        self.postgres.reset(system)
+        return self.postgres.url(system)
+
     @contextlib.contextmanager
     def server(self, system: System, extra: int = 0) -> Iterator[int]:
         """Start one server on a free loopback port; yield the port; always stop it."""
@@ -64,7 +77,8 @@ class Bench:
         if redis is not None:
             redis.flush()
         redis_url = redis.url if redis is not None else None
-        with running_server(system, extra, redis_url) as server:
+        postgres_url = self.postgres_url(system)
+        with running_server(system, extra, redis_url, postgres_url) as server:
             if extra:
                 seen = server.live_counts()
                 if not seen or seen[-1] != extra:
@@ -91,6 +105,7 @@ class Outcome:
     live_base: list[TouchRun] = field(default_factory=list)
     live_many: list[TouchRun] = field(default_factory=list)
     redis: RedisCounts | None = None
+    postgres: PgCounts | None = None
     failed: list[str] = field(default_factory=list)
 
 
@@ -111,6 +126,9 @@ def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
     with b.server(system) as port:
         if opts.warmup > 0:
             touch_once(b, system, port, opts.warmup)
+        if system.postgres:
+            touch_postgres(b, system, port, outcome)
+            return
         counts = None
         redis = b.redis_for(system)
         if redis is not None:
@@ -141,12 +159,64 @@ def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
             measure_monitored(redis, port, system, opts.monitor_requests, counts)
 
 
+def touch_postgres(b: Bench, system: System, port: int, outcome: Outcome) -> None:
+    """The touch runs of a PostgreSQL system, counting its database's statements."""
+    assert b.postgres is not None
+    counts = outcome.postgres = outcome.postgres or PgCounts()
+    if b.opts.idle_seconds > 0:
+        counts.idle_seconds = b.opts.idle_seconds
+        counts.idle_rate = rates(*measure_window(b.postgres, system, b.opts.idle_seconds))[0]
+    for _ in range(b.opts.repeats):
+        cookie = session_cookie(port, system)
+        before = b.postgres.snapshot(system)
+        result = b.run_wrk(port, b.opts.duration, cookie)
+        after = b.postgres.snapshot(system)
+        outcome.touch.append(TouchRun(result, session_kept(port, system, cookie)))
+        counts.statements_per_touch.append(per_request(counts, before, after, result.requests))
+
+
 def bench_create(b: Bench, system: System, outcome: Outcome) -> None:
     opts = b.opts
     with b.server(system) as port:
         if opts.create_warmup > 0:
             b.run_wrk(port, opts.create_warmup, None)
-        outcome.create = [b.run_wrk(port, opts.duration, None) for _ in range(opts.repeats)]
+        if not system.postgres or b.postgres is None:
+            outcome.create = [b.run_wrk(port, opts.duration, None) for _ in range(opts.repeats)]
+            return
+        counts = outcome.postgres = outcome.postgres or PgCounts()
+        for _ in range(opts.repeats):
+            before = b.postgres.snapshot(system)
+            result = b.run_wrk(port, opts.duration, None)
+            after = b.postgres.snapshot(system)
+            outcome.create.append(result)
+            counts.statements_per_create.append(per_request(counts, before, after, result.requests))
+
+
+IDLE_SESSIONS = 3
+"""Sessions alive during the idle window: the start-up probe's and two more."""
+IDLE_TIMEOUT = 3600
+
+
+def bench_postgres_idle(b: Bench, system: System, outcome: Outcome) -> None:
+    """What one idle lapse process sends to PostgreSQL: the seed on the postgres store,
+    its sessions' timeout an hour, three sessions made by GETs (the start-up probe's
+    among them), then no traffic for
+    ``--pg-idle-seconds``: the statements its database ran meanwhile, per second."""
+    postgres_url = b.postgres_url(system)
+    assert b.postgres is not None
+    seconds = b.opts.pg_idle_seconds
+    with running_server(system, postgres_url=postgres_url, session_timeout=IDLE_TIMEOUT) as server:
+        cookies = [session_cookie(server.port, system) for _ in range(IDLE_SESSIONS - 1)]
+        time.sleep(1.0)  # the writes of those requests are done; the process is idle
+        statements, transactions, by_query = rates(*measure_window(b.postgres, system, seconds))
+        if not session_kept(server.port, system, cookies[0]):  # still serving it, after
+            raise RuntimeError("after the idle window, a session of before it was gone")
+    counts = outcome.postgres = outcome.postgres or PgCounts()
+    counts.long_idle_seconds = seconds
+    counts.long_idle_sessions = IDLE_SESSIONS
+    counts.long_idle_statements = statements
+    counts.long_idle_transactions = transactions
+    counts.long_idle_queries = by_query
 
 
 def bench_live(b: Bench, system: System, outcome: Outcome) -> None:
@@ -234,6 +304,12 @@ def run_all(b: Bench) -> Results:
         run_step(b, outcome, f"{system.label}: touch existing session", touch)
         create = partial(bench_create, b, system, outcome)
         run_step(b, outcome, f"{system.label}: create sessions", create)
+        if key == LAPSE_POSTGRES and opts.pg_idle_seconds > 0:
+            idle = partial(bench_postgres_idle, b, system, outcome)
+            label = (
+                f"{system.label}: idle {opts.pg_idle_seconds:g} s, {IDLE_SESSIONS} long sessions"
+            )
+            run_step(b, outcome, label, idle)
     for key in opts.systems:
         system, outcome = SYSTEMS[key], outcomes[key]
         if system.probe is None or not opts.memory_counts:

@@ -56,9 +56,10 @@ class System:
     key: str
     label: str
     kind: str
-    """lapse, twisted, aiohttp, starlette or bare: which server program."""
+    """lapse, twisted, aiohttp, django, starlette or bare: which server program."""
     store: str = ""
-    """lapse: memory, sqlite, redis or redis-cluster; aiohttp: memory or redis."""
+    """lapse: memory, sqlite, redis, redis-cluster or postgres; aiohttp: memory or redis;
+    django: postgres."""
     cookie: str | None = None
     """The session cookie's name; None: no sessions (bare uvicorn)."""
     identity: Callable[[str], str] = cookie_value_identity
@@ -77,6 +78,11 @@ class System:
         """On the bench's Redis Cluster (3 primaries, 3 replicas)."""
         return self.store == "redis-cluster"
 
+    @property
+    def postgres(self) -> bool:
+        """On the bench's PostgreSQL (each system its own database)."""
+        return self.store == "postgres"
+
 
 SYSTEMS: dict[str, System] = {
     s.key: s
@@ -87,6 +93,9 @@ SYSTEMS: dict[str, System] = {
         System("lapse-redis", "lapse (Redis)", "lapse", "redis", "lapse_session"),
         System("lapse-redis-cluster", "lapse (Redis Cluster)", "lapse", "redis-cluster",
                "lapse_session"),
+        System("lapse-postgres", "lapse (PostgreSQL)", "lapse", "postgres", "lapse_session"),
+        System("django-postgres", "Django db sessions (PostgreSQL)", "django", "postgres",
+               "sessionid"),
         System("twisted", "Twisted", "twisted", "memory", "TWISTED_SESSION",
                probe="twisted", live=True),
         System("aiohttp-memory", "aiohttp-session (dict store)", "aiohttp", "memory",
@@ -103,6 +112,10 @@ BARE = "uvicorn-bare"
 SINGLE_REDIS = "lapse-redis"
 CLUSTER = "lapse-redis-cluster"
 """lapse on the Redis Cluster, compared with lapse on one Redis node (SINGLE_REDIS)."""
+LAPSE_POSTGRES = "lapse-postgres"
+DJANGO_POSTGRES = "django-postgres"
+"""Django's database session backend, on the same PostgreSQL server as LAPSE_POSTGRES."""
+SEED_TIMEOUT_LINE = "sessionTimeout = 5"
 
 
 def get_logme(port: int, cookie: str | None = None) -> tuple[int, list[str]]:
@@ -167,14 +180,21 @@ def free_port() -> int:
         return port
 
 
-def lapse_script(port: int, workdir: Path, extra_sessions: int) -> Path:
+def lapse_script(
+    port: int, workdir: Path, extra_sessions: int, session_timeout: int | None = None
+) -> Path:
     """The repo's example with only its listen line changed to our port and loopback;
     with ``extra_sessions``, code that makes that many long-lived sessions is
-    inserted just before that line."""
+    inserted just before that line; with ``session_timeout``, its sessions' 5 s
+    ``sessionTimeout`` is that many seconds instead (the idle figure's long sessions)."""
     source = LAPSE_EXAMPLE.read_text()
     if source.count(LISTEN_LINE) != 1:
         raise RuntimeError(f"expected exactly one {LISTEN_LINE!r} in {LAPSE_EXAMPLE}")
     patched = source.replace(LISTEN_LINE, f'listenTCP({port}, factory, interface="{HOST}")')
+    if session_timeout is not None:
+        if source.count(SEED_TIMEOUT_LINE) != 1:
+            raise RuntimeError(f"expected exactly one {SEED_TIMEOUT_LINE!r} in {LAPSE_EXAMPLE}")
+        patched = patched.replace(SEED_TIMEOUT_LINE, f"sessionTimeout = {session_timeout}")
     if extra_sessions:
         for name in ("class ShortSession(Session)", "factory = Site(", "import Site, Session"):
             if name not in source:
@@ -208,29 +228,45 @@ def redis_store_url(redis_url: str, prefix: str) -> str:
 
 
 def server_command(
-    system: System, port: int, workdir: Path, extra: int, redis_url: str | None
+    system: System,
+    port: int,
+    workdir: Path,
+    extra: int,
+    redis_url: str | None,
+    postgres_url: str | None = None,
+    session_timeout: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of one system's server (no ``LAPSE_*`` but the store)."""
+    """The command line and environment of one system's server (no ``LAPSE_*`` but the store);
+    ``postgres_url``: the system's database on the bench's PostgreSQL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAPSE_")}
     py = sys.executable
     if system.redis and redis_url is None:
         raise RuntimeError(
             f"no {'Redis Cluster' if system.cluster else 'redis-server'} for {system.key}"
         )
+    if system.postgres and postgres_url is None:
+        raise RuntimeError(f"no PostgreSQL database for {system.key}")
     if system.kind == "lapse":
         if system.store == "memory":
             env["LAPSE_SESSION_STORE"] = "memory:"
         elif system.store == "sqlite":
             env["LAPSE_SESSION_STORE"] = f"sqlite:///{workdir}/sessions.db"
+        elif system.postgres:
+            assert postgres_url is not None
+            env["LAPSE_SESSION_STORE"] = postgres_url
         else:
             assert redis_url is not None
             env["LAPSE_SESSION_STORE"] = redis_store_url(redis_url, f"bench-{secrets.token_hex(4)}")
-        return [py, str(lapse_script(port, workdir, extra))], env
+        return [py, str(lapse_script(port, workdir, extra, session_timeout))], env
     if system.kind == "twisted":
         cmd = [py, str(SERVERS_DIR / "twisted_seed.py"), str(port)]
         return cmd + (["--extra-sessions", str(extra)] if extra else []), env
-    if extra:
-        raise RuntimeError(f"{system.key} cannot start with extra sessions")
+    if extra or session_timeout is not None:
+        raise RuntimeError(f"{system.key} cannot start with extra or long sessions")
+    if system.kind == "django":
+        assert postgres_url is not None
+        cmd = [py, str(SERVERS_DIR / "django_seed.py"), str(port), "--database", postgres_url]
+        return cmd, env
     if system.kind == "aiohttp":
         cmd = [py, str(SERVERS_DIR / "aiohttp_seed.py"), str(port)]
         if system.redis:
@@ -280,7 +316,11 @@ class RunningServer:
 
 @contextlib.contextmanager
 def running_server(
-    system: System, extra: int = 0, redis_url: str | None = None
+    system: System,
+    extra: int = 0,
+    redis_url: str | None = None,
+    postgres_url: str | None = None,
+    session_timeout: int | None = None,
 ) -> Iterator[RunningServer]:
     """Start one server on a free loopback port, wait until it answers, yield it; always
     stop it by its PID."""
@@ -288,7 +328,9 @@ def running_server(
         workdir = Path(tmp)
         port = free_port()
         log = workdir / "stderr.log"
-        cmd, env = server_command(system, port, workdir, extra, redis_url)
+        cmd, env = server_command(
+            system, port, workdir, extra, redis_url, postgres_url, session_timeout
+        )
         with log.open("wb") as stderr:
             # stdout (a line per expired session) goes to DEVNULL: it can never fill a pipe.
             proc = subprocess.Popen(
