@@ -435,14 +435,14 @@ async def test_load_and_save_are_one_statement_each(postgres_server: PostgresSer
 async def test_pool_size_caps_the_connections_of_one_store(
     postgres_server: PostgresServer,
 ) -> None:
-    """``?pool_size=2``: forty concurrent calls all succeed, through at most
+    """``?pool_size=2``: forty concurrent saves all succeed, through at most
     two connections (counted by the server), the rest waiting their turn."""
     dbname = f"poolsize{next(_schemas)}"
     postgres_server.create_database(dbname)
     async with opened(f"{postgres_server.url(dbname)}?pool_size=2") as store:
         await store.create("s1", 600, {})
-        loaded = await asyncio.gather(*(store.load("s1") for _ in range(40)))
-        assert all(found is not None for found in loaded)
+        saved = await asyncio.gather(*(store.save("s1", {f"k{n}": n}, ()) for n in range(40)))
+        assert sorted(saved) == list(range(2, 42))
         opened_here = postgres_server.psql(
             f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{dbname}' "
             "AND application_name = 'lapse'"

@@ -58,6 +58,40 @@ class Queries:
                 array_agg(key ORDER BY key), '{{}}') FROM jsonb_each(s.data)) END,
             CASE WHEN s.version IS DISTINCT FROM $3 THEN (SELECT COALESCE(
                 array_agg(value::text ORDER BY key), '{{}}') FROM jsonb_each(s.data)) END"""
+    # (now, uids, versions) -> for each uid asked that names a live session
+    # (itself or, within its grace, the one it was rotated to): the uid
+    # asked, then the columns of load. One statement for the loads of one
+    # event-loop tick; the rows are locked in uid order (FOR UPDATE), so two
+    # batches never wait on each other in a circle.
+    load_many: str = f"""WITH {_NOW},
+        asked AS (SELECT * FROM unnest($2::text[], $3::bigint[]) AS a(uid, version)),
+        target AS (
+            SELECT a.uid AS asked, a.version, (
+                SELECT found.uid FROM (
+                    SELECT s.uid, 0 AS rank FROM {{t}}sessions s
+                        WHERE s.uid = a.uid AND {_LIVE}
+                    UNION ALL
+                    SELECT s.uid, 1 FROM {{t}}aliases al JOIN {{t}}sessions s ON s.uid = al.target
+                        WHERE al.uid = a.uid AND al.until > (SELECT now FROM t) AND {_LIVE}
+                ) found ORDER BY rank LIMIT 1) AS uid
+            FROM asked a
+        ),
+        locked AS (
+            SELECT s.uid FROM {{t}}sessions s
+            WHERE s.uid IN (SELECT uid FROM target) AND {_LIVE}
+            ORDER BY s.uid FOR UPDATE OF s
+        ),
+        touched AS (
+            UPDATE {{t}}sessions s SET deadline = {_CLAMPED}
+            FROM locked WHERE s.uid = locked.uid
+            RETURNING s.uid, s.timeout, s.deadline, s.version, s.data
+        )
+        SELECT target.asked, x.uid, x.timeout, x.deadline, x.version,
+            CASE WHEN x.version IS DISTINCT FROM target.version THEN (SELECT COALESCE(
+                array_agg(key ORDER BY key), '{{}}') FROM jsonb_each(x.data)) END,
+            CASE WHEN x.version IS DISTINCT FROM target.version THEN (SELECT COALESCE(
+                array_agg(value::text ORDER BY key), '{{}}') FROM jsonb_each(x.data)) END
+        FROM target JOIN touched x ON x.uid = target.uid"""
     # (now, uid, timeout, lifetime, data) -> deadline. A session that ends
     # before every other live one wakes the listening processes (a process
     # asleep until the earliest deadline it knew must not miss it if the

@@ -16,6 +16,7 @@ from lapse.sessions.store import (
     StoredSession,
     _bucket_bounds,
 )
+from lapse.sessions.stores.postgres.batch import LoadBatcher
 from lapse.sessions.stores.postgres.config import PostgresConfig, parse_url
 from lapse.sessions.stores.postgres.listener import Listener
 from lapse.sessions.stores.postgres.pool import Pool
@@ -24,7 +25,6 @@ from lapse.sessions.stores.postgres.values import (
     dump_data,
     dump_keys,
     load_data,
-    load_encoded,
     storable,
 )
 
@@ -73,6 +73,7 @@ class PostgresStore:
         self.sql = Queries.for_tables(config.schema, config.table_prefix)
         self._pool = Pool(config, self.url)
         self.listener = Listener(self._pool, channel_name(config.schema, config.table_prefix))
+        self._loads = LoadBatcher(self._pool, self.sql, self._now)
 
     @classmethod
     def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> PostgresStore:
@@ -121,6 +122,7 @@ class PostgresStore:
             conn.terminate()
 
     async def aclose(self) -> None:
+        await self._loads.aclose()
         await self.listener.aclose()
         await self._pool.aclose()
 
@@ -141,19 +143,13 @@ class PostgresStore:
     async def load(self, uid: str, version: int | None = None) -> StoredSession | None:
         """Touch and return the live session ``uid`` (or the one an old uid
         was rotated to, within its grace): ONE statement, an UPDATE ...
-        RETURNING; no data if its version is still ``version``, else each
+        RETURNING (shared with the other loads of this event-loop tick: see
+        batch.py); no data if its version is still ``version``, else each
         key's JSON text (decoded only when read). A uid PostgreSQL cannot
         hold (a NUL) names no session: None, the database not asked."""
         if not storable(uid):
             return None
-        row = await self._fetchrow(self.sql.load, uid, version)
-        if row is None:
-            return None
-        live, timeout, deadline, current, keys, texts = row
-        if keys is None:
-            return StoredSession(live, timeout, deadline, version=current, unchanged=True)
-        encoded = load_encoded(keys, texts)
-        return StoredSession(live, timeout, deadline, encoded=encoded, version=current)
+        return await self._loads.load(uid, version)
 
     async def create(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
