@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from _cluster import Cluster, Node, cookie_uid, wait_until
+from conftest import xfail_on_postgres
 
 from lapse.sessions.stores.sqlite import SQLiteStore
 
@@ -70,11 +71,18 @@ class Writer(threading.Thread):
 
 @pytest.mark.slow
 def test_a_server_holding_its_loop_past_the_store_timeout_answers_every_request(
-    clusters: Callable[..., Cluster], shared_store: str
+    clusters: Callable[..., Cluster], shared_store: str, request: pytest.FixtureRequest
 ) -> None:
     """One page holds the server's event loop 1.5 s (past the store's 1 s
     timeout) while six clients keep writing: every request gets a 200, every
     write is in the store, and the server logs no outage."""
+    xfail_on_postgres(
+        request,
+        shared_store,
+        "the PostgreSQL store's call bound (Pool.run: asyncio.timeout, asyncpg's "
+        "command/connect/acquire timeouts, the server's statement_timeout) counts "
+        "time this process's loop was held as the database's: 503s",
+    )
     cluster = clusters(shared_store)
     node = cluster.start("A")
     running = threading.Event()
@@ -91,7 +99,11 @@ def test_a_server_holding_its_loop_past_the_store_timeout_answers_every_request(
     assert held.status == 200
     for writer in writers:
         statuses = [status for _, _, _, status in writer.outcomes]
-        assert statuses and set(statuses) == {200}, (writer.name_, statuses)
+        assert statuses and set(statuses) == {200}, (
+            writer.name_,
+            statuses,
+            node.server.stderr_text(),
+        )
         stored = json.loads(node.get("/get", writer.uid).text)
         assert len(stored) == len(statuses)
     stderr = node.server.stderr_text()
