@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _cluster import Cluster, Node, cookie_uid, wait_until
+from _cluster import Cluster, Writer, cookie_uid, wait_until
 from conftest import xfail_on_postgres
 
 from lapse.sessions.stores.sqlite import SQLiteStore
@@ -42,31 +42,6 @@ def clusters(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     yield make
     for cluster in made:
         cluster.stop()
-
-
-class Writer(threading.Thread):
-    """A client that keeps one session and sets a new key per request, for
-    as long as ``running`` is set; it follows a new session cookie."""
-
-    def __init__(self, node: Node, name: str, running: threading.Event) -> None:
-        super().__init__(daemon=True)
-        self.node, self.name_, self.running = node, name, running
-        self.uid: str | None = None
-        self.outcomes: list[tuple[float, str | None, str, int]] = []
-        """(when sent, the session the answer names, key, status)"""
-
-    def run(self) -> None:
-        i = 0
-        while self.running.is_set():
-            key = f"{self.name_}-{i}"
-            sent = time.monotonic()
-            response = self.node.get(f"/set?k={key}&v={i}", self.uid)
-            if response.status == 200:
-                self.uid = cookie_uid(response) or self.uid
-                self.outcomes.append((sent, response.text, key, 200))
-            else:
-                self.outcomes.append((sent, None, key, response.status))
-            i += 1
 
 
 @pytest.mark.slow
