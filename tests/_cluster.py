@@ -24,12 +24,15 @@
 - :func:`hook_records`: the lines of the hook file, parsed.
 - :func:`new_session`, :func:`visit`: make a session through a node, and
   visit one (asserting it is the same session).
+- :class:`Writer`: a client thread that keeps one session and sets a new key
+  per request, recording every answer.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -296,3 +299,47 @@ def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+@dataclass
+class Answer:
+    """One answer a :class:`Writer` got."""
+
+    sent: float
+    """time.monotonic() when sent"""
+    elapsed: float
+    status: int
+    retry_after: str | None
+    uid: str | None
+    """the session the answer names (200), else None"""
+    key: str
+
+
+class Writer(threading.Thread):
+    """A client that keeps one session and sets a new key per request
+    (``/set?k=NAME-i&v=i``), for as long as ``running`` is set; it follows a
+    new session cookie. ``outcomes``: (when sent, the session the answer
+    names, key, status); ``answers``: the same with timings and Retry-After."""
+
+    def __init__(self, node: Node, name: str, running: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.node, self.name_, self.running = node, name, running
+        self.uid: str | None = None
+        self.outcomes: list[tuple[float, str | None, str, int]] = []
+        self.answers: list[Answer] = []
+
+    def run(self) -> None:
+        i = 0
+        while self.running.is_set():
+            key = f"{self.name_}-{i}"
+            sent = time.monotonic()
+            response = self.node.get(f"/set?k={key}&v={i}", self.uid)
+            elapsed = time.monotonic() - sent
+            named = None
+            if response.status == 200:
+                self.uid = cookie_uid(response) or self.uid
+                named = response.text
+            self.outcomes.append((sent, named, key, response.status))
+            retry = response.header("retry-after")
+            self.answers.append(Answer(sent, elapsed, response.status, retry, named, key))
+            i += 1

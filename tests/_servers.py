@@ -298,17 +298,23 @@ def parse_response(data: bytes, method: str = "GET") -> Response:
     return _from_http_client(resp)
 
 
-def raw_exchange(port: int, data: bytes, host: str = HOST, timeout: float = 5.0) -> bytes:
+def raw_exchange(
+    port: int, data: bytes, host: str = HOST, timeout: float = 5.0, *, half_close: bool = True
+) -> bytes:
     """Send ``data`` on a new connection; everything received until the server
     closes it (send ``Connection: close`` so that it does).
 
-    A connection reset by the server counts as the end of what it sent.
+    A connection reset by the server counts as the end of what it sent. With
+    ``half_close`` the client shuts its side for writing after ``data``;
+    uvicorn takes that for a client gone if it comes before the answer (a
+    page that awaits a store over the network), and sends none.
     """
     received = bytearray()
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(data)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
+        if half_close:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + timeout
         while True:
             sock.settimeout(max(0.01, deadline - time.monotonic()))

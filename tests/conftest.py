@@ -225,25 +225,30 @@ _prefixes = itertools.count()
 
 
 def store_url_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    """A fresh store URL of ``kind`` ("memory", "sqlite", "redis"): a file in
-    ``tmp_path``, or the test Redis under a key prefix of its own."""
+    """A fresh store URL of ``kind`` ("memory", "sqlite", "redis",
+    "postgres"): a file in ``tmp_path``, the test Redis under a key prefix of
+    its own, or the test PostgreSQL in a schema of its own (the store makes
+    it on first use: faster than a database each)."""
     if kind == "memory":
         return "memory:"
     if kind == "sqlite":
         return f"sqlite:///{tmp_path}/sessions.db"
+    if kind == "postgres":
+        postgres = request.getfixturevalue("postgres_server")
+        return f"{postgres.url()}?schema=t{next(_prefixes)}x{os.getpid()}"
     server = request.getfixturevalue("redis_server")
     return f"{server.url}?prefix=t{next(_prefixes)}x{id(request)}"
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of a fresh shared store of each kind (SQLite, Redis)."""
+    """The URL of a fresh shared store of each kind (SQLite, Redis, PostgreSQL)."""
     return store_url_for(request.param, tmp_path, request)
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of a fresh store of each kind (memory, SQLite, Redis)."""
+    """The URL of a fresh store of each kind (memory, SQLite, Redis, PostgreSQL)."""
     return store_url_for(request.param, tmp_path, request)
 
 
@@ -287,3 +292,11 @@ def redis_cluster() -> Iterator[Any]:
 
     with RedisCluster(node_timeout_ms=5000) as cluster:
         yield cluster
+
+
+def xfail_on_postgres(request: pytest.FixtureRequest, url: str, reason: str) -> None:
+    """Mark the running test a strict xfail if ``url`` is a PostgreSQL store:
+    a known store bug (``reason``) the test shows; when it is fixed the test
+    passes, which fails the run until this call goes."""
+    if url.startswith(("postgresql:", "postgres:")):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))

@@ -389,7 +389,7 @@ async def main():
     print(status, new, len(cwd_calls))
     await app.middleware_stack.app.aclose()
 
-WATCHED = {"lapse", "uvicorn", "sqlite3", "hiredis", "httptools"}
+WATCHED = {"lapse", "uvicorn", "sqlite3", "hiredis", "httptools", "asyncpg"}
 asyncio.run(main())
 """
 

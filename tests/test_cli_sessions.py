@@ -1,5 +1,5 @@
-"""``lapse sessions list|show|expire|stats`` against a real SQLite file and a
-real Redis server.
+"""``lapse sessions list|show|expire|stats`` against a real SQLite file, a
+real Redis server (and Redis Cluster) and a real PostgreSQL.
 
 The command runs in-process through ``main()`` (stdout and stderr captured),
 except where a server's keeper must run at the same time: then it is a real
@@ -31,15 +31,20 @@ from lapse.web.server import Site
 _prefixes = itertools.count()
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster", "postgres"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of a fresh, empty shared store of each kind (the file exists);
-    on a Redis Cluster, sessions are spread over 12 shards on 3 primaries."""
+    on a Redis Cluster, sessions are spread over 12 shards on 3 primaries; on
+    PostgreSQL, a schema of its own (its tables made)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'sessions.db'}"
         seed(url, [])
         return url
     prefix = f"clisessions{os.getpid()}x{next(_prefixes)}"
+    if request.param == "postgres":
+        url = f"{request.getfixturevalue('postgres_server').url()}?schema={prefix}"
+        seed(url, [])
+        return url
     if request.param == "redis-cluster":
         return str(request.getfixturevalue("redis_cluster").url(prefix=prefix))
     server = request.getfixturevalue("redis_server")

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _cluster import Cluster, Node, cookie_uid, wait_until
+from _cluster import Cluster, Writer, cookie_uid, wait_until
+from conftest import xfail_on_postgres
 
 from lapse.sessions.stores.sqlite import SQLiteStore
 
@@ -43,38 +44,20 @@ def clusters(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         cluster.stop()
 
 
-class Writer(threading.Thread):
-    """A client that keeps one session and sets a new key per request, for
-    as long as ``running`` is set; it follows a new session cookie."""
-
-    def __init__(self, node: Node, name: str, running: threading.Event) -> None:
-        super().__init__(daemon=True)
-        self.node, self.name_, self.running = node, name, running
-        self.uid: str | None = None
-        self.outcomes: list[tuple[float, str | None, str, int]] = []
-        """(when sent, the session the answer names, key, status)"""
-
-    def run(self) -> None:
-        i = 0
-        while self.running.is_set():
-            key = f"{self.name_}-{i}"
-            sent = time.monotonic()
-            response = self.node.get(f"/set?k={key}&v={i}", self.uid)
-            if response.status == 200:
-                self.uid = cookie_uid(response) or self.uid
-                self.outcomes.append((sent, response.text, key, 200))
-            else:
-                self.outcomes.append((sent, None, key, response.status))
-            i += 1
-
-
 @pytest.mark.slow
 def test_a_server_holding_its_loop_past_the_store_timeout_answers_every_request(
-    clusters: Callable[..., Cluster], shared_store: str
+    clusters: Callable[..., Cluster], shared_store: str, request: pytest.FixtureRequest
 ) -> None:
     """One page holds the server's event loop 1.5 s (past the store's 1 s
     timeout) while six clients keep writing: every request gets a 200, every
     write is in the store, and the server logs no outage."""
+    xfail_on_postgres(
+        request,
+        shared_store,
+        "the PostgreSQL store's call bound (Pool.run: asyncio.timeout, asyncpg's "
+        "command/connect/acquire timeouts, the server's statement_timeout) counts "
+        "time this process's loop was held as the database's: 503s",
+    )
     cluster = clusters(shared_store)
     node = cluster.start("A")
     running = threading.Event()
@@ -91,7 +74,11 @@ def test_a_server_holding_its_loop_past_the_store_timeout_answers_every_request(
     assert held.status == 200
     for writer in writers:
         statuses = [status for _, _, _, status in writer.outcomes]
-        assert statuses and set(statuses) == {200}, (writer.name_, statuses)
+        assert statuses and set(statuses) == {200}, (
+            writer.name_,
+            statuses,
+            node.server.stderr_text(),
+        )
         stored = json.loads(node.get("/get", writer.uid).text)
         assert len(stored) == len(statuses)
     stderr = node.server.stderr_text()

@@ -358,12 +358,15 @@ def test_one_session_by_id(clock: Clock) -> None:
     assert gone.status == 404 and get_json(gone) == {"error": "no such session"}
 
 
-def test_shared_store_view(tmp_path: Any) -> None:
+def test_shared_store_view(shared_store: str) -> None:
+    """On each shared store (SQLite, Redis, PostgreSQL) the view's summary
+    counts the live sessions, lists them, and its expire ends one: the
+    durable hook gets it, cause "expired"."""
 
     async def main() -> None:
         hooked: list[Expiry] = []
         root = Resource()
-        site = Site(root, store=f"sqlite:///{tmp_path / 'v.db'}", on_expire=hooked.append)
+        site = Site(root, store=shared_store, on_expire=hooked.append)
         site._keeper.poll_interval = 0.01
         root.putChild(b"_lapse", LiveView(site))
         sessions = [site.makeSession() for _ in range(2)]

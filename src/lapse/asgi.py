@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import importlib
 import logging
 import threading
 from collections.abc import Callable
@@ -45,9 +47,10 @@ from typing import TYPE_CHECKING, Any
 # server runs: Starlette makes its middleware inside the event loop, on the
 # first lifespan event or request, where an import would block the loop (the
 # default reactor brings in uvicorn, tens of milliseconds; the shared stores
-# bring in sqlite3 and the Redis client).
+# bring in sqlite3 and the Redis client; the PostgreSQL store, asyncpg: 80 ms).
 import lapse.internet.reactor
 import lapse.sessions.stores.memory
+import lapse.sessions.stores.postgres
 import lapse.sessions.stores.redis
 import lapse.sessions.stores.sqlite  # noqa: F401
 from lapse.internet.interfaces import IReactorTime
@@ -70,6 +73,9 @@ from lapse.web._plumbing import (
 from lapse.web._proxy import TrustSetting
 from lapse.web._session_mapping import MiddlewareVisit, SessionMapping
 from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
+
+with contextlib.suppress(ImportError):  # the PostgreSQL store's driver, an extra
+    importlib.import_module("asyncpg")
 
 __all__ = ["SessionMapping", "SessionMiddleware", "current_session", "get_session"]
 
