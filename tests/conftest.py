@@ -292,11 +292,3 @@ def redis_cluster() -> Iterator[Any]:
 
     with RedisCluster(node_timeout_ms=5000) as cluster:
         yield cluster
-
-
-def xfail_on_postgres(request: pytest.FixtureRequest, url: str, reason: str) -> None:
-    """Mark the running test a strict xfail if ``url`` is a PostgreSQL store:
-    a known store bug (``reason``) the test shows; when it is fixed the test
-    passes, which fails the run until this call goes."""
-    if url.startswith(("postgresql:", "postgres:")):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 from _cluster import Cluster, Writer, cookie_uid, wait_until
-from conftest import xfail_on_postgres
 
 from lapse.sessions.stores.sqlite import SQLiteStore
 
@@ -51,13 +50,6 @@ def test_a_server_holding_its_loop_past_the_store_timeout_answers_every_request(
     """One page holds the server's event loop 1.5 s (past the store's 1 s
     timeout) while six clients keep writing: every request gets a 200, every
     write is in the store, and the server logs no outage."""
-    xfail_on_postgres(
-        request,
-        shared_store,
-        "the PostgreSQL store's call bound (Pool.run: asyncio.timeout, asyncpg's "
-        "command/connect/acquire timeouts, the server's statement_timeout) counts "
-        "time this process's loop was held as the database's: 503s",
-    )
     cluster = clusters(shared_store)
     node = cluster.start("A")
     running = threading.Event()

@@ -40,7 +40,7 @@ from _cluster import Cluster, Writer, cookie_uid, new_session, visit, wait_until
 from _examples import run_example, session_cookie
 from _postgres import PostgresServer
 from _servers import parse_response, raw_exchange, request
-from conftest import SessionPage, call_async, xfail_on_postgres
+from conftest import SessionPage, call_async
 
 from lapse.web.server import Site
 
@@ -144,18 +144,10 @@ def test_the_database_stopped_under_load_gives_quick_503s_and_loses_no_write(
     database stopped (fast shutdown) for 1.5 s, then started again on the
     same port: every answer is a 200 or a 503 with Retry-After, each within
     two store calls' bound (a request loads, then saves: 2 x 1.5 x timeout)
-    plus 0.3 s; each process logs the outage once, not per request (twice
-    if a call was answered while the database was shutting down), and its
-    end; each
+    plus 0.3 s; each process logs the outage once, not per request, and its
+    end once; each
     client gets 200s again by itself within 3 s of the start; every write
     answered 200, before, during or after, is in the store afterwards."""
-    xfail_on_postgres(
-        request,
-        "postgresql:",
-        "asyncpg's pool keeps a floor of one connection and logs a traceback each "
-        "time it fails to restore it; asyncpg's InternalClientError (a connection "
-        "left mid-operation by the shutdown) is not a StoreUnavailable: a 500",
-    )
     with PostgresServer() as database:
         cluster = Cluster(tmp_path, schema_url(database, timeout=str(STORE_TIMEOUT)), 60.0)
         processes.append(cluster)
@@ -194,14 +186,13 @@ def test_the_database_stopped_under_load_gives_quick_503s_and_loses_no_write(
         assert worst <= 2 * 1.5 * STORE_TIMEOUT + 0.3, worst
         assert all(x.sent + x.elapsed >= stopped for x in refused), "a 503 before the stop"
         for node in (a, b):
-            # "unavailable", "reachable again", in turn: once, or twice when
-            # a call was answered while the server was shutting down.
+            # "unavailable", then "reachable again": once each.
             lines = [
                 "down" if "unavailable" in line else "up"
                 for line in node.server.stderr_text().splitlines()
                 if "unavailable" in line or "reachable again" in line
             ]
-            assert lines in (["down", "up"], ["down", "up"] * 2), (node.name, lines)
+            assert lines == ["down", "up"], (node.name, lines)
         assert a.alive() and b.alive()
 
         acknowledged: dict[str, set[str]] = {}
@@ -331,12 +322,6 @@ def test_a_cookie_postgres_cannot_hold_is_a_fresh_session_not_an_outage(
     refuses it: 400), a cookie with a NUL, which PostgreSQL text cannot
     hold, names no session: a fresh one, 200, and nothing logged: a client
     cannot make the store look down."""
-    xfail_on_postgres(
-        request,
-        "postgresql:",
-        "PostgresStore.load passes the cookie to PostgreSQL, which refuses NUL "
-        "(CharacterNotInRepertoireError): StoreUnavailable, a 503, an outage logged",
-    )
 
     async def scenario() -> None:
         site = Site(SessionPage(), store=schema_url(postgres_server))

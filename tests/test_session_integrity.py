@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import call, call_async, xfail_on_postgres
+from conftest import call, call_async
 from conftest import json_body as body
 from conftest import session_cookie as cookie
 from starlette.applications import Starlette
@@ -467,13 +467,6 @@ def test_requests_read_unchanged_data_without_fetching_it(
     """A Site on a shared store: after the first request, loads of a session whose
     data did not change fetch none of it, also after this process's own writes;
     a write by another process makes the next load fetch it."""
-    xfail_on_postgres(
-        request,
-        shared_store,
-        "PostgresStore.load returns decoded data, not encoded texts: the site keeps "
-        "no base for it (_requests.py), so it never passes a version and every load "
-        "fetches the whole session",
-    )
     results: list[StoredSession | None] = []
 
     async def scenario(site: Site, other: Site) -> None:

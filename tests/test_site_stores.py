@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Leaf, SessionPage, call, call_async, xfail_on_postgres
+from conftest import Leaf, SessionPage, call, call_async
 from conftest import json_body as body
 
 from lapse.internet.task import Clock
@@ -601,13 +601,6 @@ def test_a_loop_held_past_the_store_timeout_fails_no_request(
     (a long render, say) for 0.8 s, past the store's 0.3 s timeout, while the
     store answers at once: every request gets its 200 and nothing is logged
     as an outage."""
-    xfail_on_postgres(
-        request,
-        shared_store,
-        "the PostgreSQL store's call bound (Pool.run: asyncio.timeout, asyncpg's "
-        "command/connect/acquire timeouts, the server's statement_timeout) counts "
-        "time this process's loop was held as the database's: 503s",
-    )
 
     async def scenario() -> None:
         site = Site(DataPage(), store=shared_store_object(shared_store, 0.3))

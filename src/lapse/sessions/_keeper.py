@@ -171,6 +171,8 @@ class Keeper:
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
         self._outage = False
+        self._failures = 0
+        """Store calls failed so far."""
         self.stats = SessionStats(lambda: self.owner.reactor.seconds())
 
     # -- the store, with a deadline and one error type ----------------------
@@ -180,6 +182,7 @@ class Keeper:
         own bound, if it ``enforces_timeout``); outages are logged once each
         and surface as :class:`StoreUnavailable`."""
         started = time.perf_counter()
+        failures = self._failures
         try:
             if self._bounded:
                 result = await operation
@@ -197,12 +200,15 @@ class Keeper:
             self.stats.store_call(
                 getattr(operation, "__name__", "call"), time.perf_counter() - started
             )
-        if self._outage:
+        if self._outage and self._failures == failures:
+            # (only a call begun after the last failure: one begun before,
+            # answered as the store went down, says nothing of its return)
             self._outage = False
             log.warning("session store %s is reachable again", self.store.url)
         return result
 
     def _report_outage(self, exc: StoreUnavailable) -> None:
+        self._failures += 1
         if not self._outage:
             self._outage = True
             log.error("session store unavailable: %s", exc)

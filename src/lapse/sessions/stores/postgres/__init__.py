@@ -24,13 +24,14 @@ Guarantees:
   LOCKED``: concurrent claimers in any processes never take the same
   session; a lease that ran out hands it out again (same ``delivery_id``,
   ``attempt`` + 1). ``rotate`` is one transaction.
-- **Bounded calls.** Each connection has ``statement_timeout`` and
-  ``lock_timeout`` of the store's timeout, and each call is bounded
-  client-side (the timeout and a half, connecting included): a stuck or
-  stopped server is a :class:`~lapse.sessions.store.StoreUnavailable`, never
-  a hang (``permanent`` for bad credentials, an unknown database, no
-  privilege). A pool (1 to ``pool_size`` connections) reconnects once the
-  server is back.
+- **Bounded calls.** Each call is bounded client-side (the timeout and a
+  half, connecting included, not counting time this process's event loop
+  was held: stores/_deadline.py); connections have the server's
+  ``lock_timeout`` of the timeout and ``statement_timeout`` of ten times it
+  (a backstop). A stuck or stopped server is a
+  :class:`~lapse.sessions.store.StoreUnavailable`, never a hang
+  (``permanent`` for bad credentials, an unknown database, no privilege). A
+  pool (0 to ``pool_size`` connections) reconnects once the server is back.
 - **Schema.** ``schema.sql`` and the ``migrate_*.sql`` steps (schema.py)
   make or upgrade the tables on first use under an advisory lock; tables of
   a newer version are refused (permanent).

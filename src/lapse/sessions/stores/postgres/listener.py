@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 from lapse.sessions.store import StoreUnavailable
+from lapse.sessions.stores._deadline import bounded
 from lapse.sessions.stores.postgres.pool import Pool
 
 __all__ = ["DEAF_RETRY", "Listener"]
@@ -90,11 +91,13 @@ class Listener:
         try:
             conn = await self.pool.connect()
             try:
-                async with asyncio.timeout(self.pool.config.timeout):
+                async with bounded(self.pool.config.timeout):
                     await conn.add_listener(self.channel, self._heard)
-            except self.pool.failures as exc:
-                conn.terminate()
-                raise self.pool.translate(exc) from exc
+            except BaseException as exc:
+                conn.terminate()  # (also when cancelled: the keeper closing)
+                if isinstance(exc, self.pool.failures):
+                    raise self.pool.translate(exc) from exc
+                raise
         except StoreUnavailable as exc:
             if not self._deaf:
                 self._deaf = True

@@ -111,6 +111,10 @@ class Pool:
         the listener's)."""
         config = self.config
         millis = str(max(1, int(config.timeout * 1000)))
+        # The server counts a statement from its first message to its last,
+        # so also while this process's loop is held between them (the round
+        # trips of a statement's first use): a backstop, ten times the bound.
+        backstop = str(max(1, int(config.timeout * 10_000)))
         return {
             "host": config.host,
             "port": config.port,
@@ -122,7 +126,7 @@ class Pool:
             # loop was held; run() and connect() bound every call instead)
             "statement_cache_size": 100,
             "server_settings": {
-                "statement_timeout": millis,
+                "statement_timeout": backstop,
                 "lock_timeout": millis,
                 "application_name": "lapse",
             },
@@ -227,6 +231,10 @@ class Pool:
         except self.failures as exc:
             if conn is not None and isinstance(exc, TimeoutError):
                 conn.terminate()
+            if pool is not None and self._server_gone(exc):
+                # Its other connections are as dead (or soon will be: a
+                # shutdown ends them one by one): none is used again.
+                await pool.expire_connections()
             raise self.translate(exc) from exc
         finally:
             if conn is not None:
@@ -243,6 +251,17 @@ class Pool:
                 return await self.driver.connect(**self._connect_options())
         except self.failures as exc:
             raise self.translate(exc) from exc
+
+    def _server_gone(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the connection or the server ended (not a
+        statement that failed on a working one): class 08 (connection) and
+        57P (shutdown) SQLSTATEs, and every error that is not the server's."""
+        if isinstance(exc, TimeoutError):
+            return False
+        if isinstance(exc, self.driver.PostgresError):
+            state = getattr(exc, "sqlstate", None) or ""
+            return state.startswith(("08", "57P"))
+        return True
 
     def translate(self, exc: BaseException) -> StoreUnavailable:
         """One of :attr:`failures` as a StoreUnavailable (``permanent`` when

@@ -107,6 +107,9 @@ class PostgresStore:
             await pool.pool()
         except pool.failures as exc:
             raise pool.translate(exc) from exc
+        # (and it answers now: the keeper opens the store again after an
+        # outage, when the pool itself was made long ago)
+        await pool.run(lambda conn: conn.fetchval("SELECT 1"))
 
     async def schema_version(self) -> int:
         """The version of the tables as they are (0: none), read on a
