@@ -128,3 +128,60 @@ def test_a_failed_statement_fails_each_of_its_loads_with_an_error_of_its_own() -
         assert len({id(error) for error in outcomes}) == 3
 
     asyncio.run(scenario())
+
+
+def test_creates_of_one_tick_are_one_statement_and_a_uid_twice_still_works(url: str) -> None:
+    """Twenty creates together: one statement, each answered with its own
+    deadline (its lifetime applied); the same uid twice in one tick (which
+    one statement cannot write) goes one by one, the last create winning."""
+
+    async def scenario() -> None:
+        store = PostgresStore.from_url(url)
+        try:
+            before = store._creates.statements
+            deadlines = await asyncio.gather(
+                *(
+                    store.create(f"new-{n:02d}", 60 + n, {"n": n}, 30 if n == 0 else None)
+                    for n in range(20)
+                )
+            )
+            assert store._creates.statements == before + 1
+            now = await store.now()
+            assert now + 29 < deadlines[0] <= now + 30
+            assert all(now + 60 + n - 1 < deadlines[n] <= now + 60 + n for n in range(1, 20))
+            assert await store.count() == 20
+            first, second = await asyncio.gather(
+                store.create("twice", 60, {"v": 1}), store.create("twice", 90, {"v": 2})
+            )
+            assert second > first
+            loaded = await store.load("twice")
+            assert loaded is not None and loaded.decoded() == {"v": 2}
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_acknowledgements_of_one_tick_are_one_statement_each_announced(url: str) -> None:
+    """Twenty claimed sessions acknowledged together: one statement; every
+    one is forgotten and its end announced once."""
+
+    async def scenario() -> None:
+        store = PostgresStore.from_url(url)
+        try:
+            for n in range(20):
+                await store.create(f"ending-{n:02d}", 0.01, {})
+            _, cursor = await store.events(None)
+            await asyncio.sleep(0.05)
+            claimed = await store.claim("me", 30, 100)
+            assert len(claimed) == 20
+            before = store._acks.statements
+            await asyncio.gather(*(store.ack(expiry) for expiry in claimed))
+            assert store._acks.statements == before + 1
+            events, _ = await store.events(cursor)
+            assert sorted(events) == sorted(expiry.uid for expiry in claimed)  # type: ignore[type-var]
+            assert await store.next_deadline() is None
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())

@@ -1,13 +1,16 @@
-"""The loads of one event-loop tick, as one statement.
+"""The calls of one event-loop tick, as one statement.
 
-A busy server starts many requests in one turn of its event loop, and each
-begins with a load (touch) of its session. Sent one by one, every load pays
-the driver's whole cost of a statement, which is most of a request's CPU on
-this store; :class:`LoadBatcher` gathers the loads asked in one turn and
-sends them together (``load_many``: the same touch, for an array of uids),
-as the Redis client writes one turn's commands at once. A lone load is sent
-as the single statement ``load``. Each load is answered when its statement
-has committed; a failure fails every load of that statement.
+A busy server starts many requests in one turn of its event loop: each
+begins with a load (touch) of its session, a new visitor's ends with a
+create, and a round of expiry acknowledges many sessions at once. Sent one
+by one, every call pays the driver's whole cost of a statement, which is
+most of a request's CPU on this store. A :class:`TickBatch` gathers the
+calls of one kind asked in one turn and sends them together, as the Redis
+client writes one turn's commands at once: loads as ``load_many`` (the same
+touch, for an array of uids), creates as ``create_many``, acknowledgements
+as ``ack_many``. A lone call is sent as its single statement. Each call is
+answered once its statement has committed; a failure fails every call of
+that statement, each with an error of its own.
 
 Several loads of one uid in a turn (concurrent requests of one session) are
 asked once: with the version they all hold, or with none if they differ (so
@@ -17,20 +20,72 @@ the data comes back, and each decides for itself whether it is unchanged).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from lapse.sessions.store import StoredSession, StoreUnavailable
-from lapse.sessions.stores.postgres.pool import Pool
-from lapse.sessions.stores.postgres.queries import Queries
 from lapse.sessions.stores.postgres.values import load_encoded
 
-__all__ = ["LoadBatcher", "stored"]
+__all__ = ["TickBatch", "load_answers", "stored"]
 
-_Waiter = tuple[str, int | None, "asyncio.Future[StoredSession | None]"]
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
 
 
-def stored(row: Any, version: int | None) -> StoredSession:
+class TickBatch(Generic[Item, Answer]):
+    """Gathers the calls made in one event-loop turn; ``send(items)`` runs
+    them as one statement and returns one answer per item, in order."""
+
+    def __init__(self, send: Callable[[list[Item]], Awaitable[Sequence[Answer]]]) -> None:
+        self._send = send
+        self._waiting: list[tuple[Item, asyncio.Future[Answer]]] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self.statements = 0
+        """Statements sent (tests compare it with the calls made)."""
+
+    def ask(self, item: Item) -> asyncio.Future[Answer]:
+        """The answer to ``item``, sent at the end of this turn."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Answer] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        self._waiting.append((item, answer))
+        return answer
+
+    def _flush(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[tuple[Item, asyncio.Future[Answer]]]) -> None:
+        self.statements += 1
+        try:
+            answers = await self._send([item for item, _ in batch])
+        except StoreUnavailable as exc:
+            for _, answer in batch:
+                if not answer.done():
+                    error = StoreUnavailable(str(exc), permanent=exc.permanent)
+                    error.__cause__ = exc.__cause__
+                    answer.set_exception(error)
+            return
+        except BaseException as exc:
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(RuntimeError(f"session store call failed: {exc!r}"))
+            raise
+        for (_, answer), result in zip(batch, answers, strict=True):
+            if not answer.done():
+                answer.set_result(result)
+
+    async def aclose(self) -> None:
+        """Wait for the statements in flight."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+
+def stored(row: Sequence[Any], version: int | None) -> StoredSession:
     """A load's answer from its row (uid, timeout, deadline, version, keys,
     texts): no data if the version is still ``version``."""
     live, timeout, deadline, current, keys, texts = row
@@ -40,73 +95,31 @@ def stored(row: Any, version: int | None) -> StoredSession:
     return StoredSession(live, timeout, deadline, encoded=encoded, version=current)
 
 
-class LoadBatcher:
-    """Gathers one tick's loads into one statement (see the module)."""
+def load_answers(
+    asked: list[tuple[str, int | None]],
+    fetch_one: Callable[[str, int | None], Awaitable[Any]],
+    fetch_many: Callable[[list[str], list[int | None]], Awaitable[list[Any]]],
+) -> Awaitable[list[StoredSession | None]]:
+    """The answers to loads ``(uid, version)``: each uid asked once (see the
+    module), by ``fetch_one`` when only one is, else ``fetch_many``."""
 
-    def __init__(self, pool: Pool, sql: Queries, now: Callable[[], float | None]) -> None:
-        self.pool = pool
-        self.sql = sql
-        self.now = now
-        self._waiting: list[_Waiter] = []
-        self._running: set[asyncio.Task[None]] = set()
-        self.statements = 0
-        """Statements sent (tests compare it with the loads asked)."""
-
-    def load(self, uid: str, version: int | None) -> asyncio.Future[StoredSession | None]:
-        """The answer of ``load(uid, version)``, sent at the end of this tick."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[StoredSession | None] = loop.create_future()
-        if not self._waiting:
-            loop.call_soon(self._send)
-        self._waiting.append((uid, version, answer))
-        return answer
-
-    def _send(self) -> None:
-        batch, self._waiting = self._waiting, []
-        if not batch:
-            return
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-
-    async def _run(self, batch: list[_Waiter]) -> None:
-        asked: dict[str, int | None] = {}
-        for uid, version, _ in batch:
-            if uid in asked and asked[uid] != version:
-                asked[uid] = None
+    async def answer() -> list[StoredSession | None]:
+        versions: dict[str, int | None] = {}
+        for uid, version in asked:
+            if uid in versions and versions[uid] != version:
+                versions[uid] = None
             else:
-                asked.setdefault(uid, version)
-        now, sql = self.now(), self.sql
-        self.statements += 1
-        try:
-            if len(asked) == 1:
-                ((uid, version),) = asked.items()
-                row = await self.pool.run(lambda conn: conn.fetchrow(sql.load, now, uid, version))
-                rows = {uid: tuple(row)} if row is not None else {}
-            else:
-                uids, versions = list(asked), list(asked.values())
-                found = await self.pool.run(
-                    lambda conn: conn.fetch(sql.load_many, now, uids, versions)
-                )
-                rows = {row[0]: tuple(row)[1:] for row in found}
-        except StoreUnavailable as exc:
-            for _, _, answer in batch:
-                if not answer.done():
-                    error = StoreUnavailable(str(exc), permanent=exc.permanent)
-                    error.__cause__ = exc.__cause__
-                    answer.set_exception(error)
-            return
-        except BaseException as exc:
-            for _, _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(RuntimeError(f"session load failed: {exc!r}"))
-            raise
-        for uid, version, answer in batch:
-            if not answer.done():
-                row = rows.get(uid)
-                answer.set_result(None if row is None else stored(row, version))
+                versions.setdefault(uid, version)
+        if len(versions) == 1:
+            ((uid, version),) = versions.items()
+            row = await fetch_one(uid, version)
+            rows = {} if row is None else {uid: tuple(row)}
+        else:
+            found = await fetch_many(list(versions), list(versions.values()))
+            rows = {row[0]: tuple(row)[1:] for row in found}
+        return [
+            None if (row := rows.get(uid)) is None else stored(row, version)
+            for uid, version in asked
+        ]
 
-    async def aclose(self) -> None:
-        """Wait for the statements in flight."""
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+    return answer()

@@ -112,6 +112,27 @@ class Queries:
         )
         SELECT made.deadline, CASE WHEN made.deadline
             < COALESCE((SELECT at FROM earliest), 'infinity') THEN {_TELL} END FROM made"""
+    # (now, uids, timeouts, lifetimes, data texts) -> uid, deadline of each:
+    # the creates of one event-loop tick (distinct uids), and one wake-up if
+    # any ends before every other live session.
+    create_many: str = f"""WITH {_NOW},
+        earliest AS (SELECT min(deadline) AS at FROM {{t}}sessions WHERE NOT ended),
+        made AS (
+            INSERT INTO {{t}}sessions AS s
+                (uid, timeout, deadline, created, ends_at, version, data)
+            SELECT c.uid, c.timeout,
+                LEAST(now + c.timeout, COALESCE(now + c.lifetime, 'infinity')),
+                now, now + c.lifetime, 1, c.data::jsonb
+            FROM unnest($2::text[], $3::float8[], $4::float8[], $5::text[])
+                AS c(uid, timeout, lifetime, data), t
+            ON CONFLICT (uid) DO UPDATE SET timeout = excluded.timeout,
+                deadline = excluded.deadline, ended = false, cause = NULL, delivery_id = NULL,
+                attempt = 0, lease_owner = NULL, lease_until = NULL, created = excluded.created,
+                ends_at = excluded.ends_at, version = 1, data = excluded.data
+            RETURNING s.uid, s.deadline
+        )
+        SELECT made.uid, made.deadline, CASE WHEN made.deadline
+            < COALESCE((SELECT at FROM earliest), 'infinity') THEN {_TELL} END FROM made"""
     # (now, uid) -> the live row, locked
     lock_live: str = f"""WITH {_NOW} SELECT s.timeout FROM {{t}}sessions s
         WHERE s.uid = $2 AND {_LIVE} FOR UPDATE OF s"""
@@ -178,6 +199,18 @@ class Queries:
         gone AS (DELETE FROM {{t}}sessions WHERE uid = $2 AND ended AND delivery_id = $3
             AND ($5::int IS NULL OR attempt = $5::int)
             AND (SELECT true FROM turn) RETURNING uid),
+        announced AS (INSERT INTO {{t}}events (uid, at) SELECT uid, now FROM gone, t
+            RETURNING 1),
+        trimmed AS (DELETE FROM {{t}}events WHERE at < (SELECT now FROM t) - $4::float8)
+        SELECT count(*) FROM (SELECT {_TELL} FROM announced) told"""
+    # (now, uids, delivery_ids, oldest event time kept): ack for many claims
+    # (the acknowledgements of one event-loop tick) -> how many were forgotten
+    ack_many: str = f"""WITH {_NOW},
+        {_TURN},
+        gone AS (DELETE FROM {{t}}sessions s
+            USING unnest($2::text[], $3::text[]) AS a(uid, delivery_id)
+            WHERE s.uid = a.uid AND s.ended AND s.delivery_id = a.delivery_id
+            AND (SELECT true FROM turn) RETURNING s.uid),
         announced AS (INSERT INTO {{t}}events (uid, at) SELECT uid, now FROM gone, t
             RETURNING 1),
         trimmed AS (DELETE FROM {{t}}events WHERE at < (SELECT now FROM t) - $4::float8)

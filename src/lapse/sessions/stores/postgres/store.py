@@ -16,7 +16,7 @@ from lapse.sessions.store import (
     StoredSession,
     _bucket_bounds,
 )
-from lapse.sessions.stores.postgres.batch import LoadBatcher
+from lapse.sessions.stores.postgres.batch import TickBatch, load_answers
 from lapse.sessions.stores.postgres.config import PostgresConfig, parse_url
 from lapse.sessions.stores.postgres.listener import Listener
 from lapse.sessions.stores.postgres.pool import Pool
@@ -73,7 +73,11 @@ class PostgresStore:
         self.sql = Queries.for_tables(config.schema, config.table_prefix)
         self._pool = Pool(config, self.url)
         self.listener = Listener(self._pool, channel_name(config.schema, config.table_prefix))
-        self._loads = LoadBatcher(self._pool, self.sql, self._now)
+        self._loads: TickBatch[tuple[str, int | None], StoredSession | None]
+        self._loads = TickBatch(self._send_loads)
+        self._creates: TickBatch[tuple[str, float, float | None, str], float]
+        self._creates = TickBatch(self._send_creates)
+        self._acks: TickBatch[tuple[str, str], None] = TickBatch(self._send_acks)
 
     @classmethod
     def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> PostgresStore:
@@ -125,7 +129,8 @@ class PostgresStore:
             conn.terminate()
 
     async def aclose(self) -> None:
-        await self._loads.aclose()
+        for batch in (self._loads, self._creates, self._acks):
+            await batch.aclose()
         await self.listener.aclose()
         await self._pool.aclose()
 
@@ -152,16 +157,34 @@ class PostgresStore:
         hold (a NUL) names no session: None, the database not asked."""
         if not storable(uid):
             return None
-        return await self._loads.load(uid, version)
+        return await self._loads.ask((uid, version))
+
+    async def _send_loads(self, asked: list[tuple[str, int | None]]) -> list[StoredSession | None]:
+        now, sql, run = self._now(), self.sql, self._pool.run
+        return await load_answers(
+            asked,
+            lambda uid, version: run(lambda conn: conn.fetchrow(sql.load, now, uid, version)),
+            lambda uids, versions: run(lambda conn: conn.fetch(sql.load_many, now, uids, versions)),
+        )
 
     async def create(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
     ) -> float:
-        """Store the live session ``uid`` (replacing any row of that uid)."""
+        """Store the live session ``uid`` (replacing any row of that uid);
+        shared with the other creates of this event-loop tick (batch.py)."""
         _check_uid(uid)
-        text = dump_data(data)
-        row = await self._fetchrow(self.sql.create, uid, float(timeout), lifetime, text)
-        return float(row[0])
+        lifetime = None if lifetime is None else float(lifetime)
+        return await self._creates.ask((uid, float(timeout), lifetime, dump_data(data)))
+
+    async def _send_creates(self, made: list[tuple[str, float, float | None, str]]) -> list[float]:
+        sql = self.sql
+        if len(made) == 1 or len({uid for uid, *_ in made}) < len(made):
+            # (one, or a uid twice: a statement cannot write a row twice)
+            return [float((await self._fetchrow(sql.create, *each))[0]) for each in made]
+        now, columns = self._now(), [list(column) for column in zip(*made, strict=True)]
+        rows = await self._pool.run(lambda conn: conn.fetch(sql.create_many, now, *columns))
+        deadlines = {uid: float(deadline) for uid, deadline, _ in rows}
+        return [deadlines[uid] for uid, *_ in made]
 
     async def rotate(self, uid: str, new_uid: str, grace: float) -> bool:
         """Move the live session to ``new_uid``, alias ``uid`` to it for
@@ -224,11 +247,22 @@ class PostgresStore:
 
     async def ack(self, expiry: Expiry) -> None:
         """Forget the claimed session and announce its end, in one statement
-        that also trims announcements older than ``EVENTS_KEPT_FOR``."""
-        now = self._now()
-        query = self.sql.ack
-        args = (now, expiry.uid, expiry.delivery_id, EVENTS_KEPT_FOR, None)
-        await self._pool.run(lambda conn: conn.execute(query, *args))
+        (shared with the other acknowledgements of this event-loop tick:
+        batch.py) that also trims announcements older than
+        ``EVENTS_KEPT_FOR``."""
+        await self._acks.ask((expiry.uid, expiry.delivery_id))
+
+    async def _send_acks(self, acked: list[tuple[str, str]]) -> list[None]:
+        now, sql = self._now(), self.sql
+        if len(acked) == 1:
+            ((uid, delivery_id),) = acked
+            args: tuple[Any, ...] = (now, uid, delivery_id, EVENTS_KEPT_FOR, None)
+            await self._pool.run(lambda conn: conn.execute(sql.ack, *args))
+        else:
+            uids, delivery_ids = (list(column) for column in zip(*acked, strict=True))
+            args = (now, uids, delivery_ids, EVENTS_KEPT_FOR)
+            await self._pool.run(lambda conn: conn.execute(sql.ack_many, *args))
+        return [None] * len(acked)
 
     async def acknowledge(self, conn: Any, expiry: Expiry) -> None:
         """Acknowledge ``expiry`` on ``conn``, an asyncpg connection of the
