@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from _servers import EXAMPLES, REPO_ROOT, Response, ServerProcess, free_port, running_server
+from _servers import (
+    EXAMPLES,
+    REPO_ROOT,
+    Response,
+    ServerProcess,
+    free_port,
+    request,
+    running_server,
+)
 
-__all__ = ["LISTEN_CALL", "run_example", "session_cookie"]
+__all__ = ["LISTEN_CALL", "run_example", "session_cookie", "two_seeds_share_one_session"]
 
 LISTEN_CALL = "reactor.listenTCP(8080, factory)"
 
@@ -44,3 +53,33 @@ def session_cookie(response: Response) -> str:
     match = re.match(r"lapse_session=([A-Za-z0-9_-]{24});", cookies[0])
     assert match is not None, cookies[0]
     return match.group(1)
+
+
+def two_seeds_share_one_session(tmp_path: Path) -> None:
+    """Run the seed program twice (on the store ``LAPSE_SESSION_STORE``
+    names) and check: a session made by the first is the same session in the
+    second (no new cookie); each process registered its own notifyOnExpire
+    callback on first sight, and each prints the expiry line exactly once,
+    5 s (+-0.6 s) after the last visit."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    with (
+        run_example("session_endings.py", first_dir) as (first, first_port),
+        run_example("session_endings.py", second_dir) as (second, second_port),
+    ):
+        uid = session_cookie(request(first_port, "/logme"))
+        for _ in range(3):
+            for port in (first_port, second_port):
+                again = request(port, "/logme", headers={"Cookie": f"lapse_session={uid}"})
+                assert again.status == 200
+                assert again.header("set-cookie") is None
+        last = time.monotonic()
+        for server in (first, second):
+            line = server.wait_for_line(last + 6.0 - time.monotonic())
+            assert line is not None, server.stderr_text()
+            assert line.text == f"Session {uid} has expired."
+            assert 4.9 <= line.at - last <= 5.6, line.at - last
+        time.sleep(0.5)
+        assert first.wait_for_line(0) is None
+        assert second.wait_for_line(0) is None

@@ -37,9 +37,9 @@ from urllib.parse import quote
 
 import pytest
 from _cluster import Cluster, Writer, cookie_uid, new_session, visit, wait_until
-from _examples import run_example, session_cookie
+from _examples import two_seeds_share_one_session
 from _postgres import PostgresServer
-from _servers import parse_response, raw_exchange, request
+from _servers import parse_response, raw_exchange
 from conftest import SessionPage, call_async
 
 from lapse.web.server import Site
@@ -85,53 +85,7 @@ def test_a_seed_session_survives_a_restart_of_its_server(
     it, and its timeout (5 s) still runs from the last visit: the new process
     prints its expiry once."""
     monkeypatch.setenv("LAPSE_SESSION_STORE", schema_url(postgres_server))
-    before_dir, after_dir = tmp_path / "before", tmp_path / "after"
-    before_dir.mkdir()
-    after_dir.mkdir()
-    with run_example("session_endings.py", before_dir) as (before, port):
-        uid = session_cookie(request(port, "/logme"))
-    assert before.proc is None or before.proc.poll() is not None
-    with run_example("session_endings.py", after_dir) as (after, port):
-        again = request(port, "/logme", headers={"Cookie": f"lapse_session={uid}"})
-        last = time.monotonic()
-        assert again.status == 200 and again.header("set-cookie") is None, again.headers
-        line = after.wait_for_line(6.0)
-        assert line is not None, after.stderr_text()
-        assert line.text == f"Session {uid} has expired."
-        assert 4.9 <= line.at - last <= 5.6, line.at - last
-        assert after.wait_for_line(0.3) is None
-
-
-def test_two_seed_programs_share_sessions_and_each_callback_runs_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, postgres_server: PostgresServer
-) -> None:
-    """The seed program twice on one PostgreSQL store: a session made by the
-    first is the same session in the second (no new cookie); each process
-    registered its own notifyOnExpire callback on first sight, and each
-    prints the expiry line exactly once, 5 s (+-0.6 s) after the last visit."""
-    monkeypatch.setenv("LAPSE_SESSION_STORE", schema_url(postgres_server))
-    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    first_dir.mkdir()
-    second_dir.mkdir()
-    with (
-        run_example("session_endings.py", first_dir) as (first, first_port),
-        run_example("session_endings.py", second_dir) as (second, second_port),
-    ):
-        uid = session_cookie(request(first_port, "/logme"))
-        for _ in range(3):
-            for port in (first_port, second_port):
-                again = request(port, "/logme", headers={"Cookie": f"lapse_session={uid}"})
-                assert again.status == 200
-                assert again.header("set-cookie") is None
-        last = time.monotonic()
-        for server in (first, second):
-            line = server.wait_for_line(last + 6.0 - time.monotonic())
-            assert line is not None, server.stderr_text()
-            assert line.text == f"Session {uid} has expired."
-            assert 4.9 <= line.at - last <= 5.6, line.at - last
-        time.sleep(0.5)
-        assert first.wait_for_line(0) is None
-        assert second.wait_for_line(0) is None
+    two_seeds_share_one_session(tmp_path)
 
 
 # -- 2. the database stopped while requests run -------------------------------------

@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 from _cluster import Cluster, Node, cookie_uid, new_session, visit, wait_until
-from _examples import run_example, session_cookie
+from _examples import two_seeds_share_one_session
 from _helpers import aio
 from _redis_cluster import RedisCluster
-from _servers import Response, request
+from _servers import Response
 
 from lapse.sessions.store import StoreUnavailable
 from lapse.sessions.stores.redis import RedisStore
@@ -88,28 +88,7 @@ def test_two_seed_programs_share_the_cluster_and_each_callback_runs_once(
     notifyOnExpire callback on first sight, and each prints the expiry line
     exactly once, 5 s (+-0.6 s) after the last visit."""
     monkeypatch.setenv("LAPSE_SESSION_STORE", redis_cluster.url(prefix=prefix()))
-    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    first_dir.mkdir()
-    second_dir.mkdir()
-    with (
-        run_example("session_endings.py", first_dir) as (first, first_port),
-        run_example("session_endings.py", second_dir) as (second, second_port),
-    ):
-        uid = session_cookie(request(first_port, "/logme"))
-        for _ in range(3):
-            for port in (first_port, second_port):
-                again = request(port, "/logme", headers={"Cookie": f"lapse_session={uid}"})
-                assert again.status == 200
-                assert again.header("set-cookie") is None
-        last = time.monotonic()
-        for server in (first, second):
-            line = server.wait_for_line(last + 6.0 - time.monotonic())
-            assert line is not None, server.stderr_text()
-            assert line.text == f"Session {uid} has expired."
-            assert 4.9 <= line.at - last <= 5.6, line.at - last
-        time.sleep(0.5)
-        assert first.wait_for_line(0) is None
-        assert second.wait_for_line(0) is None
+    two_seeds_share_one_session(tmp_path)
 
 
 def test_a_session_is_shared_on_the_cluster_and_its_hook_runs_exactly_once(
