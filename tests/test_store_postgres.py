@@ -468,3 +468,29 @@ async def test_a_loop_held_past_the_timeout_is_not_the_databases_fault(
         asyncio.get_running_loop().call_soon(time.sleep, 1.0)  # once both are sent
         loaded = await calls
         assert loaded[0] is not None and loaded[1] == 4
+
+
+@pytest.mark.slow
+@aio
+async def test_a_call_cancelled_while_the_server_is_frozen_ends_at_once() -> None:
+    """A call cancelled by its caller (a closing keeper) while the server is
+    frozen: the cancel takes effect at once (its connection is dropped),
+    rather than wait for a server that does not answer to confirm it."""
+    with PostgresServer() as server:
+        async with opened(f"{server.url()}?timeout=5") as store:
+            await store.create("s1", 600, {})
+            frozen = server.processes()
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                call = asyncio.create_task(store.count())
+                await asyncio.sleep(0.2)
+                call.cancel()
+                began = time.monotonic()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+                assert time.monotonic() - began < 0.5
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            assert await store.count() == 1

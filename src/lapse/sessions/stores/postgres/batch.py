@@ -74,7 +74,9 @@ class TickBatch(Generic[Item, Answer]):
             for _, answer in batch:
                 if not answer.done():
                     answer.set_exception(RuntimeError(f"session store call failed: {exc!r}"))
-            raise
+            if not isinstance(exc, Exception):
+                raise  # (cancelled: the store is closing)
+            return
         for (_, answer), result in zip(batch, answers, strict=True):
             if not answer.done():
                 answer.set_result(result)

@@ -236,6 +236,13 @@ class Pool:
                 # shutdown ends them one by one): none is used again.
                 await pool.expire_connections()
             raise self.translate(exc) from exc
+        except BaseException:
+            # Cancelled mid-call: where its statement stands is unknown, and
+            # giving it back would wait (unbounded) for the server to confirm
+            # a cancel.
+            if conn is not None:
+                conn.terminate()
+            raise
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
