@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from lapse.sessions.store import StoreConfigError, StoreUnavailable
 from lapse.sessions.stores._deadline import bounded
+from lapse.sessions.stores._tasks import retrieved
 from lapse.sessions.stores.postgres.config import PostgresConfig
 from lapse.sessions.stores.postgres.schema import SCHEMA_VERSION, steps_after
 
@@ -61,12 +62,6 @@ async def _keep_session(conn: Any) -> None:
     sets no session state (no SET, LISTEN, cursor or session lock; an open
     transaction is rolled back by asyncpg first). asyncpg's default reset
     would cost every call a second round trip."""
-
-
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """Mark an opening's failure seen (every caller may have given up)."""
-    if not task.cancelled():
-        task.exception()
 
 
 class Pool:
@@ -203,7 +198,7 @@ class Pool:
         task = self._opening
         if task is None:
             task = self._opening = asyncio.get_running_loop().create_task(self._open())
-            task.add_done_callback(_retrieved)
+            task.add_done_callback(retrieved)  # (every caller may give up)
         try:
             self._pool = await asyncio.shield(task)
         finally:

@@ -51,6 +51,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
+from lapse.sessions.stores._tasks import retrieved
 from lapse.sessions.stores.redis.connection import (
     Arg,
     RedisConnectionError,
@@ -79,11 +80,6 @@ __all__ = [
 ]
 
 _ASKING = _pack(("ASKING",))
-
-
-def _ignore_result(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: never "exception was never retrieved"
 
 
 _LAST_LOOK = 0.05
@@ -197,7 +193,7 @@ class RedisClient:
     async def _send_pair(conn: _Connection, packed: bytes) -> Any:
         asking = conn.send(_ASKING)  # nothing can run between these two sends
         reply = conn.send(packed)
-        asking.add_done_callback(_ignore_result)  # an error there fails `reply` too
+        asking.add_done_callback(retrieved)  # an error there fails `reply` too
         return await reply
 
     async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:

@@ -47,6 +47,7 @@ from typing import Any, cast
 
 import hiredis
 
+from lapse.sessions.stores._tasks import retrieved
 from lapse.sessions.stores.redis.client import (
     Arg,
     RedisClient,
@@ -74,12 +75,6 @@ _CHANNEL = "+switch-master"
 class UnknownServiceError(RedisError):
     """Sentinels answered, and none monitors a primary by that name: a
     configuration mistake that retrying does not mend."""
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a shared task's exception seen (its waiters may all have gone)."""
-    if not task.cancelled():
-        task.exception()
 
 
 class SentinelClient:
@@ -226,7 +221,7 @@ class SentinelClient:
         watcher = self._watcher
         if watcher is None or watcher.done() or watcher.get_loop() is not loop:
             self._watcher = loop.create_task(self._watch())
-            self._watcher.add_done_callback(_retrieve)
+            self._watcher.add_done_callback(retrieved)
         primary = self._primary
         if primary is not None and (
             not self._stale or loop.time() - self._discovered_at < _REDISCOVER_EVERY
@@ -274,7 +269,7 @@ class SentinelClient:
         task = self._discovery
         if task is None or task.done() or task.get_loop() is not loop:
             task = self._discovery = loop.create_task(self._ask_all())
-            task.add_done_callback(_retrieve)
+            task.add_done_callback(retrieved)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
