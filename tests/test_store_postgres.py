@@ -179,7 +179,7 @@ async def test_events_come_in_commit_order_so_a_slow_announcement_is_not_skipped
             open_transaction = slow.transaction()
             await open_transaction.start()
             x = claims["x"]
-            await slow.execute(store.sql.ack, clock(), x.uid, x.delivery_id, 600.0, None)
+            await slow.execute(store.sql.ack, clock(), [x.uid], [x.delivery_id], 600.0, [None])
             fast = asyncio.create_task(store.ack(claims["y"]))
             await asyncio.sleep(0.2)  # y's ack, meanwhile, as far as it can go
             seen, cursor = await store.events(cursor)

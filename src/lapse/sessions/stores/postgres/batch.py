@@ -6,11 +6,10 @@ create, and a round of expiry acknowledges many sessions at once. Sent one
 by one, every call pays the driver's whole cost of a statement, which is
 most of a request's CPU on this store. A :class:`TickBatch` gathers the
 calls of one kind asked in one turn and sends them together, as the Redis
-client writes one turn's commands at once: loads as ``load_many`` (the same
-touch, for an array of uids), creates as ``create_many``, acknowledgements
-as ``ack_many``. A lone call is sent as its single statement. Each call is
-answered once its statement has committed; a failure fails every call of
-that statement, each with an error of its own.
+client writes one turn's commands at once: the store's ``load``, ``create``
+and ``ack`` statements take arrays (a lone call is an array of one). Each
+call is answered once its statement has committed; a failure fails every
+call of that statement, each with an error of its own.
 
 Several loads of one uid in a turn (concurrent requests of one session) are
 asked once: with the version they all hold, or with none if they differ (so
@@ -99,11 +98,10 @@ def stored(row: Sequence[Any], version: int | None) -> StoredSession:
 
 def load_answers(
     asked: list[tuple[str, int | None]],
-    fetch_one: Callable[[str, int | None], Awaitable[Any]],
-    fetch_many: Callable[[list[str], list[int | None]], Awaitable[list[Any]]],
+    fetch: Callable[[list[str], list[int | None]], Awaitable[list[Any]]],
 ) -> Awaitable[list[StoredSession | None]]:
     """The answers to loads ``(uid, version)``: each uid asked once (see the
-    module), by ``fetch_one`` when only one is, else ``fetch_many``."""
+    module) through ``fetch(uids, versions)``, the ``load`` statement."""
 
     async def answer() -> list[StoredSession | None]:
         versions: dict[str, int | None] = {}
@@ -112,13 +110,8 @@ def load_answers(
                 versions[uid] = None
             else:
                 versions.setdefault(uid, version)
-        if len(versions) == 1:
-            ((uid, version),) = versions.items()
-            row = await fetch_one(uid, version)
-            rows = {} if row is None else {uid: tuple(row)}
-        else:
-            found = await fetch_many(list(versions), list(versions.values()))
-            rows = {row[0]: tuple(row)[1:] for row in found}
+        found = await fetch(list(versions), list(versions.values()))
+        rows = {row[0]: tuple(row)[1:] for row in found}
         return [
             None if (row := rows.get(uid)) is None else stored(row, version)
             for uid, version in asked

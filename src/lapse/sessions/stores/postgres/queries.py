@@ -47,23 +47,14 @@ class Queries:
     """Every statement, for one schema and prefix."""
 
     now: str = f"WITH {_NOW} SELECT now FROM t"
-    # (now, uid, version) -> uid, timeout, deadline, version, then the data's
-    # keys and the JSON text of each value (in key order), or NULLs if its
-    # version is still $3
-    load: str = f"""WITH {_NOW}, {_RESOLVE}
-        UPDATE {{t}}sessions s SET deadline = {_CLAMPED}
-        FROM target WHERE s.uid = target.uid AND {_LIVE}
-        RETURNING s.uid, s.timeout, s.deadline, s.version,
-            CASE WHEN s.version IS DISTINCT FROM $3 THEN (SELECT COALESCE(
-                array_agg(key ORDER BY key), '{{}}') FROM jsonb_each(s.data)) END,
-            CASE WHEN s.version IS DISTINCT FROM $3 THEN (SELECT COALESCE(
-                array_agg(value::text ORDER BY key), '{{}}') FROM jsonb_each(s.data)) END"""
     # (now, uids, versions) -> for each uid asked that names a live session
     # (itself or, within its grace, the one it was rotated to): the uid
-    # asked, then the columns of load. One statement for the loads of one
-    # event-loop tick; the rows are locked in uid order (FOR UPDATE), so two
-    # batches never wait on each other in a circle.
-    load_many: str = f"""WITH {_NOW},
+    # asked, the session's uid, timeout, deadline and version, then the
+    # data's keys and the JSON text of each value (in key order), or NULLs if
+    # its version is still the one asked with. One statement for the loads
+    # of one event-loop tick (a touch each); the rows are locked in uid
+    # order (FOR UPDATE), so two batches never wait on each other in a circle.
+    load: str = f"""WITH {_NOW},
         asked AS (SELECT * FROM unnest($2::text[], $3::bigint[]) AS a(uid, version)),
         target AS (
             SELECT a.uid AS asked, a.version, (
@@ -92,30 +83,12 @@ class Queries:
             CASE WHEN x.version IS DISTINCT FROM target.version THEN (SELECT COALESCE(
                 array_agg(value::text ORDER BY key), '{{}}') FROM jsonb_each(x.data)) END
         FROM target JOIN touched x ON x.uid = target.uid"""
-    # (now, uid, timeout, lifetime, data) -> deadline. A session that ends
-    # before every other live one wakes the listening processes (a process
-    # asleep until the earliest deadline it knew must not miss it if the
-    # one that made it dies).
-    create: str = f"""WITH {_NOW},
-        earliest AS (SELECT min(deadline) AS at FROM {{t}}sessions WHERE NOT ended),
-        made AS (
-            INSERT INTO {{t}}sessions AS s
-                (uid, timeout, deadline, created, ends_at, version, data)
-            SELECT $2, $3::float8,
-                LEAST(now + $3::float8, COALESCE(now + $4::float8, 'infinity')),
-                now, now + $4::float8, 1, $5::text::jsonb FROM t
-            ON CONFLICT (uid) DO UPDATE SET timeout = excluded.timeout,
-                deadline = excluded.deadline, ended = false, cause = NULL, delivery_id = NULL,
-                attempt = 0, lease_owner = NULL, lease_until = NULL, created = excluded.created,
-                ends_at = excluded.ends_at, version = 1, data = excluded.data
-            RETURNING s.deadline
-        )
-        SELECT made.deadline, CASE WHEN made.deadline
-            < COALESCE((SELECT at FROM earliest), 'infinity') THEN {_TELL} END FROM made"""
     # (now, uids, timeouts, lifetimes, data texts) -> uid, deadline of each:
-    # the creates of one event-loop tick (distinct uids), and one wake-up if
-    # any ends before every other live session.
-    create_many: str = f"""WITH {_NOW},
+    # the creates of one event-loop tick (distinct uids: a statement cannot
+    # write a row twice). A session that ends before every other live one
+    # wakes the listening processes (a process asleep until the earliest
+    # deadline it knew must not miss it if the one that made it dies).
+    create: str = f"""WITH {_NOW},
         earliest AS (SELECT min(deadline) AS at FROM {{t}}sessions WHERE NOT ended),
         made AS (
             INSERT INTO {{t}}sessions AS s
@@ -190,26 +163,17 @@ class Queries:
         UPDATE {{t}}sessions SET lease_until = (SELECT now FROM t) + $2::float8
         WHERE uid = $3 AND ended AND delivery_id = $4 AND attempt = $5 AND lease_owner = $6
         RETURNING 1"""
-    # (now, uid, delivery_id, oldest event time kept, attempt or NULL) -> 1 if
-    # this call forgot the session: announced, and the listening processes
-    # woken. With an attempt, only that claim's delivery is acknowledged
-    # (acknowledge() in the application's transaction).
+    # (now, uids, delivery_ids, oldest event time kept, attempts) -> how many
+    # sessions this forgot (each announced, the listening processes woken):
+    # the acknowledgements of one event-loop tick, or one inside the
+    # application's transaction (acknowledge(), with its claim's attempt:
+    # NULL attempts match any). Old announcements are trimmed too.
     ack: str = f"""WITH {_NOW},
         {_TURN},
-        gone AS (DELETE FROM {{t}}sessions WHERE uid = $2 AND ended AND delivery_id = $3
-            AND ($5::int IS NULL OR attempt = $5::int)
-            AND (SELECT true FROM turn) RETURNING uid),
-        announced AS (INSERT INTO {{t}}events (uid, at) SELECT uid, now FROM gone, t
-            RETURNING 1),
-        trimmed AS (DELETE FROM {{t}}events WHERE at < (SELECT now FROM t) - $4::float8)
-        SELECT count(*) FROM (SELECT {_TELL} FROM announced) told"""
-    # (now, uids, delivery_ids, oldest event time kept): ack for many claims
-    # (the acknowledgements of one event-loop tick) -> how many were forgotten
-    ack_many: str = f"""WITH {_NOW},
-        {_TURN},
         gone AS (DELETE FROM {{t}}sessions s
-            USING unnest($2::text[], $3::text[]) AS a(uid, delivery_id)
+            USING unnest($2::text[], $3::text[], $5::int[]) AS a(uid, delivery_id, attempt)
             WHERE s.uid = a.uid AND s.ended AND s.delivery_id = a.delivery_id
+            AND (a.attempt IS NULL OR s.attempt = a.attempt)
             AND (SELECT true FROM turn) RETURNING s.uid),
         announced AS (INSERT INTO {{t}}events (uid, at) SELECT uid, now FROM gone, t
             RETURNING 1),

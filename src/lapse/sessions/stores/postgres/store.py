@@ -160,11 +160,9 @@ class PostgresStore:
         return await self._loads.ask((uid, version))
 
     async def _send_loads(self, asked: list[tuple[str, int | None]]) -> list[StoredSession | None]:
-        now, sql, run = self._now(), self.sql, self._pool.run
+        now, query, run = self._now(), self.sql.load, self._pool.run
         return await load_answers(
-            asked,
-            lambda uid, version: run(lambda conn: conn.fetchrow(sql.load, now, uid, version)),
-            lambda uids, versions: run(lambda conn: conn.fetch(sql.load_many, now, uids, versions)),
+            asked, lambda uids, versions: run(lambda conn: conn.fetch(query, now, uids, versions))
         )
 
     async def create(
@@ -177,12 +175,12 @@ class PostgresStore:
         return await self._creates.ask((uid, float(timeout), lifetime, dump_data(data)))
 
     async def _send_creates(self, made: list[tuple[str, float, float | None, str]]) -> list[float]:
-        sql = self.sql
-        if len(made) == 1 or len({uid for uid, *_ in made}) < len(made):
-            # (one, or a uid twice: a statement cannot write a row twice)
-            return [float((await self._fetchrow(sql.create, *each))[0]) for each in made]
-        now, columns = self._now(), [list(column) for column in zip(*made, strict=True)]
-        rows = await self._pool.run(lambda conn: conn.fetch(sql.create_many, now, *columns))
+        if len({uid for uid, *_ in made}) < len(made):
+            # (a uid twice: a statement cannot write a row twice)
+            return [(await self._send_creates([each]))[0] for each in made]
+        now, query = self._now(), self.sql.create
+        columns = [list(column) for column in zip(*made, strict=True)]
+        rows = await self._pool.run(lambda conn: conn.fetch(query, now, *columns))
         deadlines = {uid: float(deadline) for uid, deadline, _ in rows}
         return [deadlines[uid] for uid, *_ in made]
 
@@ -253,15 +251,10 @@ class PostgresStore:
         await self._acks.ask((expiry.uid, expiry.delivery_id))
 
     async def _send_acks(self, acked: list[tuple[str, str]]) -> list[None]:
-        now, sql = self._now(), self.sql
-        if len(acked) == 1:
-            ((uid, delivery_id),) = acked
-            args: tuple[Any, ...] = (now, uid, delivery_id, EVENTS_KEPT_FOR, None)
-            await self._pool.run(lambda conn: conn.execute(sql.ack, *args))
-        else:
-            uids, delivery_ids = (list(column) for column in zip(*acked, strict=True))
-            args = (now, uids, delivery_ids, EVENTS_KEPT_FOR)
-            await self._pool.run(lambda conn: conn.execute(sql.ack_many, *args))
+        uids, delivery_ids = (list(column) for column in zip(*acked, strict=True))
+        args = (self._now(), uids, delivery_ids, EVENTS_KEPT_FOR, [None] * len(acked))
+        query = self.sql.ack
+        await self._pool.run(lambda conn: conn.execute(query, *args))
         return [None] * len(acked)
 
     async def acknowledge(self, conn: Any, expiry: Expiry) -> None:
@@ -273,7 +266,13 @@ class PostgresStore:
         if this claim no longer holds the delivery: its lease ran out and
         another process took it, or it was acknowledged already. Errors of
         ``conn`` are the driver's own."""
-        args = (self._now(), expiry.uid, expiry.delivery_id, EVENTS_KEPT_FOR, expiry.attempt)
+        args = (
+            self._now(),
+            [expiry.uid],
+            [expiry.delivery_id],
+            EVENTS_KEPT_FOR,
+            [expiry.attempt],
+        )
         if not conn.is_in_transaction():
             raise RuntimeError("acknowledge() belongs inside the application's transaction")
         if not await conn.fetchval(self.sql.ack, *args):
