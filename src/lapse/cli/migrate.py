@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from lapse import settings
-from lapse.cli.common import EXIT_FAILED, CommandError, _shown_url
-from lapse.cli.sources import NO_STORE
+from lapse.cli.common import EXIT_FAILED, CommandError
+from lapse.cli.sources import store_url
 
 __all__ = ["run_migrate"]
 
@@ -28,13 +27,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     from lapse.sessions.stores.postgres.config import SCHEMES, parse_url
     from lapse.sessions.stores.postgres.schema import SCHEMA_VERSION, ddl
 
-    env = settings.SESSION_STORE
-    url = args.store if args.store is not None else env.get()
-    if url is None:
-        raise CommandError(NO_STORE)
-    source = (
-        f"--store {_shown_url(url)}" if args.store is not None else f"{env.name}={_shown_url(url)}"
-    )
+    url, source = store_url(args.store)
     if url.partition(":")[0].lower() not in SCHEMES:
         raise CommandError(NOT_POSTGRES.format(source=source))
     try:

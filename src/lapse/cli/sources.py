@@ -22,7 +22,15 @@ from lapse.cli.common import EXIT_FAILED, CommandError, _is_memory, _shown, _sho
 from lapse.cli.liveview_client import SERVER_THREADS, LiveViewClient
 from lapse.cli.parser import SCAN_BATCH
 
-__all__ = ["Row", "ServerSource", "SessionSource", "Stats", "StoreSource", "open_store"]
+__all__ = [
+    "Row",
+    "ServerSource",
+    "SessionSource",
+    "Stats",
+    "StoreSource",
+    "open_store",
+    "store_url",
+]
 
 T = TypeVar("T")
 
@@ -122,13 +130,20 @@ class SessionSource(Protocol):
 # -- a shared store -------------------------------------------------------------
 
 
-def open_store(option: str | None) -> Any:
-    """The store ``--store`` (or ``LAPSE_SESSION_STORE``) names, checked."""
+def store_url(option: str | None) -> tuple[str, str]:
+    """The store URL ``--store`` (or ``LAPSE_SESSION_STORE``) gives, and where
+    it came from as messages name it (its password hidden)."""
     env = settings.SESSION_STORE
     url = option if option is not None else env.get()
     if url is None:
         raise CommandError(NO_STORE)
     source = f"--store {_shown_url(url)}" if option is not None else f"{env.name}={_shown_url(url)}"
+    return url, source
+
+
+def open_store(option: str | None) -> Any:
+    """The store ``--store`` (or ``LAPSE_SESSION_STORE``) names, checked."""
+    url, source = store_url(option)
     if _is_memory(url):
         raise CommandError(MEMORY_SESSIONS)
     store = store_for(url, source)

@@ -86,7 +86,6 @@ class SharedKeeper(StoreRequests):
         # A shared store that wakes its keepers (wait_for_news): no polling.
         waits = getattr(store, "wait_for_news", None) if self.shared else None
         self._wait_for_news: Callable[[float], Awaitable[bool]] | None = waits
-        self._told = waits is not None
         self._round_started = -math.inf
 
     # -- ending sessions: one round -------------------------------------------
@@ -135,7 +134,7 @@ class SharedKeeper(StoreRequests):
         but at most ``poll_interval`` on a shared store that does not wake
         its keepers (another process may make a session that ends sooner,
         and announces ends)."""
-        if self.shared and not self._told:
+        if self.shared and self._wait_for_news is None:
             if upcoming is None:
                 return self.poll_interval
             return min(max(upcoming - now, 0.0), self.poll_interval)
@@ -232,20 +231,18 @@ class SharedKeeper(StoreRequests):
         while not self._closing:
             self._round_started = asyncio.get_running_loop().time()
             delay = await self._round()
-            if self._told:
-                await self._idle(delay)
-            else:
+            if self._wait_for_news is None:
                 await self.sleep(delay)
+            else:
+                await self._idle(delay, self._wait_for_news)
 
-    async def _idle(self, delay: float) -> None:
+    async def _idle(self, delay: float, wait: Callable[[float], Awaitable[bool]]) -> None:
         """Sleep ``delay`` seconds (``math.inf``: until woken), or until the
-        store has news from another process; but after news, not before
+        store has news from another process (``wait``); but after news, not before
         ``poll_interval`` since the last round began (a burst of ends is
         read in one round, not one round each)."""
         loop = asyncio.get_running_loop()
         wake_at = loop.time() + delay
-        wait = self._wait_for_news
-        assert wait is not None
         while not self._closing:
             left = wake_at - loop.time()
             if left <= 0:

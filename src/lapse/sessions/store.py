@@ -67,6 +67,13 @@ keeper needs to know of it (the keeper reads these and nothing else):
   runs a plain (not async) expiry hook in a worker thread, polls at least
   every ``poll_interval`` (another process may make a session that ends
   sooner) and refuses ``max_sessions``. An in-process store says False.
+- ``wait_for_news(seconds)`` (optional, a method): a shared store that tells
+  processes of each other's writes. The keeper then sleeps in it until the
+  next deadline it knows of instead of polling; it returns True, sooner,
+  when another process announced an end or a rotation, ended a session by
+  hand or made one that ends before every other, or when its listening
+  connection was made again (what was said meanwhile is lost: the keeper
+  reads the store).
 - ``enforces_timeout``: every call fails with :class:`StoreUnavailable`
   rather than wait on an unresponsive backend much past the store's own
   timeout, so the keeper adds no timer per call. False: the keeper bounds
