@@ -263,6 +263,17 @@ def session_cookie(uid: str) -> dict[bytes, bytes]:
     return {b"lapse_session": uid.encode()}
 
 
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """Collects what a test starts and must stop (each with a ``stop()``:
+    tests/_cluster.py's ``Cluster`` of server processes, stopped by PID);
+    stops them all after the test, whatever its outcome."""
+    made: list[Any] = []
+    yield made
+    for each in made:
+        each.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[Any]:
     """A real redis-server on a free loopback port, for the whole test run."""

@@ -30,7 +30,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
@@ -56,15 +55,6 @@ def schema_url(server: PostgresServer, **options: str) -> str:
     """The test server's URL with a schema of its own (made on first use)."""
     query = {"schema": f"e2e{os.getpid()}x{next(_schemas)}", **options}
     return server.url() + "?" + "&".join(f"{k}={v}" for k, v in query.items())
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Cluster]]:
-    """Collects the :class:`Cluster` objects a test makes; stops them all by PID."""
-    made: list[Cluster] = []
-    yield made
-    for each in made:
-        each.stop()
 
 
 def assert_clean(*clusters: Cluster) -> None:

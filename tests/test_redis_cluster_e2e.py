@@ -22,7 +22,6 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,15 +56,6 @@ def shard_of(url: str, uid: str) -> Shard:
 
 def slot_of(shard: Shard) -> int:
     return key_slot(shard.deadlines)
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[list[Cluster]]:
-    """Collects the :class:`Cluster` objects a test makes; stops them all by PID."""
-    made: list[Cluster] = []
-    yield made
-    for each in made:
-        each.stop()
 
 
 def assert_clean(*clusters: Cluster) -> None:
