@@ -22,9 +22,12 @@ def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     return run
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (polling the loop) for a shared store's background work."""
-    deadline = time.monotonic() + timeout
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Wait (polling the loop) for a shared store's background work; the
+    seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+    return time.monotonic() - started

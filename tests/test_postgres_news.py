@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from _helpers import eventually
 from _ports import free_port
 
 from lapse.internet.task import Clock
@@ -28,6 +29,9 @@ from lapse.web.resource import Resource
 from lapse.web.server import Site
 
 _schemas = itertools.count()
+
+WITHIN = 3.0
+"""Seconds a test waits for what it expects before it fails."""
 
 
 @pytest.fixture
@@ -70,7 +74,7 @@ async def running(url: str, count: int, **site: Any) -> AsyncIterator[list[Site]
         for each in sites:
             keeper(each).start()
         for each in sites:
-            await until(lambda each=each: listener_of(each).connects >= 1)
+            await eventually(lambda each=each: listener_of(each).connects >= 1, WITHIN)
         yield sites
     finally:
         for each in sites:
@@ -81,16 +85,6 @@ def listener_of(site: Site) -> Any:
     store = site.store
     assert isinstance(store, PostgresStore)
     return store.listener
-
-
-async def until(condition: Callable[[], bool], within: float = 3.0) -> float:
-    """Wait (real time) until ``condition()``; the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > within:
-            raise AssertionError(f"not within {within} s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 async def new_session(site: Site, timeout: float) -> str:
@@ -130,7 +124,7 @@ def test_an_end_in_one_process_reaches_an_idle_one_at_once(url: str) -> None:
             await asyncio.sleep(0.3)
             started = time.monotonic()
             a.sessions[uid].expire()
-            await until(lambda: bool(ended))
+            await eventually(lambda: bool(ended), WITHIN)
             assert ended[0] - started < 0.5
             assert hooked == [uid]
 
@@ -154,7 +148,7 @@ def test_a_session_that_ends_first_is_ended_though_its_maker_is_gone(url: str) -
                 await maker.create("gone-maker-session-uid-00", 0.5, {})
             finally:
                 await maker.aclose()
-            await until(lambda: bool(hooked))
+            await eventually(lambda: bool(hooked), WITHIN)
             assert hooked[0][0] == "gone-maker-session-uid-00"
             assert 0.4 < hooked[0][1] - made < 1.0
 
@@ -177,11 +171,11 @@ def test_a_lost_listening_connection_is_made_again_and_news_still_heard(
             listener = listener_of(b)
             pid = listener._conn.get_server_pid()
             postgres_server.psql(f"SELECT pg_terminate_backend({pid})")
-            await until(lambda: listener.connects == 2)
+            await eventually(lambda: listener.connects == 2, WITHIN)
             assert listener._conn.get_server_pid() != pid
             await asyncio.sleep(0.2)
             a.sessions[uid].expire()
-            assert await until(lambda: bool(ended)) < 0.5
+            assert await eventually(lambda: bool(ended), WITHIN) < 0.5
 
     asyncio.run(scenario())
 
@@ -201,7 +195,7 @@ def test_news_said_while_the_listener_was_down_is_read_when_it_is_back(url: str)
             b_keeper = SharedKeeper(b, b_store)
             await b_keeper.poll_once()  # ... and a new keeper reads from now on
             await a.store.expire(uid)
-            await until(lambda: uid not in a.sessions)  # A delivered and announced it
+            await eventually(lambda: uid not in a.sessions, WITHIN)  # A delivered and announced it
             started = time.monotonic()
             assert await b_store.wait_for_news(5.0) is True  # the LISTEN is new
             await b_keeper.poll_once()
@@ -257,7 +251,7 @@ def test_a_burst_of_ends_is_read_in_few_rounds(url: str) -> None:
             b_keeper.poll_once = counted  # type: ignore[method-assign]
             for uid in uids:
                 await a.store.expire(uid)
-            await until(lambda: not any(uid in b.sessions for uid in uids))
+            await eventually(lambda: not any(uid in b.sessions for uid in uids), WITHIN)
             assert 1 <= len(rounds) <= 6
 
     asyncio.run(scenario())
@@ -349,7 +343,7 @@ def test_a_hook_that_meets_already_delivered_is_not_retried_or_counted_failed(
     async def scenario() -> None:
         async with running(url, 1, on_expire=hook) as (site,):
             await new_session(site, 0.2)
-            await until(lambda: bool(calls))
+            await eventually(lambda: bool(calls), WITHIN)
             await asyncio.sleep(0.3)
             assert len(calls) == 1
             assert await site.store.renew(calls[0], keeper(site).node_id, 30.0) is True
