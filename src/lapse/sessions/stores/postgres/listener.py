@@ -44,7 +44,7 @@ class Listener:
         self.pool = pool
         self.channel = channel
         self._conn: Any | None = None
-        self._news: asyncio.Event | None = None
+        self._news = asyncio.Event()  # (bound to a loop at its first wait)
         self._deaf = False
         self.connects = 0
         """How many times a LISTEN connection was made (tests read it)."""
@@ -61,8 +61,6 @@ class Listener:
         lost), or, unable to listen, :data:`DEAF_RETRY` passed."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        if self._news is None:
-            self._news = asyncio.Event()
         news = self._news
         if not self.listening:
             if await self._listen():
@@ -85,9 +83,7 @@ class Listener:
     async def _listen(self) -> bool:
         """Open the connection and LISTEN; False (logged once per outage) if
         it cannot be done now."""
-        await self._drop()
-        news = self._news
-        assert news is not None
+        self._drop()
         try:
             conn = await self.pool.connect()
             try:
@@ -113,20 +109,18 @@ class Listener:
         if self._deaf:
             self._deaf = False
             log.info("listening for other processes' news again")
-        news.clear()
+        self._news.clear()
         return True
 
     def _heard(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        if self._news is not None:
-            self._news.set()
+        self._news.set()
 
     def _lost(self, conn: Any) -> None:
         if conn is self._conn:
             self._conn = None
-            if self._news is not None:
-                self._news.set()
+            self._news.set()
 
-    async def _drop(self) -> None:
+    def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             conn.terminate()
