@@ -20,6 +20,7 @@ from lapse.sessions.store import (
     AlreadyDelivered,
     Expiry,
     LocalSessionStore,
+    PrincipalIndex,
     SessionConflict,
     SessionInfo,
     SessionStore,
@@ -27,6 +28,8 @@ from lapse.sessions.store import (
     StoredSession,
     StoreError,
     StoreUnavailable,
+    TooManySessions,
+    check_principal,
 )
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "KeeperOwner",
     "LocalKeeper",
     "LocalSessionStore",
+    "PrincipalIndex",
     "Session",
     "SessionConflict",
     "SessionData",
@@ -49,7 +53,9 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredSession",
+    "TooManySessions",
     "Visit",
+    "check_principal",
     "current_visit",
     "make_keeper",
     "short_uid",

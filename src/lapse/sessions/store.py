@@ -44,6 +44,31 @@ the absolute end) and its data (a dict of JSON values). The site asks it to:
   ``notifyOnExpire`` callbacks;
 - ``next_deadline()``: a time before which nothing ends, to sleep until then.
 
+Principals (the user behind a session; :class:`PrincipalIndex`, optional for
+a store written elsewhere, offered by every lapse store):
+
+- ``set_principal(uid, principal, limit=None, refuse=False)``: bind the live
+  session ``uid`` (or, within its grace, the session an old uid was rotated
+  to) to ``principal`` (None: unbind it), in the store's index of sessions by
+  principal; None if there is no such session (nothing changed). With
+  ``limit``, at most ``limit`` live sessions may be bound to ``principal``
+  once it is done, this one included: if more would be, ``refuse`` raises
+  :class:`TooManySessions` changing nothing, else the least recently used of
+  the others (earliest last access; then by uid) end at once as ``expire``
+  ends a session, with cause ``"superseded"``. Returns the uids so ended, in
+  one atomic step with the binding: two concurrent calls, from any
+  processes, never leave more than ``limit`` live sessions bound;
+- ``sessions_of(principal)``: its live sessions as :class:`SessionInfo`
+  (``principal`` set), most recently used first, touching none;
+- ``expire_principal(principal, except_uid=None)``: end each of its live
+  sessions (but ``except_uid``) now, as ``expire`` does; the uids ended.
+
+The index is the store's own: a rotation keeps a session's principal (the
+new uid is bound, the old one not), and a session that ends by any cause
+(timeout, lifetime, ``expire``, eviction, ``"superseded"``) leaves it at its
+end: past its deadline it is neither listed nor counted, even before it is
+claimed. ``load``, ``info`` and ``scan`` return a session's principal.
+
 Inspection (operators' tools, a live view), none of which touches a session:
 
 - ``scan(cursor, limit)``: live sessions as :class:`SessionInfo`, a page at
@@ -97,12 +122,15 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "INSPECTION_MEMBERS",
+    "MAX_PRINCIPAL_LENGTH",
+    "PRINCIPAL_MEMBERS",
     "REQUIRED_MEMBERS",
     "AlreadyDelivered",
     "Clock",
     "Event",
     "Expiry",
     "LocalSessionStore",
+    "PrincipalIndex",
     "SessionConflict",
     "SessionInfo",
     "SessionStore",
@@ -110,6 +138,8 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredSession",
+    "TooManySessions",
+    "check_principal",
 ]
 
 Clock = Callable[[], float]
@@ -136,6 +166,19 @@ class AlreadyDelivered(StoreError):
     lease ran out and another process took it, or it was acknowledged. The
     transaction that tried must roll back; the keeper then leaves the
     session to whoever holds it."""
+
+
+class TooManySessions(Exception):
+    """A login refused: ``principal`` already has ``limit`` live sessions
+    and the policy (``max_sessions_per_principal`` with ``"refuse"``) is to
+    refuse the new one rather than end the least recently used. Nothing was
+    changed; the application answers as it sees fit (the session stays, not
+    logged in)."""
+
+    def __init__(self, principal: str, limit: int) -> None:
+        super().__init__(f"{principal!r} already has {limit} live session(s), the most allowed")
+        self.principal = principal
+        self.limit = limit
 
 
 class StoreConfigError(StoreError, ValueError):
@@ -179,6 +222,8 @@ class StoredSession:
     """The data's version, for a store that keeps one."""
     unchanged: bool = False
     """The data is that of the version ``load`` was given: none returned."""
+    principal: str | None = None
+    """The principal the session is bound to (``set_principal``), if any."""
 
     def decoded(self) -> dict[str, Any]:
         """The data returned, decoded (whether as ``data`` or ``encoded``)."""
@@ -202,6 +247,8 @@ class SessionInfo:
     last_access: float
     deadline: float
     data: Mapping[str, Any]
+    principal: str | None = None
+    """The principal the session is bound to, if any."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -212,8 +259,11 @@ class Expiry:
     drop duplicates by it); ``attempt`` counts deliveries from 1; ``cause``
     is ``"timeout"`` (idle for ``sessionTimeout``), ``"lifetime"`` (its
     ``absolute_timeout`` since creation ran out), ``"expired"`` (ended by
-    ``expire()``) or ``"evicted"`` (the memory store's ``max_sessions`` cap
-    made room for a new session).
+    ``expire()`` or ``expire_principal()``), ``"evicted"`` (the memory
+    store's ``max_sessions`` cap made room for a new session) or
+    ``"superseded"`` (its principal logged in once more than
+    ``max_sessions_per_principal`` allows, and it was the least recently
+    used).
     """
 
     uid: str
@@ -322,6 +372,54 @@ class SessionStore(Protocol):
         buckets``; the last slice includes its end). Sessions ending later
         are not counted, nor those already due. ValueError unless
         ``buckets >= 1`` and ``horizon > 0``."""
+
+
+@runtime_checkable
+class PrincipalIndex(Protocol):
+    """Sessions by principal (see the module's "Principals"): offered by
+    every lapse store; a store without it cannot serve
+    ``set_principal``, ``sessions_of`` or ``expire_principal`` (each then
+    raises ``TypeError`` naming the store)."""
+
+    async def set_principal(
+        self, uid: str, principal: str | None, limit: int | None = None, refuse: bool = False
+    ) -> list[str] | None:
+        """Bind ``uid`` to ``principal`` (None: unbind), keeping at most
+        ``limit`` live sessions bound to it; the uids superseded to make
+        room, or None if ``uid`` is not live. :class:`TooManySessions` if
+        ``refuse`` and it would take more than ``limit``."""
+
+    async def sessions_of(self, principal: str) -> list[SessionInfo]:
+        """The live sessions bound to ``principal``, most recently used first."""
+
+    async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
+        """End every live session bound to ``principal`` but ``except_uid``."""
+
+
+PRINCIPAL_MEMBERS = ("set_principal", "sessions_of", "expire_principal")
+"""The methods of :class:`PrincipalIndex`."""
+
+MAX_PRINCIPAL_LENGTH = 256
+"""The longest principal, in characters."""
+
+
+def check_principal(principal: object) -> str:
+    """``principal`` if a store can index it: a non-empty ``str`` of at most
+    :data:`MAX_PRINCIPAL_LENGTH` characters, valid Unicode, with no control
+    characters; else ``TypeError`` or ``ValueError`` saying why."""
+    if not isinstance(principal, str):
+        raise TypeError(f"a principal is a str, not {type(principal).__name__}")
+    if not principal or len(principal) > MAX_PRINCIPAL_LENGTH:
+        raise ValueError(
+            f"a principal is 1 to {MAX_PRINCIPAL_LENGTH} characters, not {len(principal)}"
+        )
+    if any(ord(char) < 32 or 127 <= ord(char) < 160 for char in principal):
+        raise ValueError(f"a principal has no control characters: {principal!r}")
+    try:
+        principal.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a principal is valid Unicode (it has a lone surrogate)") from None
+    return principal
 
 
 INSPECTION_MEMBERS = ("scan", "info", "count", "deadlines")

@@ -18,7 +18,9 @@ protocol's guarantees one by one: loads touch, saves write only changed keys,
 ended sessions are claimed once per lease with their final data and cause,
 ``ack`` announces, rotations move data and alias the old uid for its grace,
 an absolute lifetime holds however often a session is touched, ``renew``
-extends only its own claim, inspection touches nothing. Time is the fake
+extends only its own claim, inspection touches nothing, the index of
+sessions by principal stays exact and its cap holds under concurrent
+logins (skipped for a store without :class:`lapse.sessions.PrincipalIndex`). Time is the fake
 clock, so nothing sleeps: the store must read its time from ``clock`` (a
 callable returning seconds), as every lapse store does when given
 ``clock=``.
@@ -35,11 +37,12 @@ import pytest
 from lapse.testing._clock import FakeClock, scenario
 from lapse.testing._inspection import InspectionContract, scan_all
 from lapse.testing._lifecycle import LifecycleContract
+from lapse.testing._principals import PrincipalContract
 
 __all__ = ["FakeClock", "StoreContract", "scan_all", "scenario"]
 
 
-class StoreContract(LifecycleContract, InspectionContract):
+class StoreContract(LifecycleContract, InspectionContract, PrincipalContract):
     """The whole store contract, for pytest to collect in a subclass named
     ``Test...`` that provides the ``store`` fixture (see the module)."""
 
