@@ -138,7 +138,8 @@ class SessionMiddleware(HTTPSessions):
     - ``rotation_grace``: seconds an old uid still names its session after
       ``session.rotate()`` (default 0; see ``Session.rotate``);
       ``max_sessions``: a cap on live sessions (memory store only), as
-      ``Site``'s.
+      ``Site``'s; ``max_sessions_per_principal`` and ``principal_policy``:
+      a cap on each user's sessions, as ``Site``'s.
     - ``reactor``: the time source and timer (a ``Clock`` in tests).
 
     ``sessions`` maps uid to this process's live sessions.
@@ -157,6 +158,8 @@ class SessionMiddleware(HTTPSessions):
         absolute_timeout: float | None = None,
         rotation_grace: float = 0.0,
         max_sessions: int | None = None,
+        max_sessions_per_principal: int | None = None,
+        principal_policy: str = "supersede",
         reactor: IReactorTime | None = None,
     ) -> None:
         self.app = app
@@ -180,7 +183,16 @@ class SessionMiddleware(HTTPSessions):
         self.trust_proxy_headers = trust_proxy_headers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._host_sessions(reactor, store, on_expire, cookie_name, rotation_grace, max_sessions)
+        self._host_sessions(
+            reactor,
+            store,
+            on_expire,
+            cookie_name,
+            rotation_grace,
+            max_sessions,
+            max_sessions_per_principal,
+            principal_policy,
+        )
 
     # -- the session owner (what sessions and the keeper ask of it) ----------
 
