@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 from bench.options import Options
 from bench.scenarios import Outcome, Results, TouchRun
-from bench.systems import BARE, CLUSTER, DJANGO_POSTGRES, LAPSE_POSTGRES, REFERENCE, SINGLE_REDIS
+from bench.systems import (
+    BARE,
+    CLUSTER,
+    DJANGO_POSTGRES,
+    LAPSE_POSTGRES,
+    REFERENCE,
+    SINGLE_REDIS,
+    SYSTEMS,
+)
 
 
 def median_or_none(values: list[float | None]) -> float | None:
@@ -25,6 +33,18 @@ def create_rps(outcome: Outcome | None) -> float | None:
     if outcome is None or not outcome.create:
         return None
     return statistics.median(r.rps for r in outcome.create)
+
+
+def login_rps(outcome: Outcome | None) -> float | None:
+    if outcome is None or not outcome.login:
+        return None
+    return statistics.median(r.rps for r in outcome.login)
+
+
+def logged_touch_rps(outcome: Outcome | None) -> float | None:
+    if outcome is None or not outcome.touch_logged:
+        return None
+    return statistics.median(r.result.rps for r in outcome.touch_logged)
 
 
 def runs_rps(runs: list[TouchRun]) -> float | None:
@@ -70,6 +90,55 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
+
+
+PRINCIPAL_TOUCH_TARGET = 0.95
+"""Issue 14: touch req/s of a logged-in session within 5 % of an anonymous one's."""
+EXTRA_CALLS_LIMIT = 0.05
+"""Store calls a logged-in touch may add, per request, over an anonymous one (none: the
+principal comes with the session's load; 0.05 leaves room for idle-rate noise)."""
+
+
+def extra_calls(outcome: Outcome | None) -> float | None:
+    """Store calls per touch, one request at a time: logged-in minus anonymous (Redis:
+    client commands under MONITOR; PostgreSQL: statements); None if not measured."""
+    if outcome is None:
+        return None
+    r, pg = outcome.redis, outcome.postgres
+    if r is not None and r.logged_monitor is not None and r.monitor_requests:
+        return r.logged_monitor.client_commands - r.monitor_client_commands
+    if pg is None or pg.sequential_touch is None or pg.sequential_logged_touch is None:
+        return None
+    return pg.sequential_logged_touch - pg.sequential_touch
+
+
+def principal_targets(results: Results, opts: Options) -> list[Target]:
+    """Per lapse system run: logged-in touch / anonymous touch >= 0.95, and, where the
+    bench counts store calls, no extra call for a logged-in touch."""
+    found = []
+    keys = [k for k in results.outcomes if SYSTEMS[k].kind == "lapse"] or [REFERENCE]
+    for key in keys:
+        outcome, label = results.outcomes.get(key), SYSTEMS[key].label
+        found.append(
+            Target(
+                f"principal index: logged-in touch / touch >= {PRINCIPAL_TOUCH_TARGET}, {label}",
+                "logged-in touch / anonymous touch",
+                ratio(logged_touch_rps(outcome), touch_rps(outcome)),
+                PRINCIPAL_TOUCH_TARGET,
+            )
+        )
+        if SYSTEMS[key].redis or SYSTEMS[key].postgres:
+            what = "client commands" if SYSTEMS[key].redis else "statements"
+            found.append(
+                Target(
+                    f"principal index: a logged-in touch costs no extra store call, {label}",
+                    f"{what} / touch, one at a time: logged-in - anonymous",
+                    extra_calls(outcome),
+                    EXTRA_CALLS_LIMIT,
+                    higher_is_better=False,
+                )
+            )
+    return found
 
 
 def targets(results: Results, opts: Options) -> list[Target]:
@@ -163,4 +232,5 @@ def targets(results: Results, opts: Options) -> list[Target]:
             1.0,
             strictly=True,
         ),
+        *(principal_targets(results, opts) if opts.principals else []),
     ]

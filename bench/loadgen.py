@@ -6,8 +6,9 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
-from bench.systems import HOST, PATH
+from bench.systems import HOST, LOGIN_PATH, PATH
 
 
 @dataclass(frozen=True)
@@ -61,20 +62,62 @@ def parse_wrk(output: str) -> WrkResult:
 
 
 def wrk_command(
-    wrk: str, threads: int, connections: int, port: int, seconds: int, cookie: str | None
+    wrk: str,
+    threads: int,
+    connections: int,
+    port: int,
+    seconds: int,
+    cookie: str | None,
+    script: Path | None = None,
 ) -> list[str]:
-    """wrk's command line for one run on GET /logme, with the cookie on every request."""
+    """wrk's command line for one run on GET /logme, with the cookie on every request;
+    with ``script`` (``login_script``), the logins that script sends instead."""
     cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if cookie is not None:
         cmd += ["-H", f"Cookie: {cookie}"]
-    cmd.append(f"http://{HOST}:{port}{PATH}")
+    if script is not None:
+        cmd += ["-s", str(script)]
+    cmd.append(f"http://{HOST}:{port}{PATH if script is None else LOGIN_PATH}")
     return cmd
 
 
+LOGIN_USERS = 10_000
+"""The users the login runs log in as, in turn: at 10k logins/s and the seed's 5 s
+timeout, about 5 live sessions per user."""
+
+
+def login_script(directory: Path, users: int = LOGIN_USERS) -> Path:
+    """A wrk Lua script that sends ``POST /login?user=bench-user-N``, N cycling over
+    ``users``: the requests are made once, in ``init``, and ``request`` only picks the next
+    one (wrk's advice for a fast server: formatting a request per call is costly)."""
+    path = directory / "login.lua"
+    path.write_text(
+        "-- written by bench/loadgen.py: POST /login?user=bench-user-N, N cycling\n"
+        "local requests = {}\n"
+        "local i = 0\n"
+        "init = function(args)\n"
+        f"  for n = 1, {users} do\n"
+        f'    requests[n] = wrk.format("POST", "{LOGIN_PATH}?user=bench-user-" .. n)\n'
+        "  end\n"
+        "end\n"
+        "request = function()\n"
+        f"  i = i % {users} + 1\n"
+        "  return requests[i]\n"
+        "end\n"
+    )
+    return path
+
+
 def run_wrk(
-    wrk: str, threads: int, connections: int, port: int, seconds: int, cookie: str | None
+    wrk: str,
+    threads: int,
+    connections: int,
+    port: int,
+    seconds: int,
+    cookie: str | None,
+    script: Path | None = None,
 ) -> WrkResult:
     """One wrk run; its parsed figures."""
-    cmd = wrk_command(wrk, threads, connections, port, seconds, cookie)
+    cmd = wrk_command(wrk, threads, connections, port, seconds, cookie, script)
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
     return parse_wrk(done.stdout)

@@ -33,6 +33,8 @@ class Options:
     """Something other than the full default run: it does not replace the tracked chart."""
     update_chart: bool = False
     pg_idle_seconds: float = 10.0
+    principals: bool = True
+    """The principal figures on the lapse systems: login, and touch of a logged-in session."""
 
     @property
     def results_dir(self) -> Path:
@@ -129,7 +131,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
         "--monitor-requests",
         type=int,
         default=200,
-        help="Redis systems: sequential requests watched with MONITOR (200)",
+        help="Redis systems: sequential touches watched with MONITOR; PostgreSQL: their "
+        "statements counted (200; 0: skip)",
     )
     parser.add_argument(
         "--pg-idle-seconds",
@@ -157,6 +160,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="write bench/chart.png (tracked, shown by the README) even though this is not the "
         "full default run (default: only the full run does; others write "
         "bench/results/chart.png)",
+    )
+    parser.add_argument(
+        "--no-principals",
+        dest="principals",
+        action="store_false",
+        help="skip the principal index's figures on the lapse systems (a login per request; "
+        "touch of a logged-in session, alternated with the anonymous touch runs)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
@@ -203,4 +213,5 @@ def parse_options(argv: list[str] | None = None) -> Options:
         subset=subset,
         update_chart=args.update_chart,
         pg_idle_seconds=args.pg_idle_seconds,
+        principals=args.principals,
     )

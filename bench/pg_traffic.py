@@ -14,6 +14,7 @@ to 10 s late once idle, so over a short window that column is approximate.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from bench.postgres import Postgres, running_postgres
-from bench.systems import DJANGO_POSTGRES, SERVERS_DIR, SYSTEMS, System
+from bench.systems import DJANGO_POSTGRES, HOST, PATH, SERVERS_DIR, SYSTEMS, System
 
 SETTINGS = {
     "shared_preload_libraries": "'pg_stat_statements'",
@@ -48,6 +49,15 @@ class PgCounts:
 
     statements_per_touch: list[float] = field(default_factory=list)
     statements_per_create: list[float] = field(default_factory=list)
+    statements_per_logged_touch: list[float] = field(default_factory=list)
+    """The touch runs on a logged-in session (alternated with the anonymous ones)."""
+    statements_per_login: list[float] = field(default_factory=list)
+    sequential_requests: int = 0
+    """Touches sent one at a time on one connection (no batching of concurrent calls):"""
+    sequential_touch: float | None = None
+    """statements per touch of an anonymous session, and"""
+    sequential_logged_touch: float | None = None
+    """of a logged-in one."""
     idle_seconds: float = 0.0
     """The idle window of the touch server (--idle-seconds), subtracted per request."""
     idle_rate: float = 0.0
@@ -162,6 +172,27 @@ def per_request(pg: PgCounts, before: PgSnapshot, after: PgSnapshot, requests: i
     """Statements per request of a wrk run, the touch server's idle rate subtracted."""
     idle = pg.idle_rate * (after.at - before.at)
     return (after.statements - before.statements - idle) / max(requests, 1)
+
+
+def sequential_statements(
+    pg: PostgresHandle, system: System, port: int, cookie: str, requests: int, counts: PgCounts
+) -> float:
+    """Statements per request of ``requests`` touches of ``cookie``'s session sent one
+    after the other on one keep-alive connection (so the store batches nothing), the
+    idle rate subtracted."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        before = pg.snapshot(system)
+        for _ in range(requests):
+            conn.request("GET", PATH, headers={"Cookie": cookie})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"sequential touch got status {response.status}")
+        after = pg.snapshot(system)
+    finally:
+        conn.close()
+    return per_request(counts, before, after, requests)
 
 
 def postgres_table(rows: list[tuple[str, PgCounts]]) -> list[str]:

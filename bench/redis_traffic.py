@@ -9,10 +9,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bench.loadgen import WrkResult
 from bench.systems import HOST, PATH, REPO_DIR, System, session_cookie
 
 
@@ -221,6 +222,15 @@ class RedisTarget(Protocol):
 
 
 @dataclass
+class PerRequest:
+    """Redis traffic per request of one kind of wrk run (one value per run), the idle rates
+    subtracted: round trips (server read events) and commands (Lua-internal included)."""
+
+    reads: list[float] = field(default_factory=list)
+    commands: list[float] = field(default_factory=list)
+
+
+@dataclass
 class RedisCounts:
     """Redis traffic of one system's touch requests."""
 
@@ -248,6 +258,12 @@ class RedisCounts:
     monitor_lua_commands: float = 0.0
     monitor_reads: float = 0.0
     monitor_names: dict[str, float] = field(default_factory=dict)
+    logged_touch: PerRequest = field(default_factory=PerRequest)
+    """The touch runs on a logged-in session (alternated with the anonymous ones)."""
+    login: PerRequest = field(default_factory=PerRequest)
+    create: PerRequest = field(default_factory=PerRequest)
+    logged_monitor: Monitored | None = None
+    """The MONITOR phase again, on a logged-in session."""
 
     @property
     def claim_holds(self) -> bool:
@@ -287,11 +303,28 @@ def measure_idle(redis: RedisTarget, seconds: float, counts: RedisCounts) -> Non
     counts.idle_shards = {tag: n / elapsed for tag, n in sorted(shards.items())}
 
 
-def measure_monitored(
-    redis: RedisTarget, port: int, system: System, requests: int, counts: RedisCounts
-) -> None:
-    """``requests`` sequential touches on one keep-alive connection, under MONITOR."""
-    cookie = session_cookie(port, system)
+@dataclass(frozen=True)
+class Monitored:
+    """Sequential requests on one keep-alive connection under MONITOR, per request,
+    the idle rate subtracted."""
+
+    requests: int
+    client_commands: float
+    lua_commands: float
+    reads: float
+    names: dict[str, float]
+
+    @property
+    def claim_holds(self) -> bool:
+        """Client commands per request == round trips per request (no pipelining)."""
+        return abs(self.client_commands - self.reads) < 0.1
+
+
+def monitor_touches(
+    redis: RedisTarget, port: int, cookie: str, requests: int, counts: RedisCounts
+) -> Monitored:
+    """``requests`` sequential touches of ``cookie``'s session on one keep-alive
+    connection, under MONITOR (``counts``: the idle rates to subtract)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=5)
     monitors = Monitors(redis.addresses)
     try:
@@ -314,14 +347,47 @@ def measure_monitored(
         top, lua = top + node_top, lua + node_lua
         for name, n in node_names.items():
             names[name] = names.get(name, 0) + n
-    counts.monitor_requests = requests
-    counts.monitor_client_commands = (top - counts.idle_client_commands * elapsed) / requests
-    counts.monitor_lua_commands = lua / requests
-    counts.monitor_reads = (
-        after.client_reads() - before.client_reads() - after.infos - counts.idle_reads * elapsed
-    ) / requests
     per_name = {
         name: (n - counts.idle_names.get(name, 0.0) * elapsed) / requests
         for name, n in sorted(names.items())
     }
-    counts.monitor_names = {name: v for name, v in per_name.items() if v >= 0.005}
+    return Monitored(
+        requests=requests,
+        client_commands=(top - counts.idle_client_commands * elapsed) / requests,
+        lua_commands=lua / requests,
+        reads=(
+            after.client_reads() - before.client_reads() - after.infos - counts.idle_reads * elapsed
+        )
+        / requests,
+        names={name: v for name, v in per_name.items() if v >= 0.005},
+    )
+
+
+def measure_monitored(
+    redis: RedisTarget, port: int, system: System, requests: int, counts: RedisCounts
+) -> None:
+    """``requests`` sequential touches of a new anonymous session, under MONITOR."""
+    seen = monitor_touches(redis, port, session_cookie(port, system), requests, counts)
+    counts.monitor_requests = seen.requests
+    counts.monitor_client_commands = seen.client_commands
+    counts.monitor_lua_commands = seen.lua_commands
+    counts.monitor_reads = seen.reads
+    counts.monitor_names = seen.names
+
+
+def counted(
+    redis: RedisTarget, counts: RedisCounts, into: PerRequest, run: Callable[[], WrkResult]
+) -> tuple[WrkResult, RedisSnapshot, RedisSnapshot]:
+    """``run`` (one wrk run) between two snapshots; its round trips and commands per
+    request, the idle rates subtracted, appended to ``into``; the result and snapshots."""
+    before = redis.snapshot()
+    result = run()
+    after = redis.snapshot()
+    elapsed = after.at - before.at
+    requests = max(result.requests, 1)
+    reads = after.client_reads() - before.client_reads() - after.infos
+    reads -= counts.idle_reads * elapsed
+    commands = after.commands() - before.commands() - counts.idle_commands * elapsed
+    into.reads.append(reads / requests)
+    into.commands.append(commands / requests)
+    return result, before, after

@@ -25,6 +25,8 @@ from bench.figures import (
 from bench.loadgen import WrkResult
 from bench.options import Options
 from bench.pg_traffic import postgres_table
+from bench.principal_report import TITLE as PRINCIPAL_TITLE
+from bench.principal_report import principal_calls_table, principal_table
 from bench.scenarios import Bench, Results, TouchRun
 from bench.systems import CLUSTER, REFERENCE, REPO_DIR, SINGLE_REDIS, SYSTEMS, System
 
@@ -280,6 +282,8 @@ def raw_lines(results: Results) -> list[str]:
         series = (
             ("touch", [r.result for r in o.touch]),
             ("create", o.create),
+            ("touch, logged in", [r.result for r in o.touch_logged]),
+            ("login", o.login),
             ("touch, 1 live", [r.result for r in o.live_base]),
             ("touch, many live", [r.result for r in o.live_many]),
         )
@@ -337,16 +341,17 @@ def find_problems(b: Bench, results: Results) -> list[str]:
     found = list(b.problems)
     for key, o in results.outcomes.items():
         label = SYSTEMS[key].label
-        runs = [r.result for r in o.touch + o.live_base + o.live_many] + o.create
+        touches = o.touch + o.touch_logged + o.live_base + o.live_many
+        runs = [r.result for r in touches] + o.create + o.login
         errors = sum(r.errors for r in runs)
         if errors:
             found.append(f"{label}: {errors} non-2xx responses or socket errors during wrk runs")
-        touches = o.touch + o.live_base + o.live_many
         lost = sum(not r.kept for r in touches)
         if lost:
             found.append(
                 f"{label}: in {lost} of {len(touches)} touch runs the session was gone right "
-                "after wrk (a GET with its cookie got a new session)"
+                "after wrk (a GET with its cookie got a new session, or a logged-in one was "
+                "no longer bound to its user)"
             )
         for count, m in o.memory.items():
             if not m["count_ok"]:
@@ -453,6 +458,12 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
             postgres_table(
                 [(SYSTEMS[k].label, o.postgres) for k, o in results.outcomes.items() if o.postgres]
             ),
+        ),
+        (PRINCIPAL_TITLE, principal_table(results)),
+        (
+            "## Principal index: store calls per request (idle rate subtracted; one at a "
+            "time: sequential touches on one connection)",
+            principal_calls_table(results),
         ),
     ):
         if table:

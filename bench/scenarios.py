@@ -16,10 +16,25 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import WrkResult, run_wrk
+from bench.loadgen import WrkResult, login_script, run_wrk
 from bench.options import Options
-from bench.pg_traffic import PgCounts, PostgresHandle, measure_window, per_request, rates
-from bench.redis_traffic import RedisCounts, RedisTarget, measure_idle, measure_monitored
+from bench.pg_traffic import (
+    PgCounts,
+    PostgresHandle,
+    measure_window,
+    per_request,
+    rates,
+    sequential_statements,
+)
+from bench.redis_traffic import (
+    PerRequest,
+    RedisCounts,
+    RedisTarget,
+    counted,
+    measure_idle,
+    measure_monitored,
+    monitor_touches,
+)
 from bench.systems import (
     EXPIRY_LATENESS,
     LAPSE_POSTGRES,
@@ -27,6 +42,8 @@ from bench.systems import (
     REFERENCE,
     SYSTEMS,
     System,
+    login_cookie,
+    principal_of,
     running_server,
     session_cookie,
     session_kept,
@@ -57,9 +74,11 @@ class Bench:
             return None
         return self.cluster if system.cluster else self.redis
 
-    def run_wrk(self, port: int, seconds: int, cookie: str | None) -> WrkResult:
+    def run_wrk(
+        self, port: int, seconds: int, cookie: str | None, script: Path | None = None
+    ) -> WrkResult:
         opts = self.opts
-        return run_wrk(self.wrk, opts.threads, opts.connections, port, seconds, cookie)
+        return run_wrk(self.wrk, opts.threads, opts.connections, port, seconds, cookie, script)
 
     def postgres_url(self, system: System) -> str | None:
         """The system's database, made empty (None: not a PostgreSQL system)."""
@@ -71,14 +90,15 @@ class Bench:
         return self.postgres.url(system)
 
     @contextlib.contextmanager
-    def server(self, system: System, extra: int = 0) -> Iterator[int]:
-        """Start one server on a free loopback port; yield the port; always stop it."""
+    def server(self, system: System, extra: int = 0, login: bool = False) -> Iterator[int]:
+        """Start one server on a free loopback port (``login``: a lapse seed with the
+        bench's login route); yield the port; always stop it."""
         redis = self.redis_for(system)
         if redis is not None:
             redis.flush()
         redis_url = redis.url if redis is not None else None
         postgres_url = self.postgres_url(system)
-        with running_server(system, extra, redis_url, postgres_url) as server:
+        with running_server(system, extra, redis_url, postgres_url, login=login) as server:
             if extra:
                 seen = server.live_counts()
                 if not seen or seen[-1] != extra:
@@ -101,6 +121,9 @@ class Outcome:
 
     touch: list[TouchRun] = field(default_factory=list)
     create: list[WrkResult] = field(default_factory=list)
+    touch_logged: list[TouchRun] = field(default_factory=list)
+    """Touch runs on a logged-in session, alternated with ``touch`` on the same server."""
+    login: list[WrkResult] = field(default_factory=list)
     memory: dict[int, dict[str, Any]] = field(default_factory=dict)
     live_base: list[TouchRun] = field(default_factory=list)
     live_many: list[TouchRun] = field(default_factory=list)
@@ -121,58 +144,121 @@ def touch_once(b: Bench, system: System, port: int, seconds: int) -> TouchRun:
     return TouchRun(result, session_kept(port, system, cookie))
 
 
-def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
-    opts = b.opts
-    with b.server(system) as port:
-        if opts.warmup > 0:
-            touch_once(b, system, port, opts.warmup)
-        if system.postgres:
-            touch_postgres(b, system, port, outcome)
-            return
-        counts = None
-        redis = b.redis_for(system)
-        if redis is not None:
-            counts = outcome.redis = RedisCounts()
-            measure_idle(redis, opts.idle_seconds, counts)
-        for _ in range(opts.repeats):
-            if counts is None or redis is None:
-                outcome.touch.append(touch_once(b, system, port, opts.duration))
-                continue
-            cookie = session_cookie(port, system)
-            before = redis.snapshot()
-            result = b.run_wrk(port, opts.duration, cookie)
-            after = redis.snapshot()
-            outcome.touch.append(TouchRun(result, session_kept(port, system, cookie)))
-            elapsed = after.at - before.at
-            requests = max(result.requests, 1)
-            reads = after.client_reads() - before.client_reads() - after.infos
-            reads -= counts.idle_reads * elapsed
-            commands = after.commands() - before.commands() - counts.idle_commands * elapsed
-            counts.reads_per_request.append(reads / requests)
-            counts.commands_per_request.append(commands / requests)
+def principals_measured(b: Bench, system: System) -> bool:
+    """Whether the principal figures (login, logged-in touch) are measured on ``system``:
+    a lapse seed, unless ``--no-principals``."""
+    return b.opts.principals and system.kind == "lapse"
+
+
+def metered(
+    b: Bench, system: System, outcome: Outcome, kind: str, run: Callable[[], WrkResult]
+) -> WrkResult:
+    """``run`` (one wrk run of ``kind``: touch, logged touch, create or login), counting
+    the store traffic per request where the bench counts it (Redis: round trips and
+    commands, once ``outcome.redis`` has its idle rates; PostgreSQL: statements)."""
+    redis = b.redis_for(system)
+    if redis is not None and outcome.redis is not None:
+        c = outcome.redis
+        series = {
+            "touch": PerRequest(c.reads_per_request, c.commands_per_request),
+            "logged touch": c.logged_touch,
+            "create": c.create,
+            "login": c.login,
+        }[kind]
+        result, before, after = counted(redis, c, series, run)
+        if kind == "touch":
             for name, n in after.calls.items():
                 delta = n - before.calls.get(name, 0)
                 if delta and name not in ("info", "replconf"):
-                    share = delta / requests / opts.repeats
-                    counts.breakdown[name] = counts.breakdown.get(name, 0.0) + share
-        if counts is not None and redis is not None and opts.monitor_requests > 0:
-            measure_monitored(redis, port, system, opts.monitor_requests, counts)
-
-
-def touch_postgres(b: Bench, system: System, port: int, outcome: Outcome) -> None:
-    """The touch runs of a PostgreSQL system, counting its database's statements."""
-    assert b.postgres is not None
-    counts = outcome.postgres = outcome.postgres or PgCounts()
-    if b.opts.idle_seconds > 0:
-        counts.idle_seconds = b.opts.idle_seconds
-        counts.idle_rate = rates(*measure_window(b.postgres, system, b.opts.idle_seconds))[0]
-    for _ in range(b.opts.repeats):
-        cookie = session_cookie(port, system)
+                    share = delta / max(result.requests, 1) / b.opts.repeats
+                    c.breakdown[name] = c.breakdown.get(name, 0.0) + share
+        return result
+    if system.postgres and b.postgres is not None and outcome.postgres is not None:
+        pg = outcome.postgres
+        statements = {
+            "touch": pg.statements_per_touch,
+            "logged touch": pg.statements_per_logged_touch,
+            "create": pg.statements_per_create,
+            "login": pg.statements_per_login,
+        }[kind]
         before = b.postgres.snapshot(system)
-        result = b.run_wrk(port, b.opts.duration, cookie)
+        result = run()
         after = b.postgres.snapshot(system)
-        outcome.touch.append(TouchRun(result, session_kept(port, system, cookie)))
-        counts.statements_per_touch.append(per_request(counts, before, after, result.requests))
+        statements.append(per_request(pg, before, after, result.requests))
+        return result
+    return run()
+
+
+def logged_touch_once(
+    b: Bench, system: System, port: int, seconds: int, user: str, outcome: Outcome | None
+) -> TouchRun:
+    """One wrk run on a session logged in as ``user`` just before it (the login route:
+    a new session, rotated, bound); then check it is still there and still ``user``'s.
+    With ``outcome``, the run is kept (and its store traffic counted)."""
+    cookie = login_cookie(port, system, user)
+    run = partial(b.run_wrk, port, seconds, cookie)
+    result = run() if outcome is None else metered(b, system, outcome, "logged touch", run)
+    kept = session_kept(port, system, cookie) and principal_of(port, cookie) == user
+    touch = TouchRun(result, kept)
+    if outcome is not None:
+        outcome.touch_logged.append(touch)
+    return touch
+
+
+def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
+    """The touch runs; on a lapse seed with the principal figures, each repeat is a run
+    on an anonymous session and one on a logged-in session, on the same server, the
+    order alternating, so that drift on the machine hits both alike."""
+    opts = b.opts
+    logins = principals_measured(b, system)
+    with b.server(system, login=logins) as port:
+        if opts.warmup > 0:
+            touch_once(b, system, port, opts.warmup)
+            if logins:
+                logged_touch_once(b, system, port, opts.warmup, "bench-warmup", None)
+        redis = b.redis_for(system)
+        if system.postgres and b.postgres is not None:
+            pg = outcome.postgres = outcome.postgres or PgCounts()
+            if opts.idle_seconds > 0:
+                pg.idle_seconds = opts.idle_seconds
+                pg.idle_rate = rates(*measure_window(b.postgres, system, opts.idle_seconds))[0]
+        elif redis is not None:
+            outcome.redis = RedisCounts()
+            measure_idle(redis, opts.idle_seconds, outcome.redis)
+        for i in range(opts.repeats):
+            order = [False, True] if logins else [False]
+            for logged in order if i % 2 == 0 else reversed(order):
+                if logged:
+                    logged_touch_once(b, system, port, opts.duration, f"bench-touch-{i}", outcome)
+                    continue
+                cookie = session_cookie(port, system)
+                run = partial(b.run_wrk, port, opts.duration, cookie)
+                result = metered(b, system, outcome, "touch", run)
+                outcome.touch.append(TouchRun(result, session_kept(port, system, cookie)))
+        if opts.monitor_requests > 0:
+            sequential_phase(b, system, port, outcome, logins)
+
+
+def sequential_phase(b: Bench, system: System, port: int, outcome: Outcome, logins: bool) -> None:
+    """``--monitor-requests`` touches one at a time (Redis: under MONITOR; PostgreSQL:
+    statements counted), on an anonymous session and, with ``logins``, a logged-in one."""
+    n = b.opts.monitor_requests
+    redis = b.redis_for(system)
+    if redis is not None and outcome.redis is not None:
+        measure_monitored(redis, port, system, n, outcome.redis)
+        if logins:
+            cookie = login_cookie(port, system, "bench-monitor")
+            outcome.redis.logged_monitor = monitor_touches(redis, port, cookie, n, outcome.redis)
+    elif system.postgres and b.postgres is not None and outcome.postgres is not None:
+        pg = outcome.postgres
+        pg.sequential_requests = n
+        anonymous = session_cookie(port, system)
+        pg.sequential_touch = sequential_statements(b.postgres, system, port, anonymous, n, pg)
+        if logins:
+            cookie = login_cookie(port, system, "bench-sequential")
+            pg.sequential_logged_touch = sequential_statements(
+                b.postgres, system, port, cookie, n, pg
+            )
 
 
 def bench_create(b: Bench, system: System, outcome: Outcome) -> None:
@@ -180,16 +266,21 @@ def bench_create(b: Bench, system: System, outcome: Outcome) -> None:
     with b.server(system) as port:
         if opts.create_warmup > 0:
             b.run_wrk(port, opts.create_warmup, None)
-        if not system.postgres or b.postgres is None:
-            outcome.create = [b.run_wrk(port, opts.duration, None) for _ in range(opts.repeats)]
-            return
-        counts = outcome.postgres = outcome.postgres or PgCounts()
-        for _ in range(opts.repeats):
-            before = b.postgres.snapshot(system)
-            result = b.run_wrk(port, opts.duration, None)
-            after = b.postgres.snapshot(system)
-            outcome.create.append(result)
-            counts.statements_per_create.append(per_request(counts, before, after, result.requests))
+        run = partial(b.run_wrk, port, opts.duration, None)
+        outcome.create = [metered(b, system, outcome, "create", run) for _ in range(opts.repeats)]
+
+
+def bench_login(b: Bench, system: System, outcome: Outcome) -> None:
+    """The login runs: wrk sends ``POST /login?user=...`` without a cookie (loadgen's
+    ``login_script``), so every request makes a session, rotates it and binds it to a
+    user, as the create runs make one; the same warm-up as the create runs."""
+    opts = b.opts
+    with b.server(system, login=True) as port, tempfile.TemporaryDirectory() as tmp:
+        script = login_script(Path(tmp))
+        if opts.create_warmup > 0:
+            b.run_wrk(port, opts.create_warmup, None, script)
+        run = partial(b.run_wrk, port, opts.duration, None, script)
+        outcome.login = [metered(b, system, outcome, "login", run) for _ in range(opts.repeats)]
 
 
 IDLE_SESSIONS = 3
@@ -301,9 +392,13 @@ def run_all(b: Bench) -> Results:
         system, outcome = SYSTEMS[key], outcomes[key]
         print(f"{system.label}:", flush=True)
         touch = partial(bench_touch, b, system, outcome)
-        run_step(b, outcome, f"{system.label}: touch existing session", touch)
+        what = " (anonymous and logged in, alternated)" if principals_measured(b, system) else ""
+        run_step(b, outcome, f"{system.label}: touch existing session{what}", touch)
         create = partial(bench_create, b, system, outcome)
         run_step(b, outcome, f"{system.label}: create sessions", create)
+        if principals_measured(b, system):
+            login = partial(bench_login, b, system, outcome)
+            run_step(b, outcome, f"{system.label}: log in (new session, rotate, bind)", login)
         if key == LAPSE_POSTGRES and opts.pg_idle_seconds > 0:
             idle = partial(bench_postgres_idle, b, system, outcome)
             label = (

@@ -31,6 +31,9 @@ DEFAULT_CHART = BENCH_DIR / "chart.png"
 LISTEN_LINE = "listenTCP(8080, factory)"
 HOST = "127.0.0.1"
 PATH = "/logme"
+LOGIN_PATH = "/login"
+"""The login route the bench adds to a lapse seed (``login=True``): POST rotates the
+visitor's session and binds it to ``?user=NAME``; GET answers the session's principal."""
 LONG_TIMEOUT = 3600
 """sessionTimeout of the extra live sessions of the "many live sessions" figure."""
 LIVE_COUNT_LINE = re.compile(r"^bench: (\d+) live sessions$", re.MULTILINE)
@@ -173,6 +176,39 @@ def session_kept(port: int, system: System, cookie: str) -> bool:
     return system.identity(fresh) == system.identity(cookie.split("=", 1)[1])
 
 
+def login_cookie(port: int, system: System, user: str) -> str:
+    """Log in as ``user`` with a cookie-less POST to the bench's login route (a new
+    session, rotated and bound); return its cookie as ``NAME=VALUE``."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        conn.request("POST", f"{LOGIN_PATH}?user={user}")
+        response = conn.getresponse()
+        response.read()
+        status, set_cookies = response.status, response.msg.get_all("Set-Cookie") or []
+    finally:
+        conn.close()
+    cookies = parse_set_cookies(set_cookies)
+    if status != 200 or system.cookie is None or system.cookie not in cookies:
+        raise RuntimeError(
+            f"POST {LOGIN_PATH}?user={user} gave status {status}, Set-Cookie {set_cookies!r}; "
+            f"expected a {system.cookie} cookie"
+        )
+    return f"{system.cookie}={cookies[system.cookie]}"
+
+
+def principal_of(port: int, cookie: str) -> str:
+    """The principal of the session ``cookie`` names, as the login route answers it
+    ("" for an anonymous or unknown session)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        conn.request("GET", LOGIN_PATH, headers={"Cookie": cookie})
+        response = conn.getresponse()
+        body = response.read().decode("utf-8", "replace")
+        return body if response.status == 200 else ""
+    finally:
+        conn.close()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
@@ -180,13 +216,48 @@ def free_port() -> int:
         return port
 
 
+LOGIN_ROUTE = f"""\
+# -- inserted by bench/run.py: a login route, then the seed as it was --
+class _BenchLogin(Resource):
+    isLeaf = True
+
+    def __init__(self, logme):
+        super().__init__()
+        self._logme = logme
+
+    async def render_POST(self, request):
+        session = request.getSession()
+        session.rotate()
+        self._logme.render_GET(request)
+        await session.set_principal(request.args[b"user"][0].decode())
+        return ""
+
+    def render_GET(self, request):
+        return request.getSession().principal or ""
+
+
+rootResource.putChild("{LOGIN_PATH[1:]}", _BenchLogin(rootResource.children[b"logme"]))
+# -- end of insertion --
+"""
+"""The login route (``LOGIN_PATH``): POST makes the visitor's session (a cookie-less
+request: a new one), rotates it, registers the seed's expiry callback on it as
+``/logme`` does on first sight (the seed's own code), and binds it to ``?user=``; GET
+answers the session's principal (the bench's check that a touched session is still
+logged in)."""
+
+
 def lapse_script(
-    port: int, workdir: Path, extra_sessions: int, session_timeout: int | None = None
+    port: int,
+    workdir: Path,
+    extra_sessions: int,
+    session_timeout: int | None = None,
+    login: bool = False,
 ) -> Path:
     """The repo's example with only its listen line changed to our port and loopback;
     with ``extra_sessions``, code that makes that many long-lived sessions is
     inserted just before that line; with ``session_timeout``, its sessions' 5 s
-    ``sessionTimeout`` is that many seconds instead (the idle figure's long sessions)."""
+    ``sessionTimeout`` is that many seconds instead (the idle figure's long sessions);
+    with ``login``, ``LOGIN_ROUTE`` is inserted just before that line."""
     source = LAPSE_EXAMPLE.read_text()
     if source.count(LISTEN_LINE) != 1:
         raise RuntimeError(f"expected exactly one {LISTEN_LINE!r} in {LAPSE_EXAMPLE}")
@@ -217,6 +288,13 @@ def lapse_script(
             "# -- end of insertion --\n",
         ]
         patched = "".join(lines[:at] + inserted + lines[at:])
+    if login:
+        for name in ('rootResource.putChild("logme"', "import Resource"):
+            if name not in source:
+                raise RuntimeError(f"{LAPSE_EXAMPLE} has no {name!r}: cannot add a login route")
+        lines = patched.splitlines(keepends=True)
+        at = next(i for i, line in enumerate(lines) if "listenTCP(" in line)
+        patched = "".join([*lines[:at], LOGIN_ROUTE, "\n", *lines[at:]])
     script = workdir / "lapse_session_endings.py"
     script.write_text(patched)
     return script
@@ -235,9 +313,11 @@ def server_command(
     redis_url: str | None,
     postgres_url: str | None = None,
     session_timeout: int | None = None,
+    login: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of one system's server (no ``LAPSE_*`` but the store);
-    ``postgres_url``: the system's database on the bench's PostgreSQL."""
+    ``postgres_url``: the system's database on the bench's PostgreSQL; ``login``: a lapse
+    seed with the bench's login route."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAPSE_")}
     py = sys.executable
     if system.redis and redis_url is None:
@@ -257,7 +337,10 @@ def server_command(
         else:
             assert redis_url is not None
             env["LAPSE_SESSION_STORE"] = redis_store_url(redis_url, f"bench-{secrets.token_hex(4)}")
-        return [py, str(lapse_script(port, workdir, extra, session_timeout))], env
+        script = lapse_script(port, workdir, extra, session_timeout, login)
+        return [py, str(script)], env
+    if login:
+        raise RuntimeError(f"{system.key} has no login route")
     if system.kind == "twisted":
         cmd = [py, str(SERVERS_DIR / "twisted_seed.py"), str(port)]
         return cmd + (["--extra-sessions", str(extra)] if extra else []), env
@@ -321,6 +404,7 @@ def running_server(
     redis_url: str | None = None,
     postgres_url: str | None = None,
     session_timeout: int | None = None,
+    login: bool = False,
 ) -> Iterator[RunningServer]:
     """Start one server on a free loopback port, wait until it answers, yield it; always
     stop it by its PID."""
@@ -329,7 +413,7 @@ def running_server(
         port = free_port()
         log = workdir / "stderr.log"
         cmd, env = server_command(
-            system, port, workdir, extra, redis_url, postgres_url, session_timeout
+            system, port, workdir, extra, redis_url, postgres_url, session_timeout, login
         )
         with log.open("wb") as stderr:
             # stdout (a line per expired session) goes to DEVNULL: it can never fill a pipe.
