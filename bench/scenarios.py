@@ -392,8 +392,7 @@ def run_all(b: Bench) -> Results:
         system, outcome = SYSTEMS[key], outcomes[key]
         print(f"{system.label}:", flush=True)
         touch = partial(bench_touch, b, system, outcome)
-        what = " (anonymous and logged in, alternated)" if principals_measured(b, system) else ""
-        run_step(b, outcome, f"{system.label}: touch existing session{what}", touch)
+        run_step(b, outcome, f"{system.label}: touch existing session", touch)
         create = partial(bench_create, b, system, outcome)
         run_step(b, outcome, f"{system.label}: create sessions", create)
         if principals_measured(b, system):
