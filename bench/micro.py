@@ -11,6 +11,12 @@ Cases:
 - ``bare``: bench/servers/bare_asgi.py's app: 200, empty body, no sessions (the reference);
 - ``site touch`` / ``site create``: the seed's page on a ``Site``, memory store, with a live
   session's cookie / without a cookie (a new session per request);
+- ``site touch, logged in`` / ``site login``: the principal index's cost on the same
+  ``Site``: the seed's page with the cookie of a session bound to a user (its rounds
+  alternate with ``site touch``'s, so that drift hits both alike) / ``POST
+  /login?user=...`` without a cookie, which makes a session, rotates it, registers the
+  seed's callback and binds it (``await session.set_principal``), the user cycling over
+  10,000 (bench/systems.py's login route, as a class);
 - ``middleware touch`` / ``middleware create``: the same through ``SessionMiddleware``
   around a bare ASGI app that gets the session as the seed does;
 - ``sqlite touch`` / ``redis touch``: a ``Site`` on SQLite (a temporary file) and on Redis
@@ -71,6 +77,37 @@ class Logme(Resource):
         return ""
 
 
+class Login(Resource):
+    """The bench's login route (bench/systems.py's ``LOGIN_ROUTE``): POST makes the
+    session, rotates it, does what the seed's page does on first sight, and binds it to
+    ``?user=``."""
+
+    isLeaf = True
+
+    def __init__(self, logme: Logme) -> None:
+        super().__init__()
+        self.logme = logme
+
+    async def render_POST(self, request: Any) -> str:
+        session = request.getSession()
+        session.rotate()
+        self.logme.render_GET(request)
+        await session.set_principal(request.args[b"user"][0].decode())
+        return ""
+
+
+LOGIN_USERS = 10_000
+
+
+def login_site() -> Site:
+    """The seed's page at /logme and the login route at /login, on the memory store."""
+    root = Resource()
+    logme = Logme()
+    root.putChild("logme", logme)
+    root.putChild("login", Login(logme))
+    return Site(root)
+
+
 class ReadOne(Resource):
     """Reads one key of the session's data."""
 
@@ -96,19 +133,21 @@ def logme_app() -> App:
     return app
 
 
-def http_scope(cookie: bytes | None) -> dict[str, Any]:
+def http_scope(cookie: bytes | None, method: str = "GET", target: str = "/logme") -> dict[str, Any]:
+    """The scope of one request; ``target``: the path, and the query after a ``?``."""
     headers = [(b"host", b"bench")]
     if cookie is not None:
         headers.append((b"cookie", COOKIE + b"=" + cookie))
+    path, _, query = target.partition("?")
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "GET",
+        "method": method,
         "scheme": "http",
-        "path": "/logme",
-        "raw_path": b"/logme",
-        "query_string": b"",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
         "root_path": "",
         "headers": headers,
         "client": ("127.0.0.1", 50000),
@@ -120,16 +159,19 @@ async def receive_empty() -> dict[str, Any]:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-async def request(app: App, cookie: bytes | None) -> bytes | None:
-    """One GET /logme; the session cookie the answer sets, if any. Not 200: an error."""
+async def request(
+    app: App, cookie: bytes | None, method: str = "GET", target: str = "/logme"
+) -> bytes | None:
+    """One GET /logme (or ``method`` ``target``); the session cookie the answer sets, if
+    any. Not 200: an error."""
     sent: list[dict[str, Any]] = []
 
     async def send(message: Any) -> None:
         sent.append(message)
 
-    await app(http_scope(cookie), receive_empty, send)
+    await app(http_scope(cookie, method, target), receive_empty, send)
     if sent[0]["status"] != 200:
-        raise RuntimeError(f"GET /logme answered {sent[0]['status']}")
+        raise RuntimeError(f"{method} {target} answered {sent[0]['status']}")
     for name, value in sent[0]["headers"]:
         if name == b"set-cookie" and value.startswith(COOKIE + b"="):
             return bytes(value.split(b";")[0].split(b"=", 1)[1])
@@ -187,12 +229,44 @@ async def measure(case: str, app: App, cookie: bytes | None, requests: int, roun
     return Figure(case, requests, micros)
 
 
+async def measure_logins(site: App, requests: int, rounds: int) -> Figure:
+    """``rounds`` rounds of ``requests`` cookie-less logins, the user cycling."""
+    n = 0
+
+    async def login() -> None:
+        nonlocal n
+        n += 1
+        await request(site, None, "POST", f"/login?user=bench-user-{n % LOGIN_USERS}")
+
+    await login()
+    micros = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(requests):
+            await login()
+        micros.append((time.perf_counter() - started) / requests * 1e6)
+    return Figure("site login", requests, micros)
+
+
+async def touch_pair(site: App, requests: int, rounds: int) -> list[Figure]:
+    """``site touch`` and ``site touch, logged in``, their rounds alternated."""
+    anonymous = await request(site, None)
+    logged = await request(site, None, "POST", "/login?user=bench-touch")
+    figures = [Figure("site touch", requests, []), Figure("site touch, logged in", requests, [])]
+    for i in range(rounds):
+        pair = list(zip(figures, (anonymous, logged), strict=True))
+        for figure, cookie in pair if i % 2 == 0 else reversed(pair):
+            figure.rounds.extend((await measure(figure.case, site, cookie, requests, 1)).rounds)
+    return figures
+
+
 async def memory_cases(requests: int, rounds: int) -> list[Figure]:
     figures = [await measure("bare", bare_app, b"0" * 64, requests, rounds)]
-    async with serving(Site(Logme())) as site:
-        cookie = await request(site, None)
-        figures.append(await measure("site touch", site, cookie, requests, rounds))
+    async with serving(login_site()) as site:
+        touch, logged = await touch_pair(site, requests, rounds)
+        figures += [touch, logged]
         figures.append(await measure("site create", site, None, requests, rounds))
+        figures.append(await measure_logins(site, requests, rounds))
     async with serving(SessionMiddleware(logme_app())) as wrapped:
         cookie = await request(wrapped, None)
         figures.append(await measure("middleware touch", wrapped, cookie, requests, rounds))

@@ -307,7 +307,8 @@ def test_micro_benchmark_measures_every_case_through_the_asgi_call(
     assert micro.main(argv) == 0
     rows = json.loads(out.read_text())
     assert [r["case"] for r in rows] == [
-        "bare", "site touch", "site create", "middleware touch", "middleware create",
+        "bare", "site touch", "site touch, logged in", "site create", "site login",
+        "middleware touch", "middleware create",
         "sqlite touch, 10 keys", "sqlite touch, 50 keys",
         "redis touch, 10 keys", "redis touch, 50 keys",
     ]  # fmt: skip
