@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,9 +21,9 @@ from bench.chart import write_chart  # noqa: E402
 from bench.figures import PRINCIPAL_TOUCH_TARGET, extra_calls, targets  # noqa: E402
 from bench.loadgen import WrkResult, ensure_wrk, login_script, wrk_command  # noqa: E402
 from bench.options import parse_options  # noqa: E402
-from bench.pg_traffic import PgCounts  # noqa: E402
+from bench.pg_traffic import PgCounts, PostgresHandle  # noqa: E402
 from bench.principal_report import principal_calls_table, principal_table  # noqa: E402
-from bench.redis_traffic import Monitored, PerRequest, RedisCounts  # noqa: E402
+from bench.redis_traffic import Monitored, PerRequest, RedisCounts, RedisHandle  # noqa: E402
 from bench.report import find_problems, raw_lines  # noqa: E402
 from bench.scenarios import (  # noqa: E402
     Bench,
@@ -279,3 +281,84 @@ def test_chart_draws_the_login_and_logged_in_bars_when_there_are_some(tmp_path: 
     plain = Results({"twisted": Outcome(touch=runs(10_000), create=[wrk(7_000)])}, [])
     write_chart(plain, opts, tmp_path / "without.png")
     assert (tmp_path / "without.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# ------------------------------------------------------------------ on the shared stores
+
+
+def short_bench(systems: str) -> Bench:
+    opts = parse_options(
+        ["--systems", systems, "--duration", "1", "--repeats", "1", "--warmup", "0",
+         "--create-warmup", "0", "--idle-seconds", "0.5", "--monitor-requests", "50"]
+    )  # fmt: skip
+    return Bench(opts, ensure_wrk(), None)
+
+
+@pytest.mark.slow
+def test_on_redis_a_logged_in_touch_sends_what_an_anonymous_one_does(redis_server: Any) -> None:
+    """lapse on a real redis-server: the login and both touch runs serve without errors
+    and count their round trips; one request at a time under MONITOR, a logged-in touch
+    sends the same client commands as an anonymous one (the principal comes with the
+    session's load: no extra round trip)."""
+    handle = RedisHandle(redis_server.url)
+    bench = short_bench("lapse-redis")
+    bench.redis = handle
+    outcome = Outcome()
+    system = SYSTEMS["lapse-redis"]
+    try:
+        bench_touch(bench, system, outcome)
+        bench_login(bench, system, outcome)
+    finally:
+        handle.close()
+    assert find_problems(bench, Results({"lapse-redis": outcome}, [])) == []
+    counts = outcome.redis
+    assert counts is not None and counts.logged_monitor is not None
+    assert len(counts.logged_touch.reads) == 1 and len(counts.login.reads) == 1
+    assert counts.monitor_client_commands == pytest.approx(1.0, abs=0.05)
+    assert counts.logged_monitor.client_commands == pytest.approx(
+        counts.monitor_client_commands, abs=0.05
+    )
+    assert counts.logged_monitor.names.keys() == counts.monitor_names.keys()
+
+
+@pytest.fixture(scope="module")
+def bench_postgres() -> Iterator[PostgresHandle]:
+    handle = PostgresHandle(["lapse-postgres"])
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+@pytest.mark.slow
+def test_on_postgres_a_logged_in_touch_runs_the_statements_an_anonymous_one_does(
+    bench_postgres: PostgresHandle,
+) -> None:
+    """lapse on the bench's PostgreSQL: login and both touch runs serve without errors and
+    count statements; touches one at a time run as many statements logged in as
+    anonymous (one load), so the principal costs no extra statement."""
+    bench = short_bench("lapse-postgres")
+    bench.postgres = bench_postgres
+    outcome = Outcome()
+    system = SYSTEMS["lapse-postgres"]
+    bench_touch(bench, system, outcome)
+    bench_login(bench, system, outcome)
+    assert find_problems(bench, Results({"lapse-postgres": outcome}, [])) == []
+    pg = outcome.postgres
+    assert pg is not None and pg.sequential_touch is not None
+    assert pg.sequential_logged_touch is not None
+    assert len(pg.statements_per_logged_touch) == 1 and len(pg.statements_per_login) == 1
+    assert pg.sequential_logged_touch == pytest.approx(pg.sequential_touch, abs=0.05)
+
+
+@pytest.mark.slow
+def test_on_sqlite_login_and_both_touches_run_on_a_shared_file() -> None:
+    """lapse on SQLite: the login route binds sessions in the store (still logged in after
+    each touch run), and every run serves without errors."""
+    bench = short_bench("lapse-sqlite")
+    outcome = Outcome()
+    system = SYSTEMS["lapse-sqlite"]
+    bench_touch(bench, system, outcome)
+    bench_login(bench, system, outcome)
+    assert find_problems(bench, Results({"lapse-sqlite": outcome}, [])) == []
+    assert (len(outcome.touch), len(outcome.touch_logged), len(outcome.login)) == (1, 1, 1)
