@@ -191,7 +191,8 @@ def login_cookie(port: int, system: System, user: str) -> str:
     if status != 200 or system.cookie is None or system.cookie not in cookies:
         raise RuntimeError(
             f"POST {LOGIN_PATH}?user={user} gave status {status}, Set-Cookie {set_cookies!r}; "
-            f"expected a {system.cookie} cookie"
+            f"expected 200 and a {system.cookie} cookie (500: e.g. a store without "
+            "principals)"
         )
     return f"{system.cookie}={cookies[system.cookie]}"
 
