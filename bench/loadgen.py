@@ -18,6 +18,9 @@ class WrkResult:
     non_2xx: int
     socket_errors: int
     p99_ms: float | None
+    server_cpu_us: float | None = None
+    """The server process's CPU time (user + system) per request during the run, in µs:
+    steadier than requests/s when other work shares the machine."""
 
     @property
     def errors(self) -> int:

@@ -252,6 +252,8 @@ async def touch_pair(site: App, requests: int, rounds: int) -> list[Figure]:
     """``site touch`` and ``site touch, logged in``, their rounds alternated."""
     anonymous = await request(site, None)
     logged = await request(site, None, "POST", "/login?user=bench-touch")
+    if anonymous is None or logged is None:
+        raise RuntimeError("the first GET or the login set no session cookie")
     figures = [Figure("site touch", requests, []), Figure("site touch, logged in", requests, [])]
     for i in range(rounds):
         pair = list(zip(figures, (anonymous, logged), strict=True))

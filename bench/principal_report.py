@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 
 from bench.figures import create_rps, logged_touch_rps, login_rps, median_or_none, ratio, touch_rps
+from bench.loadgen import WrkResult
 from bench.scenarios import Outcome, Results
 from bench.systems import SYSTEMS
 
@@ -109,4 +110,38 @@ def principal_calls_table(results: Results) -> list[str]:
                 f"| {_num(pg.sequential_touch, '.2f')} "
                 f"| {_num(pg.sequential_logged_touch, '.2f')} |"
             )
+    return lines if found else []
+
+
+def _cpu(results: list[WrkResult]) -> float | None:
+    return median_or_none([r.server_cpu_us for r in results])
+
+
+def _difference(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None else f"{a - b:+.1f}"
+
+
+def principal_cpu_table(results: Results) -> list[str]:
+    """The server process's CPU µs per request (medians of the runs) of each kind, and
+    what a login adds to a create and a logged-in touch to an anonymous one: the cost of
+    the principal index in the lapse process, steadier than requests/s on a busy machine."""
+    rows = [(k, o) for k, o in results.outcomes.items() if o.login or o.touch_logged]
+    lines = [
+        "| System | create µs | login µs | login - create | touch µs | logged-in touch µs "
+        "| logged-in - touch | logged-in / touch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    found = False
+    for key, o in rows:
+        create, login = _cpu(o.create), _cpu(o.login)
+        touch = _cpu([r.result for r in o.touch])
+        logged = _cpu([r.result for r in o.touch_logged])
+        if all(v is None for v in (create, login, touch, logged)):
+            continue
+        found = True
+        lines.append(
+            f"| {SYSTEMS[key].label} | {_num(create, '.1f')} | {_num(login, '.1f')} "
+            f"| {_difference(login, create)} | {_num(touch, '.1f')} | {_num(logged, '.1f')} "
+            f"| {_difference(logged, touch)} | {_times(ratio(logged, touch))} |"
+        )
     return lines if found else []

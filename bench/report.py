@@ -26,7 +26,7 @@ from bench.loadgen import WrkResult
 from bench.options import Options
 from bench.pg_traffic import postgres_table
 from bench.principal_report import TITLE as PRINCIPAL_TITLE
-from bench.principal_report import principal_calls_table, principal_table
+from bench.principal_report import principal_calls_table, principal_cpu_table, principal_table
 from bench.scenarios import Bench, Results, TouchRun
 from bench.systems import CLUSTER, REFERENCE, REPO_DIR, SINGLE_REDIS, SYSTEMS, System
 
@@ -275,8 +275,8 @@ def targets_lines(found: list[Target]) -> list[str]:
 def raw_lines(results: Results) -> list[str]:
     lines = [
         "| System | Figure | Repeats (requests/s) | p99 (ms) | Requests | Non-2xx "
-        "| Socket errors |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| Socket errors | server CPU µs/request |",
+        "|---|---|---|---|---:|---:|---:|---|",
     ]
     for key, o in results.outcomes.items():
         series = (
@@ -295,7 +295,8 @@ def raw_lines(results: Results) -> list[str]:
             lines.append(
                 f"| {SYSTEMS[key].label} | {figure} | {repeats} | {p99s} "
                 f"| {sum(r.requests for r in runs):,} | {sum(r.non_2xx for r in runs)} "
-                f"| {sum(r.socket_errors for r in runs)} |"
+                f"| {sum(r.socket_errors for r in runs)} "
+                f"| {', '.join(num(r.server_cpu_us, '.1f') for r in runs)} |"
             )
     memory = [(k, o) for k, o in results.outcomes.items() if o.memory]
     if memory:
@@ -460,6 +461,11 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
             ),
         ),
         (PRINCIPAL_TITLE, principal_table(results)),
+        (
+            "## Principal index: the lapse server's CPU time per request (user + system, "
+            "/proc/PID/stat around each wrk run; the store's own process not included)",
+            principal_cpu_table(results),
+        ),
         (
             "## Principal index: store calls per request (idle rate subtracted; one at a "
             "time: sequential touches on one connection)",

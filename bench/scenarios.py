@@ -4,6 +4,7 @@ lateness; each measured on fresh servers and kept in one Outcome per system."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,6 +43,7 @@ from bench.systems import (
     REFERENCE,
     SYSTEMS,
     System,
+    cpu_seconds,
     login_cookie,
     principal_of,
     running_server,
@@ -67,6 +69,8 @@ class Bench:
     """The Redis Cluster of the cluster systems."""
     postgres: PostgresHandle | None = None
     """The PostgreSQL of the PostgreSQL systems (a database each)."""
+    pids: dict[int, int] = field(default_factory=dict)
+    """The servers running, by port: their PIDs."""
 
     def redis_for(self, system: System) -> RedisTarget | None:
         """The Redis that ``system`` runs on (None: not a Redis system)."""
@@ -77,8 +81,15 @@ class Bench:
     def run_wrk(
         self, port: int, seconds: int, cookie: str | None, script: Path | None = None
     ) -> WrkResult:
+        """One wrk run; on a server started by ``server``, with its CPU time per request."""
         opts = self.opts
-        return run_wrk(self.wrk, opts.threads, opts.connections, port, seconds, cookie, script)
+        pid = self.pids.get(port)
+        before = cpu_seconds(pid) if pid else 0.0
+        result = run_wrk(self.wrk, opts.threads, opts.connections, port, seconds, cookie, script)
+        if not pid or not result.requests:
+            return result
+        cpu = (cpu_seconds(pid) - before) / result.requests * 1e6
+        return dataclasses.replace(result, server_cpu_us=cpu)
 
     def postgres_url(self, system: System) -> str | None:
         """The system's database, made empty (None: not a PostgreSQL system)."""
@@ -106,7 +117,11 @@ class Bench:
                         f"{system.label}: started with {seen[-1] if seen else '?'} "
                         f"extra live sessions, expected {extra:,}"
                     )
-            yield server.port
+            self.pids[server.port] = server.pid
+            try:
+                yield server.port
+            finally:
+                self.pids.pop(server.port, None)
 
 
 @dataclass(frozen=True)

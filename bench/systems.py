@@ -210,6 +210,15 @@ def principal_of(port: int, cookie: str) -> str:
         conn.close()
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process ``pid`` has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
@@ -392,6 +401,7 @@ class RunningServer:
     port: int
     log: Path
     """The server's stderr."""
+    pid: int = 0
 
     def live_counts(self) -> list[int]:
         """The live-session counts the server printed (lapse and Twisted with extra sessions)."""
@@ -428,6 +438,6 @@ def running_server(
             )
             try:
                 wait_until_answering(proc, port, log, 30 + 90 * extra / 1e6)
-                yield RunningServer(port, log)
+                yield RunningServer(port, log, proc.pid)
             finally:
                 stop(proc)

@@ -22,7 +22,11 @@ from bench.figures import PRINCIPAL_TOUCH_TARGET, extra_calls, targets  # noqa: 
 from bench.loadgen import WrkResult, ensure_wrk, login_script, wrk_command  # noqa: E402
 from bench.options import parse_options  # noqa: E402
 from bench.pg_traffic import PgCounts, PostgresHandle  # noqa: E402
-from bench.principal_report import principal_calls_table, principal_table  # noqa: E402
+from bench.principal_report import (  # noqa: E402
+    principal_calls_table,
+    principal_cpu_table,
+    principal_table,
+)
 from bench.redis_traffic import Monitored, PerRequest, RedisCounts, RedisHandle  # noqa: E402
 from bench.report import find_problems, raw_lines  # noqa: E402
 from bench.scenarios import (  # noqa: E402
@@ -49,8 +53,9 @@ from bench.systems import (  # noqa: E402
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def wrk(rps: float, p99: float = 1.0, non_2xx: int = 0) -> WrkResult:
-    return WrkResult(rps=rps, requests=int(rps), non_2xx=non_2xx, socket_errors=0, p99_ms=p99)
+def wrk(rps: float, p99: float = 1.0, non_2xx: int = 0, cpu: float | None = None) -> WrkResult:
+    return WrkResult(rps=rps, requests=int(rps), non_2xx=non_2xx, socket_errors=0, p99_ms=p99,
+                     server_cpu_us=cpu)  # fmt: skip
 
 
 def runs(*rates: float, kept: bool = True) -> list[TouchRun]:
@@ -136,12 +141,15 @@ def test_scenarios_on_memory_give_login_and_both_touches_with_sane_numbers() -> 
     assert all(run.kept for run in outcome.touch + outcome.touch_logged)
     for result in [r.result for r in outcome.touch + outcome.touch_logged]:
         assert result.requests > 0 and result.rps > 0 and result.errors == 0
+        assert result.server_cpu_us is not None and result.server_cpu_us > 0
     for result in outcome.create + outcome.login:
         assert result.requests > 0 and result.rps > 0 and result.errors == 0
+        assert result.server_cpu_us is not None and result.server_cpu_us > 0
     results = Results({"lapse-memory": outcome}, [])
     assert find_problems(bench, results) == []
     row = principal_table(results)[2]
     assert row.startswith("| lapse (memory) |") and row.endswith("| 2/2 |")
+    assert principal_cpu_table(results)[2].startswith("| lapse (memory) |")
 
 
 def test_no_principals_leaves_the_touch_step_as_it_was() -> None:
@@ -270,6 +278,20 @@ def test_calls_table_gives_each_kind_of_request_under_wrk_and_one_at_a_time() ->
     )
     assert len(lines) == 5
     assert principal_calls_table(Results({"twisted": Outcome(touch=runs(1.0))}, [])) == []
+
+
+def test_cpu_table_gives_what_a_login_and_a_logged_in_touch_add_in_the_server() -> None:
+    """The server's CPU µs per request, medians of the runs: login - create and logged-in -
+    touch, and their ratio; a system whose runs have no CPU figure has no row."""
+    outcome = Outcome(
+        touch=[TouchRun(wrk(30_000, cpu=c), True) for c in (30.0, 31.0, 32.0)],
+        touch_logged=[TouchRun(wrk(29_000, cpu=c), True) for c in (31.0, 32.0, 33.0)],
+        create=[wrk(20_000, cpu=c) for c in (40.0, 41.0, 42.0)],
+        login=[wrk(15_000, cpu=c) for c in (60.0, 61.5, 90.0)],
+    )
+    lines = principal_cpu_table(Results({**canned().outcomes, "lapse-memory": outcome}, []))
+    assert lines[2:] == ["| lapse (memory) | 41.0 | 61.5 | +20.5 | 31.0 | 32.0 | +1.0 | 1.03x |"]
+    assert principal_cpu_table(canned()) == []
 
 
 def test_chart_draws_the_login_and_logged_in_bars_when_there_are_some(tmp_path: Path) -> None:
