@@ -220,17 +220,32 @@ def logged_touch_once(
     return touch
 
 
+def logged_in_failed(b: Bench, system: System, outcome: Outcome, exc: Exception) -> None:
+    """A login or logged-in touch failed: a problem of the run; the anonymous runs of the
+    step go on without the logged-in ones."""
+    label = f"{system.label}: logged-in touch"
+    b.problems.append(
+        f"{label} failed (the anonymous touch runs went on): {type(exc).__name__}: {exc}"
+    )
+    outcome.failed.append(label)
+
+
 def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
     """The touch runs; on a lapse seed with the principal figures, each repeat is a run
     on an anonymous session and one on a logged-in session, on the same server, the
-    order alternating, so that drift on the machine hits both alike."""
+    order alternating, so that drift on the machine hits both alike. If a login or a
+    logged-in run fails, the anonymous runs go on alone."""
     opts = b.opts
     logins = principals_measured(b, system)
     with b.server(system, login=logins) as port:
         if opts.warmup > 0:
             touch_once(b, system, port, opts.warmup)
             if logins:
-                logged_touch_once(b, system, port, opts.warmup, "bench-warmup", None)
+                try:
+                    logged_touch_once(b, system, port, opts.warmup, "bench-warmup", None)
+                except Exception as exc:
+                    logged_in_failed(b, system, outcome, exc)
+                    logins = False
         redis = b.redis_for(system)
         if system.postgres and b.postgres is not None:
             pg = outcome.postgres = outcome.postgres or PgCounts()
@@ -244,7 +259,12 @@ def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
             order = [False, True] if logins else [False]
             for logged in order if i % 2 == 0 else reversed(order):
                 if logged:
-                    logged_touch_once(b, system, port, opts.duration, f"bench-touch-{i}", outcome)
+                    user = f"bench-touch-{i}"
+                    try:
+                        logged_touch_once(b, system, port, opts.duration, user, outcome)
+                    except Exception as exc:
+                        logged_in_failed(b, system, outcome, exc)
+                        logins = False
                     continue
                 cookie = session_cookie(port, system)
                 run = partial(b.run_wrk, port, opts.duration, cookie)
@@ -260,17 +280,26 @@ def sequential_phase(b: Bench, system: System, port: int, outcome: Outcome, logi
     n = b.opts.monitor_requests
     redis = b.redis_for(system)
     if redis is not None and outcome.redis is not None:
-        measure_monitored(redis, port, system, n, outcome.redis)
+        counts = outcome.redis
+        measure_monitored(redis, port, system, n, counts)
         if logins:
-            cookie = login_cookie(port, system, "bench-monitor")
-            outcome.redis.logged_monitor = monitor_touches(redis, port, cookie, n, outcome.redis)
+            try:
+                cookie = login_cookie(port, system, "bench-monitor")
+            except Exception as exc:
+                logged_in_failed(b, system, outcome, exc)
+                return
+            counts.logged_monitor = monitor_touches(redis, port, cookie, n, counts)
     elif system.postgres and b.postgres is not None and outcome.postgres is not None:
         pg = outcome.postgres
         pg.sequential_requests = n
         anonymous = session_cookie(port, system)
         pg.sequential_touch = sequential_statements(b.postgres, system, port, anonymous, n, pg)
         if logins:
-            cookie = login_cookie(port, system, "bench-sequential")
+            try:
+                cookie = login_cookie(port, system, "bench-sequential")
+            except Exception as exc:
+                logged_in_failed(b, system, outcome, exc)
+                return
             pg.sequential_logged_touch = sequential_statements(
                 b.postgres, system, port, cookie, n, pg
             )

@@ -152,6 +152,29 @@ def test_scenarios_on_memory_give_login_and_both_touches_with_sane_numbers() -> 
     assert principal_cpu_table(results)[2].startswith("| lapse (memory) |")
 
 
+@pytest.mark.slow
+def test_a_failing_login_costs_the_logged_in_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If logging in fails (a store without principals answers 500), the touch step says
+    so once under Problems and still measures every anonymous run."""
+    from bench import scenarios
+
+    def refused(port: int, system: object, user: str) -> str:
+        raise RuntimeError(f"POST /login?user={user} gave status 500")
+
+    monkeypatch.setattr(scenarios, "login_cookie", refused)
+    opts = parse_options(["--duration", "1", "--repeats", "2", "--warmup", "0"])
+    bench = Bench(opts, ensure_wrk(), None)
+    outcome = Outcome()
+    bench_touch(bench, SYSTEMS["lapse-memory"], outcome)
+    assert (len(outcome.touch), outcome.touch_logged) == (2, [])
+    assert all(run.kept for run in outcome.touch)
+    assert bench.problems == [
+        "lapse (memory): logged-in touch failed (the anonymous touch runs went on): "
+        "RuntimeError: POST /login?user=bench-touch-0 gave status 500"
+    ]
+    assert outcome.failed == ["lapse (memory): logged-in touch"]
+
+
 def test_no_principals_leaves_the_touch_step_as_it_was() -> None:
     """--no-principals: the touch step runs only anonymous sessions (on the unchanged
     seed), and no principal target is listed."""
