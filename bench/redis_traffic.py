@@ -385,8 +385,7 @@ def counted(
     after = redis.snapshot()
     elapsed = after.at - before.at
     requests = max(result.requests, 1)
-    reads = after.client_reads() - before.client_reads() - after.infos
-    reads -= counts.idle_reads * elapsed
+    reads = after.client_reads() - before.client_reads() - after.infos - counts.idle_reads * elapsed
     commands = after.commands() - before.commands() - counts.idle_commands * elapsed
     into.reads.append(reads / requests)
     into.commands.append(commands / requests)

@@ -196,10 +196,10 @@ def metered(
             "create": pg.statements_per_create,
             "login": pg.statements_per_login,
         }[kind]
-        before = b.postgres.snapshot(system)
+        start = b.postgres.snapshot(system)
         result = run()
-        after = b.postgres.snapshot(system)
-        statements.append(per_request(pg, before, after, result.requests))
+        end = b.postgres.snapshot(system)
+        statements.append(per_request(pg, start, end, result.requests))
         return result
     return run()
 

@@ -347,8 +347,8 @@ def server_command(
         else:
             assert redis_url is not None
             env["LAPSE_SESSION_STORE"] = redis_store_url(redis_url, f"bench-{secrets.token_hex(4)}")
-        script = lapse_script(port, workdir, extra, session_timeout, login)
-        return [py, str(script)], env
+        seed = lapse_script(port, workdir, extra, session_timeout, login)
+        return [py, str(seed)], env
     if login:
         raise RuntimeError(f"{system.key} has no login route")
     if system.kind == "twisted":
