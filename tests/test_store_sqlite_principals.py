@@ -18,7 +18,7 @@ import pytest
 from _store_sqlite import bind_in_process, run, with_store
 from conftest import FakeClock
 
-from lapse.sessions.store import MAX_PRINCIPAL_LENGTH
+from lapse.sessions.store import MAX_PRINCIPAL_LENGTH, TooManySessions
 from lapse.sessions.stores.sqlite import SQLiteStore
 from lapse.sessions.stores.sqlite.queries import SQL
 
@@ -111,6 +111,42 @@ def test_50_logins_from_two_real_processes_never_exceed_the_cap(tmp_path: Path) 
         assert sum([await store.exists(uid) for uid in uids]) == 3
 
     with_store(db, lambda: 1000.0, check)
+
+
+def test_refuse_lets_an_already_bound_session_through_even_over_a_lowered_limit(
+    db: str, clock: FakeClock
+) -> None:
+    """Binding a session again to its own principal is not a new login: under
+    refuse it is let through, changing nothing, even when the principal has
+    more live sessions than a limit lowered since; a new login is refused."""
+
+    async def body(store: SQLiteStore) -> None:
+        for uid in ("u1", "u2", "u3", "u4"):
+            await store.create(uid, 60, {})
+            await store.set_principal(uid, "alice")
+        assert await store.set_principal("u1", "alice", limit=2, refuse=True) == []
+        assert len(await store.sessions_of("alice")) == 3 + 1
+        await store.create("u5", 60, {})
+        with pytest.raises(TooManySessions):
+            await store.set_principal("u5", "alice", limit=2, refuse=True)
+        assert len(await store.sessions_of("alice")) == 4
+
+    with_store(db, clock, body)
+
+
+def test_expire_principal_spares_the_session_an_old_uid_names(db: str, clock: FakeClock) -> None:
+    """except_uid may be an old uid within its grace (a request that loaded
+    the session before another rotated it): the session it names is kept."""
+
+    async def body(store: SQLiteStore) -> None:
+        for uid in ("u1", "u2"):
+            await store.create(uid, 60, {})
+            await store.set_principal(uid, "alice")
+        assert await store.rotate("u1", "u1-new", 10)
+        assert await store.expire_principal("alice", except_uid="u1") == ["u2"]
+        assert await _uids_of(store, "alice") == ["u1-new"]
+
+    with_store(db, clock, body)
 
 
 # -- hostile principals ------------------------------------------------------------
