@@ -113,23 +113,24 @@ def test_50_logins_from_two_real_processes_never_exceed_the_cap(tmp_path: Path) 
     with_store(db, lambda: 1000.0, check)
 
 
-def test_refuse_lets_an_already_bound_session_through_even_over_a_lowered_limit(
+def test_a_lowered_limit_refuses_or_supersedes_even_an_already_bound_session(
     db: str, clock: FakeClock
 ) -> None:
-    """Binding a session again to its own principal is not a new login: under
-    refuse it is let through, changing nothing, even when the principal has
-    more live sessions than a limit lowered since; a new login is refused."""
+    """A session already bound counts as one of the limit (as in the memory
+    store): with more live sessions than a limit lowered since, binding it
+    again is refused (nothing changed), or ends the least recently used
+    others down to the limit; sessions_of ties are ordered by uid."""
 
     async def body(store: SQLiteStore) -> None:
-        for uid in ("u1", "u2", "u3", "u4"):
+        for uid in ("u4", "u3", "u2", "u1"):
             await store.create(uid, 60, {})
             await store.set_principal(uid, "alice")
-        assert await store.set_principal("u1", "alice", limit=2, refuse=True) == []
-        assert len(await store.sessions_of("alice")) == 3 + 1
-        await store.create("u5", 60, {})
+        assert await _uids_of(store, "alice") == ["u1", "u2", "u3", "u4"]  # one instant
         with pytest.raises(TooManySessions):
-            await store.set_principal("u5", "alice", limit=2, refuse=True)
+            await store.set_principal("u1", "alice", limit=2, refuse=True)
         assert len(await store.sessions_of("alice")) == 4
+        assert await store.set_principal("u1", "alice", limit=2) == ["u2", "u3"]
+        assert await _uids_of(store, "alice") == ["u1", "u4"]
 
     with_store(db, clock, body)
 

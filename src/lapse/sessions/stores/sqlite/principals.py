@@ -51,10 +51,12 @@ class Principals:
         more than ``limit``, raises :class:`TooManySessions` writing nothing
         (``refuse``), or ends the least recently used of them (by last
         access, then uid) as ``expire`` does, with cause ``"superseded"``;
-        the uids so ended. A session already bound to ``principal`` is not a
-        new login: under ``refuse`` it is let through, changing nothing.
-        Two calls in any processes are serialized by the file's write lock,
-        so they never leave more than ``limit`` live sessions bound.
+        the uids so ended. A session already bound to ``principal`` counts as
+        one of the ``limit`` (so binding it again is refused only if the
+        principal has more live sessions than ``limit``, a limit lowered
+        since, as the memory store does). Two calls in any processes are
+        serialized by the file's write lock, so they never leave more than
+        ``limit`` live sessions bound.
         """
         if principal is not None:
             check_principal(principal)
@@ -70,9 +72,6 @@ class Principals:
                 others = [row[0] for row in _live_rows(conn, principal, now) if row[0] != live]
                 excess = len(others) + 1 - limit
                 if excess > 0:
-                    (bound,) = conn.execute(SQL.principal_of, (live,)).fetchone()
-                    if refuse and bound == principal:
-                        return []
                     if refuse:
                         raise TooManySessions(principal, limit)
                     superseded = others[:excess]
@@ -86,13 +85,14 @@ class Principals:
 
     async def sessions_of(self, principal: str) -> list[SessionInfo]:
         """The live sessions bound to ``principal`` (deadline ahead), most
-        recently used first (then by uid, descending), touching none; found
-        through the index, so the cost is that principal's rows alone."""
+        recently used first (then by uid), touching none; found through the
+        index, so the cost is that principal's rows alone."""
         check_principal(principal)
 
         def sessions_of(conn: sqlite3.Connection, now: float) -> list[SessionInfo]:
-            rows = _live_rows(conn, principal, now)
-            return [session_info(conn, row) for row in reversed(rows)]
+            infos = [session_info(conn, row) for row in _live_rows(conn, principal, now)]
+            infos.sort(key=lambda info: (-info.last_access, info.uid))
+            return infos
 
         return await self._runner.call(sessions_of, write=False)
 

@@ -55,7 +55,6 @@ class Queries:
     bump_version: str
     select_version: str
     end_session: str
-    principal_of: str
     bind_principal: str
     sessions_of: str
     due_live: str

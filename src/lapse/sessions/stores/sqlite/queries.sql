@@ -103,10 +103,6 @@ UPDATE sessions SET ended = 1, cause = ?, deadline = ?,
 
 -- principals -------------------------------------------------------------------
 
--- name: principal_of
--- (uid) -> the principal the session is bound to, or NULL
-SELECT principal FROM sessions WHERE uid = ?;
-
 -- name: bind_principal
 -- (principal or NULL, uid)
 UPDATE sessions SET principal = ? WHERE uid = ?;
