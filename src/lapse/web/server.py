@@ -41,6 +41,7 @@ from lapse.web._target import split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
 from lapse.web.resource import ErrorPage, getChildForRequest
+from lapse.web.websocket import serve_websocket
 
 __all__ = ["NOT_DONE_YET", "Request", "Session", "Site", "version"]
 
@@ -241,7 +242,7 @@ class Site(HTTPSessions):
             if kind == "lifespan":
                 await self._serve_lifespan(receive, send)
             elif kind == "websocket":
-                await send({"type": "websocket.close", "code": 1003})
+                await serve_websocket(self, scope, receive, send)
             return
         # HTTP, written out here rather than in methods of its own: this is
         # every request's path, and each call and coroutine layer costs.
