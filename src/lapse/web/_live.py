@@ -131,7 +131,8 @@ class SocketLink:
         self._lock = asyncio.Lock()
         self.accepted = False
         self.closed = False
-        """The close was sent (by the app or by lapse), or the client left."""
+        """The close was sent (by the app or by lapse), or the app was told
+        the client left."""
         self.ended_by: tuple[int, str] | None = None
         """The code and reason lapse closed the socket with, if it did."""
         self._closing: asyncio.Task[None] | None = None
@@ -145,7 +146,7 @@ class SocketLink:
             self._pump = asyncio.ensure_future(self._read())
         message = await self._queue.get()
         if message["type"] == "websocket.disconnect":
-            self._gone = True
+            self._gone = self.closed = True
             self._last = message
         return message
 
@@ -160,8 +161,6 @@ class SocketLink:
                     return
                 if self._on_message is not None:
                     self._on_message()
-            elif kind == "websocket.disconnect":
-                self.closed = True
             elif kind == "websocket.connect" and self._skip_connect:
                 continue
             await self._queue.put(message)

@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from inspect import isawaitable
 from typing import Any
 
+from lapse.internet.error import ConnectionDone
 from lapse.internet.interfaces import IReactorTime
 from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
 from lapse.sessions import (
@@ -34,6 +36,7 @@ from lapse.sessions import (
     current_visit,
 )
 from lapse.web._access import access_log, log_access
+from lapse.web._live import bind
 from lapse.web._plumbing import UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
@@ -409,9 +412,17 @@ class Site(HTTPSessions):
         """Send a ``NOT_DONE_YET`` response as it is written, until finished."""
         wakeup = request._wakeup = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch_disconnect(request, receive))
+        # The response ends with its session (see _end_stream).
+        unbind = [bind(s, partial(_end_stream, request)) for s in self._used_sessions(request)]
         try:
             while True:
                 if request._disconnected:
+                    if getattr(request, "_session_ended", False):
+                        if not request._headers_sent:
+                            await send(request._start_message(None))
+                        body = request._take_chunks()
+                        await send({"type": "http.response.body", "body": body})
+                        log_access(request)
                     return
                 if not request.finished and not request._chunks:
                     await wakeup.wait()
@@ -432,6 +443,8 @@ class Site(HTTPSessions):
                     log_access(request)
                     return
         finally:
+            for each in unbind:
+                each()
             watcher.cancel()
 
     @staticmethod
@@ -444,6 +457,22 @@ class Site(HTTPSessions):
 
     def __repr__(self) -> str:
         return f"<Site {len(self.sessions)} live sessions, root {self.resource!r}>"
+
+
+def _end_stream(request: Request) -> None:
+    """A streamed (``NOT_DONE_YET``) response's session ended: the response
+    ends (what was written is sent, then the end of the body); later writes
+    are dropped, ``finish()`` raises as after a lost connection, and
+    ``notifyFinish()`` fails with ``ConnectionDone("the session ended")``."""
+    if request.finished or request._disconnected:
+        return
+    request._session_ended = True  # type: ignore[attr-defined]
+    request._disconnected = True
+    if request._wakeup is not None:
+        request._wakeup.set()
+    notices, request._finish_notices = request._finish_notices, None
+    for notice in notices or ():
+        notice.errback(ConnectionDone("the session ended"))
 
 
 _REASONS = {
