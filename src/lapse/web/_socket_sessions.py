@@ -67,7 +67,7 @@ async def serve_websocket(
         keeper.start()
     secure, uid = middleware._read_headers(scope)
     origin, host = _origin_and_host(scope)
-    if not origin_allowed(origin, host, secure, middleware.allowed_origins):
+    if not origin_allowed(origin, host, middleware.allowed_origins):
         log.info("WebSocket refused: Origin %r is not this site's", origin)
         await refuse(scope, send, 403, "This origin may not open WebSockets here.")
         return

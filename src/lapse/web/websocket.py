@@ -77,12 +77,11 @@ def _host_port(netloc: str, scheme: str) -> tuple[str, int | None]:
     return (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)
 
 
-def origin_allowed(
-    origin: bytes | None, host: bytes | None, secure: bool, allowed: Iterable[str] = ()
-) -> bool:
+def origin_allowed(origin: bytes | None, host: bytes | None, allowed: Iterable[str] = ()) -> bool:
     """Whether a handshake with ``Origin: origin`` may open a socket on the
     site at ``Host: host``: no Origin (not a browser), the site's own
-    origin, or one listed in ``allowed`` (exact, or ``"*"`` for any)."""
+    (the same host and port: not the scheme, which a proxy ending TLS
+    changes), or one listed in ``allowed`` (exact, or ``"*"`` for any)."""
     if origin is None:
         return True
     text = origin.decode("latin-1").strip().lower().rstrip("/")
@@ -94,8 +93,9 @@ def origin_allowed(
     scheme, _, netloc = text.partition("://")
     if not netloc or scheme not in _DEFAULT_PORTS:
         return False
-    own = _host_port(host.decode("latin-1"), "https" if secure else "http")
-    return _host_port(netloc, scheme) == own
+    # The Host without a port is the default one of the scheme the browser
+    # used, which TLS ended by a proxy hides from us: the Origin's own.
+    return _host_port(netloc, scheme) == _host_port(host.decode("latin-1"), scheme)
 
 
 class WebSocket:
@@ -256,7 +256,7 @@ async def serve_websocket(site: Site, scope: Scope, receive: Receive, send: Send
             return
         origin = request.getHeader(b"origin")
         host = request.getHeader(b"host")
-        if not origin_allowed(origin, host, request.isSecure(), resource.allowed_origins):
+        if not origin_allowed(origin, host, resource.allowed_origins):
             log.info("WebSocket refused: Origin %r is not this site's", origin)
             await refuse(scope, send, 403, "This origin may not open WebSockets here.")
             return
