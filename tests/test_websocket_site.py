@@ -205,7 +205,7 @@ def test_busy_socket_touches_at_most_once_per_tenth_of_the_timeout() -> None:
 def test_rotated_session_keeps_its_socket_which_follows_the_new_uid() -> None:
     async def scenario() -> None:
         clock = Clock()
-        site, echo, _ = make_site(clock)
+        site, _, _ = make_site(clock)
         uid, cookie = await login(site)
         socket = FakeSocket(ws_scope(cookie=cookie)).connect(site)
         await socket.wait_for("websocket.accept")
