@@ -23,7 +23,9 @@ from lapse.internet.task import Clock
 from lapse.web._live import bound_count
 
 
-def make_app(clock: Clock | None = None, **options: Any) -> tuple[SessionMiddleware, dict[str, Any]]:
+def make_app(
+    clock: Clock | None = None, **options: Any
+) -> tuple[SessionMiddleware, dict[str, Any]]:
     seen: dict[str, Any] = {"received": [], "disconnect": None, "generated": 0}
 
     async def login(request: Request) -> PlainTextResponse:
