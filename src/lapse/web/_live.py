@@ -11,7 +11,8 @@
   1008, the app's ``receive`` sees the close, its later sends dropped), with
   a message size limit (close 1009) and a hook per message received.
 - :class:`StreamLink`: the same for an HTTP response streamed under the
-  middleware (the body ended, ``receive`` sees ``http.disconnect``).
+  middleware (the body ended, ``receive`` sees ``http.disconnect``);
+  :func:`end_stream`, for a Site's ``NOT_DONE_YET`` response.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ import logging
 import weakref
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
+from lapse.internet.error import ConnectionDone
 from lapse.sessions import Session
 from lapse.web._types import Message, Receive, Send
 
-__all__ = ["SESSION_ENDED", "SocketLink", "StreamLink", "bind", "keep_alive"]
+if TYPE_CHECKING:
+    from lapse.web._request import Request
+
+__all__ = ["SESSION_ENDED", "SocketLink", "StreamLink", "bind", "end_stream", "keep_alive"]
 
 log = logging.getLogger("lapse.web")
 
@@ -95,6 +101,22 @@ def message_size(message: Message) -> int:
         return len(data)
     text = message.get("text") or ""
     return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def end_stream(request: Request) -> None:
+    """A streamed (``NOT_DONE_YET``) response's session ended: the response
+    ends (what was written is sent, then the end of the body); later writes
+    are dropped, ``finish()`` raises as after a lost connection, and
+    ``notifyFinish()`` fails with ``ConnectionDone("the session ended")``."""
+    if request.finished or request._disconnected:
+        return
+    request._session_ended = True  # type: ignore[attr-defined]
+    request._disconnected = True
+    if request._wakeup is not None:
+        request._wakeup.set()
+    notices, request._finish_notices = request._finish_notices, None
+    for notice in notices or ():
+        notice.errback(ConnectionDone("the session ended"))
 
 
 class SocketLink:

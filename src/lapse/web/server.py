@@ -25,19 +25,19 @@ from functools import partial
 from inspect import isawaitable
 from typing import Any
 
-from lapse.internet.error import ConnectionDone
 from lapse.internet.interfaces import IReactorTime
 from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
 from lapse.sessions import (
     ExpiryHook,
     Session,
+    SessionConflict,
     SessionStore,
     StoreUnavailable,
     current_visit,
 )
 from lapse.web._access import access_log, log_access
-from lapse.web._live import bind
-from lapse.web._plumbing import UNAVAILABLE, HTTPSessions, SessionAnswer
+from lapse.web._live import bind, end_stream
+from lapse.web._plumbing import CONFLICT, UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
 from lapse.web._target import split_path
@@ -86,6 +86,12 @@ class Site(HTTPSessions):
     - ``max_sessions``: at most this many live sessions (memory store only;
       None, the default, for no cap): making one more first ends the one
       closest to its end (least recently used), with cause ``"evicted"``.
+    - ``max_sessions_per_principal``: at most this many live sessions per
+      principal (``session.set_principal``; None, the default, for no cap),
+      on every store, atomically across processes; one login too many ends
+      the least recently used other (cause ``"superseded"``), or, with
+      ``principal_policy="refuse"``, raises
+      :class:`~lapse.sessions.TooManySessions` from ``set_principal``.
     - ``max_body_size``, ``max_uri_length``, ``max_header_size`` (one
       header's value), ``max_headers_total`` (all headers): request limits,
       in bytes; past them the answer is 413, 414 or 431.
@@ -124,6 +130,8 @@ class Site(HTTPSessions):
         on_expire: ExpiryHook | None = None,
         rotation_grace: float = 0.0,
         max_sessions: int | None = None,
+        max_sessions_per_principal: int | None = None,
+        principal_policy: str = "supersede",
         requestFactory: Callable[[Site, Scope], Request] | None = None,
     ) -> None:
         if isinstance(reactor, type):
@@ -145,7 +153,16 @@ class Site(HTTPSessions):
         self.keep_alive_timeout = keep_alive_timeout
         self.max_connections = max_connections
         self.http_limits()  # a bad value is a ValueError here, not when serving
-        self._host_sessions(reactor, store, on_expire, cookie_name, rotation_grace, max_sessions)
+        self._host_sessions(
+            reactor,
+            store,
+            on_expire,
+            cookie_name,
+            rotation_grace,
+            max_sessions,
+            max_sessions_per_principal,
+            principal_policy,
+        )
 
     def http_limits(self) -> HTTPLimits:
         """The connection limits lapse's reactor enforces for this site."""
@@ -309,6 +326,10 @@ class Site(HTTPSessions):
             except StoreUnavailable:
                 self._answer(request, UNAVAILABLE)
                 result = None
+            except SessionConflict as exc:  # (await session.set_principal() on an ended one)
+                log.info("%s", exc)
+                self._answer(request, CONFLICT)
+                result = None
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -412,8 +433,8 @@ class Site(HTTPSessions):
         """Send a ``NOT_DONE_YET`` response as it is written, until finished."""
         wakeup = request._wakeup = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch_disconnect(request, receive))
-        # The response ends with its session (see _end_stream).
-        unbind = [bind(s, partial(_end_stream, request)) for s in self._used_sessions(request)]
+        # The response ends with its session (see end_stream).
+        unbind = [bind(s, partial(end_stream, request)) for s in self._used_sessions(request)]
         try:
             while True:
                 if request._disconnected:
@@ -457,22 +478,6 @@ class Site(HTTPSessions):
 
     def __repr__(self) -> str:
         return f"<Site {len(self.sessions)} live sessions, root {self.resource!r}>"
-
-
-def _end_stream(request: Request) -> None:
-    """A streamed (``NOT_DONE_YET``) response's session ended: the response
-    ends (what was written is sent, then the end of the body); later writes
-    are dropped, ``finish()`` raises as after a lost connection, and
-    ``notifyFinish()`` fails with ``ConnectionDone("the session ended")``."""
-    if request.finished or request._disconnected:
-        return
-    request._session_ended = True  # type: ignore[attr-defined]
-    request._disconnected = True
-    if request._wakeup is not None:
-        request._wakeup.set()
-    notices, request._finish_notices = request._finish_notices, None
-    for notice in notices or ():
-        notice.errback(ConnectionDone("the session ended"))
 
 
 _REASONS = {
