@@ -65,7 +65,7 @@ from lapse.sessions import (
     current_visit,
 )
 from lapse.web._cookies import vary_on_cookie
-from lapse.web._live import StreamLink, bind
+from lapse.web._live import StreamLink
 from lapse.web._plumbing import (
     CONFLICT,
     UNAVAILABLE,
@@ -353,16 +353,9 @@ class SessionMiddleware(HTTPSessions):
             headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
             await send({**message, "headers": vary_on_cookie(headers)})
 
-        unbind: list[Callable[[], None]] = []
-
-        def on_stream(end: Callable[[], None]) -> None:
-            # A streamed response (or one waiting for the client to leave)
-            # ends with its session.
-            session = visit.current
-            if session is not None and not session._expired:
-                unbind.append(bind(session, end))
-
-        link = StreamLink(receive, send_with_session, on_stream)
+        # A streamed response (or one waiting for the client to leave) ends
+        # with its session.
+        link = StreamLink(receive, send_with_session, visit)
         try:
             await self.app(scope, link.receive, link.send)
         except SessionConflict as exc:  # (await session.set_principal() on an ended one)
@@ -383,9 +376,8 @@ class SessionMiddleware(HTTPSessions):
                 replaced = True
                 await UNAVAILABLE.send(send)
         finally:
-            for each in unbind:
-                each()
-            await link.aclose()
+            if link.streaming:
+                await link.aclose()
             visit.mapping._release()
             # What changed after the response started (a background task, a
             # streamed body) or in a request that failed: written now.

@@ -31,6 +31,7 @@ from lapse.web._types import Message, Receive, Send
 
 if TYPE_CHECKING:
     from lapse.web._request import Request
+    from lapse.web._session_mapping import MiddlewareVisit
 
 __all__ = ["SESSION_ENDED", "SocketLink", "StreamLink", "bind", "end_stream", "keep_alive"]
 
@@ -237,30 +238,34 @@ class StreamLink:
     body, makes the app's pending and later ``receive`` return
     ``http.disconnect``, and drops its later sends.
 
-    ``on_stream(end)`` is called once, when the response is found to stream
-    (that is when it is bound to its session: most responses never are).
+    It is bound to the visit's current session when the response is found
+    to stream (most responses never are), and unbound by :meth:`aclose`.
     """
 
-    def __init__(
-        self, receive: Receive, send: Send, on_stream: Callable[[Callable[[], None]], None]
-    ) -> None:
+    # Defaults on the class: every middleware request makes one of these,
+    # and most never stream.
+    _body_read = False
+    streaming = False
+    _started = False
+    _complete = False
+    _ended: asyncio.Event | None = None
+    _lock: asyncio.Lock | None = None
+    _closing: asyncio.Task[None] | None = None
+    _unbind: Callable[[], None] | None = None
+
+    def __init__(self, receive: Receive, send: Send, visit: MiddlewareVisit) -> None:
         self._server_receive = receive
         self._server_send = send
-        self._on_stream = on_stream
-        self._body_read = False
-        self._streaming = False
-        self._started = False
-        self._complete = False
-        self._ended: asyncio.Event | None = None
-        self._lock: asyncio.Lock | None = None
-        self._closing: asyncio.Task[None] | None = None
+        self._visit = visit
 
     def _streams(self) -> None:
-        if not self._streaming:
-            self._streaming = True
+        if not self.streaming:
+            self.streaming = True
             self._ended = asyncio.Event()
             self._lock = asyncio.Lock()
-            self._on_stream(self.end)
+            session = self._visit.current
+            if session is not None and not session.expired:
+                self._unbind = bind(session, self.end)
 
     async def receive(self) -> Message:
         ended = self._ended
@@ -329,6 +334,9 @@ class StreamLink:
         return self._ended is not None and self._ended.is_set()
 
     async def aclose(self) -> None:
-        """The app returned: let the end being sent finish."""
+        """The app returned (call it if :attr:`streaming`): unbind; let the
+        end being sent finish."""
+        if self._unbind is not None:
+            self._unbind()
         if self._closing is not None:
             await self._closing
