@@ -318,15 +318,25 @@ class SessionMiddleware(HTTPSessions):
         scope["session"] = visit.mapping
         replaced = False
         started = False
+        # A streamed response (or one waiting for the client to leave) ends
+        # with its session.
+        link = StreamLink(receive, send, visit)
 
         async def send_with_session(message: Message) -> None:
             nonlocal replaced, started
+            if not link.sending(message):
+                return  # the response was ended with its session
             if message["type"] == "http.response.start":
                 started = True
             if replaced:
                 return  # the app's response after a 503 or 409 took its place
             if message["type"] != "http.response.start":
-                await send(message)
+                lock = link.lock
+                if lock is None:
+                    await send(message)
+                else:
+                    async with lock:  # (not with the end of a streamed body)
+                        await send(message)
                 return
             if visit.failed:
                 # The app asked for a session the store could not load (its
@@ -353,11 +363,8 @@ class SessionMiddleware(HTTPSessions):
             headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
             await send({**message, "headers": vary_on_cookie(headers)})
 
-        # A streamed response (or one waiting for the client to leave) ends
-        # with its session.
-        link = StreamLink(receive, send_with_session, visit)
         try:
-            await self.app(scope, link.receive, link.send)
+            await self.app(scope, link.receive, send_with_session)
         except SessionConflict as exc:  # (await session.set_principal() on an ended one)
             if started:
                 raise

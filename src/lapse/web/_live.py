@@ -235,8 +235,9 @@ class StreamLink:
     """An HTTP response under the middleware, which lapse can end once it
     streams (a body with ``more_body``, or the app waiting for the client's
     disconnect after reading the request): :meth:`end` sends the end of the
-    body, makes the app's pending and later ``receive`` return
-    ``http.disconnect``, and drops its later sends.
+    body to the server (``send``), makes the app's pending and later
+    ``receive`` return ``http.disconnect``, and drops its later sends (the
+    middleware's send asks :meth:`sending`).
 
     It is bound to the visit's current session when the response is found
     to stream (most responses never are), and unbound by :meth:`aclose`.
@@ -249,7 +250,8 @@ class StreamLink:
     _started = False
     _complete = False
     _ended: asyncio.Event | None = None
-    _lock: asyncio.Lock | None = None
+    lock: asyncio.Lock | None = None
+    """Held while a body message goes to the server, once streaming."""
     _closing: asyncio.Task[None] | None = None
     _unbind: Callable[[], None] | None = None
 
@@ -262,7 +264,7 @@ class StreamLink:
         if not self.streaming:
             self.streaming = True
             self._ended = asyncio.Event()
-            self._lock = asyncio.Lock()
+            self.lock = asyncio.Lock()
             session = self._visit.current
             if session is not None and not session.expired:
                 self._unbind = bind(session, self.end)
@@ -291,24 +293,22 @@ class StreamLink:
         waiting.cancel()
         return {"type": "http.disconnect"}
 
-    async def send(self, message: Message) -> None:
+    def sending(self, message: Message) -> bool:
+        """Note a message the app sends (before it goes to the server,
+        under :attr:`lock` once streaming); False: drop it (the response was
+        ended with its session)."""
         ended = self._ended
         if ended is not None and ended.is_set():
-            return  # the response was ended with its session
+            return False
         kind = message["type"]
-        if kind == "http.response.start":
-            self._started = True
-        elif kind == "http.response.body":
+        if kind == "http.response.body":
             if message.get("more_body", False):
                 self._streams()
             else:
                 self._complete = True
-        lock = self._lock
-        if lock is None:
-            await self._server_send(message)
-            return
-        async with lock:
-            await self._server_send(message)
+        elif kind == "http.response.start":
+            self._started = True
+        return True
 
     def end(self) -> None:
         """End the response now (idempotent): see the class doc."""
@@ -321,8 +321,8 @@ class StreamLink:
             self._closing = asyncio.ensure_future(self._send_end())
 
     async def _send_end(self) -> None:
-        assert self._lock is not None
-        async with self._lock:
+        assert self.lock is not None
+        async with self.lock:
             with contextlib.suppress(Exception):  # the client may be gone already
                 await self._server_send(
                     {"type": "http.response.body", "body": b"", "more_body": False}
