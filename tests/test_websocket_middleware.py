@@ -55,8 +55,16 @@ def make_app(
 
         return StreamingResponse(ticks())
 
+    async def rotate(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(get_session(request).rotate())
+
     app = Starlette(
-        routes=[Route("/login", login), Route("/feed", feed), WebSocketRoute("/ws", chat)]
+        routes=[
+            Route("/login", login),
+            Route("/rotate", rotate),
+            Route("/feed", feed),
+            WebSocketRoute("/ws", chat),
+        ]
     )
     return SessionMiddleware(app, reactor=clock or Clock(), **options), seen
 
@@ -175,5 +183,34 @@ def test_streaming_response_ends_with_its_session() -> None:
         assert seen["generated"] == generated  # the generator stopped
         ends = [m for m in stream.sent if m["type"] == "http.response.body" and not m["more_body"]]
         assert len(ends) == 1 and stream.sent[-1] is ends[0]
+
+    asyncio.run(scenario())
+
+
+def test_socket_follows_its_session_rotated_by_a_request(tmp_path: Path) -> None:
+    """On a shared store (SQLite): a request rotates the session while its
+    socket is open; the socket stays open and its writes go to the new uid
+    (not refused as a request's would be)."""
+
+    async def scenario() -> None:
+        app, _ = make_app(None, store=f"sqlite:///{tmp_path}/s.db")
+        uid, cookie = await login(app)
+        socket = FakeSocket(ws_scope(cookie=cookie)).connect(app)
+        await socket.wait_for("websocket.accept")
+        rotation = FakeStream(make_scope("GET", b"/rotate", [(b"cookie", cookie)])).connect(app)
+        assert rotation.task is not None
+        await rotation.task
+        new_uid = rotation.body.decode()
+        assert new_uid != uid
+        socket.say("after the rotation")
+        sent = await socket.wait_for("websocket.send")
+        assert sent["text"] == "ada: after the rotation"
+        assert "websocket.close" not in socket.types()
+        stored = await app.store.load(new_uid)
+        assert stored is not None and stored.decoded()["last"] == "after the rotation"
+        assert await app.store.load(uid) is None
+        socket.leave()
+        await socket.done()
+        await app.aclose()
 
     asyncio.run(scenario())

@@ -26,14 +26,22 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from lapse.internet.error import ConnectionDone
-from lapse.sessions import Session
+from lapse.sessions import Session, Visit
 from lapse.web._types import Message, Receive, Send
 
 if TYPE_CHECKING:
     from lapse.web._request import Request
     from lapse.web._session_mapping import MiddlewareVisit
 
-__all__ = ["SESSION_ENDED", "SocketLink", "StreamLink", "bind", "end_stream", "keep_alive"]
+__all__ = [
+    "SESSION_ENDED",
+    "SocketLink",
+    "StreamLink",
+    "bind",
+    "end_stream",
+    "follow_rotations",
+    "keep_alive",
+]
 
 log = logging.getLogger("lapse.web")
 
@@ -91,6 +99,18 @@ def keep_alive(session: Session, fraction: float) -> bool:
         return False
     session.touch()
     return True
+
+
+def follow_rotations(visit: Visit) -> None:
+    """A socket belongs to its session, not to the uid it was opened under:
+    once this process knows the session by a new uid (rotated here, or
+    announced), the socket's changes go to that uid (a request's would be
+    refused: it loaded the session under the old one)."""
+    views = visit._views
+    if views:
+        for session, (view, uid) in list(views.items()):
+            if uid != session.uid and not session.expired:
+                views[session] = (view, session.uid)
 
 
 def message_size(message: Message) -> int:

@@ -10,7 +10,8 @@ socket.
 - While open: changes the app made are written before each message it
   sends and before each receive (only when there are some); a failed write
   closes the socket (1013 store unavailable, 1011 the session changed under
-  it: rotated without grace or ended elsewhere). A message received touches
+  it). A rotation the process knows of is followed: the socket's writes go
+  to the new uid. A message received touches
   the session (at most once per ``touch_fraction`` of its timeout).
 - The session's end closes the socket: 1008 "session ended"; the app's
   ``receive`` returns ``websocket.disconnect`` with that code.
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lapse.sessions import Session, SessionConflict, StoreUnavailable, current_visit
-from lapse.web._live import SocketLink, bind, keep_alive
+from lapse.web._live import SocketLink, bind, follow_rotations, keep_alive
 from lapse.web._plumbing import UNAVAILABLE
 from lapse.web._session_mapping import MiddlewareVisit
 from lapse.web._types import Message, Receive, Scope, Send
@@ -117,6 +118,7 @@ async def _run(
         if keeper.synchronous:
             keeper.persist_now(visit.used)
             return None
+        follow_rotations(visit)
         answer = await middleware._write_visit(visit.used, visit)
         if answer is None:
             return None
@@ -181,6 +183,7 @@ async def _run(
             if keeper.synchronous:
                 keeper.persist_now(visit.used)
             else:
+                follow_rotations(visit)
                 try:
                     await keeper.persist(visit.pending(), visit)
                 except (StoreUnavailable, SessionConflict) as exc:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from lapse.sessions import Session, SessionConflict, StoreUnavailable, Visit, current_visit
-from lapse.web._live import SocketLink, bind, keep_alive
+from lapse.web._live import SocketLink, bind, follow_rotations, keep_alive
 from lapse.web._target import split_path
 from lapse.web._types import Message, Receive, Scope, Send
 from lapse.web.error import BadRequest
@@ -292,6 +292,7 @@ async def _run(
         if keeper.synchronous:
             keeper.persist_now(used)
             return True
+        follow_rotations(request)
         try:
             await keeper.persist(used, request)
         except StoreUnavailable:
