@@ -6,6 +6,7 @@ StreamingResponse ended with its session."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,12 @@ def make_app(
 
         return StreamingResponse(ticks())
 
+    def logout_in_a_thread(request: Request) -> PlainTextResponse:
+        # (a plain def endpoint: Starlette runs it in a worker thread)
+        seen["thread"] = threading.get_ident()
+        get_session(request).expire()
+        return PlainTextResponse("bye")
+
     async def rotate(request: Request) -> PlainTextResponse:
         return PlainTextResponse(get_session(request).rotate())
 
@@ -62,6 +69,7 @@ def make_app(
         routes=[
             Route("/login", login),
             Route("/rotate", rotate),
+            Route("/logout-sync", logout_in_a_thread),
             Route("/feed", feed),
             WebSocketRoute("/ws", chat),
         ]
@@ -212,5 +220,27 @@ def test_socket_follows_its_session_rotated_by_a_request(tmp_path: Path) -> None
         socket.leave()
         await socket.done()
         await app.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_logout_in_a_worker_thread_closes_the_socket_on_its_loop() -> None:
+    """A plain ``def`` endpoint (run in a worker thread) logs out: the
+    session's socket is still closed with 1008 (on the server's loop)."""
+
+    async def scenario() -> None:
+        app, seen = make_app()
+        _uid, cookie = await login(app)
+        socket = FakeSocket(ws_scope(cookie=cookie)).connect(app)
+        await socket.wait_for("websocket.accept")
+        logout = FakeStream(make_scope("GET", b"/logout-sync", [(b"cookie", cookie)]))
+        logout.connect(app)
+        assert logout.task is not None
+        await logout.task
+        assert logout.body == b"bye" and seen["thread"] != threading.get_ident()
+        close = await socket.wait_for("websocket.close")
+        assert (close["code"], close["reason"]) == (1008, "session ended")
+        await socket.done()
+        assert seen["disconnect"] == 1008
 
     asyncio.run(scenario())

@@ -51,11 +51,34 @@ SESSION_ENDED = "session ended"
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 
-_Bound = dict[Callable[[], None], None]
+
+class _Bound(dict[Callable[[], None], None]):
+    """The connections bound to one session, and the event loop they live on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+
+
 _bound: weakref.WeakKeyDictionary[Session, _Bound] = weakref.WeakKeyDictionary()
 
 
 def _ended(connections: _Bound) -> None:
+    """The session ended: end its connections, on their loop (a session may
+    end in a worker thread: a plain ``def`` endpoint's logout)."""
+    loop = connections.loop
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if here is not loop:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_end_all, connections)
+        return
+    _end_all(connections)
+
+
+def _end_all(connections: _Bound) -> None:
     ends = list(connections)
     connections.clear()
     for on_end in ends:
@@ -66,15 +89,15 @@ def _ended(connections: _Bound) -> None:
 
 
 def bind(session: Session, on_end: Callable[[], None]) -> Callable[[], None]:
-    """Call ``on_end()`` once when ``session`` ends (at once if it has);
-    returns the function that unbinds it (call it when the connection closes
-    first)."""
+    """Call ``on_end()`` once when ``session`` ends (at once if it has), on
+    this event loop; returns the function that unbinds it (call it when the
+    connection closes first)."""
     if session.expired:
         on_end()
         return _nothing
     connections = _bound.get(session)
     if connections is None:
-        connections = _bound[session] = {}
+        connections = _bound[session] = _Bound(asyncio.get_running_loop())
         session.notifyOnExpire(partial(_ended, connections))
     connections[on_end] = None
     return partial(connections.pop, on_end, None)
