@@ -244,3 +244,31 @@ def test_logout_in_a_worker_thread_closes_the_socket_on_its_loop() -> None:
         assert seen["disconnect"] == 1008
 
     asyncio.run(scenario())
+
+
+def test_store_down_closes_1013_and_refuses_handshakes_503() -> None:
+    """Redis stops while a socket is open: the endpoint's next change cannot
+    be written, and the socket closes with 1013 (try again later); a new
+    handshake presenting a session is refused with 503, not a crash."""
+    from _redis_server import RedisServer
+
+    async def scenario(server: RedisServer) -> None:
+        app, _ = make_app(None, store=server.url)
+        _uid, cookie = await login(app)
+        socket = FakeSocket(ws_scope(cookie=cookie)).connect(app)
+        await socket.wait_for("websocket.accept")
+        socket.say("one")
+        await socket.wait_for("websocket.send")
+        server.stop()
+        socket.say("two")
+        close = await socket.wait_for("websocket.close", timeout=10)
+        assert (close["code"], close["reason"]) == (1013, "sessions unavailable")
+        await socket.done(timeout=10)
+        refused = FakeSocket(ws_scope(cookie=cookie)).connect(app)
+        await refused.done(timeout=10)
+        assert refused.sent[0]["type"] == "websocket.http.response.start"
+        assert refused.sent[0]["status"] == 503
+        await app.aclose()
+
+    with RedisServer() as server:
+        asyncio.run(scenario(server))

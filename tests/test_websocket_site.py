@@ -359,3 +359,38 @@ def test_origin_rules() -> None:
     assert not origin_allowed(b"https://example.com:99999", b"example.com")
     assert origin_allowed(b"https://other.net", b"example.com", ["*"])
     assert origin_allowed(b"https://other.net/", b"example.com", ["https://OTHER.net"])
+
+
+def test_shared_store_session_made_at_handshake_and_changes_written_while_open(
+    tmp_path: Any,
+) -> None:
+    """On SQLite: a session made at the handshake is in the store when the
+    accept goes (its cookie names a stored session); what the handler writes
+    to session.data is stored before its next send, while the socket is open."""
+
+    class Counter(WebSocketResource):
+        async def websocket(self, request: Any, socket: WebSocket) -> None:
+            session = request.getSession()
+            async for message in socket:
+                session.data["last"] = message
+                await socket.send("noted")
+
+    async def scenario() -> None:
+        root = Resource()
+        root.putChild(b"ws", Counter())
+        site = Site(root, store=f"sqlite:///{tmp_path}/s.db")
+        socket = FakeSocket(ws_scope()).connect(site)
+        accept = await socket.wait_for("websocket.accept")
+        cookie = next(v for k, v in accept["headers"] if k == b"set-cookie")
+        uid = cookie.split(b";")[0].split(b"=", 1)[1].decode()
+        assert await site.store.load(uid) is not None
+        for n, word in enumerate(("first", "second"), 1):
+            socket.say(word)
+            await socket.wait_for("websocket.send", n)
+            stored = await site.store.load(uid)
+            assert stored is not None and stored.decoded() == {"last": word}
+        socket.leave()
+        await socket.done()
+        await site.keeper.aclose()
+
+    asyncio.run(scenario())
