@@ -324,19 +324,26 @@ class SessionMiddleware(HTTPSessions):
 
         async def send_with_session(message: Message) -> None:
             nonlocal replaced, started
-            if not link.sending(message):
-                return  # the response was ended with its session
-            if message["type"] == "http.response.start":
-                started = True
-            if replaced:
-                return  # the app's response after a 503 or 409 took its place
             if message["type"] != "http.response.start":
+                if replaced:
+                    return  # the app's response after a 503 or 409 took its place
                 lock = link.lock
                 if lock is None:
+                    if not message.get("more_body", False):
+                        await send(message)  # (the usual case: one body)
+                        return
+                    link.streams()  # bound to its session from now on
+                    lock = link.lock
+                    assert lock is not None
+                if link.ended:
+                    return  # ended with its session: later sends are dropped
+                if not message.get("more_body", False):
+                    link.complete = True
+                async with lock:  # (not with the end of the body sent at the end)
                     await send(message)
-                else:
-                    async with lock:  # (not with the end of a streamed body)
-                        await send(message)
+                return
+            started = link.started = True
+            if replaced or link.ended:
                 return
             if visit.failed:
                 # The app asked for a session the store could not load (its

@@ -279,8 +279,9 @@ class StreamLink:
     streams (a body with ``more_body``, or the app waiting for the client's
     disconnect after reading the request): :meth:`end` sends the end of the
     body to the server (``send``), makes the app's pending and later
-    ``receive`` return ``http.disconnect``, and drops its later sends (the
-    middleware's send asks :meth:`sending`).
+    ``receive`` return ``http.disconnect``; the middleware's send drops the
+    app's later messages (it tells this one :attr:`started`, :meth:`streams`
+    and :attr:`complete`, and sends under :attr:`lock` once streaming).
 
     It is bound to the visit's current session when the response is found
     to stream (most responses never are), and unbound by :meth:`aclose`.
@@ -290,8 +291,10 @@ class StreamLink:
     # and most never stream.
     _body_read = False
     streaming = False
-    _started = False
-    _complete = False
+    started = False
+    """The app started its response."""
+    complete = False
+    """The last message of its body was sent."""
     _ended: asyncio.Event | None = None
     lock: asyncio.Lock | None = None
     """Held while a body message goes to the server, once streaming."""
@@ -303,7 +306,8 @@ class StreamLink:
         self._server_send = send
         self._visit = visit
 
-    def _streams(self) -> None:
+    def streams(self) -> None:
+        """The response streams: bind it to the visit's current session."""
         if not self.streaming:
             self.streaming = True
             self._ended = asyncio.Event()
@@ -323,7 +327,7 @@ class StreamLink:
             return message
         # The body is read: the app waits for the client to leave (a
         # streaming response does, Starlette's): the session's end is one way.
-        self._streams()
+        self.streams()
         assert self._ended is not None
         waiting = asyncio.ensure_future(self._server_receive())
         ending = asyncio.ensure_future(self._ended.wait())
@@ -336,31 +340,14 @@ class StreamLink:
         waiting.cancel()
         return {"type": "http.disconnect"}
 
-    def sending(self, message: Message) -> bool:
-        """Note a message the app sends (before it goes to the server,
-        under :attr:`lock` once streaming); False: drop it (the response was
-        ended with its session)."""
-        ended = self._ended
-        if ended is not None and ended.is_set():
-            return False
-        kind = message["type"]
-        if kind == "http.response.body":
-            if message.get("more_body", False):
-                self._streams()
-            else:
-                self._complete = True
-        elif kind == "http.response.start":
-            self._started = True
-        return True
-
     def end(self) -> None:
         """End the response now (idempotent): see the class doc."""
         ended = self._ended
         if ended is None or ended.is_set():
             return
         ended.set()
-        if self._started and not self._complete:
-            self._complete = True
+        if self.started and not self.complete:
+            self.complete = True
             self._closing = asyncio.ensure_future(self._send_end())
 
     async def _send_end(self) -> None:
