@@ -394,3 +394,23 @@ def test_shared_store_session_made_at_handshake_and_changes_written_while_open(
         await site.keeper.aclose()
 
     asyncio.run(scenario())
+
+
+def test_finished_streams_leave_nothing_bound_to_their_session() -> None:
+    """100 NOT_DONE_YET responses under one session, each finished by the
+    page: none stays bound, and the session keeps one internal callback."""
+
+    async def scenario() -> None:
+        site, _, ticker = make_site(Clock())
+        uid, cookie = await login(site)
+        for n in range(100):
+            stream = FakeStream(make_scope("GET", b"/tick", [(b"cookie", cookie)])).connect(site)
+            await stream.wait_until(lambda n=n: len(ticker.requests) > n)
+            ticker.requests[n].finish()
+            assert stream.task is not None
+            await stream.task
+            assert stream.ended and stream.body == b"first;"
+        session = site.sessions[uid]
+        assert bound_count(session) == 0 and len(session.expireCallbacks) == 1
+
+    asyncio.run(scenario())
