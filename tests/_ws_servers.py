@@ -8,7 +8,9 @@ lapse's own HTTP edge) a Site on ``STORE`` whose sessions time out after
 - ``/alive``: the uid of the session the cookie names, or of a new one;
 - ``/ws``: a WebSocket that echoes every message (64 KiB at most);
 - ``/stream``: a NOT_DONE_YET response writing ``tick;`` every 50 ms;
-- ``/touches``: how many times sockets' messages touched a session.
+- ``/touches``: how many times sockets' messages touched a session;
+- ``/push``: a WebSocket that only sends (``news`` every 10 ms) while open;
+  ``/pushers``: how many of those handlers are running.
 
 :func:`start_node` runs one (stopped by PID through the ``processes``
 fixture); :func:`ws_connect` opens a WebSocket on it with a session cookie.
@@ -66,6 +68,24 @@ class Echo(WebSocketResource):
             await socket.send(message)
 
 
+pushers = [0]
+
+
+class Push(WebSocketResource):
+    # Sends only (never receives), until the socket closes.
+
+    async def websocket(self, request, socket):
+        import asyncio
+
+        pushers[0] += 1
+        try:
+            while not socket.closed:
+                await socket.send("news")
+                await asyncio.sleep(0.01)
+        finally:
+            pushers[0] -= 1
+
+
 class Page(Resource):
     isLeaf = True
 
@@ -100,6 +120,8 @@ root.putChild(b"alive", Page(lambda request: request.getSession().uid))
 root.putChild(b"logout", Page(logout))
 root.putChild(b"stream", Page(stream))
 root.putChild(b"touches", Page(lambda request: str(touches[0])))
+root.putChild(b"push", Push())
+root.putChild(b"pushers", Page(lambda request: str(pushers[0])))
 site = Site(root, store=store)
 site.sessionFactory = Short
 reactor.listenTCP(port, site, interface="127.0.0.1")

@@ -85,6 +85,23 @@ def test_edge_serves_websockets_and_shrugs_off_hostile_clients(
     assert node.get("/alive", uid) == uid
 
 
+def test_a_send_only_handler_ends_when_its_client_leaves(
+    tmp_path: Path, processes: list[Any]
+) -> None:
+    """A handler that only sends sees socket.closed once the client has
+    gone (its send does not raise into it) and returns; nothing is logged
+    as a failure."""
+    node = start_node(tmp_path, "memory:", 10.0, processes)
+    with ws_connect(node, None, "/push") as ws:
+        assert ws.recv(timeout=5) == "news"
+        assert node.get("/pushers") == "1"
+    deadline = time.monotonic() + 3
+    while node.get("/pushers") != "0":
+        assert time.monotonic() < deadline, "the handler still runs"
+        time.sleep(0.02)
+    assert "Traceback" not in node.server.stderr_text()
+
+
 @pytest.mark.slow
 def test_logout_in_one_process_closes_the_socket_in_another_within_half_a_second(
     shared_store: str, tmp_path: Path, processes: list[Any]

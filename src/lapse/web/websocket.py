@@ -156,15 +156,22 @@ class WebSocket:
                 return
 
     async def send(self, data: str | bytes) -> None:
-        """Send a message (str: text, bytes: binary); dropped once closed."""
-        await self.accept()
-        await self._sync()
+        """Send a message (str: text, bytes: binary); dropped once closed
+        (a handler that only sends checks :attr:`closed`)."""
         if isinstance(data, str):
-            await self._link.send({"type": "websocket.send", "text": data})
+            message: Message = {"type": "websocket.send", "text": data}
         elif isinstance(data, bytes | bytearray | memoryview):
-            await self._link.send({"type": "websocket.send", "bytes": bytes(data)})
+            message = {"type": "websocket.send", "bytes": bytes(data)}
         else:
             raise TypeError(f"send takes str or bytes, not {type(data).__name__}")
+        await self.accept()
+        await self._sync()
+        try:
+            await self._link.send(message)
+        except OSError:  # the client is gone (the server says so on a send)
+            self._link.closed = True
+            if self.close_code is None:
+                self.close_code = 1006
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close the socket (before the accept: refuse the handshake, 403)."""
