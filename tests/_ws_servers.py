@@ -1,8 +1,9 @@
 """A lapse server program with WebSockets and streams, for end-to-end tests.
 
-``python program.py PORT STORE TIMEOUT`` serves (``reactor.listenTCP``, so
-lapse's own HTTP edge) a Site on ``STORE`` whose sessions time out after
-``TIMEOUT`` seconds:
+``python program.py PORT STORE TIMEOUT [short-limits]`` serves
+(``reactor.listenTCP``, so lapse's own HTTP edge) a Site on ``STORE`` whose
+sessions time out after ``TIMEOUT`` seconds (``short-limits``: keep-alive
+0.3 s, header and body timeouts 0.5 s):
 
 - ``/login``: the session's uid (made if need be); ``/logout``: ends it;
 - ``/alive``: the uid of the session the cookie names, or of a new one;
@@ -37,6 +38,7 @@ from lapse.web.websocket import WebSocketResource
 port = int(sys.argv[1])
 store = sys.argv[2]
 timeout = float(sys.argv[3])
+short_limits = len(sys.argv) > 4 and sys.argv[4] == "short-limits"
 
 
 class Short(Session):
@@ -122,7 +124,10 @@ root.putChild(b"stream", Page(stream))
 root.putChild(b"touches", Page(lambda request: str(touches[0])))
 root.putChild(b"push", Push())
 root.putChild(b"pushers", Page(lambda request: str(pushers[0])))
-site = Site(root, store=store)
+limits = {}
+if short_limits:
+    limits = {"keep_alive_timeout": 0.3, "header_timeout": 0.5, "body_timeout": 0.5}
+site = Site(root, store=store, **limits)
 site.sessionFactory = Short
 reactor.listenTCP(port, site, interface="127.0.0.1")
 reactor.run()
@@ -146,11 +151,13 @@ class WsNode:
         self.server.stop()
 
 
-def start_node(directory: Path, store: str, timeout: float, processes: list[Any]) -> WsNode:
+def start_node(
+    directory: Path, store: str, timeout: float, processes: list[Any], *extra: str
+) -> WsNode:
     """Start a server of :data:`PROGRAM` on a free port; wait until it listens."""
     script = write_script(directory, "ws_app.py", PROGRAM)
     port = free_port()
-    server = ServerProcess(script, args=[str(port), store, str(timeout)])
+    server = ServerProcess(script, args=[str(port), store, str(timeout), *extra])
     server.stderr_path = directory / f"ws_app.{port}.stderr"
     server.start()
     processes.append(server)

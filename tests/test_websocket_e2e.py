@@ -85,6 +85,23 @@ def test_edge_serves_websockets_and_shrugs_off_hostile_clients(
     assert node.get("/alive", uid) == uid
 
 
+@pytest.mark.slow
+def test_the_edges_http_timers_do_not_cut_an_upgraded_socket(
+    tmp_path: Path, processes: list[Any]
+) -> None:
+    """Keep-alive 0.3 s, header and body timeouts 0.5 s on the HTTP edge:
+    a WebSocket silent for 1.5 s is still open and echoes (the timers are
+    HTTP's; after the upgrade the socket is the session's business)."""
+    node = start_node(tmp_path, "memory:", 10.0, processes, "short-limits")
+    uid = node.get("/login")
+    with ws_connect(node, uid) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        time.sleep(1.5)
+        ws.send("after")
+        assert ws.recv(timeout=5) == "after"
+
+
 def test_a_send_only_handler_ends_when_its_client_leaves(
     tmp_path: Path, processes: list[Any]
 ) -> None:
