@@ -164,7 +164,8 @@ class Principals:
 
     async def _unbind(self, uid: str) -> list[str] | None:
         """Unbind (no lock: it cannot raise a count); the old index loses
-        the uid afterwards (until then it is filtered out by its hash)."""
+        the uid afterwards, best effort (until then, or if that fails, it is
+        filtered out by its hash)."""
         shard = self._shard(uid)
         keys = [f"{shard.base}:s:{uid}", shard.deadlines]
         reply = await self._call("bind", keys, [self._now_arg(), uid, "", ""])
@@ -172,8 +173,7 @@ class Principals:
             return None
         live_uid, old = reply
         if old is not None:
-            index, _ = self._principal_keys(old)
-            await self._command_on("set_principal", index, "SREM", index, live_uid)
+            await self._forget_member(old, live_uid)
         return []
 
     async def _login_sharded(
@@ -209,8 +209,7 @@ class Principals:
             if await self._call("bind", keys, args) is None:  # ended meanwhile
                 return None
         if old is not None and old != principal:
-            old_index, _ = self._principal_keys(old)
-            await self._command_on("set_principal", old_index, "SREM", old_index, live_uid)
+            await self._forget_member(old, live_uid)
         return superseded
 
     async def _rotate_bound(
@@ -234,6 +233,14 @@ class Principals:
             f"Redis session store at {self._where} unavailable (rotate): the session's "
             "principal kept changing during its rotation"
         )
+
+    async def _forget_member(self, principal: str, uid: str) -> None:
+        """Take a uid no longer bound to ``principal`` out of its index, best
+        effort (a member left behind is filtered out, and removed at the next
+        login)."""
+        index, _ = self._principal_keys(principal)
+        with contextlib.suppress(StoreUnavailable):
+            await self._command_on("ack", index, "SREM", index, uid)
 
     @contextlib.asynccontextmanager
     async def _locked(self, principal: str) -> AsyncIterator[tuple[str, list[str]]]:

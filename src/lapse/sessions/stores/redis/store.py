@@ -420,9 +420,14 @@ class RedisStore(Rounds, Inspection, Principals):
 
     async def ack(self, expiry: Expiry) -> None:
         """Forget the session and append its uid to the events stream, if
-        ``expiry.delivery_id`` is still its delivery (else nothing)."""
+        ``expiry.delivery_id`` is still its delivery (else nothing); the uid
+        leaves its principal's index (on a sharded layout, best effort, one
+        command more: a member left behind is filtered out on reading)."""
         uid = expiry.uid
         shard = self._shard(uid)
         base = shard.base
         keys = [f"{base}:s:{uid}", f"{base}:c:{uid}", shard.leases, shard.deadlines, shard.events]
-        await self._call("ack", keys, [uid, expiry.delivery_id, _EVENTS_MAXLEN])
+        here = "1" if len(self._shards) == 1 else ""
+        bound = await self._call("ack", keys, [uid, expiry.delivery_id, _EVENTS_MAXLEN, here])
+        if isinstance(bound, str):  # its principal's index is in another shard
+            await self._forget_member(bound, uid)
