@@ -231,3 +231,42 @@ async def test_an_acknowledged_or_unbound_session_leaves_its_principals_index(
         assert deployment.raw(index, "SMEMBERS", index) == ["g3"]
     finally:
         await store.aclose()
+
+
+@aio
+async def test_rotations_racing_logins_never_let_a_session_slip_out_of_the_index(
+    deployment: Deployment,
+) -> None:
+    """Bound sessions rotated (uid changed, no grace) while more sessions of
+    the same principal log in, through two store objects at once: every live
+    bound session is listed under its new uid, none under an old one, and
+    "log out everywhere" then ends every one of them."""
+    clock = FakeClock()
+    first, second = deployment.make(clock=clock), deployment.make(clock=clock)
+    try:
+        old = [f"r{i}{uuid.uuid4().hex[:8]}" for i in range(6)]
+        new = [uid[:2] + uuid.uuid4().hex[:8] for uid in old]
+        fresh = [f"n{i}{uuid.uuid4().hex[:8]}" for i in range(6)]
+        for uid in old + fresh:
+            await first.create(uid, 60, {})
+        for uid in old:
+            await first.set_principal(uid, "alice")
+        moves = [
+            (first if i % 2 else second).rotate(a, b, 0)
+            for i, (a, b) in enumerate(zip(old, new, strict=True))
+        ]
+        logins = [
+            (second if i % 2 else first).set_principal(uid, "alice", limit=20)
+            for i, uid in enumerate(fresh)
+        ]
+        results = await asyncio.gather(*moves, *logins)
+        assert results == [True] * 6 + [[]] * 6
+        listed = sorted(info.uid for info in await first.sessions_of("alice"))
+        assert listed == sorted(new + fresh)
+        index = first._principal_keys("alice")[0]
+        assert not set(deployment.raw(index, "SMEMBERS", index)) & set(old) - set(new)
+        assert sorted(await second.expire_principal("alice")) == listed
+        assert not [uid for uid in new + fresh if await first.exists(uid)]
+    finally:
+        await first.aclose()
+        await second.aclose()
