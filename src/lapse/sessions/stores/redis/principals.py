@@ -200,8 +200,10 @@ class Principals:
             rows.sort(key=lambda row: (row.last_access, row.uid))
             chosen = [row.uid for row in rows[:excess]] if excess > 0 else []
             # Into the index before the binding, so a bound live session is
-            # never missing from it; only while the lock is still ours.
-            await self._reindex(lock, index, token, live_uid, stale + chosen)
+            # never missing from it; only while the lock is still ours. The
+            # victims stay members until their end is acknowledged (if ending
+            # them fails, they are live and bound, so they must stay listed).
+            await self._reindex(lock, index, token, live_uid, stale)
             superseded = await self._end_bound(principal, chosen, "superseded", "")
             args: list[str | int] = [self._now_arg(), live_uid, principal, ""]
             shard = self._shard(live_uid)
