@@ -63,7 +63,7 @@ class PrincipalContract:
         assert loaded is not None and loaded.principal == "alice"
         other = await store.load("u2")
         assert other is not None and other.principal is None
-        info = await store.info("u1")  # type: ignore[attr-defined]
+        info = await store.info("u1")
         assert info is not None and info.principal == "alice"
         assert await index.sessions_of("bob") == []
 
@@ -175,6 +175,20 @@ class PrincipalContract:
         assert await index.expire_principal("alice") == []
         assert await index.expire_principal("nobody") == []
         assert await _uids_of(index, "bob") == ["b1"]
+
+    @scenario
+    async def test_expire_principal_spares_the_session_an_old_uid_names(
+        self, store: SessionStore, clock: FakeClock
+    ) -> None:
+        """An except_uid rotated away within its grace spares the session it
+        now names (a process whose copy still has the old uid)."""
+        index = _index(store)
+        for uid in ("a1", "a2"):
+            await store.create(uid, 60, {})
+            await index.set_principal(uid, "alice")
+        assert await store.rotate("a1", "a1-new", 10)
+        assert await index.expire_principal("alice", except_uid="a1") == ["a2"]
+        assert await _uids_of(index, "alice") == ["a1-new"]
 
     @scenario
     async def test_the_cap_supersedes_the_least_recently_used(
