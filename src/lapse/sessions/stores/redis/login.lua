@@ -38,10 +38,7 @@ for _, m in ipairs(redis.call('SMEMBERS', index)) do
 end
 local excess = 0
 if ARGV[4] ~= '' then excess = #others + 1 - tonumber(ARGV[4]) end
-if excess > 0 and ARGV[5] == '1' then
-  if old ~= principal then return 'refused' end
-  excess = 0 -- already bound: not a new login
-end
+if excess > 0 and ARGV[5] == '1' then return 'refused' end
 local victims = {}
 if excess > 0 then
   table.sort(others, function(a, b)

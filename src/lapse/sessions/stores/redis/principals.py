@@ -120,20 +120,22 @@ class Principals:
         return rows
 
     async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
-        """End each live session of ``principal`` but ``except_uid`` now, as
-        :meth:`expire` does (cause ``"expired"``); the uids ended."""
+        """End each live session of ``principal`` now, as :meth:`expire`
+        does (cause ``"expired"``), but the one ``except_uid`` names (itself,
+        or within its grace the session it was rotated to); the uids ended."""
         check_principal(principal)
         spare = except_uid or ""
-        index, lock = self._principal_keys(principal)
+        index, _ = self._principal_keys(principal)
         if len(self._shards) == 1:
             shard = self._shards[0]
             keys = [shard.deadlines, shard.ended, index]
-            args: list[str | int] = [self._now_arg(), shard.base, principal, "", spare]
+            args: list[str | int] = [self._now_arg(), shard.base, principal, "", spare, "1"]
             return list(await self._call("end_bound", keys, args))
-        async with self._locked(principal) as (token, members):
-            ended = await self._end_bound(principal, members, "", spare)
-            await self._reindex(lock, index, token, "", [m for m in members if m != spare])
-        return ended
+        # Under the lock, so that a login of the principal is either wholly
+        # before (and its session ended) or wholly after. The ended uids
+        # leave the index when their ends are acknowledged.
+        async with self._locked(principal) as (_token, members):
+            return await self._end_bound(principal, members, "", spare)
 
     # -- one shard -------------------------------------------------------------
 
@@ -192,11 +194,9 @@ class Principals:
             live = {row.uid for row in rows}
             stale = [member for member in others if member not in live]
             excess = 0 if limit is None else len(rows) + 1 - limit
-            if excess > 0 and refuse:
-                if old != principal:
-                    assert limit is not None
-                    raise TooManySessions(principal, limit)
-                excess = 0  # already bound: not a new login
+            if excess > 0 and refuse:  # a session already bound counts too
+                assert limit is not None
+                raise TooManySessions(principal, limit)
             rows.sort(key=lambda row: (row.last_access, row.uid))
             chosen = [row.uid for row in rows[:excess]] if excess > 0 else []
             # Into the index before the binding, so a bound live session is
@@ -309,12 +309,18 @@ class Principals:
         self, principal: str, uids: Iterable[str], cause: str, spare: str
     ) -> list[str]:
         """End each live session among ``uids`` bound to ``principal`` but
-        ``spare`` (one script per shard, together); the uids ended."""
+        the one ``spare`` names (itself, or the session it was rotated to
+        within its grace); one script per shard, together; the uids ended."""
         now = self._now_arg()
+
+        # An old uid in its grace names a session of its own shard: resolved
+        # there (the only shard whose keys that script may read).
+        home = self._shard(spare) if spare else None
 
         async def end(shard: Shard, some: list[str]) -> list[str]:
             keys = [shard.deadlines, shard.ended]
-            args: list[str | int] = [now, shard.base, principal, cause, spare, *some]
+            here = "1" if shard is home else ""
+            args: list[str | int] = [now, shard.base, principal, cause, spare, here, *some]
             return list(await self._call("end_bound", keys, args))
 
         groups = self._by_shard(uids)
