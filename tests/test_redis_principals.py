@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from _helpers import aio
 from _redis_cluster import command
+from _redis_server import commands_sent
 
 from lapse.sessions.store import StoreUnavailable
 from lapse.sessions.stores.redis import RedisStore
@@ -270,3 +271,23 @@ async def test_rotations_racing_logins_never_let_a_session_slip_out_of_the_index
     finally:
         await first.aclose()
         await second.aclose()
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+@aio
+async def test_what_a_login_costs_in_commands(redis_server: Any, shards: int) -> None:
+    """A login with a cap, two sessions of the principal already bound: one
+    script on the one-shard layout; on a sharded one, six in sequence (take
+    the lock and read the index, peek at the session, read the others' times
+    in their shards, one script per shard in parallel, write the index,
+    bind, release)."""
+    store = RedisStore(redis_server.url, prefix=f"w{uuid.uuid4().hex[:8]}", shards=shards)
+    try:
+        for uid in ("AA1", "AB2", "AC3"):  # one shard
+            await store.create(uid, 60, {f"k{i}": "x" * 100 for i in range(100)})
+        await store.set_principal("AA1", "alice", limit=3)
+        await store.set_principal("AB2", "alice", limit=3)
+        sent = await commands_sent(redis_server, lambda: store.set_principal("AC3", "alice", 3))
+        assert sent == ["evalsha"] * (1 if shards == 1 else 6)
+    finally:
+        await store.aclose()

@@ -111,11 +111,11 @@ class Principals:
         index, _ = self._principal_keys(principal)
         if len(self._shards) == 1:
             shard = self._shards[0]
-            args: list[str | int] = [self._now_arg(), shard.base, principal]
+            args: list[str | int] = [self._now_arg(), shard.base, principal, "1"]
             rows = _rows(await self._call("members", [shard.deadlines, index], args))
         else:
             members = await self._command_on("sessions_of", index, "SMEMBERS", index)
-            rows = await self._bound_rows(principal, members)
+            rows = await self._bound_rows(principal, members, data=True)
         rows.sort(key=lambda info: (-info.last_access, info.uid))
         return rows
 
@@ -292,13 +292,18 @@ class Principals:
             groups.setdefault(self._shard(uid), []).append(uid)
         return groups
 
-    async def _bound_rows(self, principal: str, uids: Iterable[str]) -> list[SessionInfo]:
+    async def _bound_rows(
+        self, principal: str, uids: Iterable[str], data: bool = False
+    ) -> list[SessionInfo]:
         """The live sessions among ``uids`` bound to ``principal`` (one
-        script per shard, together)."""
+        script per shard, together); with their data if ``data`` (else only
+        their times are read: a login's count costs the same whatever the
+        size of the sessions)."""
         now = self._now_arg()
+        whole = "1" if data else ""
 
         async def rows(shard: Shard, some: list[str]) -> list[SessionInfo]:
-            args: list[str | int] = [now, shard.base, principal, *some]
+            args: list[str | int] = [now, shard.base, principal, whole, *some]
             return _rows(await self._call("members", [shard.deadlines], args))
 
         groups = self._by_shard(uids)
