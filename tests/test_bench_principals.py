@@ -334,7 +334,7 @@ def test_chart_draws_the_login_and_logged_in_bars_when_there_are_some(tmp_path: 
 def short_bench(systems: str) -> Bench:
     opts = parse_options(
         ["--systems", systems, "--duration", "1", "--repeats", "1", "--warmup", "0",
-         "--create-warmup", "0", "--idle-seconds", "0.5", "--monitor-requests", "50"]
+         "--create-warmup", "0", "--idle-seconds", "1", "--monitor-requests", "200"]
     )  # fmt: skip
     return Bench(opts, ensure_wrk(), None)
 
@@ -359,9 +359,10 @@ def test_on_redis_a_logged_in_touch_sends_what_an_anonymous_one_does(redis_serve
     counts = outcome.redis
     assert counts is not None and counts.logged_monitor is not None
     assert len(counts.logged_touch.reads) == 1 and len(counts.login.reads) == 1
-    assert counts.monitor_client_commands == pytest.approx(1.0, abs=0.05)
+    # Counts less the idle rate (40 commands/s here): within 0.1 of one EVALSHA each.
+    assert counts.monitor_client_commands == pytest.approx(1.0, abs=0.1)
     assert counts.logged_monitor.client_commands == pytest.approx(
-        counts.monitor_client_commands, abs=0.05
+        counts.monitor_client_commands, abs=0.1
     )
     assert counts.logged_monitor.names.keys() == counts.monitor_names.keys()
 
@@ -393,7 +394,7 @@ def test_on_postgres_a_logged_in_touch_runs_the_statements_an_anonymous_one_does
     assert pg is not None and pg.sequential_touch is not None
     assert pg.sequential_logged_touch is not None
     assert len(pg.statements_per_logged_touch) == 1 and len(pg.statements_per_login) == 1
-    assert pg.sequential_logged_touch == pytest.approx(pg.sequential_touch, abs=0.05)
+    assert pg.sequential_logged_touch == pytest.approx(pg.sequential_touch, abs=0.1)
 
 
 @pytest.mark.slow
