@@ -61,7 +61,7 @@ class PrincipalIndexOnPostgres:
             return None
         sql, now = self.sql, self._now()
 
-        async def bind(conn: Any) -> list[str] | None | TooManySessions:
+        async def bind(conn: Any) -> list[str] | TooManySessions | None:
             async with conn.transaction():
                 if principal is not None:
                     await conn.execute(sql.principal_turn, principal)

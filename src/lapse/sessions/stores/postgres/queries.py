@@ -238,7 +238,8 @@ class Queries:
         ORDER BY s.deadline DESC, s.uid DESC LIMIT $2"""
     # (now, limit, cursor deadline, cursor uid): the same, strictly after the cursor
     scan_after: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline,
-        s.data::text, s.principal FROM {{t}}sessions s WHERE {_LIVE} AND (s.deadline, s.uid) < ($3, $4)
+        s.data::text, s.principal FROM {{t}}sessions s
+        WHERE {_LIVE} AND (s.deadline, s.uid) < ($3, $4)
         ORDER BY s.deadline DESC, s.uid DESC LIMIT $2"""
     # (now, uid)
     info: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline, s.data::text,
