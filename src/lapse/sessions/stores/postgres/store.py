@@ -30,7 +30,7 @@ from lapse.sessions.stores.postgres.values import (
 )
 
 if TYPE_CHECKING:
-    from lapse.sessions.store import SessionStore
+    from lapse.sessions.store import PrincipalIndex, SessionStore
 
 __all__ = ["EVENTS_KEPT_FOR", "EVENTS_PER_CALL", "PostgresStore"]
 
@@ -349,4 +349,7 @@ class PostgresStore(PrincipalIndexOnPostgres):
 if TYPE_CHECKING:
 
     def _is_a_session_store(store: PostgresStore) -> SessionStore:
+        return store
+
+    def _is_a_principal_index(store: PostgresStore) -> PrincipalIndex:
         return store
