@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lapse.sessions import Expiry, SessionInfo, StoredSession
+from lapse.sessions import Expiry, SessionInfo, StoredSession, TooManySessions
 
 
 @dataclass
@@ -24,6 +24,7 @@ class _Live:
     created: float
     touched: float
     ends: float | None  # creation + lifetime
+    principal: str | None = None
 
     def deadline(self) -> float:
         idle = self.touched + self.timeout
@@ -83,7 +84,9 @@ class DictStore:
 
     def _info(self, uid: str) -> SessionInfo:
         live = self.live[uid]
-        return SessionInfo(uid, live.created, live.touched, live.deadline(), dict(live.data))
+        return SessionInfo(
+            uid, live.created, live.touched, live.deadline(), dict(live.data), live.principal
+        )
 
     # -- the protocol ----------------------------------------------------------
 
@@ -102,7 +105,9 @@ class DictStore:
             return None
         live = self.live[found]
         live.touched = self.clock()
-        return StoredSession(found, live.timeout, live.deadline(), dict(live.data))
+        return StoredSession(
+            found, live.timeout, live.deadline(), dict(live.data), principal=live.principal
+        )
 
     async def create(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
@@ -231,3 +236,39 @@ class DictStore:
             if now < deadline <= now + horizon:
                 counts[min(buckets - 1, int((deadline - now) / width))] += 1
         return counts
+
+    # -- principals ----------------------------------------------------------------
+
+    def _bound(self, principal: str) -> list[str]:
+        self._sweep()
+        return [uid for uid, live in self.live.items() if live.principal == principal]
+
+    async def set_principal(
+        self, uid: str, principal: str | None, limit: int | None = None, refuse: bool = False
+    ) -> list[str] | None:
+        found = self._resolve(uid)
+        if found is None:
+            return None
+        superseded: list[str] = []
+        if principal is not None and limit is not None:
+            others = [other for other in self._bound(principal) if other != found]
+            excess = len(others) + 1 - limit
+            if excess > 0:
+                if refuse:
+                    raise TooManySessions(principal, limit)
+                others.sort(key=lambda other: (self.live[other].touched, other))
+                superseded = others[:excess]
+                for victim in superseded:
+                    self._end(victim, "superseded")
+        self.live[found].principal = principal
+        return superseded
+
+    async def sessions_of(self, principal: str) -> list[SessionInfo]:
+        uids = sorted(self._bound(principal), key=lambda uid: (-self.live[uid].touched, uid))
+        return [self._info(uid) for uid in uids]
+
+    async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
+        ended = [uid for uid in self._bound(principal) if uid != except_uid]
+        for uid in ended:
+            self._end(uid, "expired")
+        return ended

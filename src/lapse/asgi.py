@@ -65,6 +65,7 @@ from lapse.sessions import (
 )
 from lapse.web._cookies import vary_on_cookie
 from lapse.web._plumbing import (
+    CONFLICT,
     UNAVAILABLE,
     HTTPSessions,
     is_secure,
@@ -77,7 +78,13 @@ from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
 with contextlib.suppress(ImportError):  # the PostgreSQL store's driver, an extra
     importlib.import_module("asyncpg")
 
-__all__ = ["SessionMapping", "SessionMiddleware", "current_session", "get_session"]
+__all__ = [
+    "SessionMapping",
+    "SessionMiddleware",
+    "current_session",
+    "get_session",
+    "session_middleware",
+]
 
 log = logging.getLogger("lapse.asgi")
 
@@ -116,6 +123,14 @@ def current_session(request_or_scope: Any) -> Session | None:
     return _visit_of(request_or_scope).peek()
 
 
+def session_middleware(request_or_scope: Any) -> SessionMiddleware:
+    """The :class:`SessionMiddleware` serving the request: its
+    ``sessions_of(principal)`` and ``expire_principal(principal,
+    except_uid=None)`` list and end a user's sessions ("your active
+    sessions", "log out everywhere"). ``RuntimeError`` as :func:`get_session`."""
+    return _visit_of(request_or_scope).owner
+
+
 class SessionMiddleware(HTTPSessions):
     """Wraps an ASGI app; gives its HTTP requests lapse sessions.
 
@@ -138,7 +153,8 @@ class SessionMiddleware(HTTPSessions):
     - ``rotation_grace``: seconds an old uid still names its session after
       ``session.rotate()`` (default 0; see ``Session.rotate``);
       ``max_sessions``: a cap on live sessions (memory store only), as
-      ``Site``'s.
+      ``Site``'s; ``max_sessions_per_principal`` and ``principal_policy``:
+      a cap on each user's sessions, as ``Site``'s.
     - ``reactor``: the time source and timer (a ``Clock`` in tests).
 
     ``sessions`` maps uid to this process's live sessions.
@@ -157,6 +173,8 @@ class SessionMiddleware(HTTPSessions):
         absolute_timeout: float | None = None,
         rotation_grace: float = 0.0,
         max_sessions: int | None = None,
+        max_sessions_per_principal: int | None = None,
+        principal_policy: str = "supersede",
         reactor: IReactorTime | None = None,
     ) -> None:
         self.app = app
@@ -180,7 +198,16 @@ class SessionMiddleware(HTTPSessions):
         self.trust_proxy_headers = trust_proxy_headers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._host_sessions(reactor, store, on_expire, cookie_name, rotation_grace, max_sessions)
+        self._host_sessions(
+            reactor,
+            store,
+            on_expire,
+            cookie_name,
+            rotation_grace,
+            max_sessions,
+            max_sessions_per_principal,
+            principal_policy,
+        )
 
     # -- the session owner (what sessions and the keeper ask of it) ----------
 
@@ -315,6 +342,12 @@ class SessionMiddleware(HTTPSessions):
 
         try:
             await self.app(scope, receive, send_with_session)
+        except SessionConflict as exc:  # (await session.set_principal() on an ended one)
+            if started:
+                raise
+            log.info("%s", exc)
+            replaced = True
+            await CONFLICT.send(send)
         except StoreUnavailable as exc:
             if not visit.failed:
                 raise

@@ -23,7 +23,8 @@ def make_keeper(
     is not ``shared``), else a :class:`~lapse.sessions.SharedKeeper`.
 
     ``options``: ``lease``, ``poll_interval``, ``max_attempts``,
-    ``store_timeout``, ``rotation_grace``, ``max_sessions`` (see
+    ``store_timeout``, ``rotation_grace``, ``max_sessions``,
+    ``max_sessions_per_principal``, ``principal_policy`` (see
     :class:`~lapse.sessions.Keeper`).
     """
     if store.holds_sessions and not store.shared:

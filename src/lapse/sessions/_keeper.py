@@ -46,9 +46,21 @@ from lapse.sessions._data import SessionData
 from lapse.sessions._session import Session, short_uid
 from lapse.sessions._stats import SessionStats
 from lapse.sessions._visit import Visit
-from lapse.sessions.store import Expiry, SessionStore, StoreConfigError, StoreUnavailable
+from lapse.sessions.store import (
+    PRINCIPAL_MEMBERS,
+    Expiry,
+    PrincipalIndex,
+    SessionInfo,
+    SessionStore,
+    StoreConfigError,
+    StoreUnavailable,
+    check_principal,
+)
 
-__all__ = ["ExpiryHook", "Keeper", "KeeperOwner"]
+__all__ = ["PRINCIPAL_POLICIES", "ExpiryHook", "Keeper", "KeeperOwner"]
+
+PRINCIPAL_POLICIES = ("supersede", "refuse")
+"""What ``max_sessions_per_principal`` does with one login too many."""
 
 log = logging.getLogger("lapse.sessions")
 
@@ -135,6 +147,8 @@ class Keeper:
         store_timeout: float = 1.0,
         rotation_grace: float = 10.0,
         max_sessions: int | None = None,
+        max_sessions_per_principal: int | None = None,
+        principal_policy: str = "supersede",
     ) -> None:
         if not (isinstance(rotation_grace, int | float) and 0 <= rotation_grace < math.inf):
             raise ValueError(f"rotation_grace is seconds >= 0, not {rotation_grace!r}")
@@ -152,9 +166,27 @@ class Keeper:
                 f"max_sessions caps the sessions of a store that holds them (the memory "
                 f"store); {store.url} does not keep such a cap"
             )
+        if max_sessions_per_principal is not None and (
+            isinstance(max_sessions_per_principal, bool)
+            or not isinstance(max_sessions_per_principal, int)
+            or max_sessions_per_principal < 1
+        ):
+            raise ValueError(
+                "max_sessions_per_principal is a positive int or None, not "
+                f"{max_sessions_per_principal!r}"
+            )
+        if principal_policy not in PRINCIPAL_POLICIES:
+            raise ValueError(
+                f"principal_policy is 'supersede' or 'refuse', not {principal_policy!r}"
+            )
         self.owner = owner
         self.store = store
         self.on_expire = on_expire
+        self.max_sessions_per_principal = max_sessions_per_principal
+        """At most this many live sessions per principal (None: no cap)."""
+        self.principal_policy = principal_policy
+        """One login too many: ``"supersede"`` ends the least recently used
+        other session; ``"refuse"`` raises ``TooManySessions``."""
         self.lease = lease
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
@@ -280,6 +312,49 @@ class Keeper:
         session = self.owner.sessions.get(uid)
         if session is not None:
             session._end()
+
+    # -- principals ----------------------------------------------------------
+
+    def principal_index(self) -> PrincipalIndex:
+        """The store, if it keeps sessions by principal; else ``TypeError``."""
+        store = self.store
+        if not all(callable(getattr(store, name, None)) for name in PRINCIPAL_MEMBERS):
+            raise TypeError(
+                f"the session store {store.url} ({type(store).__name__}) keeps no index of "
+                "sessions by principal (set_principal, sessions_of, expire_principal)"
+            )
+        return store  # type: ignore[return-value]
+
+    def _cap(self) -> tuple[int | None, bool]:
+        return self.max_sessions_per_principal, self.principal_policy == "refuse"
+
+    async def set_principal(self, session: Session, principal: str | None) -> list[str]:
+        """Bind ``session`` to ``principal`` in the store, within the cap;
+        the uids of the sessions it superseded (see ``Session.set_principal``)."""
+        raise NotImplementedError
+
+    async def sessions_of(self, principal: str) -> list[SessionInfo]:
+        """The live sessions of ``principal``, most recently used first."""
+        index = self.principal_index()
+        result: list[SessionInfo] = await self.call(index.sessions_of(check_principal(principal)))
+        return result
+
+    async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
+        """End every live session of ``principal`` but ``except_uid``; the
+        uids ended. This process's copies end at once (their callbacks run);
+        other processes' when they read the announcements."""
+        index = self.principal_index()
+        ended: list[str] = await self.call(
+            index.expire_principal(check_principal(principal), except_uid)
+        )
+        self._ended_here(ended)
+        return ended
+
+    def _ended_here(self, uids: list[str]) -> None:
+        """The store ended ``uids`` at this process's request: end the copies
+        here now, and have what follows (hooks, announcements) done soon."""
+        for uid in uids:
+            self._end_local(uid)
 
     # -- what each strategy provides -----------------------------------------
 

@@ -27,7 +27,7 @@ from lapse.sessions._data import SessionData
 from lapse.sessions._keeper import Alarm, ExpiryHook, Keeper, KeeperOwner
 from lapse.sessions._session import Session, short_uid
 from lapse.sessions._visit import Visit
-from lapse.sessions.store import Expiry, LocalSessionStore
+from lapse.sessions.store import Expiry, LocalSessionStore, SessionConflict
 
 __all__ = ["LocalKeeper"]
 
@@ -124,6 +124,26 @@ class LocalKeeper(Keeper):
 
     async def persist(self, sessions: Iterable[Session], visit: Visit | None = None) -> None:
         self.persist_now(sessions)
+
+    # -- principals ----------------------------------------------------------
+
+    async def set_principal(self, session: Session, principal: str | None) -> list[str]:
+        limit, refuse = self._cap()
+        superseded = self._memory.bind_record_now(session, principal, limit, refuse)
+        if superseded is None:
+            # Put in site.sessions by hand, never checked (Twisted allows
+            # it): the store cannot index it.
+            raise SessionConflict(
+                f"session {short_uid(session.uid)} is not kept by the store: it cannot be "
+                "bound to a principal"
+            )
+        if superseded:
+            self.drain()
+        return superseded
+
+    def _ended_here(self, uids: list[str]) -> None:
+        if uids:
+            self.drain()
 
     # -- ending sessions ----------------------------------------------------
 

@@ -152,6 +152,7 @@ class StoreRequests(Keeper):
             sessions[stored.uid] = session
         if session.sessionTimeout != stored.timeout:
             session.sessionTimeout = stored.timeout
+        session._principal = stored.principal
         if stored.unchanged and known is not None:
             data = known
             if session._data is None or session._data._version is None:
@@ -198,6 +199,40 @@ class StoreRequests(Keeper):
                     await self._save(session, data, target)
             if session._expired and await self.call(store.expire(store_uid)):
                 self._wake_in(0.0)
+
+    # -- principals ----------------------------------------------------------
+
+    async def set_principal(self, session: Session, principal: str | None) -> list[str]:
+        """Write ``session`` (created, or its rotation by this request, first:
+        the store binds the uid it knows), then bind it in the store."""
+        index = self.principal_index()
+        visit = current_visit.get()
+        uid = session.uid
+        if session._needs_create:
+            await self._create(session)
+        else:
+            pending = self._rotations.get(uid)
+            if pending is not None and (pending[2] is None or pending[2] is visit):
+                await self._write_rotation(session, pending)
+            pending = self._rotations.get(uid)
+            uid = uid if pending is None else pending[0]
+        limit, refuse = self._cap()
+        superseded: list[str] | None = await self.call(
+            index.set_principal(uid, principal, limit, refuse)
+        )
+        if superseded is None:
+            session._end()
+            raise SessionConflict(
+                f"session {short_uid(uid)} ended before it could be bound to a principal"
+            )
+        session._principal = principal
+        self._ended_here(superseded)
+        return superseded
+
+    def _ended_here(self, uids: list[str]) -> None:
+        super()._ended_here(uids)
+        if uids:
+            self._wake_in(0.0)
 
     async def _create(self, session: Session) -> None:
         data = session._data

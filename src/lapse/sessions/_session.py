@@ -15,6 +15,7 @@ from lapse.internet.interfaces import IReactorTime
 from lapse.python.components import Componentized
 from lapse.sessions._data import SessionData
 from lapse.sessions._visit import current_visit
+from lapse.sessions.store import SessionConflict, check_principal
 
 __all__ = ["Session", "SessionOwner", "short_uid"]
 
@@ -34,6 +35,7 @@ class SessionOwner(Protocol):
     def _expired_by_hand(self, session: Session) -> None: ...
     def _rotate(self, session: Session, grace: float | None) -> None: ...
     def _data_for(self, session: Session) -> SessionData: ...
+    async def _set_principal(self, session: Session, principal: str | None) -> list[str]: ...
 
 
 def short_uid(uid: str | bytes) -> str:
@@ -68,6 +70,7 @@ class Session(Componentized):
         "_ends_at",
         "_expired",
         "_lastModified",
+        "_principal",
         "_reactor",
         "_state",
         "site",
@@ -97,6 +100,8 @@ class Session(Componentized):
         # The absolute end (store time), set when the store starts the
         # session if its class has an absolute_timeout.
         self._ends_at: float | None = None
+        # The principal it is bound to (the store's index), as last known here.
+        self._principal: str | None = None
         self._adapterCache = None
         # When the session was created (store time, once a memory store
         # starts it); the same float object as _lastModified until a touch.
@@ -117,6 +122,40 @@ class Session(Componentized):
         self._lastModified = when
         if self._state is not None:
             self.site._touched(self)
+
+    @property
+    def principal(self) -> str | None:
+        """The user behind the session (a name, an id), or None: set by
+        :meth:`set_principal` at login, kept by rotation, indexed by the
+        store (``site.sessions_of(principal)``)."""
+        return self._principal
+
+    @principal.setter
+    def principal(self, value: object) -> None:
+        raise AttributeError(
+            "a session's principal is set by `await session.set_principal(name)`, which "
+            "writes it to the store at once (it may end other sessions, or be refused)"
+        )
+
+    async def set_principal(self, principal: str | None) -> list[str]:
+        """Bind the session to ``principal`` (None: unbind it): call it at
+        login, after :meth:`rotate`. Written to the store at once (a new
+        session is created first), so the site's ``sessions_of`` and
+        ``expire_principal`` see it.
+
+        With the site's ``max_sessions_per_principal``, one login too many
+        either ends the least recently used of the principal's other sessions
+        (cause ``"superseded"``; their uids are returned) or, with
+        ``principal_policy="refuse"``, raises
+        :class:`~lapse.sessions.TooManySessions` and changes nothing.
+        ``SessionConflict`` if the session ended meanwhile;
+        ``StoreUnavailable`` if the store cannot be reached.
+        """
+        if principal is not None:
+            principal = check_principal(principal)
+        if self._expired:
+            raise SessionConflict(f"session {short_uid(self.uid)} has ended: no one logs into it")
+        return await self.site._set_principal(self, principal)
 
     @property
     def data(self) -> SessionData:

@@ -486,6 +486,11 @@ class LocalSessionStore(SessionStore, Protocol):
     def ended_record(self, uid: str) -> Any:
         """The session object of an ended, unacknowledged ``uid``, or None."""
 
+    def bind_record_now(
+        self, record: Any, principal: str | None, limit: int | None = None, refuse: bool = False
+    ) -> list[str] | None:
+        """``set_principal`` of the session itself; None if not checked here."""
+
     def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]: ...
     def renew_now(self, expiry: Expiry, owner: str, lease: float) -> bool: ...
     def ack_now(self, expiry: Expiry) -> None: ...

@@ -63,7 +63,7 @@ class PrincipalContract:
         assert loaded is not None and loaded.principal == "alice"
         other = await store.load("u2")
         assert other is not None and other.principal is None
-        info = await store.info("u1")  # type: ignore[attr-defined]
+        info = await store.info("u1")
         assert info is not None and info.principal == "alice"
         assert await index.sessions_of("bob") == []
 

@@ -24,6 +24,7 @@ from lapse.sessions import (
     Keeper,
     Session,
     SessionData,
+    SessionInfo,
     SessionStats,
     SessionStore,
     StoreConfigError,
@@ -129,6 +130,8 @@ class SessionHost:
         cookie_name: str,
         rotation_grace: float,
         max_sessions: int | None,
+        max_sessions_per_principal: int | None = None,
+        principal_policy: str = "supersede",
     ) -> None:
         """Set up the sessions part (called from the subclass's ``__init__``)."""
         if reactor is None:
@@ -152,7 +155,13 @@ class SessionHost:
         else:
             _check_store_object(store)
         self._keeper: Keeper = make_keeper(
-            self, store, on_expire, rotation_grace=rotation_grace, max_sessions=max_sessions
+            self,
+            store,
+            on_expire,
+            rotation_grace=rotation_grace,
+            max_sessions=max_sessions,
+            max_sessions_per_principal=max_sessions_per_principal,
+            principal_policy=principal_policy,
         )
 
     async def check_start(self) -> str | None:
@@ -296,3 +305,29 @@ class SessionHost:
 
     def _data_for(self, session: Session) -> SessionData:
         return self._keeper.data_for(session)
+
+    async def _set_principal(self, session: Session, principal: str | None) -> list[str]:
+        return await self._keeper.set_principal(session, principal)
+
+    # Sessions by principal (the user behind them).
+
+    async def sessions_of(self, principal: str) -> list[SessionInfo]:
+        """The live sessions bound to ``principal`` (``session.set_principal``)
+        in the store, as :class:`~lapse.sessions.SessionInfo` rows (uid,
+        created, last access, deadline, data, principal), most recently used
+        first, touching none: "your active sessions".
+
+        ``StoreUnavailable`` if the store cannot be reached; ``TypeError`` if
+        it keeps no index of principals."""
+        return await self._keeper.sessions_of(principal)
+
+    async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
+        """End every live session of ``principal`` (log out everywhere), but
+        ``except_uid`` if given (everywhere else: pass the current
+        session's uid); the uids ended.
+
+        Each ends as a logout does: its callbacks run in every process that
+        holds a copy (this one at once, the others when they read the store's
+        announcement), the durable hook runs once with cause ``"expired"``,
+        and the WebSockets and streams opened under it close."""
+        return await self._keeper.expire_principal(principal, except_uid)

@@ -29,12 +29,13 @@ from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
 from lapse.sessions import (
     ExpiryHook,
     Session,
+    SessionConflict,
     SessionStore,
     StoreUnavailable,
     current_visit,
 )
 from lapse.web._access import access_log, log_access
-from lapse.web._plumbing import UNAVAILABLE, HTTPSessions, SessionAnswer
+from lapse.web._plumbing import CONFLICT, UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
 from lapse.web._target import split_path
@@ -82,6 +83,12 @@ class Site(HTTPSessions):
     - ``max_sessions``: at most this many live sessions (memory store only;
       None, the default, for no cap): making one more first ends the one
       closest to its end (least recently used), with cause ``"evicted"``.
+    - ``max_sessions_per_principal``: at most this many live sessions per
+      principal (``session.set_principal``; None, the default, for no cap),
+      on every store, atomically across processes; one login too many ends
+      the least recently used other (cause ``"superseded"``), or, with
+      ``principal_policy="refuse"``, raises
+      :class:`~lapse.sessions.TooManySessions` from ``set_principal``.
     - ``max_body_size``, ``max_uri_length``, ``max_header_size`` (one
       header's value), ``max_headers_total`` (all headers): request limits,
       in bytes; past them the answer is 413, 414 or 431.
@@ -120,6 +127,8 @@ class Site(HTTPSessions):
         on_expire: ExpiryHook | None = None,
         rotation_grace: float = 0.0,
         max_sessions: int | None = None,
+        max_sessions_per_principal: int | None = None,
+        principal_policy: str = "supersede",
         requestFactory: Callable[[Site, Scope], Request] | None = None,
     ) -> None:
         if isinstance(reactor, type):
@@ -141,7 +150,16 @@ class Site(HTTPSessions):
         self.keep_alive_timeout = keep_alive_timeout
         self.max_connections = max_connections
         self.http_limits()  # a bad value is a ValueError here, not when serving
-        self._host_sessions(reactor, store, on_expire, cookie_name, rotation_grace, max_sessions)
+        self._host_sessions(
+            reactor,
+            store,
+            on_expire,
+            cookie_name,
+            rotation_grace,
+            max_sessions,
+            max_sessions_per_principal,
+            principal_policy,
+        )
 
     def http_limits(self) -> HTTPLimits:
         """The connection limits lapse's reactor enforces for this site."""
@@ -304,6 +322,10 @@ class Site(HTTPSessions):
                 return
             except StoreUnavailable:
                 self._answer(request, UNAVAILABLE)
+                result = None
+            except SessionConflict as exc:  # (await session.set_principal() on an ended one)
+                log.info("%s", exc)
+                self._answer(request, CONFLICT)
                 result = None
             except asyncio.CancelledError:
                 raise

@@ -55,6 +55,7 @@ class Record(Protocol):
     _created: float
     _state: object
     _ends_at: float | None
+    _principal: str | None
 
     def _store_values(self) -> dict[str, Any]:
         """The session's data dict (made empty if it has none yet)."""
@@ -77,6 +78,7 @@ class _Live:
         "_created",
         "_ends_at",
         "_lastModified",
+        "_principal",
         "_state",
         "_values",
         "sessionTimeout",
@@ -91,6 +93,7 @@ class _Live:
         self._lastModified = self._created = 0.0
         self._state: object = None
         self._ends_at: float | None = None
+        self._principal: str | None = None
         self._values = values
 
     def _store_values(self) -> dict[str, Any]:

@@ -21,6 +21,8 @@ themselves) and keeps its old uid as an alias, for ``load`` only, until the
 grace ends. With ``max_live`` set, starting a record beyond that many live
 ones first ends the live record with the earliest deadline (cause
 ``"evicted"``), found as expiry finds due records: amortised O(log n).
+
+Principals are indexed by :class:`~._principal_table.PrincipalTable`.
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ from lapse.sessions.store import (
     StoredSession,
     _histogram,
 )
+from lapse.sessions.stores._principal_table import PrincipalTable
 from lapse.sessions.stores._timetable import (
     _EPSILON,
     _GONE,
     Record,
     RecordFactory,
-    Timetable,
     _cause,
     _deadline,
 )
@@ -53,7 +55,7 @@ _MAX_SCANS = 4
 """Scans (snapshots of the live uids) kept open at once."""
 
 
-class MemoryStore(Timetable):
+class MemoryStore(PrincipalTable):
     """Live sessions in a dict; due ones found through per-timeout queues."""
 
     url = "memory:"
@@ -286,17 +288,6 @@ class MemoryStore(Timetable):
 
     # -- inspection ------------------------------------------------------
 
-    @staticmethod
-    def _info(record: Record) -> SessionInfo:
-        values = record._peek_values()
-        return SessionInfo(
-            record.uid,
-            record._created,
-            record._lastModified,
-            _deadline(record),
-            {} if values is None else dict(values),
-        )
-
     def scan_now(self, cursor: str | None, limit: int) -> tuple[list[SessionInfo], str | None]:
         """A page of live sessions; see :meth:`scan`."""
         if limit < 1:
@@ -383,7 +374,9 @@ class MemoryStore(Timetable):
             return None
         values = record._peek_values()
         data = {} if values is None else values
-        return StoredSession(record.uid, record.sessionTimeout, _deadline(record), data)
+        return StoredSession(
+            record.uid, record.sessionTimeout, _deadline(record), data, principal=record._principal
+        )
 
     async def create(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
@@ -416,6 +409,17 @@ class MemoryStore(Timetable):
 
     async def next_deadline(self) -> float | None:
         return self.next_deadline_now()
+
+    async def set_principal(
+        self, uid: str, principal: str | None, limit: int | None = None, refuse: bool = False
+    ) -> list[str] | None:
+        return self.set_principal_now(uid, principal, limit, refuse)
+
+    async def sessions_of(self, principal: str) -> list[SessionInfo]:
+        return self.sessions_of_now(principal)
+
+    async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
+        return self.expire_principal_now(principal, except_uid)
 
     def __repr__(self) -> str:
         return f"<MemoryStore {len(self._live)} live, {len(self._ended)} ended>"
