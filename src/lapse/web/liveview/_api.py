@@ -235,6 +235,9 @@ class Sessions(_Reader):
         store = self.view.site.store
         args = request.args
         sealed: bytes = args.get(b"cursor", [b""])[0]
+        raw_user: bytes | None = args.get(b"user", [None])[0]
+        if raw_user is not None and sealed:
+            return _error(request, "cursor does not go with user (one page has them all)")
         cursor_raw: str | None = None
         if sealed:
             try:
@@ -249,10 +252,7 @@ class Sessions(_Reader):
             if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
                 return _error(request, f"limit is a whole number from 1 to {MAX_LIMIT}")
             limit = int(raw_limit)
-        raw_user: bytes | None = args.get(b"user", [None])[0]
         if raw_user is not None:
-            if sealed:
-                return _error(request, "cursor does not go with user (one page has them all)")
             return await self.of_user(request, raw_user, limit)
         now = await self.now()
         rows: list[dict[str, Any]] = []

@@ -1,0 +1,47 @@
+"""Helpers for the tests of principals in the live view and the CLI: binding
+sessions outside a request, and a store that keeps no index of principals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from _dict_store import DictStore
+from _liveview import csrf_of
+from conftest import Response, call
+
+from lapse.sessions import Session
+from lapse.web.liveview import CSRF_COOKIE
+
+INJECTION = "<img src=x onerror=alert(1)>\"'</td><script>alert(2)</script>"
+"""A principal a hostile user could choose: markup and script in a name."""
+
+
+def bind(session: Session, principal: str) -> list[str]:
+    """``await session.set_principal(principal)`` on the memory store, where
+    it never waits on a loop (the uids it superseded)."""
+    return asyncio.run(session.set_principal(principal))
+
+
+class NoIndexStore(DictStore):
+    """A store written elsewhere that keeps no index of sessions by principal
+    (the three methods of ``PrincipalIndex`` absent, as ``callable`` sees it)."""
+
+    set_principal = None  # type: ignore[assignment]
+    sessions_of = None  # type: ignore[assignment]
+    expire_principal = None  # type: ignore[assignment]
+
+
+def post_as_page(site: Any, path: str, body: dict[str, Any]) -> Response:
+    """POST ``body`` as JSON to ``path`` of the view at ``/_lapse/`` as its
+    page does: the CSRF cookie and header it got with the page."""
+    nonce, csrf = csrf_of(call(site, "GET", "/_lapse/"))
+    return call(
+        site,
+        "POST",
+        path,
+        body=json.dumps(body).encode(),
+        headers=[(b"x-lapse-csrf", csrf), (b"content-type", b"application/json")],
+        cookies={CSRF_COOKIE.encode(): nonce},
+    )
