@@ -45,3 +45,37 @@ def post_as_page(site: Any, path: str, body: dict[str, Any]) -> Response:
         headers=[(b"x-lapse-csrf", csrf), (b"content-type", b"application/json")],
         cookies={CSRF_COOKIE.encode(): nonce},
     )
+
+
+def seed_principals(url: str, sessions: list[tuple[str, float, str | None]]) -> None:
+    """Create ``(uid, timeout, principal)`` sessions, one after the other,
+    in the store at ``url``, each bound to its principal (None: unbound)."""
+    from lapse.sessions.stores import store_from_url
+
+    async def run() -> None:
+        store = store_from_url(url)
+        await store.open()
+        try:
+            for uid, timeout, principal in sessions:
+                await store.create(uid, timeout, {})
+                if principal is not None:
+                    assert await store.set_principal(uid, principal) == []
+        finally:
+            await store.aclose()
+
+    asyncio.run(run())
+
+
+def store_call(url: str, method: str, *args: Any) -> Any:
+    """``await store.METHOD(*args)`` on a store opened on ``url`` for it."""
+    from lapse.sessions.stores import store_from_url
+
+    async def run() -> Any:
+        store = store_from_url(url)
+        await store.open()
+        try:
+            return await getattr(store, method)(*args)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(run())
