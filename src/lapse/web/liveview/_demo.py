@@ -68,15 +68,21 @@ def _demo(
         made.append(session)
     reactor.listenTCP(port, site, interface="127.0.0.1")
 
-    async def ready() -> None:
-        for i, session in enumerate(made if principals else []):
-            await session.set_principal(principals[i % len(principals)])
+    def listening() -> None:
         query = f"?token={token}" if token else ""
         print(f"LIVEVIEW http://127.0.0.1:{port}/_lapse/{query}", flush=True)
         sys.stdout.flush()
 
-    started = []
-    reactor.callWhenRunning(lambda: started.append(asyncio.ensure_future(ready())))
+    async def bind_then_say() -> None:
+        for i, session in enumerate(made):
+            await session.set_principal(principals[i % len(principals)])
+        listening()
+
+    if principals:  # bound once the reactor runs, then announced
+        started = []
+        reactor.callWhenRunning(lambda: started.append(asyncio.ensure_future(bind_then_say())))
+    else:
+        listening()
     reactor.run()
 
 
