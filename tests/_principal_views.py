@@ -1,5 +1,5 @@
 """Helpers for the tests of principals in the live view and the CLI: binding
-sessions outside a request, and a store that keeps no index of principals."""
+sessions outside a request, seeding a shared store, posting as the page."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import json
 from typing import Any
 
-from _dict_store import DictStore
 from _liveview import csrf_of
 from conftest import Response, call
 
@@ -22,15 +21,6 @@ def bind(session: Session, principal: str) -> list[str]:
     """``await session.set_principal(principal)`` on the memory store, where
     it never waits on a loop (the uids it superseded)."""
     return asyncio.run(session.set_principal(principal))
-
-
-class NoIndexStore(DictStore):
-    """A store written elsewhere that keeps no index of sessions by principal
-    (the three methods of ``PrincipalIndex`` absent, as ``callable`` sees it)."""
-
-    set_principal = None  # type: ignore[assignment]
-    sessions_of = None  # type: ignore[assignment]
-    expire_principal = None  # type: ignore[assignment]
 
 
 def post_as_page(site: Any, path: str, body: dict[str, Any]) -> Response:

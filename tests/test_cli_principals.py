@@ -10,7 +10,8 @@ import json
 
 import pytest
 from _cli import lapse
-from _principal_views import NoIndexStore, seed_principals, store_call
+from _no_index_store import NoIndexStore
+from _principal_views import seed_principals, store_call
 
 from lapse.cli.common import CommandError
 from lapse.cli.sources import StoreSource

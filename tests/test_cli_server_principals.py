@@ -116,3 +116,74 @@ def test_expire_user_over_the_live_view_runs_callbacks_and_hooks(
     assert sorted(said) == sorted(
         [f"CALLBACK {uid}" for uid in uids] + [f"HOOK {uid} expired" for uid in uids]
     )
+
+
+LOGIN_APP = '''
+import sys
+
+sys.path.insert(0, {tests!r})
+from _no_index_store import NoIndexStore
+
+from lapse.web.resource import Resource
+from lapse.web.server import Site
+
+
+class Login(Resource):
+    """GET /?user=NAME: the session, bound to NAME (on a store that can)."""
+
+    isLeaf = True
+
+    async def render_GET(self, request):
+        session = request.getSession()
+        if b"user" in request.args:
+            await session.set_principal(request.args[b"user"][0].decode())
+        return session.uid
+
+
+site = Site(Login())
+no_index_site = Site(Login(), store=NoIndexStore())
+'''
+
+
+@pytest.mark.slow
+def test_expire_user_through_lapse_serve_without_a_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Against 'lapse serve --live-view' without a token (loopback only),
+    expire --user works (the command gets the CSRF pair from the page, as a
+    browser does) while a POST to api/expire-user without it (a cross-site
+    form) is refused with 403 and ends nothing. A server whose store keeps no
+    index of principals: list --user is exit 1, one line saying so."""
+    from _cli import lapse_serving
+    from _servers import request
+
+    tests = str(Path(__file__).resolve().parent)
+    (tmp_path / "loginapp.py").write_text(LOGIN_APP.format(tests=tests), encoding="utf-8")
+    port = free_port()
+    args = ["loginapp:site", "--port", str(port), "--app-dir", str(tmp_path)]
+    with lapse_serving([*args, "--live-view", "_lapse"], port, tmp_path):
+        for user in ("ann", "ann", "bob"):
+            assert request(port, f"/?user={user}").status == 200
+        url = f"http://127.0.0.1:{port}/_lapse/"
+        forged = request(
+            port,
+            "/_lapse/api/expire-user",
+            method="POST",
+            body=json.dumps({"user": "ann"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert forged.status == 403
+        status, out, err = lapse(capsys, "sessions", "list", "--user", "ann", "--server", url)
+        assert status == 0 and "2 of 2 live sessions of 'ann'" in out, err
+        status, out, err = lapse(capsys, "sessions", "expire", "--user", "ann", "--server", url)
+        assert (status, err) == (0, "") and out.endswith(f"expired 2 sessions of 'ann' at {url}\n")
+        status, out, _ = lapse(capsys, "sessions", "list", "--server", url)
+        assert status == 0 and "1 of 1 live sessions" in out and out.splitlines()[1].endswith("bob")
+    port = free_port()
+    args = ["loginapp:no_index_site", "--port", str(port), "--app-dir", str(tmp_path)]
+    with lapse_serving([*args, "--live-view", "_lapse"], port, tmp_path):
+        url = f"http://127.0.0.1:{port}/_lapse/"
+        for argv in (["list", "--user", "ann"], ["expire", "--user", "ann"]):
+            status, out, err = lapse(capsys, "sessions", *argv, "--server", url)
+            assert status == 1 and out == "" and err.count("\n") == 1
+            assert "cannot list or end sessions by user" in err and "no index" in err

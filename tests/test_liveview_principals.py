@@ -10,7 +10,8 @@ import json
 
 import pytest
 from _liveview import TOKEN, get_json, make_site
-from _principal_views import INJECTION, NoIndexStore, bind, post_as_page
+from _no_index_store import NoIndexStore
+from _principal_views import INJECTION, bind, post_as_page
 from conftest import call, call_async
 
 from lapse.internet.task import Clock
