@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 from _liveview import TOKEN, get_json, make_site
 from _no_index_store import NoIndexStore
 from _principal_views import INJECTION, bind, post_as_page
 from conftest import call, call_async
+from fastapi import FastAPI
+from fastapi import Request as FastAPIRequest
 
+from lapse.asgi import SessionMiddleware, get_session
 from lapse.internet.task import Clock
 from lapse.sessions import Expiry
-from lapse.web.liveview import CSRF_COOKIE, LiveView
+from lapse.web.liveview import CSRF_COOKIE, LiveView, liveview_app
 from lapse.web.resource import Resource
 from lapse.web.server import Site
 
@@ -258,5 +262,44 @@ def test_shared_store_expire_user_ends_another_process_sessions(shared_store: st
         assert not sessions[2].expired
         for site in (viewer, holder):
             await site._keeper.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_view_of_a_fastapi_middleware_lists_and_ends_a_users_sessions() -> None:
+    """Mounted in a FastAPI app (liveview_app over SessionMiddleware), the
+    view lists a user's sessions by ?user= and expire-user ends them through
+    the middleware's expire_principal: their callbacks run, the other
+    user's session stays."""
+    ended: list[str] = []
+    app = FastAPI()
+
+    @app.get("/login")
+    async def login(request: FastAPIRequest) -> str:
+        user = request.query_params["user"]
+        session = get_session(request)
+        await session.set_principal(user)
+        session.notifyOnExpire(lambda: ended.append(user))
+        return user
+
+    sessions = SessionMiddleware(app, reactor=Clock())
+    app.mount("/_lapse", liveview_app(sessions, token=TOKEN))
+    bearer = dict(BEARER)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=sessions)
+        for user in ("ann", "ann", "bob"):
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as visitor:
+                assert (await visitor.get("/login", params={"user": user})).status_code == 200
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as operator:
+            listing = await operator.get("/_lapse/api/sessions?user=ann", headers=bearer)
+            assert listing.json()["live"] == 2
+            done = await operator.post(
+                "/_lapse/api/expire-user", json={"user": "ann"}, headers=bearer
+            )
+            assert done.status_code == 200 and done.json()["expired"] == 2
+            rows = (await operator.get("/_lapse/api/sessions", headers=bearer)).json()
+            assert [row["principal"] for row in rows["sessions"]] == ["bob"]
+        assert ended == ["ann", "ann"]
 
     asyncio.run(main())
