@@ -235,33 +235,37 @@ def test_shared_store_expire_user_ends_another_process_sessions(shared_store: st
         holder = Site(Resource(), store=shared_store, on_expire=hooked.append)
         for site in (viewer, holder):
             site._keeper.poll_interval = 0.01
-        sessions = [holder.makeSession() for _ in range(3)]
-        await holder._keeper.persist(sessions)
-        for session in sessions[:2]:
-            await session.set_principal("ann")
-        await sessions[2].set_principal("bob")
-        called: list[str] = []
-        for session in sessions:
-            session.notifyOnExpire(lambda s=session: called.append(s.uid))
-        viewer._keeper.start()
-        holder._keeper.start()
-        listing = await call_async(viewer, "GET", "/_lapse/api/sessions?user=ann", headers=BEARER)
-        assert json.loads(listing.body)["live"] == 2
-        body = json.dumps({"user": "ann"}).encode()
-        ended = await call_async(
-            viewer, "POST", "/_lapse/api/expire-user", body=body, headers=BEARER
-        )
-        assert json.loads(ended.body)["expired"] == 2
-        ann = sorted(s.uid for s in sessions[:2])
-        for _ in range(300):
-            if sorted(called) == ann and len(hooked) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert sorted(called) == ann
-        assert sorted((e.uid, e.cause) for e in hooked) == [(uid, "expired") for uid in ann]
-        assert not sessions[2].expired
-        for site in (viewer, holder):
-            await site._keeper.aclose()
+        try:
+            sessions = [holder.makeSession() for _ in range(3)]
+            await holder._keeper.persist(sessions)
+            for session in sessions[:2]:
+                await session.set_principal("ann")
+            await sessions[2].set_principal("bob")
+            called: list[str] = []
+            for session in sessions:
+                session.notifyOnExpire(lambda s=session: called.append(s.uid))
+            viewer._keeper.start()
+            holder._keeper.start()
+            listing = await call_async(
+                viewer, "GET", "/_lapse/api/sessions?user=ann", headers=BEARER
+            )
+            assert json.loads(listing.body)["live"] == 2
+            body = json.dumps({"user": "ann"}).encode()
+            ended = await call_async(
+                viewer, "POST", "/_lapse/api/expire-user", body=body, headers=BEARER
+            )
+            assert json.loads(ended.body)["expired"] == 2
+            ann = sorted(s.uid for s in sessions[:2])
+            for _ in range(300):
+                if sorted(called) == ann and len(hooked) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert sorted(called) == ann
+            assert sorted((e.uid, e.cause) for e in hooked) == [(uid, "expired") for uid in ann]
+            assert not sessions[2].expired
+        finally:
+            for site in (viewer, holder):
+                await site._keeper.aclose()
 
     asyncio.run(main())
 
