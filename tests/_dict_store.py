@@ -268,7 +268,8 @@ class DictStore:
         return [self._info(uid) for uid in uids]
 
     async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
-        ended = [uid for uid in self._bound(principal) if uid != except_uid]
+        spared = None if except_uid is None else self._resolve(except_uid)
+        ended = [uid for uid in self._bound(principal) if uid != spared]
         for uid in ended:
             self._end(uid, "expired")
         return ended

@@ -92,3 +92,23 @@ def open_and_create(path: str, name: str, count: int, barrier: Any, results: Any
         results.put((name, repr(exc)))
     else:
         results.put((name, None))
+
+
+def bind_in_process(path: str, uids: list[str], limit: int, barrier: Any, results: Any) -> None:
+    """A process that binds each of ``uids`` to "alice" with ``limit``, all
+    at once, once every process is ready (``barrier``); puts the uids its
+    calls superseded."""
+
+    async def main() -> list[str]:
+        store = SQLiteStore(path, clock=lambda: 1000.0, busy_timeout=30.0, timeout=30.0)
+        await store.open()
+        try:
+            barrier.wait(timeout=60)
+            done = await asyncio.gather(
+                *(store.set_principal(uid, "alice", limit=limit) for uid in uids)
+            )
+        finally:
+            await store.aclose()
+        return [uid for superseded in done for uid in superseded or []]
+
+    results.put(asyncio.run(main()))

@@ -292,3 +292,21 @@ def test_rotation_after_login_keeps_the_principal(clock: Clock) -> None:
         assert [row.uid for row in await site.sessions_of("alice")] == [new]
 
     asyncio.run(scenario())
+
+
+def test_binding_a_session_ended_meanwhile_answers_409(clock: Clock) -> None:
+    """A render that binds a session another request ended gets the site's
+    409 (its SessionConflict), not a 500."""
+
+    class Late(Resource):
+        isLeaf = True
+
+        async def render_GET(self, request: Any) -> bytes:
+            session = request.getSession()
+            session.expire()
+            await session.set_principal("alice")
+            return b"bound"
+
+    site = Site(Late(), reactor=clock)
+    response = asyncio.run(call_async(site, "GET", "/"))
+    assert response.status == 409

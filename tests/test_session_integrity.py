@@ -549,7 +549,7 @@ def test_sqlite_version_2_file_is_upgraded_to_data_versions(tmp_path: Path) -> N
 
     asyncio.run(upgraded())
     conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (4,)
     conn.close()
 
 

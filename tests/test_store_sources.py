@@ -69,7 +69,7 @@ def test_every_named_statement_compiles_against_the_current_schema() -> None:
 
 
 def test_a_file_migrated_from_each_old_version_has_the_schema_of_a_new_file() -> None:
-    """The migration files bring a version 1 or 2 file to exactly the tables,
+    """The migration files bring a version 1, 2 or 3 file to exactly the tables,
     columns and indexes schema.sql makes (same order: statements written for
     one run on the other)."""
 
@@ -85,16 +85,22 @@ def test_a_file_migrated_from_each_old_version_has_the_schema_of_a_new_file() ->
     new = sqlite3.connect(":memory:")
     for statement in MIGRATIONS[0]:
         new.execute(statement)
-    # Version 2 is version 3 without sessions.version; version 1 also
-    # without created, ends_at, events.target and the aliases table.
-    v2 = [s.replace(",\n    version INTEGER NOT NULL DEFAULT 0", "") for s in MIGRATIONS[0]]
+    # Version 3 is version 4 without sessions.principal and its index;
+    # version 2 also without sessions.version; version 1 also without
+    # created, ends_at, events.target and the aliases table.
+    v3 = [
+        s.replace(",\n    principal TEXT", "")
+        for s in MIGRATIONS[0]
+        if "sessions_principal" not in s
+    ]
+    v2 = [s.replace(",\n    version INTEGER NOT NULL DEFAULT 0", "") for s in v3]
     v1 = [
         s.replace(",\n    created REAL,\n    ends_at REAL", "").replace(",\n    target TEXT", "")
         for s in v2
         if "aliases" not in s
     ]
-    assert v1 != v2 != list(MIGRATIONS[0])
-    for version, old in ((1, v1), (2, v2)):
+    assert v1 != v2 != v3 != list(MIGRATIONS[0])
+    for version, old in ((1, v1), (2, v2), (3, v3)):
         conn = sqlite3.connect(":memory:")
         for statement in old:
             conn.execute(statement)

@@ -654,7 +654,7 @@ PRAGMA user_version = 1;
 def test_a_version_1_file_is_migrated_in_place(db: str, clock: FakeClock) -> None:
     """A file of schema version 1 (before lifetimes and rotation) is upgraded by
     the first open: its live sessions keep loading (with no absolute end), and
-    rotation and lifetimes work on it; the file is version 2 afterwards."""
+    rotation and lifetimes work on it; the file is version 4 afterwards."""
     conn = sqlite3.connect(db)
     conn.executescript(_SCHEMA_V1)
     conn.execute("INSERT INTO sessions (uid, timeout, deadline) VALUES ('u1', 30, 1030)")
@@ -675,5 +675,5 @@ def test_a_version_1_file_is_migrated_in_place(db: str, clock: FakeClock) -> Non
 
     with_store(db, clock, body)
     conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (4,)
     conn.close()

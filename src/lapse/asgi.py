@@ -65,6 +65,7 @@ from lapse.sessions import (
 )
 from lapse.web._cookies import vary_on_cookie
 from lapse.web._plumbing import (
+    CONFLICT,
     UNAVAILABLE,
     HTTPSessions,
     is_secure,
@@ -77,7 +78,13 @@ from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
 with contextlib.suppress(ImportError):  # the PostgreSQL store's driver, an extra
     importlib.import_module("asyncpg")
 
-__all__ = ["SessionMapping", "SessionMiddleware", "current_session", "get_session"]
+__all__ = [
+    "SessionMapping",
+    "SessionMiddleware",
+    "current_session",
+    "get_session",
+    "session_middleware",
+]
 
 log = logging.getLogger("lapse.asgi")
 
@@ -114,6 +121,14 @@ def get_session(request_or_scope: Any) -> Session:
 def current_session(request_or_scope: Any) -> Session | None:
     """The request's live session if it has one, without making one."""
     return _visit_of(request_or_scope).peek()
+
+
+def session_middleware(request_or_scope: Any) -> SessionMiddleware:
+    """The :class:`SessionMiddleware` serving the request: its
+    ``sessions_of(principal)`` and ``expire_principal(principal,
+    except_uid=None)`` list and end a user's sessions ("your active
+    sessions", "log out everywhere"). ``RuntimeError`` as :func:`get_session`."""
+    return _visit_of(request_or_scope).owner
 
 
 class SessionMiddleware(HTTPSessions):
@@ -327,6 +342,12 @@ class SessionMiddleware(HTTPSessions):
 
         try:
             await self.app(scope, receive, send_with_session)
+        except SessionConflict as exc:  # (await session.set_principal() on an ended one)
+            if started:
+                raise
+            log.info("%s", exc)
+            replaced = True
+            await CONFLICT.send(send)
         except StoreUnavailable as exc:
             if not visit.failed:
                 raise

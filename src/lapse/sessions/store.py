@@ -52,7 +52,8 @@ a store written elsewhere, offered by every lapse store):
   to) to ``principal`` (None: unbind it), in the store's index of sessions by
   principal; None if there is no such session (nothing changed). With
   ``limit``, at most ``limit`` live sessions may be bound to ``principal``
-  once it is done, this one included: if more would be, ``refuse`` raises
+  once it is done, this one included (also when it was bound already and
+  the limit has been lowered since): if more would be, ``refuse`` raises
   :class:`TooManySessions` changing nothing, else the least recently used of
   the others (earliest last access; then by uid) end at once as ``expire``
   ends a session, with cause ``"superseded"``. Returns the uids so ended, in
@@ -61,7 +62,8 @@ a store written elsewhere, offered by every lapse store):
 - ``sessions_of(principal)``: its live sessions as :class:`SessionInfo`
   (``principal`` set), most recently used first, touching none;
 - ``expire_principal(principal, except_uid=None)``: end each of its live
-  sessions (but ``except_uid``) now, as ``expire`` does; the uids ended.
+  sessions now, as ``expire`` does, but the one ``except_uid`` names (itself,
+  or within its grace the session it was rotated to); the uids ended.
 
 The index is the store's own: a rotation keeps a session's principal (the
 new uid is bound, the old one not), and a session that ends by any cause

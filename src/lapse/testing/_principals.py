@@ -177,6 +177,20 @@ class PrincipalContract:
         assert await _uids_of(index, "bob") == ["b1"]
 
     @scenario
+    async def test_expire_principal_spares_the_session_an_old_uid_names(
+        self, store: SessionStore, clock: FakeClock
+    ) -> None:
+        """An except_uid rotated away within its grace spares the session it
+        now names (a process whose copy still has the old uid)."""
+        index = _index(store)
+        for uid in ("a1", "a2"):
+            await store.create(uid, 60, {})
+            await index.set_principal(uid, "alice")
+        assert await store.rotate("a1", "a1-new", 10)
+        assert await index.expire_principal("alice", except_uid="a1") == ["a2"]
+        assert await _uids_of(index, "alice") == ["a1-new"]
+
+    @scenario
     async def test_the_cap_supersedes_the_least_recently_used(
         self, store: SessionStore, clock: FakeClock
     ) -> None:

@@ -29,12 +29,13 @@ from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
 from lapse.sessions import (
     ExpiryHook,
     Session,
+    SessionConflict,
     SessionStore,
     StoreUnavailable,
     current_visit,
 )
 from lapse.web._access import access_log, log_access
-from lapse.web._plumbing import UNAVAILABLE, HTTPSessions, SessionAnswer
+from lapse.web._plumbing import CONFLICT, UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
 from lapse.web._target import split_path
@@ -321,6 +322,10 @@ class Site(HTTPSessions):
                 return
             except StoreUnavailable:
                 self._answer(request, UNAVAILABLE)
+                result = None
+            except SessionConflict as exc:  # (await session.set_principal() on an ended one)
+                log.info("%s", exc)
+                self._answer(request, CONFLICT)
                 result = None
             except asyncio.CancelledError:
                 raise

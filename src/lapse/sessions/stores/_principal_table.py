@@ -106,9 +106,15 @@ class PrincipalTable(Timetable):
         return [self._info(record) for record in records]
 
     def expire_principal_now(self, principal: str, except_uid: str | None = None) -> list[str]:
+        spared = None
+        if except_uid is not None:
+            now = self.clock()
+            spared = self._get(except_uid, now)
+            if spared is None and self._aliases:
+                spared = self._alias(except_uid, now)
         ended = []
         for record in self._bound_to(principal):
-            if record.uid != except_uid:
+            if record is not spared:
                 ended.append(record.uid)
                 self._end(record, "expired")
         return ended

@@ -53,8 +53,8 @@ Guarantees:
 The file must be on a local file system (WAL needs shared memory between the
 processes; it does not work over NFS).
 
-Schema (``PRAGMA user_version = 3``; a version 1 or 2 file is migrated in
-place by the first process of this version that opens it, after which
+Schema (``PRAGMA user_version = 4``; a version 1, 2 or 3 file is migrated
+in place by the first process of this version that opens it, after which
 processes of older versions refuse the file):
 
 - ``sessions``: one row per session, live (``ended = 0``) or ended and
@@ -65,7 +65,11 @@ processes of older versions refuse the file):
   rows from version 1) are kept by a rotation; ``deadline`` never passes
   ``ends_at``. ``version`` counts the writes of the session's data (1 at
   creation, one more per ``save``; 0 in rows from before version 3), so
-  that ``load`` need not read data a process already holds.
+  that ``load`` need not read data a process already holds. ``principal``
+  is the user the session is bound to (NULL when unbound, and in rows from
+  before version 4), indexed by ``sessions_principal`` over the bound rows
+  (on the principal alone, so a touch never writes to it); see
+  :mod:`.principals`.
 - ``aliases``: the old uids of rotated sessions, each with the uid it now
   names (kept up to date by further rotations) until its grace ends.
 - ``session_data``: one row per key (``value`` is JSON), so that ``save``
@@ -76,11 +80,12 @@ processes of older versions refuse the file):
   new one; NULL for an end); rows older than ten minutes are pruned.
 
 The package: :mod:`.store` (the operations), :mod:`.inspection` (read-only
-inspection), :mod:`.runner` (the connection, its worker thread, the stall
-bound, the file-replaced check), :mod:`.schema` (the schema version and its
-migrations), :mod:`.queries` (the statements), :mod:`.config` (the URL and
-path checks); the SQL itself is in ``schema.sql``, ``aliases.sql``,
-``migrate_*.sql`` and ``queries.sql``, read once at import.
+inspection), :mod:`.principals` (sessions by principal), :mod:`.runner` (the
+connection, its worker thread, the stall bound, the file-replaced check),
+:mod:`.schema` (the schema version and its migrations), :mod:`.queries` (the
+statements), :mod:`.config` (the URL and path checks); the SQL itself is
+in ``schema.sql``, ``aliases.sql``, ``principals.sql``, ``migrate_*.sql``
+and ``queries.sql``, read once at import.
 """
 
 from __future__ import annotations

@@ -12,7 +12,17 @@ from typing import Any
 from lapse.sessions.store import SessionInfo
 from lapse.sessions.stores._package_text import read_statements
 
-__all__ = ["EPSILON", "SQL", "clamp", "dumps", "is_live", "read_data", "resolve", "session_info"]
+__all__ = [
+    "EPSILON",
+    "SQL",
+    "clamp",
+    "dumps",
+    "is_live",
+    "last_access",
+    "read_data",
+    "resolve",
+    "session_info",
+]
 
 EPSILON = 1e-6
 """Slack when comparing a deadline with the clock (as the memory store does),
@@ -45,6 +55,8 @@ class Queries:
     bump_version: str
     select_version: str
     end_session: str
+    bind_principal: str
+    sessions_of: str
     due_live: str
     due_ended: str
     lease_session: str
@@ -100,10 +112,16 @@ def read_data(conn: sqlite3.Connection, uid: str) -> dict[str, Any]:
     return {key: json.loads(value) for key, value in rows}
 
 
-def session_info(conn: sqlite3.Connection, row: tuple[Any, ...]) -> SessionInfo:
-    """A :class:`SessionInfo` from a ``(uid, created, timeout, deadline)`` row."""
-    uid, created, timeout, deadline = row
+def last_access(created: float | None, timeout: float, deadline: float) -> float:
+    """A session's last touch: ``deadline - timeout``, or its creation if
+    later (a deadline clamped to the absolute end records no later touch)."""
     last = deadline - timeout
-    if created is not None and last < created:
-        last = created
-    return SessionInfo(uid, created, last, deadline, read_data(conn, uid))
+    return created if created is not None and last < created else last
+
+
+def session_info(conn: sqlite3.Connection, row: tuple[Any, ...]) -> SessionInfo:
+    """A :class:`SessionInfo` from a ``(uid, created, timeout, deadline,
+    principal)`` row."""
+    uid, created, timeout, deadline, principal = row
+    last = last_access(created, timeout, deadline)
+    return SessionInfo(uid, created, last, deadline, read_data(conn, uid), principal)

@@ -33,8 +33,8 @@ DELETE FROM aliases WHERE until <= ?;
 -- load ------------------------------------------------------------------------
 
 -- name: load_session
--- (uid) -> timeout, ends_at, version
-SELECT timeout, ends_at, version FROM sessions WHERE uid = ?;
+-- (uid) -> timeout, ends_at, version, principal
+SELECT timeout, ends_at, version, principal FROM sessions WHERE uid = ?;
 
 -- name: touch
 -- (deadline, uid)
@@ -95,10 +95,27 @@ SELECT version FROM sessions WHERE uid = ?;
 -- expire ----------------------------------------------------------------------
 
 -- name: end_session
--- (now, now, uid): ended by expire(), claimable at once
-UPDATE sessions SET ended = 1, cause = 'expired', deadline = ?,
+-- (cause, now, now, uid): ended by expire(), expire_principal() ("expired")
+-- or set_principal()'s cap ("superseded"), claimable at once
+UPDATE sessions SET ended = 1, cause = ?, deadline = ?,
     delivery_id = NULL, attempt = 0, lease_owner = NULL, lease_until = ?
     WHERE uid = ?;
+
+-- principals -------------------------------------------------------------------
+
+-- name: bind_principal
+-- (principal or NULL, uid)
+UPDATE sessions SET principal = ? WHERE uid = ?;
+
+-- name: sessions_of
+-- (principal, now+) -> uid, created, timeout, deadline, principal of its
+-- live sessions. Through sessions_principal, always (the principal = ? term
+-- implies its principal IS NOT NULL): with no statistics the planner would
+-- rather range over sessions_live, every live session of the file; INDEXED
+-- BY makes this cost the principal's rows only, or fail if the index is gone.
+SELECT uid, created, timeout, deadline, principal FROM sessions
+    INDEXED BY sessions_principal
+    WHERE principal = ? AND ended = 0 AND deadline > ?;
 
 -- claim, renew, ack -----------------------------------------------------------
 
@@ -158,21 +175,22 @@ SELECT 1 FROM sessions WHERE ended = 1 AND delivery_id IS NULL LIMIT 1;
 -- inspection: read only -------------------------------------------------------
 
 -- name: scan_first
--- (now+, limit) -> uid, created, timeout, deadline; latest deadline first
-SELECT uid, created, timeout, deadline FROM sessions
+-- (now+, limit) -> uid, created, timeout, deadline, principal; latest
+-- deadline first
+SELECT uid, created, timeout, deadline, principal FROM sessions
     WHERE ended = 0 AND deadline > ?
     ORDER BY deadline DESC, uid DESC LIMIT ?;
 
 -- name: scan_after
 -- (now+, cursor deadline, cursor deadline, cursor uid, limit): the same,
 -- strictly after the cursor in that order
-SELECT uid, created, timeout, deadline FROM sessions
+SELECT uid, created, timeout, deadline, principal FROM sessions
     WHERE ended = 0 AND deadline > ? AND (deadline < ? OR (deadline = ? AND uid < ?))
     ORDER BY deadline DESC, uid DESC LIMIT ?;
 
 -- name: info
--- (uid, now+) -> uid, created, timeout, deadline
-SELECT uid, created, timeout, deadline FROM sessions
+-- (uid, now+) -> uid, created, timeout, deadline, principal
+SELECT uid, created, timeout, deadline, principal FROM sessions
     WHERE uid = ? AND ended = 0 AND deadline > ?;
 
 -- name: count_live

@@ -16,7 +16,7 @@ from lapse.sessions.stores._package_text import read_source
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _PACKAGE = __name__.rpartition(".")[0]
 
@@ -30,8 +30,9 @@ def _statements(*names: str) -> tuple[str, ...]:
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     0: _statements("schema.sql"),
-    1: _statements("migrate_1_to_2.sql", "migrate_2_to_3.sql"),
-    2: _statements("migrate_2_to_3.sql"),
+    1: _statements("migrate_1_to_2.sql", "migrate_2_to_3.sql", "migrate_3_to_4.sql"),
+    2: _statements("migrate_2_to_3.sql", "migrate_3_to_4.sql"),
+    3: _statements("migrate_3_to_4.sql"),
 }
 """The statements that bring a file of each older version to the current one
 (version 0: a new file)."""

@@ -1,10 +1,11 @@
--- The current schema (PRAGMA user_version = 3), made in a new file.
+-- The current schema (PRAGMA user_version = 4), made in a new file.
 --
 -- sessions: one row per session, live (ended = 0) or ended and waiting for
 -- its expiry hook to be acknowledged (ended = 1). An ended row's lease_until
 -- is when it may be claimed (again). created and ends_at (the absolute end,
 -- NULL for none) are kept by a rotation; deadline never passes ends_at.
 -- version counts the writes of the session's data (1 at creation).
+-- principal: the user it is bound to (set_principal), NULL when unbound.
 CREATE TABLE IF NOT EXISTS sessions (
     uid TEXT PRIMARY KEY,
     timeout REAL NOT NULL,
@@ -17,7 +18,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     lease_until REAL,
     created REAL,
     ends_at REAL,
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    principal TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_live ON sessions (ended, deadline);
 CREATE INDEX IF NOT EXISTS sessions_lease ON sessions (ended, lease_until);
@@ -39,3 +41,4 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
 -- include: aliases.sql
+-- include: principals.sql

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lapse.sessions.store import Event, Expiry, StoreConfigError, StoredSession
 from lapse.sessions.stores.sqlite.config import URL_PREFIX, checked_path, parse_url
 from lapse.sessions.stores.sqlite.inspection import Inspection
+from lapse.sessions.stores.sqlite.principals import Principals
 from lapse.sessions.stores.sqlite.queries import (
     EPSILON,
     SQL,
@@ -26,7 +27,7 @@ from lapse.sessions.stores.sqlite.queries import (
 from lapse.sessions.stores.sqlite.runner import Runner
 
 if TYPE_CHECKING:
-    from lapse.sessions.store import SessionStore
+    from lapse.sessions.store import PrincipalIndex, SessionStore
 
 __all__ = ["EVENTS_KEPT_FOR", "EVENTS_PER_CALL", "SQLiteStore"]
 
@@ -39,7 +40,7 @@ EVENTS_PER_CALL = 1000
 """The most uids one ``events()`` call returns."""
 
 
-class SQLiteStore(Inspection):
+class SQLiteStore(Inspection, Principals):
     """Sessions in an SQLite file (see :mod:`lapse.sessions.stores.sqlite`
     for the guarantees).
 
@@ -131,13 +132,18 @@ class SQLiteStore(Inspection):
             live = resolve(conn, uid, now)
             if live is None:
                 return None
-            timeout, ends_at, current = conn.execute(SQL.load_session, (live,)).fetchone()
+            row = conn.execute(SQL.load_session, (live,)).fetchone()
+            timeout, ends_at, current, principal = row
             deadline = clamp(now + timeout, ends_at)
             conn.execute(SQL.touch, (deadline, live))
             if version is not None and current == version:
-                return StoredSession(live, timeout, deadline, version=current, unchanged=True)
+                return StoredSession(
+                    live, timeout, deadline, version=current, unchanged=True, principal=principal
+                )
             rows = conn.execute(SQL.read_data, (live,))
-            return StoredSession(live, timeout, deadline, encoded=dict(rows), version=current)
+            return StoredSession(
+                live, timeout, deadline, encoded=dict(rows), version=current, principal=principal
+            )
 
         return await self._runner.call(load, write=True)
 
@@ -220,7 +226,7 @@ class SQLiteStore(Inspection):
         def expire(conn: sqlite3.Connection, now: float) -> bool:
             if not is_live(conn, uid, now):
                 return False
-            conn.execute(SQL.end_session, (now, now, uid))
+            conn.execute(SQL.end_session, ("expired", now, now, uid))
             return True
 
         return await self._runner.call(expire, write=True)
@@ -338,4 +344,7 @@ class SQLiteStore(Inspection):
 if TYPE_CHECKING:
 
     def _is_a_session_store(store: SQLiteStore) -> SessionStore:
+        return store
+
+    def _is_a_principal_index(store: SQLiteStore) -> PrincipalIndex:
         return store
