@@ -118,18 +118,18 @@ def test_without_lifespan_the_keeper_starts_on_the_first_request(tmp_path: Path)
     asyncio.run(scenario())
 
 
-def test_websockets_pass_through_untouched() -> None:
-    """A websocket scope reaches the app unchanged, even with a session cookie:
-    no session is loaded or made, and get_session is an error there."""
+def test_websockets_get_the_session_with_its_cookie_on_the_accept() -> None:
+    """A websocket scope gets a session as an HTTP request does: a cookie
+    naming no session gives none; get_session() before the accept makes one,
+    whose cookie goes on the accept's headers."""
     seen: dict[str, Any] = {}
 
     async def ws(websocket: WebSocket) -> None:
+        seen["keys"] = "session" in websocket.scope and "lapse.session" in websocket.scope
+        seen["before"] = current_session(websocket)
+        seen["uid"] = get_session(websocket).uid
+        websocket.session["name"] = "ada"
         await websocket.accept()
-        seen["keys"] = "session" in websocket.scope or "lapse.session" in websocket.scope
-        try:
-            get_session(websocket)
-        except RuntimeError:
-            seen["error"] = True
         await websocket.send_text("hi")
         await websocket.close()
 
@@ -157,8 +157,10 @@ def test_websockets_pass_through_untouched() -> None:
     asyncio.run(app(scope, receive, send))
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
     assert sent[1]["text"] == "hi"
-    assert seen == {"keys": False, "error": True}
-    assert app.sessions == {}
+    assert seen["keys"] is True and seen["before"] is None
+    cookies = [v for k, v in sent[0]["headers"] if k == b"set-cookie"]
+    assert len(cookies) == 1 and cookies[0].startswith(b"lapse_session=" + seen["uid"].encode())
+    assert dict(app.sessions[seen["uid"]].data) == {"name": "ada"}
 
 
 # -- FastAPI and add_middleware -----------------------------------------------------

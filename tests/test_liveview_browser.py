@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from _browser import chromium_binary
 from _principal_views import INJECTION
 from _servers import REPO_ROOT, ServerProcess, free_port, wait_for_port, write_script
 
@@ -30,29 +30,8 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow  # real processes and real timeouts, each over a second
 
-CHROMIUM = "/usr/bin/chromium"
 TOKEN = "browser-test-token-0123456789"
 SESSIONS = 12
-
-
-def chromium_binary() -> str:
-    """Debian's chromium, installed with apt-get if missing; fails clearly."""
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    if os.geteuid() != 0:
-        pytest.fail(f"{CHROMIUM} is missing and we are not root: run `apt-get install -y chromium`")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "chromium"]
-    done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not os.path.exists(CHROMIUM):
-        pytest.fail(
-            f"could not install chromium with apt-get (exit {done.returncode}):\n"
-            f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-        )
-    return CHROMIUM
 
 
 @contextlib.contextmanager

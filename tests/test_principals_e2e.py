@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +21,25 @@ from pathlib import Path
 
 import pytest
 from _servers import EXAMPLES, REPO_ROOT, Response, ServerProcess, free_port, request, wait_for_port
+from conftest import store_url_for
 
 pytestmark = pytest.mark.slow  # real processes
 
 COOKIE = re.compile(r"lapse_session=([A-Za-z0-9_-]{24});")
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis-sharded", "redis-cluster", "postgres"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh shared store of each kind, with the Redis layouts whose
+    principal index spans shards (``shards=4`` on one node; a real 6-node
+    Cluster): there the cap is held by a lock, not by one script."""
+    kind = request.param
+    if kind == "redis-sharded":
+        return store_url_for("redis", tmp_path, request) + "&shards=4"
+    if kind == "redis-cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        return str(cluster.url(prefix=f"p{os.getpid()}x{id(request)}"))
+    return store_url_for(kind, tmp_path, request)
 
 
 @contextlib.contextmanager

@@ -27,9 +27,10 @@ A request's path through the middleware:
 4. if the store cannot be reached in 1 or 3, the answer is ``503`` with
    ``Retry-After: 1`` instead.
 
-Websocket scopes pass through untouched (no session in them); lifespan
-messages pass through to the app, the session keeper starting before the
-app's startup and closing after its shutdown.
+Websocket scopes get the session as HTTP requests do, bound to the socket
+(see :mod:`lapse.web._socket_sessions`), and a streamed response ends with
+its session; lifespan messages pass through to the app, the session keeper
+starting before the app's startup and closing after its shutdown.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import contextlib
 import importlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 # What making the middleware needs, imported with this module, before the
@@ -64,6 +65,7 @@ from lapse.sessions import (
     current_visit,
 )
 from lapse.web._cookies import vary_on_cookie
+from lapse.web._live import StreamLink
 from lapse.web._plumbing import (
     CONFLICT,
     UNAVAILABLE,
@@ -73,6 +75,7 @@ from lapse.web._plumbing import (
 )
 from lapse.web._proxy import TrustSetting
 from lapse.web._session_mapping import MiddlewareVisit, SessionMapping
+from lapse.web._socket_sessions import serve_websocket
 from lapse.web._types import ASGIApp, Message, Receive, Scope, Send
 
 with contextlib.suppress(ImportError):  # the PostgreSQL store's driver, an extra
@@ -99,10 +102,7 @@ def _visit_of(request_or_scope: Any) -> MiddlewareVisit:
     except (KeyError, TypeError):
         visit = None
     if not isinstance(visit, MiddlewareVisit):
-        raise RuntimeError(
-            "no lapse session here: install lapse.asgi.SessionMiddleware "
-            "(sessions are for HTTP requests, not websockets)"
-        )
+        raise RuntimeError("no lapse session here: install lapse.asgi.SessionMiddleware")
     return visit
 
 
@@ -156,6 +156,11 @@ class SessionMiddleware(HTTPSessions):
       ``Site``'s; ``max_sessions_per_principal`` and ``principal_policy``:
       a cap on each user's sessions, as ``Site``'s.
     - ``reactor``: the time source and timer (a ``Clock`` in tests).
+    - ``allowed_origins``: origins (``"https://app.example.com"``; ``"*"``
+      for any) besides the site's own whose pages may open its WebSockets;
+      other origins' handshakes are refused (403).
+    - ``touch_fraction``: a message received on a WebSocket touches its
+      session at most once per this fraction of its timeout (0.1).
 
     ``sessions`` maps uid to this process's live sessions.
     """
@@ -176,8 +181,14 @@ class SessionMiddleware(HTTPSessions):
         max_sessions_per_principal: int | None = None,
         principal_policy: str = "supersede",
         reactor: IReactorTime | None = None,
+        allowed_origins: Iterable[str] = (),
+        touch_fraction: float = 0.1,
     ) -> None:
         self.app = app
+        if not 0 < touch_fraction <= 1:
+            raise ValueError(f"touch_fraction is in (0, 1], not {touch_fraction!r}")
+        self.touch_fraction = touch_fraction
+        self.allowed_origins = tuple(allowed_origins)
         factory: Callable[[Any, str], Session] = session_factory or Session
         overrides: dict[str, float] = {}
         if timeout is not None:
@@ -262,6 +273,8 @@ class SessionMiddleware(HTTPSessions):
         if kind != "http":
             if kind == "lifespan":
                 await self._lifespan(scope, receive, send)
+            elif kind == "websocket":
+                await serve_websocket(self, scope, receive, send, SCOPE_KEY)
             else:
                 await self.app(scope, receive, send)
             return
@@ -305,15 +318,32 @@ class SessionMiddleware(HTTPSessions):
         scope["session"] = visit.mapping
         replaced = False
         started = False
+        # A streamed response (or one waiting for the client to leave) ends
+        # with its session.
+        link = StreamLink(receive, send, visit)
 
         async def send_with_session(message: Message) -> None:
             nonlocal replaced, started
-            if message["type"] == "http.response.start":
-                started = True
-            if replaced:
-                return  # the app's response after a 503 or 409 took its place
             if message["type"] != "http.response.start":
-                await send(message)
+                if replaced:
+                    return  # the app's response after a 503 or 409 took its place
+                lock = link.lock
+                if lock is None:
+                    if not message.get("more_body", False):
+                        await send(message)  # (the usual case: one body)
+                        return
+                    link.streams()  # bound to its session from now on
+                    lock = link.lock
+                    assert lock is not None
+                if link.ended:
+                    return  # ended with its session: later sends are dropped
+                if not message.get("more_body", False):
+                    link.complete = True
+                async with lock:  # (not with the end of the body sent at the end)
+                    await send(message)
+                return
+            started = link.started = True
+            if replaced or link.ended:
                 return
             if visit.failed:
                 # The app asked for a session the store could not load (its
@@ -341,7 +371,7 @@ class SessionMiddleware(HTTPSessions):
             await send({**message, "headers": vary_on_cookie(headers)})
 
         try:
-            await self.app(scope, receive, send_with_session)
+            await self.app(scope, link.receive, send_with_session)
         except SessionConflict as exc:  # (await session.set_principal() on an ended one)
             if started:
                 raise
@@ -360,6 +390,8 @@ class SessionMiddleware(HTTPSessions):
                 replaced = True
                 await UNAVAILABLE.send(send)
         finally:
+            if link.streaming:
+                await link.aclose()
             visit.mapping._release()
             # What changed after the response started (a background task, a
             # streamed body) or in a request that failed: written now.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from inspect import isawaitable
 from typing import Any
 
@@ -35,6 +36,7 @@ from lapse.sessions import (
     current_visit,
 )
 from lapse.web._access import access_log, log_access
+from lapse.web._live import bind, end_stream
 from lapse.web._plumbing import CONFLICT, UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
 from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
@@ -42,6 +44,7 @@ from lapse.web._target import split_path
 from lapse.web._types import Receive, Scope, Send
 from lapse.web.error import BadRequest, UnsupportedMethod
 from lapse.web.resource import ErrorPage, getChildForRequest
+from lapse.web.websocket import serve_websocket
 
 __all__ = ["NOT_DONE_YET", "Request", "Session", "Site", "version"]
 
@@ -259,7 +262,7 @@ class Site(HTTPSessions):
             if kind == "lifespan":
                 await self._serve_lifespan(receive, send)
             elif kind == "websocket":
-                await send({"type": "websocket.close", "code": 1003})
+                await serve_websocket(self, scope, receive, send)
             return
         # HTTP, written out here rather than in methods of its own: this is
         # every request's path, and each call and coroutine layer costs.
@@ -430,9 +433,17 @@ class Site(HTTPSessions):
         """Send a ``NOT_DONE_YET`` response as it is written, until finished."""
         wakeup = request._wakeup = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch_disconnect(request, receive))
+        # The response ends with its session (see end_stream).
+        unbind = [bind(s, partial(end_stream, request)) for s in self._used_sessions(request)]
         try:
             while True:
                 if request._disconnected:
+                    if getattr(request, "_session_ended", False):
+                        if not request._headers_sent:
+                            await send(request._start_message(None))
+                        body = request._take_chunks()
+                        await send({"type": "http.response.body", "body": body})
+                        log_access(request)
                     return
                 if not request.finished and not request._chunks:
                     await wakeup.wait()
@@ -453,6 +464,8 @@ class Site(HTTPSessions):
                     log_access(request)
                     return
         finally:
+            for each in unbind:
+                each()
             watcher.cancel()
 
     @staticmethod

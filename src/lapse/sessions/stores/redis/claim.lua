@@ -51,6 +51,10 @@ for _, c in ipairs(candidates) do
       if cause == 'timeout' then
         local e = redis.call('HGET', prefix .. ':s:' .. uid, '_e')
         if e and tonumber(e) <= c[2] then cause = 'lifetime' end
+      else
+        -- ended by hand: by expire ("expired"), or as set_principal's victim
+        local x = redis.call('HGET', prefix .. ':s:' .. uid, '_x')
+        if x then cause = x end
       end
     end
     if not id then id = uid .. ':' .. redis.call('INCR', KEYS[4]) end

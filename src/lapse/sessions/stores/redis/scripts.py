@@ -30,6 +30,13 @@ _NAMES = (
     "ack",
     "next_deadline",
     "shards",
+    "login",
+    "members",
+    "end_bound",
+    "bind",
+    "lock",
+    "unlock",
+    "reindex",
 )
 
 _PACKAGE = __name__.rpartition(".")[0]

@@ -14,6 +14,7 @@ from typing import Any
 from lapse.sessions.store import Expiry, StoreConfigError, StoredSession, StoreUnavailable
 from lapse.sessions.stores.redis.inspection import Inspection
 from lapse.sessions.stores.redis.layout import Layout, Shard
+from lapse.sessions.stores.redis.principals import Principals
 from lapse.sessions.stores.redis.rounds import Rounds
 from lapse.sessions.stores.redis.scripts import SOURCES
 from lapse.sessions.stores.redis.slots import Commands
@@ -111,7 +112,7 @@ def _commands_for(target: Target, timeout: float) -> Commands:
     return RedisClient(target.host, target.port, db=target.db, tls=target.tls, **every)
 
 
-class RedisStore(Rounds, Inspection):
+class RedisStore(Rounds, Inspection, Principals):
     """Sessions in Redis, shared by every process that uses the same URL.
 
     Construction only checks the URL (no network): a malformed one is a
@@ -313,10 +314,12 @@ class RedisStore(Rounds, Inspection):
             raise self._unavailable("load", exc) from exc
         if not reply:
             return None
-        deadline, timeout, flat, moved, current = reply
+        deadline, timeout, flat, moved, current, principal = reply
         if moved:  # loaded through an alias: the session's uid now
             uid = moved
-        stored = StoredSession(uid, int(timeout) / US, int(deadline) / US, version=int(current))
+        stored = StoredSession(
+            uid, int(timeout) / US, int(deadline) / US, version=int(current), principal=principal
+        )
         if flat is None:
             stored.unchanged = True
         else:
@@ -345,7 +348,9 @@ class RedisStore(Rounds, Inspection):
         """Move the live session ``uid`` (hash and deadline) to ``new_uid``
         and touch it, in one script; ``uid`` stays an alias of it for
         ``grace`` seconds; the rotation is announced in the events stream.
-        False if ``uid`` was not live."""
+        False if ``uid`` was not live. A session bound to a principal stays
+        bound, under its new uid (on a sharded layout, under the principal's
+        lock: see :meth:`_rotate_bound`)."""
         shard = self._shard(uid)
         if self._shard(new_uid) is not shard:
             raise ValueError(
@@ -361,8 +366,13 @@ class RedisStore(Rounds, Inspection):
             new_uid,
             max(0, us(grace, "grace")),
             _EVENTS_MAXLEN,
+            "1" if len(self._shards) == 1 else "",
+            "",
         ]
-        return bool(await self._call("rotate", keys, args))
+        moved = await self._call("rotate", keys, args)
+        if isinstance(moved, list):  # bound, on a sharded layout: under its lock
+            return await self._rotate_bound(uid, new_uid, keys, args, moved[0])
+        return bool(moved)
 
     async def save(
         self, uid: str, changed: Mapping[str, Any], removed: Iterable[str]
@@ -410,9 +420,14 @@ class RedisStore(Rounds, Inspection):
 
     async def ack(self, expiry: Expiry) -> None:
         """Forget the session and append its uid to the events stream, if
-        ``expiry.delivery_id`` is still its delivery (else nothing)."""
+        ``expiry.delivery_id`` is still its delivery (else nothing); the uid
+        leaves its principal's index (on a sharded layout, best effort, one
+        command more: a member left behind is filtered out on reading)."""
         uid = expiry.uid
         shard = self._shard(uid)
         base = shard.base
         keys = [f"{base}:s:{uid}", f"{base}:c:{uid}", shard.leases, shard.deadlines, shard.events]
-        await self._call("ack", keys, [uid, expiry.delivery_id, _EVENTS_MAXLEN])
+        here = "1" if len(self._shards) == 1 else ""
+        bound = await self._call("ack", keys, [uid, expiry.delivery_id, _EVENTS_MAXLEN, here])
+        if isinstance(bound, str):  # its principal's index is in another shard
+            await self._forget_member(bound, uid)

@@ -49,7 +49,7 @@ def session_info(uid: str, score: str, flat: list[str]) -> SessionInfo:
     last = deadline if timeout is None else deadline - int(timeout) / US
     if created is not None and last < created:
         last = created
-    return SessionInfo(uid, created, last, deadline, decoded(flat))
+    return SessionInfo(uid, created, last, deadline, decoded(flat), field(flat, "_p"))
 
 
 def field(flat: list[str], name: str) -> str | None:
