@@ -64,12 +64,20 @@ async def round_trip(url: str) -> None:
         await store.aclose()
 
 
+_DOWN_TO_2 = (
+    "DROP INDEX {s}.lapse_sessions_principal; "
+    "ALTER TABLE {s}.lapse_sessions DROP COLUMN principal; "
+)
+"""What version 3 added (psql, ``{s}`` the schema)."""
+
+
 def test_tables_of_version_1_are_upgraded_in_place_keeping_their_sessions(
     postgres_server: Any, schema: str
 ) -> None:
-    """Tables as version 1 left them (no index of version 2, version row 1):
-    the first store of this version to open them brings them to version 2 in
-    place, and a session stored before is still there with its data."""
+    """Tables as version 1 left them (no index of version 2, no principal
+    column of version 3, version row 1): the first store of this version to
+    open them brings them to the current version in place, and a session
+    stored before is still there with its data."""
 
     async def scenario() -> None:
         url = f"{postgres_server.url()}?schema={schema}"
@@ -77,18 +85,98 @@ def test_tables_of_version_1_are_upgraded_in_place_keeping_their_sessions(
         await store.create("kept-through-the-upgrade-0", 600, {"cart": [1, 2]})
         await store.aclose()
         postgres_server.psql(
-            f"DROP INDEX {schema}.lapse_sessions_unclaimed; "
-            f"UPDATE {schema}.lapse_schema_version SET version = 1"
+            f"DROP INDEX {schema}.lapse_sessions_unclaimed; {_DOWN_TO_2}"
+            f"UPDATE {schema}.lapse_schema_version SET version = 1".replace("{s}", schema)
         )
         store = PostgresStore.from_url(url)
         try:
             assert await store.schema_version() == 1
             loaded = await store.load("kept-through-the-upgrade-0")
             assert loaded is not None and loaded.decoded() == {"cart": [1, 2]}
-            assert await store.schema_version() == SCHEMA_VERSION == 2
+            assert await store.schema_version() == SCHEMA_VERSION == 3
         finally:
             await store.aclose()
-        assert "lapse_sessions_unclaimed" in indexes_of(postgres_server, schema)
+        assert {"lapse_sessions_unclaimed", "lapse_sessions_principal"} <= indexes_of(
+            postgres_server, schema
+        )
+
+    asyncio.run(scenario())
+
+
+def test_tables_of_version_2_gain_the_principal_column_keeping_their_sessions(
+    postgres_server: Any, schema: str
+) -> None:
+    """Tables of version 2 (no principal column, version row 2) holding a live
+    session, an ended one waiting for its hook and an alias: the first store
+    of version 3 adds the column and its index in place; every row is kept
+    (unbound), and the index serves at once (bind, list, the hook's claim)."""
+
+    async def scenario() -> None:
+        url = f"{postgres_server.url()}?schema={schema}"
+        store = PostgresStore.from_url(url)
+        await store.create("v2-live-session-uid-000000", 600, {"cart": [1, 2]})
+        await store.create("v2-ended-session-uid-00000", 600, {"n": 1})
+        await store.expire("v2-ended-session-uid-00000")
+        await store.create("v2-rotated-session-uid-000", 600, {"r": 1})
+        await store.rotate("v2-rotated-session-uid-000", "v2-rotated-session-uid-new", 600)
+        await store.aclose()
+        postgres_server.psql(
+            f"{_DOWN_TO_2}UPDATE {{s}}.lapse_schema_version SET version = 2".replace("{s}", schema)
+        )
+        assert "lapse_sessions_principal" not in indexes_of(postgres_server, schema)
+        store = PostgresStore.from_url(url)
+        try:
+            assert await store.schema_version() == 2
+            loaded = await store.load("v2-live-session-uid-000000")
+            assert loaded is not None and loaded.decoded() == {"cart": [1, 2]}
+            assert loaded.principal is None
+            assert await store.schema_version() == SCHEMA_VERSION == 3
+            assert await store.set_principal("v2-rotated-session-uid-000", "alice") == []
+            (row,) = await store.sessions_of("alice")
+            assert (row.uid, dict(row.data)) == ("v2-rotated-session-uid-new", {"r": 1})
+            (expiry,) = await store.claim("me", 30, 10)
+            assert (expiry.uid, expiry.cause) == ("v2-ended-session-uid-00000", "expired")
+        finally:
+            await store.aclose()
+        assert "lapse_sessions_principal" in indexes_of(postgres_server, schema)
+
+    asyncio.run(scenario())
+
+
+def test_the_printed_upgrade_from_version_2_is_the_principal_column_alone(
+    postgres_server: Any, schema: str
+) -> None:
+    """`ddl(after=2)` (`migrate --sql --from-version 2`) applied by hand to
+    version 2 tables holding a session: version 3, the column and its index,
+    the session kept; the application role binds and lists principals."""
+    postgres_server.psql(
+        ddl(schema, "lapse_", after=0).replace("BEGIN;", "").replace("COMMIT;", "")
+    )
+    postgres_server.psql(
+        f"INSERT INTO {schema}.lapse_sessions (uid, timeout, deadline, data) VALUES "
+        f"('v2-session-made-by-hand-00', 600, extract(epoch FROM now()) + 600, '{{\"a\": 1}}'); "
+        f"{_DOWN_TO_2}UPDATE {{s}}.lapse_schema_version SET version = 2".replace("{s}", schema)
+    )
+    step = ddl(schema, "lapse_", after=2)
+    assert "CREATE TABLE" not in step and "sessions_unclaimed" not in step
+    assert "ADD COLUMN IF NOT EXISTS principal text" in step
+    postgres_server.psql(step)
+    assert version_of(postgres_server, schema) == "3"
+    grant_use_only(postgres_server, schema)
+    url = f"{postgres_server.url(user=postgres_server.password_user)}?schema={schema}"
+
+    async def scenario() -> None:
+        store = PostgresStore.from_url(url)
+        try:
+            assert await store.set_principal("v2-session-made-by-hand-00", "o'brien") == []
+            (row,) = await store.sessions_of("o'brien")
+            assert (row.uid, dict(row.data), row.principal) == (
+                "v2-session-made-by-hand-00",
+                {"a": 1},
+                "o'brien",
+            )
+        finally:
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -131,15 +219,15 @@ def test_the_printed_upgrade_from_version_1_brings_version_1_tables_up(
     postgres_server: Any, schema: str
 ) -> None:
     """Version 1's tables made by hand, then `ddl(after=1)` applied: the
-    tables are version 2 with its index, and the application role uses them
-    without making anything."""
+    tables are the current version with version 2's index, and the
+    application role uses them without making anything."""
     v1 = STEPS[1].replace("{t}", f"{schema}.lapse_").replace("{p}", "lapse_")
     postgres_server.psql(
         f"CREATE SCHEMA {schema}; {v1} INSERT INTO {schema}.lapse_schema_version VALUES (1)"
     )
     assert "lapse_sessions_unclaimed" not in indexes_of(postgres_server, schema)
     postgres_server.psql(ddl(schema, "lapse_", after=1))
-    assert version_of(postgres_server, schema) == "2"
+    assert version_of(postgres_server, schema) == str(SCHEMA_VERSION)
     assert "lapse_sessions_unclaimed" in indexes_of(postgres_server, schema)
     grant_use_only(postgres_server, schema)
     url = f"{postgres_server.url(user=postgres_server.password_user)}?schema={schema}"

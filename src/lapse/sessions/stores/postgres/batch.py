@@ -87,13 +87,17 @@ class TickBatch(Generic[Item, Answer]):
 
 
 def stored(row: Sequence[Any], version: int | None) -> StoredSession:
-    """A load's answer from its row (uid, timeout, deadline, version, keys,
-    texts): no data if the version is still ``version``."""
-    live, timeout, deadline, current, keys, texts = row
+    """A load's answer from its row (uid, timeout, deadline, version,
+    principal, keys, texts): no data if the version is still ``version``."""
+    live, timeout, deadline, current, principal, keys, texts = row
     if keys is None or current == version:
-        return StoredSession(live, timeout, deadline, version=current, unchanged=True)
+        return StoredSession(
+            live, timeout, deadline, version=current, unchanged=True, principal=principal
+        )
     encoded = load_encoded(keys, texts)
-    return StoredSession(live, timeout, deadline, encoded=encoded, version=current)
+    return StoredSession(
+        live, timeout, deadline, encoded=encoded, version=current, principal=principal
+    )
 
 
 def load_answers(

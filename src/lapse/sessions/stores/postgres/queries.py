@@ -41,6 +41,15 @@ _CLAMPED = "LEAST((SELECT now FROM t) + s.timeout, COALESCE(s.ends_at, 'infinity
 # once). {channel} is a name of this schema and prefix.
 _TELL = "pg_notify('{channel}', '')::text"
 
+# A session's last access as SessionInfo has it: its last touch, or its creation.
+_LAST = "GREATEST(s.deadline - s.timeout, s.created)"
+
+# Ends the sessions a WHERE clause names as expire() ends one (anyone may
+# claim them now); the statement then wakes the listening processes.
+_END = """UPDATE {{t}}sessions s SET ended = true, cause = '{cause}',
+            deadline = (SELECT now FROM t), delivery_id = NULL, attempt = 0,
+            lease_owner = NULL, lease_until = (SELECT now FROM t)"""
+
 
 @dataclass(frozen=True, slots=True)
 class Queries:
@@ -49,7 +58,7 @@ class Queries:
     now: str = f"WITH {_NOW} SELECT now FROM t"
     # (now, uids, versions) -> for each uid asked that names a live session
     # (itself or, within its grace, the one it was rotated to): the uid
-    # asked, the session's uid, timeout, deadline and version, then the
+    # asked, the session's uid, timeout, deadline, version and principal, then the
     # data's keys and the JSON text of each value (in key order), or NULLs if
     # its version is still the one asked with. One statement for the loads
     # of one event-loop tick (a touch each); the rows are locked in uid
@@ -75,9 +84,9 @@ class Queries:
         touched AS (
             UPDATE {{t}}sessions s SET deadline = {_CLAMPED}
             FROM locked WHERE s.uid = locked.uid
-            RETURNING s.uid, s.timeout, s.deadline, s.version, s.data
+            RETURNING s.uid, s.timeout, s.deadline, s.version, s.data, s.principal
         )
-        SELECT target.asked, x.uid, x.timeout, x.deadline, x.version,
+        SELECT target.asked, x.uid, x.timeout, x.deadline, x.version, x.principal,
             CASE WHEN x.version IS DISTINCT FROM target.version THEN (SELECT COALESCE(
                 array_agg(key ORDER BY key), '{{}}') FROM jsonb_each(x.data)) END,
             CASE WHEN x.version IS DISTINCT FROM target.version THEN (SELECT COALESCE(
@@ -101,7 +110,7 @@ class Queries:
             ON CONFLICT (uid) DO UPDATE SET timeout = excluded.timeout,
                 deadline = excluded.deadline, ended = false, cause = NULL, delivery_id = NULL,
                 attempt = 0, lease_owner = NULL, lease_until = NULL, created = excluded.created,
-                ends_at = excluded.ends_at, version = 1, data = excluded.data
+                ends_at = excluded.ends_at, version = 1, data = excluded.data, principal = NULL
             RETURNING s.uid, s.deadline
         )
         SELECT made.uid, made.deadline, CASE WHEN made.deadline
@@ -179,6 +188,40 @@ class Queries:
             RETURNING 1),
         trimmed AS (DELETE FROM {{t}}events WHERE at < (SELECT now FROM t) - $4::float8)
         SELECT count(*) FROM (SELECT {_TELL} FROM announced) told"""
+    # (principal): the principal's turn, to the end of the transaction: the
+    # two-key advisory locks (a key space of their own, apart from the
+    # one-key locks of the schema and the announcements), {plock} a number
+    # of this schema and prefix. Two principals of one hashtext() only take
+    # turns with each other.
+    principal_turn: str = "SELECT pg_advisory_xact_lock({plock}, hashtext($1))"
+    # (now, uid, principal) -> uid, principal, last access, whether it is the
+    # session the uid names: that session and the principal's other live
+    # ones, locked in uid order (as the loads lock theirs)
+    principal_rows: str = f"""WITH {_NOW}, {_RESOLVE}
+        SELECT s.uid, s.principal, {_LAST}, s.uid = (SELECT uid FROM target)
+        FROM {{t}}sessions s
+        WHERE {_LIVE} AND (s.uid = (SELECT uid FROM target) OR s.principal = $3)
+        ORDER BY s.uid FOR UPDATE OF s"""
+    # (now, superseded uids, uid, principal) -> bound: the superseded end
+    # (cause "superseded"), then the session is bound
+    bind_principal: str = f"""WITH {_NOW},
+        ended AS ({_END.format(cause="superseded")}
+            WHERE s.uid = ANY($2::text[]) AND {_LIVE} RETURNING 1),
+        bound AS (UPDATE {{t}}sessions s SET principal = $4 WHERE s.uid = $3 RETURNING 1)
+        SELECT (SELECT count(*) FROM bound),
+            (SELECT count(*) FROM (SELECT {_TELL} FROM ended) told)"""
+    # (now, principal) -> uid, created, timeout, deadline, data, principal;
+    # most recently used first (the partial index sessions_principal)
+    sessions_of: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline,
+        s.data::text, s.principal FROM {{t}}sessions s WHERE s.principal = $2 AND {_LIVE}
+        ORDER BY {_LAST} DESC, s.uid"""
+    # (now, except uid, principal) -> uid of each session ended: the
+    # principal's live sessions but the one the except uid names
+    expire_principal: str = f"""WITH {_NOW}, {_RESOLVE},
+        ended AS ({_END.format(cause="expired")}
+            WHERE s.principal = $3 AND {_LIVE} AND s.uid IS DISTINCT FROM $2
+            AND NOT EXISTS (SELECT 1 FROM target WHERE target.uid = s.uid) RETURNING s.uid)
+        SELECT uid, {_TELL} FROM ended"""
     last_event_id: str = "SELECT COALESCE(max(id), 0) FROM {t}events"
     # (cursor, limit) -> id, uid, target
     events_after: str = "SELECT id, uid, target FROM {t}events WHERE id > $1 ORDER BY id LIMIT $2"
@@ -188,17 +231,19 @@ class Queries:
         (SELECT min(lease_until) FROM {{t}}sessions WHERE ended AND delivery_id IS NOT NULL),
         (SELECT now FROM t WHERE EXISTS (
             SELECT 1 FROM {{t}}sessions WHERE ended AND delivery_id IS NULL))"""
-    # (now, limit) -> uid, created, timeout, deadline, data; latest deadline first
+    # (now, limit) -> uid, created, timeout, deadline, data, principal; latest
+    # deadline first
     scan_first: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline,
-        s.data::text FROM {{t}}sessions s WHERE {_LIVE}
+        s.data::text, s.principal FROM {{t}}sessions s WHERE {_LIVE}
         ORDER BY s.deadline DESC, s.uid DESC LIMIT $2"""
     # (now, limit, cursor deadline, cursor uid): the same, strictly after the cursor
     scan_after: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline,
-        s.data::text FROM {{t}}sessions s WHERE {_LIVE} AND (s.deadline, s.uid) < ($3, $4)
+        s.data::text, s.principal FROM {{t}}sessions s
+        WHERE {_LIVE} AND (s.deadline, s.uid) < ($3, $4)
         ORDER BY s.deadline DESC, s.uid DESC LIMIT $2"""
     # (now, uid)
-    info: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline, s.data::text
-        FROM {{t}}sessions s WHERE s.uid = $2 AND {_LIVE}"""
+    info: str = f"""WITH {_NOW} SELECT s.uid, s.created, s.timeout, s.deadline, s.data::text,
+        s.principal FROM {{t}}sessions s WHERE s.uid = $2 AND {_LIVE}"""
     # (now) -> live sessions
     count: str = f"WITH {_NOW} SELECT count(*) FROM {{t}}sessions s WHERE {_LIVE}"
     # (start, width, end) -> bucket, live sessions ending in it
@@ -210,7 +255,13 @@ class Queries:
         """The statements on ``schema.prefix*`` (checked identifiers)."""
         tables = f"{schema}.{prefix}"
         lock = str(zlib.crc32(f"lapse-events:{tables}".encode()))
-        names = {"{t}": tables, "{lock}": lock, "{channel}": channel_name(schema, prefix)}
+        principals = zlib.crc32(f"lapse-principals:{tables}".encode())
+        names = {
+            "{t}": tables,
+            "{lock}": lock,
+            "{plock}": str(principals - (1 << 32) if principals >= 1 << 31 else principals),
+            "{channel}": channel_name(schema, prefix),
+        }
         made = {}
         for f in fields(cls):
             text = str(f.default)

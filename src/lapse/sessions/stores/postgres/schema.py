@@ -15,13 +15,14 @@ from lapse.sessions.stores._package_text import read_source
 
 __all__ = ["SCHEMA_VERSION", "STEPS", "ddl", "steps_after"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _PACKAGE = __name__.rpartition(".")[0]
 
 STEPS: dict[int, str] = {
     1: read_source(_PACKAGE, "schema.sql"),
     2: read_source(_PACKAGE, "migrate_1_to_2.sql"),
+    3: read_source(_PACKAGE, "migrate_2_to_3.sql"),
 }
 """The SQL that makes each version from the one before (version 1: from
 nothing). ``{t}`` is ``schema.prefix``, ``{p}`` the prefix."""

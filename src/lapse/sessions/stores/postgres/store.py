@@ -20,6 +20,7 @@ from lapse.sessions.stores.postgres.batch import TickBatch, load_answers
 from lapse.sessions.stores.postgres.config import PostgresConfig, parse_url
 from lapse.sessions.stores.postgres.listener import Listener
 from lapse.sessions.stores.postgres.pool import Pool
+from lapse.sessions.stores.postgres.principals import PrincipalIndexOnPostgres, session_info
 from lapse.sessions.stores.postgres.queries import Queries, channel_name
 from lapse.sessions.stores.postgres.values import (
     dump_data,
@@ -29,7 +30,7 @@ from lapse.sessions.stores.postgres.values import (
 )
 
 if TYPE_CHECKING:
-    from lapse.sessions.store import SessionStore
+    from lapse.sessions.store import PrincipalIndex, SessionStore
 
 __all__ = ["EVENTS_KEPT_FOR", "EVENTS_PER_CALL", "PostgresStore"]
 
@@ -47,15 +48,7 @@ def _check_uid(uid: str) -> None:
         raise ValueError(f"a session uid PostgreSQL can hold has no NUL and is UTF-8: {uid!r}")
 
 
-def _info(row: Any) -> SessionInfo:
-    uid, created, timeout, deadline, data = row
-    last = deadline - timeout
-    if created is not None and last < created:
-        last = created
-    return SessionInfo(uid, created, last, deadline, load_data(data))
-
-
-class PostgresStore:
+class PostgresStore(PrincipalIndexOnPostgres):
     """Sessions in PostgreSQL tables (``schema.prefix*``), shared by every
     process of every machine that uses the same database."""
 
@@ -327,7 +320,7 @@ class PostgresStore:
             if not sep:
                 raise ValueError(f"not a scan cursor of this store: {cursor!r}")
             rows = await self._fetch(self.sql.scan_after, limit + 1, deadline, last_uid)
-        infos = [_info(row) for row in rows[:limit]]
+        infos = [session_info(row) for row in rows[:limit]]
         if len(rows) <= limit:
             return infos, None
         last = rows[limit - 1]
@@ -337,7 +330,7 @@ class PostgresStore:
         if not storable(uid):
             return None
         row = await self._fetchrow(self.sql.info, uid)
-        return None if row is None else _info(row)
+        return None if row is None else session_info(row)
 
     async def count(self) -> int:
         row = await self._fetchrow(self.sql.count)
@@ -356,4 +349,7 @@ class PostgresStore:
 if TYPE_CHECKING:
 
     def _is_a_session_store(store: PostgresStore) -> SessionStore:
+        return store
+
+    def _is_a_principal_index(store: PostgresStore) -> PrincipalIndex:
         return store
