@@ -350,18 +350,36 @@ class OneSession(_Reader):
         return json_answer(request, {"now": now, "session": row})
 
 
-class Expire(_Reader):
-    async def render_POST(self, request: Any) -> bytes:
+class _Action(_Reader):
+    """A ``POST`` endpoint that changes sessions: the CSRF token checked (a
+    bearer token needs none), its body a small JSON object."""
+
+    def refusal(self, request: Any) -> bytes | None:
+        """The answer refusing the request (403, 413), or None."""
         if granted(request) != "bearer" and not self.view._access.csrf_ok(request):
             return _error(request, "missing or wrong CSRF token", 403)
-        raw: bytes = request.content.getvalue()
-        if len(raw) > MAX_BODY:
+        if len(request.content.getvalue()) > MAX_BODY:
             return _error(request, f"the body is over {MAX_BODY} bytes", 413)
+        return None
+
+    @staticmethod
+    def body(request: Any) -> dict[str, Any]:
+        """The JSON object sent; empty if it is not one (not UTF-8, not JSON,
+        nested too deep, not an object)."""
+        raw: bytes = request.content.getvalue()
         try:
             body = json.loads(raw.decode("utf-8") or "{}")
-        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
-            body = None
-        handle = body.get("id") if isinstance(body, dict) else None
+        except (ValueError, RecursionError):
+            return {}
+        return body if isinstance(body, dict) else {}
+
+
+class Expire(_Action):
+    async def render_POST(self, request: Any) -> bytes:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        handle = self.body(request).get("id")
         if not isinstance(handle, str):
             return _error(request, 'send a JSON object {"id": "<row id>"}')
         uid = self.uid_of(handle.encode("utf-8", "replace"))
@@ -384,21 +402,16 @@ class Expire(_Reader):
         return json_answer(request, {"expired": True, "uid": short_uid(uid)})
 
 
-class ExpireUser(_Reader):
+class ExpireUser(_Action):
     """``POST api/expire-user``: log a principal out everywhere (but one)."""
 
     async def render_POST(self, request: Any) -> bytes:
-        if granted(request) != "bearer" and not self.view._access.csrf_ok(request):
-            return _error(request, "missing or wrong CSRF token", 403)
-        raw: bytes = request.content.getvalue()
-        if len(raw) > MAX_BODY:
-            return _error(request, f"the body is over {MAX_BODY} bytes", 413)
-        try:
-            body = json.loads(raw.decode("utf-8") or "{}")
-        except (ValueError, RecursionError):
-            body = None
-        given = body.get("user") if isinstance(body, dict) else None
-        kept = body.get("except") if isinstance(body, dict) else None
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        body = self.body(request)
+        given = body.get("user")
+        kept = body.get("except")
         if not isinstance(given, str) or not (kept is None or isinstance(kept, str)):
             return _error(
                 request, 'send a JSON object {"user": "<name>"} (and "except": "<row id>")'
