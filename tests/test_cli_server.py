@@ -74,7 +74,7 @@ def test_list_shows_the_servers_memory_sessions(
         assert isinstance(row["left"], float) and row["left"] > 0
     status, out, _ = lapse(capsys, "sessions", "list", "--server", url, "--token", TOKEN)
     assert status == 0
-    assert out.splitlines()[0].split() == ["ID", "UID", "AGE", "IDLE", "LEFT"]
+    assert out.splitlines()[0].split() == ["ID", "UID", "AGE", "IDLE", "LEFT", "USER"]
     assert f"{SESSIONS} of {SESSIONS} live sessions at {url}" in out
     status, out, _ = lapse(
         capsys, "sessions", "list", "--limit", "2", "--server", url, "--token", TOKEN

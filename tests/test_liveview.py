@@ -268,7 +268,8 @@ def test_json_shapes(clock: Clock) -> None:
     rows = page["sessions"] + rest["sessions"]
     uids = set(site.sessions)
     for row in rows:
-        assert set(row) == {"id", "uid", "age", "idle", "left"}
+        assert set(row) == {"id", "uid", "age", "idle", "left", "principal"}
+        assert row["principal"] is None  # bound to no one
         assert row["uid"].endswith("\u2026") and len(row["uid"]) == 9
         assert any(uid.startswith(row["uid"][:8]) for uid in uids)
         assert row["id"] not in uids  # full uids never leave the server

@@ -16,16 +16,17 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from _browser import chromium_binary
+from _principal_views import INJECTION
 from _servers import REPO_ROOT, ServerProcess, free_port, wait_for_port, write_script
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Dialog
 
 pytestmark = pytest.mark.slow  # real processes and real timeouts, each over a second
 
@@ -34,9 +35,12 @@ SESSIONS = 12
 
 
 @contextlib.contextmanager
-def demo_in_chromium(tmp_path: Path, sessions: int) -> Iterator[tuple[ServerProcess, Browser, int]]:
-    """The live view's demo server (``sessions`` sessions, the token ``TOKEN``)
-    on a free port, and a headless Chromium; both stopped after."""
+def demo_in_chromium(
+    tmp_path: Path, sessions: int, principals: Sequence[str] = ()
+) -> Iterator[tuple[ServerProcess, Browser, int]]:
+    """The live view's demo server (``sessions`` sessions, the token ``TOKEN``,
+    bound to ``principals`` in turn) on a free port, and a headless
+    Chromium; both stopped after."""
     executable = chromium_binary()
     from playwright.sync_api import sync_playwright
 
@@ -45,10 +49,12 @@ def demo_in_chromium(tmp_path: Path, sessions: int) -> Iterator[tuple[ServerProc
         tmp_path, "liveview_demo.py", "from lapse.web.liveview import main\nmain()\n"
     )
     args = ["--demo", "--port", str(port), "--sessions", str(sessions), "--token", TOKEN]
+    for name in principals:
+        args += ["--principal", name]
     server = ServerProcess(script, args=args).start()
     try:
         wait_for_port(port, timeout=20, proc=server.proc)
-        server.wait_for_match(r"LIVEVIEW .*")
+        server.wait_for_match(r"LIVEVIEW .*", timeout=20)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=executable, headless=True, args=["--no-sandbox"]
@@ -62,8 +68,20 @@ def demo_in_chromium(tmp_path: Path, sessions: int) -> Iterator[tuple[ServerProc
 
 
 def test_live_view_in_chromium(tmp_path: Path) -> None:
-    with demo_in_chromium(tmp_path, SESSIONS) as (server, browser, port):
+    """The page lists the sessions (uid's start, user, times), draws the
+    charts, ends one session with its button; shows each principal as text
+    (a markup principal runs nothing); filters by a user's name and ends
+    all of that user's sessions with one button (after a confirmation),
+    each one's callback running in the server."""
+    with demo_in_chromium(tmp_path, SESSIONS, ["ann", INJECTION]) as (server, browser, port):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        dialogs: list[str] = []
+
+        def on_dialog(dialog: Dialog) -> None:
+            dialogs.append(f"{dialog.type}: {dialog.message}")
+            dialog.accept()
+
+        page.on("dialog", on_dialog)
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.on(
@@ -79,8 +97,12 @@ def test_live_view_in_chromium(tmp_path: Path) -> None:
         for i in range(SESSIONS):
             cells = rows.nth(i).locator("td")
             assert re.fullmatch(r"[A-Za-z0-9_-]{8}\u2026", cells.nth(0).inner_text())
-            for column in (1, 2, 3):
+            assert cells.nth(1).inner_text() in ("ann", INJECTION)
+            for column in (2, 3, 4):
                 assert re.match(r"\d+ (s|min|h)", cells.nth(column).inner_text())
+        users = rows.locator("td.user").all_inner_texts()
+        assert sorted(users) == sorted(["ann", INJECTION] * (SESSIONS // 2))
+        assert page.locator("td.user img, td.user script").count() == 0
         # The charts were drawn from the JSON: bars with real values.
         minute_bars = page.locator("#minutes rect")
         assert minute_bars.count() == 120
@@ -114,6 +136,26 @@ def test_live_view_in_chromium(tmp_path: Path) -> None:
         assert page.locator("#rows tr").count() == SESSIONS - 1
         assert short not in page.locator("#rows").inner_text()
         assert page.text_content("#ended-expired") != "0"
+
+        # One user's sessions: a click on a name filters, one button ends them.
+        page.locator("td.user button", has_text="ann").first.click()
+        deadline = time.monotonic() + 5
+        while "of user" not in (page.text_content("#page-info") or ""):
+            assert time.monotonic() < deadline, page.text_content("#error")
+            page.wait_for_timeout(50)
+        assert set(page.locator("#rows td.user").all_inner_texts()) == {"ann"}
+        ann = page.locator("#rows tr").count()
+        assert ann in (SESSIONS // 2, SESSIONS // 2 - 1)
+        shorts = page.locator("#rows td.uid").all_inner_texts()
+        page.click("#end-user")
+        ended = [server.wait_for_match(r"CALLBACK (\S+)").group(1) for _ in range(ann)]
+        assert sorted(ended) == sorted(shorts)
+        deadline = time.monotonic() + 10
+        while page.locator("#rows tr").count() != 0:
+            assert time.monotonic() < deadline, page.text_content("#error")
+            page.wait_for_timeout(100)
+        assert page.text_content("#live") == str(SESSIONS - 1 - ann)
+        assert dialogs == ["confirm: End every session of \u201cann\u201d?"]
         assert errors == []
 
 

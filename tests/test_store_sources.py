@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import sqlite3
 import sys
 import tomllib
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -113,16 +115,25 @@ def test_a_file_migrated_from_each_old_version_has_the_schema_of_a_new_file() ->
 
 
 def test_the_redis_scripts_are_the_lua_files_code_with_the_includes_in_front() -> None:
-    """Each operation's script is its .lua file with prelude.lua (and
+    """Each operation's script is its .lua file with the files its
+    ``-- include:`` lines name (prelude.lua first, where it reads the time;
     resolve.lua where it follows aliases) in front, and no comment line."""
-    prelude = read_source("lapse.sessions.stores.redis", "prelude.lua")
-    resolve = read_source("lapse.sessions.stores.redis", "resolve.lua")
+    package = "lapse.sessions.stores.redis"
+    prelude = read_source(package, "prelude.lua")
+    resolve = read_source(package, "resolve.lua")
     assert "local function now_us" in prelude and "local function resolve" in resolve
+    assert {"ack", "shards", "load", "save", "login"} <= set(SOURCES)
     for name, source in SOURCES.items():
+        raw = resources.files(package).joinpath(f"{name}.lua").read_text("utf-8")
+        includes = re.findall(r"^-- include: (\S+)$", raw, re.MULTILINE)
         lines = source.splitlines()
         assert not [line for line in lines if line.lstrip().startswith("--")], name
-        assert source.startswith(prelude) == (name not in ("ack", "shards")), name
-        assert (resolve in source) == (name in ("load", "save")), name
+        assert source.startswith(prelude) == ("prelude.lua" in includes), name
+        assert (resolve in source) == ("resolve.lua" in includes), name
+        for included in includes:
+            assert read_source(package, included) in source, (name, included)
+    assert not SOURCES["ack"].startswith(prelude) and SOURCES["load"].startswith(prelude)
+    assert resolve in SOURCES["load"] and resolve in SOURCES["save"]
 
 
 def test_operations_never_read_the_files_again(

@@ -268,6 +268,22 @@ class SessionMiddleware(HTTPSessions):
 
     # -- ASGI ---------------------------------------------------------------
 
+    def _enter_loop(self) -> bool:
+        """A connection arrived: serve sessions on its event loop (the
+        keeper started there). False if it is not an asyncio loop (trio,
+        say: the keeper's timers need asyncio)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if loop is not self._loop:
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+        keeper = self._keeper
+        if not keeper.synchronous:
+            keeper.start()
+        return True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http":
@@ -278,17 +294,9 @@ class SessionMiddleware(HTTPSessions):
             else:
                 await self.app(scope, receive, send)
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # trio, say: the keeper's timers need asyncio
+        if not self._enter_loop():
             await self._refuse_wrong_loop(send)
             return
-        if loop is not self._loop:
-            self._loop = loop
-            self._loop_thread = threading.get_ident()
-        keeper = self._keeper
-        if not keeper.synchronous:
-            keeper.start()
         secure, uid = self._read_headers(scope)
         visit = MiddlewareVisit(self, secure)
         visiting = current_visit.set(visit)

@@ -108,6 +108,29 @@ def _at_most(limit: int) -> Callable[[str], int]:
     return convert
 
 
+def _principal(text: str) -> str:
+    """``--user NAME``: a principal as the stores take it (``check_principal``)."""
+    from lapse.sessions.store import check_principal
+
+    try:
+        return check_principal(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(_shown(str(exc))) from None
+
+
+_principal.__name__ = "user name"  # what argparse names in its messages
+
+
+def _user_shown(principal: str | None, limit: int = 40) -> str:
+    """A principal for a terminal: text a user chose, so anything that is not
+    printable (bidirectional overrides, zero-width marks) is escaped, and it
+    is cut after ``limit`` characters; None is ``-``."""
+    if principal is None:
+        return "-"
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in principal)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def _duration(seconds: float) -> str:
     """``seconds`` as ``2d03h``, ``1h05m``, ``3m07s`` or ``12s``."""
     whole = max(0, int(seconds))

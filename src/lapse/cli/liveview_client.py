@@ -9,7 +9,7 @@ import contextlib
 import re
 from typing import Any
 
-from lapse.cli.common import EXIT_FAILED, CommandError
+from lapse.cli.common import EXIT_FAILED, CommandError, _shown
 from lapse.cli.parser import TOKEN_ENV
 
 __all__ = ["LiveViewClient", "server_base"]
@@ -19,6 +19,9 @@ HTTP_TIMEOUT = 10.0
 
 SERVER_PAGE = 500
 """Rows per ``api/sessions`` request at most (the live view's own cap)."""
+
+NO_INDEX = "the session store keeps no index of sessions by principal"
+"""The live view's 501 error for a store without one (its ``_api.NO_INDEX``)."""
 
 SERVER_THREADS = 8
 """``expire --server``: POST requests in flight at once."""
@@ -141,6 +144,15 @@ class LiveViewClient:
         404 ``not_found``); any other answer is a CommandError saying why."""
         error = answer.get("error") if isinstance(answer, dict) else None
         where = path.split("?")[0] or "the page"
+        if status == 501 and error == NO_INDEX:
+            raise CommandError(
+                f"the server at {self.base} cannot list or end sessions by user: {error}",
+                EXIT_FAILED,
+            )
+        if status == 400 and isinstance(error, str) and error.startswith(("user", "except")):
+            raise CommandError(
+                f"the live view at {self.base} refused it: {_shown(error)}", EXIT_FAILED
+            )
         if status == 403:
             if isinstance(error, str) and "CSRF" in error:
                 raise CommandError(
@@ -217,6 +229,49 @@ class LiveViewClient:
         row: dict[str, Any] = answer["session"]
         row["now"] = answer.get("now")
         return row
+
+    def user_sessions(self, user: str, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """Up to ``limit`` (at most :data:`SERVER_PAGE`) rows of ``user``'s
+        live sessions, and how many it has."""
+        from urllib.parse import urlencode
+
+        query = urlencode({"user": user, "limit": str(min(limit, SERVER_PAGE))})
+        answer = self.request("api/sessions?" + query)
+        rows, live = answer.get("sessions"), answer.get("live")
+        if answer.get("user") != user:
+            # A view without the filter answers every session: never show
+            # those as this user's.
+            raise CommandError(
+                f"the live view at {self.base} does not list sessions by user "
+                "(a lapse older than this one?)",
+                EXIT_FAILED,
+            )
+        if not isinstance(rows, list) or not isinstance(live, int):
+            raise CommandError(
+                f"the server at {self.base} answered api/sessions with an unknown shape",
+                EXIT_FAILED,
+            )
+        return rows, live
+
+    def expire_user(self, user: str, keep: str | None) -> list[str]:
+        """End ``user``'s live sessions but the row ``keep``; their short uids."""
+        body: dict[str, str] = {"user": user}
+        if keep is not None:
+            body["except"] = keep
+        answer = self.request("api/expire-user", body=body, not_found="not found")
+        if answer is None:
+            raise CommandError(
+                f"the live view at {self.base} has no api/expire-user (a lapse older "
+                "than this one?)",
+                EXIT_FAILED,
+            )
+        uids = answer.get("uids")
+        if not isinstance(uids, list) or not all(isinstance(uid, str) for uid in uids):
+            raise CommandError(
+                f"the server at {self.base} answered api/expire-user with an unknown shape",
+                EXIT_FAILED,
+            )
+        return uids
 
     def expire(self, handle: str) -> bool:
         answer = self.request("api/expire", body={"id": handle}, not_found="no such session")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lapse import __version__, settings
-from lapse.cli.common import _at_most, _port_number, _positive, _rate, _seconds
+from lapse.cli.common import _at_most, _port_number, _positive, _principal, _rate, _seconds
 
 SCAN_BATCH = 1000
 """Sessions per scan page (and per batch of concurrent expires)."""
@@ -271,13 +271,23 @@ def _add_sessions_parser(commands: Any) -> None:
         help="live sessions, latest deadline (most recent activity) first",
         description=(
             "Live sessions, the one ending last (for one timeout: the most recently "
-            "active) first: uid, age, idle time, time left. With --server: the rows of "
+            "active) first: uid, age, idle time, time left, principal (USER; - for none). "
+            "With --user NAME: that principal's sessions. With --server: the rows of "
             "the live view, in its order, each with the ID that 'show' and 'expire' take "
             "(an HMAC of the uid: the live view never gives out uids, only their start)."
         ),
     )
     listing.add_argument(
         "--limit", type=_positive, default=50, metavar="N", help="at most N (default: 50)"
+    )
+    listing.add_argument(
+        "--user",
+        type=_principal,
+        metavar="NAME",
+        help=(
+            "only the live sessions of this principal (session.set_principal), most "
+            "recently used first, through the store's index of sessions by principal"
+        ),
     )
     listing.add_argument(
         "--full", action="store_true", help="whole uids, not shortened (not with --server)"
@@ -295,7 +305,8 @@ def _add_sessions_parser(commands: Any) -> None:
         parents=[store_option],
         help="one session, data included (not with --server)",
         description=(
-            "One live session: its times and its data. With --server: what the live view "
+            "One live session: its times, its principal and its data. With --server: what "
+            "the live view "
             "has for the row ID ('list' shows IDs): its times; the data is not exposed by "
             "the live view."
         ),
@@ -316,8 +327,10 @@ def _add_sessions_parser(commands: Any) -> None:
         help="end sessions now, as a logout does",
         description=(
             "End sessions now through the store, as a logout does: the servers' durable "
-            "expiry hook and notifyOnExpire callbacks still run for each. With --server: "
-            "through the server (POST api/expire per session), which runs them itself."
+            "expiry hook and notifyOnExpire callbacks still run for each. With --user NAME: "
+            "every live session of that principal (log out everywhere), but --except's. "
+            "With --server: through the server (POST api/expire per session, "
+            "api/expire-user for --user), which runs them itself."
         ),
     )
     expire.add_argument(
@@ -330,6 +343,21 @@ def _add_sessions_parser(commands: Any) -> None:
         ),
     )
     expire.add_argument("--all", action="store_true", help="end every live session")
+    expire.add_argument(
+        "--user",
+        type=_principal,
+        metavar="NAME",
+        help="end every live session of this principal; prints how many and which",
+    )
+    expire.add_argument(
+        "--except",
+        dest="keep",
+        metavar="UID|ID",
+        help=(
+            "with --user: keep this one session (its uid or start, as show takes it; "
+            "with --server, its row ID)"
+        ),
+    )
     expire.add_argument("--yes", action="store_true", help="with --all: do not ask first")
     expire.add_argument(
         "--batch",

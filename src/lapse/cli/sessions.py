@@ -1,4 +1,5 @@
-"""``lapse sessions list|show|expire|stats``: written once, over a
+"""``lapse sessions list|show|expire|stats`` (``list --user`` and ``expire
+--user`` by principal): written once, over a
 :class:`~lapse.cli.sources.SessionSource` (a shared store with ``--store``,
 a server's live view with ``--server``).
 
@@ -19,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from lapse import settings
-from lapse.cli.common import EXIT_FAILED, CommandError, _duration, _say, _when
+from lapse.cli.common import EXIT_FAILED, CommandError, _duration, _say, _user_shown, _when
 from lapse.cli.liveview_client import LiveViewClient, server_base
 from lapse.cli.parser import SCAN_BATCH
 from lapse.cli.sources import Row, ServerSource, SessionSource, Stats, StoreSource, open_store
@@ -41,35 +42,48 @@ async def _list(source: SessionSource, args: argparse.Namespace) -> int:
         raise CommandError("--full goes with --store: with --server, rows have whole IDs, no uids")
     from lapse.sessions import short_uid
 
-    total = await source.count()
-    shown: list[Row] = []
-    cursor: str | None = None
-    while len(shown) < args.limit:
-        wanted = args.limit - len(shown)
-        page, following = await source.page(cursor, min(SCAN_BATCH, wanted))
-        shown += page[:wanted]
-        if following is None or (not page and following == cursor):
-            break
-        cursor = following
+    if args.user is not None:
+        shown, total = await source.sessions_of(args.user, args.limit)
+    else:
+        total, shown = await _page_through(source, args.limit)
     if args.json:
         # One document (json.load reads it), not JSON Lines: the live count
         # belongs to the listing, and a reader cannot tell a cut stream.
         rows = [row.json for row in shown]
         listing = {source.kind: source.url, "live": total, "sessions": rows}
+        if args.user is not None:
+            listing["user"] = args.user
         print(json.dumps(listing, ensure_ascii=False))
         return 0
     uids = [row.uid if args.full or row.id is not None else short_uid(row.uid) for row in shown]
     width = max([len(uid) for uid in uids] + [3]) if args.full else 9
     ids = max([len(str(row.id)) for row in shown] + [2])
     head = f"{'ID':<{ids}}  " if source.row_ids else ""
-    print(f"{head}{'UID':<{width}}  {'AGE':>7}  {'IDLE':>7}  {'LEFT':>7}")
+    print(f"{head}{'UID':<{width}}  {'AGE':>7}  {'IDLE':>7}  {'LEFT':>7}  USER")
     for row, uid in zip(shown, uids, strict=True):
         first = f"{row.id!s:<{ids}}  " if source.row_ids else ""
         age, idle, left = _age(row.age), _duration(row.idle), _duration(row.left)
-        print(f"{first}{uid:<{width}}  {age:>7}  {idle:>7}  {left:>7}")
+        user = _user_shown(row.principal)
+        print(f"{first}{uid:<{width}}  {age:>7}  {idle:>7}  {left:>7}  {user}")
     more = "; --limit N for more" if total > len(shown) else ""
-    print(f"{len(shown)} of {total} live sessions {source.where}{more}")
+    whose = "" if args.user is None else f" of {_user_shown(args.user)!r}"
+    print(f"{len(shown)} of {total} live sessions{whose} {source.where}{more}")
     return 0
+
+
+async def _page_through(source: SessionSource, limit: int) -> tuple[int, list[Row]]:
+    """The live count and the first ``limit`` live sessions."""
+    total = await source.count()
+    shown: list[Row] = []
+    cursor: str | None = None
+    while len(shown) < limit:
+        wanted = limit - len(shown)
+        page, following = await source.page(cursor, min(SCAN_BATCH, wanted))
+        shown += page[:wanted]
+        if following is None or (not page and following == cursor):
+            break
+        cursor = following
+    return total, shown
 
 
 async def _show(source: SessionSource, args: argparse.Namespace) -> int:
@@ -84,6 +98,7 @@ async def _show(source: SessionSource, args: argparse.Namespace) -> int:
         print(f"id:          {row.id}")
     note = "" if row.id is None else " (the live view gives only its start)"
     print(f"uid:         {row.uid}{note}")
+    print(f"principal:   {_user_shown(row.principal, 300)}")
     created = "unknown"
     if row.age is not None:
         created = f"{_when(now - row.age)} ({_duration(row.age)} ago)"
@@ -170,9 +185,25 @@ async def _expire_all(source: SessionSource, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _expire_user(source: SessionSource, args: argparse.Namespace) -> int:
+    """Log one principal out everywhere (but --except's session): one line
+    per session ended, then how many."""
+    ended = await source.expire_user(args.user, args.keep)
+    whose = f"of {_user_shown(args.user)!r} {source.where}"
+    for name in ended:
+        print(f"expired {name}")
+    if not ended:
+        print(f"no live sessions {whose}" + (" but the one kept" if args.keep else ""))
+    else:
+        print(f"expired {len(ended)} sessions {whose}")
+    return 0
+
+
 async def _expire(source: SessionSource, args: argparse.Namespace) -> int:
     if args.all:
         return await _expire_all(source, args)
+    if args.user is not None:
+        return await _expire_user(source, args)
     status = 0
     for given in args.uids:
         try:
@@ -276,10 +307,13 @@ def run_sessions(args: argparse.Namespace) -> int:
         from lapse.cli.migrate import run_migrate
 
         return run_migrate(args)
-    if args.action == "expire" and bool(args.all) == bool(args.uids):
-        raise CommandError("expire takes session uids, or --all (not both)")
-    if args.action == "expire" and args.yes and not args.all:
-        raise CommandError("--yes goes with --all")
+    if args.action == "expire":
+        if [bool(args.all), bool(args.uids), args.user is not None].count(True) != 1:
+            raise CommandError("expire takes session uids, --all or --user NAME (one of them)")
+        if args.yes and not args.all:
+            raise CommandError("--yes goes with --all")
+        if args.keep is not None and args.user is None:
+            raise CommandError("--except goes with --user")
     source = _source(args)
     command = _COMMANDS[args.action]
 

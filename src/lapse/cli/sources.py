@@ -69,6 +69,8 @@ class Row:
     """A live view's row id (None for a store: the uid names it)."""
     data: Mapping[str, Any] | None = None
     """Its data (None: the source does not expose it)."""
+    principal: str | None = None
+    """The principal it is bound to (None: none)."""
 
     @property
     def name(self) -> str:
@@ -122,6 +124,16 @@ class SessionSource(Protocol):
 
     async def stats(self, horizon: int | None, buckets: int | None) -> Stats: ...
 
+    async def sessions_of(self, user: str, limit: int) -> tuple[list[Row], int]:
+        """Up to ``limit`` live sessions of the principal ``user``, most
+        recently used first, and how many it has."""
+        ...
+
+    async def expire_user(self, user: str, keep: str | None) -> list[str]:
+        """End every live session of ``user`` but ``keep`` (as :meth:`resolve`
+        takes it); the sessions ended, as messages name them (short uids)."""
+        ...
+
     def not_live(self, given: str) -> str: ...
 
     async def aclose(self) -> None: ...
@@ -174,6 +186,7 @@ def _info_json(info: Any, now: float) -> dict[str, Any]:
         "idle": now - info.last_access,
         "left": info.deadline - now,
         "data": dict(info.data),
+        "principal": getattr(info, "principal", None),
     }
 
 
@@ -186,7 +199,14 @@ def _store_row(info: Any, now: float) -> Row:
         now=now,
         json=_info_json(info, now),
         data=dict(info.data),
+        principal=getattr(info, "principal", None),
     )
+
+
+NO_INDEX = (
+    "the session store {} keeps no index of sessions by principal (set_principal, "
+    "sessions_of, expire_principal): a store of an older lapse, or one written elsewhere"
+)
 
 
 class StoreSource:
@@ -249,6 +269,34 @@ class StoreSource:
         counts = await self.store.deadlines(now, float(horizon), buckets)
         return Stats({"store": self.url}, now, live, horizon, list(counts))
 
+    def _index(self) -> Any:
+        """The store, if it keeps sessions by principal; else a CommandError."""
+        from lapse.sessions.store import PRINCIPAL_MEMBERS
+
+        store = self.store
+        if not all(callable(getattr(store, name, None)) for name in PRINCIPAL_MEMBERS):
+            raise CommandError(NO_INDEX.format(self.url), EXIT_FAILED)
+        return store
+
+    async def sessions_of(self, user: str, limit: int) -> tuple[list[Row], int]:
+        index = self._index()
+        now = await self.store.now()
+        infos = await index.sessions_of(user)
+        return [_store_row(info, now) for info in infos[:limit]], len(infos)
+
+    async def expire_user(self, user: str, keep: str | None) -> list[str]:
+        from lapse.sessions import short_uid
+
+        index = self._index()
+        keep_uid = None
+        if keep is not None:
+            keep_uid = await self.resolve(keep)
+            if keep_uid is None:
+                # Not a typo to act on: ending them all would end the one to keep.
+                raise CommandError(f"--except: {self.not_live(keep)}; nothing expired", EXIT_FAILED)
+        ended: list[str] = await index.expire_principal(user, keep_uid)
+        return [short_uid(uid) for uid in ended]
+
     def not_live(self, given: str) -> str:
         return (
             f"no live session {_shown(given)!r} in {self.url} (give the whole uid, as "
@@ -275,6 +323,7 @@ def _server_row(row: dict[str, Any], now: float) -> Row:
         now=now,
         json=row,
         id=str(row.get("id")),
+        principal=principal if isinstance(principal := row.get("principal"), str) else None,
     )
 
 
@@ -343,6 +392,14 @@ class ServerSource:
                 "per_minute": minutes,
             },
         )
+
+    async def sessions_of(self, user: str, limit: int) -> tuple[list[Row], int]:
+        rows, live = await self._call(self.view.user_sessions, user, limit)
+        now = time.time()
+        return [_server_row(row, now) for row in rows], live
+
+    async def expire_user(self, user: str, keep: str | None) -> list[str]:
+        return await self._call(self.view.expire_user, user, keep)
 
     def not_live(self, given: str) -> str:
         return (

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from lapse.internet.error import ConnectionDone
 from lapse.sessions import Session, Visit
 from lapse.web._types import Message, Receive, Send
 
@@ -155,12 +154,7 @@ def end_stream(request: Request) -> None:
     if request.finished or request._disconnected:
         return
     request._session_ended = True  # type: ignore[attr-defined]
-    request._disconnected = True
-    if request._wakeup is not None:
-        request._wakeup.set()
-    notices, request._finish_notices = request._finish_notices, None
-    for notice in notices or ():
-        notice.errback(ConnectionDone("the session ended"))
+    request._connection_lost("the session ended")
 
 
 class SocketLink:

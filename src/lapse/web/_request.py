@@ -395,7 +395,9 @@ class Request(Visit):
             self._finish_notices.append(notice)
         return notice
 
-    def _connection_lost(self) -> None:
+    def _connection_lost(self, why: str = "the client closed the connection") -> None:
+        """The response can go no further (``why``): later writes are
+        dropped, ``notifyFinish()`` fails with ``ConnectionDone(why)``."""
         if self.finished or self._disconnected:
             return
         self._disconnected = True
@@ -403,7 +405,7 @@ class Request(Visit):
             self._wakeup.set()
         notices, self._finish_notices = self._finish_notices, None
         for notice in notices or ():
-            notice.errback(ConnectionDone("the client closed the connection"))
+            notice.errback(ConnectionDone(why))
 
     def _take_chunks(self) -> bytes:
         chunks, self._chunks = self._chunks, []

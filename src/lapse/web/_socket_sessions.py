@@ -20,9 +20,7 @@ socket.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -55,17 +53,10 @@ async def serve_websocket(
     middleware: SessionMiddleware, scope: Scope, receive: Receive, send: Send, scope_key: str
 ) -> None:
     """Serve a websocket scope through ``middleware`` (see the module doc)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # trio, say: the keeper's timers need asyncio
+    if not middleware._enter_loop():
         await send({"type": "websocket.close", "code": 1011})
         return
-    if loop is not middleware._loop:
-        middleware._loop = loop
-        middleware._loop_thread = threading.get_ident()
     keeper = middleware._keeper
-    if not keeper.synchronous:
-        keeper.start()
     secure, uid = middleware._read_headers(scope)
     origin, host = _origin_and_host(scope)
     if not origin_allowed(origin, host, middleware.allowed_origins):

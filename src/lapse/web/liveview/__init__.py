@@ -24,17 +24,28 @@ resource) refreshes every few seconds from a JSON API:
 - ``GET api/summary``: live count, counters, sessions created and ended per
   minute over the last hour, upcoming expiries in 5-minute buckets;
 - ``GET api/sessions?cursor=&limit=``: a page of live sessions (shortened
-  uid, age, idle, time left) and the next cursor;
+  uid, age, idle, time left, principal) and the next cursor; with
+  ``?user=NAME`` instead of a cursor, that principal's live sessions (the
+  store's ``sessions_of``: most recently used first, up to ``limit``) and
+  their count in ``live``;
 - ``GET api/session?id=``: one row of ``api/sessions`` by its ``id``, as it
   is now; 404 if it is not live;
 - ``POST api/expire`` (JSON ``{"id": ...}``): end one session through
   ``session.expire()`` (or the store's ``expire``), so its callbacks and the
-  durable hook run; 404 if it is not live.
+  durable hook run; 404 if it is not live;
+- ``POST api/expire-user`` (JSON ``{"user": NAME}``, optionally ``"except":
+  <row id>``): end every live session of that principal, but the one kept,
+  through the site's ``expire_principal`` (each as a logout: callbacks, the
+  durable hook, in every process); the count and short uids ended. A store
+  that keeps no index of principals: a JSON 501 for this and ``?user=``.
 
 A malformed parameter (a cursor the view did not give out or one too old, a
 ``limit`` that is not 1 to 500, an ``id`` the view did not give out, a body
-that is not a JSON object with a string ``id``) is a 400 with a JSON
-``error``; a body over 4 KiB is a 413.
+that is not a JSON object with a string ``id``, a ``user`` that is not a
+principal as ``check_principal`` says) is a 400 with a JSON ``error``; a
+body over 4 KiB is a 413. A principal is text users chose: the page only
+ever puts it in text nodes, and JSON answers send ``<``, ``>`` and ``&`` as
+Unicode escapes.
 
 Full uids never leave the server: a row's ``id`` is its uid encrypted and
 authenticated under the view's secret ("r" and URL-safe base64, 55 characters for

@@ -2,10 +2,18 @@
 
 - ``GET api/summary``: live count, counters, sessions created and ended per
   minute over the last hour, upcoming expiries in 5-minute buckets;
-- ``GET api/sessions?cursor=&limit=``: a page of live sessions and the next cursor;
+- ``GET api/sessions?cursor=&limit=``: a page of live sessions and the next
+  cursor; with ``user=NAME``, that principal's live sessions (the store's
+  ``sessions_of``), most recently used first, up to ``limit``;
 - ``GET api/session?id=``: one row by its id, as it is now; 404 if not live;
 - ``POST api/expire`` (JSON ``{"id": ...}``): end one session, as
-  ``session.expire()`` does (its callbacks and the durable hook run).
+  ``session.expire()`` does (its callbacks and the durable hook run);
+- ``POST api/expire-user`` (JSON ``{"user": NAME}``, optionally ``"except":
+  <row id>``): end every live session of that principal through the host's
+  ``expire_principal``, as a logout ends each.
+
+Every row carries its session's ``principal`` (None if unbound): text a user
+chose, sent as JSON and shown by the page as text, never as markup.
 
 Every resource here sits behind the view's access check (``LiveView``); a
 method a resource does not answer is a JSON 405, a path under it a JSON 404.
@@ -20,6 +28,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from lapse.sessions import Session, short_uid
+from lapse.sessions.store import PRINCIPAL_MEMBERS, check_principal
 from lapse.web.error import UnsupportedMethod
 from lapse.web.liveview._access import granted
 from lapse.web.resource import Resource
@@ -42,14 +51,22 @@ MAX_ID = 512
 
 _LIMIT = re.compile(rb"[0-9]{1,3}")
 _ID_HELP = "id is not a row id this live view gave out (take one from api/sessions)"
+NO_INDEX = "the session store keeps no index of sessions by principal"
+"""The error (a 501) of ``?user=`` and ``expire-user`` on a store without one."""
 
 
 def json_answer(request: Any, value: Any, status: int = 200) -> bytes:
-    """``value`` as the JSON body of the answer, with ``status``."""
+    """``value`` as the JSON body of the answer, with ``status``. ``<``,
+    ``>`` and ``&`` are sent as ``\\u`` escapes: text users chose (a
+    principal) never appears as markup, even to a reader that sniffs."""
     if status != 200:
         request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return text.translate(_JSON_ESCAPES).encode("utf-8")
+
+
+_JSON_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 
 
 def _error(request: Any, message: str, status: int = 400) -> bytes:
@@ -97,6 +114,7 @@ class Api(Resource):
         self.putChild(b"sessions", Sessions(view))
         self.putChild(b"session", OneSession(view))
         self.putChild(b"expire", Expire(view))
+        self.putChild(b"expire-user", ExpireUser(view))
 
     def getChild(self, path: bytes, request: Any) -> Any:
         return NOT_FOUND
@@ -145,7 +163,13 @@ class _Reader(Endpoint):
         return (s for s in list(self.view.site.sessions.values()) if s._state is not None)
 
     def row(
-        self, uid: str, now: float, created: float | None, last: float, deadline: float
+        self,
+        uid: str,
+        now: float,
+        created: float | None,
+        last: float,
+        deadline: float,
+        principal: str | None = None,
     ) -> dict[str, Any]:
         return {
             "id": self.view._keys.ids.seal(uid),
@@ -153,7 +177,18 @@ class _Reader(Endpoint):
             "age": _finite(None if created is None else now - created),
             "idle": _finite(now - last),
             "left": _finite(deadline - now),
+            "principal": principal,
         }
+
+    def info_row(self, info: Any, now: float) -> dict[str, Any]:
+        """The row of a store's ``SessionInfo``."""
+        principal = getattr(info, "principal", None)
+        return self.row(info.uid, now, info.created, info.last_access, info.deadline, principal)
+
+    def has_index(self) -> bool:
+        """Whether the site's store keeps sessions by principal."""
+        store = self.view.site.store
+        return all(callable(getattr(store, name, None)) for name in PRINCIPAL_MEMBERS)
 
     def uid_of(self, raw: bytes) -> str | None:
         """The uid a row id names; None if it is no id this view gave out."""
@@ -200,6 +235,9 @@ class Sessions(_Reader):
         store = self.view.site.store
         args = request.args
         sealed: bytes = args.get(b"cursor", [b""])[0]
+        raw_user: bytes | None = args.get(b"user", [None])[0]
+        if raw_user is not None and sealed:
+            return _error(request, "cursor does not go with user (one page has them all)")
         cursor_raw: str | None = None
         if sealed:
             try:
@@ -214,6 +252,8 @@ class Sessions(_Reader):
             if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
                 return _error(request, f"limit is a whole number from 1 to {MAX_LIMIT}")
             limit = int(raw_limit)
+        if raw_user is not None:
+            return await self.of_user(request, raw_user, limit)
         now = await self.now()
         rows: list[dict[str, Any]] = []
         following: str | None
@@ -223,8 +263,7 @@ class Sessions(_Reader):
             except ValueError:
                 # A cursor of ours the store no longer takes (too old a scan).
                 return _error(request, "cursor has expired (start again without it)")
-            for info in infos:
-                rows.append(self.row(info.uid, now, info.created, info.last_access, info.deadline))
+            rows = [self.info_row(info, now) for info in infos]
         else:
             offset = int(cursor_raw) if cursor_raw is not None else 0
             page = []
@@ -241,11 +280,46 @@ class Sessions(_Reader):
                         _created(session),
                         session.lastModified,
                         _deadline(session),
+                        session.principal,
                     )
                 )
             following = str(offset + limit) if len(page) == limit else None
         cursor = None if following is None else self.view._keys.cursors.seal(following)
         return json_answer(request, {"now": now, "sessions": rows, "next": cursor})
+
+    async def of_user(self, request: Any, raw: bytes, limit: int) -> bytes:
+        """``?user=NAME``: the principal's live sessions, most recently used
+        first (up to ``limit``), and how many it has."""
+        user = principal_of(raw)
+        if not isinstance(user, str):
+            return _error(request, user.message)
+        if not self.has_index():
+            return _error(request, NO_INDEX, 501)
+        now = await self.now()
+        infos = await self.view.site.sessions_of(user)
+        rows = [self.info_row(info, now) for info in infos[:limit]]
+        return json_answer(
+            request,
+            {"now": now, "user": user, "live": len(infos), "sessions": rows, "next": None},
+        )
+
+
+class BadPrincipal:
+    """Why a given principal is not one (the 400's message)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def principal_of(raw: bytes | str) -> str | BadPrincipal:
+    """The principal a request names, checked as stores check it."""
+    try:
+        text = raw if isinstance(raw, str) else raw.decode("utf-8")
+        return check_principal(text)
+    except UnicodeDecodeError:
+        return BadPrincipal("user is not UTF-8")
+    except (TypeError, ValueError) as exc:
+        return BadPrincipal(f"user: {exc}")
 
 
 class OneSession(_Reader):
@@ -259,30 +333,53 @@ class OneSession(_Reader):
         if hasattr(store, "info"):
             info = await self.call(store.info(uid))
             if info is not None:
-                row = self.row(uid, now, info.created, info.last_access, info.deadline)
+                row = self.info_row(info, now)
         else:
             session = self.view.site.sessions.get(uid)
             if session is not None and session._state is not None and not session.expired:
                 row = self.row(
-                    uid, now, _created(session), session.lastModified, _deadline(session)
+                    uid,
+                    now,
+                    _created(session),
+                    session.lastModified,
+                    _deadline(session),
+                    session.principal,
                 )
         if row is None:
             return _error(request, "no such session", 404)
         return json_answer(request, {"now": now, "session": row})
 
 
-class Expire(_Reader):
-    async def render_POST(self, request: Any) -> bytes:
+class _Action(_Reader):
+    """A ``POST`` endpoint that changes sessions: the CSRF token checked (a
+    bearer token needs none), its body a small JSON object."""
+
+    def refusal(self, request: Any) -> bytes | None:
+        """The answer refusing the request (403, 413), or None."""
         if granted(request) != "bearer" and not self.view._access.csrf_ok(request):
             return _error(request, "missing or wrong CSRF token", 403)
-        raw: bytes = request.content.getvalue()
-        if len(raw) > MAX_BODY:
+        if len(request.content.getvalue()) > MAX_BODY:
             return _error(request, f"the body is over {MAX_BODY} bytes", 413)
+        return None
+
+    @staticmethod
+    def body(request: Any) -> dict[str, Any]:
+        """The JSON object sent; empty if it is not one (not UTF-8, not JSON,
+        nested too deep, not an object)."""
+        raw: bytes = request.content.getvalue()
         try:
             body = json.loads(raw.decode("utf-8") or "{}")
-        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
-            body = None
-        handle = body.get("id") if isinstance(body, dict) else None
+        except (ValueError, RecursionError):
+            return {}
+        return body if isinstance(body, dict) else {}
+
+
+class Expire(_Action):
+    async def render_POST(self, request: Any) -> bytes:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        handle = self.body(request).get("id")
         if not isinstance(handle, str):
             return _error(request, 'send a JSON object {"id": "<row id>"}')
         uid = self.uid_of(handle.encode("utf-8", "replace"))
@@ -303,3 +400,36 @@ class Expire(_Reader):
             # Ended already (by its timeout, by another request, by another worker).
             return json_answer(request, {"error": "no such session", "expired": False}, 404)
         return json_answer(request, {"expired": True, "uid": short_uid(uid)})
+
+
+class ExpireUser(_Action):
+    """``POST api/expire-user``: log a principal out everywhere (but one)."""
+
+    async def render_POST(self, request: Any) -> bytes:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        body = self.body(request)
+        given = body.get("user")
+        kept = body.get("except")
+        if not isinstance(given, str) or not (kept is None or isinstance(kept, str)):
+            return _error(
+                request, 'send a JSON object {"user": "<name>"} (and "except": "<row id>")'
+            )
+        user = principal_of(given)
+        if not isinstance(user, str):
+            return _error(request, user.message)
+        except_uid = None
+        if kept is not None:
+            except_uid = self.uid_of(kept.encode("utf-8", "replace"))
+            if except_uid is None:
+                return _error(request, "except: " + _ID_HELP)
+        if not self.has_index():
+            return _error(request, NO_INDEX, 501)
+        # Through the host: this process's copies end at once (callbacks),
+        # the durable hook runs for each, other processes hear of it.
+        ended = await self.view.site.expire_principal(user, except_uid)
+        return json_answer(
+            request,
+            {"user": user, "expired": len(ended), "uids": sorted(short_uid(u) for u in ended)},
+        )

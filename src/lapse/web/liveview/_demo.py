@@ -2,7 +2,9 @@
 live view, on 127.0.0.1. It prints ``LIVEVIEW <url>`` when it listens,
 ``CALLBACK <uid>`` when a session's ``notifyOnExpire`` callback runs and
 ``HOOK <uid> <cause>`` when the durable hook does (the browser and CLI
-tests read them)."""
+tests read them). With ``--principal NAME`` (repeatable), the sessions are
+bound to those principals in turn (by ``session.set_principal``) before
+the ``LIVEVIEW`` line."""
 
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from lapse.web.resource import Resource
 __all__ = ["main"]
 
 
-def _demo(port: int, sessions: int, token: str | None) -> None:  # pragma: no cover - manual
+def _demo(
+    port: int, sessions: int, token: str | None, principals: list[str]
+) -> None:  # pragma: no cover - manual
+    import asyncio
     import random
     import sys
 
@@ -55,14 +60,29 @@ def _demo(port: int, sessions: int, token: str | None) -> None:  # pragma: no co
             site.stats.session_created(at)
         for _ in range(rng.randint(1, 10)):
             site.stats.session_ended(rng.choice(["timeout", "timeout", "expired"]), at)
+    made = []
     for _ in range(sessions):
         session = site.makeSession()
         short = short_uid(session.uid)
         session.notifyOnExpire(functools.partial(print, f"CALLBACK {short}", flush=True))
+        made.append(session)
     reactor.listenTCP(port, site, interface="127.0.0.1")
-    query = f"?token={token}" if token else ""
-    print(f"LIVEVIEW http://127.0.0.1:{port}/_lapse/{query}", flush=True)
-    sys.stdout.flush()
+
+    def listening() -> None:
+        query = f"?token={token}" if token else ""
+        print(f"LIVEVIEW http://127.0.0.1:{port}/_lapse/{query}", flush=True)
+        sys.stdout.flush()
+
+    async def bind_then_say() -> None:
+        for i, session in enumerate(made):
+            await session.set_principal(principals[i % len(principals)])
+        listening()
+
+    if principals:  # bound once the reactor runs, then announced
+        started = []
+        reactor.callWhenRunning(lambda: started.append(asyncio.ensure_future(bind_then_say())))
+    else:
+        listening()
     reactor.run()
 
 
@@ -72,7 +92,14 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - manual
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--sessions", type=int, default=40)
     parser.add_argument("--token", default=None)
+    parser.add_argument(
+        "--principal",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="bind the sessions to this principal (repeat it: in turn)",
+    )
     args = parser.parse_args(argv)
     if not args.demo:
         parser.error("only --demo is offered: mount LiveView(site) in your own resource tree")
-    _demo(args.port, args.sessions, args.token)
+    _demo(args.port, args.sessions, args.token, args.principal)

@@ -6,6 +6,10 @@ const COLORS = {created: "#2f6fdf", ended: "#e8772e", expiry: "#7a5af8"};
 document.getElementById("sw-created").style.background = COLORS.created;
 document.getElementById("sw-ended").style.background = COLORS.ended;
 let cursor = null, nextCursor = null;
+// The principal whose sessions are shown (null: every session); ?user= in
+// the page's URL opens it filtered. A principal is text a user chose: it
+// only ever goes into textContent and value, never into markup.
+let user = new URLSearchParams(location.search).get("user") || null;
 
 function el(name, attrs, text) {
   const node = document.createElementNS(SVGNS, name);
@@ -87,7 +91,9 @@ async function refresh() {
     setText("hook-failures", s.stats.hook_failures);
     charts(s);
     let page;
-    try {
+    if (user !== null) {
+      page = await getJSON("api/sessions?limit=500&user=" + encodeURIComponent(user));
+    } else try {
       page = await getJSON("api/sessions?limit=50" +
                            (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
     } catch (err) {
@@ -101,19 +107,32 @@ async function refresh() {
     for (const row of page.sessions) {
       const tr = document.createElement("tr");
       tr.dataset.id = row.id;
-      const cells = [[row.uid, "uid"], [duration(row.age), "num age"],
+      const cells = [[row.uid, "uid"], [null, "user"], [duration(row.age), "num age"],
                      [duration(row.idle), "num idle"], [duration(row.left), "num left"]];
       for (const [text, cls] of cells) {
         const td = document.createElement("td");
-        td.className = cls; td.textContent = text; tr.appendChild(td);
+        td.className = cls;
+        if (text !== null) td.textContent = text;
+        else if (row.principal == null) td.textContent = "\u2013";
+        else {
+          const u = document.createElement("button");
+          u.textContent = row.principal; u.title = "show this user's sessions";
+          u.addEventListener("click", () => showUser(row.principal));
+          td.appendChild(u);
+        }
+        tr.appendChild(td);
       }
       const td = document.createElement("td"), b = document.createElement("button");
       b.textContent = "End"; b.className = "end";
       b.addEventListener("click", () => end(row.id, b));
       td.appendChild(b); tr.appendChild(td); tbody.appendChild(tr);
     }
-    setText("page-info", "(" + page.sessions.length + " shown of " + s.live + ")");
+    setText("page-info", "(" + page.sessions.length + " shown of " +
+            (user === null ? s.live : page.live + " of user \u201c" + user + "\u201d") + ")");
     document.getElementById("next").disabled = !nextCursor;
+    document.getElementById("first").disabled = user !== null;
+    document.getElementById("all-users").disabled = user === null;
+    document.getElementById("end-user").disabled = user === null || page.sessions.length === 0;
     setText("error", "");
     document.body.dataset.loaded = "1";
   } catch (err) { setText("error", String(err)); }
@@ -127,6 +146,29 @@ async function end(id, button) {
   if (!r.ok) setText("error", "End failed: HTTP " + r.status);
   await refresh();
 }
+function showUser(name) {
+  user = name || null; cursor = null;
+  document.getElementById("user").value = name || "";
+  refresh();
+}
+async function endUser(button) {
+  const name = user;
+  if (name === null || !confirm("End every session of \u201c" + name + "\u201d?")) return;
+  button.disabled = true;
+  const r = await fetch(BASE + "api/expire-user", {
+    method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json", "X-Lapse-CSRF": CSRF},
+    body: JSON.stringify({user: name})});
+  if (!r.ok) setText("error", "End failed: HTTP " + r.status);
+  await refresh();
+}
+document.getElementById("user").value = user || "";
+document.getElementById("show-user").addEventListener("click", () =>
+  showUser(document.getElementById("user").value.trim()));
+document.getElementById("user").addEventListener("keydown", e => {
+  if (e.key === "Enter") showUser(e.target.value.trim()); });
+document.getElementById("all-users").addEventListener("click", () => showUser(""));
+document.getElementById("end-user").addEventListener("click", e => endUser(e.target));
 document.getElementById("first").addEventListener("click", () => { cursor = null; refresh(); });
 document.getElementById("next").addEventListener("click", () => {
   if (nextCursor) { cursor = nextCursor; refresh(); } });

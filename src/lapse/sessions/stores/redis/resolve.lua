@@ -1,4 +1,4 @@
--- resolve.lua: included by load.lua and save.lua, after prelude.lua.
+-- resolve.lua: included, after prelude.lua, by the scripts that follow aliases (load, save, and the index's bind, login, end_bound).
 -- resolve(uid, key, deadlines, now): the live session a uid names: itself,
 -- or (an old uid in its grace, an alias) the session it was rotated to,
 -- followed up to 8 rotations.
