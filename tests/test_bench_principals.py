@@ -175,6 +175,7 @@ def test_a_failing_login_costs_the_logged_in_runs_only(monkeypatch: pytest.Monke
     assert outcome.failed == ["lapse (memory): logged-in touch"]
 
 
+@pytest.mark.slow
 def test_no_principals_leaves_the_touch_step_as_it_was() -> None:
     """--no-principals: the touch step runs only anonymous sessions (on the unchanged
     seed), and no principal target is listed."""
