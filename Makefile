@@ -31,7 +31,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy
 
-# All systems and figures, ~14 min; options: make bench BENCH_ARGS="--systems lapse-memory,twisted"
+# All systems and figures, ~18 min; options: make bench BENCH_ARGS="--systems lapse-memory,twisted"
 # (a run other than the full default one writes its chart to bench/results/, git-ignored)
 bench: $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
