@@ -1,20 +1,14 @@
-"""Principals in the store protocol: the optional :class:`PrincipalIndex`,
-:class:`TooManySessions` and the check every principal passes before a
-store sees it. The contract is the "Principals" part of
+"""Principals in the store protocol: :class:`TooManySessions` and the check
+every principal passes before a store sees it. The contract (the
+"Principals" part) and the optional ``PrincipalIndex`` protocol are in
 :mod:`lapse.sessions.store`, which exports these names.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from lapse.sessions.store import SessionInfo
-
 __all__ = [
     "MAX_PRINCIPAL_LENGTH",
     "PRINCIPAL_MEMBERS",
-    "PrincipalIndex",
     "TooManySessions",
     "check_principal",
 ]
@@ -31,28 +25,6 @@ class TooManySessions(Exception):
         super().__init__(f"{principal!r} already has {limit} live session(s), the most allowed")
         self.principal = principal
         self.limit = limit
-
-
-@runtime_checkable
-class PrincipalIndex(Protocol):
-    """Sessions by principal (see the module's "Principals"): offered by
-    every lapse store; a store without it cannot serve
-    ``set_principal``, ``sessions_of`` or ``expire_principal`` (each then
-    raises ``TypeError`` naming the store)."""
-
-    async def set_principal(
-        self, uid: str, principal: str | None, limit: int | None = None, refuse: bool = False
-    ) -> list[str] | None:
-        """Bind ``uid`` to ``principal`` (None: unbind), keeping at most
-        ``limit`` live sessions bound to it; the uids superseded to make
-        room, or None if ``uid`` is not live. :class:`TooManySessions` if
-        ``refuse`` and it would take more than ``limit``."""
-
-    async def sessions_of(self, principal: str) -> list[SessionInfo]:
-        """The live sessions bound to ``principal``, most recently used first."""
-
-    async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
-        """End every live session bound to ``principal`` but ``except_uid``."""
 
 
 PRINCIPAL_MEMBERS = ("set_principal", "sessions_of", "expire_principal")

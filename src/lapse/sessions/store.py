@@ -125,7 +125,6 @@ from typing import Any, Protocol, runtime_checkable
 from lapse.sessions._principals import (
     MAX_PRINCIPAL_LENGTH,
     PRINCIPAL_MEMBERS,
-    PrincipalIndex,
     TooManySessions,
     check_principal,
 )
@@ -369,6 +368,28 @@ class SessionStore(Protocol):
         buckets``; the last slice includes its end). Sessions ending later
         are not counted, nor those already due. ValueError unless
         ``buckets >= 1`` and ``horizon > 0``."""
+
+
+@runtime_checkable
+class PrincipalIndex(Protocol):
+    """Sessions by principal (see the module's "Principals"): offered by
+    every lapse store; a store without it cannot serve
+    ``set_principal``, ``sessions_of`` or ``expire_principal`` (each then
+    raises ``TypeError`` naming the store)."""
+
+    async def set_principal(
+        self, uid: str, principal: str | None, limit: int | None = None, refuse: bool = False
+    ) -> list[str] | None:
+        """Bind ``uid`` to ``principal`` (None: unbind), keeping at most
+        ``limit`` live sessions bound to it; the uids superseded to make
+        room, or None if ``uid`` is not live. :class:`TooManySessions` if
+        ``refuse`` and it would take more than ``limit``."""
+
+    async def sessions_of(self, principal: str) -> list[SessionInfo]:
+        """The live sessions bound to ``principal``, most recently used first."""
+
+    async def expire_principal(self, principal: str, except_uid: str | None = None) -> list[str]:
+        """End every live session bound to ``principal`` but ``except_uid``."""
 
 
 INSPECTION_MEMBERS = ("scan", "info", "count", "deadlines")
