@@ -45,6 +45,7 @@ __all__ = [
     "is_secure",
     "join_cookie_headers",
     "session_cookie",
+    "unwritten",
 ]
 
 session_log = logging.getLogger("lapse.sessions")
@@ -125,6 +126,20 @@ def session_cookie(
     if session is not presented or (rotated is not None and session in rotated):
         return format_session_cookie(name, session.uid, secure=secure)
     return None
+
+
+def unwritten(visit: Visit, sessions: Iterable[Session]) -> list[Session]:
+    """Those of ``sessions`` with changes ``visit`` has not written yet: made
+    and not created, or data changed (in the visit's own view of it, if it
+    has one)."""
+    views = visit._views or {}
+    found = []
+    for session in sessions:
+        entry = views.get(session)
+        data = session._data if entry is None else entry[0]
+        if session._needs_create or (data is not None and data.dirty):
+            found.append(session)
+    return found
 
 
 class HTTPSessions(SessionHost):

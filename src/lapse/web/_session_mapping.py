@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from lapse.sessions import Session, SessionData, StoreUnavailable, Visit
-from lapse.web._plumbing import session_cookie
+from lapse.web._plumbing import session_cookie, unwritten
 
 if TYPE_CHECKING:
     from _collections_abc import dict_items, dict_keys, dict_values
@@ -69,14 +69,7 @@ class MiddlewareVisit(Visit):
 
     def pending(self) -> list[Session]:
         """Sessions with changes not yet written (made or changed late)."""
-        views = self._views or {}
-        pending = []
-        for session in self.used:
-            entry = views.get(session)
-            data = session._data if entry is None else entry[0]
-            if session._needs_create or (data is not None and data.dirty):
-                pending.append(session)
-        return pending
+        return unwritten(self, self.used)
 
     def cookie_headers(self) -> list[tuple[bytes, bytes]]:
         """The Set-Cookie headers the response needs: the session cookie if

@@ -170,12 +170,13 @@ async def _run(
             each()
         visit.mapping._release()
         await link.aclose()
-        if link.accepted and link.ended_by is None and visit.pending():
+        late = visit.pending() if link.accepted and link.ended_by is None else None
+        if late:
             if keeper.synchronous:
                 keeper.persist_now(visit.used)
             else:
                 follow_rotations(visit)
                 try:
-                    await keeper.persist(visit.pending(), visit)
+                    await keeper.persist(late, visit)
                 except (StoreUnavailable, SessionConflict) as exc:
                     log.warning("session changes made over a WebSocket were not saved: %s", exc)

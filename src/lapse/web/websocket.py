@@ -40,8 +40,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from lapse.sessions import Session, SessionConflict, StoreUnavailable, Visit, current_visit
+from lapse.sessions import Session, SessionConflict, StoreUnavailable, current_visit
 from lapse.web._live import SocketLink, bind, follow_rotations, keep_alive
+from lapse.web._plumbing import unwritten
 from lapse.web._target import split_path
 from lapse.web._types import Message, Receive, Scope, Send
 from lapse.web.error import BadRequest
@@ -212,17 +213,6 @@ class WebSocketResource(Resource):
         return b"This resource takes WebSocket connections only.\n"
 
 
-def pending(visit: Visit, sessions: list[Session]) -> bool:
-    """Whether ``visit`` has changes to ``sessions`` not written yet."""
-    views = visit._views or {}
-    for session in sessions:
-        entry = views.get(session)
-        data = session._data if entry is None else entry[0]
-        if session._needs_create or (data is not None and data.dirty):
-            return True
-    return False
-
-
 async def refuse(scope: Scope, send: Send, status: int, text: str) -> None:
     """Refuse a handshake: an HTTP answer where the server can send one
     (ASGI's websocket.http.response), else a close before the accept (the
@@ -313,7 +303,7 @@ async def _run(
 
     async def sync() -> None:
         """Write the sessions' changes made since the last write, if any."""
-        if link.accepted and not link.closed and pending(request, site._used_sessions(request)):
+        if link.accepted and not link.closed and unwritten(request, site._used_sessions(request)):
             await persist()
 
     async def accept(message: Message) -> None:
