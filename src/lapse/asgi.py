@@ -311,17 +311,10 @@ class SessionMiddleware(HTTPSessions):
         keeper = self._keeper
         asynchronous = not keeper.synchronous  # (a store reached by await)
         if uid is not None:
-            try:
-                session = await keeper.load(uid) if asynchronous else keeper.load_now(uid)
-            except StoreUnavailable as exc:
-                # The app runs without its session (untouched: the missed
-                # touch is not made up); asking for it answers 503.
-                visit.failure = exc
-                session = None
-            if session is not None:
-                visit.current = visit.presented = session
-                visit.used.append(session)
-                visit.mapping._bind()
+            # The store unreachable: the app runs without its session
+            # (untouched: the missed touch is not made up); asking for it
+            # answers 503.
+            await visit.load_presented(uid)
         scope[SCOPE_KEY] = visit
         scope["session"] = visit.mapping
         replaced = False

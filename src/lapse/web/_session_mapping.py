@@ -46,6 +46,21 @@ class MiddlewareVisit(Visit):
             self.failed = True
             raise self.failure
 
+    async def load_presented(self, uid: str) -> None:
+        """Load (and touch) the session the request's cookie names, as the
+        one it has; if the store cannot be reached, keep the failure, raised
+        when the app asks for its session."""
+        keeper = self.owner._keeper
+        try:
+            session = keeper.load_now(uid) if keeper.synchronous else await keeper.load(uid)
+        except StoreUnavailable as exc:
+            self.failure = exc
+            return
+        if session is not None:
+            self.current = self.presented = session
+            self.used.append(session)
+            self.mapping._bind()
+
     def peek(self) -> Session | None:
         self._fail()
         session = self.current

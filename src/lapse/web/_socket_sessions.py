@@ -56,7 +56,6 @@ async def serve_websocket(
     if not middleware._enter_loop():
         await send({"type": "websocket.close", "code": 1011})
         return
-    keeper = middleware._keeper
     secure, uid = middleware._read_headers(scope)
     origin, host = _origin_and_host(scope)
     if not origin_allowed(origin, host, middleware.allowed_origins):
@@ -67,18 +66,7 @@ async def serve_websocket(
     visiting = current_visit.set(visit)
     try:
         if uid is not None:
-            try:
-                if keeper.synchronous:
-                    session = keeper.load_now(uid)
-                else:
-                    session = await keeper.load(uid)
-            except StoreUnavailable as exc:
-                visit.failure = exc  # asking for it raises: the handshake gets 503
-                session = None
-            if session is not None:
-                visit.current = visit.presented = session
-                visit.used.append(session)
-                visit.mapping._bind()
+            await visit.load_presented(uid)  # (unreachable: the handshake gets 503)
         scope[scope_key] = visit
         scope["session"] = visit.mapping
         await _run(middleware, visit, scope, receive, send)
