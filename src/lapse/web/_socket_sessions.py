@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 from lapse.sessions import Session, SessionConflict, StoreUnavailable, current_visit
 from lapse.web._live import SocketLink, bind, follow_rotations, keep_alive
-from lapse.web._plumbing import UNAVAILABLE
+from lapse.web._plumbing import CONFLICT, UNAVAILABLE
 from lapse.web._session_mapping import MiddlewareVisit
 from lapse.web._types import Message, Receive, Scope, Send
-from lapse.web.websocket import origin_allowed, refuse
+from lapse.web.websocket import origin_allowed, refuse, refuse_for_sessions
 
 if TYPE_CHECKING:
     from lapse.asgi import SessionMiddleware
@@ -132,13 +132,8 @@ async def _run(
         await link.send(message)
 
     async def _refuse(status: int) -> None:
-        text = (
-            "Sessions are unavailable for a moment; try again."
-            if status == 503
-            else "Your session changed while this request ran; nothing was saved. Try again."
-        )
         link.closed = True
-        await refuse(scope, send, status, text)
+        await refuse_for_sessions(scope, send, UNAVAILABLE if status == 503 else CONFLICT)
 
     async def app_receive() -> Message:
         await sync()

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from lapse.sessions import Session, SessionConflict, StoreUnavailable, current_visit
 from lapse.web._live import SocketLink, bind, follow_rotations, keep_alive
-from lapse.web._plumbing import unwritten
+from lapse.web._plumbing import UNAVAILABLE, SessionAnswer, unwritten
 from lapse.web._target import split_path
 from lapse.web._types import Message, Receive, Scope, Send
 from lapse.web.error import BadRequest
@@ -228,6 +228,12 @@ async def refuse(scope: Scope, send: Send, status: int, text: str) -> None:
         await send({"type": "websocket.close", "code": 1008 if status < 500 else 1013})
 
 
+async def refuse_for_sessions(scope: Scope, send: Send, answer: SessionAnswer) -> None:
+    """Refuse a handshake with the answer an HTTP request would get when its
+    sessions cannot be had (:data:`UNAVAILABLE`, :data:`CONFLICT`)."""
+    await refuse(scope, send, answer.status, answer.body.decode("utf-8").rstrip("\n"))
+
+
 async def serve_websocket(site: Site, scope: Scope, receive: Receive, send: Send) -> None:
     """Serve a WebSocket handshake on ``site`` (see the module doc)."""
     keeper = site._keeper
@@ -308,7 +314,7 @@ async def _run(
 
     async def accept(message: Message) -> None:
         if request._store_failure is not None and not site._used_sessions(request):
-            await refuse(scope, send, 503, "Sessions are unavailable for a moment; try again.")
+            await refuse_for_sessions(scope, send, UNAVAILABLE)
             link.closed = True
             return
         if not await persist():
@@ -329,7 +335,7 @@ async def _run(
         if link.accepted:
             link.end(1013, "sessions unavailable")
         elif not link.closed:
-            await refuse(scope, send, 503, "Sessions are unavailable for a moment; try again.")
+            await refuse_for_sessions(scope, send, UNAVAILABLE)
             link.closed = True
     except Exception:
         log.exception("WebSocket handler %r failed for %r", resource, request)
