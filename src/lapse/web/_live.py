@@ -7,6 +7,8 @@
   itself, and nothing accumulates on a long-lived session.
 - :func:`keep_alive`: touch a session for a message received on one of its
   sockets, at most once per ``fraction`` of its timeout.
+- :class:`SocketSessions`: both, for the sessions of one socket (the Site's
+  and the middleware's WebSockets).
 - :class:`SocketLink`: an ASGI websocket connection lapse can end (close
   1008, the app's ``receive`` sees the close, its later sends dropped), with
   a message size limit (close 1009) and a hook per message received.
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SESSION_ENDED",
     "SocketLink",
+    "SocketSessions",
     "StreamLink",
     "bind",
     "end_stream",
@@ -121,6 +124,36 @@ def keep_alive(session: Session, fraction: float) -> bool:
         return False
     session.touch()
     return True
+
+
+class SocketSessions:
+    """The sessions one socket is bound to: the end of any closes it
+    (:func:`bind`), and each message received touches them
+    (:func:`keep_alive`, at most once per ``fraction`` of a timeout)."""
+
+    __slots__ = ("_fraction", "_sessions", "_unbinds")
+
+    def __init__(self, fraction: float) -> None:
+        self._fraction = fraction
+        self._sessions: list[Session] = []
+        self._unbinds: list[Callable[[], None]] = []
+
+    def add(self, session: Session, on_end: Callable[[], None]) -> None:
+        """Bind the socket to ``session`` (unless it has ended)."""
+        if not session.expired:
+            self._sessions.append(session)
+            self._unbinds.append(bind(session, on_end))
+
+    def message(self) -> None:
+        """A message arrived on the socket."""
+        for session in self._sessions:
+            keep_alive(session, self._fraction)
+
+    def release(self) -> None:
+        """The socket closed: unbind it from its sessions."""
+        for unbind in self._unbinds:
+            unbind()
+        self._unbinds.clear()
 
 
 def follow_rotations(visit: Visit) -> None:

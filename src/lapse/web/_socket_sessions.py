@@ -21,11 +21,10 @@ socket.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lapse.sessions import Session, SessionConflict, StoreUnavailable, current_visit
-from lapse.web._live import SocketLink, bind, follow_rotations, keep_alive
+from lapse.sessions import SessionConflict, StoreUnavailable, current_visit
+from lapse.web._live import SocketLink, SocketSessions, follow_rotations
 from lapse.web._plumbing import CONFLICT, UNAVAILABLE
 from lapse.web._session_mapping import MiddlewareVisit
 from lapse.web._types import Message, Receive, Scope, Send
@@ -82,15 +81,8 @@ async def _run(
     send: Send,
 ) -> None:
     keeper = middleware._keeper
-    bound: list[Session] = []
-    unbind: list[Callable[[], None]] = []
-    fraction = middleware.touch_fraction
-
-    def on_message() -> None:
-        for session in bound:
-            keep_alive(session, fraction)
-
-    link = SocketLink(receive, send, on_message)
+    sessions = SocketSessions(middleware.touch_fraction)
+    link = SocketLink(receive, send, sessions.message)
 
     async def write() -> int | None:
         """Write the visit's changes; None, or the close code for a failure."""
@@ -124,9 +116,8 @@ async def _run(
                 if cookies:
                     message = {**message, "headers": [*message.get("headers", ()), *cookies]}
             session = visit.current
-            if session is not None and not session.expired:
-                bound.append(session)
-                unbind.append(bind(session, link.end))
+            if session is not None:
+                sessions.add(session, link.end)
         elif kind == "websocket.send":
             await sync()
         await link.send(message)
@@ -149,8 +140,7 @@ async def _run(
         elif not link.closed:
             await _refuse(503)
     finally:
-        for each in unbind:
-            each()
+        sessions.release()
         visit.mapping._release()
         await link.aclose()
         late = visit.pending() if link.accepted and link.ended_by is None else None

@@ -40,8 +40,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from lapse.sessions import Session, SessionConflict, StoreUnavailable, current_visit
-from lapse.web._live import SocketLink, bind, follow_rotations, keep_alive
+from lapse.sessions import SessionConflict, StoreUnavailable, current_visit
+from lapse.web._live import SocketLink, SocketSessions, follow_rotations
 from lapse.web._plumbing import UNAVAILABLE, SessionAnswer, unwritten
 from lapse.web._target import split_path
 from lapse.web._types import Message, Receive, Scope, Send
@@ -277,15 +277,8 @@ async def _run(
     send: Send,
 ) -> None:
     keeper = site._keeper
-    bound: list[Session] = []
-    unbind: list[Callable[[], None]] = []
-    fraction = resource.touch_fraction
-
-    def on_message() -> None:
-        for session in bound:
-            keep_alive(session, fraction)
-
-    link = SocketLink(receive, send, on_message, resource.max_message_size, skip_connect=True)
+    sessions = SocketSessions(resource.touch_fraction)
+    link = SocketLink(receive, send, sessions.message, resource.max_message_size, skip_connect=True)
 
     async def persist() -> bool:
         """Write what the socket's request did to its sessions; whether it could."""
@@ -323,9 +316,7 @@ async def _run(
         if cookies:
             message = {**message, "headers": [*message.get("headers", ()), *cookies]}
         for session in site._used_sessions(request):
-            if not session.expired:
-                bound.append(session)
-                unbind.append(bind(session, link.end))
+            sessions.add(session, link.end)
         await link.send(message)
 
     socket = WebSocket(request, link, accept, sync)
@@ -341,8 +332,7 @@ async def _run(
         log.exception("WebSocket handler %r failed for %r", resource, request)
         await link.send({"type": "websocket.close", "code": 1011})
     finally:
-        for each in unbind:
-            each()
+        sessions.release()
         if not link.closed:
             await link.send({"type": "websocket.close", "code": 1000})
         await link.aclose()
