@@ -182,12 +182,9 @@ class StoreRequests(Keeper):
             if session._needs_create:
                 await self._create(session)
                 continue
-            uid = session.uid
-            pending = self._rotations.get(uid)
-            if pending is not None and (pending[2] is None or pending[2] is visit):
-                await self._write_rotation(session, pending)
-                pending = None
-            store_uid = uid if pending is None else pending[0]
+            store_uid = session.uid
+            if store_uid in self._rotations:  # (rare: a rotation not written yet)
+                store_uid = await self._rotated_in_store(session, visit)
             entry = None if views is None else views.get(session)
             data = session._data if entry is None else entry[0]
             if data is not None and data.dirty:
@@ -207,15 +204,11 @@ class StoreRequests(Keeper):
         the store binds the uid it knows), then bind it in the store."""
         index = self.principal_index()
         visit = current_visit.get()
-        uid = session.uid
         if session._needs_create:
             await self._create(session)
+            uid = session.uid
         else:
-            pending = self._rotations.get(uid)
-            if pending is not None and (pending[2] is None or pending[2] is visit):
-                await self._write_rotation(session, pending)
-            pending = self._rotations.get(uid)
-            uid = uid if pending is None else pending[0]
+            uid = await self._rotated_in_store(session, visit)
         limit, refuse = self._cap()
         superseded: list[str] | None = await self.call(
             index.set_principal(uid, principal, limit, refuse)
@@ -287,6 +280,19 @@ class StoreRequests(Keeper):
                 base.pop(key, None)
             base.update(texts)
             session._data = SessionData(base=base, version=result)
+
+    async def _rotated_in_store(self, session: Session, visit: Visit | None) -> str:
+        """Write ``session``'s rotation if ``visit`` made it (or it was made
+        outside a request); the uid the store knows the session by now (an
+        older one while another request's rotation is not written yet)."""
+        uid = session.uid
+        pending = self._rotations.get(uid)
+        if pending is None:
+            return uid
+        if pending[2] is None or pending[2] is visit:
+            await self._write_rotation(session, pending)
+            return uid
+        return pending[0]
 
     async def _write_rotation(
         self, session: Session, pending: tuple[str, float, Visit | None]
