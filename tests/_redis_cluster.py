@@ -59,6 +59,11 @@ from _redis_server import RedisServer, Running, redis_server_binary
 __all__ = ["RedisCluster", "command"]
 
 
+_MANUAL_FAILOVER_WINDOW = 6.0
+"""Seconds after which a CLUSTER FAILOVER that did not happen is asked
+again (Redis gives a manual failover 5 s)."""
+
+
 def command(port: int, *args: str | int | bytes, password: str | None = None) -> Any:
     """One command to the node on ``port`` (a new connection, AUTH first if a
     password is given); its reply (an error reply is returned, not raised)."""
@@ -272,9 +277,16 @@ class RedisCluster(Running):
         if reply != "OK":
             raise RuntimeError(f"CLUSTER FAILOVER on {replica}: {reply}")
         end = time.monotonic() + timeout
+        again = time.monotonic() + _MANUAL_FAILOVER_WINDOW
         while replica not in self.primaries():
-            if time.monotonic() > end:
+            now = time.monotonic()
+            if now > end:
                 raise RuntimeError(f"{replica} did not become a primary")
+            if now > again:
+                # Redis drops a manual failover not done within 5 s (a busy
+                # machine: the replica's offset did not catch up): ask again.
+                self.command(replica, "CLUSTER", "FAILOVER")
+                again = now + _MANUAL_FAILOVER_WINDOW
             time.sleep(0.05)
         self.wait_ok(timeout)
 
