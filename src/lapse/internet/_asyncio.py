@@ -146,9 +146,17 @@ class _CutQuietly:
 
     __slots__ = ("app", "server")
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, server: _Server | None = None) -> None:
         self.app = app
-        self.server: _Server | None = None
+        self.server = server
+
+    def serve_now(self, scope: Any, body: bytes) -> Any:
+        """The app's ``_serve_now`` (see :mod:`lapse.internet._http_now`);
+        the rest of a request it began runs under this guard too."""
+        outcome = self.app._serve_now(scope, body)
+        if outcome is None or type(outcome) is tuple:
+            return outcome
+        return _CutQuietly(outcome, self.server)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -207,6 +215,9 @@ class Port:
         config.ssl = self.ssl_context
         config.limits = limits
         config.connection_cap = limits.connection_cap()
+        serves_now = getattr(self.factory, "_serves_now", None)
+        if callable(serves_now) and serves_now():
+            config.serve_now = self._guard.serve_now
         return config
 
     def _start(self) -> None:

@@ -48,6 +48,7 @@ from uvicorn.server import ServerState
 
 from lapse.internet._answers import text_response
 from lapse.internet._http_guard import DEFAULT_LIMITS, GuardedProtocol, Refused, TimedFlow
+from lapse.internet._http_now import NowServing, ServeNow
 from lapse.internet.limits import HTTPLimits
 
 __all__ = [
@@ -92,6 +93,9 @@ class ServingConfig(uvicorn.Config):
     limits: HTTPLimits = DEFAULT_LIMITS
     connection_cap: int | None = None
     """``limits.connection_cap()``, worked out once when serving starts."""
+    serve_now: ServeNow | None = None
+    """The application's way to answer a request without a task, if it has
+    one (a ``Site``'s; see :mod:`lapse.internet._http_now`)."""
 
 
 # The servers of this process: the connection cap counts their connections.
@@ -106,14 +110,21 @@ def open_connections() -> int:
     return sum(len(state.connections) for state in _servers)
 
 
-class HTTPProtocol(GuardedProtocol):
+class HTTPProtocol(NowServing, GuardedProtocol):
     """uvicorn's httptools protocol with :class:`HTTPLimits` enforced (module doc)."""
 
     # Slots (here and in GuardedProtocol), not the instance dict: uvicorn's
     # protocol has 28 attributes, and past 30 CPython 3.11 stops sharing the
     # dict's keys, which slows every attribute access in uvicorn's methods
     # (+5% instructions per request).
-    __slots__ = ("_connection_cap", "_lingering_reject", "_rejected", "_uri_limit")
+    __slots__ = (
+        "_connection_cap",
+        "_deferred",
+        "_lingering_reject",
+        "_rejected",
+        "_serve_now",
+        "_uri_limit",
+    )
 
     def __init__(
         self,
@@ -129,6 +140,9 @@ class HTTPProtocol(GuardedProtocol):
         self._uri_limit = min(limits.max_uri_length, MAX_PARSED_URI)
         self._rejected = False
         self._lingering_reject = False
+        # A request the application may answer without a task (_http_now.py).
+        self._serve_now: ServeNow | None = getattr(config, "serve_now", None)
+        self._deferred = None
 
     # -- connections ----------------------------------------------------------
 
@@ -296,6 +310,8 @@ class HTTPProtocol(GuardedProtocol):
         self._done_cycle = self.cycle
         if self._read_timer is not None:
             self._cancel_read_timer()
+        if self._deferred is not None:
+            self._serve_deferred()
 
 
 class HostCheckingProtocol(HTTPProtocol):

@@ -420,6 +420,13 @@ class Request(Visit):
         self.finished = False
 
     def _start_message(self, content_length: int | None) -> dict[str, Any]:
+        """The ASGI message that starts the response."""
+        code, headers = self._response_head(content_length)
+        return {"type": "http.response.start", "status": code, "headers": headers}
+
+    def _response_head(self, content_length: int | None) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The response's status and headers (``content_length``: the body's,
+        None while it streams); from now on, the headers are sent."""
         own = self._response_headers
         if own is None:
             headers: list[tuple[bytes, bytes]] = [_DEFAULT_CONTENT_TYPE]
@@ -450,7 +457,7 @@ class Request(Visit):
             else:
                 headers = vary_on_cookie(headers)
         self._headers_sent = True
-        return {"type": "http.response.start", "status": code, "headers": headers}
+        return code, headers
 
     def __repr__(self) -> str:
         uri = self._uri_for_log().decode("latin-1")

@@ -30,20 +30,18 @@ from lapse.internet.limits import HEAD_FRAMING, HTTPLimits
 from lapse.sessions import (
     ExpiryHook,
     Session,
-    SessionConflict,
     SessionStore,
     StoreUnavailable,
     current_visit,
 )
 from lapse.web._access import access_log, log_access
-from lapse.web._live import bind, end_stream
-from lapse.web._plumbing import CONFLICT, UNAVAILABLE, HTTPSessions, SessionAnswer
 from lapse.web._proxy import TrustSetting
-from lapse.web._request import _NO_SESSIONS, NOT_DONE_YET, Request
+from lapse.web._request import NOT_DONE_YET, Request
+from lapse.web._respond import SiteResponses, _ClientGone
 from lapse.web._target import split_path
 from lapse.web._types import Receive, Scope, Send
-from lapse.web.error import BadRequest, UnsupportedMethod
-from lapse.web.resource import ErrorPage, getChildForRequest
+from lapse.web.error import BadRequest
+from lapse.web.resource import getChildForRequest
 from lapse.web.websocket import serve_websocket
 
 __all__ = ["NOT_DONE_YET", "Request", "Session", "Site", "version"]
@@ -53,11 +51,7 @@ version = b"lapse"
 log = logging.getLogger("lapse.web")
 
 
-class _ClientGone(Exception):
-    """The client disconnected before the request was read."""
-
-
-class Site(HTTPSessions):
+class Site(SiteResponses):
     """Serves ``resource`` over HTTP (ASGI), with sessions.
 
     ``sessionFactory`` makes the sessions (set a ``Session`` subclass to
@@ -213,39 +207,6 @@ class Site(HTTPSessions):
             ]
             request._presented_uids = uids
 
-    @staticmethod
-    def _used_sessions(request: Request) -> list[Session]:
-        """The sessions the request touched or was given, each once."""
-        plain, secure = request._presented
-        given_plain, given_secure = request._sessions
-        used = []
-        for session in (plain, secure, given_plain, given_secure):
-            if session is not None and session not in used:
-                used.append(session)
-        return used
-
-    async def _persist(self, request: Request) -> None:
-        """Write what the request changed in its sessions, before responding;
-        a write that cannot be made replaces the response (503, 409)."""
-        used = self._used_sessions(request)
-        if used:
-            answer = await self._write_visit(used, request)
-            if answer is not None:
-                self._answer(request, answer)
-
-    @staticmethod
-    def _answer(request: Request, answer: SessionAnswer) -> None:
-        """Replace the response with ``answer`` (503, 409: the same bytes the
-        middleware sends); it sets no session cookie."""
-        request._reset_response()
-        request._sessions = _NO_SESSIONS
-        request._presented = _NO_SESSIONS
-        request.setResponseCode(answer.status)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        for name, value in answer.headers:
-            request.setHeader(name, value)
-        request.write(answer.body)
-
     # -- resources --------------------------------------------------------
 
     def getResourceFor(self, request: Request) -> Any:
@@ -287,10 +248,7 @@ class Site(HTTPSessions):
                 if request._body_expected:
                     request.content.write(await self._read_body(request, receive))
                     request.content.seek(0)
-                if request.path == b"*" and request.method == b"OPTIONS":
-                    result = b""
-                else:
-                    request.postpath = split_path(request.path)
+                if self._routed(request):
                     if cookie_header is not None:
                         if not keeper.synchronous:
                             await self._load_presented(request, cookie_header)
@@ -304,77 +262,114 @@ class Site(HTTPSessions):
                         and isawaitable(result)
                     ):
                         result = await result
-                    if isinstance(result, bytes | str):
-                        if result or not request.finished:
-                            request.write(result)
-                    elif not (type(result) is int and result == NOT_DONE_YET):
-                        self._wrong_result(request, resource, result)
-                        result = None
-            except BadRequest as exc:
-                self._error_page(request, exc.status, exc.reason)
-                result = None
-            except UnsupportedMethod as exc:
-                request._reset_response()
-                request.setHeader(b"allow", b", ".join(exc.allowedMethods))
-                self._error_page(
-                    request, 405, "This resource does not answer the method used.", reset=False
-                )
-                result = None
+                else:
+                    result = b""
+                result = self._written(request, resource, result)
             except _ClientGone:
                 request._connection_lost()
                 return
-            except StoreUnavailable:
-                self._answer(request, UNAVAILABLE)
-                result = None
-            except SessionConflict as exc:  # (await session.set_principal() on an ended one)
-                log.info("%s", exc)
-                self._answer(request, CONFLICT)
-                result = None
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception(
-                    "error rendering %s for %r", request._uri_for_log().decode("latin-1"), request
-                )
-                self._error_page(request, 500, "The server failed to answer this request.")
+            except Exception as exc:
+                self._failed(request, exc)
                 result = None
-            if type(result) is int and result == NOT_DONE_YET:
-                await self._stream(request, receive, send)
-            else:
-                if not request.finished:
-                    request.finish()
-                if not keeper.synchronous:
-                    await self._persist(request)
-                elif (
-                    request._presented is not _NO_SESSIONS or request._sessions is not _NO_SESSIONS
-                ):
-                    keeper.persist_now(self._used_sessions(request))
-                chunks = request._chunks
-                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                request._chunks = []
-                await send(request._start_message(request.sentLength))
-                await send({"type": "http.response.body", "body": body})
-            if access_log.isEnabledFor(logging.INFO):
-                log_access(request)
+            await self._respond(request, result, receive, send)
         finally:
             current_visit.reset(visiting)
 
-    def _wrong_result(self, request: Request, resource: Any, result: Any) -> None:
-        log.error(
-            "%r returned %r from render for %s; a render returns str, bytes or NOT_DONE_YET",
-            resource,
-            type(result).__name__,
-            request._uri_for_log().decode("latin-1"),
-        )
-        self._error_page(request, 500, "The server failed to answer this request.")
+    def _serves_now(self) -> bool:
+        """Whether lapse's reactor may call :meth:`_serve_now` instead of
+        this site's ASGI app: not if a subclass changed ``__call__``."""
+        return type(self).__call__ is Site.__call__
 
-    def _error_page(
-        self, request: Request, status: int, detail: str, *, reset: bool = True
+    def _serve_now(self, scope: Scope, body: bytes) -> Any:
+        """Serve an HTTP request without a coroutine, if it can be: lapse's
+        reactor calls this in its protocol when the request (head and body)
+        has arrived, instead of starting an ASGI task for it.
+
+        The same steps as :meth:`__call__`: None if they cannot all run
+        without waiting (the store is reached through the async protocol;
+        nothing was done), the response as ``(status, headers, body)`` when
+        done, or, when the render returned an awaitable or
+        ``NOT_DONE_YET``, an ASGI app that finishes the request (the
+        reactor runs it as it runs any app, with this request's ``receive``
+        and ``send``).
+        """
+        keeper = self._keeper
+        if not keeper.synchronous:
+            return None
+        self._on_asyncio = True  # (only lapse's reactor calls this, on asyncio)
+        request = self.requestFactory(self, scope)
+        visiting = current_visit.set(request)
+        try:
+            result: Any = None
+            resource: Any = None
+            try:
+                cookie_header = self._read_headers(request, scope)
+                if body:
+                    request.content.write(body)
+                    request.content.seek(0)
+                if self._routed(request):
+                    if cookie_header is not None:
+                        self._load_presented_now(request, cookie_header)
+                    resource = self.getResourceFor(request)
+                    result = resource.render(request)
+                    if (
+                        type(result) is not bytes
+                        and type(result) is not str
+                        and isawaitable(result)
+                    ):
+                        return partial(self._resume, request, resource, result)
+                else:
+                    result = b""
+                result = self._written(request, resource, result)
+            except Exception as exc:
+                self._failed(request, exc)
+                result = None
+            if result is not None:  # NOT_DONE_YET
+                return partial(self._resume, request, resource, result)
+            self._complete(request)
+            code, headers = request._response_head(request.sentLength)
+            body = self._whole_body(request)
+            if access_log.isEnabledFor(logging.INFO):
+                log_access(request)
+            return code, headers, body
+        finally:
+            current_visit.reset(visiting)
+
+    async def _resume(
+        self,
+        request: Request,
+        resource: Any,
+        result: Any,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        if reset:
-            request._reset_response()
-        brief = _REASONS.get(status, "Error")
-        request.write(ErrorPage(status, brief, detail).render(request))
+        """The rest of a request :meth:`_serve_now` began: its render's
+        awaitable awaited, or its ``NOT_DONE_YET`` streamed; the response."""
+        visiting = current_visit.set(request)
+        try:
+            if type(result) is not int:  # the render's awaitable
+                try:
+                    result = self._written(request, resource, await result)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._failed(request, exc)
+                    result = None
+            await self._respond(request, result, receive, send)
+        finally:
+            current_visit.reset(visiting)
+
+    @staticmethod
+    def _routed(request: Request) -> bool:
+        """Split the request's path for traversal; False for ``OPTIONS *``,
+        which asks the server, not a resource (answered with an empty 200)."""
+        if request.path == b"*" and request.method == b"OPTIONS":
+            return False
+        request.postpath = split_path(request.path)
+        return True
 
     def _read_headers(self, request: Request, scope: Scope) -> bytes | None:
         """Check the request's size limits and ``Host``; the ``Cookie`` header, if any."""
@@ -414,78 +409,5 @@ class Site(HTTPSessions):
         request._cookie_header = cookie_header
         return cookie_header
 
-    async def _read_body(self, request: Request, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_size:
-                raise BadRequest("The request body is too large.", 413)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    async def _stream(self, request: Request, receive: Receive, send: Send) -> None:
-        """Send a ``NOT_DONE_YET`` response as it is written, until finished."""
-        wakeup = request._wakeup = asyncio.Event()
-        watcher = asyncio.ensure_future(self._watch_disconnect(request, receive))
-        # The response ends with its session (see end_stream).
-        unbind = [bind(s, partial(end_stream, request)) for s in self._used_sessions(request)]
-        try:
-            while True:
-                if request._disconnected:
-                    if getattr(request, "_session_ended", False):
-                        if not request._headers_sent:
-                            await send(request._start_message(None))
-                        body = request._take_chunks()
-                        await send({"type": "http.response.body", "body": body})
-                        log_access(request)
-                    return
-                if not request.finished and not request._chunks:
-                    await wakeup.wait()
-                    wakeup.clear()
-                    continue
-                if not request._headers_sent:
-                    written = request._chunks
-                    await self._persist(request)
-                    if request._chunks is not written:  # replaced by an error page
-                        request.finished = True
-                    length = request.sentLength if request.finished else None
-                    await send(request._start_message(length))
-                body = request._take_chunks()
-                await send(
-                    {"type": "http.response.body", "body": body, "more_body": not request.finished}
-                )
-                if request.finished:
-                    log_access(request)
-                    return
-        finally:
-            for each in unbind:
-                each()
-            watcher.cancel()
-
-    @staticmethod
-    async def _watch_disconnect(request: Request, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                request._connection_lost()
-                return
-
     def __repr__(self) -> str:
         return f"<Site {len(self.sessions)} live sessions, root {self.resource!r}>"
-
-
-_REASONS = {
-    400: "Bad Request",
-    404: "No Such Resource",
-    405: "Method Not Allowed",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-}

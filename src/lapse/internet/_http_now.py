@@ -1,0 +1,203 @@
+"""Answering a request in the parser's callback, without an ASGI task.
+
+uvicorn serves every request the same way: at the end of its head it makes a
+cycle and starts a task running the application, which sends its response
+as two ASGI messages. For a ``Site`` served by lapse's reactor, most
+requests need none of that: the render is synchronous and so is the memory
+store. :class:`NowServing` (a part of lapse's protocol) defers a request
+whose body is small enough to arrive without the application reading it;
+when it has arrived whole, it asks the application's ``serve_now(scope,
+body)``:
+
+- None: nothing was done; the request is served as uvicorn serves it;
+- ``(status, headers, body)``: the response, written here in one write
+  (head and body), checked as uvicorn checks an application's response
+  (header names and values, the ``Content-Length``, ``Connection: close``);
+- an ASGI app: the application began the request and needs to wait (an
+  async render, a streamed response); it is run as uvicorn runs any app,
+  with this request's ``receive`` and ``send``.
+
+A request is never deferred while an earlier one's response is still being
+sent (uvicorn queues it, as before), nor while the client does not read its
+responses (the transport's writes are paused), nor with a body that is
+chunked, over 64 KiB, or awaits a ``100 Continue``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+__all__ = ["NowServing", "ServeNow", "response_bytes"]
+
+log = logging.getLogger("lapse.http")
+
+ServeNow = Callable[[Any, bytes], Any]
+"""An application's ``serve_now(scope, body)`` (module doc)."""
+
+_ERROR_BODY = b"Internal Server Error"
+_ERROR = (
+    500,
+    [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"21"),
+        (b"connection", b"close"),
+    ],
+    _ERROR_BODY,
+)
+_NO_BODY = frozenset({204, 304})
+
+
+class BadResponse(Exception):
+    """The application's response cannot be sent as it is."""
+
+
+def response_bytes(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    default_headers: list[tuple[bytes, bytes]],
+    keep_alive: bool,
+    head: bool,
+) -> tuple[bytes, bool]:
+    """The response's bytes, and whether the connection stays open after it.
+    :class:`BadResponse` for a header name or value that would break the
+    response's framing, or a body that is not its ``Content-Length``."""
+    line = STATUS_LINE.get(status)
+    if line is None:
+        raise BadResponse(f"no status line for {status}")
+    content = [line]
+    for name, value in default_headers:
+        content += (name, b": ", value, b"\r\n")
+    length: bytes | None = None
+    close_said = False
+    for name, value in headers:
+        if HEADER_RE.search(name):
+            raise BadResponse("Invalid HTTP header name.")
+        if HEADER_VALUE_RE.search(value):
+            raise BadResponse("Invalid HTTP header value.")
+        name = name.lower()
+        if name == b"content-length":
+            length = value
+        elif name == b"connection" and b"close" in [
+            token.strip().lower() for token in value.split(b",")
+        ]:
+            keep_alive = False
+            close_said = True
+        content += (name, b": ", value, b"\r\n")
+    if not keep_alive and not close_said:
+        content.append(b"connection: close\r\n")
+    if head:
+        body = b""
+    elif length is not None:
+        if not length.isdigit() or int(length) != len(body):
+            raise BadResponse("The response's body is not its Content-Length.")
+    elif status not in _NO_BODY:
+        content.append(b"transfer-encoding: chunked\r\n")
+        body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
+    content += (b"\r\n", body)
+    return b"".join(content), keep_alive
+
+
+def answerable_now(headers: list[tuple[bytes, bytes]], expect_100: bool) -> bool:
+    """Whether a request with ``headers`` may wait for its body unread: none,
+    or a ``Content-Length`` of at most 64 KiB (uvicorn stops reading past
+    that until the application reads it), and no ``100 Continue`` awaited."""
+    if expect_100:
+        return False
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit() or int(value) > HIGH_WATER_LIMIT:
+                return False
+        elif name == b"transfer-encoding":
+            return False
+    return True
+
+
+class NowServing(HttpToolsProtocol):
+    """The deferring and answering half of lapse's protocol (module doc).
+
+    A subclass sets ``_serve_now`` (None: never) and calls
+    :meth:`_serve_deferred` at the end of ``on_message_complete``.
+    """
+
+    __slots__ = ()
+
+    _serve_now: ServeNow | None
+    _deferred: RequestResponseCycle | None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Called at the end of a head (its body still to come: more_body),
+        # or for a pipelined request whose turn came (uvicorn's task then).
+        if (
+            self._serve_now is not None
+            and cycle.more_body
+            and app is self.app
+            and answerable_now(self.headers, self.expect_100_continue)
+        ):
+            self._deferred = cycle
+            return
+        super()._start_asgi_task(cycle, app)
+
+    def _serve_deferred(self) -> None:
+        """The deferred request has arrived whole: serve it (module doc)."""
+        cycle, self._deferred = self._deferred, None
+        if (
+            cycle is None
+            or cycle is not self.cycle
+            or cycle.response_complete
+            or cycle.disconnected
+            or self.transport.is_closing()
+        ):
+            return
+        serve = self._serve_now
+        if serve is None or self.flow.write_paused:
+            super()._start_asgi_task(cycle, self.app)
+            return
+        try:
+            outcome = serve(cycle.scope, bytes(cycle.body))
+        except Exception as exc:  # (raised in a parser callback, it would be a 400)
+            log.error("Exception in ASGI application", exc_info=exc)
+            outcome = _ERROR
+        if outcome is None:
+            super()._start_asgi_task(cycle, self.app)
+        elif type(outcome) is tuple:
+            cycle.body = bytearray()
+            self._send_now(cycle, *outcome)
+        else:
+            super()._start_asgi_task(cycle, outcome)
+
+    def _send_now(
+        self,
+        cycle: RequestResponseCycle,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        head = cycle.scope["method"] == "HEAD"
+        defaults = self.server_state.default_headers
+        try:
+            data, keep_alive = response_bytes(
+                status, headers, body, defaults, cycle.keep_alive, head
+            )
+        except BadResponse as exc:
+            log.error("Exception in ASGI application: %s", exc)
+            data, keep_alive = response_bytes(*_ERROR, defaults, False, head)
+        cycle.response_started = True
+        cycle.response_complete = True
+        cycle.waiting_for_100_continue = False
+        self.transport.write(data)
+        cycle.message_event.set()
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()
