@@ -77,7 +77,9 @@ class Boom(Resource):
         raise RuntimeError("boom")
 
 
-def make_site(reactor: AsyncioReactor, store: str = "memory:", site_class: type[Site] = Site) -> Site:
+def make_site(
+    reactor: AsyncioReactor, store: str = "memory:", site_class: type[Site] = Site
+) -> Site:
     root = Resource()
     root.putChild("probe", TaskProbe())
     root.putChild("slow", Slow())
@@ -199,7 +201,9 @@ def test_http_1_0_and_connection_close_are_answered_then_closed(reactor: Asyncio
     def client(port: int) -> list[bytes]:
         return [
             exchange(port, b"GET /probe HTTP/1.0\r\n\r\n", expect=2),
-            exchange(port, b"GET /probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", expect=2),
+            exchange(
+                port, b"GET /probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", expect=2
+            ),
         ]
 
     for answer in serve(reactor, make_site(reactor), client):
@@ -290,8 +294,6 @@ def test_many_pipelined_requests_in_one_read_are_all_answered(
     """Thousands of requests in one write: each answered once, in order, with no
     recursion however long the queue behind an async one."""
     data = GET % b"/slow" + (GET % b"/probe") * count
-    answer = serve(
-        reactor, make_site(reactor), lambda port: exchange(port, data, expect=count + 1)
-    )
+    answer = serve(reactor, make_site(reactor), lambda port: exchange(port, data, expect=count + 1))
     assert answer.count(b"HTTP/1.1 200 ") == count + 1
     assert answer.index(b"slow") < answer.index(b"\r\n\r\ntask")
