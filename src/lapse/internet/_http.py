@@ -196,6 +196,7 @@ class HTTPProtocol(NowServing, GuardedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         global _lingering_rejects
         self._cancel_read_timer()
+        self._idle.close()
         if isinstance(self.flow, TimedFlow):
             # Its callback refers to this protocol: without this, the two
             # (and the parser's buffers) would wait for the cyclic collector.

@@ -88,6 +88,52 @@ class TimedFlow(FlowControl):
         return self.paused_total
 
 
+class IdleTimer:
+    """The keep-alive timer, armed after every response and cancelled by
+    every read, for the price of a clock read: uvicorn makes and cancels a
+    loop timer each time. Here one loop timer per connection runs at most
+    until the deadline; when it rings early (the deadline moved on) it is
+    set again for the new one."""
+
+    __slots__ = ("_callback", "_deadline", "_handle", "_loop", "_timeout")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout: float, callback: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._callback = callback
+        self._deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        """Ring ``timeout`` seconds from now, unless cancelled before."""
+        self._deadline = deadline = self._loop.time() + self._timeout
+        if self._handle is None:
+            self._handle = self._loop.call_at(deadline, self._ring)
+
+    def cancel(self) -> None:
+        self._deadline = None
+
+    def close(self) -> None:
+        """Cancel, and let go of the loop timer (the connection is gone)."""
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _ring(self) -> None:
+        self._handle = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # (set again at the next response)
+        if self._loop.time() < deadline:
+            self._handle = self._loop.call_at(deadline, self._ring)
+            return
+        self._deadline = None
+        self._callback()
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the guard's state, timers and refusals."""
 
@@ -103,6 +149,7 @@ class GuardedProtocol(HttpToolsProtocol):
         "_head_limit",
         "_head_paused",
         "_head_started",
+        "_idle",
         "_limits",
         "_linger_timer",
         "_opened_at",
@@ -125,6 +172,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._limits = limits
         self._head_limit = limits.max_head_size
         self.timeout_keep_alive = limits.keep_alive_timeout  # type: ignore[assignment]
+        self._idle = IdleTimer(
+            self.loop, limits.keep_alive_timeout, self.timeout_keep_alive_handler
+        )
         # Bytes the parser may still be fed before the head in progress must
         # have ended: the whole budget between requests, _UNLIMITED once the
         # head is complete (then it counts down the body's bytes), -1 once the
@@ -266,16 +316,20 @@ class GuardedProtocol(HttpToolsProtocol):
         self._linger()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if (
-            self.timeout_keep_alive_task is not None
-            and self._read_timer is not None
-            and self.cycle is self._done_cycle
-        ):
-            # The next request's head is arriving (pipelined): the connection
-            # is not idle, and the header timer times that head.
-            self.timeout_keep_alive_task.cancel()
-            self.timeout_keep_alive_task = None
+        # uvicorn's, but for its keep-alive timer (IdleTimer), which is not
+        # armed while the next request's head is arriving (pipelined): the
+        # connection is not idle, and the header timer times that head.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._read_timer is None or self.cycle is not self._done_cycle:
+            self._idle.arm()
+            self.timeout_keep_alive_task = self._idle  # type: ignore[assignment]
 
     def _drop(self, size: int) -> None:
         """What a refused connection still receives: dropped, up to LINGER_BYTES."""

@@ -76,25 +76,19 @@ def response_bytes(
     line = STATUS_LINE.get(status)
     if line is None:
         raise BadResponse(f"no status line for {status}")
-    content = [line]
-    for name, value in default_headers:
-        content += (name, b": ", value, b"\r\n")
+    content = [line, _default_lines(default_headers)]
     length: bytes | None = None
     close_said = False
-    for name, value in headers:
-        if HEADER_RE.search(name):
-            raise BadResponse("Invalid HTTP header name.")
-        if HEADER_VALUE_RE.search(value):
-            raise BadResponse("Invalid HTTP header value.")
-        name = name.lower()
+    for header in headers:
+        content.append(_checked.get(header) or _check(header))
+        name = header[0].lower()
         if name == b"content-length":
-            length = value
+            length = header[1]
         elif name == b"connection" and b"close" in [
-            token.strip().lower() for token in value.split(b",")
+            token.strip().lower() for token in header[1].split(b",")
         ]:
             keep_alive = False
             close_said = True
-        content += (name, b": ", value, b"\r\n")
     if not keep_alive and not close_said:
         content.append(b"connection: close\r\n")
     if head:
@@ -107,6 +101,41 @@ def response_bytes(
         body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
     content += (b"\r\n", body)
     return b"".join(content), keep_alive
+
+
+_CHECKED_MAX = 1024
+_checked: dict[tuple[bytes, bytes], bytes] = {}
+"""Header lines already checked and encoded, by (name, value): most
+responses repeat the same few. Never a ``Set-Cookie`` (a session's uid is
+not kept here); no more once full."""
+
+
+def _check(header: tuple[bytes, bytes]) -> bytes:
+    """``header``'s line, once its name and value are checked (as uvicorn
+    checks them: nothing that would end the header early)."""
+    name, value = header
+    if HEADER_RE.search(name):
+        raise BadResponse("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(value):
+        raise BadResponse("Invalid HTTP header value.")
+    line = b"%b: %b\r\n" % (name.lower(), value)
+    if len(_checked) < _CHECKED_MAX and name.lower() != b"set-cookie":  # (no uid kept here)
+        _checked[header] = line
+    return line
+
+
+_defaults: tuple[object, bytes] = (None, b"")
+
+
+def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The server's own headers' lines (the date changes once a second: a
+    new list each time)."""
+    global _defaults
+    seen, lines = _defaults
+    if seen is not default_headers:
+        lines = b"".join(b"%b: %b\r\n" % pair for pair in default_headers)
+        _defaults = (default_headers, lines)
+    return lines
 
 
 def answerable_now(headers: list[tuple[bytes, bytes]], expect_100: bool) -> bool:

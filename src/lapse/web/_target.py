@@ -71,8 +71,25 @@ def split_path(raw: bytes) -> list[bytes]:
     (``%2e%2e``) is a :class:`BadRequest`: it is a traversal attempt.
     An encoded slash (``%2F``) stays inside its segment.
     """
+    known = _split.get(raw)
+    if known is not None:
+        return list(known)
     if not raw.startswith(b"/"):
         raise BadRequest("The request target must be an absolute path.")
+    segments = _split_new(raw)
+    if len(raw) <= _SPLIT_LONGEST and len(_split) < _SPLIT_MAX:
+        _split[raw] = tuple(segments)
+    return segments
+
+
+_SPLIT_MAX = 4096
+_SPLIT_LONGEST = 256
+_split: dict[bytes, tuple[bytes, ...]] = {}
+"""Paths already split (most requests repeat a few): at most _SPLIT_MAX of
+them, each at most _SPLIT_LONGEST bytes; no more once full."""
+
+
+def _split_new(raw: bytes) -> list[bytes]:
     segments = raw[1:].split(b"/")
     if b"." in raw:
         kept: list[bytes] = []
