@@ -23,10 +23,13 @@ from bench.options import Options
 from bench.pg_traffic import postgres_table
 from bench.principal_report import TITLE as PRINCIPAL_TITLE
 from bench.principal_report import principal_calls_table, principal_cpu_table, principal_table
+from bench.scaling_report import TITLE as SCALING_TITLE
+from bench.scaling_report import scaling_table
 from bench.scenarios import Bench, Results, TouchRun
 from bench.systems import CLUSTER, REFERENCE, SINGLE_REDIS, SYSTEMS, System
 from bench.tail_report import TITLE as TAIL_TITLE
 from bench.tail_report import tail_cells, tail_table
+from bench.workers_report import workers_table
 
 
 def num(value: float | None, fmt: str = ",.0f", unit: str = "") -> str:
@@ -424,6 +427,8 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
                 [(SYSTEMS[k].label, o.postgres) for k, o in results.outcomes.items() if o.postgres]
             ),
         ),
+        workers_table(results),
+        (SCALING_TITLE, scaling_table(results)),
         (PRINCIPAL_TITLE, principal_table(results)),
         (
             "## Principal index: the lapse server's CPU time per request (user + system, "
