@@ -40,7 +40,8 @@ def _names(w: Window | None) -> str:
 
 def _shards(c: StoreCalls | None) -> str:
     seen = [w.shards for w in (c.create, c.expiry) if w is not None] if c else []
-    return str(max(seen)) if seen and max(seen) else "1 (untagged)"
+    most = max(seen, default=0)
+    return str(most) if most else "1 (untagged)"
 
 
 def scaling_table(results: Results) -> list[str]:

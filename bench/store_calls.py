@@ -88,7 +88,9 @@ def window(
     finally:
         feeds = monitors.stop()
     elapsed = after[-1].at - before[-1].at
-    top, names, tags = 0, {}, set()
+    top = 0
+    names: dict[str, int] = {}
+    tags: set[str] = set()
     for lines in feeds:
         node_top, _, node_names = monitor_window(lines)
         top += node_top
