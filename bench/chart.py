@@ -45,7 +45,8 @@ def write_chart(results: Results, opts: Options, path: Path) -> None:
         for k, o in results.outcomes.items()
         if touch_rps(o) is not None or create_rps(o) is not None
     ]
-    rows += workers_rows(results)
+    many = workers_rows(results)
+    rows += many
     if not rows:
         raise RuntimeError("nothing to chart")
     shown = [i for i in range(len(kinds)) if any(r[1][i] is not None for r in rows)]
@@ -75,7 +76,8 @@ def write_chart(results: Results, opts: Options, path: Path) -> None:
     pages = "GET /logme, POST /login" if 3 in shown else "GET /logme"
     ax.set_title(
         f"{pages}, wrk -t{opts.threads} -c{opts.connections} -d{opts.duration}s, "
-        f"median of {opts.repeats}, one server process on 127.0.0.1",
+        f"median of {opts.repeats}, one server process on 127.0.0.1"
+        + ("\n(lapse serve --workers N: N worker processes, one socket)" if many else ""),
         fontsize=10,
     )
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
