@@ -38,6 +38,15 @@ def _names(w: Window | None) -> str:
     )
 
 
+def _made(c: StoreCalls | None) -> str:
+    """How many sessions the one-at-a-time windows made, and over how long: the expiry
+    window's sessions end about as far apart (the store claims them in batches, so the
+    rate changes the round trips per expired session)."""
+    if c is None or c.create is None:
+        return "—"
+    return f"{c.sessions:,} in {c.create.seconds:.1f} s"
+
+
 def _shards(c: StoreCalls | None) -> str:
     seen = [w.shards for w in (c.create, c.expiry) if w is not None] if c else []
     most = max(seen, default=0)
@@ -48,10 +57,10 @@ def scaling_table(results: Results) -> list[str]:
     """One row per lapse system on Redis that has any of the counts."""
     lines = [
         "| System | shards seen | touch under wrk | touch one at a time "
-        "| create under wrk | create one at a time | expired session "
+        "| create under wrk | create one at a time | expired session | sessions, made in "
         "| client commands per create, by name | client commands per expired session, by "
         "name | idle, per second |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for key, o in results.outcomes.items():
         system = SYSTEMS[key]
@@ -75,6 +84,7 @@ def scaling_table(results: Results) -> list[str]:
             f"| {sequential} "
             f"| {_pair(_median(counts.create.reads), _median(counts.create.commands))} "
             f"| {_window(c.create if c else None)} | {_window(c.expiry if c else None)} "
+            f"| {_made(c)} "
             f"| {_names(c.create if c else None)} | {_names(c.expiry if c else None)} "
             f"| {idle_cell} |"
         )

@@ -106,9 +106,11 @@ def test_scaling_table_puts_each_operations_round_trips_and_commands_side_by_sid
     rows = [line for line in lines if line.startswith("| lapse")]
     assert rows == [
         "| lapse (Redis) | 1 (untagged) | 0.04 / 5.02 | 1.00 / 1.00 | 0.04 / 6.01 "
-        "| 1.00 / 6.01 | 1.24 / 20.42 | 1.00: evalsha 1.00 | 3.03: evalsha 2.02, time 0.68 "
+        "| 1.00 / 6.01 | 1.24 / 20.42 | 1,000 in 1.1 s | 1.00: evalsha 1.00 "
+        "| 3.03: evalsha 2.02, time 0.68 "
         "| 9.7 / 106.3 |",
         "| lapse (Redis Cluster) | 12 | — / — | — | — / — | 1.00 / 6.06 | 0.78 / 28.21 "
+        "| 1,000 in 1.2 s "
         "| 1.02: evalsha 1.01 | 4.64: evalsha 3.78 | — |",
     ]
     assert "1,000 cookie-less GETs one after the other" in lines[-1]
