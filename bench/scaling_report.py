@@ -9,7 +9,7 @@ import statistics
 
 from bench.redis_traffic import RedisCounts
 from bench.scenarios import Results
-from bench.store_calls import StoreCalls, Window
+from bench.store_calls import StoreCalls, Window, median_window
 from bench.systems import SYSTEMS
 
 TITLE = (
@@ -26,8 +26,17 @@ def _pair(reads: str, commands: str) -> str:
     return f"{reads} / {commands}"
 
 
-def _window(w: Window | None) -> str:
-    return "—" if w is None else _pair(f"{w.reads:.2f}", f"{w.commands:.2f}")
+def _window(windows: list[Window]) -> str:
+    """Median round trips / commands per operation over the rounds, and their ranges."""
+    w = median_window(windows)
+    if w is None:
+        return "—"
+    cell = _pair(f"{w.reads:.2f}", f"{w.commands:.2f}")
+    if len(windows) > 1:
+        reads = [x.reads for x in windows]
+        commands = [x.commands for x in windows]
+        cell += f" ({min(reads):.2f}-{max(reads):.2f} / {min(commands):.1f}-{max(commands):.1f})"
+    return cell
 
 
 def _names(w: Window | None) -> str:
@@ -44,7 +53,8 @@ def _made(c: StoreCalls | None) -> str:
     rate changes the round trips per expired session)."""
     if c is None or c.create is None:
         return "—"
-    return f"{c.sessions:,} in {c.create.seconds:.1f} s"
+    rounds = f", {len(c.creates)} rounds" if len(c.creates) > 1 else ""
+    return f"{c.sessions:,} in {c.create.seconds:.1f} s{rounds}"
 
 
 def _shards(c: StoreCalls | None) -> str:
@@ -83,7 +93,7 @@ def scaling_table(results: Results) -> list[str]:
             f"| {_pair(_median(counts.reads_per_request), _median(counts.commands_per_request))} "
             f"| {sequential} "
             f"| {_pair(_median(counts.create.reads), _median(counts.create.commands))} "
-            f"| {_window(c.create if c else None)} | {_window(c.expiry if c else None)} "
+            f"| {_window(c.creates if c else [])} | {_window(c.expiries if c else [])} "
             f"| {_made(c)} "
             f"| {_names(c.create if c else None)} | {_names(c.expiry if c else None)} "
             f"| {idle_cell} |"
@@ -99,7 +109,8 @@ def scaling_table(results: Results) -> list[str]:
         "requests share a round trip; one at a time: "
         + (
             f"{sessions:,} cookie-less GETs one after the other, then no request until those "
-            "sessions had all expired (bench/store_calls.py)"
+            "sessions had all expired (bench/store_calls.py), in rounds on one server: the "
+            "median of the rounds (their range in brackets)"
             if sessions
             else "not measured"
         )

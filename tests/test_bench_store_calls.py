@@ -79,14 +79,18 @@ def scaling_results() -> Results:
     calls = StoreCalls(
         sessions=1000,
         idle=RedisCounts(idle_reads=9.7, idle_commands=106.3),
-        create=Window(1000, 1.1, 1.0, 6.01, 1.0, {"evalsha": 1.0}),
-        expiry=Window(1000, 7.2, 1.24, 20.42, 3.03, {"evalsha": 2.02, "time": 0.68}),
-        expired=1000,
+        creates=[Window(1000, 1.1, 1.0, 6.01, 1.0, {"evalsha": 1.0})],
+        expiries=[
+            Window(1000, 7.2, 1.24, 20.42, 3.03, {"evalsha": 2.02, "time": 0.68}),
+            Window(1000, 7.0, 0.9, 18.0, 2.5, {"evalsha": 1.8}),
+            Window(1000, 7.4, 1.5, 22.0, 3.5, {"evalsha": 2.5, "time": 1.0}),
+        ],
+        expired=3000,
     )
     cluster_calls = StoreCalls(
         sessions=1000,
-        create=Window(1000, 1.2, 1.0, 6.06, 1.02, {"evalsha": 1.01}, shards=12),
-        expiry=Window(1000, 7.5, 0.78, 28.21, 4.64, {"evalsha": 3.78}, shards=12),
+        creates=[Window(1000, 1.2, 1.0, 6.06, 1.02, {"evalsha": 1.01}, shards=12)],
+        expiries=[Window(1000, 7.5, 0.78, 28.21, 4.64, {"evalsha": 3.78}, shards=12)],
     )
     return Results(
         {
@@ -101,13 +105,14 @@ def scaling_results() -> Results:
 
 def test_scaling_table_puts_each_operations_round_trips_and_commands_side_by_side() -> None:
     """One row per lapse system on Redis (not aiohttp, not memory): shards, touch and
-    create under wrk (medians) and one at a time, per expired session, by name, idle."""
+    create under wrk (medians) and one at a time, per expired session (the median of the
+    rounds, each figure's range beside it; by name, a name a round lacks counts 0), idle."""
     lines = scaling_table(scaling_results())
     rows = [line for line in lines if line.startswith("| lapse")]
     assert rows == [
         "| lapse (Redis) | 1 (untagged) | 0.04 / 5.02 | 1.00 / 1.00 | 0.04 / 6.01 "
-        "| 1.00 / 6.01 | 1.24 / 20.42 | 1,000 in 1.1 s | 1.00: evalsha 1.00 "
-        "| 3.03: evalsha 2.02, time 0.68 "
+        "| 1.00 / 6.01 | 1.24 / 20.42 (0.90-1.50 / 18.0-22.0) | 1,000 in 1.1 s "
+        "| 1.00: evalsha 1.00 | 3.03: evalsha 2.02, time 0.68 "
         "| 9.7 / 106.3 |",
         "| lapse (Redis Cluster) | 12 | — / — | — | — / — | 1.00 / 6.06 | 0.78 / 28.21 "
         "| 1,000 in 1.2 s "
@@ -121,11 +126,11 @@ def test_scaling_table_puts_each_operations_round_trips_and_commands_side_by_sid
 def test_store_calls_of_creates_and_expiries_one_at_a_time_on_a_real_lapse_seed(
     redis_server: Any,
 ) -> None:
-    """The lapse seed on a real redis-server, 40 sessions made one at a time: every one
-    expires (its line seen), each create and each expiry cost the store at least one
-    command, and the problems list stays empty."""
+    """The lapse seed on a real redis-server, two rounds of 40 sessions made one at a time:
+    every one expires (its line seen), each create and each expiry cost the store at least
+    one command, and the problems list stays empty."""
     opts = parse_options(["--systems", "lapse-redis", "--expiry-calls-sessions", "40",
-                          "--idle-seconds", "1"])  # fmt: skip
+                          "--idle-seconds", "1", "--repeats", "2"])  # fmt: skip
     handle = RedisHandle(redis_server.url)
     bench = Bench(opts, "wrk", handle)
     calls = StoreCalls()
@@ -134,7 +139,8 @@ def test_store_calls_of_creates_and_expiries_one_at_a_time_on_a_real_lapse_seed(
     finally:
         handle.close()
     assert bench.problems == []
-    assert (calls.sessions, calls.expired) == (40, 40)
+    assert (calls.sessions, calls.expired) == (40, 80)  # --repeats 2: two rounds
+    assert len(calls.creates) == len(calls.expiries) == 2
     assert calls.create is not None and calls.expiry is not None
     assert calls.create.client_commands >= 0.9 and calls.create.reads >= 0.9
     assert calls.expiry.commands > 0
