@@ -3,12 +3,28 @@ systems login and touch of a logged-in session (matplotlib)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from bench.figures import create_rps, logged_touch_rps, login_rps, touch_rps
 from bench.options import Options
 from bench.scenarios import Results
 from bench.systems import BARE, SYSTEMS
+
+
+def workers_rows(results: Results) -> list[tuple[str, list[float | None]]]:
+    """One row per N of ``lapse serve --workers N`` (touch and create, all workers)."""
+    rows: list[tuple[str, list[float | None]]] = []
+    for o in results.outcomes.values():
+        runs = o.workers.runs if o.workers else []
+        for n in sorted({r.workers for r in runs}):
+            rates = [
+                statistics.median(rs) if (rs := [r.result.rps for r in runs
+                                                 if r.workers == n and r.figure == f]) else None
+                for f in ("touch", "create")
+            ]  # fmt: skip
+            rows.append((f"lapse serve --workers {n} (Redis)", [rates[0], None, rates[1], None]))
+    return rows
 
 
 def write_chart(results: Results, opts: Options, path: Path) -> None:
@@ -29,6 +45,8 @@ def write_chart(results: Results, opts: Options, path: Path) -> None:
         for k, o in results.outcomes.items()
         if touch_rps(o) is not None or create_rps(o) is not None
     ]
+    many = workers_rows(results)
+    rows += many
     if not rows:
         raise RuntimeError("nothing to chart")
     shown = [i for i in range(len(kinds)) if any(r[1][i] is not None for r in rows)]
@@ -58,7 +76,8 @@ def write_chart(results: Results, opts: Options, path: Path) -> None:
     pages = "GET /logme, POST /login" if 3 in shown else "GET /logme"
     ax.set_title(
         f"{pages}, wrk -t{opts.threads} -c{opts.connections} -d{opts.duration}s, "
-        f"median of {opts.repeats}, one server process on 127.0.0.1",
+        f"median of {opts.repeats}, one server process on 127.0.0.1"
+        + ("\n(lapse serve --workers N: N worker processes, one socket)" if many else ""),
         fontsize=10,
     )
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))

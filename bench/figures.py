@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from bench.loadgen import WrkResult
 from bench.options import Options
 from bench.scenarios import Outcome, Results, TouchRun
 from bench.systems import (
@@ -12,6 +13,7 @@ from bench.systems import (
     CLUSTER,
     DJANGO_POSTGRES,
     LAPSE_POSTGRES,
+    LAPSE_SQLITE,
     REFERENCE,
     SINGLE_REDIS,
     SYSTEMS,
@@ -45,6 +47,12 @@ def logged_touch_rps(outcome: Outcome | None) -> float | None:
     if outcome is None or not outcome.touch_logged:
         return None
     return statistics.median(r.result.rps for r in outcome.touch_logged)
+
+
+def worst_p99(runs: list[WrkResult]) -> float | None:
+    """The highest p99 of the runs (the issue's "in every run" is a max over runs)."""
+    present = [r.p99_ms for r in runs if r.p99_ms is not None]
+    return max(present) if present else None
 
 
 def runs_rps(runs: list[TouchRun]) -> float | None:
@@ -91,6 +99,11 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
         return None
     return numerator / denominator
 
+
+BARE_TARGET = 0.7
+"""Issue 15: touch req/s of lapse (memory) / bare uvicorn this round (0.8 stays the goal)."""
+CREATE_P99_LIMIT_MS = 10.0
+"""Issue 15: create p99 of lapse (memory), in every run."""
 
 PRINCIPAL_TOUCH_TARGET = 0.95
 """Issue 14: touch req/s of a logged-in session within 5 % of an anonymous one's."""
@@ -148,6 +161,7 @@ def targets(results: Results, opts: Options) -> list[Target]:
     bare, lapse_redis, aio_redis = o(BARE), o(SINGLE_REDIS), o("aiohttp-redis")
     lapse_cluster = o(CLUSTER)
     lapse_pg, django_pg = o(LAPSE_POSTGRES), o(DJANGO_POSTGRES)
+    lapse_sqlite = o(LAPSE_SQLITE)
     top = max(opts.memory_counts) if opts.memory_counts else 0
     memory_ratio = ratio(memory_per_session(lapse, top), memory_per_session(twisted, top))
     live_ratio = ratio(
@@ -157,10 +171,11 @@ def targets(results: Results, opts: Options) -> list[Target]:
     p99 = memory_expiry["p99_ms"] if memory_expiry else None
     return [
         Target(
-            "touch req/s: lapse (memory) >= 0.8 x bare uvicorn",
+            f"touch req/s: lapse (memory) >= {BARE_TARGET} x bare uvicorn this round "
+            "(0.8 stays the goal)",
             "lapse / bare uvicorn",
             ratio(touch_rps(lapse), touch_rps(bare)),
-            0.8,
+            BARE_TARGET,
         ),
         Target(
             "touch req/s: lapse (memory) >= 2.5 x Twisted",
@@ -173,6 +188,19 @@ def targets(results: Results, opts: Options) -> list[Target]:
             "lapse / Twisted",
             ratio(create_rps(lapse), create_rps(twisted)),
             2.5,
+        ),
+        Target(
+            "touch req/s: lapse (SQLite) >= 0.4 x lapse (memory)",
+            "lapse SQLite / lapse memory",
+            ratio(touch_rps(lapse_sqlite), touch_rps(lapse)),
+            0.4,
+        ),
+        Target(
+            f"create p99: lapse (memory) <= {CREATE_P99_LIMIT_MS:g} ms in every run",
+            "max over runs of p99, ms",
+            worst_p99(lapse.create) if lapse else None,
+            CREATE_P99_LIMIT_MS,
+            higher_is_better=False,
         ),
         Target(
             f"memory per live session at {top:,}: lapse <= 1/3 of Twisted",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ class WrkResult:
     server_cpu_us: float | None = None
     """The server process's CPU time (user + system) per request during the run, in µs:
     steadier than requests/s when other work shares the machine."""
+    p999_ms: float | None = None
+    """The 99.9th percentile latency, from the ``done`` hook of ``TAIL_HOOK`` (wrk's
+    ``--latency`` prints 50/75/90/99 only)."""
 
     @property
     def errors(self) -> int:
@@ -55,13 +59,45 @@ def parse_wrk(output: str) -> WrkResult:
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
     )
     p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.MULTILINE)
+    p99_ms = float(p99.group(1)) * _UNIT_MS[p99.group(2)] if p99 else None
+    p999_ms = None
+    tail = _TAIL_LINE.search(output)
+    if tail is not None:  # the hook's figures: the same histogram, to the microsecond
+        p99_ms, p999_ms = int(tail.group(1)) / 1000, int(tail.group(2)) / 1000
     return WrkResult(
         rps=float(rps.group(1)),
         requests=int(total.group(1)) if total else 0,
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=sum(int(n) for n in sock.groups()) if sock else 0,
-        p99_ms=float(p99.group(1)) * _UNIT_MS[p99.group(2)] if p99 else None,
+        p99_ms=p99_ms,
+        p999_ms=p999_ms,
     )
+
+
+TAIL_HOOK = """\
+-- written by bench/loadgen.py: the tail percentiles, which --latency does not print
+done = function(summary, latency, requests)
+  io.write(string.format("bench tail latency us: p99 %d p99.9 %d\\n",
+    latency:percentile(99), latency:percentile(99.9)))
+end
+"""
+"""A wrk Lua ``done`` hook that prints p99 and p99.9 (µs) of the run's latency histogram,
+the one ``--latency`` prints from. It defines no ``request`` or ``response`` function, so
+wrk still sends its one pre-built request and parses no answer in Lua: no cost per
+request."""
+_TAIL_LINE = re.compile(r"^bench tail latency us: p99 (\d+) p99\.9 (\d+)$", re.MULTILINE)
+
+
+def with_tail_hook(directory: Path, script: Path | None) -> Path:
+    """``script`` (e.g. ``login_script``'s; None: none) with ``TAIL_HOOK`` appended, as a
+    new file in ``directory``: wrk takes one script, so the hook joins the run's own.
+    A script that defines its own ``done`` is refused (the hook would replace it)."""
+    own = script.read_text() if script is not None else ""
+    if re.search(r"^\s*(function\s+done\b|done\s*=)", own, re.MULTILINE):
+        raise ValueError(f"{script} defines done(): cannot add the tail-latency hook")
+    path = directory / "tail.lua"
+    path.write_text(own + ("\n" if own and not own.endswith("\n") else "") + TAIL_HOOK)
+    return path
 
 
 def wrk_command(
@@ -72,15 +108,19 @@ def wrk_command(
     seconds: int,
     cookie: str | None,
     script: Path | None = None,
+    page: str | None = None,
 ) -> list[str]:
     """wrk's command line for one run on GET /logme, with the cookie on every request;
-    with ``script`` (``login_script``), the logins that script sends instead."""
+    with ``script`` (``login_script``), the logins that script sends instead (``page``:
+    the URL's path, if not the one the script implies)."""
     cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if cookie is not None:
         cmd += ["-H", f"Cookie: {cookie}"]
     if script is not None:
         cmd += ["-s", str(script)]
-    cmd.append(f"http://{HOST}:{port}{PATH if script is None else LOGIN_PATH}")
+    if page is None:
+        page = PATH if script is None else LOGIN_PATH
+    cmd.append(f"http://{HOST}:{port}{page}")
     return cmd
 
 
@@ -120,7 +160,10 @@ def run_wrk(
     cookie: str | None,
     script: Path | None = None,
 ) -> WrkResult:
-    """One wrk run; its parsed figures."""
-    cmd = wrk_command(wrk, threads, connections, port, seconds, cookie, script)
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
+    """One wrk run (``script``, if any, with the tail-latency hook); its parsed figures."""
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        hooked = with_tail_hook(Path(tmp), script)
+        page = PATH if script is None else LOGIN_PATH
+        cmd = wrk_command(wrk, threads, connections, port, seconds, cookie, hooked, page)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
     return parse_wrk(done.stdout)

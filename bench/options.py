@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.systems import DEFAULT_CHART, RESULTS_DIR, SYSTEMS
@@ -35,6 +35,11 @@ class Options:
     pg_idle_seconds: float = 10.0
     principals: bool = True
     """The principal figures on the lapse systems: login, and touch of a logged-in session."""
+    worker_counts: list[int] = field(default_factory=lambda: [1, 2])
+    """lapse-redis-workers: the N of ``lapse serve --workers N`` measured."""
+    expiry_calls_sessions: int = 1000
+    """Redis lapse systems: sessions made one at a time and left to expire, for the store
+    calls per create and per expired session (0: skip)."""
 
     @property
     def results_dir(self) -> Path:
@@ -168,6 +173,18 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="skip the principal index's figures on the lapse systems (a login per request; "
         "touch of a logged-in session, alternated with the anonymous touch runs)",
     )
+    parser.add_argument(
+        "--worker-counts",
+        default="1,2",
+        help="lapse-redis-workers: comma-separated N of 'lapse serve --workers N' (1,2)",
+    )
+    parser.add_argument(
+        "--expiry-calls-sessions",
+        type=int,
+        default=1000,
+        help="Redis lapse systems: sessions made one at a time, then left to expire, for the "
+        "store round trips per create and per expired session (1000; 0: skip)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -187,9 +204,25 @@ def parse_options(argv: list[str] | None = None) -> Options:
         parser.error(
             f"--memory-counts: not a comma-separated list of integers: {args.memory_counts!r}"
         )
+    try:
+        worker_counts = int_list(args.worker_counts)
+    except ValueError:
+        worker_counts = []
+    if not worker_counts or min(worker_counts) < 1:
+        parser.error(
+            f"--worker-counts: not a comma-separated list of N >= 1: {args.worker_counts!r}"
+        )
+    if args.expiry_calls_sessions < 0:
+        parser.error("--expiry-calls-sessions must be 0 (skip) or more")
     defaults = vars(parser.parse_args([]))
-    chosen = dict(vars(args), systems=systems, memory_counts=memory_counts)
-    defaults.update(systems=list(SYSTEMS), memory_counts=int_list(defaults["memory_counts"]))
+    chosen = dict(
+        vars(args), systems=systems, memory_counts=memory_counts, worker_counts=worker_counts
+    )
+    defaults.update(
+        systems=list(SYSTEMS),
+        memory_counts=int_list(defaults["memory_counts"]),
+        worker_counts=int_list(defaults["worker_counts"]),
+    )
     subset = any(chosen[k] != defaults[k] for k in defaults if k not in NOT_MEASURED)
     return Options(
         systems=systems,
@@ -214,4 +247,6 @@ def parse_options(argv: list[str] | None = None) -> Options:
         update_chart=args.update_chart,
         pg_idle_seconds=args.pg_idle_seconds,
         principals=args.principals,
+        worker_counts=worker_counts,
+        expiry_calls_sessions=args.expiry_calls_sessions,
     )

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
-from importlib import metadata
-from pathlib import Path
 
 from bench.figures import (
     Target,
@@ -23,52 +18,18 @@ from bench.figures import (
     touch_rps,
 )
 from bench.loadgen import WrkResult
+from bench.machine import cpu_model, lapse_source, version_of, wrk_version
 from bench.options import Options
 from bench.pg_traffic import postgres_table
 from bench.principal_report import TITLE as PRINCIPAL_TITLE
 from bench.principal_report import principal_calls_table, principal_cpu_table, principal_table
+from bench.scaling_report import TITLE as SCALING_TITLE
+from bench.scaling_report import scaling_table
 from bench.scenarios import Bench, Results, TouchRun
-from bench.systems import CLUSTER, REFERENCE, REPO_DIR, SINGLE_REDIS, SYSTEMS, System
-
-
-def version_of(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def wrk_version(wrk: str) -> str:
-    done = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
-    first = (done.stdout or done.stderr).strip().splitlines()
-    return first[0].split(" [")[0] if first else "wrk ?"
-
-
-def lapse_source() -> str:
-    """Where the servers import lapse from, and the git state of this repo's src/."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAPSE_")}
-    done = subprocess.run(
-        [sys.executable, "-c", "import lapse; print(lapse.__file__)"],
-        capture_output=True, text=True, check=False, env=env,
-    )  # fmt: skip
-    where = Path(done.stdout.strip() or ".").resolve().parent.parent
-    git = ["git", "-C", str(REPO_DIR)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=False).stdout.strip()  # fmt: skip
-    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True,
-                           text=True, check=False).stdout.strip()  # fmt: skip
-    if where == REPO_DIR / "src":
-        state = "with uncommitted changes in src/" if dirty else "src/ clean"
-        return f"this repo's src/ (git {head or '?'}, {state})"
-    return f"{where} (not this repo's src/; repo at git {head or '?'})"
+from bench.systems import CLUSTER, REFERENCE, SINGLE_REDIS, SYSTEMS, System
+from bench.tail_report import TITLE as TAIL_TITLE
+from bench.tail_report import tail_cells, tail_table
+from bench.workers_report import workers_table
 
 
 def num(value: float | None, fmt: str = ",.0f", unit: str = "") -> str:
@@ -98,21 +59,24 @@ def throughput_table(results: Results) -> list[str]:
     ref_touch = touch_rps(outcomes.get(REFERENCE))
     ref_create = create_rps(outcomes.get(REFERENCE))
     lines = [
-        "| System | touch req/s | vs lapse | touch p99 | create req/s | vs lapse | create p99 "
+        "| System | touch req/s | vs lapse | touch p99 | touch p99.9 | touch p99, worst run "
+        "| create req/s | vs lapse | create p99 | create p99.9 | create p99, worst run "
         "| session kept |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, outcome in outcomes.items():
         system = SYSTEMS[key]
         touch_results = [r.result for r in outcome.touch]
+        if not touch_results and not outcome.create:
+            continue  # not measured so (lapse serve --workers: a section of its own)
         t, c = touch_rps(outcome), create_rps(outcome)
-        t_p99 = median_or_none([r.p99_ms for r in touch_results])
-        c_p99 = median_or_none([r.p99_ms for r in outcome.create])
+        t_p99, t_p999, t_worst, _ = tail_cells(touch_results)
+        c_p99, c_p999, c_worst, _ = tail_cells(outcome.create)
         lines.append(
             f"| {system.label} | {num(t)}{errors_note(touch_results)} "
-            f"| {times(ratio(t, ref_touch))} "
-            f"| {num(t_p99, '.2f', ' ms')} | {num(c)}{errors_note(outcome.create)} "
-            f"| {times(ratio(c, ref_create))} | {num(c_p99, '.2f', ' ms')} "
+            f"| {times(ratio(t, ref_touch))} | {t_p99} | {t_p999} | {t_worst} "
+            f"| {num(c)}{errors_note(outcome.create)} "
+            f"| {times(ratio(c, ref_create))} | {c_p99} | {c_p999} | {c_worst} "
             f"| {kept_cell(system, outcome.touch)} |"
         )
     return lines
@@ -274,9 +238,9 @@ def targets_lines(found: list[Target]) -> list[str]:
 
 def raw_lines(results: Results) -> list[str]:
     lines = [
-        "| System | Figure | Repeats (requests/s) | p99 (ms) | Requests | Non-2xx "
-        "| Socket errors | server CPU µs/request |",
-        "|---|---|---|---|---:|---:|---:|---|",
+        "| System | Figure | Repeats (requests/s) | p99 (ms) | p99.9 (ms) | Requests "
+        "| Non-2xx | Socket errors | server CPU µs/request |",
+        "|---|---|---|---|---|---:|---:|---:|---|",
     ]
     for key, o in results.outcomes.items():
         series = (
@@ -292,8 +256,9 @@ def raw_lines(results: Results) -> list[str]:
                 continue
             repeats = ", ".join(f"{r.rps:,.0f}" for r in runs)
             p99s = ", ".join(num(r.p99_ms, ".2f") for r in runs)
+            p999s = ", ".join(num(r.p999_ms, ".2f") for r in runs)
             lines.append(
-                f"| {SYSTEMS[key].label} | {figure} | {repeats} | {p99s} "
+                f"| {SYSTEMS[key].label} | {figure} | {repeats} | {p99s} | {p999s} "
                 f"| {sum(r.requests for r in runs):,} | {sum(r.non_2xx for r in runs)} "
                 f"| {sum(r.socket_errors for r in runs)} "
                 f"| {', '.join(num(r.server_cpu_us, '.1f') for r in runs)} |"
@@ -422,13 +387,15 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
         "carries its cookie, and a GET right after the run must find the same session "
         "(session kept); create: no cookie, so every request makes a session",
         "- vs lapse: this system's median / lapse (memory)'s median (memory: bytes / lapse's "
-        "bytes); p99 from wrk --latency, median of the runs",
+        "bytes); p99 and p99.9 from wrk's latency histogram (a Lua done() hook), median of "
+        "the runs; worst run: the highest p99 of the runs",
         "",
         "## Requests/s",
         "",
         *throughput_table(results),
     ]
     for title, table in (
+        (TAIL_TITLE, tail_table(results)),
         ("## Memory per live session (in-process, RSS delta / N)", memory_table(results, opts)),
         (
             f"## Touch with {opts.live_sessions:,} other live sessions (two servers side by "
@@ -460,6 +427,8 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
                 [(SYSTEMS[k].label, o.postgres) for k, o in results.outcomes.items() if o.postgres]
             ),
         ),
+        workers_table(results),
+        (SCALING_TITLE, scaling_table(results)),
         (PRINCIPAL_TITLE, principal_table(results)),
         (
             "## Principal index: the lapse server's CPU time per request (user + system, "

@@ -36,6 +36,7 @@ from bench.redis_traffic import (
     measure_monitored,
     monitor_touches,
 )
+from bench.store_calls import StoreCalls, bench_store_calls
 from bench.systems import (
     EXPIRY_LATENESS,
     LAPSE_POSTGRES,
@@ -50,6 +51,7 @@ from bench.systems import (
     session_cookie,
     session_kept,
 )
+from bench.workers import WorkersOutcome, bench_workers
 
 
 @dataclass
@@ -145,6 +147,10 @@ class Outcome:
     redis: RedisCounts | None = None
     postgres: PgCounts | None = None
     failed: list[str] = field(default_factory=list)
+    workers: WorkersOutcome | None = None
+    """lapse serve --workers N (bench/workers.py): its runs for each N."""
+    store_calls: StoreCalls | None = None
+    """lapse on Redis: store calls per create and per expired session, one at a time."""
 
 
 def touch_once(b: Bench, system: System, port: int, seconds: int) -> TouchRun:
@@ -435,6 +441,12 @@ def run_all(b: Bench) -> Results:
     for key in opts.systems:
         system, outcome = SYSTEMS[key], outcomes[key]
         print(f"{system.label}:", flush=True)
+        if system.kind == "lapse-workers":
+            outcome.workers = WorkersOutcome()
+            counts = ", ".join(map(str, opts.worker_counts))
+            label = f"{system.label}: touch and create, N = {counts}"
+            run_step(b, outcome, label, partial(bench_workers, b, system, outcome.workers))
+            continue
         touch = partial(bench_touch, b, system, outcome)
         run_step(b, outcome, f"{system.label}: touch existing session", touch)
         create = partial(bench_create, b, system, outcome)
@@ -442,6 +454,13 @@ def run_all(b: Bench) -> Results:
         if principals_measured(b, system):
             login = partial(bench_login, b, system, outcome)
             run_step(b, outcome, f"{system.label}: log in (new session, rotate, bind)", login)
+        if system.kind == "lapse" and system.redis and opts.expiry_calls_sessions > 0:
+            calls = outcome.store_calls = StoreCalls()
+            label = (
+                f"{system.label}: store calls, {opts.expiry_calls_sessions:,} creates one at a "
+                "time, then their expiry"
+            )
+            run_step(b, outcome, label, partial(bench_store_calls, b, system, calls))
         if key == LAPSE_POSTGRES and opts.pg_idle_seconds > 0:
             idle = partial(bench_postgres_idle, b, system, outcome)
             label = (

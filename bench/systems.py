@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -59,7 +60,9 @@ class System:
     key: str
     label: str
     kind: str
-    """lapse, twisted, aiohttp, django, starlette or bare: which server program."""
+    """lapse, lapse-workers (``lapse serve --workers N`` of the seed's site: bench/workers.py
+    measures it, a section of its own), twisted, aiohttp, django, starlette or bare: which
+    server program."""
     store: str = ""
     """lapse: memory, sqlite, redis, redis-cluster or postgres; aiohttp: memory or redis;
     django: postgres."""
@@ -96,6 +99,8 @@ SYSTEMS: dict[str, System] = {
         System("lapse-redis", "lapse (Redis)", "lapse", "redis", "lapse_session"),
         System("lapse-redis-cluster", "lapse (Redis Cluster)", "lapse", "redis-cluster",
                "lapse_session"),
+        System("lapse-redis-workers", "lapse serve --workers N (Redis)", "lapse-workers",
+               "redis", "lapse_session"),
         System("lapse-postgres", "lapse (PostgreSQL)", "lapse", "postgres", "lapse_session"),
         System("django-postgres", "Django db sessions (PostgreSQL)", "django", "postgres",
                "sessionid"),
@@ -116,6 +121,7 @@ SINGLE_REDIS = "lapse-redis"
 CLUSTER = "lapse-redis-cluster"
 """lapse on the Redis Cluster, compared with lapse on one Redis node (SINGLE_REDIS)."""
 LAPSE_POSTGRES = "lapse-postgres"
+LAPSE_SQLITE = "lapse-sqlite"
 DJANGO_POSTGRES = "django-postgres"
 """Django's database session backend, on the same PostgreSQL server as LAPSE_POSTGRES."""
 SEED_TIMEOUT_LINE = "sessionTimeout = 5"
@@ -336,6 +342,8 @@ def server_command(
         )
     if system.postgres and postgres_url is None:
         raise RuntimeError(f"no PostgreSQL database for {system.key}")
+    if system.kind == "lapse-workers":
+        raise RuntimeError(f"{system.key} is started by bench/workers.py, N workers at a time")
     if system.kind == "lapse":
         if system.store == "memory":
             env["LAPSE_SESSION_STORE"] = "memory:"
@@ -416,9 +424,11 @@ def running_server(
     postgres_url: str | None = None,
     session_timeout: int | None = None,
     login: bool = False,
+    stdout_path: Path | None = None,
 ) -> Iterator[RunningServer]:
     """Start one server on a free loopback port, wait until it answers, yield it; always
-    stop it by its PID."""
+    stop it by its PID. ``stdout_path``: its stdout (the seed's line per expired session)
+    to that file, unbuffered (``PYTHONUNBUFFERED``), instead of /dev/null."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{system.key}-") as tmp:
         workdir = Path(tmp)
         port = free_port()
@@ -426,12 +436,18 @@ def running_server(
         cmd, env = server_command(
             system, port, workdir, extra, redis_url, postgres_url, session_timeout, login
         )
-        with log.open("wb") as stderr:
-            # stdout (a line per expired session) goes to DEVNULL: it can never fill a pipe.
+        if stdout_path is not None:
+            env["PYTHONUNBUFFERED"] = "1"
+        with log.open("wb") as stderr, contextlib.ExitStack() as closing:
+            out: IO[bytes] | int = subprocess.DEVNULL
+            if stdout_path is not None:
+                out = closing.enter_context(stdout_path.open("wb"))
+            # stdout (a line per expired session) goes to DEVNULL or a file: never a pipe
+            # that could fill.
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
+                stdout=out,
                 stderr=stderr,
                 cwd=REPO_DIR,
                 env=env,

@@ -186,9 +186,11 @@ def canned_results() -> Results:
 def test_targets_are_ratios_of_the_medians_with_pass_miss_and_n_a() -> None:
     opts = parse_options(["--memory-counts", ""])
     found = {t.name: t for t in targets(canned_results(), opts)}
-    bare = found["touch req/s: lapse (memory) >= 0.8 x bare uvicorn"]
+    bare = found[
+        "touch req/s: lapse (memory) >= 0.7 x bare uvicorn this round (0.8 stays the goal)"
+    ]
     assert bare.value == pytest.approx(31_000 / 40_000)
-    assert bare.verdict == "MISS"
+    assert bare.verdict == "PASS"
     twisted = found["touch req/s: lapse (memory) >= 2.5 x Twisted"]
     assert twisted.value == pytest.approx(31_000 / 11_000)
     assert twisted.verdict == "PASS"
