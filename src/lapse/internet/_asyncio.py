@@ -150,13 +150,10 @@ class _CutQuietly:
         self.app = app
         self.server = server
 
-    def serve_now(self, scope: Any, body: bytes) -> Any:
-        """The app's ``_serve_now`` (see :mod:`lapse.internet._http_now`);
-        the rest of a request it began runs under this guard too."""
-        outcome = self.app._serve_now(scope, body)
-        if outcome is None or type(outcome) is tuple:
-            return outcome
-        return _CutQuietly(outcome, self.server)
+    def guarded(self, app: Any) -> _CutQuietly:
+        """``app`` under the same guard (the rest of a request the app began
+        without a task: see :mod:`lapse.internet._http_now`)."""
+        return _CutQuietly(app, self.server)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -217,7 +214,8 @@ class Port:
         config.connection_cap = limits.connection_cap()
         serves_now = getattr(self.factory, "_serves_now", None)
         if callable(serves_now) and serves_now():
-            config.serve_now = self._guard.serve_now
+            config.serve_now = self.factory._serve_now
+            config.guard_app = self._guard.guarded
         return config
 
     def _start(self) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -96,6 +97,9 @@ class ServingConfig(uvicorn.Config):
     serve_now: ServeNow | None = None
     """The application's way to answer a request without a task, if it has
     one (a ``Site``'s; see :mod:`lapse.internet._http_now`)."""
+    guard_app: Callable[[Any], Any] | None = None
+    """What the rest of a request ``serve_now`` began runs under (the
+    port's guard), if anything."""
 
 
 # The servers of this process: the connection cap counts their connections.
@@ -120,6 +124,7 @@ class HTTPProtocol(NowServing, GuardedProtocol):
     __slots__ = (
         "_connection_cap",
         "_deferred",
+        "_guard_app",
         "_lingering_reject",
         "_rejected",
         "_serve_now",
@@ -142,6 +147,7 @@ class HTTPProtocol(NowServing, GuardedProtocol):
         self._lingering_reject = False
         # A request the application may answer without a task (_http_now.py).
         self._serve_now: ServeNow | None = getattr(config, "serve_now", None)
+        self._guard_app: Callable[[Any], Any] | None = getattr(config, "guard_app", None)
         self._deferred = None
 
     # -- connections ----------------------------------------------------------

@@ -163,6 +163,7 @@ class NowServing(HttpToolsProtocol):
     __slots__ = ()
 
     _serve_now: ServeNow | None
+    _guard_app: Callable[[Any], Any] | None
     _deferred: RequestResponseCycle | None
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
@@ -204,7 +205,8 @@ class NowServing(HttpToolsProtocol):
             cycle.body = bytearray()
             self._send_now(cycle, *outcome)
         else:
-            super()._start_asgi_task(cycle, outcome)
+            guard = self._guard_app
+            super()._start_asgi_task(cycle, outcome if guard is None else guard(outcome))
 
     def _send_now(
         self,
