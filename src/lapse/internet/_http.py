@@ -128,6 +128,7 @@ class HTTPProtocol(NowServing, GuardedProtocol):
         "_lingering_reject",
         "_rejected",
         "_serve_now",
+        "_task_app",
         "_uri_limit",
     )
 
@@ -149,6 +150,7 @@ class HTTPProtocol(NowServing, GuardedProtocol):
         self._serve_now: ServeNow | None = getattr(config, "serve_now", None)
         self._guard_app: Callable[[Any], Any] | None = getattr(config, "guard_app", None)
         self._deferred = None
+        self._task_app = None
 
     # -- connections ----------------------------------------------------------
 

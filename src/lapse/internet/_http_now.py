@@ -28,7 +28,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
+import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -56,6 +58,47 @@ _ERROR = (
     _ERROR_BODY,
 )
 _NO_BODY = frozenset({204, 304})
+
+
+_METHODS = {m.encode("ascii"): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")}
+
+
+class _Unawaited:
+    """A pending cycle's ``message_event``: nothing waits on it."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+class PendingCycle:
+    """A request waiting to arrive whole before it is answered: what of
+    uvicorn's cycle the protocol and its guard look at until then (the
+    scope, the body so far, whether it ended, was answered or its client
+    left). A real cycle replaces it if a task serves the request."""
+
+    __slots__ = (
+        "body",
+        "disconnected",
+        "keep_alive",
+        "more_body",
+        "response_complete",
+        "response_started",
+        "scope",
+    )
+
+    message_event = _Unawaited()
+    waiting_for_100_continue = False
+
+    def __init__(self, scope: Any, keep_alive: bool) -> None:
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.body = bytearray()
+        self.more_body = True
+        self.response_started = False
+        self.response_complete = False
+        self.disconnected = False
 
 
 class BadResponse(Exception):
@@ -164,27 +207,54 @@ class NowServing(HttpToolsProtocol):
 
     _serve_now: ServeNow | None
     _guard_app: Callable[[Any], Any] | None
-    _deferred: RequestResponseCycle | None
+    _deferred: PendingCycle | None
+    _task_app: Any
+    _done_cycle: Any
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        # Called at the end of a head (its body still to come: more_body),
-        # or for a pipelined request whose turn came (uvicorn's task then).
+    def on_headers_complete(self) -> None:
+        # A request that may be answered without a task gets its scope as
+        # uvicorn makes it, and a PendingCycle until it has arrived whole;
+        # any other goes to uvicorn (a task, or the queue behind the one
+        # being answered).
+        cycle = self.cycle
+        parser = self.parser
         if (
-            self._serve_now is not None
-            and cycle.more_body
-            and app is self.app
-            and answerable_now(self.headers, self.expect_100_continue)
+            self._serve_now is None
+            or (cycle is not None and not cycle.response_complete)
+            or self.limit_concurrency is not None
+            or not answerable_now(self.headers, self.expect_100_continue)
+            or parser.should_upgrade()
         ):
-            self._deferred = cycle
+            super().on_headers_complete()
             return
-        super()._start_asgi_task(cycle, app)
+        scope = self.scope
+        method = parser.get_method()
+        scope["method"] = _METHODS.get(method) or method.decode("ascii")
+        version = parser.get_http_version()
+        if version != "1.1":
+            scope["http_version"] = version
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        root = self.root_path
+        if root:
+            path = root + path
+            raw_path = root.encode("ascii") + raw_path
+        scope["path"] = path
+        scope["raw_path"] = raw_path
+        scope["query_string"] = url.query or b""
+        keep_alive = version != "1.0" and parser.should_keep_alive()
+        self.cycle = self._deferred = PendingCycle(scope, keep_alive)  # type: ignore[assignment]
 
     def _serve_deferred(self) -> None:
         """The deferred request has arrived whole: serve it (module doc)."""
         cycle, self._deferred = self._deferred, None
+        current: Any = self.cycle
         if (
             cycle is None
-            or cycle is not self.cycle
+            or cycle is not current
             or cycle.response_complete
             or cycle.disconnected
             or self.transport.is_closing()
@@ -192,7 +262,7 @@ class NowServing(HttpToolsProtocol):
             return
         serve = self._serve_now
         if serve is None or self.flow.write_paused:
-            super()._start_asgi_task(cycle, self.app)
+            self._start_task(cycle, None)
             return
         try:
             outcome = serve(cycle.scope, bytes(cycle.body))
@@ -200,17 +270,38 @@ class NowServing(HttpToolsProtocol):
             log.error("Exception in ASGI application", exc_info=exc)
             outcome = _ERROR
         if outcome is None:
-            super()._start_asgi_task(cycle, self.app)
+            self._start_task(cycle, None)
         elif type(outcome) is tuple:
             cycle.body = bytearray()
             self._send_now(cycle, *outcome)
         else:
             guard = self._guard_app
-            super()._start_asgi_task(cycle, outcome if guard is None else guard(outcome))
+            self._start_task(cycle, outcome if guard is None else guard(outcome))
+
+    def _start_task(self, pending: PendingCycle, app: Any) -> None:
+        """Serve ``pending`` as uvicorn serves a request: its cycle made as
+        uvicorn makes it (the request's head is still the parser's), its
+        whole body given, and a task running ``app`` (None: the server's)."""
+        self.cycle = None  # type: ignore[assignment]  # (no response is in progress)
+        self._task_app = app
+        HttpToolsProtocol.on_headers_complete(self)
+        cycle = self.cycle
+        cycle.body = pending.body
+        cycle.more_body = False
+        cycle.message_event.set()
+        if self._done_cycle is pending:
+            self._done_cycle = cycle
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        task_app = self._task_app
+        if task_app is not None:
+            self._task_app = None
+            app = task_app
+        super()._start_asgi_task(cycle, app)
 
     def _send_now(
         self,
-        cycle: RequestResponseCycle,
+        cycle: PendingCycle,
         status: int,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
@@ -226,7 +317,6 @@ class NowServing(HttpToolsProtocol):
             data, keep_alive = response_bytes(*_ERROR, defaults, False, head)
         cycle.response_started = True
         cycle.response_complete = True
-        cycle.waiting_for_100_continue = False
         self.transport.write(data)
         cycle.message_event.set()
         if not keep_alive:
