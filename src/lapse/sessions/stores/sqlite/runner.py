@@ -65,14 +65,15 @@ class Runner:
         busy_timeout: float,
         timeout: float,
         clock: Callable[[], float],
-        pragmas: tuple[str, ...] = ("PRAGMA synchronous = NORMAL",),
+        synchronous: str = "normal",
+        autocheckpoint: int = 1000,
     ) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
         self.timeout = timeout
         self.clock = clock
-        self.pragmas = pragmas
-        """Run on each new connection, once it is in WAL mode."""
+        self.synchronous = synchronous
+        self.autocheckpoint = autocheckpoint
         self.transactions = 0
         """Transactions begun (tests and the bench compare it with the calls)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lapse-sqlite")
@@ -140,8 +141,8 @@ class Runner:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             self._use_wal(conn)
-            for pragma in self.pragmas:
-                conn.execute(pragma)
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.autocheckpoint)}")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 newer = migrate(conn)

@@ -12,7 +12,15 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lapse.sessions.store import Event, Expiry, StoreConfigError, StoredSession
-from lapse.sessions.stores.sqlite.config import URL_PREFIX, checked_path, parse_url
+from lapse.sessions.stores.sqlite.config import (
+    DEFAULT_AUTOCHECKPOINT,
+    DEFAULT_SYNCHRONOUS,
+    URL_PREFIX,
+    check_autocheckpoint,
+    check_synchronous,
+    checked_path,
+    parse_url,
+)
 from lapse.sessions.stores.sqlite.inspection import Inspection
 from lapse.sessions.stores.sqlite.principals import Principals
 from lapse.sessions.stores.sqlite.queries import (
@@ -64,6 +72,8 @@ class SQLiteStore(Inspection, Principals):
         clock: Callable[[], float] | None = None,
         busy_timeout: float = 5.0,
         timeout: float = 1.0,
+        synchronous: str = DEFAULT_SYNCHRONOUS,
+        wal_autocheckpoint: int = DEFAULT_AUTOCHECKPOINT,
     ) -> None:
         if not isinstance(path, str) or not path:
             raise StoreConfigError(f"the SQLite store needs a file path, not {path!r}")
@@ -80,8 +90,17 @@ class SQLiteStore(Inspection, Principals):
         self.url = URL_PREFIX + self.path
         self.busy_timeout = float(busy_timeout)
         self.timeout = float(timeout)
+        self.synchronous = check_synchronous(synchronous)
+        self.wal_autocheckpoint = check_autocheckpoint(wal_autocheckpoint)
         self.clock: Callable[[], float] = clock or time.time
-        self._runner = Runner(self.path, self.busy_timeout, self.timeout, self.clock)
+        self._runner = Runner(
+            self.path,
+            self.busy_timeout,
+            self.timeout,
+            self.clock,
+            synchronous=self.synchronous,
+            autocheckpoint=self.wal_autocheckpoint,
+        )
 
     @classmethod
     def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> SQLiteStore:
@@ -89,12 +108,22 @@ class SQLiteStore(Inspection, Principals):
 
         ``sqlite:///sessions.db`` is relative to the current directory,
         ``sqlite:////var/lib/app/sessions.db`` is absolute. The options are
-        ``?busy_timeout=SECONDS`` (default 5) and ``?timeout=SECONDS`` (default
-        1; see :mod:`lapse.sessions.stores.sqlite`). Anything else, an empty
-        path or ``:memory:`` is a :class:`StoreConfigError`.
+        ``?busy_timeout=SECONDS`` (default 5), ``?timeout=SECONDS`` (default
+        1), ``?synchronous=off|normal|full|extra`` (default normal) and
+        ``?wal_autocheckpoint=PAGES`` (default 1000; 0: checkpoints only
+        when the store is idle); see :mod:`lapse.sessions.stores.sqlite`.
+        Anything else, an empty path or ``:memory:`` is a
+        :class:`StoreConfigError`.
         """
-        path, busy_timeout, timeout = parse_url(url)
-        return cls(path, clock=clock, busy_timeout=busy_timeout, timeout=timeout)
+        options = parse_url(url)
+        return cls(
+            options.path,
+            clock=clock,
+            busy_timeout=options.busy_timeout,
+            timeout=options.timeout,
+            synchronous=options.synchronous,
+            wal_autocheckpoint=options.wal_autocheckpoint,
+        )
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path!r} {self._runner.state}>"
