@@ -128,6 +128,55 @@ def test_a_caller_cancelled_while_its_batch_waits_is_left_out_the_rest_commit(
     with_store(db, clock, body, timeout=5.0)
 
 
+def test_reads_batched_before_a_write_do_not_wait_for_another_process_lock(
+    db: str, clock: FakeClock
+) -> None:
+    """Another connection holds the write lock for 0.5 s; a read and then a
+    write asked in one turn: the read (its own read transaction, as a WAL
+    file allows) is answered at once, the write when the lock is free."""
+
+    async def body(store: SQLiteStore) -> None:
+        await store.create("u1", 60.0, {})
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.5, holder.rollback)
+        started = time.monotonic()
+        read = asyncio.ensure_future(store.exists("u1"))
+        write = asyncio.ensure_future(store.save("u1", {"k": 1}, []))
+        assert await read is True
+        assert time.monotonic() - started < 0.3
+        assert await write == 2
+        assert time.monotonic() - started >= 0.45
+        holder.close()
+
+    with_store(db, clock, body, timeout=5.0)
+
+
+@pytest.mark.slow
+def test_a_call_made_while_the_worker_is_stuck_gets_its_own_timeout(
+    db: str, clock: FakeClock
+) -> None:
+    """The write lock is held elsewhere for 0.7 s and the timeout is 0.5 s:
+    a save fails at 0.5 s (the worker still waits for the lock for it); a
+    load made at 0.45 s is not failed with it for the stall before it was
+    made, and is answered once the lock is free."""
+
+    async def body(store: SQLiteStore) -> None:
+        await store.create("u1", 60.0, {})
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.7, holder.rollback)
+        save = asyncio.ensure_future(store.save("u1", {"late": 1}, []))
+        await asyncio.sleep(0.45)
+        loaded = await store.load("u1")
+        assert loaded is not None and loaded.decoded() == {}
+        with pytest.raises(StoreUnavailable, match="no progress for 0.5s"):
+            await save
+        holder.close()
+
+    with_store(db, clock, body, timeout=0.5)
+
+
 # -- errors of the file fail the whole batch ----------------------------------------
 
 

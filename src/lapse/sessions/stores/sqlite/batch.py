@@ -7,7 +7,12 @@ file-replaced check; that was most of a request's CPU on this store. So the
 :class:`~lapse.sessions.stores.sqlite.runner.Runner` hands its worker every
 call queued when the worker is free (the calls of one turn, or of the turns
 that passed while it ran the previous batch), and :func:`run_batch` runs them
-in order in ONE transaction: ``BEGIN IMMEDIATE`` if any of them writes.
+in order, as few transactions as keep reads off the write lock: each run of
+consecutive writes is ONE ``BEGIN IMMEDIATE`` transaction, each run of
+consecutive reads one ``BEGIN`` (so a read never waits for a lock another
+process holds to write, in WAL mode). The calls of a batch are all pending
+at once (none answered yet), so running them as these few transactions, in
+the order they were made, is an order each caller could have seen.
 
 Each call keeps its own outcome:
 
@@ -35,6 +40,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +53,8 @@ __all__ = [
     "RUNNING",
     "Job",
     "is_environmental",
-    "run_batch",
+    "run_transaction",
+    "segments",
 ]
 
 # Where a call is (``Job.state``). The worker moves it forward under the
@@ -63,7 +70,7 @@ class Job:
     """One call of a store method: the transaction body to run, where it is,
     the future its caller awaits, and (worker thread) its outcome."""
 
-    __slots__ = ("error", "fn", "result", "state", "waiter", "write")
+    __slots__ = ("error", "fn", "queued", "result", "settled", "state", "waiter", "write")
 
     def __init__(
         self,
@@ -75,8 +82,12 @@ class Job:
         self.write = write
         self.waiter = waiter
         self.state = QUEUED
+        self.queued = time.monotonic()
+        """When the call was made (the watchdog's clock)."""
         self.result: Any = None
         self.error: BaseException | None = None
+        self.settled = False
+        """Whether ``result`` or ``error`` is its outcome (worker thread)."""
 
 
 _ENVIRONMENTAL = frozenset(
@@ -118,29 +129,42 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def run_batch(
+def segments(jobs: list[Job]) -> list[list[Job]]:
+    """``jobs`` cut into runs of consecutive writes and of consecutive
+    reads, in order: one transaction each."""
+    runs: list[list[Job]] = []
+    for job in jobs:
+        if runs and runs[-1][0].write == job.write:
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs
+
+
+def run_transaction(
     conn: sqlite3.Connection,
     jobs: list[Job],
+    write: bool,
     clock: Callable[[], float],
     lock: threading.Lock,
     on_progress: Callable[[], None],
     own_error: Callable[[BaseException], BaseException],
 ) -> int:
-    """Run ``jobs`` (state RUNNING) in order as one transaction and set each
-    one's ``result`` or ``error`` (see the module); the transactions begun.
+    """Run ``jobs`` (state RUNNING; all writes, or all reads) in order as
+    one transaction, again without those that raised or were abandoned
+    until it commits, and set each one's outcome (``result`` or ``error``,
+    and ``settled``); the transactions begun.
 
-    ``now`` is read once the transaction holds its lock, so that it is never
-    earlier than the time of a transaction committed before it.
+    ``now`` is read once the transaction holds its lock, so that it is
+    never earlier than the time of a transaction committed before it.
     ``own_error`` turns a call's own error into the one its caller gets
     (a ``sqlite3.Error`` into a ``StoreUnavailable``). An environmental
-    ``sqlite3.Error`` is raised, every job not yet answered (``error`` and
-    ``result`` both None) failing with it; so is a ``BaseException`` that is
-    not an ``Exception``.
+    ``sqlite3.Error`` is raised, the jobs not yet settled failing with it;
+    so is a ``BaseException`` that is not an ``Exception``.
     """
     pending = jobs
     begun = 0
     while pending:
-        write = any(job.write for job in pending)
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         begun += 1
         try:
@@ -154,6 +178,7 @@ def run_batch(
                     if is_environmental(exc):
                         raise
                     job.error = own_error(exc)
+                    job.settled = True
                     failed = job
                     break
                 finally:
@@ -167,6 +192,7 @@ def run_batch(
                 conn.execute("COMMIT")
                 for job, result in zip(pending, results, strict=True):
                     job.result = result
+                    job.settled = True
                 return begun
             _rollback(conn)
         except BaseException:

@@ -33,7 +33,8 @@ from lapse.sessions.stores.sqlite.batch import (
     QUEUED,
     RUNNING,
     Job,
-    run_batch,
+    run_transaction,
+    segments,
     settle,
 )
 from lapse.sessions.stores.sqlite.connection import (
@@ -47,6 +48,8 @@ from lapse.sessions.stores.sqlite.connection import (
 from lapse.sessions.stores.sqlite.schema import SCHEMA_VERSION, migrate
 
 __all__ = ["Runner"]
+
+_OVER = (ABANDONED, DONE)
 
 log = logging.getLogger("lapse.sessions")
 
@@ -240,15 +243,22 @@ class Runner:
                 conn.close()
 
     def _run_jobs(self, jobs: list[Job]) -> None:
-        """Run a batch as one transaction and set each job's outcome (worker
-        thread; see :mod:`.batch`). After it, the path must still name the
-        file the connection opened."""
+        """Run one transaction of a batch (all writes or all reads, see
+        :mod:`.batch`) and set each job's outcome (worker thread). After it,
+        the path must still name the file the connection opened."""
+        moved = False
         try:
             try:
                 if self._conn is None:
                     self._conn = self._connect()
-                self.transactions += run_batch(
-                    self._conn, jobs, self.clock, self._lock, self._made_progress, self._own_error
+                self.transactions += run_transaction(
+                    self._conn,
+                    jobs,
+                    jobs[0].write,
+                    self.clock,
+                    self._lock,
+                    self._made_progress,
+                    self._own_error,
                 )
             except sqlite3.Error as exc:
                 raise self._sqlite_error(exc) from exc
@@ -260,7 +270,7 @@ class Runner:
                 self._give_up_file()
         except BaseException as exc:  # each caller gets an error of its own
             for job in jobs:
-                if job.error is None:
+                if not job.settled or moved:
                     job.result = None
                     job.error = _copy(exc)
 
@@ -277,7 +287,8 @@ class Runner:
 
     def _drain(self) -> None:
         """Run the queued calls, a batch at a time, until none is left
-        (worker thread); then wake each batch's event loop once."""
+        (worker thread), answering each transaction's calls once it is
+        done."""
         while True:
             with self._lock:
                 queue = self._queue
@@ -291,21 +302,27 @@ class Runner:
                     job.state = RUNNING
                 self._batch = jobs
                 self._progress = time.monotonic()
-            if jobs:
-                self._run_jobs(jobs)
+            for part in segments(jobs):
+                self._run_jobs(part)
+                self._answer(part)
             with self._lock:
-                for job in jobs:
-                    if job.state != ABANDONED:
-                        job.state = DONE
                 self._batch = []
-                self._outstanding -= len(jobs)
-                self._progress = time.monotonic()
-            loops: dict[asyncio.AbstractEventLoop, list[Job]] = {}
+
+    def _answer(self, jobs: list[Job]) -> None:
+        """Hand the outcomes of ``jobs`` to their event loops, one wake-up
+        each (worker thread)."""
+        with self._lock:
             for job in jobs:
-                loops.setdefault(job.waiter.get_loop(), []).append(job)
-            for loop, answered in loops.items():
-                with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-                    loop.call_soon_threadsafe(settle, answered)
+                if job.state != ABANDONED:
+                    job.state = DONE
+            self._outstanding -= len(jobs)
+            self._progress = time.monotonic()
+        loops: dict[asyncio.AbstractEventLoop, list[Job]] = {}
+        for job in jobs:
+            loops.setdefault(job.waiter.get_loop(), []).append(job)
+        for loop, answered in loops.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(settle, answered)
 
     # -- the event loop -------------------------------------------------------
 
@@ -373,35 +390,38 @@ class Runner:
             if job.state == RUNNING:
                 job.state = ABANDONED
                 conn = self._conn
-                if conn is not None and all(each.state == ABANDONED for each in self._batch):
+                if conn is not None and all(each.state in _OVER for each in self._batch):
                     with contextlib.suppress(sqlite3.Error):
                         conn.interrupt()
                 return True
             return False
 
     def _tick(self) -> None:
-        """The watchdog (event loop): calls waiting while the worker has made
-        no progress for ``timeout`` seconds are cancelled and fail."""
+        """The watchdog (event loop): a call fails, cancelled, once it has
+        waited ``timeout`` seconds during which the worker made no progress
+        (a call made while the worker was stuck on a batch no one awaits
+        any more gets its own ``timeout``, not what is left of that one's)."""
         self._watchdog = None
         loop = self._watchdog_loop
         jobs = [job for job in self._jobs if job.waiter.get_loop() is loop]
         if not jobs or loop is None:
             return
+        now = time.monotonic()
         with self._lock:
             # (the worker not sent for yet: the calls wait for this turn to end)
-            stalled = time.monotonic() - self._progress if self._busy else 0.0
-        if stalled >= self.timeout:
-            for job in jobs:
-                if self._abandon(job) and not job.waiter.done():
-                    job.waiter.set_exception(
-                        self.unavailable(
-                            f"no progress for {self.timeout:g}s (a lock held by another "
-                            "process, or a stalled disk); the call was cancelled uncommitted"
-                        )
+            since = self._progress if self._busy else now
+        wait = self.timeout
+        for job in jobs:
+            stalled = now - max(since, job.queued)
+            if stalled < self.timeout:
+                wait = min(wait, self.timeout - stalled)
+            elif self._abandon(job) and not job.waiter.done():
+                job.waiter.set_exception(
+                    self.unavailable(
+                        f"no progress for {self.timeout:g}s (a lock held by another "
+                        "process, or a stalled disk); the call was cancelled uncommitted"
                     )
-            wait = self.timeout
-        else:
-            wait = self.timeout - stalled
+                )
         if any(not job.waiter.done() for job in jobs):
             self._watchdog = loop.call_later(wait, self._tick)
 

@@ -22,6 +22,7 @@ from lapse.sessions.stores.sqlite.config import (
     parse_url,
 )
 from lapse.sessions.stores.sqlite.inspection import Inspection
+from lapse.sessions.stores.sqlite.news import news_marker, wait_for_news
 from lapse.sessions.stores.sqlite.principals import Principals
 from lapse.sessions.stores.sqlite.queries import (
     EPSILON,
@@ -93,6 +94,7 @@ class SQLiteStore(Inspection, Principals):
         self.synchronous = check_synchronous(synchronous)
         self.wal_autocheckpoint = check_autocheckpoint(wal_autocheckpoint)
         self.clock: Callable[[], float] = clock or time.time
+        self._read_up_to: int | None = None  # the last cursor events() gave
         self._runner = Runner(
             self.path,
             self.busy_timeout,
@@ -141,6 +143,22 @@ class SQLiteStore(Inspection, Principals):
         """Let the calls already made finish, close the connection, stop the
         worker thread. Idempotent; any later call raises StoreUnavailable."""
         await self._runner.aclose()
+
+    async def wait_for_news(self, seconds: float) -> bool:
+        """Sleep at most ``seconds`` (a process with nothing to do until its
+        next deadline); True if woken sooner by news: an end or a rotation
+        announced after the last ``events()`` read, a session ended by
+        hand, or one that ends before the wait would (by any process, this
+        one's included), or the file replaced at its path. No polling of
+        the store: a look at the WAL index 20 times a second, and a
+        question to the store only when a commit changed it (see
+        :mod:`.news`)."""
+        return await wait_for_news(
+            self.path,
+            seconds,
+            lambda: self._runner.call(news_marker, write=False),
+            lambda: self._read_up_to,
+        )
 
     async def now(self) -> float:
         """The store's clock."""
@@ -351,7 +369,9 @@ class SQLiteStore(Inspection, Principals):
             found: list[Event] = [uid if to is None else (uid, to) for _, uid, to in rows]
             return found, str(rows[-1][0])
 
-        return await self._runner.call(events, write=False)
+        found, cursor_after = await self._runner.call(events, write=False)
+        self._read_up_to = int(cursor_after)
+        return found, cursor_after
 
     async def next_deadline(self) -> float | None:
         """The earliest of: live sessions' deadlines (past ones included: they
