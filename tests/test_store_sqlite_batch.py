@@ -170,7 +170,7 @@ def test_a_call_made_while_the_worker_is_stuck_gets_its_own_timeout(
         await asyncio.sleep(0.45)
         loaded = await store.load("u1")
         assert loaded is not None and loaded.decoded() == {}
-        with pytest.raises(StoreUnavailable, match="no progress for 0.5s"):
+        with pytest.raises(StoreUnavailable, match=r"no progress for 0\.5s"):
             await save
         holder.close()
 
