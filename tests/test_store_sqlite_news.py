@@ -74,7 +74,7 @@ def test_touches_and_sessions_ending_later_are_not_news(db: str) -> None:
             await one.events(None)
 
             async def busy() -> None:
-                for i in range(15):
+                for _ in range(15):
                     await other.load("live")
                     await asyncio.sleep(0.02)
                 await other.create("later", 60.0, {})
