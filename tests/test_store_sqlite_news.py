@@ -20,7 +20,7 @@ from _helpers import eventually
 
 from lapse.internet.task import Clock
 from lapse.sessions import SharedKeeper
-from lapse.sessions.stores.sqlite import SQLiteStore
+from lapse.sessions.stores.sqlite import SQLiteStore, news
 from lapse.sessions.stores.sqlite.news import FAILED_RETRY, LOOK_EVERY
 from lapse.web.resource import Resource
 from lapse.web.server import Site
@@ -281,5 +281,32 @@ def test_a_session_that_ends_first_is_ended_though_its_maker_is_gone(db: str) ->
             await eventually(lambda: bool(hooked), 3.0)
             assert hooked[0][0] == "gone-maker-session-uid-00"
             assert 0.4 < hooked[0][1] - made < 0.8
+
+    asyncio.run(main())
+
+
+def test_without_inotify_the_wait_looks_at_the_wal_index(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where inotify cannot be had, the wait reads the WAL index header at
+    each look instead: quiet, it sleeps its time; an end announced by
+    another process ends it within a few looks."""
+    monkeypatch.setattr(news, "watch_wal", lambda path: None)
+
+    async def main() -> None:
+        async with two(db) as (one, other):
+            await other.create("u1", 60.0, {})
+            await one.events(None)
+            woken, took, asked = await timed(one, 0.3)
+            assert not woken and took >= 0.29 and asked == 1
+
+            async def say() -> None:
+                await asyncio.sleep(0.1)
+                await other.expire("u1")
+
+            saying = asyncio.ensure_future(say())
+            woken, took, _ = await timed(one, 5.0)
+            await saying
+            assert woken and took < 0.1 + 3 * LOOK_EVERY + 0.1
 
     asyncio.run(main())

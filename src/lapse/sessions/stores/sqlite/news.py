@@ -3,27 +3,34 @@ polling the store, that another process wrote news (an end announced, a
 rotation, a session ended by hand, or one made that ends before the time the
 keeper means to wake).
 
-Every commit to a WAL-mode file, by any process, changes the header of the
-WAL index in the ``-shm`` file next to it (its change counter, ``iChange``,
-"incremented with each transaction", and the WAL's frame count: see
-https://www.sqlite.org/walformat.html). So a waiting process reads those 48
-bytes (one ``pread``, a few µs, in the event loop: the ``-shm`` is memory the
-kernel already holds, never a disk read) every :data:`LOOK_EVERY` seconds,
-and only when they changed asks the store one question, on its worker
-thread: the last event's id and the next deadline. News is an event newer
-than the one the wait began with, or a deadline earlier than the end of the
-wait. Other writes (touches, creates ending later) cost that one question,
-at most once per look.
+Every commit to a WAL-mode file, by any process, appends to the ``-wal``
+(with ``pwrite``) and changes the header of the WAL index in the ``-shm``
+(its change counter, ``iChange``, "incremented with each transaction": see
+https://www.sqlite.org/walformat.html). So a waiting process
 
-Measured (bench/sqlite_news.py): a look costs ~3 µs of CPU, the question ~100
-µs; an idle process looked 20 times a second, where the polling keeper ran a
-round (claim, events, next deadline) 10 times a second. Lateness: at most one
-look's interval plus the question.
+- sleeps on an inotify watch of the ``-wal`` (:mod:`.watch`, Linux): no
+  wake-up at all while no process writes; where inotify cannot be had, it
+  reads the 48 bytes of the WAL index header every :data:`LOOK_EVERY`
+  seconds (one ``pread`` of memory the kernel holds, in the event loop);
+- when a write woke it (at most once per :data:`LOOK_EVERY`, however many
+  commits) and the header changed, asks the store one question on its
+  worker thread: the last event's id and the next deadline. News is an
+  event after the last one ``events()`` handed out, or a deadline earlier
+  than the end of the wait. Other writes (touches, creates ending later)
+  cost that one question.
 
-The ``-shm`` read is the one the connection maps: if the file was replaced
-at its path, the wait returns True at its next look at the path (once a
-second), as the PostgreSQL store's does when its listener reconnects, and
-the keeper reads the store, which moves to the new file.
+Measured (bench/sqlite_news.py, this 2-core VM): a ``pread`` of the header
+~1 µs of CPU, a ``stat`` of the ``-wal`` ~3 µs, ``PRAGMA data_version``
+through the worker ~100 µs (the thread hop), and any timer wake-up of the
+event loop 40-180 µs, which is why the wait does not look on a timer when
+inotify is there: an idle wait then costs its start (one question) and
+nothing per second.
+
+A file replaced at its path (the database or its ``-wal`` renamed, deleted
+or unlinked) ends the wait with True, as the PostgreSQL store's does when
+its listener reconnects: the keeper reads the store, which moves to the new
+file. (Without inotify: the ``-shm`` at the path is compared with the one
+read once a second.)
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from collections.abc import Awaitable, Callable
 
 from lapse.sessions.store import StoreUnavailable
 from lapse.sessions.stores.sqlite.queries import SQL
+from lapse.sessions.stores.sqlite.watch import WalWatch, watch_wal
 
 __all__ = ["FAILED_RETRY", "LOOK_EVERY", "Marker", "news_marker", "wait_for_news"]
 
@@ -121,13 +129,17 @@ async def _wait(
     wake_at = loop.time() + seconds
     shm = path + "-shm"
     fd = -1
+    watch: WalWatch | None = None
     with contextlib.suppress(OSError):  # (none before the first call opens the file)
         fd = os.open(shm, os.O_RDONLY | os.O_CLOEXEC)
+        watch = watch_wal(path)
     try:
-        # The header first, then the store: a commit after the read changes it.
+        # The watch and the header first, then the store: a commit after
+        # them wakes the watch and changes the header.
         header = os.pread(fd, _HEADER, 0) if fd >= 0 else b""
         identity = _identity(fd) if fd >= 0 else None
         marker = await ask()
+        asked = loop.time()
         known = read_up_to()
         baseline = marker[0] if known is None else known
         next_path_check = loop.time() + CHECK_PATH_EVERY
@@ -143,21 +155,36 @@ async def _wait(
             if fd < 0:  # (a first call made the file meanwhile)
                 with contextlib.suppress(OSError):
                     fd = os.open(shm, os.O_RDONLY | os.O_CLOEXEC)
+                    watch = watch_wal(path)
                     header, identity = os.pread(fd, _HEADER, 0), _identity(fd)
                     marker = await ask()
                     continue
-            await asyncio.sleep(min(LOOK_EVERY, left))
-            if fd >= 0:
-                if loop.time() >= next_path_check:
+            if watch is not None:
+                # Asleep until a process writes the WAL; then at most one
+                # question per look's interval, however many commits.
+                if not await watch.wait(left):
+                    continue
+                if watch.moved:
+                    return True
+                pause = asked + LOOK_EVERY - loop.time()
+                if pause > 0:
+                    await asyncio.sleep(min(pause, max(wake_at - loop.time(), 0.0)))
+            else:
+                await asyncio.sleep(min(LOOK_EVERY, left))
+                if fd >= 0 and loop.time() >= next_path_check:
                     next_path_check = loop.time() + CHECK_PATH_EVERY
                     if _at_path(shm) != identity:
                         return True
+            if fd >= 0:
                 seen = os.pread(fd, _HEADER, 0)
                 if seen == header:
                     continue
                 header = seen
             marker = await ask()
+            asked = loop.time()
     finally:
+        if watch is not None:
+            watch.close()
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
