@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -75,6 +77,58 @@ async def case(url: str, requests: int, rounds: int, together: int) -> list[str]
     return lines
 
 
+def raw(batches: int, together: int, queries: list[str]) -> None:
+    """SQLite alone, on this thread: ``batches`` transactions of ``together``
+    touches (the store's load statements), per mode: wall and CPU µs per
+    touch, and checkpoints' share (the WAL's pages when done)."""
+    from lapse.sessions.stores.sqlite.store import SQLiteStore
+
+    print("| options | touches per transaction | wall µs/touch | CPU µs/touch | WAL pages at end |")
+    print("|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, query in enumerate(queries):
+            url = f"sqlite:///{tmp}/raw-{i}.db" + (f"?{query}" if query else "")
+            try:
+                store = SQLiteStore.from_url(url)
+            except StoreConfigError as exc:
+                print(f"| {query} | refused: {exc} |")
+                continue
+
+            async def touches(
+                store: SQLiteStore = store, query: str = query
+            ) -> tuple[float, float, int]:
+                await store.create("u1", 600.0, {"key0": 1})  # (the file and its schema)
+                await store.aclose()
+                conn = sqlite3.connect(store.path, isolation_level=None)
+                mode = query.partition("=")[2] if query.startswith("synchronous") else "normal"
+                conn.execute(f"PRAGMA synchronous = {mode}")
+                pages = query.partition("=")[2] if query.startswith("wal_") else "1000"
+                conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(batches):
+                    conn.execute("BEGIN IMMEDIATE")
+                    for _ in range(together):
+                        touch(conn, "u1", time.time())
+                    conn.execute("COMMIT")
+                n = batches * together
+                wal = os.path.getsize(store.path + "-wal") // 4096
+                conn.close()
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                return wall / n * 1e6, cpu / n * 1e6, wal
+
+            wall, cpu, wal = asyncio.run(touches())
+            print(f"| {query or 'default'} | {together} | {wall:,.1f} | {cpu:,.1f} | {wal:,} |")
+
+
+def touch(conn: sqlite3.Connection, uid: str, now: float) -> None:
+    """The statements of the store's load (touch) of a live session."""
+    from lapse.sessions.stores.sqlite.queries import SQL, clamp, resolve
+
+    live = resolve(conn, uid, now)
+    timeout, ends_at, _, _ = conn.execute(SQL.load_session, (live,)).fetchone()
+    conn.execute(SQL.touch, (clamp(now + timeout, ends_at), live))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/sqlite_modes.py", description=__doc__)
     parser.add_argument("--requests", type=int, default=1000, help="per round (1000)")
@@ -82,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=50, help="requests at once (50)")
     parser.add_argument("--modes", default="", help="synchronous modes, comma-separated")
     parser.add_argument("--checkpoints", default="", help="wal_autocheckpoint values")
+    parser.add_argument("--raw", type=int, default=0,
+                        help="instead: SQLite alone, this many transactions per mode")  # fmt: skip
     options = parser.parse_args(argv)
     queries = [""]
     queries += [f"synchronous={m}" for m in options.modes.split(",") if m]
     queries += [f"wal_autocheckpoint={p}" for p in options.checkpoints.split(",") if p]
+    if options.raw:
+        for together in (1, options.concurrency):
+            raw(options.raw, together, queries)
+        return 0
     print("| options | call | at once | wall µs/request | CPU µs/request | transactions/request |")
     print("|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:

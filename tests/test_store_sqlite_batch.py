@@ -325,7 +325,7 @@ def test_two_processes_saving_one_session_at_once_lose_no_write(tmp_path: Path) 
         ("", 1, 1000),
         ("?synchronous=off", 0, 1000),
         ("?synchronous=FULL", 2, 1000),
-        ("?synchronous=extra&wal_autocheckpoint=0", 3, 0),
+        ("?synchronous=extra&wal_autocheckpoint=1", 3, 1),
         ("?wal_autocheckpoint=10000", 1, 10000),
     ],
 )
@@ -357,6 +357,7 @@ def test_synchronous_and_wal_autocheckpoint_are_url_options_applied_to_the_conne
         ("synchronous=", "synchronous is one of"),
         ("synchronous=2", "synchronous is one of"),
         ("wal_autocheckpoint=-1", "wal_autocheckpoint is a number of pages"),
+        ("wal_autocheckpoint=0", "wal_autocheckpoint is a number of pages from 1"),
         ("wal_autocheckpoint=lots", "wal_autocheckpoint is a number of pages"),
         ("wal_autocheckpoint=99999999", "wal_autocheckpoint is a number of pages"),
         ("wal_autocheckpoint=\u0661", "wal_autocheckpoint is a number of pages"),

@@ -55,19 +55,19 @@ def check_synchronous(value: object) -> str:
 
 
 def check_autocheckpoint(value: object) -> int:
-    """``value`` as a ``wal_autocheckpoint`` page count (0: SQLite never
-    checkpoints by itself; the store does, when idle); StoreConfigError if
-    it is none."""
+    """``value`` as a ``wal_autocheckpoint`` page count (at least 1: SQLite's
+    0, no automatic checkpoint, would let the WAL grow without bound);
+    StoreConfigError if it is none."""
     pages = value
     if isinstance(value, str) and value.isascii() and value.isdigit():
         pages = int(value)
     if (
         isinstance(pages, bool)
         or not isinstance(pages, int)
-        or not 0 <= pages <= _MAX_AUTOCHECKPOINT
+        or not 1 <= pages <= _MAX_AUTOCHECKPOINT
     ):
         raise StoreConfigError(
-            f"wal_autocheckpoint is a number of pages from 0 to {_MAX_AUTOCHECKPOINT}, "
+            f"wal_autocheckpoint is a number of pages from 1 to {_MAX_AUTOCHECKPOINT}, "
             f"not {value!r}"
         )
     return pages

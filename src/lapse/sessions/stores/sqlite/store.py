@@ -112,8 +112,8 @@ class SQLiteStore(Inspection, Principals):
         ``sqlite:////var/lib/app/sessions.db`` is absolute. The options are
         ``?busy_timeout=SECONDS`` (default 5), ``?timeout=SECONDS`` (default
         1), ``?synchronous=off|normal|full|extra`` (default normal) and
-        ``?wal_autocheckpoint=PAGES`` (default 1000; 0: checkpoints only
-        when the store is idle); see :mod:`lapse.sessions.stores.sqlite`.
+        ``?wal_autocheckpoint=PAGES`` (default 1000, at least 1); see
+        :mod:`lapse.sessions.stores.sqlite`.
         Anything else, an empty path or ``:memory:`` is a
         :class:`StoreConfigError`.
         """
