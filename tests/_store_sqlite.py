@@ -112,3 +112,10 @@ def bind_in_process(path: str, uids: list[str], limit: int, barrier: Any, result
         return [uid for superseded in done for uid in superseded or []]
 
     results.put(asyncio.run(main()))
+
+
+class PollingSQLiteStore(SQLiteStore):
+    """A SQLite store whose keepers cannot be woken (no ``wait_for_news``):
+    a shared store that the keeper must poll."""
+
+    wait_for_news = None  # type: ignore[assignment]

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from _dict_store import DictStore
 from _redis_server import RedisServer
+from _store_sqlite import PollingSQLiteStore
 from conftest import FakeClock
 
 from lapse.internet.task import Clock
@@ -263,15 +264,22 @@ def test_a_rotation_and_an_end_announced_rekey_then_end_the_other_copy(
 def test_the_sleep_between_rounds_is_the_next_deadline_capped_by_the_poll_interval(
     tmp_path: Path,
 ) -> None:
-    """On a shared store a round sleeps until the store's next deadline, at
-    most ``poll_interval`` (another process may make a session ending
-    sooner), and ``poll_interval`` when nothing is pending; on an in-process
-    store that only speaks the protocol, until the next deadline, and for
-    ever (``inf``: until woken) when nothing is pending."""
+    """On a shared store that cannot wake its keepers a round sleeps until
+    the store's next deadline, at most ``poll_interval`` (another process
+    may make a session ending sooner), and ``poll_interval`` when nothing is
+    pending; on an in-process store that only speaks the protocol, or a
+    shared one that wakes its keepers (SQLite's wait_for_news), until the
+    next deadline, and for ever (``inf``: until woken) when nothing is
+    pending."""
 
     async def scenario() -> None:
         clock = FakeClock()
         shared = Site(
+            Resource(),
+            reactor=Clock(),
+            store=PollingSQLiteStore(str(tmp_path / "s.db"), clock=clock),
+        )
+        woken = Site(
             Resource(), reactor=Clock(), store=SQLiteStore(str(tmp_path / "s.db"), clock=clock)
         )
         alone = Site(Resource(), reactor=Clock(), store=DictStore(clock=clock))
@@ -290,7 +298,12 @@ def test_the_sleep_between_rounds_is_the_next_deadline_capped_by_the_poll_interv
             assert await keeper(shared).poll_once() == pytest.approx(22)  # the 12 s one ended
             assert keeper(shared).delay_until(None, clock()) == 30
             assert keeper(shared).delay_until(clock() - 5, clock()) == 0
+            keeper(woken).poll_interval = 5
+            assert await keeper(woken).poll_once() == pytest.approx(22)  # not capped at 5
+            assert keeper(woken).delay_until(clock() + 45, clock()) == 45
+            assert keeper(woken).delay_until(None, clock()) == math.inf
         finally:
+            await keeper(woken).aclose()
             await keeper(shared).aclose()
             await keeper(alone).aclose()
 

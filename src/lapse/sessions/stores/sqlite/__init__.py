@@ -6,19 +6,35 @@ reads the same end-of-session events.
 
 Guarantees:
 
-- **Atomic operations.** Each method is one SQLite transaction; every method
-  that writes starts it with ``BEGIN IMMEDIATE``, which takes the file's write
-  lock first, so a method is atomic across processes (two ``claim`` calls in
-  two processes never hand out the same session while its lease holds).
+- **Atomic operations.** Each method is atomic: its statements run in one
+  SQLite transaction, and every method that writes runs in a ``BEGIN
+  IMMEDIATE`` one, which takes the file's write lock first, so a method is
+  atomic across processes (two ``claim`` calls in two processes never hand
+  out the same session while its lease holds).
+- **Batched.** The calls made while the worker is busy, or in one turn of
+  the event loop, run together (:mod:`.batch`): each run of consecutive
+  writes as ONE transaction, each run of reads as one read transaction, one
+  thread hop and one event-loop wake-up per transaction instead of one per
+  call (the ~50 loads of 50 concurrent requests: one ``BEGIN IMMEDIATE`` ..
+  ``COMMIT``). Each call keeps its own outcome: one that raises fails alone
+  (the rest are run again without it), an error of the file fails each
+  call with a ``StoreUnavailable`` of its own, and a call is answered only
+  once the transaction holding it has committed.
 - **The event loop never waits on SQLite.** All SQLite work runs in one
   dedicated worker thread per store, which owns the store's only connection;
-  the async methods await it. Operations of one store run one at a time, in
-  the order they were called.
-- **Durability.** The file is in WAL mode with ``synchronous=NORMAL``: a write
-  that returned survives a crash of the process (or of every process), but a
-  power loss or OS crash can lose the last transactions before the WAL is
-  synced (the file itself stays consistent). Sessions are soft state, so
-  this trades the last second of touches for not syncing on every request.
+  the async methods await it. Calls run in the order they were made.
+- **Durability.** The file is in WAL mode with ``synchronous=NORMAL``
+  (``?synchronous=`` to change it): a write that returned survives a crash
+  of the process (or of every process), but a power loss or OS crash can
+  roll back the last transactions committed since the WAL was last synced
+  (at a checkpoint); the file stays consistent. ``FULL`` (or ``EXTRA``)
+  syncs the WAL at every commit (every batch): a write that returned
+  survives a power loss too. ``OFF`` never syncs: a power loss or OS crash
+  may corrupt the file. Sessions are soft state, so the default trades the
+  last touches before a power loss for not syncing on every batch.
+- **No polling when idle.** ``wait_for_news`` sleeps on an inotify watch
+  of the ``-wal`` (or looks at the WAL index header where inotify is not
+  there) and asks the store only after a commit (:mod:`.news`).
 - **Contention.** A lock held by another process is waited for up to
   ``busy_timeout`` seconds; past that, as on any other SQLite error (missing
   directory, a file that is not a database, a full disk), the method raises
@@ -26,9 +42,9 @@ Guarantees:
   ``from`` the ``sqlite3`` error. A failed ``open`` is retried by the next
   call.
 - **A bound on stalls, not on queues.** A call fails (``StoreUnavailable``)
-  when the worker has made no progress for ``timeout`` seconds (1 by
-  default): it is stuck on a lock another process holds, or on a stalled
-  disk. Then every call not yet committing fails at once. A long queue
+  once it has waited ``timeout`` seconds (1 by default) during which the
+  worker made no progress: it is stuck on a lock another process holds, or
+  on a stalled disk. A long queue
   that moves, or an event loop too busy to collect a finished result, fails
   nothing. The store enforces this bound itself (``enforces_timeout``).
 - **A failed call is not applied.** A call that fails for a timeout, or
@@ -82,6 +98,8 @@ processes of older versions refuse the file):
 The package: :mod:`.store` (the operations), :mod:`.inspection` (read-only
 inspection), :mod:`.principals` (sessions by principal), :mod:`.runner` (the
 connection, its worker thread, the stall bound, the file-replaced check),
+:mod:`.batch` (a batch of calls as transactions), :mod:`.connection` (file
+checks), :mod:`.news` and :mod:`.watch` (``wait_for_news``),
 :mod:`.schema` (the schema version and its migrations), :mod:`.queries` (the
 statements), :mod:`.config` (the URL and path checks); the SQL itself is
 in ``schema.sql``, ``aliases.sql``, ``principals.sql``, ``migrate_*.sql``

@@ -4,14 +4,74 @@ Anything wrong is a :class:`StoreConfigError` naming it, at construction."""
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 from lapse.sessions.store import StoreConfigError
 from lapse.sessions.stores import check_no_control
 
-__all__ = ["URL_PREFIX", "checked_path", "parse_url"]
+__all__ = [
+    "DEFAULT_AUTOCHECKPOINT",
+    "DEFAULT_SYNCHRONOUS",
+    "SYNCHRONOUS_MODES",
+    "URL_PREFIX",
+    "UrlOptions",
+    "check_autocheckpoint",
+    "check_synchronous",
+    "checked_path",
+    "parse_url",
+]
 
 URL_PREFIX = "sqlite:///"
-_URL_OPTIONS = ("busy_timeout", "timeout")
+_URL_OPTIONS = ("busy_timeout", "timeout", "synchronous", "wal_autocheckpoint")
+
+SYNCHRONOUS_MODES = ("off", "normal", "full", "extra")
+"""SQLite's ``PRAGMA synchronous`` values the store accepts (see the package
+docstring for what each risks in a power loss)."""
+DEFAULT_SYNCHRONOUS = "normal"
+DEFAULT_AUTOCHECKPOINT = 1000
+"""SQLite's own default: a checkpoint once the WAL holds 1000 pages."""
+_MAX_AUTOCHECKPOINT = 1_000_000
+
+
+class UrlOptions(NamedTuple):
+    """What a ``sqlite:///`` URL gives."""
+
+    path: str
+    busy_timeout: float
+    timeout: float
+    synchronous: str
+    wal_autocheckpoint: int
+
+
+def check_synchronous(value: object) -> str:
+    """``value`` as a ``synchronous`` mode (lower case); StoreConfigError if
+    it is none."""
+    mode = value.lower() if isinstance(value, str) else None
+    if mode not in SYNCHRONOUS_MODES:
+        raise StoreConfigError(
+            f"synchronous is one of {', '.join(SYNCHRONOUS_MODES)}, not {value!r}"
+        )
+    return mode
+
+
+def check_autocheckpoint(value: object) -> int:
+    """``value`` as a ``wal_autocheckpoint`` page count (at least 1: SQLite's
+    0, no automatic checkpoint, would let the WAL grow without bound);
+    StoreConfigError if it is none."""
+    pages = value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        pages = int(value)
+    if (
+        isinstance(pages, bool)
+        or not isinstance(pages, int)
+        or not 1 <= pages <= _MAX_AUTOCHECKPOINT
+    ):
+        raise StoreConfigError(
+            f"wal_autocheckpoint is a number of pages from 1 to {_MAX_AUTOCHECKPOINT}, "
+            f"not {value!r}"
+        )
+    return pages
+
 
 _PATH_MAX = 4095
 _NAME_MAX = 255
@@ -37,9 +97,9 @@ def checked_path(path: str) -> str:
     return absolute
 
 
-def parse_url(url: str) -> tuple[str, float, float]:
-    """The path, ``busy_timeout`` and ``timeout`` a ``sqlite:///`` URL gives
-    (see :meth:`SQLiteStore.from_url <lapse.sessions.stores.sqlite.SQLiteStore.from_url>`)."""
+def parse_url(url: str) -> UrlOptions:
+    """The path and options a ``sqlite:///`` URL gives (see
+    :meth:`SQLiteStore.from_url <lapse.sessions.stores.sqlite.SQLiteStore.from_url>`)."""
     if not isinstance(url, str):
         raise StoreConfigError(f"a SQLite store URL is a string, not {url!r}")
     if not url.lower().startswith("sqlite:"):
@@ -98,4 +158,11 @@ def parse_url(url: str) -> tuple[str, float, float]:
             raise StoreConfigError(
                 f"bad SQLite store URL {url!r}: timeout is seconds > 0, not {options['timeout']!r}"
             )
-    return path, busy_timeout, timeout
+    try:
+        synchronous = check_synchronous(options.get("synchronous", DEFAULT_SYNCHRONOUS))
+        autocheckpoint = check_autocheckpoint(
+            options.get("wal_autocheckpoint", DEFAULT_AUTOCHECKPOINT)
+        )
+    except StoreConfigError as exc:
+        raise StoreConfigError(f"bad SQLite store URL {url!r}: {exc}") from None
+    return UrlOptions(path, busy_timeout, timeout, synchronous, autocheckpoint)

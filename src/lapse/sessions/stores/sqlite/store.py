@@ -12,8 +12,17 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lapse.sessions.store import Event, Expiry, StoreConfigError, StoredSession
-from lapse.sessions.stores.sqlite.config import URL_PREFIX, checked_path, parse_url
+from lapse.sessions.stores.sqlite.config import (
+    DEFAULT_AUTOCHECKPOINT,
+    DEFAULT_SYNCHRONOUS,
+    URL_PREFIX,
+    check_autocheckpoint,
+    check_synchronous,
+    checked_path,
+    parse_url,
+)
 from lapse.sessions.stores.sqlite.inspection import Inspection
+from lapse.sessions.stores.sqlite.news import news_marker, wait_for_news
 from lapse.sessions.stores.sqlite.principals import Principals
 from lapse.sessions.stores.sqlite.queries import (
     EPSILON,
@@ -64,6 +73,8 @@ class SQLiteStore(Inspection, Principals):
         clock: Callable[[], float] | None = None,
         busy_timeout: float = 5.0,
         timeout: float = 1.0,
+        synchronous: str = DEFAULT_SYNCHRONOUS,
+        wal_autocheckpoint: int = DEFAULT_AUTOCHECKPOINT,
     ) -> None:
         if not isinstance(path, str) or not path:
             raise StoreConfigError(f"the SQLite store needs a file path, not {path!r}")
@@ -80,8 +91,18 @@ class SQLiteStore(Inspection, Principals):
         self.url = URL_PREFIX + self.path
         self.busy_timeout = float(busy_timeout)
         self.timeout = float(timeout)
+        self.synchronous = check_synchronous(synchronous)
+        self.wal_autocheckpoint = check_autocheckpoint(wal_autocheckpoint)
         self.clock: Callable[[], float] = clock or time.time
-        self._runner = Runner(self.path, self.busy_timeout, self.timeout, self.clock)
+        self._read_up_to: int | None = None  # the last cursor events() gave
+        self._runner = Runner(
+            self.path,
+            self.busy_timeout,
+            self.timeout,
+            self.clock,
+            synchronous=self.synchronous,
+            autocheckpoint=self.wal_autocheckpoint,
+        )
 
     @classmethod
     def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> SQLiteStore:
@@ -89,12 +110,22 @@ class SQLiteStore(Inspection, Principals):
 
         ``sqlite:///sessions.db`` is relative to the current directory,
         ``sqlite:////var/lib/app/sessions.db`` is absolute. The options are
-        ``?busy_timeout=SECONDS`` (default 5) and ``?timeout=SECONDS`` (default
-        1; see :mod:`lapse.sessions.stores.sqlite`). Anything else, an empty
-        path or ``:memory:`` is a :class:`StoreConfigError`.
+        ``?busy_timeout=SECONDS`` (default 5), ``?timeout=SECONDS`` (default
+        1), ``?synchronous=off|normal|full|extra`` (default normal) and
+        ``?wal_autocheckpoint=PAGES`` (default 1000, at least 1); see
+        :mod:`lapse.sessions.stores.sqlite`.
+        Anything else, an empty path or ``:memory:`` is a
+        :class:`StoreConfigError`.
         """
-        path, busy_timeout, timeout = parse_url(url)
-        return cls(path, clock=clock, busy_timeout=busy_timeout, timeout=timeout)
+        options = parse_url(url)
+        return cls(
+            options.path,
+            clock=clock,
+            busy_timeout=options.busy_timeout,
+            timeout=options.timeout,
+            synchronous=options.synchronous,
+            wal_autocheckpoint=options.wal_autocheckpoint,
+        )
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path!r} {self._runner.state}>"
@@ -112,6 +143,22 @@ class SQLiteStore(Inspection, Principals):
         """Let the calls already made finish, close the connection, stop the
         worker thread. Idempotent; any later call raises StoreUnavailable."""
         await self._runner.aclose()
+
+    async def wait_for_news(self, seconds: float) -> bool:
+        """Sleep at most ``seconds`` (a process with nothing to do until its
+        next deadline); True if woken sooner by news: an end or a rotation
+        announced after the last ``events()`` read, a session ended by
+        hand, or one that ends before the wait would (by any process, this
+        one's included), or the file replaced at its path. No polling of
+        the store: a look at the WAL index 20 times a second, and a
+        question to the store only when a commit changed it (see
+        :mod:`.news`)."""
+        return await wait_for_news(
+            self.path,
+            seconds,
+            lambda: self._runner.call(news_marker, write=False),
+            lambda: self._read_up_to,
+        )
 
     async def now(self) -> float:
         """The store's clock."""
@@ -322,7 +369,9 @@ class SQLiteStore(Inspection, Principals):
             found: list[Event] = [uid if to is None else (uid, to) for _, uid, to in rows]
             return found, str(rows[-1][0])
 
-        return await self._runner.call(events, write=False)
+        found, cursor_after = await self._runner.call(events, write=False)
+        self._read_up_to = int(cursor_after)
+        return found, cursor_after
 
     async def next_deadline(self) -> float | None:
         """The earliest of: live sessions' deadlines (past ones included: they
