@@ -277,8 +277,11 @@ class Timetable:
             best = (top[0], top[1], None)
         return best
 
-    def _collect_due(self, now: float) -> None:
-        while True:
+    def _collect_due(self, now: float, limit: int) -> None:
+        """End the records due by ``now``, in deadline order, at most
+        ``limit`` of them (the rest stay due: :meth:`_get` no longer serves
+        them, and the next call ends them first)."""
+        while limit > 0:
             earliest = self._earliest()
             if earliest is None or earliest[0] > now:
                 return
@@ -290,6 +293,7 @@ class Timetable:
             deadline = _deadline(record)
             if deadline <= now:
                 self._end(record, _cause(record))
+                limit -= 1
             else:
                 self._push(record, deadline)  # touched since its entry
 

@@ -224,8 +224,11 @@ class MemoryStore(PrincipalTable):
         return None if ended is None else ended.record
 
     def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]:
+        """Claim up to ``limit`` ended sessions, ending at most ``limit`` of
+        the due ones first (in deadline order): a call's work is bounded by
+        ``limit``, however many sessions came due at once."""
         now = self.clock() + _EPSILON
-        self._collect_due(now)
+        self._collect_due(now, limit)
         self.evicted = False
         if self._aliases:
             self._prune_aliases(now)
