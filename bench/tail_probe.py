@@ -7,14 +7,17 @@ It starts the seed program (examples/session_endings.py, memory store) on a free
 run:
 
 - every garbage collection (``gc.callbacks``): generation, duration, objects collected;
-- the event loop's lag: a callback asked for every 1 ms, and how late each ran;
+- the event loop's lag: a callback asked for every 1 ms, how late each ran, and the
+  CPU time the loop's thread used meanwhile (a lag with little of it is the machine's:
+  the process was not running; with much, the server's own work held the loop);
 - every expiry drain of the keeper (``LocalKeeper.drain``): its duration and the
   sessions it ended;
 - the live-session count, every 100 ms.
 
-Per run it prints wrk's p50/p99/p99.9/max (a Lua ``done`` hook) and the stalls seen in
-the server: the longest loop lags, and what overlapped each (a collection of which
-generation, a drain of how many sessions). The machine's load average is printed with
+Per run it prints wrk's p50/p99/p99.9/max (a Lua ``done`` hook), the server's RSS, and
+the stalls seen in the server: the longest by the loop's own CPU time and the longest
+by wall time, and what overlapped each (a collection of which generation, a drain of
+how many sessions). The machine's load average is printed with
 each run: the stall durations measured inside the server are steadier under load than
 wrk's tail.
 
@@ -86,13 +89,17 @@ def _lag_monitor():
     import asyncio
 
     loop = asyncio.get_running_loop()
-    state = {"due": _time.perf_counter() + 0.001, "beat": 0}
+    state = {"due": _time.perf_counter() + 0.001, "beat": 0, "cpu": _time.thread_time()}
 
     def tick():
         now = _time.perf_counter()
+        cpu = _time.thread_time()
         late = now - state["due"]
         if late > 0.002:
-            _probe["lag"].append((state["due"], late))
+            # (the CPU time the loop's thread used meanwhile: a lag with little of
+            # it is the machine's doing, the process was not running)
+            _probe["lag"].append((state["due"], late, cpu - state["cpu"]))
+        state["cpu"] = cpu
         state["beat"] += 1
         if state["beat"] % 100 == 0:
             _probe["live"].append((now, len(factory.sessions)))
@@ -206,7 +213,7 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
     lines = [
         f"run {run}: load {load}; wrk p50 {figures['p50_ms']:.2f} p99 {figures['p99_ms']:.2f} "
         f"p99.9 {figures['p999_ms']:.2f} max {figures['max_ms']:.2f} ms, "
-        f"{figures['rps']:.0f} req/s"
+        f"{figures['rps']:.0f} req/s, server RSS {figures['rss_mb']:.0f} MB"
     ]
     for gen in (0, 1, 2):
         times = [e[1] * 1000 for e in gcs if e[2] == gen]
@@ -225,6 +232,20 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
     live = [e[1] for e in probe["live"]]
     if live:
         lines.append(f"  live sessions: {min(live)}-{max(live)}")
+    busy = sorted(probe["lag"], key=lambda e: -e[2])
+    if busy:
+        lines.append(
+            "  longest stalls by the loop's own CPU time: "
+            + ", ".join(
+                f"{cpu * 1000:.1f} ms cpu of {lag * 1000:.1f} ms ["
+                + " ".join(
+                    [f"gc{g[2]} {g[1] * 1000:.0f}ms" for g in overlaps(t, lag, gcs)]
+                    + [f"drain {d[2]} {d[1] * 1000:.0f}ms" for d in overlaps(t, lag, drains)]
+                )
+                + "]"
+                for t, lag, cpu in busy[:5]
+            )
+        )
     if "garbage" in probe:
         lines.append(f"  garbage: {probe['garbage']}")
     total_lag = sum(e[1] for e in lags) * 1000
@@ -237,7 +258,7 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
                 + [f"drain {d[2]} {d[1] * 1000:.0f}ms" for d in overlaps(t, lag, drains)]
             )
             + "]"
-            for t, lag in lags[:6]
+            for t, lag, _ in lags[:6]
         )
     )
     return "\n".join(lines)
@@ -284,6 +305,8 @@ def main() -> None:
                     figures = wrk(port, args.seconds, lua)
                     probe = collect(proc.pid, out)
                     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+                    pages = int(Path(f"/proc/{proc.pid}/statm").read_text().split()[1])
+                    figures["rss_mb"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
                     print(summarise(run, figures, probe, load), flush=True)
                     results.append({"figures": figures, "probe": probe, "load": load})
             finally:
