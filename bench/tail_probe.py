@@ -56,6 +56,7 @@ import gc as _gc, json as _json, os as _os, signal as _signal, time as _time
 _probe = {"gc": [], "lag": [], "drain": [], "live": []}
 _gc_start = [0.0]
 _gc_young = [0]
+_gc_cpu = [0.0]
 
 
 def _on_gc(phase, info):
@@ -63,10 +64,11 @@ def _on_gc(phase, info):
     if phase == "start":
         _gc_young[0] = len(_gc.get_objects(0)) if info["generation"] == 0 else -1
         _gc_start[0] = _time.perf_counter()
+        _gc_cpu[0] = _time.thread_time()
     else:
         _probe["gc"].append(
             (_gc_start[0], now - _gc_start[0], info["generation"], info["collected"],
-             _gc_young[0])
+             _gc_young[0], _time.thread_time() - _gc_cpu[0])
         )
 
 
@@ -78,8 +80,16 @@ _plain_ring = _keeper._alarm._ring
 def _ring():
     before = len(factory.sessions)
     start = _time.perf_counter()
+    cpu = _time.thread_time()
     _plain_ring()
-    _probe["drain"].append((start, _time.perf_counter() - start, before - len(factory.sessions)))
+    _probe["drain"].append(
+        (
+            start,
+            _time.perf_counter() - start,
+            before - len(factory.sessions),
+            _time.thread_time() - cpu,
+        )
+    )
 
 
 _keeper._alarm._ring = _ring
@@ -217,17 +227,19 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
     ]
     for gen in (0, 1, 2):
         times = [e[1] * 1000 for e in gcs if e[2] == gen]
+        cpus = [e[5] * 1000 for e in gcs if e[2] == gen]
         if times:
             lines.append(
-                f"  gc gen{gen}: {len(times)} collections, max {max(times):.1f} ms, "
-                f"total {sum(times):.0f} ms"
+                f"  gc gen{gen}: {len(times)} collections, max {max(times):.1f} ms "
+                f"(CPU {max(cpus):.1f} ms), total {sum(times):.0f} ms"
             )
     if drains:
         times = [e[1] * 1000 for e in drains]
+        cpus = [e[3] * 1000 for e in drains]
         ends = [e[2] for e in drains]
         lines.append(
-            f"  drains: {len(drains)}, max {max(times):.1f} ms, total {sum(times):.0f} ms, "
-            f"max {max(ends)} ended in one, {sum(ends)} ended"
+            f"  drains: {len(drains)}, max {max(times):.1f} ms (CPU {max(cpus):.1f} ms), "
+            f"total {sum(times):.0f} ms, max {max(ends)} ended in one, {sum(ends)} ended"
         )
     live = [e[1] for e in probe["live"]]
     if live:
