@@ -43,7 +43,15 @@ from typing import Any
 if not __package__:  # run as a script: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.systems import HOST, LISTEN_LINE, PATH, free_port, stop, wait_until_answering
+from bench.systems import (
+    HOST,
+    LISTEN_LINE,
+    PATH,
+    cpu_seconds,
+    free_port,
+    stop,
+    wait_until_answering,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -223,7 +231,8 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
     lines = [
         f"run {run}: load {load}; wrk p50 {figures['p50_ms']:.2f} p99 {figures['p99_ms']:.2f} "
         f"p99.9 {figures['p999_ms']:.2f} max {figures['max_ms']:.2f} ms, "
-        f"{figures['rps']:.0f} req/s, server RSS {figures['rss_mb']:.0f} MB"
+        f"{figures['rps']:.0f} req/s, server CPU {figures['cpu_us']:.0f} µs/request, "
+        f"RSS {figures['rss_mb']:.0f} MB"
     ]
     for gen in (0, 1, 2):
         times = [e[1] * 1000 for e in gcs if e[2] == gen]
@@ -314,7 +323,10 @@ def main() -> None:
                     wrk(port, args.warmup, lua)
                 for run in range(1, args.runs + 1):
                     collect(proc.pid, out)
+                    cpu = cpu_seconds(proc.pid)
                     figures = wrk(port, args.seconds, lua)
+                    requests = figures["rps"] * args.seconds
+                    figures["cpu_us"] = (cpu_seconds(proc.pid) - cpu) / max(requests, 1) * 1e6
                     probe = collect(proc.pid, out)
                     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
                     pages = int(Path(f"/proc/{proc.pid}/statm").read_text().split()[1])
