@@ -183,6 +183,7 @@ def test_started_pacer_ticks_on_the_loop_until_stopped(collector: None) -> None:
         ({"interval": 0}, "interval"),
         ({"growth": 1.0}, "growth"),
         ({"longest": -1}, "longest"),
+        ({"growth": 4, "max_growth": 2}, "max_growth"),
     ],
 )
 def test_bad_settings_are_refused(options: dict[str, float], message: str) -> None:
@@ -190,3 +191,30 @@ def test_bad_settings_are_refused(options: dict[str, float], message: str) -> No
     naming the setting."""
     with pytest.raises(ValueError, match=message):
         CollectorPacer(**options)
+
+
+def test_growth_of_live_data_spaces_full_collections_out_up_to_max_growth(
+    collector: None,
+) -> None:
+    """A full collection that finds the heap's growth was live data (more sessions:
+    it reclaimed under a quarter of it) doubles the growth that makes the next one,
+    up to max_growth; one that reclaims most of it sets it back to growth. (The
+    heap is given: the policy's arithmetic, on the real collector.)"""
+    heap = [1_000]
+    pacer = CollectorPacer(growth=2, max_growth=8, heap=lambda: heap[0])
+    heap[0] = 2_001  # doubled, all of it live
+    assert pacer.tick() is True
+    assert (pacer.baseline, pacer.factor) == (2_001, 4)
+    heap[0] = 8_000  # under 4x: no full collection
+    assert pacer.tick() is False
+    heap[0] = 8_005
+    assert pacer.tick() is True
+    assert pacer.factor == 8
+    heap[0] = 8 * 8_005 + 1
+    assert pacer.tick() is True
+    assert pacer.factor == 8  # (capped)
+    grown_to = 9 * 64_041
+    calls = iter([grown_to, 64_041])  # before, and after: all the growth reclaimed
+    pacer._heap = lambda: next(calls)
+    assert pacer.tick() is True
+    assert (pacer.baseline, pacer.factor) == (64_041, 2)

@@ -25,14 +25,19 @@ loop:
 
 Frozen objects that later become cyclic garbage are not reclaimed by young
 collections. So when the heap (``sys.getallocatedblocks()``, the live
-blocks of Python's allocator) has grown to :attr:`~CollectorPacer.growth`
-times its size after the last full collection, or
-:attr:`~CollectorPacer.longest` seconds have passed since it, the pacer
-unfreezes everything and collects it all: the heap stays within ``growth``
-times the live heap, plus what one ``longest`` period of such garbage holds
-outside the allocator's blocks (large buffers). That full collection
-pauses the loop as long as CPython's own (O(live objects)); it comes when
-the heap doubled, not every few seconds.
+blocks of Python's allocator) has grown to a factor of its size after the
+last full collection, or :attr:`~CollectorPacer.longest` seconds have
+passed since it, the pacer unfreezes everything and collects it all. The
+factor is :attr:`~CollectorPacer.growth` (2); when a full collection finds
+that most of the growth was live data (more sessions, not garbage: it
+reclaimed under a quarter of it), the next factor doubles, up to
+:attr:`~CollectorPacer.max_growth` (8); one that reclaims more sets it back
+to ``growth``. So the heap stays within ``max_growth`` times the live heap
+(``growth`` times while garbage is being made), plus what one ``longest``
+period of such garbage holds outside the allocator's blocks (large
+buffers). A full collection pauses the loop as long as CPython's own
+(O(live objects)); it comes when the heap has grown that much, not every
+few seconds.
 
 The reactor starts one pacer per process when it tunes the collector
 (``reactor.run()``, ``lapse serve``; not with ``LAPSE_GC_TUNING=0``).
@@ -51,7 +56,8 @@ __all__ = ["CollectorPacer"]
 
 class CollectorPacer:
     """Young collections and ``gc.freeze()`` every ``interval`` seconds; a
-    full collection when the heap grew ``growth`` times, or after
+    full collection when the heap grew ``growth`` times (up to
+    ``max_growth`` times while what grows is live data), or after
     ``longest`` seconds (see the module docstring)."""
 
     def __init__(
@@ -59,6 +65,7 @@ class CollectorPacer:
         interval: float = 0.1,
         growth: float = 2.0,
         longest: float = 600.0,
+        max_growth: float = 8.0,
         *,
         heap: Callable[[], int] = sys.getallocatedblocks,
         clock: Callable[[], float] = time.monotonic,
@@ -69,9 +76,15 @@ class CollectorPacer:
             raise ValueError(f"growth is a factor > 1, not {growth!r}")
         if not longest > 0:
             raise ValueError(f"longest is seconds > 0, not {longest!r}")
+        if not max_growth >= growth:
+            raise ValueError(f"max_growth is a factor >= growth, not {max_growth!r}")
         self.interval = interval
         self.growth = growth
         self.longest = longest
+        self.max_growth = max_growth
+        self.factor = growth
+        """The heap's growth over :attr:`baseline` that makes the next full
+        collection."""
         self._heap = heap
         self._clock = clock
         self.baseline = heap()
@@ -86,11 +99,18 @@ class CollectorPacer:
         """One turn: a young collection and a freeze, or a full collection
         when one is due. Whether it was a full one."""
         now = self._clock()
-        if self._heap() > self.growth * self.baseline or now - self.last_full >= self.longest:
+        heap = self._heap()
+        if heap > self.factor * self.baseline or now - self.last_full >= self.longest:
             gc.unfreeze()
             gc.collect()
             gc.freeze()
-            self.baseline = self._heap()
+            after = self._heap()
+            grown = heap - self.baseline
+            if grown > 0 and (heap - after) * 4 < grown:  # mostly live data
+                self.factor = min(self.factor * 2, self.max_growth)
+            else:
+                self.factor = self.growth
+            self.baseline = after
             self.last_full = now
             self.full_collections += 1
             return True
