@@ -4,6 +4,8 @@ deadline order, and none is served once past its deadline."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from lapse.internet.task import Clock
@@ -112,4 +114,31 @@ def test_inline_drain_ends_every_due_session(clock: Clock) -> None:
     site, sessions, ended = site_with_burst(clock, 2 * ENDS_PER_TURN)
     clock.rightNow = 5.0
     site._keeper.drain()
+    assert ended == [s.uid for s in sessions]
+
+
+def test_burst_of_touched_sessions_is_moved_a_bounded_number_per_ring(clock: Clock) -> None:
+    """Sessions made together and all touched since reach the front of their queue
+    together: each ring of the timer moves at most ENDS_PER_TURN of them to their
+    later deadline (none ends early), and past those deadlines they end in deadline
+    order, ENDS_PER_TURN per ring."""
+    site, sessions, ended = site_with_burst(clock, 3 * ENDS_PER_TURN + 5)
+    clock.advance(1)
+    for session in sessions:
+        clock.rightNow += 0.001  # (without running the timer)
+        session.touch()  # deadline now 6.001, 6.002...
+    store = site._keeper._memory
+    clock.rightNow = 5.0  # the first deadline: the timer is due
+    moved = [len(store._heap)]
+    while any(c.getTime() <= clock.seconds() for c in clock.calls):
+        ring(clock)
+        moved.append(len(store._heap))
+    steps = [b - a for a, b in itertools.pairwise(moved)]
+    assert max(steps) <= ENDS_PER_TURN
+    assert moved[-1] == len(sessions) and not ended
+    clock.rightNow = 7.0
+    while clock.calls:
+        before = len(ended)
+        ring(clock)
+        assert len(ended) - before <= ENDS_PER_TURN
     assert ended == [s.uid for s in sessions]
