@@ -176,6 +176,12 @@ class Timetable:
         self.evicted = False
         """Whether records were evicted since the last claim (the site's
         keeper then claims them at once)."""
+        self._budget = math.inf
+        """Records :meth:`_collect_due` may still look at in this call (an
+        end, or a touched record moved to the heap, is one each)."""
+        self._more_due = False
+        """Whether :meth:`_collect_due` stopped on its budget: there may be
+        more to do now."""
 
     # -- scheduling ----------------------------------------------------------
 
@@ -243,7 +249,10 @@ class Timetable:
                     record._state = None  # taken out of the live dict by hand
                 elif state is queue and record.sessionTimeout == queue.timeout:
                     return record
+                elif self._budget <= 0:
+                    return None  # (entries left: the caller stops, see _collect_due)
                 else:
+                    self._budget -= 1
                     self._push(record, _deadline(record))
             entries.popleft()
         return None
@@ -267,7 +276,8 @@ class Timetable:
         for timeout, queue in list(queues.items()):
             record = self._front(queue)
             if record is None:
-                del queues[timeout]
+                if not queue.entries:
+                    del queues[timeout]
                 continue
             key = record._lastModified + queue.timeout
             if best is None or key < best[0]:
@@ -277,21 +287,35 @@ class Timetable:
             best = (top[0], top[1], None)
         return best
 
-    def _collect_due(self, now: float) -> None:
-        while True:
-            earliest = self._earliest()
-            if earliest is None or earliest[0] > now:
-                return
-            _, record, queue = earliest
-            if queue is None:
-                heapq.heappop(self._heap)
-            else:
-                queue.entries.popleft()
-            deadline = _deadline(record)
-            if deadline <= now:
-                self._end(record, _cause(record))
-            else:
-                self._push(record, deadline)  # touched since its entry
+    def _collect_due(self, now: float, limit: int) -> None:
+        """End the records due by ``now``, in deadline order, looking at
+        ``limit`` records at most (an end, or a touched record moved to its
+        later deadline, is one each). If it stops on that budget, the rest
+        stay due (:meth:`_get` no longer serves them; the next call ends them
+        first) and :attr:`_more_due` says so."""
+        self._budget = limit
+        self._more_due = False
+        try:
+            while True:
+                earliest = self._earliest()
+                if self._budget <= 0:
+                    self._more_due = True
+                    return
+                if earliest is None or earliest[0] > now:
+                    return
+                _, record, queue = earliest
+                if queue is None:
+                    heapq.heappop(self._heap)
+                else:
+                    queue.entries.popleft()
+                self._budget -= 1
+                deadline = _deadline(record)
+                if deadline <= now:
+                    self._end(record, _cause(record))
+                else:
+                    self._push(record, deadline)  # touched since its entry
+        finally:
+            self._budget = math.inf
 
     def _evict(self, count: int) -> None:
         """End the ``count`` live records with the earliest deadlines."""

@@ -224,8 +224,12 @@ class MemoryStore(PrincipalTable):
         return None if ended is None else ended.record
 
     def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]:
+        """Claim up to ``limit`` ended sessions, first ending due ones, in
+        deadline order, looking at ``limit`` records at most (ends, and
+        touched records moved to their later deadline): a call's work is
+        bounded by ``limit``, however many sessions came due at once."""
         now = self.clock() + _EPSILON
-        self._collect_due(now)
+        self._collect_due(now, limit)
         self.evicted = False
         if self._aliases:
             self._prune_aliases(now)
@@ -280,6 +284,9 @@ class MemoryStore(PrincipalTable):
         return self._events[start - self._events_base :], str(end)
 
     def next_deadline_now(self) -> float | None:
+        if self._more_due:  # the last claim stopped on its budget: now
+            self._more_due = False
+            return self.clock()
         earliest = self._earliest()
         candidates = [earliest[0]] if earliest is not None else []
         for ended in self._ended.values():

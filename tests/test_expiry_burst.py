@@ -1,0 +1,144 @@
+"""A burst of session ends on the memory store is spread over turns of the event
+loop: each ring of the keeper's timer ends a bounded number of sessions, in
+deadline order, and none is served once past its deadline."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from lapse.internet.task import Clock
+from lapse.sessions._local import ENDS_PER_TURN
+from lapse.sessions.stores.memory import MemoryStore
+from lapse.web.resource import Resource
+from lapse.web.server import Session, Site
+
+BURST = 50_000
+
+
+class Short(Session):
+    sessionTimeout = 5
+
+
+def site_with_burst(clock: Clock, count: int = BURST) -> tuple[Site, list[Session], list[str]]:
+    """A site whose ``count`` sessions were all made at t=0 (so all end at t=5),
+    each with a callback that records its uid when it runs."""
+    site = Site(Resource(), reactor=clock)
+    site.sessionFactory = Short
+    ended: list[str] = []
+    sessions = []
+    for _ in range(count):
+        session = site.makeSession()
+        session.notifyOnExpire(lambda uid=session.uid: ended.append(uid))
+        sessions.append(session)
+    return site, sessions, ended
+
+
+def ring(clock: Clock) -> None:
+    """Run the one call due now on the clock: one turn of the keeper's timer."""
+    (call,) = [c for c in clock.calls if c.getTime() <= clock.seconds()]
+    clock.calls.remove(call)
+    call.called = True
+    call.func(*call.args, **call.kw)
+
+
+@pytest.mark.slow
+def test_burst_of_ends_is_bounded_per_ring_and_keeps_order(clock: Clock) -> None:
+    """50,000 sessions coming due in one instant end ENDS_PER_TURN per ring of the
+    timer (the work a turn of the loop does for them is bounded), every callback
+    runs, once, in the order the sessions were made (their deadline order)."""
+    site, sessions, ended = site_with_burst(clock)
+    clock.rightNow = 5.0  # time passes; the timer has not rung yet
+    rings = 0
+    while clock.calls:
+        before = len(ended)
+        ring(clock)
+        rings += 1
+        assert 0 < len(ended) - before <= ENDS_PER_TURN
+    assert rings == -(-BURST // ENDS_PER_TURN)
+    assert ended == [s.uid for s in sessions]
+    assert not site.sessions
+    assert not clock.calls  # nothing left: no timer
+
+
+def test_due_session_not_yet_ended_is_not_served(clock: Clock) -> None:
+    """While a burst is being ended, a request presenting a session whose deadline
+    has passed does not get it (a new session instead), though its callbacks have
+    not run yet; it ends in its turn, callbacks once."""
+    site, sessions, ended = site_with_burst(clock, 3 * ENDS_PER_TURN)
+    clock.rightNow = 5.0
+    ring(clock)
+    last = sessions[-1]
+    assert not last.expired and last.uid in site.sessions  # not ended yet
+    keeper = site._keeper
+    assert keeper.load_now(last.uid) is None  # but never served
+    while clock.calls:
+        ring(clock)
+    assert last.expired
+    assert ended.count(last.uid) == 1
+
+
+def test_advance_past_a_burst_ends_it_all(clock: Clock) -> None:
+    """On a fake Clock, advancing past the deadline of a burst ends all of it inside
+    that advance (the timer's next rings are due at once), as before the bound."""
+    site, sessions, ended = site_with_burst(clock, 10 * ENDS_PER_TURN + 1)
+    clock.advance(5)
+    assert ended == [s.uid for s in sessions]
+    assert not site.sessions and not clock.calls
+
+
+def test_claim_ends_at_most_limit_due_sessions() -> None:
+    """The memory store's claim ends (and claims) at most ``limit`` of the sessions
+    due, the earliest deadlines first; the rest stay due, not loadable, and the next
+    claims take them in order."""
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0])
+    for n in range(10):
+        now[0] = n / 100
+        store.create_now(f"s{n}", 5, {})
+    now[0] = 10.0
+    first = store.claim_now("me", 30, 4)
+    assert [e.uid for e in first] == ["s0", "s1", "s2", "s3"]
+    assert store.load_now("s9") is None  # due, not ended yet: not served
+    assert len(store) == 6
+    second = store.claim_now("me", 30, 4)
+    assert [e.uid for e in second] == ["s4", "s5", "s6", "s7"]
+    assert [e.uid for e in store.claim_now("me", 30, 4)] == ["s8", "s9"]
+
+
+def test_inline_drain_ends_every_due_session(clock: Clock) -> None:
+    """A drain called inline (by an expiry by hand, an eviction, a principal's
+    sessions superseded: the request's own work) is not bounded: every due
+    session's callbacks have run when it returns."""
+    site, sessions, ended = site_with_burst(clock, 2 * ENDS_PER_TURN)
+    clock.rightNow = 5.0
+    site._keeper.drain()
+    assert ended == [s.uid for s in sessions]
+
+
+def test_burst_of_touched_sessions_is_moved_a_bounded_number_per_ring(clock: Clock) -> None:
+    """Sessions made together and all touched since reach the front of their queue
+    together: each ring of the timer moves at most ENDS_PER_TURN of them to their
+    later deadline (none ends early), and past those deadlines they end in deadline
+    order, ENDS_PER_TURN per ring."""
+    site, sessions, ended = site_with_burst(clock, 3 * ENDS_PER_TURN + 5)
+    clock.advance(1)
+    for session in sessions:
+        clock.rightNow += 0.001  # (without running the timer)
+        session.touch()  # deadline now 6.001, 6.002...
+    store = site._keeper._memory
+    clock.rightNow = 5.0  # the first deadline: the timer is due
+    moved = [len(store._heap)]
+    while any(c.getTime() <= clock.seconds() for c in clock.calls):
+        ring(clock)
+        moved.append(len(store._heap))
+    steps = [b - a for a, b in itertools.pairwise(moved)]
+    assert max(steps) <= ENDS_PER_TURN
+    assert moved[-1] == len(sessions) and not ended
+    clock.rightNow = 7.0
+    while clock.calls:
+        before = len(ended)
+        ring(clock)
+        assert len(ended) - before <= ENDS_PER_TURN
+    assert ended == [s.uid for s in sessions]
