@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from lapse.internet.task import Clock
-from lapse.sessions._pacer import CollectorPacer
+from lapse.internet._pacer import CollectorPacer
 from lapse.web.resource import Resource
 from lapse.web.server import Session, Site
 

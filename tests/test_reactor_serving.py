@@ -22,6 +22,7 @@ from _reactor import (
     Hello,
     Whoami,
     hello_site,
+    run_until_stopped,
     run_with_client,
 )
 from _servers import (
@@ -280,3 +281,53 @@ def test_tune_gc_is_off_with_env_zero(gc_state: None, monkeypatch: pytest.Monkey
     assert tune_gc() is False
     assert gc.get_threshold() == PYTHON_GC_THRESHOLD
     assert gc.get_freeze_count() == 0
+
+
+def test_a_delayed_call_that_ran_is_freed_without_the_collector(reactor: AsyncioReactor) -> None:
+    """A call that ran leaves no reference cycle with its loop handle: reference
+    counting frees it (the pacer freezes survivors, so cyclic garbage would wait
+    for a full collection)."""
+    import weakref
+
+    ran: list[bool] = []
+    call = reactor.callLater(0, ran.append, True)
+    gone = weakref.ref(call)
+    reactor.callLater(0.05, reactor.stop)
+    gc.disable()
+    try:
+        run_until_stopped(reactor)
+        del call
+        assert ran == [True]
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("tuning", ["1", "0"])
+def test_run_paces_the_collector_only_when_it_tuned_it(
+    reactor: AsyncioReactor, gc_state: None, monkeypatch: pytest.MonkeyPatch, tuning: str
+) -> None:
+    """reactor.run() runs a CollectorPacer while it serves and stops it after,
+    only when tune_gc() set the collector up (not with LAPSE_GC_TUNING=0)."""
+    from lapse.internet import _asyncio
+
+    made: list[Any] = []
+    seen_running: list[bool] = []
+
+    class Recording(_asyncio.CollectorPacer):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(_asyncio, "CollectorPacer", Recording)
+    monkeypatch.setenv("LAPSE_GC_TUNING", tuning)
+    gc.set_threshold(*PYTHON_GC_THRESHOLD)
+    reactor.callLater(0.02, lambda: seen_running.extend(p.running for p in made))
+    reactor.callLater(0.05, reactor.stop)
+    run_until_stopped(reactor)
+    if tuning == "1":
+        assert len(made) == 1
+        assert seen_running == [True]
+        assert not made[0].running
+    else:
+        assert made == []

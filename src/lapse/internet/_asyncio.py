@@ -29,6 +29,7 @@ from typing import Any
 import uvicorn
 
 from lapse.internet._http import ServingConfig, limits_for, protocol_for, text_response
+from lapse.internet._pacer import CollectorPacer
 from lapse.internet._process import bind_socket, configure_logging, tune_gc
 from lapse.internet.address import IPv4Address, IPv6Address, address_for
 from lapse.internet.error import (
@@ -76,6 +77,9 @@ class DelayedCall(BaseDelayedCall):
         self._handle = loop.call_at(loop.time() + delay, self._run)
 
     def _run(self) -> None:
+        # The handle ran: drop it, or it and this call (its callback is our
+        # bound method) are a reference cycle, garbage only the collector frees.
+        self._handle = None
         self.called = True
         try:
             self.func(*self.args, **self.kw)
@@ -411,9 +415,11 @@ class AsyncioReactor:
         if self.running:
             raise ReactorAlreadyRunning("the reactor is already running")
         configure_logging()
-        tune_gc()
+        pacer = CollectorPacer() if tune_gc() else None
         loop = self._own_loop()
         asyncio.set_event_loop(loop)
+        if pacer is not None:
+            pacer.start(loop)
         handled: list[signal.Signals] = []
         if installSignalHandlers:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -423,6 +429,8 @@ class AsyncioReactor:
         try:
             loop.run_until_complete(self._serve())
         finally:
+            if pacer is not None:
+                pacer.stop()
             for sig in handled:
                 loop.remove_signal_handler(sig)
             self.running = False
