@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from lapse.internet.task import Clock
 from lapse.internet._pacer import CollectorPacer
+from lapse.internet.task import Clock
 from lapse.web.resource import Resource
 from lapse.web.server import Session, Site
 
