@@ -497,3 +497,23 @@ def test_access_log_cuts_long_fields(caplog: pytest.LogCaptureFixture) -> None:
     assert response.status == 414
     (record,) = caplog.records
     assert len(record.getMessage()) < 2300
+
+
+class StreamedNow(Resource):
+    """A NOT_DONE_YET response finished within the render."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        request.write(b"streamed")
+        request.finish()
+        return NOT_DONE_YET
+
+
+def test_a_streamed_response_logs_one_access_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A NOT_DONE_YET response is logged once, when it ends (it was logged twice)."""
+    with caplog.at_level(logging.INFO, logger="lapse.access"):
+        response = call(site_for(StreamedNow()), "GET", "/s")
+    assert response.body == b"streamed"
+    (record,) = caplog.records
+    assert '"GET /s HTTP/1.1" 200 8' in record.getMessage()
