@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from lapse.sessions.store import Event, Expiry, StoreUnavailable
 from lapse.sessions.stores.redis.layout import Shard
+from lapse.sessions.stores.redis.news import News
 from lapse.sessions.stores.redis.values import US, decoded, field, us
 
 __all__ = ["Rounds"]
@@ -40,6 +41,7 @@ class Rounds:
     _shards: tuple[Shard, ...]
     _where: str
     _down: set[str]
+    _news: News
 
     if TYPE_CHECKING:
 
@@ -148,6 +150,7 @@ class Rounds:
                 raise ValueError(f"not a Redis events cursor of this store: {cursor!r}")
         if marks is None:
             lasts = await asyncio.gather(*(self._last_event(shard) for shard in shards))
+            self._news.marks = lasts  # (wait_for_news wakes for what comes after)
             return [], ",".join(lasts)
         where = dict(zip(shards, marks, strict=True))
         batches = await self._each(shards, lambda shard: self._events_after(shard, where[shard]))
@@ -159,6 +162,7 @@ class Rounds:
             else:
                 found += batch[0]
                 after.append(batch[1])
+        self._news.marks = after
         return found, ",".join(after)
 
     async def _last_event(self, shard: Shard) -> str:
