@@ -89,7 +89,7 @@ class News:
         connection was made (again), or a shard could not be read."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            await self.aclose()
+            await self._stop()
             self._start(loop)
         heard = self._heard
         heard.clear()
@@ -190,7 +190,13 @@ class News:
 
     async def aclose(self) -> None:
         """Stop the reads and close their connections (a blocked read is
-        dropped at once). Idempotent; the next :meth:`wait` starts again."""
+        dropped at once); a waiter is woken (True). Idempotent; the next
+        :meth:`wait` starts again."""
+        self._reread = True
+        self._heard.set()
+        await self._stop()
+
+    async def _stop(self) -> None:
         listeners, self._listeners = self._listeners, []
         loop, self._loop = self._loop, None
         mine = loop is asyncio.get_running_loop()

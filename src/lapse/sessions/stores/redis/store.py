@@ -14,7 +14,7 @@ from typing import Any
 from lapse.sessions.store import Expiry, StoreConfigError, StoredSession, StoreUnavailable
 from lapse.sessions.stores.redis.inspection import Inspection
 from lapse.sessions.stores.redis.layout import Layout, Shard
-from lapse.sessions.stores.redis.news import BLOCK, DEAF_RETRY, News
+from lapse.sessions.stores.redis.news import BLOCK, News
 from lapse.sessions.stores.redis.principals import Principals
 from lapse.sessions.stores.redis.rounds import Rounds
 from lapse.sessions.stores.redis.scripts import SOURCES
@@ -299,14 +299,11 @@ class RedisStore(Rounds, Inspection, Principals):
         ends before every other of its shard), by a connection of the
         blocking reads made again (the server may hold other sessions than
         this process knows), or, while they cannot read, every
-        ``DEAF_RETRY`` seconds (see :mod:`.news`). It reads the news after
+        :data:`~.news.DEAF_RETRY` seconds (see :mod:`.news`). It reads the news after
         where the last :meth:`events` stopped."""
-        if self._news.marks is None:
-            try:
+        if self._news.marks is None:  # (no events() read yet: from now on)
+            with contextlib.suppress(StoreUnavailable):
                 await self.events(None)
-            except StoreUnavailable:
-                await asyncio.sleep(min(seconds, DEAF_RETRY))
-                return seconds > DEAF_RETRY
         return await self._news.wait(seconds)
 
     def _node_of(self, shard: Shard) -> tuple[str, int] | None:
