@@ -281,6 +281,40 @@ async def test_closing_a_keeper_blocked_in_its_read_does_not_hang(url: str) -> N
 # -- failures ---------------------------------------------------------------------
 
 
+@aio
+async def test_a_blocking_read_whose_connection_is_killed_wakes_the_waiter_not_resent(
+    url: str, server: RedisServer
+) -> None:
+    """The server drops the blocked connection (CLIENT KILL): the wait
+    returns True at once (news may be lost: read the store) rather than the
+    read being sent again on a new connection unnoticed; the next wait makes
+    a connection anew and says so too."""
+    async with stores(url, 1) as (store,), _raw(server) as client:
+        await store.events(None)
+        while await store.wait_for_news(0.1):  # (its connection is new)
+            pass
+        waiting = asyncio.ensure_future(store.wait_for_news(WITHIN))
+        blocked: list[str] = []
+
+        async def find() -> bool:
+            listed = await client.client_list()
+            blocked[:] = [str(c["id"]) for c in listed if c.get("cmd") == "xread"]
+            return bool(blocked)
+
+        for _ in range(50):
+            if await find():
+                break
+            await asyncio.sleep(0.02)
+        [blocked_id] = blocked
+        started = time.monotonic()
+        await client.execute_command("CLIENT", "KILL", "ID", blocked_id)
+        assert await waiting is True
+        assert time.monotonic() - started < PROMPT
+        assert await store.wait_for_news(WITHIN) is True  # (made again)
+        assert store._news.connects == 2
+        assert await store.wait_for_news(0.2) is False
+
+
 @pytest.mark.slow
 @aio
 async def test_a_killed_and_restarted_server_is_listened_to_again_and_no_expiry_is_lost(
