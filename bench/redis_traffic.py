@@ -235,6 +235,8 @@ class RedisCounts:
     """Redis traffic of one system's touch requests."""
 
     idle_seconds: float = 0.0
+    idle_settle: float = 0.0
+    """Seconds waited for the processes to be quiet before the idle window."""
     idle_reads: float = 0.0
     """Per second: read events (client requests) with no HTTP traffic."""
     idle_commands: float = 0.0
@@ -271,8 +273,33 @@ class RedisCounts:
         return abs(self.monitor_client_commands - self.monitor_reads) < 0.1
 
 
-def measure_idle(redis: RedisTarget, seconds: float, counts: RedisCounts) -> None:
-    """The commands Redis gets while no request comes: in all, per node, per shard."""
+QUIET = 1.0
+"""Seconds without a script call (a keeper's round: claim, next deadline) that say the
+processes are idle: what the requests before left to do (ending their sessions) is done."""
+
+
+def wait_until_quiet(redis: RedisTarget, limit: float) -> float:
+    """Wait (at most ``limit`` seconds) until no script has run for :data:`QUIET`
+    seconds; the seconds waited. An idle process is one with nothing due: the seed's
+    sessions made by a warmup end a few seconds after it, and ending them is work, not
+    the idle cost (one lapse process sleeps until its next deadline)."""
+    started = time.monotonic()
+    last = redis.snapshot().calls.get("evalsha", 0)
+    quiet_since = started
+    while time.monotonic() - quiet_since < QUIET and time.monotonic() - started < limit:
+        time.sleep(0.25)
+        now = redis.snapshot().calls.get("evalsha", 0)
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+    return time.monotonic() - started
+
+
+def measure_idle(
+    redis: RedisTarget, seconds: float, counts: RedisCounts, settle: float = 10.0
+) -> None:
+    """The commands Redis gets while no request comes, once the processes are quiet
+    (:func:`wait_until_quiet`, at most ``settle`` s): in all, per node, per shard."""
+    counts.idle_settle = wait_until_quiet(redis, settle) if settle > 0 else 0.0
     monitors = Monitors(redis.addresses)
     try:
         before = redis.node_snapshots()

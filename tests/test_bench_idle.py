@@ -8,7 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +23,7 @@ if str(REPO) not in sys.path:
 
 from bench.figures import targets  # noqa: E402
 from bench.options import parse_options  # noqa: E402
-from bench.redis_traffic import RedisCounts  # noqa: E402
+from bench.redis_traffic import QUIET, RedisCounts, RedisHandle, wait_until_quiet  # noqa: E402
 from bench.scenarios import Outcome, Results  # noqa: E402
 
 IDLE = "idle client commands/s per process, Redis <= 2 and expiry lateness p99 <= 250 ms"
@@ -70,3 +73,41 @@ def test_expiry_lateness_on_redis_with_two_processes_delivers_every_session_once
     assert row["store"] == "redis-2p" and row["sessions"] == 30 and row["window"] == 1.0
     assert (row["deliveries"], row["missing"], row["duplicates"], row["unknown"]) == (30, 0, 0, 0)
     assert row["passed"] is True
+
+
+def scripts_until(handle: RedisHandle, until: float) -> threading.Thread:
+    """A thread that runs a script every 0.2 s until ``until`` (a keeper at work)."""
+    sha = handle.client.script_load("return 1")
+
+    def work() -> None:
+        while time.monotonic() < until:
+            handle.client.evalsha(sha, 0)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_the_idle_window_waits_until_no_script_has_run_for_a_quiet_second(
+    redis_server: Any,
+) -> None:
+    """On a real redis-server: while another client runs a script every 0.2 s (a
+    keeper ending the warmup's sessions), the idle window does not start; it starts
+    QUIET seconds after the last one, and after QUIET when nothing runs; never later
+    than its limit."""
+    handle = RedisHandle(redis_server.url)
+    try:
+        stop_at = time.monotonic() + 1.5
+        thread = scripts_until(handle, stop_at)
+        waited = wait_until_quiet(handle, 10.0)
+        thread.join()
+        assert time.monotonic() >= stop_at + QUIET - 0.3
+        assert waited < 1.5 + QUIET + 1.0
+        assert QUIET <= wait_until_quiet(handle, 10.0) < QUIET + 0.5
+        thread = scripts_until(handle, time.monotonic() + 4.0)
+        assert wait_until_quiet(handle, 2.0) < 2.5
+        thread.join()
+    finally:
+        handle.close()
