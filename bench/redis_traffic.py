@@ -236,7 +236,7 @@ class RedisCounts:
 
     idle_seconds: float = 0.0
     idle_settle: float = 0.0
-    """Seconds waited for the processes to be quiet before the idle window."""
+    """Seconds waited for nothing to be due before the idle window."""
     idle_reads: float = 0.0
     """Per second: read events (client requests) with no HTTP traffic."""
     idle_commands: float = 0.0
@@ -273,33 +273,58 @@ class RedisCounts:
         return abs(self.monitor_client_commands - self.monitor_reads) < 0.1
 
 
-QUIET = 1.0
-"""Seconds without a script call (a keeper's round: claim, next deadline) that say the
-processes are idle: what the requests before left to do (ending their sessions) is done."""
+AFTER_LAST_END = 0.5
+"""Seconds to wait after the last due session was delivered: the keeper's round that its
+own acknowledgement (news in the stream) asks for."""
 
 
-def wait_until_quiet(redis: RedisTarget, limit: float) -> float:
-    """Wait (at most ``limit`` seconds) until no script has run for :data:`QUIET`
-    seconds; the seconds waited. An idle process is one with nothing due: the seed's
-    sessions made by a warmup end a few seconds after it, and ending them is work, not
-    the idle cost (one lapse process sleeps until its next deadline)."""
+def node_clients(redis: RedisTarget) -> list[Any]:
+    """A redis-py client per primary: a cluster's (``clients`` by port), else the one."""
+    clients = getattr(redis, "clients", None)
+    if clients is not None:
+        return [clients[host_port[1]] for host_port in redis.addresses]
+    return [getattr(redis, "client")]  # noqa: B009
+
+
+def next_due(redis: RedisTarget) -> float | None:
+    """Seconds until the earliest session deadline or lease end of any lapse deployment
+    on ``redis`` (<= 0: due now, or a session ended by hand waits); None: nothing
+    pending. Read from the keys themselves (``*:deadlines``, ``*:leases``, ``*:ended``)."""
+    found: float | None = None
+    for client in node_clients(redis):
+        seconds, micros = client.time()
+        now = int(seconds) * 1_000_000 + int(micros)
+        for pattern in ("*:deadlines", "*:leases", "*:ended"):
+            for key in client.scan_iter(match=pattern, count=1000):
+                first = client.zrange(key, 0, 0, withscores=True)
+                if first:
+                    due = 0.0 if pattern == "*:ended" else (first[0][1] - now) / 1_000_000
+                    found = due if found is None else min(found, due)
+    return found
+
+
+def wait_until_idle(redis: RedisTarget, window: float, limit: float) -> float:
+    """Wait (at most ``limit`` seconds) until nothing is due on ``redis`` within the
+    next ``window`` seconds (and one more); the seconds waited. An idle process is one
+    with nothing to do: the seed's sessions a warmup made end a few seconds after it,
+    and ending them is expiry work, not the idle cost (a lapse process sleeps until its
+    next deadline)."""
     started = time.monotonic()
-    last = redis.snapshot().calls.get("evalsha", 0)
-    quiet_since = started
-    while time.monotonic() - quiet_since < QUIET and time.monotonic() - started < limit:
-        time.sleep(0.25)
-        now = redis.snapshot().calls.get("evalsha", 0)
-        if now != last:
-            last, quiet_since = now, time.monotonic()
+    while time.monotonic() - started < limit:
+        due = next_due(redis)
+        if due is None or due > window + 1.0:
+            break
+        time.sleep(min(max(due, 0.0) + 0.25, 2.0))
+    time.sleep(AFTER_LAST_END)
     return time.monotonic() - started
 
 
 def measure_idle(
-    redis: RedisTarget, seconds: float, counts: RedisCounts, settle: float = 10.0
+    redis: RedisTarget, seconds: float, counts: RedisCounts, settle: float = 15.0
 ) -> None:
-    """The commands Redis gets while no request comes, once the processes are quiet
-    (:func:`wait_until_quiet`, at most ``settle`` s): in all, per node, per shard."""
-    counts.idle_settle = wait_until_quiet(redis, settle) if settle > 0 else 0.0
+    """The commands Redis gets while no request comes, once nothing is due within the
+    window (:func:`wait_until_idle`, at most ``settle`` s): in all, per node, per shard."""
+    counts.idle_settle = wait_until_idle(redis, seconds, settle) if settle > 0 else 0.0
     monitors = Monitors(redis.addresses)
     try:
         before = redis.node_snapshots()

@@ -23,7 +23,13 @@ if str(REPO) not in sys.path:
 
 from bench.figures import targets  # noqa: E402
 from bench.options import parse_options  # noqa: E402
-from bench.redis_traffic import QUIET, RedisCounts, RedisHandle, wait_until_quiet  # noqa: E402
+from bench.redis_traffic import (  # noqa: E402
+    AFTER_LAST_END,
+    RedisCounts,
+    RedisHandle,
+    next_due,
+    wait_until_idle,
+)
 from bench.scenarios import Outcome, Results  # noqa: E402
 
 IDLE = "idle client commands/s per process, Redis <= 2 and expiry lateness p99 <= 250 ms"
@@ -75,39 +81,31 @@ def test_expiry_lateness_on_redis_with_two_processes_delivers_every_session_once
     assert row["passed"] is True
 
 
-def scripts_until(handle: RedisHandle, until: float) -> threading.Thread:
-    """A thread that runs a script every 0.2 s until ``until`` (a keeper at work)."""
-    sha = handle.client.script_load("return 1")
-
-    def work() -> None:
-        while time.monotonic() < until:
-            handle.client.evalsha(sha, 0)
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    return thread
-
-
 @pytest.mark.slow
-def test_the_idle_window_waits_until_no_script_has_run_for_a_quiet_second(
-    redis_server: Any,
-) -> None:
-    """On a real redis-server: while another client runs a script every 0.2 s (a
-    keeper ending the warmup's sessions), the idle window does not start; it starts
-    QUIET seconds after the last one, and after QUIET when nothing runs; never later
-    than its limit."""
+def test_the_idle_window_waits_until_nothing_is_due_within_it(redis_server: Any) -> None:
+    """On a real redis-server: a lapse deployment's session that ends 1.5 s from now
+    is work, not idleness: the idle window (2 s) starts only once it is gone (here: a
+    keeper delivers it 1.6 s from now); with nothing pending it starts at once; an
+    unknown prefix's keys count too; never later than its limit."""
     handle = RedisHandle(redis_server.url)
+    client = handle.client
     try:
-        stop_at = time.monotonic() + 1.5
-        thread = scripts_until(handle, stop_at)
-        waited = wait_until_quiet(handle, 10.0)
-        thread.join()
-        assert time.monotonic() >= stop_at + QUIET - 0.3
-        assert waited < 1.5 + QUIET + 1.0
-        assert QUIET <= wait_until_quiet(handle, 10.0) < QUIET + 0.5
-        thread = scripts_until(handle, time.monotonic() + 4.0)
-        assert wait_until_quiet(handle, 2.0) < 2.5
-        thread.join()
+        seconds, micros = client.time()
+        now = int(seconds) * 1_000_000 + int(micros)
+        client.zadd("bench-idle-test:deadlines", {"uid-1": now + 1_500_000})
+        assert next_due(handle) == pytest.approx(1.5, abs=0.1)
+        started = time.monotonic()
+        delivering = threading.Timer(1.6, lambda: client.delete("bench-idle-test:deadlines"))
+        delivering.start()
+        wait_until_idle(handle, 2.0, 10.0)
+        delivering.join()
+        assert 1.6 <= time.monotonic() - started < 1.6 + 1.5
+        assert next_due(handle) is None
+        assert wait_until_idle(handle, 2.0, 10.0) < AFTER_LAST_END + 0.3
+        client.zadd("bench-idle-test:ended", {"uid-2": now})
+        assert next_due(handle) == 0.0
+        started = time.monotonic()
+        assert wait_until_idle(handle, 2.0, 1.0) < 1.0 + 2.0 + AFTER_LAST_END + 0.3
     finally:
+        client.delete("bench-idle-test:deadlines", "bench-idle-test:ended")
         handle.close()
