@@ -400,6 +400,32 @@ async def test_a_huge_or_foreign_stream_entry_wakes_once_and_breaks_nothing(
         assert time.monotonic() - started < PROMPT
 
 
+@aio
+async def test_an_entry_that_is_not_utf8_neither_wedges_the_reads_nor_the_waiter(
+    url: str, server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another program put an entry that is not UTF-8 in the events stream
+    (it fails a whole XRANGE reply): the waiting store wakes, events() reads
+    the announcements around it and skips it (said in the log), its cursor
+    moves past it, and the next wait sleeps."""
+    async with stores(url, 2) as (a, b), _raw(server) as client:
+        await a.create("gg-1", 60, {})
+        await a.expire("gg-1")
+        [expiry] = await a.claim("o", 30, 10)
+        events = b._shards[0].events
+        _, cursor = await b.events(None)
+        garbled = lambda: client.xadd(events, {"uid": b"\xff\xfe"})  # noqa: E731
+        assert (await woken_by(b, garbled)) < PROMPT
+        await a.ack(expiry)
+        with caplog.at_level(logging.WARNING, logger="lapse.sessions"):
+            found, after = await b.events(cursor)
+        assert found == ["gg-1"]
+        assert after == (await client.xrevrange(events, count=1))[0][0]
+        assert any("not UTF-8" in r.getMessage() for r in caplog.records)
+        assert await b.events(after) == ([], after)
+        assert await b.wait_for_news(0.3) is False
+
+
 @pytest.mark.slow
 @aio
 async def test_an_events_key_that_is_not_a_stream_is_polled_not_spun_on(

@@ -34,6 +34,11 @@ _EVENTS_BATCH = 1000
 _CURSOR = re.compile(r"\d+(-\d+)?")
 
 
+def _garbled(exc: StoreUnavailable) -> bool:
+    """Whether a read failed on a reply that is not UTF-8 (the connection is fine)."""
+    return str(exc.__cause__).startswith("reply is not UTF-8")
+
+
 class Rounds:
     """The keeper's questions of :class:`RedisStore
     <lapse.sessions.stores.redis.RedisStore>`, over its plumbing."""
@@ -172,17 +177,41 @@ class Rounds:
         return str(last[0][0]) if last else "0-0"
 
     async def _events_after(self, shard: Shard, mark: str) -> tuple[list[Event], str]:
-        entries = await self._command_on(
-            "events", shard.events, "XRANGE", shard.events, "(" + mark, "+", "COUNT", _EVENTS_BATCH
-        )
-        entries = entries or []
+        events = shard.events
+        try:
+            entries = await self._command_on(
+                "events", events, "XRANGE", events, "(" + mark, "+", "COUNT", _EVENTS_BATCH
+            )
+            entries = entries or []
+            last = str(entries[-1][0]) if entries else mark
+        except StoreUnavailable as exc:
+            if not _garbled(exc):
+                raise
+            entries, last = await self._readable_events(shard, mark)
         found: list[Event] = []
         for _, flat in entries:
             uid = field(flat, "uid") if flat else None
             if uid is not None:
                 to = field(flat, "to")
                 found.append(uid if to is None else (uid, to))
-        return found, str(entries[-1][0]) if entries else mark
+        return found, last
+
+    async def _readable_events(self, shard: Shard, mark: str) -> tuple[list[Any], str]:
+        """The entries after ``mark`` one by one, skipping those that are not
+        UTF-8 (another program's: they would fail every read, for ever); and
+        the last id, skipped or not."""
+        ids = await self._call("event_ids", [shard.events], ["(" + mark, _EVENTS_BATCH])
+        entries: list[Any] = []
+        for entry_id in ids:
+            try:
+                entries += await self._command_on(
+                    "events", shard.events, "XRANGE", shard.events, entry_id, entry_id
+                )
+            except StoreUnavailable as exc:
+                if not _garbled(exc):
+                    raise
+                log.warning("skipped entry %s of %s: it is not UTF-8", entry_id, shard.events)
+        return entries, str(ids[-1]) if ids else mark
 
     async def next_deadline(self) -> float | None:
         """The earliest of: the live sessions' deadlines (possibly past, if
