@@ -286,19 +286,26 @@ def node_clients(redis: RedisTarget) -> list[Any]:
     return [getattr(redis, "client")]  # noqa: B009
 
 
+STALE = 5.0
+"""Seconds past due after which an entry is taken for one no process serves (a
+deployment whose server the bench stopped): a live keeper claims what is due at once."""
+
+
 def next_due(redis: RedisTarget) -> float | None:
     """Seconds until the earliest session deadline or lease end of any lapse deployment
-    on ``redis`` (<= 0: due now, or a session ended by hand waits); None: nothing
-    pending. Read from the keys themselves (``*:deadlines``, ``*:leases``, ``*:ended``)."""
+    on ``redis`` (<= 0: due now; a session ended by hand is due when it ended); None:
+    nothing pending. Read from the keys themselves (``*:deadlines``, ``*:leases``,
+    ``*:ended``); entries more than :data:`STALE` seconds past due are left out."""
     found: float | None = None
     for client in node_clients(redis):
         seconds, micros = client.time()
         now = int(seconds) * 1_000_000 + int(micros)
         for pattern in ("*:deadlines", "*:leases", "*:ended"):
             for key in client.scan_iter(match=pattern, count=1000):
-                first = client.zrange(key, 0, 0, withscores=True)
+                fresh = now - STALE * 1_000_000
+                first = client.zrangebyscore(key, fresh, "+inf", start=0, num=1, withscores=True)
                 if first:
-                    due = 0.0 if pattern == "*:ended" else (first[0][1] - now) / 1_000_000
+                    due = (first[0][1] - now) / 1_000_000
                     found = due if found is None else min(found, due)
     return found
 
