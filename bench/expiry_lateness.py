@@ -5,6 +5,12 @@ whose timeouts are spread uniformly over a window, and its ``on_expire`` hook re
 each session is delivered. Lateness = hook time - the session's expected deadline.
 The target: p99 lateness within 250 ms, no session missing, none delivered twice.
 
+``redis-2p``: two worker processes (this script, ``worker``) share one redis-server, each
+making half of ``--shared-sessions`` sessions over ``--shared-window`` seconds; a session
+is delivered by whichever process claims it, so its hook time is read from both. The
+processes sleep until their next deadline and wake on each other's news (a blocking read
+of the store's stream), not polling.
+
 Run ``.venv/bin/python bench/expiry_lateness.py --help``; see bench/README.md.
 """
 
@@ -18,8 +24,10 @@ import platform
 import random
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +41,9 @@ from lapse.web.server import Site
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_FILE = BENCH_DIR / "results" / "expiry_lateness.md"
-STORES = ("memory", "sqlite", "redis")
+STORES = ("memory", "sqlite", "redis", "redis-2p")
+SHARED = "redis-2p"
+"""Two processes on one redis-server (see the module)."""
 TARGET_P99_MS = 250.0
 GRACE = 30.0
 """Seconds to wait past the last expected deadline before calling a session missing."""
@@ -52,6 +62,8 @@ class Options:
     seed: int
     results: Path = RESULTS_FILE
     json_path: Path | None = None
+    shared_sessions: int = 4000
+    shared_window: float = 20.0
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -66,6 +78,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
         "--stores", default=",".join(STORES), help="comma-separated: memory,sqlite,redis"
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed for the timeouts (1)")
+    parser.add_argument(
+        "--shared-sessions", type=int, default=4000, help="sessions of redis-2p, in all (4000)"
+    )
+    parser.add_argument(
+        "--shared-window", type=float, default=20.0, help="redis-2p's deadlines spread (20 s)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="1,000 sessions over 10 s (unless given explicitly)"
     )
@@ -87,11 +105,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
             parser.error(f"unknown store {store!r}; choose from {', '.join(STORES)}")
     if not stores:
         parser.error("no store given")
-    if sessions < 1:
-        parser.error("--sessions must be at least 1")
-    if not window >= 0 or not math.isfinite(window):
-        parser.error("--window must be a finite number of seconds >= 0")
-    return Options(sessions, window, stores, args.seed, args.results, args.json)
+    if sessions < 1 or args.shared_sessions < 2:
+        parser.error("--sessions must be at least 1, --shared-sessions at least 2")
+    for given in (window, args.shared_window):
+        if not given >= 0 or not math.isfinite(given):
+            parser.error("a window must be a finite number of seconds >= 0")
+    shared = (args.shared_sessions, args.shared_window)
+    return Options(sessions, window, stores, args.seed, args.results, args.json, *shared)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -223,7 +243,19 @@ async def measure(store: str, url: str, opts: Options, seed: int) -> Result:
     finally:
         await keeper.aclose()
 
+    tally(result, calls, expected, earliest)
+    return result
+
+
+def tally(
+    result: Result,
+    calls: dict[str, list[float]],
+    expected: dict[str, float],
+    earliest: dict[str, float],
+) -> None:
+    """Fill ``result`` from the hook calls (uid -> times) and the deadlines."""
     for uid, times in calls.items():
+        times.sort()
         result.deliveries += len(times)
         if uid not in expected:
             result.unknown += 1
@@ -232,6 +264,105 @@ async def measure(store: str, url: str, opts: Options, seed: int) -> Result:
         result.lateness_ms.append((times[0] - expected[uid]) * 1000)
         result.upper_ms.append((times[0] - earliest[uid]) * 1000)
     result.missing = sum(1 for uid in expected if uid not in calls)
+
+
+# ---------------------------------------------------------------------------- two processes
+
+
+async def work(url: str, sessions: int, window: float, seed: int, base: Path) -> None:
+    """One process of ``redis-2p``: make ``sessions`` sessions (their deadlines to
+    ``base.created``), record every hook call it runs (``base.calls``, a line each), and
+    serve until ``base.stop`` exists."""
+    rng = random.Random(seed)
+    timeouts = [1.0 + rng.uniform(0.0, window) for _ in range(sessions)]
+    lock = threading.Lock()
+    out = open(base.with_suffix(".calls"), "a", buffering=1)  # noqa: SIM115
+
+    def hook(expiry: Expiry) -> None:
+        line = f"{expiry.uid} {time.time():.6f}\n"
+        with lock:
+            out.write(line)
+
+    site = Site(Resource(), store=url, on_expire=hook)
+    factory = TimeoutFactory()
+    site.sessionFactory = factory
+    keeper = site.keeper
+    made: dict[str, list[float]] = {}
+    try:
+        await site.store.open()
+        keeper.start()
+        for timeout in timeouts:
+            factory.timeout = timeout
+            sent = time.time()
+            session = site.makeSession()
+            await keeper.persist([session])
+            made[session.uid] = [time.time() + timeout, sent + timeout]
+        partial = base.with_suffix(".part")
+        partial.write_text(json.dumps(made))
+        partial.rename(base.with_suffix(".created"))
+        stop = base.with_suffix(".stop")
+        while not stop.exists():
+            await asyncio.sleep(0.1)
+    finally:
+        await keeper.aclose()
+        out.close()
+
+
+def read_calls(paths: list[Path]) -> dict[str, list[float]]:
+    calls: dict[str, list[float]] = {}
+    for path in paths:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                uid, _, at = line.partition(" ")
+                if at:
+                    calls.setdefault(uid, []).append(float(at))
+    return calls
+
+
+async def measure_shared(url: str, opts: Options) -> Result:
+    """``redis-2p``: two worker processes on ``url``; the hook calls of both."""
+    total, window, seed = opts.shared_sessions, opts.shared_window, opts.seed
+    result = Result(SHARED, total)
+    folder = Path(tempfile.mkdtemp(prefix="lapse-lateness-2p-"))
+    bases = [folder / f"p{i}" for i in range(2)]
+    halves = (total // 2, total - total // 2)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "worker", url, *map(str, (n, window, seed + i, base))]
+        )
+        for i, (n, base) in enumerate(zip(halves, bases, strict=True))
+    ]
+    try:
+        started = time.time()
+        created = [base.with_suffix(".created") for base in bases]
+        while not all(path.exists() for path in created):
+            if any(proc.poll() is not None for proc in procs):
+                raise RuntimeError("a redis-2p worker exited before making its sessions")
+            await asyncio.sleep(0.05)
+        result.create_seconds = time.time() - started
+        expected: dict[str, float] = {}
+        earliest: dict[str, float] = {}
+        for path in created:
+            for uid, (at, low) in json.loads(path.read_text()).items():
+                expected[uid], earliest[uid] = at, low
+                result.create_rtt_ms.append((at - low) * 1000)
+        progress(f"{SHARED}: {total} sessions created in {result.create_seconds:.1f} s")
+        give_up = max(expected.values()) + GRACE
+        calls_files = [base.with_suffix(".calls") for base in bases]
+        while len(read_calls(calls_files)) < total and time.time() < give_up:
+            await asyncio.sleep(0.25)
+        await asyncio.sleep(SETTLE)
+    finally:
+        for base in bases:
+            base.with_suffix(".stop").touch()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    tally(result, read_calls(calls_files), expected, earliest)
+    shutil.rmtree(folder, ignore_errors=True)
     return result
 
 
@@ -252,7 +383,9 @@ def report(results: list[Result], opts: Options, command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"{opts.sessions} sessions per store, timeouts 1 s + uniform(0, {opts.window:g} s), "
-        f"seed {opts.seed}; one process, `asyncio.run`; Python {platform.python_version()}, "
+        f"seed {opts.seed}; one process, `asyncio.run` ({SHARED}: {opts.shared_sessions} "
+        f"sessions over {opts.shared_window:g} s, made half in each of two processes on one "
+        f"redis-server); Python {platform.python_version()}, "
         f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.",
         "",
         "Lateness = time.time() when `on_expire` was called - expected deadline (time.time() "
@@ -313,7 +446,7 @@ def summary(r: Result, opts: Options) -> dict[str, object]:
     return {
         "store": r.store,
         "sessions": r.sessions,
-        "window": opts.window,
+        "window": opts.shared_window if r.store == SHARED else opts.window,
         "deliveries": r.deliveries,
         "duplicates": r.duplicates,
         "missing": r.missing,
@@ -334,11 +467,19 @@ async def run_all(opts: Options) -> list[Result]:
     for store in opts.stores:
         with store_url(store) as url:
             progress(f"{store}: {url}")
-            results.append(await measure(store, url, opts, opts.seed))
+            if store == SHARED:
+                results.append(await measure_shared(url, opts))
+            else:
+                results.append(await measure(store, url, opts, opts.seed))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["worker"]:
+        url, sessions, window, seed, base = args[1:]
+        asyncio.run(work(url, int(sessions), float(window), int(seed), Path(base)))
+        return 0
     opts = parse_options(argv)
     command = " ".join([".venv/bin/python", "bench/expiry_lateness.py", *sys.argv[1:]])
     results = asyncio.run(run_all(opts))

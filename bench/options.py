@@ -122,8 +122,9 @@ def parse_options(argv: list[str] | None = None) -> Options:
     )
     parser.add_argument(
         "--expiry-stores",
-        default="memory",
-        help="stores for expiry lateness: memory (default) or e.g. memory,sqlite,redis",
+        default="memory,redis-2p",
+        help="stores for expiry lateness: memory,redis-2p (default: redis-2p is two "
+        "processes on one Redis, a few thousand sessions) or e.g. memory,sqlite,redis",
     )
     parser.add_argument(
         "--idle-seconds",

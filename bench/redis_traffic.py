@@ -235,6 +235,8 @@ class RedisCounts:
     """Redis traffic of one system's touch requests."""
 
     idle_seconds: float = 0.0
+    idle_settle: float = 0.0
+    """Seconds waited for nothing to be due before the idle window."""
     idle_reads: float = 0.0
     """Per second: read events (client requests) with no HTTP traffic."""
     idle_commands: float = 0.0
@@ -271,8 +273,65 @@ class RedisCounts:
         return abs(self.monitor_client_commands - self.monitor_reads) < 0.1
 
 
-def measure_idle(redis: RedisTarget, seconds: float, counts: RedisCounts) -> None:
-    """The commands Redis gets while no request comes: in all, per node, per shard."""
+AFTER_LAST_END = 0.5
+"""Seconds to wait after the last due session was delivered: the keeper's round that its
+own acknowledgement (news in the stream) asks for."""
+
+
+def node_clients(redis: RedisTarget) -> list[Any]:
+    """A redis-py client per primary: a cluster's (``clients`` by port), else the one."""
+    clients = getattr(redis, "clients", None)
+    if clients is not None:
+        return [clients[host_port[1]] for host_port in redis.addresses]
+    return [getattr(redis, "client")]  # noqa: B009
+
+
+STALE = 5.0
+"""Seconds past due after which an entry is taken for one no process serves (a
+deployment whose server the bench stopped): a live keeper claims what is due at once."""
+
+
+def next_due(redis: RedisTarget) -> float | None:
+    """Seconds until the earliest session deadline or lease end of any lapse deployment
+    on ``redis`` (<= 0: due now; a session ended by hand is due when it ended); None:
+    nothing pending. Read from the keys themselves (``*:deadlines``, ``*:leases``,
+    ``*:ended``); entries more than :data:`STALE` seconds past due are left out."""
+    found: float | None = None
+    for client in node_clients(redis):
+        seconds, micros = client.time()
+        now = int(seconds) * 1_000_000 + int(micros)
+        for pattern in ("*:deadlines", "*:leases", "*:ended"):
+            for key in client.scan_iter(match=pattern, count=1000):
+                fresh = now - STALE * 1_000_000
+                first = client.zrangebyscore(key, fresh, "+inf", start=0, num=1, withscores=True)
+                if first:
+                    due = (first[0][1] - now) / 1_000_000
+                    found = due if found is None else min(found, due)
+    return found
+
+
+def wait_until_idle(redis: RedisTarget, window: float, limit: float) -> float:
+    """Wait (at most ``limit`` seconds) until nothing is due on ``redis`` within the
+    next ``window`` seconds (and one more); the seconds waited. An idle process is one
+    with nothing to do: the seed's sessions a warmup made end a few seconds after it,
+    and ending them is expiry work, not the idle cost (a lapse process sleeps until its
+    next deadline)."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        due = next_due(redis)
+        if due is None or due > window + 1.0:
+            break
+        time.sleep(min(max(due, 0.0) + 0.25, 2.0))
+    time.sleep(AFTER_LAST_END)
+    return time.monotonic() - started
+
+
+def measure_idle(
+    redis: RedisTarget, seconds: float, counts: RedisCounts, settle: float = 15.0
+) -> None:
+    """The commands Redis gets while no request comes, once nothing is due within the
+    window (:func:`wait_until_idle`, at most ``settle`` s): in all, per node, per shard."""
+    counts.idle_settle = wait_until_idle(redis, seconds, settle) if settle > 0 else 0.0
     monitors = Monitors(redis.addresses)
     try:
         before = redis.node_snapshots()

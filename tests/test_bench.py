@@ -158,7 +158,7 @@ def test_idle_rate_counts_the_commands_other_clients_send_during_the_window(
     thread = threading.Thread(target=other_client)
     thread.start()
     try:
-        measure_idle(handle, 0.4, counts)
+        measure_idle(handle, 0.4, counts, settle=0)
     finally:
         thread.join()
         handle.close()
@@ -458,7 +458,7 @@ def test_idle_rate_on_a_real_cluster_is_summed_over_primaries_and_split_by_shard
         thread = threading.Thread(target=other_client)
         thread.start()
         try:
-            measure_idle(cluster, 0.6, counts)
+            measure_idle(cluster, 0.6, counts, settle=0)
         finally:
             thread.join()
         assert done.is_set()

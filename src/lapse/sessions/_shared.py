@@ -14,7 +14,9 @@ and say how long to sleep. Tests drive it on a fake clock. Around it:
 
 - a shared store is polled by a thin loop (open the store, retry it after an
   outage, sleep with :attr:`SharedKeeper.sleep`), at least every
-  ``poll_interval``: another process may make a session that ends sooner. A
+  ``poll_interval``: another process may make a session that ends sooner;
+  unless the store wakes its keepers (``wait_for_news``: Redis, PostgreSQL):
+  then it sleeps in that until the next deadline or lease end it knows of. A
   plain (not async) hook runs in a worker thread, so that a slow one holds
   neither the event loop's requests nor its lease;
 - an in-process store (``shared = False``) is polled by a timer on the

@@ -35,6 +35,11 @@ Guarantees:
 - **Per-key saves.** Each data key is its own hash field, so ``save`` writes
   only the changed keys and two requests changing different keys of one
   session both persist.
+- **Idle processes sleep.** ``wait_for_news`` blocks in ``XREAD`` on each
+  shard's events stream, on connections of its own (:mod:`.news`): a
+  process with nothing due sends one command per shard every 30 s, and is
+  woken at once by another process's end, rotation, logout, or new session
+  that ends before every other of its shard.
 - **Data sent only when it changed.** ``load`` given the data's version a
   process holds returns no data if it is still that version, and data is
   returned as JSON texts, decoded by key when read: a request's cost does not
@@ -51,7 +56,8 @@ after that); ``P:ended`` sorted set (uid → when ``expire()`` ended it);
 ``P:leases`` sorted set (uid → lease end) with ``P:c:<uid>`` hash (delivery
 id, attempt, cause, owner); ``P:seq`` delivery counter; ``P:events`` stream
 of ended uids (``uid``) and rotations (``uid`` the old uid, ``to`` the new),
-trimmed to about 100,000 entries a shard (a process that falls further
+and wake-ups without a uid (``news``: a session ended by hand, or made to end
+first), trimmed to about 100,000 entries a shard (a process that falls further
 behind misses older announcements). ``{prefix}:shards`` holds the
 deployment's shard count. Every key a script touches is in one shard, so on
 a Redis Cluster each operation is one script on one node.
@@ -72,7 +78,8 @@ inspection), :mod:`.layout` (shards and their key names), :mod:`.scripts`
 (the Lua scripts, one ``.lua`` file each, read once at import),
 :mod:`.client` (the auto-pipelined RESP client: EVALSHA, EVAL on NOSCRIPT),
 :mod:`.cluster` (routing by slot over one such client per node),
-:mod:`.sentinel` (the primary the sentinels name), :mod:`.slots` (hash slots
+:mod:`.sentinel` (the primary the sentinels name), :mod:`.news` (the
+blocking reads that wake an idle process), :mod:`.slots` (hash slots
 and the interface the three offer the store), :mod:`.url` (the URL check,
 TLS options), :mod:`.values` (times in µs, data as JSON fields).
 """

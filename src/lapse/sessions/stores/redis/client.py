@@ -105,7 +105,11 @@ class RedisClient:
     for the default context (the system's CAs, hostname checked). With
     ``require_role`` (say ``"master"``), ``ROLE`` is sent with the handshake
     (the same write) and a server in another role (a replica) is dropped:
-    the connection fails with :class:`RedisRoleError`.
+    the connection fails with :class:`RedisRoleError`. ``patience``: seconds
+    of the server's silence allowed beyond ``timeout`` while commands are
+    pending (a client for blocking commands: ``XREAD BLOCK``); such a client
+    never sends a command again on a new connection (see :meth:`send`): its
+    caller must know that the connection was lost.
     """
 
     def __init__(
@@ -121,12 +125,14 @@ class RedisClient:
         timeout: float = 1.0,
         require_role: str | None = None,
         wait_replicas: int = 0,
+        patience: float = 0.0,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
         if not isinstance(wait_replicas, int) or wait_replicas < 0:
             raise ValueError(f"wait_replicas is a count >= 0, not {wait_replicas!r}")
         self._wait_replicas = wait_replicas
+        self.patience = patience
         self.host = host
         self.port = port
         self.db = db
@@ -172,8 +178,9 @@ class RedisClient:
         except _ConnectionLost:
             # It was queued on a connection that was already there, and that
             # connection broke (a server restart between two calls, say):
-            # once more, on a new connection.
-            pass
+            # once more, on a new connection (unless blocking: see __init__).
+            if self.patience:
+                raise
         return await (await self._connect()).send(packed)
 
     async def send_asking(self, packed: bytes) -> Any:
@@ -311,7 +318,7 @@ class RedisClient:
         loop = asyncio.get_running_loop()
         if self._wait_replicas:
             return _WaitingConnection(loop, self.timeout, self._lost, self._wait_replicas)
-        return _Connection(loop, self.timeout, self._lost)
+        return _Connection(loop, self.timeout, self._lost, self.patience)
 
     def _handshake(self) -> list[tuple[Arg, ...]]:
         commands: list[tuple[Arg, ...]] = []

@@ -93,9 +93,13 @@ class _Connection(asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
         timeout: float,
         on_lost: Callable[[_Connection], None],
+        patience: float = 0.0,
     ) -> None:
         self.loop = loop
         self.timeout = timeout
+        self.patience = patience
+        """Seconds of silence allowed beyond ``timeout`` (a connection that
+        waits in blocking commands: ``XREAD BLOCK`` answers that late)."""
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(
@@ -218,12 +222,13 @@ class _Connection(asyncio.Protocol):
             return
         now = self.loop.time()
         if len(self.pending) > len(self.outgoing):  # written, not all answered
-            deadline = self.last_progress + self.timeout
+            deadline = self.last_progress + self.timeout + self.patience
             if now < deadline:
                 self.watchdog = self.loop.call_at(deadline, self._tick)
                 return
             if not self._unread():
-                self.fail(RedisTimeoutError, f"no reply within {self.timeout:g}s")
+                silence = self.timeout + self.patience
+                self.fail(RedisTimeoutError, f"no reply within {silence:g}s")
                 return
             # The server did answer; this timer merely ran before the busy
             # loop read the socket. Look again once it has.

@@ -1,5 +1,6 @@
 -- create: store a new live session.
--- KEYS: session hash, deadlines, ended.
+-- KEYS: session hash, deadlines, ended, events (announced in if it ends
+-- before every other live session of the shard: idle keepers sleep until then).
 -- ARGV: now, uid, timeout, lifetime ('' for none), field, value, ... -> deadline
 -- include: prelude.lua
 
@@ -14,6 +15,8 @@ if ARGV[4] ~= '' then
 end
 deadline = n2s(deadline)
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 redis.call('ZADD', KEYS[2], deadline, ARGV[2])
+if not first[2] or tonumber(deadline) < tonumber(first[2]) then announce(KEYS[4], 'first') end
 redis.call('ZREM', KEYS[3], ARGV[2])
 return deadline

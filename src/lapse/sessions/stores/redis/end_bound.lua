@@ -32,4 +32,5 @@ for _, uid in ipairs(uids) do
     if KEYS[3] then redis.call('SREM', KEYS[3], uid) end
   end
 end
+if #out > 0 then announce(ARGV[2] .. ':events', 'ended') end
 return out

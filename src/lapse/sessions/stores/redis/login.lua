@@ -51,6 +51,7 @@ if excess > 0 then
     redis.call('SREM', index, o[1])
     table.insert(victims, o[1])
   end
+  announce(base .. ':events', 'ended')
 end
 if old and old ~= principal then redis.call('SREM', base .. ':p:' .. old, uid) end
 redis.call('HSET', key, '_p', principal)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from lapse.sessions.store import Event, Expiry, StoreUnavailable
 from lapse.sessions.stores.redis.layout import Shard
+from lapse.sessions.stores.redis.news import News
 from lapse.sessions.stores.redis.values import US, decoded, field, us
 
 __all__ = ["Rounds"]
@@ -33,6 +34,11 @@ _EVENTS_BATCH = 1000
 _CURSOR = re.compile(r"\d+(-\d+)?")
 
 
+def _garbled(exc: StoreUnavailable) -> bool:
+    """Whether a read failed on a reply that is not UTF-8 (the connection is fine)."""
+    return str(exc.__cause__).startswith("reply is not UTF-8")
+
+
 class Rounds:
     """The keeper's questions of :class:`RedisStore
     <lapse.sessions.stores.redis.RedisStore>`, over its plumbing."""
@@ -40,6 +46,7 @@ class Rounds:
     _shards: tuple[Shard, ...]
     _where: str
     _down: set[str]
+    _news: News
 
     if TYPE_CHECKING:
 
@@ -148,6 +155,7 @@ class Rounds:
                 raise ValueError(f"not a Redis events cursor of this store: {cursor!r}")
         if marks is None:
             lasts = await asyncio.gather(*(self._last_event(shard) for shard in shards))
+            self._news.marks = lasts  # (wait_for_news wakes for what comes after)
             return [], ",".join(lasts)
         where = dict(zip(shards, marks, strict=True))
         batches = await self._each(shards, lambda shard: self._events_after(shard, where[shard]))
@@ -159,6 +167,7 @@ class Rounds:
             else:
                 found += batch[0]
                 after.append(batch[1])
+        self._news.marks = after
         return found, ",".join(after)
 
     async def _last_event(self, shard: Shard) -> str:
@@ -168,17 +177,41 @@ class Rounds:
         return str(last[0][0]) if last else "0-0"
 
     async def _events_after(self, shard: Shard, mark: str) -> tuple[list[Event], str]:
-        entries = await self._command_on(
-            "events", shard.events, "XRANGE", shard.events, "(" + mark, "+", "COUNT", _EVENTS_BATCH
-        )
-        entries = entries or []
+        events = shard.events
+        try:
+            entries = await self._command_on(
+                "events", events, "XRANGE", events, "(" + mark, "+", "COUNT", _EVENTS_BATCH
+            )
+            entries = entries or []
+            last = str(entries[-1][0]) if entries else mark
+        except StoreUnavailable as exc:
+            if not _garbled(exc):
+                raise
+            entries, last = await self._readable_events(shard, mark)
         found: list[Event] = []
         for _, flat in entries:
             uid = field(flat, "uid") if flat else None
             if uid is not None:
                 to = field(flat, "to")
                 found.append(uid if to is None else (uid, to))
-        return found, str(entries[-1][0]) if entries else mark
+        return found, last
+
+    async def _readable_events(self, shard: Shard, mark: str) -> tuple[list[Any], str]:
+        """The entries after ``mark`` one by one, skipping those that are not
+        UTF-8 (another program's: they would fail every read, for ever); and
+        the last id, skipped or not."""
+        ids = await self._call("event_ids", [shard.events], ["(" + mark, _EVENTS_BATCH])
+        entries: list[Any] = []
+        for entry_id in ids:
+            try:
+                entries += await self._command_on(
+                    "events", shard.events, "XRANGE", shard.events, entry_id, entry_id
+                )
+            except StoreUnavailable as exc:
+                if not _garbled(exc):
+                    raise
+                log.warning("skipped entry %s of %s: it is not UTF-8", entry_id, shard.events)
+        return entries, str(ids[-1]) if ids else mark
 
     async def next_deadline(self) -> float | None:
         """The earliest of: the live sessions' deadlines (possibly past, if

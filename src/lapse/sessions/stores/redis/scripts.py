@@ -37,6 +37,7 @@ _NAMES = (
     "lock",
     "unlock",
     "reindex",
+    "event_ids",
 )
 
 _PACKAGE = __name__.rpartition(".")[0]

@@ -14,10 +14,11 @@ from typing import Any
 from lapse.sessions.store import Expiry, StoreConfigError, StoredSession, StoreUnavailable
 from lapse.sessions.stores.redis.inspection import Inspection
 from lapse.sessions.stores.redis.layout import Layout, Shard
+from lapse.sessions.stores.redis.news import BLOCK, News
 from lapse.sessions.stores.redis.principals import Principals
 from lapse.sessions.stores.redis.rounds import Rounds
 from lapse.sessions.stores.redis.scripts import SOURCES
-from lapse.sessions.stores.redis.slots import Commands
+from lapse.sessions.stores.redis.slots import Commands, key_slot
 from lapse.sessions.stores.redis.url import Target, parse_url
 from lapse.sessions.stores.redis.values import US, encode, encoded, us
 
@@ -169,6 +170,7 @@ class RedisStore(Rounds, Inspection, Principals):
         self._down: set[str] = set()
         self._scripts = {name: Script(source) for name, source in SOURCES.items()}
         self._load_script = self._scripts["load"]
+        self._news = News(self._shards, self._node_of, self._blocking_client)
 
     @classmethod
     def from_url(cls, url: str, clock: Callable[[], float] | None = None) -> RedisStore:
@@ -282,10 +284,53 @@ class RedisStore(Rounds, Inspection, Principals):
         await asyncio.gather(*(load(script) for script in self._scripts.values()))
 
     async def aclose(self) -> None:
-        """Close the connection. Idempotent; never raises a client error.
-        The store stays usable: the next operation connects again."""
+        """Close the connections (those of :meth:`wait_for_news` too).
+        Idempotent; never raises a client error. The store stays usable: the
+        next operation connects again."""
+        with contextlib.suppress(RedisError, OSError):
+            await self._news.aclose()
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
+
+    async def wait_for_news(self, seconds: float) -> bool:
+        """Sleep at most ``seconds`` (a process with nothing to do until its
+        next deadline); True if woken sooner by another process's news (an
+        end announced, a rotation, a session ended by hand, or one made that
+        ends before every other of its shard), by a connection of the
+        blocking reads made again (the server may hold other sessions than
+        this process knows), or, while they cannot read, every
+        :data:`~.news.DEAF_RETRY` seconds (see :mod:`.news`). It reads the news after
+        where the last :meth:`events` stopped."""
+        if self._news.marks is None:  # (no events() read yet: from now on)
+            with contextlib.suppress(StoreUnavailable):
+                await self.events(None)
+        return await self._news.wait(seconds)
+
+    def _node_of(self, shard: Shard) -> tuple[str, int] | None:
+        """The node that holds ``shard`` now, as the store's connection routes it."""
+        client = self._client
+        if isinstance(client, ClusterClient):
+            return client.owner(key_slot(shard.events))
+        if isinstance(client, SentinelClient):
+            return client.primary
+        target = self._target
+        return (target.host, target.port)
+
+    def _blocking_client(self, address: tuple[str, int]) -> RedisClient:
+        """A client of its own for :meth:`wait_for_news`'s blocking reads at ``address``."""
+        target = self._target
+        return RedisClient(
+            address[0],
+            address[1],
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            tls=target.tls,
+            ssl_context=target.ssl_context,
+            timeout=self.timeout,
+            require_role="master" if target.kind == "sentinel" else None,
+            patience=BLOCK,
+        )
 
     async def now(self) -> float:
         """The store's time: ``clock()`` if given, else the server's ``TIME``."""
@@ -341,7 +386,7 @@ class RedisStore(Rounds, Inspection, Principals):
         for key, value in data.items():
             args += ["d:" + key, encode(value)]
         shard = self._shard(uid)
-        keys = [f"{shard.base}:s:{uid}", shard.deadlines, shard.ended]
+        keys = [f"{shard.base}:s:{uid}", shard.deadlines, shard.ended, shard.events]
         return int(await self._call("create", keys, args)) / US
 
     async def rotate(self, uid: str, new_uid: str, grace: float) -> bool:
@@ -399,7 +444,7 @@ class RedisStore(Rounds, Inspection, Principals):
     async def expire(self, uid: str) -> bool:
         """End a live session now, with cause ``"expired"``; claimable at once."""
         shard = self._shard(uid)
-        keys = [shard.deadlines, shard.ended]
+        keys = [shard.deadlines, shard.ended, shard.events]
         return bool(await self._call("expire", keys, [self._now_arg(), uid]))
 
     async def renew(self, expiry: Expiry, owner: str, lease: float) -> bool:
