@@ -310,3 +310,47 @@ def test_without_inotify_the_wait_looks_at_the_wal_index(
             assert woken and took < 0.1 + 3 * LOOK_EVERY + 0.1
 
     asyncio.run(main())
+
+
+DMS_BYTE = 128
+"""Where SQLite's unix VFS keeps the -shm's "in use" lock (its dead-man
+switch: every process with the -shm open holds a read lock on this byte; a
+process that can take a write lock on it thinks nobody uses the -shm and
+truncates it, and the mapping of a process still using it dies of SIGBUS)."""
+
+_HOLDER_PROBE = """
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+lock = struct.pack("hhxxxxqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, int(sys.argv[2]), 1, 0)
+got = fcntl.fcntl(fd, fcntl.F_GETLK, lock)
+print(struct.unpack("hhxxxxqqixxxx", got)[0] != fcntl.F_UNLCK)
+"""
+
+
+def test_a_wait_keeps_sqlite_s_locks_on_the_shm(db: str) -> None:
+    """A wait never opens and closes SQLite's files itself: closing a file
+    descriptor drops every POSIX lock the process holds on that file, SQLite's
+    too. Then another process opening the file finds the -shm's "in use" lock
+    free and truncates the -shm under this one (a test run crashed so, with
+    SIGBUS in the SQLite thread)."""
+    import subprocess
+    import sys
+
+    def shm_in_use() -> bool:
+        probe = [sys.executable, "-c", _HOLDER_PROBE, db + "-shm", str(DMS_BYTE)]
+        done = subprocess.run(probe, check=True, capture_output=True, text=True, timeout=30)
+        return done.stdout.strip() == "True"
+
+    async def scenario() -> None:
+        store = SQLiteStore(db)
+        await store.open()
+        try:
+            await store.create("u" * 24, 600, {"a": 1})
+            assert shm_in_use()  # (the probe sees SQLite's own lock)
+            for _ in range(3):
+                await store.wait_for_news(0.06)
+            assert shm_in_use()
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())

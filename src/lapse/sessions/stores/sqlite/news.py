@@ -10,10 +10,12 @@ https://www.sqlite.org/walformat.html). So a waiting process
 
 - sleeps on an inotify watch of the ``-wal`` (:mod:`.watch`, Linux): no
   wake-up at all while no process writes; where inotify cannot be had, it
-  reads the 48 bytes of the WAL index header every :data:`LOOK_EVERY`
-  seconds (one ``pread`` of memory the kernel holds, in the event loop);
+  ``stat``s the ``-wal`` every :data:`LOOK_EVERY` seconds (its size and
+  time change with a commit; and at least every
+  :data:`ASK_AT_LEAST_EVERY` it asks anyway). It never opens SQLite's
+  files itself (see :func:`_signature`);
 - when a write woke it (at most once per :data:`LOOK_EVERY`, however many
-  commits) and the header changed, asks the store one question on its
+  commits), asks the store one question on its
   worker thread: the last event's id and the next deadline. News is an
   event after the last one ``events()`` handed out, or a deadline earlier
   than the end of the wait. Other writes (touches, creates ending later)
@@ -29,21 +31,20 @@ nothing per second.
 A file replaced at its path (the database or its ``-wal`` renamed, deleted
 or unlinked) ends the wait with True, as the PostgreSQL store's does when
 its listener reconnects: the keeper reads the store, which moves to the new
-file. (Without inotify: the ``-shm`` at the path is compared with the one
-read once a second.)
+file. (Without inotify: the ``-wal`` at the path is compared with the one
+seen at each look.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable
 
 from lapse.sessions.store import StoreUnavailable
 from lapse.sessions.stores.sqlite.queries import SQL
-from lapse.sessions.stores.sqlite.watch import WalWatch, watch_wal
+from lapse.sessions.stores.sqlite.watch import watch_wal
 
 __all__ = ["FAILED_RETRY", "LOOK_EVERY", "Marker", "news_marker", "wait_for_news"]
 
@@ -53,15 +54,14 @@ LOOK_EVERY = 0.05
 FAILED_RETRY = 1.0
 """Seconds a wait sleeps at most once the store failed it."""
 
-CHECK_PATH_EVERY = 1.0
-"""Seconds between two checks that the ``-shm`` read is still the one at the path."""
+ASK_AT_LEAST_EVERY = 1.0
+"""Without inotify, seconds after which a look asks the store even if the
+``-wal`` looks unchanged (a write of the same size within one tick of the
+file system's clock leaves its size and time as they were)."""
 
 SOONER = 0.01
 """Seconds by which a deadline must precede the end of the wait to be news
 (the deadline the wait was computed from is not)."""
-
-_HEADER = 48
-"""Bytes of one copy of the WAL index header."""
 
 Marker = tuple[int, float | None, float]
 """The last event's id, the next deadline (None: no session), the store's now."""
@@ -79,17 +79,17 @@ def news_marker(conn: sqlite3.Connection, now: float) -> Marker:
     return last, min(times) if times else None, now
 
 
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
-
-
-def _at_path(path: str) -> tuple[int, int] | None:
+def _signature(wal: str) -> tuple[int, int, int, int] | None:
+    """The ``-wal``'s device, inode, size and modification time (None if it
+    is not there): a ``stat``, never an ``open``. (Opening and closing a file
+    SQLite holds open would drop its POSIX locks on it, for the whole
+    process: another process could then think the ``-shm`` unused, truncate
+    it, and this one's SQLite would die of SIGBUS on its mapping.)"""
     try:
-        st = os.stat(path)
+        st = os.stat(wal)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 async def wait_for_news(
@@ -99,7 +99,7 @@ async def wait_for_news(
     read_up_to: Callable[[], int | None],
 ) -> bool:
     """Sleep at most ``seconds``; True as soon as a look finds news (see the
-    module), or the ``-shm`` at ``path`` is not the one read any more.
+    module), or the ``-wal`` at ``path`` is not the one seen any more.
     ``ask()`` runs :func:`news_marker` on the store's worker;
     ``read_up_to()`` is the last event id ``events()`` handed out (None if
     it has not been called): an event after it is news, even one written
@@ -127,22 +127,16 @@ async def _wait(
 ) -> bool:
     loop = asyncio.get_running_loop()
     wake_at = loop.time() + seconds
-    shm = path + "-shm"
-    fd = -1
-    watch: WalWatch | None = None
-    with contextlib.suppress(OSError):  # (none before the first call opens the file)
-        fd = os.open(shm, os.O_RDONLY | os.O_CLOEXEC)
-        watch = watch_wal(path)
+    wal = path + "-wal"
+    # The watch and the WAL's signature first, then the store: a commit
+    # after them wakes the watch and changes the signature.
+    signature = _signature(wal)  # (None before the first call makes the file)
+    watch = watch_wal(path) if signature is not None else None
     try:
-        # The watch and the header first, then the store: a commit after
-        # them wakes the watch and changes the header.
-        header = os.pread(fd, _HEADER, 0) if fd >= 0 else b""
-        identity = _identity(fd) if fd >= 0 else None
         marker = await ask()
         asked = loop.time()
         known = read_up_to()
         baseline = marker[0] if known is None else known
-        next_path_check = loop.time() + CHECK_PATH_EVERY
         while True:
             last, upcoming, now = marker
             if last > baseline:
@@ -152,13 +146,14 @@ async def _wait(
                 return True
             if left <= 0:
                 return False
-            if fd < 0:  # (a first call made the file meanwhile)
-                with contextlib.suppress(OSError):
-                    fd = os.open(shm, os.O_RDONLY | os.O_CLOEXEC)
+            if signature is None:  # (a first call may have made the file meanwhile)
+                await asyncio.sleep(min(LOOK_EVERY, left))
+                signature = _signature(wal)
+                if signature is not None:
                     watch = watch_wal(path)
-                    header, identity = os.pread(fd, _HEADER, 0), _identity(fd)
                     marker = await ask()
-                    continue
+                    asked = loop.time()
+                continue
             if watch is not None:
                 # Asleep until a process writes the WAL; then at most one
                 # question per look's interval, however many commits.
@@ -171,20 +166,14 @@ async def _wait(
                     await asyncio.sleep(min(pause, max(wake_at - loop.time(), 0.0)))
             else:
                 await asyncio.sleep(min(LOOK_EVERY, left))
-                if fd >= 0 and loop.time() >= next_path_check:
-                    next_path_check = loop.time() + CHECK_PATH_EVERY
-                    if _at_path(shm) != identity:
-                        return True
-            if fd >= 0:
-                seen = os.pread(fd, _HEADER, 0)
-                if seen == header:
+                seen = _signature(wal)
+                if seen is None or seen[:2] != signature[:2]:
+                    return True  # replaced or gone: the keeper reads the store
+                if seen == signature and loop.time() < asked + ASK_AT_LEAST_EVERY:
                     continue
-                header = seen
+                signature = seen
             marker = await ask()
             asked = loop.time()
     finally:
         if watch is not None:
             watch.close()
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
