@@ -2,13 +2,14 @@
 
 In process, on a real file in WAL mode (a store opened on it): CPU µs per check of
 
-- ``pread`` of the WAL index header (48 bytes of the ``-shm``): what ``wait_for_news`` does;
-- ``os.stat`` of the ``-wal`` (size and mtime);
+- ``pread`` of the WAL index header (48 bytes of the ``-shm``): what ``wait_for_news`` first did
+  (no more: closing its own descriptor dropped SQLite's locks on the file; see news.py);
+- ``os.stat`` of the ``-wal`` (size and mtime): what ``wait_for_news`` does without inotify;
 - ``PRAGMA data_version`` on the store's connection, through its worker thread (a hop);
 - the event loop's wake-up itself (``asyncio.sleep(0)`` / a 1 ms timer), for scale;
 
 and the CPU one idle ``wait_for_news`` uses per second (uvloop, as the server runs), with
-inotify and without it (looking at the WAL index header every 50 ms).
+inotify and without it (a ``stat`` of the ``-wal`` every 50 ms).
 
 Run: ``PYTHONPATH=src .venv/bin/python bench/sqlite_news.py [--checks N]``.
 """
