@@ -32,7 +32,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, ClassVar
+from typing import Any
+
+if not __package__:  # run as a script: make the bench package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CASES = ("uvicorn bare", "lapse bare", "lapse touch", "lapse create")
 GET = b"GET /logme HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -79,6 +82,7 @@ def make_protocol(case: str) -> Any:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     from uvicorn.server import ServerState
 
+    from bench.micro import Logme
     from lapse.internet._asyncio import _CutQuietly
     from lapse.internet._http import ServingConfig, protocol_for
     from lapse.web.resource import Resource
@@ -86,16 +90,6 @@ def make_protocol(case: str) -> Any:
 
     class ShortSession(Session):
         sessionTimeout = 5
-
-    class ExpirationLogger(Resource):
-        seen: ClassVar[set[str]] = set()
-
-        def render_GET(self, request: Any) -> str:
-            session = request.getSession()
-            if session.uid not in self.seen:
-                self.seen.add(session.uid)
-                session.notifyOnExpire(lambda: self.seen.discard(session.uid))
-            return ""
 
     start = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]}
     body = {"type": "http.response.body", "body": b""}
@@ -105,7 +99,7 @@ def make_protocol(case: str) -> Any:
         await send(body)
 
     root = Resource()
-    root.putChild("logme", ExpirationLogger())
+    root.putChild("logme", Logme())
     site = Site(root)
     site.sessionFactory = ShortSession
     limits = site.http_limits()
