@@ -31,7 +31,7 @@ def test_the_touch_case_keeps_one_session() -> None:
         transport = protocol_micro.KeepingTransport()
         protocol.connection_made(transport)
         protocol.data_received(protocol_micro.GET)
-        first = transport.last
+        first, transport.last = transport.last, b""
         cookie = first.split(b"set-cookie: ")[1].split(b";")[0]
         protocol.data_received(
             protocol_micro.GET.replace(b"\r\n\r\n", b"\r\nCookie: " + cookie + b"\r\n\r\n")
