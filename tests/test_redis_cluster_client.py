@@ -181,7 +181,9 @@ async def test_ask_mid_migration_finds_moved_keys_sending_asking_with_each_comma
         others = keys_on(cluster, target, 100)
         await asyncio.gather(*(client.execute_on(key, "SET", key, key) for key in others))
         cluster.begin_migration(slot, target)
-        assert cluster.move_keys(slot) == 5
+        # (>=: the cluster is shared by the session's tests, and another test's
+        # key may hash to the same slot; ours are all moved either way)
+        assert cluster.move_keys(slot) >= 5
         await client.execute_on(staying, "SET", staying, "s")  # a new key: source has the slot
         counting = count_writes(client, target)
         refused_before = moved_errors(cluster, target)
