@@ -161,8 +161,9 @@ def _check(header: tuple[bytes, bytes]) -> bytes:
         raise BadResponse("Invalid HTTP header name.")
     if HEADER_VALUE_RE.search(value):
         raise BadResponse("Invalid HTTP header value.")
-    line = b"%b: %b\r\n" % (name.lower(), value)
-    if len(_checked) < _CHECKED_MAX and name.lower() != b"set-cookie":  # (no uid kept here)
+    name = name.lower()
+    line = b"%b: %b\r\n" % (name, value)
+    if len(_checked) < _CHECKED_MAX and name != b"set-cookie":  # (no uid kept here)
         _checked[header] = line
     return line
 
@@ -260,12 +261,12 @@ class NowServing(HttpToolsProtocol):
             or self.transport.is_closing()
         ):
             return
-        serve = self._serve_now
-        if serve is None or self.flow.write_paused:
+        if self.flow.write_paused:
             self._start_task(cycle, None)
             return
         try:
-            outcome = serve(cycle.scope, bytes(cycle.body))
+            # (a request is deferred only when there is a _serve_now)
+            outcome = self._serve_now(cycle.scope, bytes(cycle.body))  # type: ignore[misc]
         except Exception as exc:  # (raised in a parser callback, it would be a 400)
             log.error("Exception in ASGI application", exc_info=exc)
             outcome = _ERROR
@@ -318,7 +319,6 @@ class NowServing(HttpToolsProtocol):
         cycle.response_started = True
         cycle.response_complete = True
         self.transport.write(data)
-        cycle.message_event.set()
         if not keep_alive:
             self.transport.close()
         self.on_response_complete()
