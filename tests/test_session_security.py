@@ -211,16 +211,19 @@ def test_rotation_on_shared_store_across_processes(shared_store: str) -> None:
     asyncio.run(scenario())
 
 
-def test_other_process_rekeys_its_copy_from_the_announcement(shared_store: str) -> None:
+def test_other_process_rekeys_its_copy_from_the_announcement(
+    shared_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A process holding a copy under the old uid moves it to the new uid when it
     reads the rotation's announcement (its next round), without any request."""
 
     async def scenario() -> None:
         a = Site(LoginPage(), store=shared_store)
         b = Site(LoginPage(), store=shared_store)
-        # b's own rounds only when the test runs them: its background loop
-        # would otherwise re-key the copy whenever a slow request let it run.
-        b._keeper.poll_interval = 3600
+        # b's rounds only when the test runs them: its background loop never
+        # starts. (A background round in flight, or one woken by the store's
+        # news of a's login, would re-key the copy before the first assertion.)
+        monkeypatch.setattr(b._keeper, "start", lambda: None)
         try:
             old = body(await call_async(a))["uid"]
             await call_async(b, cookies=cookie(old))
