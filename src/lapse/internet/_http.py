@@ -313,13 +313,20 @@ class HTTPProtocol(NowServing, GuardedProtocol):
         self._head_begun = True
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        deferred = self._deferred
+        current: Any = self.cycle
+        if deferred is not None and deferred is current:
+            # uvicorn's, for a request that is not an upgrade and that no
+            # task waits on (its cycle's event has no waiter)
+            deferred.more_body = False
+        else:
+            super().on_message_complete()
         self._head_begun = False
         self._room = self._head_limit
         self._done_cycle = self.cycle
         if self._read_timer is not None:
             self._cancel_read_timer()
-        if self._deferred is not None:
+        if deferred is not None:
             self._serve_deferred()
 
 

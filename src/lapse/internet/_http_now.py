@@ -119,7 +119,10 @@ def response_bytes(
     line = STATUS_LINE.get(status)
     if line is None:
         raise BadResponse(f"no status line for {status}")
-    content = [line, _default_lines(default_headers)]
+    seen, defaults = _defaults
+    if seen is not default_headers:
+        defaults = _default_lines(default_headers)
+    content = [line, defaults]
     length: bytes | None = None
     close_said = False
     for header in headers:
@@ -211,6 +214,9 @@ class NowServing(HttpToolsProtocol):
     _deferred: PendingCycle | None
     _task_app: Any
     _done_cycle: Any
+    _continue_due: bool
+    _read_timer: Any
+    _idle: Any
 
     def on_headers_complete(self) -> None:
         # A request that may be answered without a task gets its scope as
@@ -264,16 +270,18 @@ class NowServing(HttpToolsProtocol):
         if self.flow.write_paused:
             self._start_task(cycle, None)
             return
+        body = cycle.body
         try:
             # (a request is deferred only when there is a _serve_now)
-            outcome = self._serve_now(cycle.scope, bytes(cycle.body))  # type: ignore[misc]
+            outcome = self._serve_now(cycle.scope, bytes(body) if body else b"")  # type: ignore[misc]
         except Exception as exc:  # (raised in a parser callback, it would be a 400)
             log.error("Exception in ASGI application", exc_info=exc)
             outcome = _ERROR
         if outcome is None:
             self._start_task(cycle, None)
         elif type(outcome) is tuple:
-            cycle.body = bytearray()
+            if body:
+                cycle.body = bytearray()
             self._send_now(cycle, *outcome)
         else:
             guard = self._guard_app
@@ -318,7 +326,23 @@ class NowServing(HttpToolsProtocol):
             data, keep_alive = response_bytes(*_ERROR, defaults, False, head)
         cycle.response_started = True
         cycle.response_complete = True
-        self.transport.write(data)
+        transport = self.transport
+        transport.write(data)
         if not keep_alive:
-            self.transport.close()
+            transport.close()
+        elif not (
+            transport.is_closing()
+            or self.pipeline
+            or self.flow.read_paused
+            or self._continue_due
+            or self.timeout_keep_alive_task is not None
+        ):
+            # on_response_complete's steps that apply (it would call five
+            # methods that do nothing here): count it, arm the idle timer
+            # (unless the next request's head is arriving).
+            self.server_state.total_requests += 1
+            if self._read_timer is None or cycle is not self._done_cycle:
+                self._idle.arm()
+                self.timeout_keep_alive_task = self._idle
+            return
         self.on_response_complete()

@@ -11,6 +11,7 @@ until the site sends it; ``write`` after the headers have gone streams.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
@@ -20,7 +21,7 @@ from lapse.internet.defer import Deferred
 from lapse.internet.error import ConnectionDone
 from lapse.sessions import Visit
 from lapse.web._cookies import format_set_cookie, parse_cookie_header, vary_on_cookie
-from lapse.web._plumbing import is_secure, session_cookie
+from lapse.web._plumbing import _SECURE_SCHEMES, is_secure, session_cookie
 from lapse.web._proxy import Forwarded
 from lapse.web._target import SEGMENT_SAFE, parse_query, redact_query
 from lapse.web.http_headers import Headers, decode_header
@@ -47,6 +48,7 @@ _UNREAD = Forwarded(None, None)
 _PROTOCOLS = {v: b"HTTP/" + v.encode("ascii") for v in ("1.0", "1.1", "2")}
 _DEFAULT_CONTENT_TYPE = (b"content-type", b"text/html; charset=utf-8")
 _ZERO_LENGTH = (b"content-length", b"0")
+_BINARY = (bytes, bytearray, memoryview)
 _VARY_COOKIE = (b"vary", b"Cookie")
 
 
@@ -196,7 +198,13 @@ class Request(Visit):
         """Whether the request came over TLS (or, if the site trusts it, a TLS proxy)."""
         secure = self._secure
         if secure is None:
-            secure = self._secure = is_secure(self._scope, self._forwarded)
+            if self._scope.get("scheme") in _SECURE_SCHEMES:
+                secure = True
+            elif self.site._proxy_trust is None:
+                secure = False  # (is_secure's answer, without its two calls)
+            else:
+                secure = is_secure(self._scope, self._forwarded)
+            self._secure = secure
         return secure
 
     def _forwarded(self) -> Forwarded | None:
@@ -284,17 +292,28 @@ class Request(Visit):
             return None
         return session
 
-    def _session_cookies(self) -> list[bytes]:
+    def _session_cookies(self) -> Sequence[bytes]:
+        given = self._sessions
+        presented = self._presented
+        if given is _NO_SESSIONS and presented is _NO_SESSIONS:
+            return ()
+        touched = presented[_PLAIN]
+        if (
+            touched is not None
+            and given[_SECURE] is None
+            and presented[_SECURE] is None
+            and (given[_PLAIN] is None or given[_PLAIN] is touched)
+            and self._rotated is None
+            and not touched._expired
+        ):
+            return ()  # (a touch: session_cookie's answer, without its call)
         headers: list[bytes] = []
-        if self._sessions is _NO_SESSIONS and self._presented is _NO_SESSIONS:
-            return headers
         for slot, secure in ((_PLAIN, False), (_SECURE, True)):
-            presented = self._presented[slot]
-            session = self._sessions[slot] or presented
+            session = given[slot] or presented[slot]
             if session is None:
                 continue
             name = self.site._cookie_names[slot]
-            cookie = session_cookie(name, session, presented, self, secure)
+            cookie = session_cookie(name, session, presented[slot], self, secure)
             if cookie is not None:
                 headers.append(cookie)
         return headers
@@ -355,7 +374,7 @@ class Request(Visit):
             return
         if isinstance(data, str):
             data = data.encode("utf-8")
-        elif not isinstance(data, bytes | bytearray | memoryview):
+        elif not isinstance(data, _BINARY):
             raise TypeError(f"write takes str or bytes, not {type(data).__name__}")
         self.startedWriting = True
         if data:

@@ -31,6 +31,9 @@ __all__ = ["SiteResponses"]
 log = logging.getLogger("lapse.web")
 
 
+_TEXT = (bytes, str)
+
+
 class _ClientGone(Exception):
     """The client disconnected before the request was read."""
 
@@ -44,7 +47,7 @@ class SiteResponses(HTTPSessions):
         """Write a render's ``result`` into the response: None, or
         ``NOT_DONE_YET`` (the render finishes the request later). A result
         of another type is an error (500, logged)."""
-        if isinstance(result, bytes | str):
+        if isinstance(result, _TEXT):  # (a tuple: ``bytes | str`` is made at each call)
             if result or not request.finished:
                 request.write(result)
             return None
@@ -96,7 +99,21 @@ class SiteResponses(HTTPSessions):
         (synchronously: nothing can fail there)."""
         if not request.finished:
             request.finish()
-        if request._presented is not _NO_SESSIONS or request._sessions is not _NO_SESSIONS:
+        presented = request._presented
+        given = request._sessions
+        if presented is not _NO_SESSIONS or given is not _NO_SESSIONS:
+            if presented[1] is None and given[1] is None:
+                # The usual request: one plain session (_used_sessions's
+                # answer, without its list).
+                plain = presented[0]
+                mine = given[0]
+                if mine is None or mine is plain:
+                    if plain is not None:
+                        self._keeper.persist_now((plain,))
+                    return
+                if plain is None:
+                    self._keeper.persist_now((mine,))
+                    return
             self._keeper.persist_now(self._used_sessions(request))
 
     @staticmethod
