@@ -297,16 +297,17 @@ class Request(Visit):
         presented = self._presented
         if given is _NO_SESSIONS and presented is _NO_SESSIONS:
             return ()
-        touched = presented[_PLAIN]
-        if (
-            touched is not None
-            and given[_SECURE] is None
-            and presented[_SECURE] is None
-            and (given[_PLAIN] is None or given[_PLAIN] is touched)
-            and self._rotated is None
-            and not touched._expired
-        ):
-            return ()  # (a touch: session_cookie's answer, without its call)
+        if given[_SECURE] is None and presented[_SECURE] is None:
+            # The usual request, a plain session only: the loop below, for one slot.
+            touched = presented[_PLAIN]
+            session = given[_PLAIN] or touched
+            if session is None:
+                return ()
+            if session is touched and self._rotated is None and not session._expired:
+                return ()  # (a touch: session_cookie's answer, without its call)
+            name = self.site._cookie_names[_PLAIN]
+            cookie = session_cookie(name, session, touched, self, False)
+            return () if cookie is None else (cookie,)
         headers: list[bytes] = []
         for slot, secure in ((_PLAIN, False), (_SECURE, True)):
             session = given[slot] or presented[slot]

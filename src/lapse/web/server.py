@@ -385,8 +385,9 @@ class Site(SiteResponses):
         cookie_header: bytes | None = None
         hosts = 0
         for name, value in scope["headers"]:
-            budget -= len(name) + len(value)
-            if len(value) > limit or budget < 0:
+            size = len(value)
+            budget -= len(name) + size
+            if size > limit or budget < 0:
                 raise BadRequest("The request headers are too large.", 431)
             if name == b"host":
                 hosts += 1
