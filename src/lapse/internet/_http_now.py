@@ -122,19 +122,14 @@ def response_bytes(
     seen, defaults = _defaults
     if seen is not default_headers:
         defaults = _default_lines(default_headers)
-    content = [line, defaults]
-    length: bytes | None = None
-    close_said = False
-    for header in headers:
-        content.append(_checked.get(header) or _check(header))
-        name = header[0].lower()
-        if name == b"content-length":
-            length = header[1]
-        elif name == b"connection" and b"close" in [
-            token.strip().lower() for token in header[1].split(b",")
-        ]:
-            keep_alive = False
-            close_said = True
+    key = tuple(headers)
+    block = _blocks.get(key)
+    if block is None:
+        block = _block(key)
+    lines, length, close_said = block
+    if close_said:
+        keep_alive = False
+    content = [line, defaults, lines]
     if not keep_alive and not close_said:
         content.append(b"connection: close\r\n")
     if head:
@@ -149,26 +144,75 @@ def response_bytes(
     return b"".join(content), keep_alive
 
 
+_BLOCKS_MAX = 256
+_blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, bytes | None, bool]] = {}
+"""Whole header blocks already checked (most responses of a site repeat a
+few), as :func:`_block` reads them; never one with a ``Set-Cookie``; no
+more once full."""
+
+
+def _block(
+    headers: tuple[tuple[bytes, bytes], ...],
+) -> tuple[bytes, bytes | None, bool]:
+    """``headers``' lines, checked; their ``Content-Length`` (None: none);
+    whether one says ``Connection: close``."""
+    lines = []
+    length: bytes | None = None
+    close_said = False
+    cookie = False
+    for header in headers:
+        checked = _checked.get(header)
+        if checked is None:
+            checked = _check(header)
+        line, kind = checked
+        lines.append(line)
+        if kind is not None:
+            if kind is _LENGTH:
+                length = header[1]
+            elif kind is _CLOSE:
+                close_said = True
+            else:
+                cookie = True
+    block = (b"".join(lines), length, close_said)
+    if not cookie and len(_blocks) < _BLOCKS_MAX:  # (no uid kept here)
+        _blocks[headers] = block
+    return block
+
+
+_LENGTH = "content-length"
+_COOKIE = "set-cookie"
+_CLOSE = "connection: close"
 _CHECKED_MAX = 1024
-_checked: dict[tuple[bytes, bytes], bytes] = {}
-"""Header lines already checked and encoded, by (name, value): most
+_checked: dict[tuple[bytes, bytes], tuple[bytes, str | None]] = {}
+"""Header lines already checked and encoded, by (name, value), with what
+the header says of the framing (``_LENGTH``, ``_CLOSE`` or None): most
 responses repeat the same few. Never a ``Set-Cookie`` (a session's uid is
 not kept here); no more once full."""
 
 
-def _check(header: tuple[bytes, bytes]) -> bytes:
+def _check(header: tuple[bytes, bytes]) -> tuple[bytes, str | None]:
     """``header``'s line, once its name and value are checked (as uvicorn
-    checks them: nothing that would end the header early)."""
+    checks them: nothing that would end the header early), and what it says
+    of the framing."""
     name, value = header
     if HEADER_RE.search(name):
         raise BadResponse("Invalid HTTP header name.")
     if HEADER_VALUE_RE.search(value):
         raise BadResponse("Invalid HTTP header value.")
     name = name.lower()
-    line = b"%b: %b\r\n" % (name, value)
-    if len(_checked) < _CHECKED_MAX and name != b"set-cookie":  # (no uid kept here)
-        _checked[header] = line
-    return line
+    kind: str | None = None
+    if name == b"content-length":
+        kind = _LENGTH
+    elif name == b"connection" and b"close" in [
+        token.strip().lower() for token in value.split(b",")
+    ]:
+        kind = _CLOSE
+    elif name == b"set-cookie":
+        return b"%b: %b\r\n" % (name, value), _COOKIE  # (no uid kept here)
+    checked = (b"%b: %b\r\n" % (name, value), kind)
+    if len(_checked) < _CHECKED_MAX:
+        _checked[header] = checked
+    return checked
 
 
 _defaults: tuple[object, bytes] = (None, b"")
@@ -183,6 +227,29 @@ def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
         lines = b"".join(b"%b: %b\r\n" % pair for pair in default_headers)
         _defaults = (default_headers, lines)
     return lines
+
+
+_TARGETS_MAX = 256
+_targets: dict[bytes, tuple[str, bytes, bytes]] = {}
+"""Request targets already read (short ones: a site's few hot URLs), no
+more once full; only for a server without a root path."""
+
+
+def _target(url: bytes, root: str) -> tuple[str, bytes, bytes]:
+    """The scope's ``path``, ``raw_path`` and ``query_string`` for the
+    request target ``url``, as uvicorn makes them."""
+    parsed = httptools.parse_url(url)
+    raw_path = parsed.path
+    path = raw_path.decode("ascii")
+    if "%" in path:
+        path = unquote(path)
+    if root:
+        path = root + path
+        raw_path = root.encode("ascii") + raw_path
+    target = (path, raw_path, parsed.query or b"")
+    if not root and len(url) <= 128 and len(_targets) < _TARGETS_MAX:
+        _targets[url] = target
+    return target
 
 
 def answerable_now(headers: list[tuple[bytes, bytes]], expect_100: bool) -> bool:
@@ -240,18 +307,11 @@ class NowServing(HttpToolsProtocol):
         version = parser.get_http_version()
         if version != "1.1":
             scope["http_version"] = version
-        url = httptools.parse_url(self.url)
-        raw_path = url.path
-        path = raw_path.decode("ascii")
-        if "%" in path:
-            path = unquote(path)
         root = self.root_path
-        if root:
-            path = root + path
-            raw_path = root.encode("ascii") + raw_path
-        scope["path"] = path
-        scope["raw_path"] = raw_path
-        scope["query_string"] = url.query or b""
+        target = None if root else _targets.get(self.url)
+        if target is None:
+            target = _target(self.url, root)
+        scope["path"], scope["raw_path"], scope["query_string"] = target
         keep_alive = version != "1.0" and parser.should_keep_alive()
         self.cycle = self._deferred = PendingCycle(scope, keep_alive)  # type: ignore[assignment]
 
