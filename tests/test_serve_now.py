@@ -297,3 +297,62 @@ def test_many_pipelined_requests_in_one_read_are_all_answered(
     answer = serve(reactor, make_site(reactor), lambda port: exchange(port, data, expect=count + 1))
     assert answer.count(b"HTTP/1.1 200 ") == count + 1
     assert answer.index(b"slow") < answer.index(b"\r\n\r\ntask")
+
+
+class Echo(Resource):
+    """Answers with the path and query it was asked, and a header naming them."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        said = request.uri
+        request.setHeader(b"x-asked", said)
+        if request.args.get(b"s"):
+            request.getSession()
+        return said
+
+
+def test_a_flood_of_distinct_urls_is_answered_right_and_the_caches_stay_bounded(
+    reactor: AsyncioReactor,
+) -> None:
+    """A client asking 600 different targets (each answered with its own
+    header, 200 of them with a new session's cookie) gets each one's own
+    answer, and what the protocol remembers of targets and header blocks
+    stays bounded; no header or block with a Set-Cookie is kept (a
+    session's uid would be)."""
+    from lapse.internet import _http_now
+
+    root = Resource()
+    root.putChild("echo", Echo())
+    site = Site(root, reactor=reactor)
+    targets = [b"/echo/%d?q=%%41%d%b" % (i, i, b"" if i % 3 else b"&s=1") for i in range(600)]
+
+    def client(port: int) -> list[bytes]:
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            answers = []
+            for target in targets:
+                sock.sendall(GET % target)
+                answers.append(exchange_on(sock))
+            return answers
+
+    answers = serve(reactor, site, client)
+    for target, answer in zip(targets, answers, strict=True):
+        response = parse_response(answer)
+        assert response.body == target
+        assert f"x-asked: {target.decode()}" in answer.decode().lower()
+        assert (b"set-cookie: lapse_session=" in answer) == target.endswith(b"&s=1")
+    assert len(_http_now._targets) <= _http_now._TARGETS_MAX
+    assert len(_http_now._blocks) <= _http_now._BLOCKS_MAX
+    assert all(b"set-cookie" not in line for line, *_ in _http_now._blocks.values())
+    assert all(name.lower() != b"set-cookie" for name, _ in _http_now._checked)
+
+
+def exchange_on(sock: socket.socket) -> bytes:
+    """One whole response read from ``sock``."""
+    received = b""
+    while not _complete(received, 1):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
