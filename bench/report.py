@@ -14,8 +14,10 @@ from bench.figures import (
     memory_per_session,
     ratio,
     runs_rps,
+    side_rps,
     targets,
     touch_rps,
+    worst_p99,
 )
 from bench.loadgen import WrkResult
 from bench.machine import cpu_model, lapse_source, version_of, wrk_version
@@ -102,6 +104,33 @@ def memory_table(results: Results, opts: Options) -> list[str]:
                 f"{times(ratio(value, memory_per_session(ref, count)))} |"
             )
         lines.append(f"| {SYSTEMS[key].label} |" + "".join(cells))
+    return lines
+
+
+def side_table(results: Results) -> list[str]:
+    """The side-by-side runs (bench/side_by_side.py): medians, ratios to lapse, p99."""
+    side = results.side
+    keys = [k for k in SYSTEMS if k in side.touch or k in side.create]
+    if not keys:
+        return []
+    lines = [
+        "| System | touch req/s | vs lapse | touch p99 | create req/s | vs lapse | create p99 "
+        "| create p99, worst run | runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ref_touch = side_rps(results, "touch", REFERENCE)
+    ref_create = side_rps(results, "create", REFERENCE)
+    for key in keys:
+        touch, create = side.touch.get(key, []), side.create.get(key, [])
+        touched, created = side_rps(results, "touch", key), side_rps(results, "create", key)
+        lines.append(
+            f"| {SYSTEMS[key].label} | {num(touched)}{errors_note(touch)} "
+            f"| {times(ratio(touched, ref_touch))} "
+            f"| {num(median_or_none([r.p99_ms for r in touch]), '.2f', ' ms')} "
+            f"| {num(created)}{errors_note(create)} | {times(ratio(created, ref_create))} "
+            f"| {num(median_or_none([r.p99_ms for r in create]), '.2f', ' ms')} "
+            f"| {num(worst_p99(create), '.2f', ' ms')} | {len(touch)} + {len(create)} |"
+        )
     return lines
 
 
@@ -395,6 +424,12 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
         *throughput_table(results),
     ]
     for title, table in (
+        (
+            "## Side by side: lapse (memory), Twisted and the bare app alive at once, their "
+            "runs taken in turn (the order rotating; touch on one server each, create on a "
+            "fresh warmed-up server per run); the ratio targets are read from here",
+            side_table(results),
+        ),
         (TAIL_TITLE, tail_table(results)),
         ("## Memory per live session (in-process, RSS delta / N)", memory_table(results, opts)),
         (

@@ -36,6 +36,7 @@ from bench.redis_traffic import (
     measure_monitored,
     monitor_touches,
 )
+from bench.side_by_side import SideBySide, bench_side_by_side, side_by_side_keys
 from bench.store_calls import StoreCalls, bench_store_calls
 from bench.systems import (
     EXPIRY_LATENESS,
@@ -432,6 +433,8 @@ class Results:
     outcomes: dict[str, Outcome]
     expiry: list[dict[str, Any]]
     seconds: float = 0.0
+    side: SideBySide = field(default_factory=SideBySide)
+    """The ratio targets' systems, their runs taken in turn (bench/side_by_side.py)."""
 
 
 def run_all(b: Bench) -> Results:
@@ -467,6 +470,12 @@ def run_all(b: Bench) -> Results:
                 f"{system.label}: idle {opts.pg_idle_seconds:g} s, {IDLE_SESSIONS} long sessions"
             )
             run_step(b, outcome, label, idle)
+    side = side_by_side_keys(opts.systems)
+    if side and opts.repeats > 0:
+        names = ", ".join(SYSTEMS[key].label for key in side)
+        print(f"side by side: {names}:", flush=True)
+        label = f"side by side, runs in turn: {names}"
+        run_step(b, None, label, partial(bench_side_by_side, b, side, results.side, touch_once))
     for key in opts.systems:
         system, outcome = SYSTEMS[key], outcomes[key]
         if system.probe is None or not opts.memory_counts:

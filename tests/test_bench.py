@@ -477,3 +477,33 @@ def test_idle_rate_on_a_real_cluster_is_summed_over_primaries_and_split_by_shard
     finally:
         cluster.close()
     assert all(node.proc is None for node in cluster.nodes)
+
+
+def test_the_ratio_targets_come_from_the_side_by_side_runs_when_both_systems_have_them() -> None:
+    """With runs taken in turn, lapse / Twisted and lapse / bare are their
+    medians' ratios (the main table's are kept for the table); a system
+    without side-by-side runs falls back to the main table; the create p99
+    target looks at every lapse create run, side-by-side ones included."""
+    from bench.side_by_side import rotation, side_by_side_keys
+
+    results = canned_results()
+    results.side.touch = {
+        "lapse-memory": [wrk(20_000), wrk(22_000), wrk(21_000)],
+        "twisted": [wrk(7_000), wrk(8_000), wrk(9_000)],
+    }
+    results.side.create = {"lapse-memory": [wrk(10_000, p99=40.0)]}
+    opts = parse_options(["--memory-counts", ""])
+    found = {t.name: t for t in targets(results, opts)}
+    twisted = found["touch req/s: lapse (memory) >= 2.5 x Twisted"]
+    assert twisted.value == pytest.approx(21_000 / 8_000)
+    assert "side by side" in twisted.measured
+    bare = found[
+        "touch req/s: lapse (memory) >= 0.7 x bare uvicorn this round (0.8 stays the goal)"
+    ]
+    assert bare.value == pytest.approx(31_000 / 40_000) and "main table" in bare.measured
+    assert found["create req/s: lapse (memory) >= 2.5 x Twisted"].value == pytest.approx(3.0)
+    assert found["create p99: lapse (memory) <= 10 ms in every run"].value == pytest.approx(40.0)
+    keys = ["lapse-memory", "twisted", "uvicorn-bare"]
+    assert [rotation(keys, i)[0] for i in range(4)] == [*keys, "lapse-memory"]
+    assert side_by_side_keys(["twisted", "lapse-memory", "aiohttp"]) == ["lapse-memory", "twisted"]
+    assert side_by_side_keys(["twisted", "uvicorn-bare"]) == []
