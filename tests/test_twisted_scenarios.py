@@ -320,3 +320,38 @@ class TestTwistedCompatibility:
         assert sorted(ran) == sorted(s.uid for s in others)
         assert sorted(hooked) == sorted([first.uid] + [s.uid for s in others])
         assert "broken-s" in caplog.text and "RuntimeError" in caplog.text
+
+    def test_without_a_hook_a_batch_of_ends_runs_every_callback_though_one_raises(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With no expiry hook the memory store ends sessions without claims
+        (no Expiry, delivery id or lease): still every session of the batch
+        ends, its callbacks run, each is counted once by cause, and the one
+        that raised is logged; none is left for a later round."""
+        caplog.set_level(logging.DEBUG, logger="lapse.sessions")
+        clock = Clock()
+        site = server.Site(Resource(), reactor=clock)
+
+        class Broken(server.Session):
+            def _end(self) -> None:
+                super()._end()
+                raise RuntimeError("a subclass that raises while ending")
+
+        ran: list[str] = []
+        first = Broken(site, "broken-session-uid")
+        site.sessions[first.uid] = first
+        first.startCheckingExpiration()
+        others = [site.makeSession() for _ in range(3)]
+        for other in others:
+            other.notifyOnExpire(lambda uid=other.uid: ran.append(uid))
+        by_hand = site.makeSession()
+        by_hand.notifyOnExpire(lambda: ran.append("by hand"))
+        by_hand.expire()
+        assert ran == ["by hand"]
+        clock.advance(first.sessionTimeout)
+        assert sorted(ran) == sorted(["by hand"] + [s.uid for s in others])
+        assert first.expired and all(s.expired for s in others)
+        assert site.sessions == {}
+        assert site.stats.ended["timeout"] == 4 and site.stats.ended["expired"] == 1
+        assert "broken-s" in caplog.text and "RuntimeError" in caplog.text
+        assert site._keeper._memory._ended == {}

@@ -64,6 +64,11 @@ class LocalKeeper(Keeper):
         self._memory = store
         self._alarm = Alarm(owner, self._ring)
         store.bind(owner.sessions, self._make_session, self._wake)
+        # The memory store's lighter end, when no durable hook is set (an
+        # in-process store of another kind may not offer it: claims then).
+        self._end_due: Callable[[int], list[tuple[str, Any, str, bool]]] | None = getattr(
+            store, "end_due_now", None
+        )
         max_sessions = options.get("max_sessions")
         if max_sessions is not None:
             store.max_live = max_sessions
@@ -176,6 +181,9 @@ class LocalKeeper(Keeper):
         Called inline (an expiry by hand, an eviction, a principal's
         sessions superseded), it ends them all: that work is the request's."""
         memory = self._memory
+        if self.on_expire is None and self._end_due is not None:
+            self._end_unhooked(self._end_due, limit)
+            return
         for expiry in memory.claim_now(self.node_id, self.lease, limit):
             if expiry.attempt == 1:
                 self.stats.session_ended(expiry.cause)
@@ -190,6 +198,30 @@ class LocalKeeper(Keeper):
             except Exception:
                 log.exception("ending session %s raised", short_uid(expiry.uid))
             self._deliver_now(expiry)
+        upcoming = memory.next_deadline_now()
+        if upcoming is None:
+            self._alarm.cancel()
+        else:
+            self._alarm.by(upcoming)
+
+    def _end_unhooked(
+        self, end_due: Callable[[int], list[tuple[str, Any, str, bool]]], limit: int
+    ) -> None:
+        """:meth:`drain` without a durable hook, on a store that offers
+        ``end_due_now`` (the memory store's): no claim to deliver, so no
+        Expiry, delivery id or lease is made; the same ends, callbacks and
+        counts, in the same order."""
+        memory = self._memory
+        stats = self.stats
+        at = self.owner.reactor.seconds()
+        for uid, record, cause, again in end_due(limit):
+            if not again:
+                stats.session_ended(cause, at)
+            try:
+                if isinstance(record, Session):
+                    record._end()
+            except Exception:
+                log.exception("ending session %s raised", short_uid(uid))
         upcoming = memory.next_deadline_now()
         if upcoming is None:
             self._alarm.cancel()

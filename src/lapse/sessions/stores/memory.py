@@ -250,6 +250,30 @@ class MemoryStore(PrincipalTable):
             claims.append(Expiry(uid, data, ended.delivery_id, ended.attempt, ended.cause))
         return claims
 
+    def end_due_now(self, limit: int) -> list[tuple[str, Record, str, bool]]:
+        """:meth:`claim_now` then :meth:`ack_now` of each claim, for a keeper
+        with no durable hook: up to ``limit`` ended sessions (due ones ended
+        first, the work bounded as there), forgotten at once, with no delivery
+        id, lease or :class:`Expiry`. Each as (uid, record, cause, whether it
+        was claimed before: a hook's delivery, not a first end)."""
+        now = self.clock() + _EPSILON
+        self._collect_due(now, limit)
+        self.evicted = False
+        if self._aliases:
+            self._prune_aliases(now)
+        ended_map = self._ended
+        done: list[tuple[str, Record, str, bool]] = []
+        for uid, ended in ended_map.items():
+            if len(done) >= limit:
+                break
+            if ended.attempt and ended.lease_until > now:
+                continue  # (claimed when a hook was set: its lease still runs)
+            done.append((uid, ended.record, ended.cause, ended.attempt > 0))
+        for uid, _, _, _ in done:
+            del ended_map[uid]
+            self._announce(uid)
+        return done
+
     def renew_now(self, expiry: Expiry, owner: str, lease: float) -> bool:
         ended = self._ended.get(expiry.uid)
         if (
