@@ -25,6 +25,10 @@ class WrkResult:
     p999_ms: float | None = None
     """The 99.9th percentile latency, from the ``done`` hook of ``TAIL_HOOK`` (wrk's
     ``--latency`` prints 50/75/90/99 only)."""
+    steal_ms: float | None = None
+    """CPU time the hypervisor took from this machine's CPUs during the run (all
+    CPUs, /proc/stat's steal): time neither the server nor wrk could run, which
+    shows in the latency tail."""
 
     @property
     def errors(self) -> int:

@@ -268,8 +268,8 @@ def targets_lines(found: list[Target]) -> list[str]:
 def raw_lines(results: Results) -> list[str]:
     lines = [
         "| System | Figure | Repeats (requests/s) | p99 (ms) | p99.9 (ms) | Requests "
-        "| Non-2xx | Socket errors | server CPU µs/request |",
-        "|---|---|---|---|---|---:|---:|---:|---|",
+        "| Non-2xx | Socket errors | server CPU µs/request | CPU stolen by the hypervisor, ms |",
+        "|---|---|---|---|---|---:|---:|---:|---|---|",
     ]
     for key, o in results.outcomes.items():
         series = (
@@ -279,6 +279,8 @@ def raw_lines(results: Results) -> list[str]:
             ("login", o.login),
             ("touch, 1 live", [r.result for r in o.live_base]),
             ("touch, many live", [r.result for r in o.live_many]),
+            ("touch, side by side", results.side.touch.get(key, [])),
+            ("create, side by side", results.side.create.get(key, [])),
         )
         for figure, runs in series:
             if not runs:
@@ -290,7 +292,8 @@ def raw_lines(results: Results) -> list[str]:
                 f"| {SYSTEMS[key].label} | {figure} | {repeats} | {p99s} | {p999s} "
                 f"| {sum(r.requests for r in runs):,} | {sum(r.non_2xx for r in runs)} "
                 f"| {sum(r.socket_errors for r in runs)} "
-                f"| {', '.join(num(r.server_cpu_us, '.1f') for r in runs)} |"
+                f"| {', '.join(num(r.server_cpu_us, '.1f') for r in runs)} "
+                f"| {', '.join(num(r.steal_ms, '.0f') for r in runs)} |"
             )
     memory = [(k, o) for k, o in results.outcomes.items() if o.memory]
     if memory:

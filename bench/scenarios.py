@@ -51,6 +51,7 @@ from bench.systems import (
     running_server,
     session_cookie,
     session_kept,
+    steal_seconds,
 )
 from bench.workers import WorkersOutcome, bench_workers
 
@@ -88,7 +89,11 @@ class Bench:
         opts = self.opts
         pid = self.pids.get(port)
         before = cpu_seconds(pid) if pid else 0.0
+        stolen = steal_seconds()
         result = run_wrk(self.wrk, opts.threads, opts.connections, port, seconds, cookie, script)
+        now_stolen = steal_seconds()
+        if stolen is not None and now_stolen is not None:
+            result = dataclasses.replace(result, steal_ms=(now_stolen - stolen) * 1000)
         if not pid or not result.requests:
             return result
         cpu = (cpu_seconds(pid) - before) / result.requests * 1e6
