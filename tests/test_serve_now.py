@@ -232,13 +232,7 @@ def test_a_large_body_arriving_in_pieces_takes_the_task_path(reactor: AsyncioRea
             sock.sendall(b"POST /probe HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
             for start in range(0, len(payload), 10_000):
                 sock.sendall(payload[start : start + 10_000])
-            received = b""
-            while not _complete(received, 1):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-            return received
+            return exchange_on(sock)
 
     answer = serve(reactor, make_site(reactor), client)
     assert parse_response(answer).body.startswith(b"body=" + b"x" * 100)

@@ -256,6 +256,28 @@ class TestRequestSessions:
         assert response.cookie_value(b"lapse_session") == second.uid.encode()
 
 
+class _Broken(server.Session):
+    """A Session subclass whose ending raises, after ending."""
+
+    def _end(self) -> None:
+        super()._end()
+        raise RuntimeError("a subclass that raises while ending")
+
+
+def _one_broken_and_three(
+    site: server.Site, ran: list[str]
+) -> tuple[server.Session, list[server.Session]]:
+    """A broken session and three others made on ``site``, all checked from
+    now; the others' callbacks append their uid to ``ran``."""
+    first = _Broken(site, "broken-session-uid")
+    site.sessions[first.uid] = first
+    first.startCheckingExpiration()
+    others = [site.makeSession() for _ in range(3)]
+    for other in others:
+        other.notifyOnExpire(lambda uid=other.uid: ran.append(uid))
+    return first, others
+
+
 class TestTwistedCompatibility:
     """What Twisted programs and Twisted's own tests do that lapse must take."""
 
@@ -304,18 +326,8 @@ class TestTwistedCompatibility:
             Resource(), reactor=clock, on_expire=lambda expiry: hooked.append(expiry.uid)
         )
 
-        class Broken(server.Session):
-            def _end(self) -> None:
-                super()._end()
-                raise RuntimeError("a subclass that raises while ending")
-
         ran: list[str] = []
-        first = Broken(site, "broken-session-uid")
-        site.sessions[first.uid] = first
-        first.startCheckingExpiration()
-        others = [site.makeSession() for _ in range(3)]
-        for other in others:
-            other.notifyOnExpire(lambda uid=other.uid: ran.append(uid))
+        first, others = _one_broken_and_three(site, ran)
         clock.advance(first.sessionTimeout)
         assert sorted(ran) == sorted(s.uid for s in others)
         assert sorted(hooked) == sorted([first.uid] + [s.uid for s in others])
@@ -332,18 +344,8 @@ class TestTwistedCompatibility:
         clock = Clock()
         site = server.Site(Resource(), reactor=clock)
 
-        class Broken(server.Session):
-            def _end(self) -> None:
-                super()._end()
-                raise RuntimeError("a subclass that raises while ending")
-
         ran: list[str] = []
-        first = Broken(site, "broken-session-uid")
-        site.sessions[first.uid] = first
-        first.startCheckingExpiration()
-        others = [site.makeSession() for _ in range(3)]
-        for other in others:
-            other.notifyOnExpire(lambda uid=other.uid: ran.append(uid))
+        first, others = _one_broken_and_three(site, ran)
         by_hand = site.makeSession()
         by_hand.notifyOnExpire(lambda: ran.append("by hand"))
         by_hand.expire()
