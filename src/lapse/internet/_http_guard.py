@@ -322,8 +322,15 @@ class GuardedProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._unset_keepalive_if_required()
-        self.flow.resume_reading()
+        task = self.timeout_keep_alive_task
+        if task is not None:  # (uvicorn's _unset_keepalive_if_required)
+            task.cancel()
+            self.timeout_keep_alive_task = None
+        flow = self.flow
+        if flow.read_paused or self._continue_due:
+            # (else resuming does nothing: reading goes on, and
+            # _reading_resumed, the flow's on_resume, has no 100 to time)
+            flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)

@@ -120,7 +120,7 @@ def response_bytes(
     if line is None:
         raise BadResponse(f"no status line for {status}")
     seen, defaults = _defaults
-    if seen is not default_headers:
+    if seen is not default_headers:  # (a new list each second: the date)
         defaults = _default_lines(default_headers)
     key = tuple(headers)
     block = _blocks.get(key)
@@ -219,13 +219,11 @@ _defaults: tuple[object, bytes] = (None, b"")
 
 
 def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The server's own headers' lines (the date changes once a second: a
-    new list each time)."""
+    """The server's own headers' lines, remembered with their list in
+    ``_defaults`` (the date changes once a second: a new list each time)."""
     global _defaults
-    seen, lines = _defaults
-    if seen is not default_headers:
-        lines = b"".join(b"%b: %b\r\n" % pair for pair in default_headers)
-        _defaults = (default_headers, lines)
+    lines = b"".join(b"%b: %b\r\n" % pair for pair in default_headers)
+    _defaults = (default_headers, lines)
     return lines
 
 
@@ -281,9 +279,6 @@ class NowServing(HttpToolsProtocol):
     _deferred: PendingCycle | None
     _task_app: Any
     _done_cycle: Any
-    _continue_due: bool
-    _read_timer: Any
-    _idle: Any
 
     def on_headers_complete(self) -> None:
         # A request that may be answered without a task gets its scope as
@@ -386,23 +381,7 @@ class NowServing(HttpToolsProtocol):
             data, keep_alive = response_bytes(*_ERROR, defaults, False, head)
         cycle.response_started = True
         cycle.response_complete = True
-        transport = self.transport
-        transport.write(data)
+        self.transport.write(data)
         if not keep_alive:
-            transport.close()
-        elif not (
-            transport.is_closing()
-            or self.pipeline
-            or self.flow.read_paused
-            or self._continue_due
-            or self.timeout_keep_alive_task is not None
-        ):
-            # on_response_complete's steps that apply (it would call five
-            # methods that do nothing here): count it, arm the idle timer
-            # (unless the next request's head is arriving).
-            self.server_state.total_requests += 1
-            if self._read_timer is None or cycle is not self._done_cycle:
-                self._idle.arm()
-                self.timeout_keep_alive_task = self._idle
-            return
+            self.transport.close()
         self.on_response_complete()

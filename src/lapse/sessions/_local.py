@@ -179,54 +179,42 @@ class LocalKeeper(Keeper):
         order), then sleep until the next deadline: at once, if more are due.
 
         Called inline (an expiry by hand, an eviction, a principal's
-        sessions superseded), it ends them all: that work is the request's."""
+        sessions superseded), it ends them all: that work is the request's.
+        Without a durable hook, on a store that offers ``end_due_now`` (the
+        memory store's), there is nothing to deliver: no claim, Expiry,
+        delivery id or lease is made; the same ends, callbacks and counts."""
         memory = self._memory
         if self.on_expire is None and self._end_due is not None:
-            self._end_unhooked(self._end_due, limit)
-            return
-        for expiry in memory.claim_now(self.node_id, self.lease, limit):
-            if expiry.attempt == 1:
-                self.stats.session_ended(expiry.cause)
-            # The session left site.sessions as the store ended it (and may
-            # have been replaced there): end the very object the store held.
-            record = memory.ended_record(expiry.uid)
-            # One session that raises (a Session subclass, a bad uid) must not
-            # keep the others of this batch waiting for the next expiry.
-            try:
-                if isinstance(record, Session):
-                    record._end()
-            except Exception:
-                log.exception("ending session %s raised", short_uid(expiry.uid))
-            self._deliver_now(expiry)
+            stats = self.stats
+            at = self.owner.reactor.seconds()
+            for uid, record, cause, again in self._end_due(limit):
+                if not again:
+                    stats.session_ended(cause, at)
+                self._end_copy(uid, record)
+        else:
+            for expiry in memory.claim_now(self.node_id, self.lease, limit):
+                if expiry.attempt == 1:
+                    self.stats.session_ended(expiry.cause)
+                # The session left site.sessions as the store ended it (and may
+                # have been replaced there): end the very object the store held.
+                self._end_copy(expiry.uid, memory.ended_record(expiry.uid))
+                self._deliver_now(expiry)
         upcoming = memory.next_deadline_now()
         if upcoming is None:
             self._alarm.cancel()
         else:
             self._alarm.by(upcoming)
 
-    def _end_unhooked(
-        self, end_due: Callable[[int], list[tuple[str, Any, str, bool]]], limit: int
-    ) -> None:
-        """:meth:`drain` without a durable hook, on a store that offers
-        ``end_due_now`` (the memory store's): no claim to deliver, so no
-        Expiry, delivery id or lease is made; the same ends, callbacks and
-        counts, in the same order."""
-        memory = self._memory
-        stats = self.stats
-        at = self.owner.reactor.seconds()
-        for uid, record, cause, again in end_due(limit):
-            if not again:
-                stats.session_ended(cause, at)
-            try:
-                if isinstance(record, Session):
-                    record._end()
-            except Exception:
-                log.exception("ending session %s raised", short_uid(uid))
-        upcoming = memory.next_deadline_now()
-        if upcoming is None:
-            self._alarm.cancel()
-        else:
-            self._alarm.by(upcoming)
+    @staticmethod
+    def _end_copy(uid: str, record: Any) -> None:
+        """End ``record``, the store's object of ended session ``uid``: one
+        that raises (a Session subclass, a bad uid) is logged and must not
+        keep the others of its batch waiting for the next expiry."""
+        try:
+            if isinstance(record, Session):
+                record._end()
+        except Exception:
+            log.exception("ending session %s raised", short_uid(uid))
 
     def _deliver_now(self, expiry: Expiry) -> None:
         memory = self._memory

@@ -15,7 +15,8 @@ and say how long to sleep. Tests drive it on a fake clock. Around it:
 - a shared store is polled by a thin loop (open the store, retry it after an
   outage, sleep with :attr:`SharedKeeper.sleep`), at least every
   ``poll_interval``: another process may make a session that ends sooner;
-  unless the store wakes its keepers (``wait_for_news``: Redis, PostgreSQL):
+  unless the store wakes its keepers (``wait_for_news``: Redis, PostgreSQL,
+  SQLite):
   then it sleeps in that until the next deadline or lease end it knows of. A
   plain (not async) hook runs in a worker thread, so that a slow one holds
   neither the event loop's requests nor its lease;

@@ -275,12 +275,7 @@ class SessionHost:
         two characters, so a store that places sessions by them (Redis
         shards) keeps the session where it is: 132 of its 144 bits are new."""
         sessions = self.sessions
-        if like is None:  # (a new session: every create's path)
-            uid = self._mkuid()
-            while uid in sessions:  # pragma: no cover - 144 random bits
-                uid = self._mkuid()
-            return uid
-        keep = like[:2] if len(like) == 24 else ""
+        keep = like[:2] if like is not None and len(like) == 24 else ""
         uid = keep + self._mkuid()[len(keep) :]
         while uid in sessions:  # pragma: no cover - 132 random bits
             uid = keep + self._mkuid()[len(keep) :]

@@ -303,8 +303,6 @@ class Request(Visit):
             session = given[_PLAIN] or touched
             if session is None:
                 return ()
-            if session is touched and self._rotated is None and not session._expired:
-                return ()  # (a touch: session_cookie's answer, without its call)
             name = self.site._cookie_names[_PLAIN]
             cookie = session_cookie(name, session, touched, self, False)
             return () if cookie is None else (cookie,)

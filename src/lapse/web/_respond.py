@@ -99,21 +99,7 @@ class SiteResponses(HTTPSessions):
         (synchronously: nothing can fail there)."""
         if not request.finished:
             request.finish()
-        presented = request._presented
-        given = request._sessions
-        if presented is not _NO_SESSIONS or given is not _NO_SESSIONS:
-            if presented[1] is None and given[1] is None:
-                # The usual request: one plain session (_used_sessions's
-                # answer, without its list).
-                plain = presented[0]
-                mine = given[0]
-                if mine is None or mine is plain:
-                    if plain is not None:
-                        self._keeper.persist_now((plain,))
-                    return
-                if plain is None:
-                    self._keeper.persist_now((mine,))
-                    return
+        if request._presented is not _NO_SESSIONS or request._sessions is not _NO_SESSIONS:
             self._keeper.persist_now(self._used_sessions(request))
 
     @staticmethod
@@ -145,6 +131,10 @@ class SiteResponses(HTTPSessions):
         """The sessions the request touched or was given, each once."""
         plain, secure = request._presented
         given_plain, given_secure = request._sessions
+        if secure is None and given_secure is None:  # the usual request: one plain session
+            if given_plain is None or given_plain is plain:
+                return [] if plain is None else [plain]
+            return [given_plain] if plain is None else [plain, given_plain]
         used = []
         for session in (plain, secure, given_plain, given_secure):
             if session is not None and session not in used:

@@ -35,7 +35,6 @@ from lapse.sessions import (
     current_visit,
 )
 from lapse.web._access import access_log, log_access
-from lapse.web._host import cookie_uid
 from lapse.web._proxy import TrustSetting
 from lapse.web._request import NOT_DONE_YET, Request
 from lapse.web._respond import SiteResponses, _ClientGone
@@ -197,20 +196,16 @@ class Site(SiteResponses):
             request._presented_uids = uids
 
     def _load_presented_now(self, request: Request, cookie_header: bytes) -> None:
-        """The same, on the memory store: synchronously. (``_cookie_uids``
-        written out: every touch's path.)"""
-        plain_finder, secure_finder = self._cookie_finders
-        found = plain_finder(cookie_header)
-        plain = None if found is None else cookie_uid(found)
-        secure = cookie_uid(secure_finder(cookie_header)) if request.isSecure() else None
-        if plain is None and secure is None:
-            return
-        load = self._keeper.load_now
-        request._presented = [
-            None if plain is None else load(plain),
-            None if secure is None else load(secure),
-        ]
-        request._presented_uids = [plain, secure]
+        """The same, on the memory store: synchronously."""
+        uids = self._cookie_uids(cookie_header, request.isSecure())
+        if uids:
+            load = self._keeper.load_now
+            plain, secure = uids
+            request._presented = [
+                None if plain is None else load(plain),
+                None if secure is None else load(secure),
+            ]
+            request._presented_uids = uids
 
     # -- resources --------------------------------------------------------
 

@@ -47,8 +47,6 @@ from lapse.sessions.stores._timetable import (
     RecordFactory,
     _cause,
     _deadline,
-    _Queue,
-    _Touched,
 )
 
 __all__ = ["MemoryStore", "Record"]
@@ -131,26 +129,7 @@ class MemoryStore(PrincipalTable):
     def load_now(self, uid: str) -> Record | None:
         """Touch and return the live record ``uid``."""
         now = self.clock()
-        # _get and _touch's usual case written out: every touch's path.
-        record: Any = self._live.get(uid)
-        if record is not None:
-            state = record._state
-            timeout = record.sessionTimeout
-            ends = record._ends_at
-            if (
-                state is None
-                or state is _GONE
-                or record._lastModified + timeout <= now + _EPSILON
-                or (ends is not None and ends <= now + _EPSILON)
-            ):
-                record = None
-            elif type(state) is _Queue and timeout == state.timeout:
-                record._lastModified = now
-                record._state = state.touched
-                return record  # type: ignore[no-any-return]
-            elif type(state) is _Touched and timeout == state.queue.timeout:
-                record._lastModified = now
-                return record  # type: ignore[no-any-return]
+        record = self._get(uid, now)
         if record is None:
             if not self._aliases:
                 return None
@@ -159,7 +138,7 @@ class MemoryStore(PrincipalTable):
                 return None
         record._lastModified = now
         self._touch(record)
-        return record  # type: ignore[no-any-return]
+        return record
 
     def create_now(
         self, uid: str, timeout: float, data: Mapping[str, Any], lifetime: float | None = None
@@ -244,16 +223,22 @@ class MemoryStore(PrincipalTable):
         ended = self._ended.get(uid)
         return None if ended is None else ended.record
 
-    def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]:
-        """Claim up to ``limit`` ended sessions, first ending due ones, in
-        deadline order, looking at ``limit`` records at most (ends, and
-        touched records moved to their later deadline): a call's work is
-        bounded by ``limit``, however many sessions came due at once."""
+    def _due_now(self, limit: int) -> float:
+        """End the due sessions (looking at ``limit`` records at most) and
+        forget lapsed aliases, before claims; the time they were ended by."""
         now = self.clock() + _EPSILON
         self._collect_due(now, limit)
         self.evicted = False
         if self._aliases:
             self._prune_aliases(now)
+        return now
+
+    def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]:
+        """Claim up to ``limit`` ended sessions, first ending due ones, in
+        deadline order, looking at ``limit`` records at most (ends, and
+        touched records moved to their later deadline): a call's work is
+        bounded by ``limit``, however many sessions came due at once."""
+        now = self._due_now(limit)
         claims: list[Expiry] = []
         for uid, ended in self._ended.items():
             if len(claims) >= limit:
@@ -277,11 +262,7 @@ class MemoryStore(PrincipalTable):
         first, the work bounded as there), forgotten at once, with no delivery
         id, lease or :class:`Expiry`. Each as (uid, record, cause, whether it
         was claimed before: a hook's delivery, not a first end)."""
-        now = self.clock() + _EPSILON
-        self._collect_due(now, limit)
-        self.evicted = False
-        if self._aliases:
-            self._prune_aliases(now)
+        now = self._due_now(limit)
         ended_map = self._ended
         done: list[tuple[str, Record, str, bool]] = []
         for uid, ended in ended_map.items():

@@ -90,15 +90,20 @@ def _where(target: Target) -> str:
     return nodes
 
 
-def _commands_for(target: Target, timeout: float) -> Commands:
-    """The connection for ``target``: one node, a cluster, or a Sentinel's primary."""
-    every: dict[str, Any] = {
+def _node_options(target: Target, timeout: float) -> dict[str, Any]:
+    """What every client of ``target``'s data nodes is made with."""
+    return {
         "username": target.username,
         "password": target.password,
         "ssl_context": target.ssl_context,
         "timeout": timeout,
-        "wait_replicas": target.wait_replicas,
     }
+
+
+def _commands_for(target: Target, timeout: float) -> Commands:
+    """The connection for ``target``: one node, a cluster, or a Sentinel's primary."""
+    every = _node_options(target, timeout)
+    every["wait_replicas"] = target.wait_replicas
     if target.kind == "sentinel":
         assert target.service is not None
         return SentinelClient(
@@ -323,13 +328,10 @@ class RedisStore(Rounds, Inspection, Principals):
             address[0],
             address[1],
             db=target.db,
-            username=target.username,
-            password=target.password,
             tls=target.tls,
-            ssl_context=target.ssl_context,
-            timeout=self.timeout,
             require_role="master" if target.kind == "sentinel" else None,
             patience=BLOCK,
+            **_node_options(target, self.timeout),
         )
 
     async def now(self) -> float:
