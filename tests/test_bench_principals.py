@@ -365,7 +365,17 @@ def test_on_redis_a_logged_in_touch_sends_what_an_anonymous_one_does(redis_serve
     assert counts.logged_monitor.client_commands == pytest.approx(
         counts.monitor_client_commands, abs=0.1
     )
-    assert counts.logged_monitor.names.keys() == counts.monitor_names.keys()
+    # The commands a touch sends (at least one in ten touches): the same. (A
+    # keeper round in a window, for sessions of the earlier runs ending, adds
+    # its own commands once in 200 requests; an idle process sends nothing
+    # since issue 15, so no idle rate subtracts them.)
+    assert per_touch(counts.logged_monitor.names) == per_touch(counts.monitor_names)
+    assert "evalsha" in per_touch(counts.monitor_names)
+
+
+def per_touch(names: dict[str, float]) -> set[str]:
+    """The command names sent by at least one touch in ten."""
+    return {name for name, rate in names.items() if rate >= 0.1}
 
 
 @pytest.fixture(scope="module")
