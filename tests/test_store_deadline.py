@@ -69,6 +69,35 @@ def test_no_reply_after_a_hold_still_times_out_after_the_time_given_back() -> No
     assert 0.35 < asyncio.run(scenario()) < 0.7
 
 
+@pytest.mark.parametrize(
+    ("hold", "after"),
+    [(0.5, 0.25), (0.37, 0.1)],
+    ids=["ends-well-past-the-deadline", "ends-just-at-the-deadline"],
+)
+def test_a_hold_that_began_before_the_deadline_is_given_back_in_full(
+    hold: float, after: float
+) -> None:
+    """A 0.4 s bound; 0.05 s in, the loop is held ``hold`` s, through the
+    deadline; the call's next round trip starts only after the hold and takes
+    ``after`` s. The call ran free for less than its bound, so it gets its
+    reply: the whole hold is given back, not just how late the timer rang
+    (which was 0.15 s, or nothing counted as late at all)."""
+
+    async def scenario() -> str:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[str] = loop.create_future()
+
+        def hold_then_ask() -> None:
+            time.sleep(hold)  # a page holding the loop
+            loop.call_later(after, reply.set_result, "answer")
+
+        loop.call_later(0.05, hold_then_ask)
+        async with bounded(0.4):
+            return await reply
+
+    assert asyncio.run(scenario()) == "answer"
+
+
 def test_a_cancel_from_outside_stays_a_cancel_and_leaves_no_count_behind() -> None:
     """Someone else's cancel is not turned into TimeoutError; a body that
     finishes leaves the task's cancel count as it was."""

@@ -10,11 +10,16 @@ turn, before the task that would take the reply. Such a request would get a
 
 :func:`bounded` is the same bound with two differences:
 
-- when its timer rings late (the loop was held past the deadline by more
-  than :data:`HELD`), the call is given the time the loop was held back, up
-  to the whole bound again, and the timer set anew;
-- when it rings on time, the call is cancelled one turn later
+- it counts only the time the loop was free to run the call. The bound is
+  measured in :data:`STEPS` steps, each a timer: a step whose timer rings
+  more than :data:`HELD` late saw the loop held, and none of it is counted
+  (whenever the hold began, also just before the deadline: a timer's
+  lateness alone would give back only the part of a hold past it);
+- when the last step rings on time, the call is cancelled one turn later
   (``call_soon``), so a reply that arrived in the same turn is taken first.
+
+A call that ends early (nearly all of them) sets one timer and cancels it,
+as ``asyncio.timeout`` does.
 
 A store that is really stuck still fails within the bound (plus the loop's
 own holds): the server is not answering, whatever the loop does.
@@ -26,10 +31,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-__all__ = ["HELD", "bounded"]
+__all__ = ["HELD", "STEPS", "bounded"]
 
 HELD = 0.05
 """Seconds late a timer may ring before the loop counts as held."""
+
+STEPS = 4
+"""Steps the bound is counted in (a step the loop was held in counts nothing)."""
 
 
 @asynccontextmanager
@@ -56,27 +64,30 @@ async def bounded(seconds: float) -> AsyncIterator[None]:
 
 
 class _Bound:
-    __slots__ = ("cancelling", "deadline", "done", "fired", "handle", "loop", "seconds", "task")
+    __slots__ = ("cancelling", "done", "fired", "handle", "left", "loop", "since", "step", "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object], seconds: float):
         self.loop = loop
         self.task = task
-        self.seconds = seconds
         self.cancelling = task.cancelling()
-        self.deadline = loop.time() + seconds
         self.done = False
         self.fired = False
-        self.handle: asyncio.Handle = loop.call_at(self.deadline, self._ring)
+        self.left = seconds  # free time the call may still run
+        self.step = seconds / STEPS
+        self.since = loop.time()
+        self.handle: asyncio.Handle = loop.call_at(self.since + self.step, self._ring)
 
     def _ring(self) -> None:
         now = self.loop.time()
-        late = now - self.deadline
-        if late > HELD:
-            # The loop was held: give the call back the time it lost.
-            self.deadline = now + min(late, self.seconds)
-            self.handle = self.loop.call_at(self.deadline, self._ring)
-            return
-        self.handle = self.loop.call_soon(self._fire)
+        ran, self.since = now - self.since, now
+        step = min(self.step, self.left)
+        if ran - step <= HELD:
+            self.left -= ran
+        # (else the loop was held in this step: none of it counts)
+        if self.left > 0:
+            self.handle = self.loop.call_at(now + min(self.step, self.left), self._ring)
+        else:
+            self.handle = self.loop.call_soon(self._fire)
 
     def _fire(self) -> None:
         if not self.done:
