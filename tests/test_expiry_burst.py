@@ -142,3 +142,63 @@ def test_burst_of_touched_sessions_is_moved_a_bounded_number_per_ring(clock: Clo
         ring(clock)
         assert len(ended) - before <= ENDS_PER_TURN
     assert ended == [s.uid for s in sessions]
+
+
+def test_a_run_of_due_sessions_in_one_queue_stops_at_a_touched_one() -> None:
+    """Ten sessions of one timeout made 10 ms apart: the third touched at
+    0.2 s (deadline 5.2 s), the fifth at 1 s (6 s), the seventh ended by
+    hand. A claim at 5.5 s ends the due ones in deadline order: the run of
+    untouched ones at the front of the queue is ended without searching
+    again for each, and stops at a touched one, which moves to its later
+    deadline (so the third ends last, not in its place in the queue; the
+    ended one is not ended twice). The fifth ends at 6 s."""
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0])
+    for n in range(10):
+        now[0] = n / 100
+        store.create_now(f"s{n}", 5, {})
+    now[0] = 0.2
+    assert store.load_now("s2") is not None  # deadline 5.2
+    now[0] = 1.0
+    assert store.load_now("s4") is not None  # deadline 6.0
+    store.expire_now("s6")
+    assert [e.uid for e in store.claim_now("me", 30, 1)] == ["s6"]  # (its own end)
+    now[0] = 5.5
+    claimed = [e.uid for e in store.claim_now("me", 30, 100)]
+    assert claimed == ["s0", "s1", "s3", "s5", "s7", "s8", "s9", "s2"]
+    assert len(store) == 1
+    now[0] = 6.0
+    assert [e.uid for e in store.claim_now("me", 30, 100)] == ["s4"]
+    assert len(store) == 0
+
+
+def test_a_run_of_due_sessions_keeps_to_the_limit_and_deadline_order_across_claims() -> None:
+    """Three hundred sessions of one timeout, all due: claims of 128 end
+    128, 128 and 44 of them, in the order they were made; the store's
+    counts stay right."""
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0])
+    uids = [f"s{n:03}" for n in range(300)]
+    for n, uid in enumerate(uids):
+        now[0] = n / 1000
+        store.create_now(uid, 5, {})
+    now[0] = 10.0
+    batches = [[e.uid for e in store.claim_now("me", 30, 128)] for _ in range(4)]
+    assert [len(b) for b in batches] == [128, 128, 44, 0]
+    assert [uid for batch in batches for uid in batch] == uids
+    assert len(store) == 0
+
+
+def test_a_burst_ended_without_a_hook_is_counted_once_per_session(clock: Clock) -> None:
+    """The keeper counts a batch of ends by cause at once: after a burst of
+    3 * ENDS_PER_TURN + 7 timeouts and one session ended by hand, the
+    site's stats say so, and the minute ring holds the same total."""
+    count = 3 * ENDS_PER_TURN + 7
+    site, sessions, ended = site_with_burst(clock, count + 1)
+    sessions[-1].expire()
+    clock.advance(5)
+    assert len(ended) == count + 1
+    stats = site.stats
+    assert stats.ended.get("timeout") == count
+    assert sum(stats.ended.values()) == count + 1
+    assert sum(stats._ended_ring) == count + 1

@@ -185,12 +185,15 @@ class LocalKeeper(Keeper):
         delivery id or lease is made; the same ends, callbacks and counts."""
         memory = self._memory
         if self.on_expire is None and self._end_due is not None:
-            stats = self.stats
-            at = self.owner.reactor.seconds()
+            causes: dict[str, int] = {}
             for uid, record, cause, again in self._end_due(limit):
                 if not again:
-                    stats.session_ended(cause, at)
+                    causes[cause] = causes.get(cause, 0) + 1
                 self._end_copy(uid, record)
+            if causes:
+                at = self.owner.reactor.seconds()
+                for cause, count in causes.items():
+                    self.stats.session_ended(cause, at, count)
         else:
             for expiry in memory.claim_now(self.node_id, self.lease, limit):
                 if expiry.attempt == 1:

@@ -131,13 +131,13 @@ class SessionStats:
         if slot >= 0:
             self._created_ring[slot] += 1
 
-    def session_ended(self, cause: str, at: float | None = None) -> None:
-        """A session ended for ``cause`` (at ``at``; now if None)."""
+    def session_ended(self, cause: str, at: float | None = None, count: int = 1) -> None:
+        """``count`` sessions ended for ``cause`` (at ``at``; now if None)."""
         ended = self.ended
-        ended[cause] = ended.get(cause, 0) + 1
+        ended[cause] = ended.get(cause, 0) + count
         slot = self._slot(self._clock() if at is None else at)
         if slot >= 0:
-            self._ended_ring[slot] += 1
+            self._ended_ring[slot] += count
 
     def callback_error(self) -> None:
         self.callback_errors += 1

@@ -314,8 +314,37 @@ class Timetable:
                     self._end(record, _cause(record))
                 else:
                     self._push(record, deadline)  # touched since its entry
+                if queue is not None and len(self._queues) == 1 and not self._heap:
+                    self._end_run(queue, now)
         finally:
             self._budget = math.inf
+
+    def _end_run(self, queue: _Queue, now: float) -> None:
+        """End the due records at the front of ``queue``, the only place
+        records wait (one timeout, nothing in the heap), so its order is the
+        deadline order: without looking for the earliest again for each.
+        It stops at the first record that is not plainly due there (touched,
+        stale, of another timeout, not due yet) or on the budget, and leaves
+        that record to :meth:`_earliest`."""
+        entries = queue.entries
+        live = self._live
+        timeout = queue.timeout
+        budget = self._budget
+        while entries and budget > 0:
+            record = entries[0]
+            if (
+                record._state is not queue
+                or record.sessionTimeout != timeout
+                or live.get(record.uid) is not record
+            ):
+                break
+            deadline = _deadline(record)
+            if deadline > now:
+                break
+            entries.popleft()
+            budget -= 1
+            self._end(record, _cause(record))
+        self._budget = budget
 
     def _evict(self, count: int) -> None:
         """End the ``count`` live records with the earliest deadlines."""
