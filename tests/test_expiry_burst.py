@@ -35,6 +35,17 @@ def site_with_burst(clock: Clock, count: int = BURST) -> tuple[Site, list[Sessio
     return site, sessions, ended
 
 
+def store_with(count: int, apart: float) -> tuple[MemoryStore, list[float]]:
+    """A memory store on a settable clock (``now[0]``) holding sessions
+    ``s0``, ``s1``... of a 5 s timeout, made ``apart`` seconds apart from t=0."""
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0])
+    for n in range(count):
+        now[0] = n * apart
+        store.create_now(f"s{n}", 5, {})
+    return store, now
+
+
 def ring(clock: Clock) -> None:
     """Run the one call due now on the clock: one turn of the keeper's timer."""
     (call,) = [c for c in clock.calls if c.getTime() <= clock.seconds()]
@@ -92,11 +103,7 @@ def test_claim_ends_at_most_limit_due_sessions() -> None:
     """The memory store's claim ends (and claims) at most ``limit`` of the sessions
     due, the earliest deadlines first; the rest stay due, not loadable, and the next
     claims take them in order."""
-    now = [0.0]
-    store = MemoryStore(clock=lambda: now[0])
-    for n in range(10):
-        now[0] = n / 100
-        store.create_now(f"s{n}", 5, {})
+    store, now = store_with(10, 0.01)
     now[0] = 10.0
     first = store.claim_now("me", 30, 4)
     assert [e.uid for e in first] == ["s0", "s1", "s2", "s3"]
@@ -152,11 +159,7 @@ def test_a_run_of_due_sessions_in_one_queue_stops_at_a_touched_one() -> None:
     again for each, and stops at a touched one, which moves to its later
     deadline (so the third ends last, not in its place in the queue; the
     ended one is not ended twice). The fifth ends at 6 s."""
-    now = [0.0]
-    store = MemoryStore(clock=lambda: now[0])
-    for n in range(10):
-        now[0] = n / 100
-        store.create_now(f"s{n}", 5, {})
+    store, now = store_with(10, 0.01)
     now[0] = 0.2
     assert store.load_now("s2") is not None  # deadline 5.2
     now[0] = 1.0
@@ -176,12 +179,8 @@ def test_a_run_of_due_sessions_keeps_to_the_limit_and_deadline_order_across_clai
     """Three hundred sessions of one timeout, all due: claims of 128 end
     128, 128 and 44 of them, in the order they were made; the store's
     counts stay right."""
-    now = [0.0]
-    store = MemoryStore(clock=lambda: now[0])
-    uids = [f"s{n:03}" for n in range(300)]
-    for n, uid in enumerate(uids):
-        now[0] = n / 1000
-        store.create_now(uid, 5, {})
+    store, now = store_with(300, 0.001)
+    uids = [f"s{n}" for n in range(300)]
     now[0] = 10.0
     batches = [[e.uid for e in store.claim_now("me", 30, 128)] for _ in range(4)]
     assert [len(b) for b in batches] == [128, 128, 44, 0]
