@@ -11,7 +11,6 @@ until the site sends it; ``write`` after the headers have gone streams.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
@@ -37,6 +36,8 @@ NOT_DONE_YET = 1
 """Returned by a render method that will finish the request later."""
 
 _PLAIN, _SECURE = 0, 1
+_PLAIN_SLOT: tuple[tuple[int, bool], ...] = ((_PLAIN, False),)
+_BOTH_SLOTS: tuple[tuple[int, bool], ...] = ((_PLAIN, False), (_SECURE, True))
 _NO_BODY_STATUSES = frozenset({204, 304})
 _METHODS = {
     m: m.encode("ascii") for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
@@ -292,22 +293,17 @@ class Request(Visit):
             return None
         return session
 
-    def _session_cookies(self) -> Sequence[bytes]:
+    def _session_cookies(self) -> list[bytes]:
         given = self._sessions
         presented = self._presented
-        if given is _NO_SESSIONS and presented is _NO_SESSIONS:
-            return ()
-        if given[_SECURE] is None and presented[_SECURE] is None:
-            # The usual request, a plain session only: the loop below, for one slot.
-            touched = presented[_PLAIN]
-            session = given[_PLAIN] or touched
-            if session is None:
-                return ()
-            name = self.site._cookie_names[_PLAIN]
-            cookie = session_cookie(name, session, touched, self, False)
-            return () if cookie is None else (cookie,)
         headers: list[bytes] = []
-        for slot, secure in ((_PLAIN, False), (_SECURE, True)):
+        if given is _NO_SESSIONS and presented is _NO_SESSIONS:
+            return headers
+        if given[_SECURE] is None and presented[_SECURE] is None:
+            slots = _PLAIN_SLOT  # the usual request: a plain session only
+        else:
+            slots = _BOTH_SLOTS
+        for slot, secure in slots:
             session = given[slot] or presented[slot]
             if session is None:
                 continue
