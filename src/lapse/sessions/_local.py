@@ -190,10 +190,8 @@ class LocalKeeper(Keeper):
                 if not again:
                     causes[cause] = causes.get(cause, 0) + 1
                 self._end_copy(uid, record)
-            if causes:
-                at = self.owner.reactor.seconds()
-                for cause, count in causes.items():
-                    self.stats.session_ended(cause, at, count)
+            for cause, count in causes.items():
+                self.stats.session_ended(cause, count=count)
         else:
             for expiry in memory.claim_now(self.node_id, self.lease, limit):
                 if expiry.attempt == 1:

@@ -47,6 +47,7 @@ from lapse.sessions.stores._timetable import (
     RecordFactory,
     _cause,
     _deadline,
+    _Ended,
 )
 
 __all__ = ["MemoryStore", "Record"]
@@ -223,28 +224,32 @@ class MemoryStore(PrincipalTable):
         ended = self._ended.get(uid)
         return None if ended is None else ended.record
 
-    def _due_now(self, limit: int) -> float:
+    def _claimable(self, limit: int) -> tuple[float, list[tuple[str, _Ended]]]:
         """End the due sessions (looking at ``limit`` records at most) and
-        forget lapsed aliases, before claims; the time they were ended by."""
+        forget lapsed aliases; then up to ``limit`` ended sessions that no
+        lease holds, oldest first, and the time they were ended by."""
         now = self.clock() + _EPSILON
         self._collect_due(now, limit)
         self.evicted = False
         if self._aliases:
             self._prune_aliases(now)
-        return now
+        found: list[tuple[str, _Ended]] = []
+        for uid, ended in self._ended.items():
+            if len(found) >= limit:
+                break
+            if ended.attempt and ended.lease_until > now:
+                continue  # (claimed, and its lease still runs)
+            found.append((uid, ended))
+        return now, found
 
     def claim_now(self, owner: str, lease: float, limit: int) -> list[Expiry]:
         """Claim up to ``limit`` ended sessions, first ending due ones, in
         deadline order, looking at ``limit`` records at most (ends, and
         touched records moved to their later deadline): a call's work is
         bounded by ``limit``, however many sessions came due at once."""
-        now = self._due_now(limit)
+        now, claimable = self._claimable(limit)
         claims: list[Expiry] = []
-        for uid, ended in self._ended.items():
-            if len(claims) >= limit:
-                break
-            if ended.attempt and ended.lease_until > now:
-                continue
+        for uid, ended in claimable:
             if not ended.delivery_id:
                 ended.delivery_id = f"{uid}:{next(self._deliveries)}"
             ended.attempt += 1
@@ -262,16 +267,11 @@ class MemoryStore(PrincipalTable):
         first, the work bounded as there), forgotten at once, with no delivery
         id, lease or :class:`Expiry`. Each as (uid, record, cause, whether it
         was claimed before: a hook's delivery, not a first end)."""
-        now = self._due_now(limit)
+        _, claimable = self._claimable(limit)
         ended_map = self._ended
         done: list[tuple[str, Record, str, bool]] = []
-        for uid, ended in ended_map.items():
-            if len(done) >= limit:
-                break
-            if ended.attempt and ended.lease_until > now:
-                continue  # (claimed when a hook was set: its lease still runs)
+        for uid, ended in claimable:
             done.append((uid, ended.record, ended.cause, ended.attempt > 0))
-        for uid, _, _, _ in done:
             del ended_map[uid]
             self._announce(uid)
         return done
