@@ -366,6 +366,11 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
     problems = find_problems(b, results)
     found = targets(results, opts)
     notes = list(b.notes)
+    if b.retaken:
+        notes.append(
+            f"{len(b.retaken)} measured runs were set aside for the hypervisor's steal and "
+            "taken again (section 'Runs set aside for steal')"
+        )
     if opts.repeats < 3 or (opts.live_sessions > 0 and opts.live_repeats < 3):
         notes.append(
             f"--repeats {opts.repeats}, --live-repeats {opts.live_repeats}: fewer than 3 runs "
@@ -487,4 +492,35 @@ def report(b: Bench, results: Results, command: str) -> tuple[str, list[str], li
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
     lines += ["", "## Raw repeats", "", *raw_lines(results), ""]
+    lines += retaken_lines(b)
     return "\n".join(lines), problems, found
+
+
+def retaken_lines(b: Bench) -> list[str]:
+    """The measured runs taken again for steal, and set aside (Bench.measured)."""
+    opts = b.opts
+    if opts.max_steal <= 0:
+        return ["Runs were not taken again for steal (--max-steal 0).", ""]
+    limit = opts.max_steal * opts.duration * (os.cpu_count() or 1) * 1000
+    rule = (
+        f"A measured run (touch, create, side by side; not on Redis or PostgreSQL) that lost "
+        f"more than {opts.max_steal:.0%} of the machine's CPU time to the hypervisor "
+        f"({limit:,.0f} ms in a {opts.duration} s run) was taken again, up to "
+        f"{opts.steal_retakes} times; the try with the least steal was kept."
+    )
+    if not b.retaken:
+        return ["## Runs set aside for steal", "", rule, "", "None.", ""]
+    lines = [
+        "## Runs set aside for steal",
+        "",
+        rule,
+        "",
+        "| System | Figure | requests/s | p99 (ms) | CPU stolen, ms |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for label, figure, r in b.retaken:
+        lines.append(
+            f"| {label} | {figure} | {r.rps:,.0f} | {num(r.p99_ms, '.2f')} "
+            f"| {num(r.steal_ms, '.0f')} |"
+        )
+    return [*lines, ""]

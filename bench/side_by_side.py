@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bench.loadgen import WrkResult
@@ -70,11 +71,15 @@ def bench_side_by_side(
                 touch_once(b, systems[key], ports[key], opts.warmup)
         for repeat in range(opts.repeats):
             for key in rotation(keys, repeat):
-                run = touch_once(b, systems[key], ports[key], opts.duration)
+                system = systems[key]
+                once = partial(touch_once, b, system, ports[key], opts.duration)
+                run = b.measured(system, "touch, side by side", once, lambda t: t.result)
                 into.touch.setdefault(key, []).append(run.result)
     for repeat in range(opts.repeats):
         for key in rotation(keys, repeat):
             with b.server(systems[key]) as port:
                 if opts.create_warmup > 0:
                     b.run_wrk(port, opts.create_warmup, None)
-                into.create.setdefault(key, []).append(b.run_wrk(port, opts.duration, None))
+                once = partial(b.run_wrk, port, opts.duration, None)
+                run = b.measured(systems[key], "create, side by side", once, lambda r: r)
+                into.create.setdefault(key, []).append(run)

@@ -507,3 +507,67 @@ def test_the_ratio_targets_come_from_the_side_by_side_runs_when_both_systems_hav
     assert [rotation(keys, i)[0] for i in range(4)] == [*keys, "lapse-memory"]
     assert side_by_side_keys(["twisted", "lapse-memory", "aiohttp"]) == ["lapse-memory", "twisted"]
     assert side_by_side_keys(["twisted", "uvicorn-bare"]) == []
+
+
+# ------------------------------------------------------------------ steal
+
+
+def stolen(rps: float, steal_ms: float | None) -> WrkResult:
+    return WrkResult(
+        rps=rps, requests=int(rps), non_2xx=0, socket_errors=0, p99_ms=1.0, steal_ms=steal_ms
+    )
+
+
+def test_a_run_that_lost_more_than_max_steal_is_taken_again_and_the_least_stolen_try_kept() -> None:
+    """With --max-steal 0.03 on a 4 s run, a run is taken again while its steal is over
+    3 % of the machine's CPU time (4 s x CPUs); the try with the least steal is kept and
+    the others are set aside, labelled, for the report."""
+    import os
+
+    from bench.report import retaken_lines
+
+    limit = 0.03 * 4 * (os.cpu_count() or 1) * 1000
+    bench = Bench(parse_options(["--duration", "4"]), "wrk", None)
+    lapse = SYSTEMS["lapse-memory"]
+    tries = iter([stolen(1, limit + 1), stolen(2, limit - 1), stolen(3, 0)])
+    kept = bench.measured(lapse, "create", lambda: next(tries), lambda r: r)
+    assert kept.rps == 2  # the second try was under the limit: no third
+    assert [(label, figure, r.rps) for label, figure, r in bench.retaken] == [
+        (lapse.label, "create", 1)
+    ]
+    section = "\n".join(retaken_lines(bench))
+    assert "Runs set aside for steal" in section and f"| {lapse.label} | create | 1 |" in section
+
+    # every try over the limit: --steal-retakes more tries, the least stolen kept
+    tries = iter([stolen(1, limit * 3), stolen(2, limit * 2), stolen(3, limit * 4)])
+    kept = bench.measured(lapse, "touch", lambda: next(tries), lambda r: r)
+    assert kept.rps == 2 and len(bench.retaken) == 3
+    assert next(tries, None) is None  # 1 + 2 retakes, no more
+
+
+def test_runs_are_not_taken_again_without_a_steal_figure_with_max_steal_0_or_on_redis() -> None:
+    """No /proc/stat steal (None), --max-steal 0, or a Redis or PostgreSQL system (whose
+    store traffic is counted across the run): the first try is kept, whatever it lost."""
+    calls = []
+
+    def attempt() -> WrkResult:
+        calls.append(1)
+        return stolen(1, None if len(calls) == 1 else 10**9)
+
+    bench = Bench(parse_options([]), "wrk", None)
+    bench.measured(SYSTEMS["lapse-memory"], "touch", attempt, lambda r: r)
+    assert len(calls) == 1
+    off = Bench(parse_options(["--max-steal", "0"]), "wrk", None)
+    off.measured(SYSTEMS["lapse-memory"], "touch", lambda: stolen(1, 10**9), lambda r: r)
+    redis = next(s for s in SYSTEMS.values() if s.redis)
+    postgres = next(s for s in SYSTEMS.values() if s.postgres)
+    for system in (redis, postgres):
+        bench.measured(system, "touch", lambda: stolen(1, 10**9), lambda r: r)
+    assert bench.retaken == [] and off.retaken == []
+
+
+def test_bad_steal_options_are_a_usage_error() -> None:
+    """A share of CPU time is in [0, 1); the retakes are a count >= 0."""
+    for argv in (["--max-steal", "1.5"], ["--max-steal", "-0.1"], ["--steal-retakes", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_options(argv)
