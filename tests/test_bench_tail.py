@@ -170,3 +170,46 @@ def test_issue15_targets_judge_ratios_of_medians_and_create_p99_of_every_run() -
     del results.outcomes["lapse-sqlite"]
     again = {t.name: t for t in targets(results, parse_options(["--memory-counts", ""]))}
     assert again[ISSUE15_NAMES["sqlite"]].verdict == "n/a"
+
+
+def test_the_bare_apps_burn_spends_at_least_its_cpu_time_in_each_request() -> None:
+    """The control of bench/tail_control.py: with --burn-us, each request spins until its
+    thread has used that much CPU time (so a request costs at least that), then answers
+    as the plain bare app does."""
+    import asyncio
+    import time
+
+    from bench.servers.bare_asgi import BODY, START, app, burning
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    paced = burning(0.002)
+    before = time.thread_time()
+    asyncio.run(paced({"type": "http"}, None, send))
+    assert time.thread_time() - before >= 0.002
+    assert sent == [START, BODY]
+    sent.clear()
+    asyncio.run(app({"type": "http"}, None, send))
+    assert sent == [START, BODY]
+
+
+def test_tail_control_runs_lapse_and_the_paced_control_in_turn_and_tabulates_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A tiny real run (1 round of 1 s): it measures lapse's and the bare app's CPU per
+    request, states the control's burn, and gives a row per run and a median row per
+    server with requests/s, CPU, Little's mean, p99, p99.9 and steal."""
+    from bench.tail_control import main
+
+    assert main(["--runs", "1", "--seconds", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "the control spins" in out
+    rows = [line for line in out.splitlines() if line.startswith("| lapse create |")]
+    controls = [line for line in out.splitlines() if line.startswith("| control |")]
+    assert len(rows) == 1 and len(controls) == 1
+    assert "**lapse create, median of 1**" in out and "**control, median of 1**" in out
+    cells = rows[0].split("|")[2:-1]
+    assert float(cells[0].replace(",", "")) > 0 and float(cells[1]) > 0
