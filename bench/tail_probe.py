@@ -12,7 +12,12 @@ run:
   the process was not running; with much, the server's own work held the loop);
 - every expiry drain of the keeper (``LocalKeeper.drain``): its duration and the
   sessions it ended;
-- the live-session count, every 100 ms.
+- the live-session count, every 100 ms;
+- per request answered in the protocol's callback (all of the seed's, on the memory
+  store): the time from the loop reading it (``data_received``) to its response's write,
+  and the time from a response's write to the loop reading the next request on the same
+  connection. wrk's latency of a request is at most the latter before it, the former,
+  and the latter after it: what is beyond that sum was not spent in the server's loop.
 
 Per run it prints wrk's p50/p99/p99.9/max (a Lua ``done`` hook), the server's RSS, and
 the stalls seen in the server: the longest by the loop's own CPU time and the longest
@@ -61,7 +66,7 @@ PROBE = """
 # -- inserted by bench/tail_probe.py --
 import gc as _gc, json as _json, os as _os, signal as _signal, time as _time
 
-_probe = {"gc": [], "lag": [], "drain": [], "live": []}
+_probe = {"gc": [], "lag": [], "drain": [], "live": [], "serve": [], "gap": []}
 _gc_start = [0.0]
 _gc_young = [0]
 _gc_cpu = [0.0]
@@ -101,6 +106,44 @@ def _ring():
 
 
 _keeper._alarm._ring = _ring
+
+from lapse.internet import _http as _probe_http
+
+_Protocol = _probe_http.HTTPProtocol
+_read_at = {}
+_written_at = {}
+_plain_made, _plain_received, _plain_send = (
+    _Protocol.connection_made, _Protocol.data_received, _Protocol._send_now
+)
+
+
+def _connection_made(self, transport):
+    _read_at.pop(id(self), None)
+    _written_at.pop(id(self), None)
+    _plain_made(self, transport)
+
+
+def _data_received(self, data):
+    now = _time.perf_counter()
+    written = _written_at.pop(id(self), None)
+    if written is not None:
+        _probe["gap"].append(now - written)
+    _read_at[id(self)] = now
+    _plain_received(self, data)
+
+
+def _send_now(self, cycle, *response):
+    _plain_send(self, cycle, *response)
+    now = _time.perf_counter()
+    _written_at[id(self)] = now
+    read = _read_at.pop(id(self), None)
+    if read is not None:
+        _probe["serve"].append(now - read)
+
+
+_Protocol.connection_made = _connection_made
+_Protocol.data_received = _data_received
+_Protocol._send_now = _send_now
 
 
 def _lag_monitor():
@@ -170,6 +213,9 @@ done = function(summary, latency, requests)
   io.write("\\n")
 end
 """
+
+
+PERCENTILES = (0.5, 0.99, 0.999)
 
 
 def probed_script(port: int, workdir: Path) -> Path:
@@ -250,6 +296,15 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
             f"  drains: {len(drains)}, max {max(times):.1f} ms (CPU {max(cpus):.1f} ms), "
             f"total {sum(times):.0f} ms, max {max(ends)} ended in one, {sum(ends)} ended"
         )
+    for name, what in (("serve", "read -> write"), ("gap", "write -> next read")):
+        spans = sorted(probe.get(name, []))
+        if spans:
+            at = [spans[min(len(spans) - 1, int(q * len(spans)))] * 1000 for q in PERCENTILES]
+            lines.append(
+                f"  server, {what} ({len(spans)}): "
+                + " ".join(f"p{q * 100:g} {v:.2f}" for q, v in zip(PERCENTILES, at, strict=True))
+                + f" max {spans[-1] * 1000:.2f} ms"
+            )
     live = [e[1] for e in probe["live"]]
     if live:
         lines.append(f"  live sessions: {min(live)}-{max(live)}")

@@ -196,6 +196,7 @@ def test_the_bare_apps_burn_spends_at_least_its_cpu_time_in_each_request() -> No
     assert sent == [START, BODY]
 
 
+@pytest.mark.slow
 def test_tail_control_runs_lapse_and_the_paced_control_in_turn_and_tabulates_them(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -213,3 +214,31 @@ def test_tail_control_runs_lapse_and_the_paced_control_in_turn_and_tabulates_the
     assert "**lapse create, median of 1**" in out and "**control, median of 1**" in out
     cells = rows[0].split("|")[2:-1]
     assert float(cells[0].replace(",", "")) > 0 and float(cells[1]) > 0
+
+
+@pytest.mark.slow
+def test_tail_probe_reports_the_servers_own_read_to_write_and_write_to_read_times() -> None:
+    """bench/tail_probe.py on a tiny run: the probe inserted into the seed records, per
+    request answered in the protocol's callback, the time from the loop reading it to
+    its response's write and from a write to the next read on that connection, and the
+    summary gives their p50/p99/p99.9 and max beside wrk's figures."""
+    import re
+    import subprocess
+
+    probe = [sys.executable, str(REPO / "bench" / "tail_probe.py")]
+    out = subprocess.run(
+        [*probe, "--runs", "1", "--seconds", "1", "--warmup", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert re.search(r"^run 1: .* wrk p50 [\d.]+ p99 [\d.]+", out, re.MULTILINE), out
+    for what in ("read -> write", "write -> next read"):
+        found = re.search(
+            rf"server, {what} \((\d+)\): p50 ([\d.]+) p99 ([\d.]+) p99.9 ([\d.]+) max ([\d.]+) ms",
+            out,
+        )
+        assert found is not None, out
+        count, p50, p99, p999, worst = (float(x) for x in found.groups())
+        assert count > 0 and p50 <= p99 <= p999 <= worst
