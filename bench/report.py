@@ -503,7 +503,8 @@ def retaken_lines(b: Bench) -> list[str]:
         return ["Runs were not taken again for steal (--max-steal 0).", ""]
     limit = opts.max_steal * opts.duration * (os.cpu_count() or 1) * 1000
     rule = (
-        f"A measured run (touch, create, side by side; not on Redis or PostgreSQL) that lost "
+        f"A measured run (touch, logged-in touch, create, side by side; not on Redis or "
+        f"PostgreSQL) that lost "
         f"more than {opts.max_steal:.0%} of the machine's CPU time to the hypervisor "
         f"({limit:,.0f} ms in a {opts.duration} s run) was taken again, up to "
         f"{opts.steal_retakes} times; the try with the least steal was kept."

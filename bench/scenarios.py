@@ -255,15 +255,12 @@ def logged_touch_once(
 ) -> TouchRun:
     """One wrk run on a session logged in as ``user`` just before it (the login route:
     a new session, rotated, bound); then check it is still there and still ``user``'s.
-    With ``outcome``, the run is kept (and its store traffic counted)."""
+    With ``outcome``, its store traffic is counted."""
     cookie = login_cookie(port, system, user)
     run = partial(b.run_wrk, port, seconds, cookie)
     result = run() if outcome is None else metered(b, system, outcome, "logged touch", run)
     kept = session_kept(port, system, cookie) and principal_of(port, cookie) == user
-    touch = TouchRun(result, kept)
-    if outcome is not None:
-        outcome.touch_logged.append(touch)
-    return touch
+    return TouchRun(result, kept)
 
 
 def logged_in_failed(b: Bench, system: System, outcome: Outcome, exc: Exception) -> None:
@@ -307,7 +304,12 @@ def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
                 if logged:
                     user = f"bench-touch-{i}"
                     try:
-                        logged_touch_once(b, system, port, opts.duration, user, outcome)
+                        once = partial(
+                            logged_touch_once, b, system, port, opts.duration, user, outcome
+                        )
+                        outcome.touch_logged.append(
+                            b.measured(system, "touch, logged in", once, lambda t: t.result)
+                        )
                     except Exception as exc:
                         logged_in_failed(b, system, outcome, exc)
                         logins = False
