@@ -411,16 +411,26 @@ async def test_the_timeout_counts_the_server_s_silence_while_commands_wait_not_i
 ) -> None:
     """An idle connection is never timed out, however long it idles; a
     command that takes less than ``timeout`` (a BLPOP held 0.3 s of 0.6)
-    right after a long idle spell is answered on the same connection."""
+    right after a long idle spell is answered on the same connection.
+
+    redis-server ends a BLPOP by its own clock, and once, on a loaded
+    machine, answered one after 0.19 s of 0.3: such a try shows nothing
+    about the server's silence, so the idle spell and the BLPOP are tried
+    again (at most three times) until one was held 0.25 s or more."""
     client = client_for(redis_server, timeout=0.6)
     try:
         await client.execute("PING")
         conn = client._conn
-        await asyncio.sleep(0.8)  # idle longer than the timeout
-        started = time.monotonic()
-        assert await client.execute("BLPOP", f"nothing:{uuid.uuid4().hex}", "0.3") is None
-        assert time.monotonic() - started >= 0.25
-        assert client._conn is conn
+        held = []
+        for _ in range(3):
+            await asyncio.sleep(0.8)  # idle longer than the timeout
+            started = time.monotonic()
+            assert await client.execute("BLPOP", f"nothing:{uuid.uuid4().hex}", "0.3") is None
+            held.append(time.monotonic() - started)
+            assert client._conn is conn
+            if held[-1] >= 0.25:
+                break
+        assert held[-1] >= 0.25, held
     finally:
         await client.aclose()
 
