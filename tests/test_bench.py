@@ -571,3 +571,30 @@ def test_bad_steal_options_are_a_usage_error() -> None:
     for argv in (["--max-steal", "1.5"], ["--max-steal", "-0.1"], ["--steal-retakes", "-1"]):
         with pytest.raises(SystemExit):
             parse_options(argv)
+
+
+def test_side_table_gives_each_systems_cpu_per_request_its_ratio_by_cpu_and_its_steal() -> None:
+    """Beside requests/s, the side-by-side table gives each system's median server CPU
+    µs per request, lapse's over it (the requests/s ratio those costs imply, which the
+    hypervisor's steal does not enter) and the median steal of its touch and create runs."""
+    from bench.report import side_table
+
+    def run(rps: float, cpu: float, steal: float) -> WrkResult:
+        return WrkResult(rps=rps, requests=int(rps), non_2xx=0, socket_errors=0, p99_ms=5.0,
+                         server_cpu_us=cpu, steal_ms=steal)  # fmt: skip
+
+    results = canned_results()
+    results.side.touch = {
+        "lapse-memory": [run(10_000, 90.0, 100), run(11_000, 80.0, 300)],
+        "uvicorn-bare": [run(14_000, 60.0, 900), run(15_000, 70.0, 1100)],
+    }
+    results.side.create = {
+        "lapse-memory": [run(7_000, 150.0, 200)],
+        "uvicorn-bare": [run(13_000, 50.0, 400)],
+    }
+    lines = side_table(results)
+    bare = next(line for line in lines if line.startswith("| bare uvicorn"))
+    cells = [cell.strip() for cell in bare.split("|")[1:-1]]
+    assert cells[9:] == ["65.0", "1.31x", "50.0", "3.00x", "1,000; 400 (medians)"]
+    lapse = next(line for line in lines if line.startswith("| lapse (memory)"))
+    assert [cell.strip() for cell in lapse.split("|")[1:-1]][9:11] == ["85.0", "1.00x"]
