@@ -18,6 +18,8 @@ run:
   and the time from a response's write to the loop reading the next request on the same
   connection. wrk's latency of a request is at most the latter before it, the former,
   and the latter after it: what is beyond that sum was not spent in the server's loop.
+  The probe's own pause (writing its records, on a signal between runs) is timed and
+  shown where it overlaps a stall; a span it interrupted is not counted.
 
 Per run it prints wrk's p50/p99/p99.9/max (a Lua ``done`` hook), the server's RSS, and
 the stalls seen in the server: the longest by the loop's own CPU time and the longest
@@ -66,7 +68,7 @@ PROBE = """
 # -- inserted by bench/tail_probe.py --
 import gc as _gc, json as _json, os as _os, signal as _signal, time as _time
 
-_probe = {"gc": [], "lag": [], "drain": [], "live": [], "serve": [], "gap": []}
+_probe = {"gc": [], "lag": [], "drain": [], "live": [], "serve": [], "gap": [], "dump": []}
 _gc_start = [0.0]
 _gc_young = [0]
 _gc_cpu = [0.0]
@@ -110,6 +112,7 @@ _keeper._alarm._ring = _ring
 from lapse.internet import _http as _probe_http
 
 _Protocol = _probe_http.HTTPProtocol
+_dumped = [0.0]  # when the last dump ended: a span begun before it straddled it
 _read_at = {}
 _written_at = {}
 _plain_made, _plain_received, _plain_send = (
@@ -126,7 +129,7 @@ def _connection_made(self, transport):
 def _data_received(self, data):
     now = _time.perf_counter()
     written = _written_at.pop(id(self), None)
-    if written is not None:
+    if written is not None and written >= _dumped[0]:
         _probe["gap"].append(now - written)
     _read_at[id(self)] = now
     _plain_received(self, data)
@@ -137,7 +140,7 @@ def _send_now(self, cycle, *response):
     now = _time.perf_counter()
     _written_at[id(self)] = now
     read = _read_at.pop(id(self), None)
-    if read is not None:
+    if read is not None and read >= _dumped[0]:
         _probe["serve"].append(now - read)
 
 
@@ -175,7 +178,14 @@ if _os.environ.get("TAIL_PROBE_GARBAGE"):
 
 
 def _dump(signum, frame):
+    # The records so far are swapped for empty lists, written, and freed before the
+    # file appears: bench/tail_probe.py starts the next wrk run when it does, so the
+    # probe's own pause (timed, and kept with the next run's records) is over by then.
+    started = _time.perf_counter()
     path = _os.environ["TAIL_PROBE_OUT"]
+    taken = {name: values for name, values in _probe.items()}
+    for name in taken:
+        _probe[name] = []
     if _os.environ.get("TAIL_PROBE_GARBAGE"):
         import collections as _collections
 
@@ -185,14 +195,14 @@ def _dump(signum, frame):
             if callable(o) and not isinstance(o, type) else type(o).__qualname__
             for o in _gc.garbage
         )
-        _probe["garbage"] = kinds.most_common(40)
+        taken["garbage"] = kinds.most_common(40)
         _gc.garbage.clear()
     with open(path + ".tmp", "w") as out:
-        _json.dump(_probe, out)
+        _json.dump(taken, out)
+    del taken
+    _dumped[0] = _time.perf_counter()
+    _probe["dump"].append((started, _dumped[0] - started))
     _os.replace(path + ".tmp", path)
-    for values in _probe.values():
-        values.clear()
-    _probe.pop("garbage", None)
 
 
 _signal.signal(_signal.SIGUSR1, _dump)
@@ -274,6 +284,7 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
     gcs = probe["gc"]
     lags = sorted(probe["lag"], key=lambda e: -e[1])
     drains = probe["drain"]
+    dumps = probe.get("dump", [])
     lines = [
         f"run {run}: load {load}; wrk p50 {figures['p50_ms']:.2f} p99 {figures['p99_ms']:.2f} "
         f"p99.9 {figures['p999_ms']:.2f} max {figures['max_ms']:.2f} ms, "
@@ -317,6 +328,7 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
                 + " ".join(
                     [f"gc{g[2]} {g[1] * 1000:.0f}ms" for g in overlaps(t, lag, gcs)]
                     + [f"drain {d[2]} {d[1] * 1000:.0f}ms" for d in overlaps(t, lag, drains)]
+                    + [f"probe dump {d[1] * 1000:.0f}ms" for d in overlaps(t, lag, dumps)]
                 )
                 + "]"
                 for t, lag, cpu in busy[:5]
@@ -332,6 +344,7 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
             + " ".join(
                 [f"gc{g[2]} {g[1] * 1000:.0f}ms {g[3]} of {g[4]}" for g in overlaps(t, lag, gcs)]
                 + [f"drain {d[2]} {d[1] * 1000:.0f}ms" for d in overlaps(t, lag, drains)]
+                + [f"probe dump {d[1] * 1000:.0f}ms" for d in overlaps(t, lag, dumps)]
             )
             + "]"
             for t, lag, _ in lags[:6]
