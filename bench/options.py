@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,12 @@ class Options:
     the machine's CPU time during the run is taken again (0: never)."""
     steal_retakes: int = 2
     """How many times one measured run may be taken again for steal."""
+
+    @property
+    def steal_limit_ms(self) -> float:
+        """The steal over which a measured run is taken again: ``max_steal`` of the
+        machine's CPU time (all CPUs) in a ``duration`` run, in ms."""
+        return self.max_steal * self.duration * (os.cpu_count() or 1) * 1000
 
     @property
     def results_dir(self) -> Path:

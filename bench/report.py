@@ -521,7 +521,7 @@ def retaken_lines(b: Bench) -> list[str]:
     opts = b.opts
     if opts.max_steal <= 0:
         return ["Runs were not taken again for steal (--max-steal 0).", ""]
-    limit = opts.max_steal * opts.duration * (os.cpu_count() or 1) * 1000
+    limit = opts.steal_limit_ms
     rule = (
         f"A measured run (touch, logged-in touch, create, side by side; not on Redis or "
         f"PostgreSQL) that lost "

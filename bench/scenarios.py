@@ -118,7 +118,7 @@ class Bench:
         tries = [attempt()]
         if opts.max_steal <= 0 or system.redis or system.postgres:
             return tries[0]
-        limit_ms = opts.max_steal * opts.duration * (os.cpu_count() or 1) * 1000
+        limit_ms = opts.steal_limit_ms
         while len(tries) <= opts.steal_retakes and stolen_ms(result_of(tries[-1])) > limit_ms:
             tries.append(attempt())
         kept = min(tries, key=lambda t: stolen_ms(result_of(t)))
@@ -135,15 +135,20 @@ class Bench:
         return self.postgres.url(system)
 
     @contextlib.contextmanager
-    def server(self, system: System, extra: int = 0, login: bool = False) -> Iterator[int]:
+    def server(
+        self, system: System, extra: int = 0, login: bool = False, args: tuple[str, ...] = ()
+    ) -> Iterator[int]:
         """Start one server on a free loopback port (``login``: a lapse seed with the
-        bench's login route); yield the port; always stop it."""
+        bench's login route; ``args``: more arguments for its program); yield the port;
+        always stop it."""
         redis = self.redis_for(system)
         if redis is not None:
             redis.flush()
         redis_url = redis.url if redis is not None else None
         postgres_url = self.postgres_url(system)
-        with running_server(system, extra, redis_url, postgres_url, login=login) as server:
+        with running_server(
+            system, extra, redis_url, postgres_url, login=login, args=args
+        ) as server:
             if extra:
                 seen = server.live_counts()
                 if not seen or seen[-1] != extra:
@@ -193,15 +198,19 @@ class Outcome:
     """lapse on Redis: store calls per create and per expired session, one at a time."""
 
 
-def touch_once(b: Bench, system: System, port: int, seconds: int) -> TouchRun:
+def touch_once(
+    b: Bench, system: System, port: int, seconds: int, outcome: Outcome | None = None
+) -> TouchRun:
     """One wrk run on a session made just before it; then check the session is still there.
+    With ``outcome``, its store traffic is counted.
 
     A fresh session per run: current Twisted does not refresh a session it finds by cookie,
     and Starlette's cookie is not re-read by wrk, so one session reused across runs would
     expire 5 s after creation (see README).
     """
     cookie = session_cookie(port, system)
-    result = b.run_wrk(port, seconds, cookie)
+    run = partial(b.run_wrk, port, seconds, cookie)
+    result = run() if outcome is None else metered(b, system, outcome, "touch", run)
     return TouchRun(result, session_kept(port, system, cookie))
 
 
@@ -318,20 +327,12 @@ def bench_touch(b: Bench, system: System, outcome: Outcome) -> None:
                     b.measured(
                         system,
                         "touch",
-                        partial(metered_touch, b, system, port, outcome),
+                        partial(touch_once, b, system, port, opts.duration, outcome),
                         lambda t: t.result,
                     )
                 )
         if opts.monitor_requests > 0:
             sequential_phase(b, system, port, outcome, logins)
-
-
-def metered_touch(b: Bench, system: System, port: int, outcome: Outcome) -> TouchRun:
-    """One anonymous touch run of the main table, on a session made just before it."""
-    cookie = session_cookie(port, system)
-    run = partial(b.run_wrk, port, b.opts.duration, cookie)
-    result = metered(b, system, outcome, "touch", run)
-    return TouchRun(result, session_kept(port, system, cookie))
 
 
 def sequential_phase(b: Bench, system: System, port: int, outcome: Outcome, logins: bool) -> None:

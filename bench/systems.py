@@ -435,10 +435,12 @@ def running_server(
     session_timeout: int | None = None,
     login: bool = False,
     stdout_path: Path | None = None,
+    args: tuple[str, ...] = (),
 ) -> Iterator[RunningServer]:
     """Start one server on a free loopback port, wait until it answers, yield it; always
     stop it by its PID. ``stdout_path``: its stdout (the seed's line per expired session)
-    to that file, unbuffered (``PYTHONUNBUFFERED``), instead of /dev/null."""
+    to that file, unbuffered (``PYTHONUNBUFFERED``), instead of /dev/null. ``args``: more
+    arguments for the server program (the bare app's ``--burn-us``)."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{system.key}-") as tmp:
         workdir = Path(tmp)
         port = free_port()
@@ -446,6 +448,7 @@ def running_server(
         cmd, env = server_command(
             system, port, workdir, extra, redis_url, postgres_url, session_timeout, login
         )
+        cmd += args
         if stdout_path is not None:
             env["PYTHONUNBUFFERED"] = "1"
         with log.open("wb") as stderr, contextlib.ExitStack() as closing:

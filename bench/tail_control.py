@@ -25,29 +25,19 @@ Usage: .venv/bin/python bench/tail_control.py [--runs 5] [--seconds 4]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 if not __package__:  # run as a script: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.figures import median_or_none, worst_p99
 from bench.loadgen import WrkResult, ensure_wrk
 from bench.options import parse_options
+from bench.report import num
 from bench.scenarios import Bench
-from bench.systems import (
-    HOST,
-    SERVERS_DIR,
-    SYSTEMS,
-    free_port,
-    running_server,
-    stop,
-    wait_until_answering,
-)
+from bench.systems import BARE, HOST, SYSTEMS
 
 CONNECTIONS = 50
 CALIBRATIONS = 2
@@ -59,25 +49,9 @@ WARMUP = 6
 end as fast as they are made."""
 
 
-@contextlib.contextmanager
-def bare_server(burn_us: float) -> Iterator[tuple[int, int]]:
-    """The bare app on a free loopback port, ``burn_us`` of CPU spent per request;
-    (port, pid); stopped by its PID."""
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="bench-control-") as tmp:
-        log = Path(tmp) / "stderr.log"
-        command = [sys.executable, str(SERVERS_DIR / "bare_asgi.py"), str(port)]
-        if burn_us > 0:
-            command += ["--burn-us", f"{burn_us:.1f}"]
-        with log.open("wb") as stderr:
-            proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
-            )
-            try:
-                wait_until_answering(proc, port, log, 30)
-                yield port, proc.pid
-            finally:
-                stop(proc)
+def burn_args(burn_us: float) -> tuple[str, ...]:
+    """The bare app's arguments to spend ``burn_us`` of CPU per request (none for 0)."""
+    return ("--burn-us", f"{burn_us:.1f}") if burn_us > 0 else ()
 
 
 def cpu_of(result: WrkResult) -> float:
@@ -87,27 +61,21 @@ def cpu_of(result: WrkResult) -> float:
 
 
 def row(name: str, r: WrkResult) -> str:
-    def ms(value: float | None) -> str:
-        return "—" if value is None else f"{value:.2f}"
-
-    steal = "—" if r.steal_ms is None else f"{r.steal_ms:.0f}"
     return (
         f"| {name} | {r.rps:,.0f} | {cpu_of(r):.1f} | {1000 * CONNECTIONS / r.rps:.2f} "
-        f"| {ms(r.p99_ms)} | {ms(r.p999_ms)} | {steal} |"
+        f"| {num(r.p99_ms, '.2f')} | {num(r.p999_ms, '.2f')} | {num(r.steal_ms)} |"
     )
 
 
 def median_row(name: str, runs: list[WrkResult]) -> str:
     def med(values: list[float | None]) -> str:
-        known = [v for v in values if v is not None]
-        return f"{statistics.median(known):.2f}" if known else "—"
+        return num(median_or_none(values), ".2f")
 
     rps = statistics.median(r.rps for r in runs)
-    worst = max((r.p99_ms for r in runs if r.p99_ms is not None), default=None)
     return (
         f"| **{name}, median of {len(runs)}** | {rps:,.0f} "
         f"| {statistics.median(cpu_of(r) for r in runs):.1f} | {1000 * CONNECTIONS / rps:.2f} "
-        f"| {med([r.p99_ms for r in runs])} (worst {worst if worst is None else f'{worst:.2f}'}) "
+        f"| {med([r.p99_ms for r in runs])} (worst {num(worst_p99(runs), '.2f')}) "
         f"| {med([r.p999_ms for r in runs])} | {med([r.steal_ms for r in runs])} |"
     )
 
@@ -124,15 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     b = Bench(opts, ensure_wrk(), None)
     lapse_runs: list[WrkResult] = []
     control_runs: list[WrkResult] = []
-    with running_server(SYSTEMS["lapse-memory"]) as lapse:
-        b.pids[lapse.port] = lapse.pid
+    bare = SYSTEMS[BARE]
+    with b.server(SYSTEMS["lapse-memory"]) as lapse:
         if args.warmup:
-            b.run_wrk(lapse.port, args.warmup, None)
-        lapse_cpu = cpu_of(b.run_wrk(lapse.port, args.seconds, None))
+            b.run_wrk(lapse, args.warmup, None)
+        lapse_cpu = cpu_of(b.run_wrk(lapse, args.seconds, None))
         burn = 0.0
         for _ in range(CALIBRATIONS):
-            with bare_server(burn) as (port, pid):
-                b.pids[port] = pid
+            with b.server(bare, args=burn_args(burn)) as port:
                 b.run_wrk(port, 1, None)
                 control_cpu = cpu_of(b.run_wrk(port, args.seconds, None))
             print(
@@ -142,14 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             burn = max(burn + lapse_cpu - control_cpu, 0.0)
         print(f"the control spins {burn:.1f} µs per request", flush=True)
-        with bare_server(burn) as (port, pid):
-            b.pids[port] = pid
+        with b.server(bare, args=burn_args(burn)) as port:
             b.run_wrk(port, 1, None)
             for run in range(args.runs):
-                order = [lapse.port, port] if run % 2 == 0 else [port, lapse.port]
+                order = [lapse, port] if run % 2 == 0 else [port, lapse]
                 for target in order:
                     result = b.run_wrk(target, args.seconds, None)
-                    (lapse_runs if target == lapse.port else control_runs).append(result)
+                    (lapse_runs if target == lapse else control_runs).append(result)
     print(
         f"\n{HOST}, wrk -t1 -c{CONNECTIONS} -d{args.seconds}s, no cookie "
         "(lapse: every request makes a session)\n"
