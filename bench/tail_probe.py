@@ -50,6 +50,7 @@ from typing import Any
 if not __package__:  # run as a script: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.expiry_lateness import percentile
 from bench.systems import (
     HOST,
     LISTEN_LINE,
@@ -183,7 +184,7 @@ def _dump(signum, frame):
     # probe's own pause (timed, and kept with the next run's records) is over by then.
     started = _time.perf_counter()
     path = _os.environ["TAIL_PROBE_OUT"]
-    taken = {name: values for name, values in _probe.items()}
+    taken = dict(_probe)
     for name in taken:
         _probe[name] = []
     if _os.environ.get("TAIL_PROBE_GARBAGE"):
@@ -225,7 +226,7 @@ end
 """
 
 
-PERCENTILES = (0.5, 0.99, 0.999)
+PERCENTILES = (50, 99, 99.9)
 
 
 def probed_script(port: int, workdir: Path) -> Path:
@@ -310,10 +311,10 @@ def summarise(run: int, figures: dict[str, float], probe: dict[str, Any], load: 
     for name, what in (("serve", "read -> write"), ("gap", "write -> next read")):
         spans = sorted(probe.get(name, []))
         if spans:
-            at = [spans[min(len(spans) - 1, int(q * len(spans)))] * 1000 for q in PERCENTILES]
+            at = [percentile(spans, q) * 1000 for q in PERCENTILES]
             lines.append(
                 f"  server, {what} ({len(spans)}): "
-                + " ".join(f"p{q * 100:g} {v:.2f}" for q, v in zip(PERCENTILES, at, strict=True))
+                + " ".join(f"p{q:g} {v:.2f}" for q, v in zip(PERCENTILES, at, strict=True))
                 + f" max {spans[-1] * 1000:.2f} ms"
             )
     live = [e[1] for e in probe["live"]]
