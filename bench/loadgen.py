@@ -40,7 +40,9 @@ def ensure_wrk() -> str:
     if found:
         return found
     print("wrk not found; installing the Debian package", flush=True)
-    install = ["apt-get", "install", "-y", "wrk"]
+    # Wait for a dpkg lock another installer holds (parallel test workers)
+    # rather than fail at once.
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "wrk"]
     if subprocess.run(install, check=False).returncode != 0:
         subprocess.run(["apt-get", "update"], check=True)
         subprocess.run(install, check=True)

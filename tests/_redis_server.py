@@ -48,9 +48,10 @@ def redis_server_binary() -> str:
     return apt_install("redis-server", "redis-server")
 
 
-def apt_install(package: str, binary: str) -> str:
+def apt_install(package: str, binary: str, *, recommends: bool = False) -> str:
     """The path of ``binary``, installing the Debian ``package`` that has it
-    if it is missing (its service kept from starting)."""
+    if it is missing (its service kept from starting; its recommended
+    packages too if ``recommends``)."""
     found = shutil.which(binary)
     if found:
         return found
@@ -64,10 +65,10 @@ def apt_install(package: str, binary: str) -> str:
     with open(os.path.join(tempfile.gettempdir(), "lapse-tests-apt.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = shutil.which(binary)
-        return found if found else _install(package, binary)
+        return found if found else _install(package, binary, recommends)
 
 
-def _install(package: str, binary: str) -> str:
+def _install(package: str, binary: str, recommends: bool) -> str:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     # Keep the package's service from starting (policy-rc.d exit 101 = "not
     # allowed"): the tests use their own process, never one on 6379.
@@ -79,7 +80,7 @@ def _install(package: str, binary: str) -> str:
     try:
         # Wait for a dpkg lock another program holds rather than fail at once.
         install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y"]
-        install += ["--no-install-recommends", package]
+        install += [package] if recommends else ["--no-install-recommends", package]
         done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
