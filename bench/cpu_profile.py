@@ -11,14 +11,19 @@ For the profile it starts the seed program (examples/session_endings.py, memory 
 meanwhile, stops the server by its PID, and prints a Markdown summary:
 
 - the share of samples by layer, from the innermost Python frame of each
-  sample: lapse (src/lapse and the example), uvicorn, asyncio/uvloop and the
-  rest of the standard library;
-- the share spent inside the ASGI app (``Site.__call__``, inclusive), i.e.
-  what lapse's own request path costs next to the HTTP stack under it;
+  sample: the socket write (a line calling ``transport.write``: the send syscall
+  below it), lapse's HTTP edge, site and sessions, the app itself, uvicorn,
+  asyncio/uvloop and the rest of the standard library;
+- the share spent inside the site (``Site.__call__`` or ``Site._serve_now``,
+  inclusive), i.e. what lapse's own request path costs next to the HTTP stack
+  under it;
 - the functions with the most samples of their own.
 
+``--server bare`` profiles the bare ASGI app instead, the same way, for the same
+layers side by side: where the two spend their time differently.
+
 Usage: .venv/bin/python bench/cpu_profile.py [--seconds 10] [--rate 1000] [--store URL]
-       [--cpu-runs 3] (0: skip the CPU accounting)
+       [--cpu-runs 3] (0: skip the CPU accounting) [--server lapse|bare]
 The summary also goes to bench/results/profile.md (git-ignored).
 """
 
@@ -27,7 +32,9 @@ from __future__ import annotations
 import argparse
 import collections
 import http.client
+import linecache
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -132,19 +139,39 @@ def cpu_table(seed: Path, store: str, runs: int, wrk: str) -> list[str]:
     ]
 
 
+WRITE = "the socket write (a transport.write: the send syscall)"
+
+
 def layer(frame: str) -> str:
-    """The layer of one py-spy frame, ``function (path:line)``."""
-    path = "/" + frame.rsplit("(", 1)[-1]
+    """The layer of one py-spy frame, ``function (path:line)`` with the full path: a line
+    that calls ``transport.write`` is the send syscall under it (py-spy sees no frame below
+    a C call), whoever's line it is."""
+    where = frame.rsplit("(", 1)[-1].rstrip(")")
+    path, _, number = where.rpartition(":")
+    if number.isdigit() and "transport.write(" in linecache.getline(path, int(number)):
+        return WRITE
+    path = "/" + path
     if "/asyncio/" in path or "/uvloop/" in path or "/lapse/internet/_asyncio.py" in path:
         # lapse's reactor.run() is only the frame that called into the loop.
         return "event loop (uvloop, epoll and socket reads, no Python frame of its own)"
-    if "/lapse/" in path or "/seed.py" in path:
-        return "lapse"
-    if "/uvicorn/" in path:
-        return "uvicorn (its HTTP protocol; transport writes are the send syscalls)"
-    if "/httptools/" in path:
-        return "httptools"
+    for part, name in (
+        ("/lapse/internet/", "lapse's HTTP edge (lapse/internet: protocol, parser callbacks)"),
+        ("/lapse/web/", "lapse's site (lapse/web: request, cookies, resources, response)"),
+        ("/lapse/sessions/", "lapse's sessions (lapse/sessions)"),
+        ("/lapse/", "lapse, other"),
+        ("/uvicorn/", "uvicorn (its HTTP protocol, in Python)"),
+        ("/httptools/", "httptools"),
+    ):
+        if part in path:
+            return name
+    if path.endswith(("/seed.py", "/bare_asgi.py")):
+        return "the app itself (the seed's render_GET; the bare app's sends)"
     return "other (standard library)"
+
+
+IN_SITE = ("Site.__call__ ", "Site._serve_now ")
+"""Frames that mean a sample is inside lapse's site: the ASGI call, or the answer given in
+the parser's callback (the no-task path) that a plain request takes."""
 
 
 def summarise(raw: Path, top: int) -> list[str]:
@@ -161,7 +188,7 @@ def summarise(raw: Path, top: int) -> list[str]:
         total += count
         by_layer[layer(frames[-1])] += count
         own[frames[-1].split(" (")[0] + " (" + frames[-1].rsplit("/", 1)[-1]] += count
-        if any(frame.startswith("Site.__call__ ") for frame in frames):
+        if any(frame.startswith(IN_SITE) for frame in frames):
             in_app += count
     if not total:
         return ["No samples were taken."]
@@ -175,9 +202,9 @@ def summarise(raw: Path, top: int) -> list[str]:
         lines.append(f"| {name} | {100 * count / total:.1f} % |")
     lines += [
         "",
-        f"Inside the ASGI app (`Site.__call__` on the stack): {100 * in_app / total:.1f} %"
-        " of samples;",
-        "the rest is the HTTP stack and event loop around it (the same code a bare ASGI app runs).",
+        f"Inside the site (`Site.__call__` or `Site._serve_now` on the stack):"
+        f" {100 * in_app / total:.1f} % of samples;",
+        "the rest is the HTTP stack and event loop around it.",
         "",
         f"| Top {top} functions by own samples (file:line of the sampled line) | Share |",
         "|---|---:|",
@@ -194,6 +221,12 @@ def main() -> int:
     parser.add_argument("--store", default="memory:", help="LAPSE_SESSION_STORE (memory:)")
     parser.add_argument("--top", type=int, default=15, help="functions listed (15)")
     parser.add_argument("--cpu-runs", type=int, default=3, help="CPU accounting runs (3; 0=skip)")
+    parser.add_argument(
+        "--server",
+        choices=("lapse", "bare"),
+        default="lapse",
+        help="the server profiled: the lapse seed (default) or the bare ASGI app",
+    )
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     wrk = shutil.which("wrk")
@@ -208,11 +241,13 @@ def main() -> int:
         script.write_text(source.replace(LISTEN_LINE, listen))
         raw = Path(tmp) / "profile.txt"
         env = dict(os.environ, LAPSE_SESSION_STORE=args.store)
+        program = [str(script)] if args.server == "lapse" else [str(BARE), str(port)]
         server = subprocess.Popen(
-            [sys.executable, str(script)], stdout=subprocess.DEVNULL, env=env, cwd=REPO_DIR
+            [sys.executable, *program], stdout=subprocess.DEVNULL, env=env, cwd=REPO_DIR
         )
         try:
-            cookie = first_cookie(port)
+            # (the bare app sets no cookie: a made-up one keeps its requests as large)
+            cookie = first_cookie(port) or f"bench={secrets.token_hex(32)}"
             url = f"http://{HOST}:{port}/logme"
             load = subprocess.Popen(
                 [wrk, "-t1", "-c50", f"-d{args.seconds + 3}s", "-H", f"Cookie: {cookie}", url],
@@ -224,6 +259,7 @@ def main() -> int:
                 [
                     *(py_spy, "record", "-p", str(server.pid), "-d", str(args.seconds)),
                     *("-r", str(args.rate), "-f", "raw", "-o", str(raw), "--nonblocking"),
+                    "--full-filenames",
                 ],
                 check=True,
                 capture_output=True,
@@ -233,7 +269,9 @@ def main() -> int:
             stop(server)
         rps = next((line for line in wrk_out.splitlines() if "Requests/sec" in line), "?")
         lines = [
-            f"# Profile: lapse seed, store `{args.store}`, wrk -t1 -c50 touching one session",
+            f"# Profile: lapse seed, store `{args.store}`, wrk -t1 -c50 touching one session"
+            if args.server == "lapse"
+            else "# Profile: the bare ASGI app, wrk -t1 -c50 with a cookie it ignores",
             "",
             f"- wrk: {rps.strip()} (while sampled with py-spy at {args.rate}/s, which slows it)",
             "",
