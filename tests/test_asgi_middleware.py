@@ -424,3 +424,37 @@ def test_outage_503_under_add_middleware() -> None:
         assert plain.status_code == 200
 
     asyncio.run(scenario())
+
+
+@aio
+async def test_a_login_superseded_before_its_answer_gets_the_cookie_deleted() -> None:
+    """With one session per user, a login whose session a second login
+    supersedes while the first is still being answered is answered 200 with
+    the cookie's deletion, not a cookie naming an ended session; the second
+    login gets its own cookie."""
+    bound = asyncio.Event()
+    superseded = asyncio.Event()
+
+    async def login(request: Request) -> Response:
+        session = get_session(request)
+        await session.set_principal("alice")
+        if request.query_params.get("first"):
+            bound.set()
+            await superseded.wait()
+        return PlainTextResponse(session.uid)
+
+    app = SessionMiddleware(
+        Starlette(routes=[Route("/login", login)]),
+        reactor=Clock(),
+        max_sessions_per_principal=1,
+    )
+    first = asyncio.ensure_future(fetch(app, "/login?first=1"))
+    await bound.wait()
+    second = await fetch(app, "/login")
+    superseded.set()
+    answer = await first
+    assert answer.status_code == 200
+    (deletion,) = set_cookies(answer)
+    assert deletion.startswith("lapse_session=; Path=/; Max-Age=0;")
+    assert uid_cookie(second) == second.text
+    assert set(app.sessions) == {second.text}
