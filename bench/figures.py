@@ -82,6 +82,32 @@ def versus(
     return "main table", ratio(alone(o(key)), alone(o(other)))
 
 
+def steal_over(results: Results, figure: str, keys: tuple[str, ...], limit_ms: float) -> str | None:
+    """Why a figure of ``keys`` cannot be judged, or None: the median steal per run of
+    one of them over ``limit_ms``, in the runs the figure is read from (side by side
+    when the systems have such runs, else the main table). Steal slows the systems
+    unequally (the peers more than lapse), so a ratio from such runs says more about
+    the host than about lapse; retaking runs (``--max-steal``) cannot always avoid it."""
+    if limit_ms <= 0:
+        return None
+    side = getattr(results.side, figure)
+    for key in keys:
+        outcome = results.outcomes.get(key)
+        if all(side.get(k) for k in keys):
+            runs = side[key]
+        elif outcome is None:
+            continue
+        elif figure == "touch":
+            runs = [r.result for r in outcome.touch]
+        else:
+            runs = outcome.create
+        stolen = median_or_none([r.steal_ms for r in runs])
+        if stolen is not None and stolen > limit_ms:
+            label = SYSTEMS[key].label if key in SYSTEMS else key
+            return f"{label}'s {figure} runs lost a median {stolen:,.0f} ms to steal"
+    return None
+
+
 def memory_per_session(outcome: Outcome | None, count: int) -> float | None:
     if outcome is None or count not in outcome.memory:
         return None
@@ -97,11 +123,17 @@ class Target:
     higher_is_better: bool = True
     strictly: bool = False
     """The value must beat the threshold, not just reach it ("ahead of")."""
+    unjudged: str | None = None
+    """Why the value cannot be judged though it was measured (the runs it comes from
+    lost too much to the hypervisor's steal): the verdict then says so instead of
+    PASS or MISS."""
 
     @property
     def verdict(self) -> str:
         if self.value is None:
             return "n/a"
+        if self.unjudged is not None:
+            return f"NOT JUDGED ({self.unjudged})"
         if self.strictly:
             ok = (
                 self.value > self.threshold
@@ -236,6 +268,7 @@ def targets(results: Results, opts: Options) -> list[Target]:
     touch_bare = versus(results, "touch", REFERENCE, BARE, touch_rps)
     touch_twisted = versus(results, "touch", REFERENCE, "twisted", touch_rps)
     create_twisted = versus(results, "create", REFERENCE, "twisted", create_rps)
+    limit = opts.steal_limit_ms
     return [
         Target(
             f"touch req/s: lapse (memory) >= {BARE_TARGET} x bare uvicorn this round "
@@ -243,18 +276,21 @@ def targets(results: Results, opts: Options) -> list[Target]:
             f"lapse / bare uvicorn ({touch_bare[0]})",
             touch_bare[1],
             BARE_TARGET,
+            unjudged=steal_over(results, "touch", (REFERENCE, BARE), limit),
         ),
         Target(
             "touch req/s: lapse (memory) >= 2.5 x Twisted",
             f"lapse / Twisted ({touch_twisted[0]})",
             touch_twisted[1],
             2.5,
+            unjudged=steal_over(results, "touch", (REFERENCE, "twisted"), limit),
         ),
         Target(
             "create req/s: lapse (memory) >= 2.5 x Twisted",
             f"lapse / Twisted ({create_twisted[0]})",
             create_twisted[1],
             2.5,
+            unjudged=steal_over(results, "create", (REFERENCE, "twisted"), limit),
         ),
         Target(
             "touch req/s: lapse (SQLite) >= 0.4 x lapse (memory)",

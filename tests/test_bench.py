@@ -520,6 +520,44 @@ def stolen(rps: float, steal_ms: float | None) -> WrkResult:
     )
 
 
+def test_a_ratio_from_runs_that_lost_too_much_to_steal_is_not_judged() -> None:
+    """A ratio target whose runs (side by side here) lost a median steal per run over
+    --max-steal's limit (240 ms for a 4 s run on 2 CPUs at 3 %) says NOT JUDGED and
+    which system's runs, instead of PASS or MISS, whichever way the value falls; the
+    same runs under the limit are judged; with --max-steal 0 nothing is set aside."""
+    import os
+
+    limit = 0.03 * 4 * (os.cpu_count() or 1) * 1000
+
+    def by_name(bare_steal: float, twisted_steal: float, argv: list[str]) -> dict[str, str]:
+        results = canned_results()
+        results.side.touch = {
+            "lapse-memory": [stolen(21_000, 10.0)] * 3,
+            "twisted": [stolen(7_000, twisted_steal)] * 3,
+            "uvicorn-bare": [stolen(40_000, bare_steal)] * 3,
+        }
+        results.side.create = {
+            "lapse-memory": [stolen(10_000, 10.0)],
+            "twisted": [stolen(5_000, 10.0)],
+        }
+        opts = parse_options(["--memory-counts", "", "--duration", "4", *argv])
+        return {t.name: t.verdict for t in targets(results, opts)}
+
+    bare_name = "touch req/s: lapse (memory) >= 0.7 x bare uvicorn this round (0.8 stays the goal)"
+    twisted_name = "touch req/s: lapse (memory) >= 2.5 x Twisted"
+    create_name = "create req/s: lapse (memory) >= 2.5 x Twisted"
+    heavy = by_name(bare_steal=limit + 1, twisted_steal=limit - 1, argv=[])
+    assert heavy[bare_name].startswith("NOT JUDGED (bare uvicorn (no sessions)'s touch runs")
+    assert heavy[twisted_name] == "PASS"  # 21k / 7k = 3.0, its runs under the limit
+    assert heavy[create_name] == "MISS"  # 10k / 5k = 2.0
+    both = by_name(bare_steal=limit - 1, twisted_steal=limit + 500, argv=[])
+    assert both[bare_name] == "MISS"  # 21k / 40k
+    assert both[twisted_name].startswith("NOT JUDGED (Twisted's touch runs lost a median")
+    assert both[create_name] == "MISS"  # its create runs lost little
+    unchecked = by_name(bare_steal=limit * 10, twisted_steal=limit * 10, argv=["--max-steal", "0"])
+    assert unchecked[bare_name] == "MISS" and unchecked[twisted_name] == "PASS"
+
+
 def test_a_run_that_lost_more_than_max_steal_is_taken_again_and_the_least_stolen_try_kept() -> None:
     """With --max-steal 0.03 on a 4 s run, a run is taken again while its steal is over
     3 % of the machine's CPU time (4 s x CPUs); the try with the least steal is kept and
