@@ -149,6 +149,11 @@ class Target:
         return "PASS" if ok else "MISS"
 
 
+def unmet(found: list[Target]) -> list[Target]:
+    """The targets not met: missed, or not judged for steal (``--strict`` fails on them)."""
+    return [t for t in found if t.verdict == "MISS" or t.verdict.startswith("NOT JUDGED")]
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None

@@ -212,7 +212,9 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="times one run may be taken again for steal; the run with the least steal is "
         "kept, and every run set aside is listed in the results (2)",
     )
-    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 if a target is missed or not judged (steal)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1 (3 or more for a median)")

@@ -23,6 +23,7 @@ if not __package__:  # run as a script: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chart import write_chart
+from bench.figures import unmet
 from bench.loadgen import ensure_wrk
 from bench.options import parse_options
 from bench.pg_traffic import PostgresHandle
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.table_path.parent.mkdir(parents=True, exist_ok=True)
     opts.table_path.write_text(text)
     print(f"(table written to {opts.table_path}; chart: {opts.chart_path})")
-    missed = [t for t in found if t.verdict == "MISS"]
+    missed = unmet(found)
     if problems:
         return 1
     return 1 if opts.strict and missed else 0

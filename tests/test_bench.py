@@ -556,6 +556,13 @@ def test_a_ratio_from_runs_that_lost_too_much_to_steal_is_not_judged() -> None:
     assert both[create_name] == "MISS"  # its create runs lost little
     unchecked = by_name(bare_steal=limit * 10, twisted_steal=limit * 10, argv=["--max-steal", "0"])
     assert unchecked[bare_name] == "MISS" and unchecked[twisted_name] == "PASS"
+    from bench.figures import unmet
+
+    results = canned_results()
+    results.side.touch = {"lapse-memory": [stolen(21_000, 10.0)], "twisted": [stolen(7_000, 1e6)]}
+    found = targets(results, parse_options(["--memory-counts", "", "--duration", "4"]))
+    not_judged = next(t for t in found if t.name == twisted_name)
+    assert not_judged in unmet(found)  # --strict fails on a target it could not judge
 
 
 def test_a_run_that_lost_more_than_max_steal_is_taken_again_and_the_least_stolen_try_kept() -> None:
