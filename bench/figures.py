@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.loadgen import WrkResult
@@ -27,15 +26,11 @@ def median_or_none(values: list[float | None]) -> float | None:
 
 
 def touch_rps(outcome: Outcome | None) -> float | None:
-    if outcome is None or not outcome.touch:
-        return None
-    return statistics.median(r.result.rps for r in outcome.touch)
+    return median_rps(main_runs(outcome, "touch"))
 
 
 def create_rps(outcome: Outcome | None) -> float | None:
-    if outcome is None or not outcome.create:
-        return None
-    return statistics.median(r.rps for r in outcome.create)
+    return median_rps(main_runs(outcome, "create"))
 
 
 def login_rps(outcome: Outcome | None) -> float | None:
@@ -60,52 +55,44 @@ def runs_rps(runs: list[TouchRun]) -> float | None:
     return statistics.median(r.result.rps for r in runs) if runs else None
 
 
-def side_rps(results: Results, figure: str, key: str) -> float | None:
-    """The median req/s of ``key``'s ``figure`` ("touch", "create") runs side by side."""
-    runs = getattr(results.side, figure).get(key)
+def median_rps(runs: list[WrkResult] | None) -> float | None:
     return statistics.median(r.rps for r in runs) if runs else None
 
 
+def side_rps(results: Results, figure: str, key: str) -> float | None:
+    """The median req/s of ``key``'s ``figure`` ("touch", "create") runs side by side."""
+    return median_rps(getattr(results.side, figure).get(key))
+
+
+def main_runs(outcome: Outcome | None, figure: str) -> list[WrkResult]:
+    """The main table's ``figure`` ("touch", "create") runs of a system."""
+    if outcome is None:
+        return []
+    return [r.result for r in outcome.touch] if figure == "touch" else outcome.create
+
+
 def versus(
-    results: Results,
-    figure: str,
-    key: str,
-    other: str,
-    alone: Callable[[Outcome | None], float | None],
-) -> tuple[str, float | None]:
-    """lapse's ``figure`` over ``other``'s: from the side-by-side runs when
-    both have them, else from the main table (``alone``); and which."""
-    mine, theirs = side_rps(results, figure, key), side_rps(results, figure, other)
-    if mine is not None and theirs is not None:
-        return "side by side, runs in turn", ratio(mine, theirs)
-    o = results.outcomes.get
-    return "main table", ratio(alone(o(key)), alone(o(other)))
-
-
-def steal_over(results: Results, figure: str, keys: tuple[str, ...], limit_ms: float) -> str | None:
-    """Why a figure of ``keys`` cannot be judged, or None: the median steal per run of
-    one of them over ``limit_ms``, in the runs the figure is read from (side by side
-    when the systems have such runs, else the main table). Steal slows the systems
-    unequally (the peers more than lapse), so a ratio from such runs says more about
-    the host than about lapse; retaking runs (``--max-steal``) cannot always avoid it."""
-    if limit_ms <= 0:
-        return None
+    results: Results, figure: str, key: str, other: str, steal_limit_ms: float
+) -> tuple[str, float | None, str | None]:
+    """lapse's ``figure`` over ``other``'s: from the side-by-side runs when both have
+    them, else from the main table; which; and why it cannot be judged, or None: the
+    runs of one of them lost a median steal per run over ``steal_limit_ms`` (0: no
+    limit). Steal slows the systems unequally (the peers more than lapse), so a ratio
+    from such runs says more about the host than about lapse; retaking runs
+    (``--max-steal``) cannot always avoid it."""
     side = getattr(results.side, figure)
-    for key in keys:
-        outcome = results.outcomes.get(key)
-        if all(side.get(k) for k in keys):
-            runs = side[key]
-        elif outcome is None:
-            continue
-        elif figure == "touch":
-            runs = [r.result for r in outcome.touch]
-        else:
-            runs = outcome.create
-        stolen = median_or_none([r.steal_ms for r in runs])
-        if stolen is not None and stolen > limit_ms:
-            label = SYSTEMS[key].label if key in SYSTEMS else key
-            return f"{label}'s {figure} runs lost a median {stolen:,.0f} ms to steal"
-    return None
+    if side.get(key) and side.get(other):
+        source, runs = "side by side, runs in turn", {k: side[k] for k in (key, other)}
+    else:
+        o = results.outcomes.get
+        source, runs = "main table", {k: main_runs(o(k), figure) for k in (key, other)}
+    unjudged = None
+    for k in (key, other) if steal_limit_ms > 0 else ():
+        stolen = median_or_none([r.steal_ms for r in runs[k]])
+        if stolen is not None and stolen > steal_limit_ms:
+            unjudged = f"{SYSTEMS[k].label}'s {figure} runs lost a median {stolen:,.0f} ms to steal"
+            break
+    return source, ratio(median_rps(runs[key]), median_rps(runs[other])), unjudged
 
 
 def memory_per_session(outcome: Outcome | None, count: int) -> float | None:
@@ -151,7 +138,7 @@ class Target:
 
 def unmet(found: list[Target]) -> list[Target]:
     """The targets not met: missed, or not judged for steal (``--strict`` fails on them)."""
-    return [t for t in found if t.verdict == "MISS" or t.verdict.startswith("NOT JUDGED")]
+    return [t for t in found if t.verdict not in ("PASS", "n/a")]
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -270,10 +257,10 @@ def targets(results: Results, opts: Options) -> list[Target]:
     )
     memory_expiry = next((e for e in results.expiry if e["store"] == "memory"), None)
     p99 = memory_expiry["p99_ms"] if memory_expiry else None
-    touch_bare = versus(results, "touch", REFERENCE, BARE, touch_rps)
-    touch_twisted = versus(results, "touch", REFERENCE, "twisted", touch_rps)
-    create_twisted = versus(results, "create", REFERENCE, "twisted", create_rps)
     limit = opts.steal_limit_ms
+    touch_bare = versus(results, "touch", REFERENCE, BARE, limit)
+    touch_twisted = versus(results, "touch", REFERENCE, "twisted", limit)
+    create_twisted = versus(results, "create", REFERENCE, "twisted", limit)
     return [
         Target(
             f"touch req/s: lapse (memory) >= {BARE_TARGET} x bare uvicorn this round "
@@ -281,21 +268,21 @@ def targets(results: Results, opts: Options) -> list[Target]:
             f"lapse / bare uvicorn ({touch_bare[0]})",
             touch_bare[1],
             BARE_TARGET,
-            unjudged=steal_over(results, "touch", (REFERENCE, BARE), limit),
+            unjudged=touch_bare[2],
         ),
         Target(
             "touch req/s: lapse (memory) >= 2.5 x Twisted",
             f"lapse / Twisted ({touch_twisted[0]})",
             touch_twisted[1],
             2.5,
-            unjudged=steal_over(results, "touch", (REFERENCE, "twisted"), limit),
+            unjudged=touch_twisted[2],
         ),
         Target(
             "create req/s: lapse (memory) >= 2.5 x Twisted",
             f"lapse / Twisted ({create_twisted[0]})",
             create_twisted[1],
             2.5,
-            unjudged=steal_over(results, "create", (REFERENCE, "twisted"), limit),
+            unjudged=create_twisted[2],
         ),
         Target(
             "touch req/s: lapse (SQLite) >= 0.4 x lapse (memory)",
