@@ -46,6 +46,7 @@ from pathlib import Path
 if not __package__:  # run as a script: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import lapse
 from bench.systems import free_port, stop  # the same servers' helpers
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -139,6 +140,8 @@ def cpu_table(seed: Path, store: str, runs: int, wrk: str) -> list[str]:
     ]
 
 
+LAPSE_DIR = str(Path(lapse.__file__).resolve().parent)
+"""Where the lapse package the servers import is (py-spy gives full paths)."""
 WRITE = "the socket write (a transport.write: the send syscall)"
 
 
@@ -150,20 +153,25 @@ def layer(frame: str) -> str:
     path, _, number = where.rpartition(":")
     if number.isdigit() and "transport.write(" in linecache.getline(path, int(number)):
         return WRITE
-    path = "/" + path
-    if "/asyncio/" in path or "/uvloop/" in path or "/lapse/internet/_asyncio.py" in path:
+    # lapse by where its package is, not by a "/lapse/" in the path: a checkout in a
+    # directory named lapse has its virtualenv's uvicorn under such a path too.
+    inside = path[len(LAPSE_DIR) :] if path.startswith(LAPSE_DIR) else None
+    if "/asyncio/" in path or "/uvloop/" in path or inside == "/internet/_asyncio.py":
         # lapse's reactor.run() is only the frame that called into the loop.
         return "event loop (uvloop, epoll and socket reads, no Python frame of its own)"
-    for part, name in (
-        ("/lapse/internet/", "lapse's HTTP edge (lapse/internet: protocol, parser callbacks)"),
-        ("/lapse/web/", "lapse's site (lapse/web: request, cookies, resources, response)"),
-        ("/lapse/sessions/", "lapse's sessions (lapse/sessions)"),
-        ("/lapse/", "lapse, other"),
-        ("/uvicorn/", "uvicorn (its HTTP protocol, in Python)"),
-        ("/httptools/", "httptools"),
-    ):
-        if part in path:
-            return name
+    if inside is not None:
+        for part, name in (
+            ("/internet/", "lapse's HTTP edge (lapse/internet: protocol, parser callbacks)"),
+            ("/web/", "lapse's site (lapse/web: request, cookies, resources, response)"),
+            ("/sessions/", "lapse's sessions (lapse/sessions)"),
+        ):
+            if inside.startswith(part):
+                return name
+        return "lapse, other"
+    if "/uvicorn/" in path:
+        return "uvicorn (its HTTP protocol, in Python)"
+    if "/httptools/" in path:
+        return "httptools"
     if path.endswith(("/seed.py", "/bare_asgi.py")):
         return "the app itself (the seed's render_GET; the bare app's sends)"
     return "other (standard library)"

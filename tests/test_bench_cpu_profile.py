@@ -43,7 +43,8 @@ def test_a_line_calling_transport_write_is_the_socket_write_in_lapse_and_in_uvic
 
 
 def test_frames_go_to_lapse_s_edge_site_sessions_uvicorn_the_loop_or_the_app() -> None:
-    """Each of lapse's packages is a layer of its own; the reactor's run() is the loop's."""
+    """Each of lapse's packages is a layer of its own, found by where the lapse package
+    is (not by a "lapse" in the path); the reactor's run() is the loop's."""
     src = REPO / "src" / "lapse"
     assert layer(frame("Site._serve_now", src / "web" / "server.py", 1)).startswith("lapse's site")
     assert layer(frame("LocalKeeper.load_now", src / "sessions" / "_local.py", 1)).startswith(
@@ -57,6 +58,10 @@ def test_frames_go_to_lapse_s_edge_site_sessions_uvicorn_the_loop_or_the_app() -
         "other (standard library)"
     )
     assert layer(frame("render_GET", "/tmp/x/seed.py", 1)).startswith("the app itself")
+    # A checkout in a directory named lapse: its virtualenv's packages are not lapse's.
+    elsewhere = "/home/me/lapse/.venv/lib/python3.11/site-packages"
+    uvicorn_there = f"{elsewhere}/uvicorn/protocols/http/httptools_impl.py"
+    assert layer(frame("HttpToolsProtocol.on_url", uvicorn_there, 1)).startswith("uvicorn")
 
 
 def test_the_summary_gives_shares_by_layer_and_counts_serve_now_as_inside_the_site(
