@@ -48,7 +48,7 @@ if not __package__:  # run as a script: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.servers.bare_asgi import app as bare_app
-from bench.systems import REPO_DIR
+from bench.systems import redis_helpers
 from lapse.asgi import SessionMiddleware, get_session
 from lapse.web.resource import Resource
 from lapse.web.server import Site
@@ -293,10 +293,7 @@ def redis_url(given: str | None) -> Iterator[str]:
     if given is not None:
         yield given
         return
-    sys.path.insert(0, str(REPO_DIR / "tests"))
-    from _redis_server import RedisServer
-
-    with RedisServer() as server:
+    with redis_helpers().RedisServer() as server:
         yield server.url
 
 

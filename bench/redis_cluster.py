@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.redis_traffic import RedisSnapshot, combined, node_snapshot
-from bench.systems import HOST, free_port, stop
+from bench.systems import HOST, free_port, redis_helpers, stop
 
 
 def _pings(port: int) -> bool:
@@ -95,12 +95,11 @@ class ClusterHandle:
         """``free``: where the nodes' ports (client and bus) come from."""
         import redis
 
-        binary = shutil.which("redis-server")
-        cli = shutil.which("redis-cli")
-        if binary is None or cli is None:
+        binary = redis_helpers().redis_server_binary()  # installed if missing, as for one node
+        cli = shutil.which("redis-cli")  # (Debian's redis-server depends on redis-tools)
+        if cli is None:
             raise RuntimeError(
-                "the Redis Cluster system needs redis-server and redis-cli: "
-                "apt-get install redis-server"
+                "the Redis Cluster system needs redis-cli: apt-get install redis-tools"
             )
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-redis-cluster-")
         workdir = Path(self._tmp.name)

@@ -6,7 +6,6 @@ import contextlib
 import http.client
 import re
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bench.loadgen import WrkResult
-from bench.systems import HOST, PATH, REPO_DIR, System, session_cookie
+from bench.systems import HOST, PATH, System, redis_helpers, session_cookie
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,7 @@ class RedisHandle:
 
         self._server: Any = None
         if url is None:
-            sys.path.insert(0, str(REPO_DIR / "tests"))
-            from _redis_server import RedisServer
-
-            self._server = RedisServer()
+            self._server = redis_helpers().RedisServer()
             self._server.__enter__()
             url = self._server.url
         assert url is not None

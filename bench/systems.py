@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import importlib
 import json
 import os
 import re
@@ -19,10 +20,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
+
+
+def redis_helpers() -> Any:
+    """The test suite's tests/_redis_server.py, which starts a redis-server of its own on a
+    free loopback port (``RedisServer``) and installs the Debian package if it is missing
+    (``redis_server_binary``): the bench's Redis comes about the same way."""
+    tests = str(REPO_DIR / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module("_redis_server")
+
+
 SERVERS_DIR = BENCH_DIR / "servers"
 LAPSE_EXAMPLE = REPO_DIR / "examples" / "session_endings.py"
 MEMORY_PROBE = BENCH_DIR / "memory_probe.py"

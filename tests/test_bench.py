@@ -424,11 +424,9 @@ def test_idle_rate_on_a_real_cluster_is_summed_over_primaries_and_split_by_shard
     sends to two hash tags owned by different primaries while the idle rate is measured
     are counted once each, in all, per primary and per tag; replicas add nothing."""
     from _ports import free_port
-    from _redis_server import redis_server_binary
 
     from bench.redis_cluster import ClusterHandle
 
-    redis_server_binary()  # the bench's handle names the package if missing; tests install it
     cluster = ClusterHandle(free=free_port)
     try:
         assert len(cluster.addresses) == 3
