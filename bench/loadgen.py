@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.systems import HOST, LOGIN_PATH, PATH
+from bench.systems import HOST, LOGIN_PATH, PATH, suite_helpers
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,10 @@ def ensure_wrk() -> str:
     if found:
         return found
     print("wrk not found; installing the Debian package", flush=True)
-    # Wait for a dpkg lock another installer holds (parallel test workers)
-    # rather than fail at once.
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "wrk"]
-    if subprocess.run(install, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update"], check=True)
-        subprocess.run(install, check=True)
-    found = shutil.which("wrk")
-    if not found:
-        raise SystemExit("wrk is still not on PATH after apt-get install")
-    return found
+    try:
+        return str(suite_helpers().apt_install("wrk", "wrk"))
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}

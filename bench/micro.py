@@ -48,7 +48,7 @@ if not __package__:  # run as a script: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.servers.bare_asgi import app as bare_app
-from bench.systems import redis_helpers
+from bench.systems import suite_helpers
 from lapse.asgi import SessionMiddleware, get_session
 from lapse.web.resource import Resource
 from lapse.web.server import Site
@@ -293,7 +293,7 @@ def redis_url(given: str | None) -> Iterator[str]:
     if given is not None:
         yield given
         return
-    with redis_helpers().RedisServer() as server:
+    with suite_helpers().RedisServer() as server:
         yield server.url
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.redis_traffic import RedisSnapshot, combined, node_snapshot
-from bench.systems import HOST, free_port, redis_helpers, stop
+from bench.systems import HOST, free_port, stop, suite_helpers
 
 
 def _pings(port: int) -> bool:
@@ -95,7 +95,7 @@ class ClusterHandle:
         """``free``: where the nodes' ports (client and bus) come from."""
         import redis
 
-        binary = redis_helpers().redis_server_binary()  # installed if missing, as for one node
+        binary = suite_helpers().redis_server_binary()  # installed if missing, as for one node
         cli = shutil.which("redis-cli")  # (Debian's redis-server depends on redis-tools)
         if cli is None:
             raise RuntimeError(

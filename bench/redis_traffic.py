@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bench.loadgen import WrkResult
-from bench.systems import HOST, PATH, System, redis_helpers, session_cookie
+from bench.systems import HOST, PATH, System, session_cookie, suite_helpers
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class RedisHandle:
 
         self._server: Any = None
         if url is None:
-            self._server = redis_helpers().RedisServer()
+            self._server = suite_helpers().RedisServer()
             self._server.__enter__()
             url = self._server.url
         assert url is not None

@@ -26,10 +26,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 
 
-def redis_helpers() -> Any:
-    """The test suite's tests/_redis_server.py, which starts a redis-server of its own on a
-    free loopback port (``RedisServer``) and installs the Debian package if it is missing
-    (``redis_server_binary``): the bench's Redis comes about the same way."""
+def suite_helpers() -> Any:
+    """The test suite's tests/_redis_server.py: a redis-server of its own on a free
+    loopback port (``RedisServer``), and the installer of missing Debian packages
+    (``apt_install``, ``redis_server_binary``: one at a time, waiting for the dpkg lock).
+    The bench gets its Redis and its packages the same way."""
     tests = str(REPO_DIR / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
