@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import re
-from binascii import b2a_base64
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,6 +33,7 @@ from lapse.sessions import (
 from lapse.sessions.store import REQUIRED_MEMBERS
 from lapse.sessions.stores import DEFAULT_STORE_URL, store_from_url
 from lapse.web._proxy import ProxyTrust, TrustSetting, proxy_trust
+from lapse.web._uids import UID_BYTES, encode_uid, new_uid
 
 __all__ = ["SessionHost", "cookie_uid"]
 
@@ -59,7 +59,6 @@ _WRONG_LOOP_START = {
 MAX_UID_COOKIE = 256
 """A session cookie longer than this names no session."""
 
-_URL_SAFE = bytes.maketrans(b"+/", b"-_")
 
 T = TypeVar("T")
 
@@ -265,10 +264,12 @@ class SessionHost:
     # -- sessions -----------------------------------------------------------
 
     def _mkuid(self) -> str:
-        # 144 random bits as 24 URL-safe base64 characters (cookie-safe, no
-        # padding): well past OWASP's 64 bits, and a third the memory of hex.
-        # (base64.urlsafe_b64encode's result, without its two Python calls)
-        return b2a_base64(self._entropy(18), newline=False).translate(_URL_SAFE).decode("ascii")
+        # 144 random bits as 24 URL-safe base64 characters (lapse.web._uids):
+        # from a batch read from os.urandom, unless a test set its own source.
+        entropy = self._entropy
+        if entropy is os.urandom:
+            return new_uid()
+        return encode_uid(entropy(UID_BYTES))
 
     def _new_uid(self, like: str | None = None) -> str:
         """A fresh uid; given ``like`` (a rotation), one that keeps its first
