@@ -6,6 +6,7 @@ import base64
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -64,6 +65,35 @@ def test_the_batch_is_the_uids_of_its_bytes_end_to_end(monkeypatch: pytest.Monke
         for at in range(0, size * _uids.UIDS_PER_READ, size)
     ]
     assert sorted(handed) == sorted(expected)
+
+
+def test_threads_taking_uids_at_once_each_get_distinct_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight threads taking uids together, across many batch ends: none
+    fails on an emptied batch, and no uid is handed out twice."""
+    monkeypatch.setattr(_uids, "_waiting", [])
+    taken: list[list[str]] = [[] for _ in range(8)]
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(taken))
+
+    def take(into: list[str]) -> None:
+        try:
+            start.wait()
+            for _ in range(10 * _uids.UIDS_PER_READ):
+                into.append(_uids.new_uid())
+        except BaseException as exc:  # (reported below, not lost in the thread)
+            failures.append(exc)
+
+    threads = [threading.Thread(target=take, args=(into,)) for into in taken]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    every = [uid for into in taken for uid in into]
+    assert len(every) == 8 * 10 * _uids.UIDS_PER_READ
+    assert len(set(every)) == len(every)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
