@@ -332,12 +332,13 @@ class NowServing(HttpToolsProtocol):
         except Exception as exc:  # (raised in a parser callback, it would be a 400)
             log.error("Exception in ASGI application", exc_info=exc)
             outcome = _ERROR
-        if outcome is None:
-            self._start_task(cycle, None)
-        elif type(outcome) is tuple:
+        if type(outcome) is tuple:  # (the usual outcome first)
             if body:
                 cycle.body = bytearray()
-            self._send_now(cycle, *outcome)
+            status, headers, content = outcome  # (a call with *outcome costs more)
+            self._send_now(cycle, status, headers, content)
+        elif outcome is None:
+            self._start_task(cycle, None)
         else:
             guard = self._guard_app
             self._start_task(cycle, outcome if guard is None else guard(outcome))

@@ -322,7 +322,13 @@ class Site(SiteResponses):
                         return partial(self._resume, request, resource, result)
                 else:
                     result = b""
-                result = self._written(request, resource, result)
+                if type(result) is str or type(result) is bytes:
+                    # (_written's usual case, without its call)
+                    if result or not request.finished:
+                        request.write(result)
+                    result = None
+                else:
+                    result = self._written(request, resource, result)
             except Exception as exc:
                 self._failed(request, exc)
                 result = None
@@ -330,7 +336,9 @@ class Site(SiteResponses):
                 return partial(self._resume, request, resource, result)
             self._complete(request)
             code, headers = request._response_head(request.sentLength)
-            body = self._whole_body(request)
+            chunks = request._chunks  # (_whole_body, without its call)
+            request._chunks = []
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if access_log.isEnabledFor(logging.INFO):
                 log_access(request)
             return code, headers, body
