@@ -28,9 +28,9 @@ from pathlib import Path
 if not __package__:  # run as a script: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cpu_profile import BARE, EXAMPLE, LISTEN_LINE, cpu_per_request
+from bench.cpu_profile import BARE, cpu_per_request
 from bench.loadgen import ensure_wrk
-from bench.systems import HOST, free_port
+from bench.systems import free_port, lapse_script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rate_cost.md"
 
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows, args.runs)[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        seed = Path(tmp) / "seed.py"
-        listen = f'listenTCP({port}, factory, interface="{HOST}")'
-        seed.write_text(EXAMPLE.read_text().replace(LISTEN_LINE, listen))
+        seed = lapse_script(port, Path(tmp), extra_sessions=0)
         user, kernel, rps = cpu_per_request([sys.executable, str(seed)], port, env, args.runs, wrk)
     rows.append(("lapse seed, touch", user, kernel, rps))
     lines = table(rows, args.runs)

@@ -6,8 +6,9 @@ characters (cookie-safe, no padding; well past OWASP's 64 bits). One
 (a tenth of the seed's create path measured in process, by py-spy), so
 :func:`new_uid` reads :data:`UIDS_PER_READ` uids' worth at once and hands
 them out one by one: the same kernel random source, the same bits per uid,
-one system call per :data:`UIDS_PER_READ` sessions. 18 bytes are exactly 24 base64 characters,
-so the batch's encoding is the uids' encodings end to end.
+one system call per :data:`UIDS_PER_READ` sessions. 18 bytes are exactly
+24 base64 characters, so the batch's encoding is the uids' encodings end to
+end.
 
 A forked child starts with none held: it never hands out a uid its parent
 also holds. The uids waiting in the batch are as secret as the live

@@ -322,13 +322,7 @@ class Site(SiteResponses):
                         return partial(self._resume, request, resource, result)
                 else:
                     result = b""
-                if type(result) is str or type(result) is bytes:
-                    # (_written's usual case, without its call)
-                    if result or not request.finished:
-                        request.write(result)
-                    result = None
-                else:
-                    result = self._written(request, resource, result)
+                result = self._written(request, resource, result)
             except Exception as exc:
                 self._failed(request, exc)
                 result = None
@@ -336,9 +330,7 @@ class Site(SiteResponses):
                 return partial(self._resume, request, resource, result)
             self._complete(request)
             code, headers = request._response_head(request.sentLength)
-            chunks = request._chunks  # (_whole_body, without its call)
-            request._chunks = []
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            body = self._whole_body(request)
             if access_log.isEnabledFor(logging.INFO):
                 log_access(request)
             return code, headers, body
