@@ -350,3 +350,35 @@ def exchange_on(sock: socket.socket) -> bytes:
             break
         received += chunk
     return received
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
+    reactor: AsyncioReactor,
+) -> None:
+    """A request, then the client's end of stream in the same moment (as ``nc``
+    sends): the response held for the end of the loop's turn is written before
+    the server closes (never lost to the close that follows an end of stream)."""
+
+    def client(port: int) -> bytes:
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            sock.sendall(GET % b"/probe")
+            sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received
+
+    answer = serve(reactor, make_site(reactor), client)
+    assert parse_response(answer).body == b"no task"
+
+
+def test_an_answer_and_a_malformed_request_behind_it_come_back_200_then_400(
+    reactor: AsyncioReactor,
+) -> None:
+    """A good request and garbage in one send: the good one's answer (held for
+    the end of the turn) is not overtaken by the 400, nor lost to its close."""
+    data = GET % b"/probe" + b"NOT HTTP AT ALL\r\n\r\n"
+    answer = serve(reactor, make_site(reactor), lambda port: exchange(port, data, expect=2))
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"no task" in answer
+    assert answer.index(b"no task") < answer.index(b"HTTP/1.1 400 ")

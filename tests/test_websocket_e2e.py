@@ -76,6 +76,34 @@ def test_edge_serves_websockets_and_shrugs_off_hostile_clients(
     assert node.get("/alive", uid) == uid
 
 
+def test_a_page_and_an_upgrade_sent_at_once_are_answered_200_then_101(
+    tmp_path: Path, processes: list[Any]
+) -> None:
+    """A page request and, pipelined behind it, a WebSocket handshake: the page's
+    answer (held for the end of the loop's turn) goes out before the 101, and the
+    socket then echoes."""
+    node = start_node(tmp_path, "memory:", 10.0, processes)
+    with socket.create_connection((HOST, node.port), timeout=5) as raw:
+        raw.sendall(
+            b"GET /alive HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        received = b""
+        while b"HTTP/1.1 101" not in received or not received.endswith(b"\r\n\r\n"):
+            chunk = raw.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        # a masked text frame "hi", then its echo (unmasked, from the server)
+        raw.sendall(b"\x81\x82abcd" + bytes(c ^ k for c, k in zip(b"hi", b"ab", strict=True)))
+        echo = raw.recv(4096)
+    assert received.startswith(b"HTTP/1.1 200 "), received
+    assert received.index(b"HTTP/1.1 200 ") < received.index(b"HTTP/1.1 101 ")
+    assert echo == b"\x81\x02hi"
+
+
 @pytest.mark.slow
 def test_a_flood_of_messages_touches_the_session_once_per_tenth_of_its_timeout(
     tmp_path: Path, processes: list[Any]
