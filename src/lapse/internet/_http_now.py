@@ -22,21 +22,23 @@ sent (uvicorn queues it, as before), nor while the client does not read its
 responses (the transport's writes are paused), nor with a body that is
 chunked, over 64 KiB, or awaits a ``100 Continue``.
 
-A response answered here is not written at once: the connection's
-:class:`TurnTransport` holds it until the end of the event loop's turn, and
-then writes what it holds in one write. Under load one turn reads the
-requests of many connections (about 35 under wrk's 50 connections); written
-at once, each response's system call ran the loopback's whole send and
-receive path, and woke the client, between two requests' Python, which then
-ran on cold caches. Held, the turn's requests are served one after another
-and its writes follow one after another. On the seed's touch under wrk -c50
-(bench/rate_cost.py, this machine) that took lapse from 15k to 24-25k
-requests/s, its user time per request from 44 to 31 µs, and its kernel time
-from 20-23 to 9-10 µs.
-Anything else that writes to or closes the connection (uvicorn's task, a
-refusal, a timeout, the client's end of stream, shutdown, an upgrade) goes
-through the same transport, which writes what it holds first, so the
-connection's bytes keep their order.
+Nothing is written to a connection at once: its :class:`TurnTransport`
+holds what the protocol (or uvicorn's task, on the ASGI path) writes until
+the end of the event loop's turn, and then writes it in one write. Under
+load one turn reads the requests of many connections (about 35 under wrk's
+50 connections); written at once, each response's system call ran the
+loopback's whole send and receive path, and woke the client, between two
+requests' Python, which then ran on cold caches. Held, the turn's requests
+are served one after another and its writes follow one after another. On
+the seed's touch under wrk -c50 (bench/rate_cost.py, this machine) that
+took lapse from 15k to 24-25k requests/s, its user time per request from 44
+to 31 µs, and its kernel time from 20-23 to 9-10 µs; on the Redis store,
+where each response is written by a task as uvicorn writes it (head and
+body apart), about a fifth more requests/s. What ends the connection (a
+refusal, a timeout, the client's end of stream, shutdown, an upgrade)
+writes what is held first, so the connection's bytes keep their order;
+more than 64 KiB is not held (a client pipelining thousands of requests, a
+large body): it is written at once, after what was held.
 """
 
 from __future__ import annotations
@@ -119,14 +121,14 @@ class PendingCycle:
 
 
 class TurnTransport(asyncio.Transport):
-    """A connection's transport that can hold a response until the end of the
-    event loop's turn (module doc).
+    """A connection's transport whose writes wait for the end of the event
+    loop's turn (module doc).
 
-    :meth:`hold` keeps the bytes and, the first time in a turn, asks the loop
-    to call :meth:`release` (``call_soon``: after the callbacks of the
-    turn's reads). Every other write, ``write_eof``, ``close`` and
-    :meth:`release` itself write what is held first; ``abort`` drops it. The
-    rest is the transport's own.
+    :meth:`hold` (and so ``write`` and ``writelines``) keeps the bytes and,
+    the first time in a turn, asks the loop to call :meth:`release`
+    (``call_soon``: after the callbacks of the turn's reads and the task
+    steps it runs). ``write_eof``, ``close`` and :meth:`release` itself write
+    what is held first; ``abort`` drops it. The rest is the transport's own.
     """
 
     __slots__ = ("_held", "_loop", "_transport")
@@ -168,14 +170,10 @@ class TurnTransport(asyncio.Transport):
                 self._transport.write(held)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._held is not None:
-            self.release()
-        self._transport.write(data)
+        self.hold(bytes(data))  # (a copy unless bytes: the caller may reuse its buffer)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        if self._held is not None:
-            self.release()
-        self._transport.writelines(list_of_data)
+        self.hold(b"".join(list_of_data))
 
     def write_eof(self) -> None:
         if self._held is not None:
