@@ -145,13 +145,22 @@ LAPSE_DIR = str(Path(lapse.__file__).resolve().parent)
 WRITE = "the socket write (a transport.write: the send syscall)"
 
 
+def source_line(path: str, number: int) -> str:
+    """Line ``number`` of ``path``, or "" (py-spy sometimes names a frame with a path
+    that is no file's: garbled, with a NUL byte)."""
+    try:
+        return linecache.getline(path, number)
+    except (ValueError, OSError):
+        return ""
+
+
 def layer(frame: str) -> str:
     """The layer of one py-spy frame, ``function (path:line)`` with the full path: a line
     that calls ``transport.write`` is the send syscall under it (py-spy sees no frame below
     a C call), whoever's line it is."""
     where = frame.rsplit("(", 1)[-1].rstrip(")")
     path, _, number = where.rpartition(":")
-    if number.isdigit() and "transport.write(" in linecache.getline(path, int(number)):
+    if number.isdigit() and "transport.write(" in source_line(path, int(number)):
         return WRITE
     # lapse by where its package is, not by a "/lapse/" in the path: a checkout in a
     # directory named lapse has its virtualenv's uvicorn under such a path too.

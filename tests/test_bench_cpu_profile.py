@@ -83,3 +83,9 @@ def test_the_summary_gives_shares_by_layer_and_counts_serve_now_as_inside_the_si
     assert any(line.startswith("| event loop") and line.endswith("| 25.0 % |") for line in lines)
     assert any(line.startswith("| lapse's site") and line.endswith("| 50.0 % |") for line in lines)
     assert "75.0 % of samples" in text
+
+
+def test_a_frame_whose_path_is_no_files_is_placed_by_its_path_not_a_crash() -> None:
+    """py-spy sometimes reports a garbled path (a NUL byte in it): the frame still gets
+    a layer (not the socket write), and summarising does not stop there."""
+    assert layer("f (/tmp/x\x00y.py:3)") != WRITE
