@@ -18,7 +18,7 @@ Cases (each one GET /logme; a case's requests all on one connection, keep-alive)
   session's cookie / without one.
 
 lapse's protocol holds a response until the end of the loop's turn (TurnTransport in
-src/lapse/internet/_http_now.py); the harness releases it after each request, as the
+src/lapse/internet/_turn.py); the harness releases it after each request, as the
 turn's end does for all of a turn's connections, and turns the loop every ``TURN``
 requests.
 

@@ -17,6 +17,7 @@ import uvicorn  # noqa: E402
 from bench.cpu_profile import WRITE, layer, summarise  # noqa: E402
 
 NOW = REPO / "src" / "lapse" / "internet" / "_http_now.py"
+TURN = REPO / "src" / "lapse" / "internet" / "_turn.py"
 UVICORN_HTTP = Path(uvicorn.__file__).parent / "protocols" / "http" / "httptools_impl.py"
 
 
@@ -35,9 +36,9 @@ def frame(function: str, path: Path | str, line: int) -> str:
 def test_a_line_calling_transport_write_is_the_socket_write_in_lapse_and_in_uvicorn() -> None:
     """The send syscall has no Python frame: the line that calls transport.write is it,
     whichever server's; the line before it in the same function is not."""
-    at = line_with(NOW, "self._transport.write(held)")
-    assert layer(frame("TurnTransport.release", NOW, at)) == WRITE
-    assert layer(frame("TurnTransport.release", NOW, at - 1)).startswith("lapse's HTTP edge")
+    at = line_with(TURN, "self._transport.write(held)")
+    assert layer(frame("TurnTransport.release", TURN, at)) == WRITE
+    assert layer(frame("TurnTransport.release", TURN, at - 1)).startswith("lapse's HTTP edge")
     uv = line_with(UVICORN_HTTP, "self.transport.write(")
     assert layer(frame("RequestResponseCycle.send", UVICORN_HTTP, uv)) == WRITE
 
@@ -70,7 +71,7 @@ def test_the_summary_gives_shares_by_layer_and_counts_serve_now_as_inside_the_si
     """Three samples of four in the site (two under _serve_now, one under __call__), one
     of them at the write line, one in the loop alone: the shares and the in-site figure
     follow from the counts."""
-    write = frame("TurnTransport.release", NOW, line_with(NOW, "self._transport.write(held)"))
+    write = frame("TurnTransport.release", TURN, line_with(TURN, "self._transport.write(held)"))
     site = frame("Site._serve_now", REPO / "src" / "lapse" / "web" / "server.py", 1)
     call = frame("Site.__call__", REPO / "src" / "lapse" / "web" / "server.py", 2)
     loop = frame("AsyncioReactor.run", REPO / "src" / "lapse" / "internet" / "_asyncio.py", 1)

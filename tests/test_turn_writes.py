@@ -1,5 +1,5 @@
 """A response answered in the parser's callback is held until the end of the event
-loop's turn and then written (src/lapse/internet/_http_now.py, TurnTransport): one
+XX
 write per connection per turn, and nothing that writes to or ends the connection
 before then may overtake it or lose it.
 
@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.protocol_micro import GET, KeepingTransport, make_protocol  # noqa: E402
-from lapse.internet._http_now import TurnTransport  # noqa: E402
+from lapse.internet._turn import TurnTransport  # noqa: E402
 
 
 class Recording(KeepingTransport):

@@ -22,30 +22,19 @@ sent (uvicorn queues it, as before), nor while the client does not read its
 responses (the transport's writes are paused), nor with a body that is
 chunked, over 64 KiB, or awaits a ``100 Continue``.
 
-Nothing is written to a connection at once: its :class:`TurnTransport`
-holds what the protocol (or uvicorn's task, on the ASGI path) writes until
-the end of the event loop's turn, and then writes it in one write. Under
-load one turn reads the requests of many connections (about 35 under wrk's
-50 connections); written at once, each response's system call ran the
-loopback's whole send and receive path, and woke the client, between two
-requests' Python, which then ran on cold caches. Held, the turn's requests
-are served one after another and its writes follow one after another. On
-the seed's touch under wrk -c50 (bench/rate_cost.py, this machine) that
-took lapse from 15k to 24-25k requests/s, its user time per request from 44
-to 31 µs, and its kernel time from 20-23 to 9-10 µs; on the Redis store,
-where each response is written by a task as uvicorn writes it (head and
-body apart), about a fifth more requests/s. What ends the connection (a
-refusal, a timeout, the client's end of stream, shutdown, an upgrade)
-writes what is held first, so the connection's bytes keep their order;
-more than 64 KiB is not held (a client pipelining thousands of requests, a
-large body): it is written at once, after what was held.
+The response is written to the connection's :class:`~._turn.TurnTransport`
+(installed at ``connection_made``), which holds what is written until the
+end of the event loop's turn: the turn's requests are served one after
+another and their writes follow one after another (``_turn.py`` says why
+and what it measured). The end of the client's stream and a WebSocket
+upgrade write what it holds first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -59,7 +48,9 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-__all__ = ["NowServing", "ServeNow", "TurnTransport", "response_bytes"]
+from lapse.internet._turn import TurnTransport
+
+__all__ = ["NowServing", "ServeNow", "response_bytes"]
 
 log = logging.getLogger("lapse.http")
 
@@ -118,110 +109,6 @@ class PendingCycle:
         self.response_started = False
         self.response_complete = False
         self.disconnected = False
-
-
-class TurnTransport(asyncio.Transport):
-    """A connection's transport whose writes wait for the end of the event
-    loop's turn (module doc).
-
-    :meth:`hold` (and so ``write`` and ``writelines``) keeps the bytes and,
-    the first time in a turn, asks the loop to call :meth:`release`
-    (``call_soon``: after the callbacks of the turn's reads and the task
-    steps it runs). ``write_eof``, ``close`` and :meth:`release` itself write
-    what is held first; ``abort`` drops it. The rest is the transport's own.
-    """
-
-    __slots__ = ("_held", "_loop", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._transport = transport
-        self._loop = loop
-        self._held: bytes | bytearray | None = None
-
-    @property
-    def inner(self) -> asyncio.Transport:
-        """The transport this one writes to."""
-        return self._transport
-
-    def hold(self, data: bytes) -> None:
-        """Write ``data`` at the end of this turn (at once, after what is
-        held, if that would hold more than the flow control's high-water
-        mark: a client that pipelines thousands of requests)."""
-        held = self._held
-        if held is None:
-            self._held = data
-            self._loop.call_soon(self.release)
-        elif len(held) + len(data) > HIGH_WATER_LIMIT:
-            self.release()
-            self._transport.write(data)
-        else:  # (pipelined requests: appended, not copied each time)
-            if type(held) is bytes:
-                self._held = held = bytearray(held)
-            held += data
-
-    def release(self) -> None:
-        """Write what is held now (nothing if the connection is closing: its
-        client is gone)."""
-        held = self._held
-        if held is not None:
-            self._held = None
-            if not self._transport.is_closing():
-                self._transport.write(held)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.hold(bytes(data))  # (a copy unless bytes: the caller may reuse its buffer)
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.hold(b"".join(list_of_data))
-
-    def write_eof(self) -> None:
-        if self._held is not None:
-            self.release()
-        self._transport.write_eof()
-
-    def close(self) -> None:
-        if self._held is not None:
-            self.release()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._held = None
-        self._transport.abort()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._transport.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._transport.get_protocol()
-
-    def is_reading(self) -> bool:
-        return self._transport.is_reading()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._transport.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._transport.get_write_buffer_limits()
-
-    def get_write_buffer_size(self) -> int:
-        held = self._held
-        return self._transport.get_write_buffer_size() + (0 if held is None else len(held))
 
 
 class BadResponse(Exception):
