@@ -1,7 +1,7 @@
-"""A response answered in the parser's callback is held until the end of the event
-XX
-write per connection per turn, and nothing that writes to or ends the connection
-before then may overtake it or lose it.
+"""What is written to a connection is held until the end of the event loop's turn and
+then written (src/lapse/internet/_turn.py, TurnTransport): one write per connection
+per turn, and nothing that writes to or ends the connection before then may overtake
+it or lose it.
 
 These drive lapse's real protocol object (the one its reactor gives uvicorn) on a
 real uvloop loop, through a transport that records what it is asked to do, so that
@@ -10,6 +10,7 @@ tests/test_http_edge.py see the same over real sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,6 @@ def run(scenario: Any) -> Any:
 
 
 async def next_turn() -> None:
-    import asyncio
-
     await asyncio.sleep(0)
 
 

@@ -414,10 +414,7 @@ class NowServing(HttpToolsProtocol):
             data, keep_alive = response_bytes(*_ERROR, defaults, False, head)
         cycle.response_started = True
         cycle.response_complete = True
-        transport: Any = self.transport
-        if keep_alive:
-            transport.hold(data)  # (always a TurnTransport here: connection_made)
-        else:
-            transport.write(data)
-            transport.close()
+        self.transport.write(data)  # (held until the turn ends: TurnTransport)
+        if not keep_alive:
+            self.transport.close()
         self.on_response_complete()

@@ -19,9 +19,11 @@ requests/s.
 What ends the connection (``close``, ``write_eof``; the protocol also
 releases at the client's end of stream and before a WebSocket upgrade)
 writes what is held first, so the connection's bytes keep their order.
-More than 64 KiB (the flow control's high-water mark: a client pipelining
-thousands of requests, a large body) is not held: it is written at once,
-after what was held.
+What is held never grows past 64 KiB (the flow control's high-water mark:
+a client pipelining thousands of requests): a write that would take it
+past that is written at once, after what was held. A single write of more
+than that, with nothing held, is held as it is (no copy) until the turn
+ends.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class TurnTransport(asyncio.Transport):
     """A connection's transport whose writes wait for the end of the event
     loop's turn (module doc).
 
-    :meth:`hold` (and so ``write`` and ``writelines``) keeps the bytes and,
-    the first time in a turn, asks the loop to call :meth:`release`
+    ``write`` (and ``writelines``) keeps the bytes and, the first time in a
+    turn, asks the loop to call :meth:`release`
     (``call_soon``: after the callbacks of the turn's reads and the task
     steps it runs). ``write_eof``, ``close`` and :meth:`release` itself write
     what is held first; ``abort`` drops it. The rest is the transport's own.
@@ -59,10 +61,12 @@ class TurnTransport(asyncio.Transport):
         """The transport this one writes to."""
         return self._transport
 
-    def hold(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at the end of this turn (at once, after what is
         held, if that would hold more than the flow control's high-water
         mark: a client that pipelines thousands of requests)."""
+        if type(data) is not bytes:
+            data = bytes(data)  # (a copy: the caller may reuse its buffer)
         held = self._held
         if held is None:
             self._held = data
@@ -84,20 +88,15 @@ class TurnTransport(asyncio.Transport):
             if not self._transport.is_closing():
                 self._transport.write(held)
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.hold(bytes(data))  # (a copy unless bytes: the caller may reuse its buffer)
-
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.hold(b"".join(list_of_data))
+        self.write(b"".join(list_of_data))
 
     def write_eof(self) -> None:
-        if self._held is not None:
-            self.release()
+        self.release()
         self._transport.write_eof()
 
     def close(self) -> None:
-        if self._held is not None:
-            self.release()
+        self.release()
         self._transport.close()
 
     def abort(self) -> None:
